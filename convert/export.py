@@ -1,0 +1,132 @@
+"""Export to ONNX: decoders under the static-KV contract, encoders through optimum's exporter.
+
+    export_decoder(spec, dims, hf_model, max_seq, out_dir) -> ExportResult   # model.onnx (+ .data)
+    export_encoder(source, out_dir) -> ExportResult                          # model.onnx
+
+Opset 17 with the TorchScript exporter: TensorRT 10.3's parser (JetPack 6) reads opsets 9–20
+(tensorrt_jetson.md §2.2), and ONNX Runtime reads them all.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from models.dims import ModelDims
+from models.registry import ArchSpec
+from models.sources import ModelSource
+from toolkit.contract import DecoderContract
+from toolkit.errors import ToolkitError
+
+OPSET = 17
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# Keep weights inline below this size; above it, one external-data file (protobuf caps at 2 GB,
+# and a separate file lets the runtime mmap the weights).
+INLINE_LIMIT = 64 << 20
+
+
+@dataclass
+class ExportResult:
+    model_path: Path
+    contract: dict[str, Any]
+    opset: int
+    seconds: float
+    bytes: int
+
+
+def export_decoder(spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int,
+                   out_dir: Path) -> ExportResult:
+    import time
+
+    import torch
+
+    from convert.decoder import StaticKVDecoder
+
+    t0 = time.perf_counter()
+    contract = DecoderContract(dims.num_layers, dims.kv_heads, dims.head_dim, max_seq,
+                               dims.vocab_size)
+    module = StaticKVDecoder.from_hf(spec, dims, hf_model, max_seq)
+    # Dummy shapes (batch 2, seq 3) differ from parity's shapes on purpose: parity must run
+    # on shapes the export never saw.
+    B, T = 2, 3
+    ids = torch.zeros(B, T, dtype=torch.int64)
+    pos = torch.arange(T, dtype=torch.int64)[None].repeat(B, 1)
+    past = [torch.zeros(B, dims.kv_heads, max_seq, dims.head_dim) for _ in range(2 * dims.num_layers)]
+    names_in = [s.name for s in contract.inputs]
+    names_out = [s.name for s in contract.outputs]
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        raw = Path(tmp) / MODEL_FILE
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (ids, pos, *past), str(raw), dynamo=False,
+                              opset_version=OPSET, input_names=names_in, output_names=names_out,
+                              dynamic_axes=contract.dynamic_axes, do_constant_folding=True)
+        path = save_model(onnx.load(str(raw)), out_dir)
+    return ExportResult(path, contract.to_json(), OPSET, time.perf_counter() - t0,
+                        _onnx_bytes(out_dir))
+
+
+def export_encoder(source: ModelSource, out_dir: Path) -> ExportResult:
+    """optimum's exporter does this job well (feature-extraction, dynamic batch and sequence,
+    its own validation); we take its model.onnx and nothing else."""
+    import time
+
+    from optimum.exporters.onnx import main_export
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            main_export(str(source.model_dir), output=tmp, task="feature-extraction", opset=OPSET,
+                        device="cpu", do_validation=False, library_name="transformers",
+                        **source.hf_kwargs)
+        except (ValueError, KeyError, OSError) as e:
+            raise ToolkitError(f"optimum could not export {source.path}: {e}") from e
+        path = save_model(onnx.load(str(Path(tmp) / MODEL_FILE)), out_dir)
+    model = onnx.load(str(path), load_external_data=False)
+    contract = {"name": "encoder-v1",
+                "inputs": [_io_json(i) for i in model.graph.input],
+                "outputs": [_io_json(o) for o in model.graph.output]}
+    return ExportResult(path, contract, OPSET, time.perf_counter() - t0, _onnx_bytes(out_dir))
+
+
+def save_model(model: onnx.ModelProto, out_dir: Path) -> Path:
+    """Write model.onnx into out_dir, weights external when large."""
+    path = Path(out_dir) / MODEL_FILE
+    for stale in (path, Path(out_dir) / DATA_FILE):
+        stale.unlink(missing_ok=True)
+    external = model.ByteSize() > INLINE_LIMIT
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    return path
+
+
+def copy_onnx(src: Path, out_dir: Path) -> Path:
+    """Validate an existing ONNX file (full check incl. shapes) and copy it (with its weights)."""
+    try:
+        model = onnx.load(str(src))
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ToolkitError(f"{src} is not a valid ONNX model: {e}") from e
+    except Exception as e:  # protobuf DecodeError and friends: truncated or not ONNX at all
+        raise ToolkitError(f"{src} cannot be read as ONNX ({type(e).__name__}: {e})",
+                           hint="the file is corrupt or truncated") from e
+    return save_model(model, out_dir)
+
+
+def _onnx_bytes(out_dir: Path) -> int:
+    return sum(p.stat().st_size for p in (Path(out_dir) / MODEL_FILE, Path(out_dir) / DATA_FILE)
+               if p.exists())
+
+
+def _io_json(v: onnx.ValueInfoProto) -> dict[str, Any]:
+    t = v.type.tensor_type
+    dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+    return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+            "shape": dims}

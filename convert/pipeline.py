@@ -1,0 +1,281 @@
+"""convert_model: MODEL -> a verified bundle for one target. The orchestration, step by step:
+
+  1. target + source        cheap checks first (unknown target, missing file, bad magic,
+                            unsupported architecture, max_seq) so bad input fails in a second
+  2. load                   transformers model + tokenizer (GGUF dequantised to fp32)
+  3. export                 ONNX under the static-KV contract (decoders) / optimum (encoders)
+  4. compile                CPU: ORT offline optimisation; Jetson: nothing here, the engine is
+                            built on the device (a TensorRT engine only runs on the TensorRT
+                            version and GPU that built it)
+  5. parity                 against PyTorch; a failure fails the convert
+  6. bundle                 tokenizer, report, manifest with hashes; atomic rename at the end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from convert.export import ExportResult, copy_onnx, export_decoder, export_encoder
+from convert.parity import ParityResult, decoder_parity, encoder_parity
+from models import DECODER, ModelDims, ModelSource, dims_from_config, get_spec, resolve
+from targets import Target, load_target
+from toolkit.bundle import dir_size, finalize, staged_bundle
+from toolkit.contract import GENERIC_CONTRACT, KVCacheLayout
+from toolkit.errors import ToolkitError
+from toolkit.manifest import Manifest
+from toolkit.progress import QUIET, Steps
+
+MIN_MAX_SEQ = 16
+PARITY_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+@dataclass
+class ConvertResult:
+    bundle: Path
+    manifest: Manifest
+    parity: ParityResult | None
+    bytes: int
+    seconds: dict[str, float]
+
+
+def default_output(source_name: str, target: str, precision: str = "fp32") -> Path:
+    return Path("bundles") / f"{source_name}-{target}-{precision}"
+
+
+def convert_model(model: str, target: str = "cpu", out: Path | None = None,
+                  max_seq: int | None = None, batch: int = 1, force: bool = False,
+                  threads: int | None = None, steps: Steps = QUIET) -> ConvertResult:
+    _quiet_transformers()
+    tgt = load_target(target)
+    tgt.check_precision("fp32")
+    if batch < 1:
+        raise ToolkitError(f"--batch must be at least 1 (got {batch})")
+    src = resolve(model)
+    out = Path(out) if out else default_output(src.name, tgt.name)
+    from toolkit.bundle import check_output
+
+    check_output(out, force)
+    if src.kind == "onnx":
+        return _passthrough(src, tgt, out, force, steps)
+
+    config = src.load_config()
+    spec = get_spec(getattr(config, "model_type", None))
+    dims = dims_from_config(spec, config)
+    seq = _choose_max_seq(dims, tgt, max_seq) if spec.task == DECODER else 0
+    if spec.task == DECODER:
+        _check_rope(config)
+
+    with steps.step(f"loading {src.kind} model {src.name}"):
+        hf_model = src.load_torch(spec.task)
+        tokenizer = src.load_tokenizer()
+    with staged_bundle(out, force) as staging:
+        with steps.step("exporting to ONNX" + (f" (static KV cache, max_seq {seq})" if seq else "")):
+            exported = (export_decoder(spec, dims, hf_model, seq, staging) if spec.task == DECODER
+                        else export_encoder(src, staging))
+        if tgt.runtime == "onnxruntime":
+            with steps.step("optimising the graph for ONNX Runtime (CPU)"):
+                from convert.optimize import optimize_for_cpu
+
+                optimize_for_cpu(staging)
+        pooling = None
+        with steps.step("checking parity against PyTorch"):
+            if spec.task == DECODER:
+                layout = KVCacheLayout(dims.num_layers, dims.kv_heads, seq, dims.head_dim)
+                prompt = _greedy_prompt(tokenizer, dims)
+                parity = decoder_parity(exported.model_path, hf_model, layout, dims.vocab_size,
+                                        prompt, threads)
+            else:
+                from models.pooling import read_pooling
+
+                pooling = read_pooling(src.model_dir)
+                parity = encoder_parity(exported.model_path, hf_model, tokenizer, pooling, threads)
+        parity.raise_if_failed(src.name)
+        with steps.step("writing the bundle"):
+            tok_info = _save_tokenizer(tokenizer, hf_model, staging / "tokenizer")
+            manifest = _manifest(src, spec.model_type, spec.family, dims, exported, tgt, seq, batch,
+                                 parity, tok_info, pooling)
+            (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
+            finalize(staging, manifest)
+    return ConvertResult(out, manifest, parity, dir_size(out), dict(steps.timings))
+
+
+def _quiet_transformers() -> None:
+    """transformers' progress bars and advisory warnings drown our own progress lines."""
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own tqdm bar
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _choose_max_seq(dims: ModelDims, tgt: Target, asked: int | None) -> int:
+    seq = asked or min(tgt.default_max_seq, dims.max_positions)
+    if seq > dims.max_positions:
+        raise ToolkitError(f"--max-seq {seq} is beyond the model's limit of {dims.max_positions} "
+                           "positions", hint=f"use --max-seq {dims.max_positions} or less")
+    if seq < MIN_MAX_SEQ:
+        raise ToolkitError(f"--max-seq {seq} is too small (at least {MIN_MAX_SEQ})")
+    if dims.sliding_window and seq > dims.sliding_window:
+        raise ToolkitError(f"--max-seq {seq} exceeds the model's sliding window of "
+                           f"{dims.sliding_window}; the static cache does not implement the window",
+                           hint=f"use --max-seq {dims.sliding_window} or less")
+    return seq
+
+
+def _check_rope(config: Any) -> None:
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "dynamic":
+        raise ToolkitError("dynamic NTK RoPE scaling changes with the sequence length and cannot "
+                           "be baked into a static cache", hint="use a model without it")
+
+
+def _greedy_prompt(tokenizer: Any, dims: ModelDims) -> list[int]:
+    """A real chat prompt when the tokenizer has a template; plain text otherwise."""
+    try:
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": PARITY_PROMPT}],
+                                                add_generation_prompt=True, tokenize=True)
+        else:
+            ids = tokenizer(PARITY_PROMPT)["input_ids"]
+    except (ValueError, KeyError, TypeError):
+        ids = []
+    ids = [i for i in ids if 0 <= i < dims.vocab_size]  # tiny test vocabularies
+    return ids or list(range(1, 9))
+
+
+def _stop_ids(tokenizer: Any, hf_model: Any) -> list[int]:
+    ids: set[int] = set()
+    for source in (getattr(hf_model, "generation_config", None), hf_model.config):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _save_tokenizer(tokenizer: Any, hf_model: Any, folder: Path) -> dict[str, Any]:
+    folder.mkdir()
+    tokenizer.save_pretrained(str(folder))
+    template = getattr(tokenizer, "chat_template", None)
+    if template and not (folder / "chat_template.jinja").exists():
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    stop = _stop_ids(tokenizer, hf_model)
+    return {"path": "tokenizer", "chat_template": "tokenizer/chat_template.jinja" if template else None,
+            "stop_token_ids": stop, "stop_tokens": [tokenizer.convert_ids_to_tokens(i) for i in stop],
+            "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+            "add_bos": bool(getattr(tokenizer, "add_bos_token", False))}
+
+
+def _target_record(tgt: Target) -> dict[str, Any]:
+    rec: dict[str, Any] = {"name": tgt.name, "family": tgt.family, "runtime": tgt.runtime}
+    if tgt.builds_on_device:
+        rec["engine"] = {
+            "status": "build-on-device",
+            "tensorrt": tgt.tensorrt, "jetpack": tgt.jetpack,
+            "compute_capability": tgt.compute_capability,
+            "why": "a TensorRT engine only runs on the TensorRT version and GPU that built it; "
+                   "the daemon builds it at first load (or `toolkit compile` on a matching host)"}
+    else:
+        rec["engine"] = {"status": "not-needed", "why": "ONNX Runtime runs model.onnx directly"}
+    return rec
+
+
+def _manifest(src: ModelSource, model_type: str, family: str, dims: ModelDims, exported: ExportResult,
+              tgt: Target, seq: int, batch: int, parity: ParityResult, tok: dict[str, Any],
+              pooling: dict[str, Any] | None) -> Manifest:
+    decoder = seq > 0
+    return Manifest(
+        kind="decoder" if decoder else "encoder",
+        source=src.identity(),
+        architecture={"model_type": model_type, "family": family, "dims": dims.to_json(),
+                      "params": dims.params},
+        contract={**exported.contract, "opset": exported.opset},
+        precision="fp32", target=_target_record(tgt), max_seq=seq, batch=batch,
+        kv_cache=(KVCacheLayout(dims.num_layers, dims.kv_heads, seq, dims.head_dim).to_json()
+                  if decoder else None),
+        tokenizer=tok, pooling=pooling, parity=parity.to_json())
+
+
+def _passthrough(src: ModelSource, tgt: Target, out: Path, force: bool, steps: Steps) -> ConvertResult:
+    """An existing ONNX file: validated, smoke-run in ONNX Runtime, bundled as-is. There is no
+    PyTorch model to compare against, so parity is recorded as not applicable."""
+    from device.ort_backend import open_session
+
+    with staged_bundle(out, force) as staging:
+        with steps.step("validating the ONNX model"):
+            path = copy_onnx(src.path, staging)
+            session = open_session(path, threads=1)
+            _smoke_run(session)
+        import onnx
+
+        m = onnx.load(str(path), load_external_data=False)
+        contract = {"name": GENERIC_CONTRACT, "opset": max(o.version for o in m.opset_import),
+                    "inputs": [_value_json(v) for v in m.graph.input],
+                    "outputs": [_value_json(v) for v in m.graph.output]}
+        parity = ParityResult(passed=True, note="not applicable: an ONNX source has no PyTorch "
+                                                "reference; validated with onnx.checker and a "
+                                                "smoke run in ONNX Runtime")
+        manifest = Manifest(kind="generic", source=src.identity(), architecture={}, contract=contract,
+                            precision="as-is", target=_target_record(tgt), max_seq=0, batch=1,
+                            parity=parity.to_json())
+        (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
+        finalize(staging, manifest)
+    return ConvertResult(out, manifest, parity, dir_size(out), dict(steps.timings))
+
+
+def _value_json(v: Any) -> dict[str, Any]:
+    t = v.type.tensor_type
+    return {"name": v.name, "elem_type": t.elem_type,
+            "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+
+
+def _smoke_run(session: Any) -> None:
+    import numpy as np
+
+    types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+             "tensor(float16)": np.float16, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        if i.type not in types:
+            return  # an input type we cannot fabricate: the load itself was the check
+        feeds[i.name] = np.zeros(shape, dtype=types[i.type])
+    try:
+        session.run(None, feeds)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own untyped failures
+        raise ToolkitError(f"the ONNX model loads but fails to run on zero inputs: {e}") from e
+
+
+def render_report(m: Manifest) -> str:
+    """report.md: the bundle explained for a person."""
+    lines = [f"# {m.name} for {m.target['name']}", "",
+             f"- kind: {m.kind}; precision: {m.precision}; contract: {m.contract.get('name')}",
+             f"- source: {m.source.get('kind')} {m.source.get('path')}",
+             f"  (SHA-256 {str(m.source.get('sha256'))[:16]}…)"]
+    if m.kind == "decoder":
+        d = m.architecture["dims"]
+        lines += [f"- architecture: {m.architecture['model_type']}, {d['num_layers']} layers, "
+                  f"hidden {d['hidden']}, {d['heads']} heads / {d['kv_heads']} kv heads, "
+                  f"head_dim {d['head_dim']}, vocab {d['vocab_size']}",
+                  f"- static KV cache: max_seq {m.max_seq}, {m.batch} slot(s), "
+                  f"{m.kv_cache['bytes_per_position'] * m.max_seq * m.batch / 2**20:.1f} MiB"
+                  if m.kv_cache else ""]
+    engine = m.target.get("engine", {})
+    lines += [f"- engine: {engine.get('status')} — {engine.get('why')}", "", "## Parity", ""]
+    parity = m.parity or {}
+    for c in parity.get("checks", []):
+        lines.append(f"- [{'x' if c['ok'] else ' '}] {c['name']}: {c['detail']}")
+    if parity.get("note"):
+        lines.append(f"- {parity['note']}")
+    lines += ["", "## IO contract", "", "```json", json.dumps(m.contract, indent=1)[:4000], "```", ""]
+    return "\n".join(lines)
+
+
+def env_threads() -> int | None:
+    value = os.environ.get("TOOLKIT_THREADS")
+    return int(value) if value else None

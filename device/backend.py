@@ -1,0 +1,46 @@
+"""The interface every runtime backend implements (ONNX Runtime here, TensorRT in trt_backend.py).
+
+A decoder backend owns its static KV cache (host memory for ONNX Runtime, device memory for
+TensorRT) sized `slots x max_seq`, allocated once when it is created. One call runs one step of
+the static-kv-v1 contract for some slots and writes their new keys/values into the cache:
+
+    logits = backend.step(input_ids [B,T], position_ids [B,T], slot_ids [B])   # -> [B,T,V] float32
+
+Row b of the step belongs to slot slot_ids[b]; its tokens sit at position_ids[b, 0] .. +T-1.
+The returned array may be a reused buffer: read it before the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class DecoderBackend(Protocol):
+    kind: str  # "onnxruntime" | "tensorrt"
+    slots: int
+    max_seq: int
+    vocab_size: int
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray,
+             slot_ids: Sequence[int]) -> np.ndarray: ...
+
+    def kv_cache_bytes(self) -> int: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class EncoderBackend(Protocol):
+    kind: str
+
+    def encode(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...  # last_hidden_state
+
+    def describe(self) -> dict[str, object]: ...
+
+    def close(self) -> None: ...

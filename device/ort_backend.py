@@ -1,0 +1,128 @@
+"""ONNX Runtime backend: CPU by default, CUDA when its provider is present and asked for.
+
+Decode steps run through IO binding: the cache rows are bound in place (a contiguous run of
+slots is a view, no copy) and the outputs land in buffers preallocated per batch size, so a
+decode step allocates nothing on the Python side. Prefill (T > 1) allocates its outputs once
+per request, which is dwarfed by the prefill's own work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device.kvcache import StaticKVCache
+from toolkit.contract import KVCacheLayout, new_names, past_names
+from toolkit.errors import ToolkitError
+
+
+def session_options(threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    return so
+
+
+def providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ToolkitError("the CUDA execution provider is not available in this onnxruntime",
+                               hint="install onnxruntime-gpu, or run with --device cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def open_session(model: Path, threads: int | None = None, device: str = "cpu") -> Any:
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(model), session_options(threads), providers=providers(device))
+    except (ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as e:
+        raise ToolkitError(f"ONNX Runtime cannot load {model}: {e}",
+                           hint="the model file is corrupt or uses an operator this "
+                                "onnxruntime lacks") from e
+
+
+class OrtDecoderBackend:
+    kind = "onnxruntime"
+
+    def __init__(self, model: Path, layout: KVCacheLayout, vocab_size: int, slots: int = 1,
+                 threads: int | None = None, device: str = "cpu") -> None:
+        self.session = open_session(model, threads, device)
+        self.layout = layout
+        self.slots, self.max_seq, self.vocab_size = slots, layout.max_seq, vocab_size
+        self.threads = threads or os.cpu_count() or 1
+        self.device = device
+        self.cache = StaticKVCache(layout, slots)  # [slots, Hkv, S, D] per layer, once
+        self.past = past_names(layout.num_layers)
+        self.new = new_names(layout.num_layers)
+        self._decode_out: dict[int, list[np.ndarray]] = {}  # batch -> [logits, new_k0, ...]
+
+    def _outputs(self, B: int, T: int) -> list[np.ndarray]:
+        L = self.layout
+        shapes = [(B, T, self.vocab_size)] + [(B, L.kv_heads, T, L.head_dim)] * len(self.new)
+        dtypes = [np.float32] + [np.dtype(L.dtype)] * len(self.new)
+        return [np.empty(s, d) for s, d in zip(shapes, dtypes)]
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray,
+             slot_ids: Sequence[int]) -> np.ndarray:
+        B, T = input_ids.shape
+        if T == 1:  # decode: reuse the buffers of this batch size
+            outs = self._decode_out.get(B) or self._decode_out.setdefault(B, self._outputs(B, 1))
+        else:
+            outs = self._outputs(B, T)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        for name, rows in zip(self.past, self.cache.rows(slot_ids)):
+            binding.bind_cpu_input(name, rows)
+        for name, buf in zip(["logits", *self.new], outs):
+            binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        self.cache.write(slot_ids, position_ids[:, 0].tolist(), outs[1:])
+        return outs[0]
+
+    def kv_cache_bytes(self) -> int:
+        return self.cache.nbytes
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": self.kind, "providers": self.session.get_providers(),
+                "threads": self.threads, "slots": self.slots, "max_seq": self.max_seq,
+                "kv_cache_bytes": self.kv_cache_bytes()}
+
+    def close(self) -> None:
+        self.session = None
+
+
+class OrtEncoderBackend:
+    kind = "onnxruntime"
+
+    def __init__(self, model: Path, threads: int | None = None, device: str = "cpu") -> None:
+        self.session = open_session(model, threads, device)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.threads = threads or os.cpu_count() or 1
+
+    def encode(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        feeds = {k: v.astype(np.int64) for k, v in feeds.items() if k in self.input_names}
+        return self.session.run(["last_hidden_state"], feeds)[0]
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": self.kind, "providers": self.session.get_providers(),
+                "threads": self.threads}
+
+    def close(self) -> None:
+        self.session = None

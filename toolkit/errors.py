@@ -1,0 +1,21 @@
+"""The one user-facing error type.
+
+Library code raises `ToolkitError("what was wrong (value=...)", hint="what to do")`.
+Only the CLI catches it, prints it without a traceback and exits non-zero.
+Anything else escaping is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ToolkitError(Exception):
+    """An error the user can act on: a message and, optionally, what to do next."""
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
