@@ -67,7 +67,9 @@ def export_decoder(spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int,
             torch.onnx.export(module, (ids, pos, *past), str(raw), dynamo=False,
                               opset_version=OPSET, input_names=names_in, output_names=names_out,
                               dynamic_axes=contract.dynamic_axes, do_constant_folding=True)
-        path = save_model(onnx.load(str(raw)), out_dir)
+        model = onnx.load(str(raw))
+        stamp_shapes(model, contract)
+        path = save_model(model, out_dir)
     return ExportResult(path, contract.to_json(), OPSET, time.perf_counter() - t0,
                         _onnx_bytes(out_dir))
 
@@ -94,6 +96,21 @@ def export_encoder(source: ModelSource, out_dir: Path) -> ExportResult:
                 "inputs": [_io_json(i) for i in model.graph.input],
                 "outputs": [_io_json(o) for o in model.graph.output]}
     return ExportResult(path, contract, OPSET, time.perf_counter() - t0, _onnx_bytes(out_dir))
+
+
+def stamp_shapes(model: onnx.ModelProto, contract: DecoderContract) -> None:
+    """Write the contract's shapes onto the graph's IO. The exporter names axes it could not
+    infer (head_dim after RoPE's Concat becomes 'Addnew_key.0_dim_3'); TensorRT and the
+    contract test want every static axis static and every dynamic one named as documented."""
+    specs = {s.name: s for s in contract.inputs + contract.outputs}
+    for value in list(model.graph.input) + list(model.graph.output):
+        spec = specs[value.name]
+        dims = value.type.tensor_type.shape.dim
+        for dim, axis in zip(dims, spec.shape):
+            if isinstance(axis, str):
+                dim.dim_param = axis
+            else:
+                dim.dim_value = axis
 
 
 def save_model(model: onnx.ModelProto, out_dir: Path) -> Path:

@@ -62,8 +62,8 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
     if src.kind == "onnx":
         return _passthrough(src, tgt, out, force, steps)
 
+    spec = get_spec(src.model_type())
     config = src.load_config()
-    spec = get_spec(getattr(config, "model_type", None))
     dims = dims_from_config(spec, config)
     seq = _choose_max_seq(dims, tgt, max_seq) if spec.task == DECODER else 0
     if spec.task == DECODER:

