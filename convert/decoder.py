@@ -20,6 +20,7 @@ G = H / Hkv, D head_dim, C hidden.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,6 +65,56 @@ def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
+class GroupQueryAttention(torch.autograd.Function):
+    """ONNX Runtime's fused com.microsoft.GroupQueryAttention, for CPU bundles only.
+
+    It reads just the valid prefix of the cache (per-row seqlens_k), applies RoPE itself and,
+    when the runtime binds present_key to the same buffer as past_key, writes the new keys in
+    place: no full-capacity reads, no concat copies. TensorRT's parser does not know it, so
+    Jetson bundles keep `static_attention`. CPU kernel limits (onnxruntime 1.32): head_dim a
+    multiple of 16; a multi-token step with past only for batch 1 (prefill runs per slot).
+
+    forward() is the reference computation (used only while tracing); symbolic() is the node.
+    q [B,T,H*D], k/v [B,T,Hkv*D], past [B,Hkv,S,D], position_ids [B,T], cos/sin [S,D/2] or None
+    -> out [B,T,H*D], present_k/v [B,Hkv,S,D]
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                past_v: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor,
+                cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int, kv_heads: int,
+                head_dim: int, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        B, T, _ = q.shape
+        D = head_dim
+        q = q.view(B, T, heads, D).transpose(1, 2)
+        k = k.view(B, T, kv_heads, D).transpose(1, 2)
+        v = v.view(B, T, kv_heads, D).transpose(1, 2)
+        if cos is not None and sin is not None:
+            c = torch.cat([cos, cos], -1)[position_ids][:, None]
+            s_ = torch.cat([sin, sin], -1)[position_ids][:, None]
+            q, k = q * c + rotate_half(q) * s_, k * c + rotate_half(k) * s_
+        out = static_attention(q, k, v, past_k, past_v, attention_mask(position_ids, past_k.shape[2]))
+        present_k, present_v = past_k.clone(), past_v.clone()
+        for b in range(B):
+            p0 = int(position_ids[b, 0])
+            present_k[b, :, p0:p0 + T], present_v[b, :, p0:p0 + T] = k[b], v[b]
+        return out, present_k, present_v
+
+    @staticmethod
+    def symbolic(g: Any, q: Any, k: Any, v: Any, past_k: Any, past_v: Any, seqlens_k: Any,
+                 total: Any, cos: Any, sin: Any, heads: int, kv_heads: int, head_dim: int,
+                 position_ids: Any) -> Any:
+        rotary = cos is not None and not (hasattr(cos, "node") and cos.node().mustBeNone())
+        inputs = [q, k, v, past_k, past_v, seqlens_k, total] + ([cos, sin] if rotary else [])
+        return g.op("com.microsoft::GroupQueryAttention", *inputs, num_heads_i=heads,
+                    kv_num_heads_i=kv_heads, do_rotary_i=int(rotary),
+                    scale_f=1.0 / math.sqrt(head_dim), outputs=3)
+
+
+def gqa_supported(dims: ModelDims) -> bool:
+    return dims.head_dim % 16 == 0
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -79,6 +130,42 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
+@dataclass
+class Step:
+    """What every layer needs to know about this step, computed once per forward."""
+
+    position_ids: torch.Tensor  # [B,T]
+    gqa: bool
+    mask: torch.Tensor | None = None  # static: [B,1,T,S+T]
+    cos: torch.Tensor | None = None  # static: [B,1,T,D] rows for these positions
+    sin: torch.Tensor | None = None
+    seqlens_k: torch.Tensor | None = None  # gqa: [B] int32, total length - 1 per row
+    total: torch.Tensor | None = None  # gqa: scalar int32, longest total length
+    cos_cache: torch.Tensor | None = None  # gqa: [S,D/2]
+    sin_cache: torch.Tensor | None = None
+
+
+def attend(d: ModelDims, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+           past_v: torch.Tensor, step: Step) -> tuple[torch.Tensor, ...]:
+    """q [B,T,H*D], k/v [B,T,Hkv*D] (before RoPE) -> (out [B,T,H*D], new_k, new_v [B,Hkv,T,D],
+    present_k, present_v [B,Hkv,S,D] or None when the cache is not updated in the graph)."""
+    B, T, _ = q.shape
+    if step.gqa:
+        out, pk, pv = GroupQueryAttention.apply(q, k, v, past_k, past_v, step.seqlens_k, step.total,
+                                                step.cos_cache, step.sin_cache, d.heads, d.kv_heads,
+                                                d.head_dim, step.position_ids)
+        # new_k/new_v: the rows just written, read back from the updated cache
+        idx = step.position_ids[:, None, :, None].expand(B, d.kv_heads, T, d.head_dim)
+        return out, torch.gather(pk, 2, idx), torch.gather(pv, 2, idx), pk, pv
+    q = q.view(B, T, d.heads, d.head_dim).transpose(1, 2)  # [B,H,T,D]
+    k = k.view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)  # [B,Hkv,T,D]
+    v = v.view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)
+    if step.cos is not None and step.sin is not None:
+        q = q * step.cos + rotate_half(q) * step.sin
+        k = k * step.cos + rotate_half(k) * step.sin
+    return static_attention(q, k, v, past_k, past_v, step.mask), k, v, None, None  # type: ignore[arg-type]
+
+
 # --- llama family: llama, mistral, qwen2 ----------------------------------------------------
 class LlamaAttention(nn.Module):
     def __init__(self, d: ModelDims, qkv_bias: bool, out_bias: bool) -> None:
@@ -89,17 +176,10 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d.hidden, d.kv_heads * d.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(d.heads * d.head_dim, d.hidden, bias=out_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
-                past_v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        B, T, _ = x.shape
-        d = self.d
-        q = self.q_proj(x).view(B, T, d.heads, d.head_dim).transpose(1, 2)  # [B,H,T,D]
-        k = self.k_proj(x).view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)  # [B,Hkv,T,D]
-        v = self.v_proj(x).view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin  # cos/sin [B,1,T,D]
-        k = k * cos + rotate_half(k) * sin
-        out = static_attention(q, k, v, past_k, past_v, mask)
-        return self.o_proj(out), k, v
+    def forward(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                step: Step) -> tuple[torch.Tensor, ...]:
+        out, *kv = attend(self.d, self.q_proj(x), self.k_proj(x), self.v_proj(x), past_k, past_v, step)
+        return (self.o_proj(out), *kv)
 
 
 class LlamaMLP(nn.Module):
@@ -122,11 +202,11 @@ class LlamaBlock(nn.Module):
         self.input_layernorm = RMSNorm(d.hidden, d.norm_eps)
         self.post_attention_layernorm = RMSNorm(d.hidden, d.norm_eps)
 
-    def forward(self, x: torch.Tensor, pos: tuple[torch.Tensor, torch.Tensor], past_k: torch.Tensor,
-                past_v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        h, k, v = self.self_attn(self.input_layernorm(x), *pos, past_k, past_v, mask)
+    def forward(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                step: Step) -> tuple[torch.Tensor, ...]:
+        h, *kv = self.self_attn(self.input_layernorm(x), past_k, past_v, step)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+        return (x + self.mlp(self.post_attention_layernorm(x)), *kv)
 
 
 class LlamaBody(nn.Module):
@@ -158,13 +238,10 @@ class GPT2Attention(nn.Module):
         self.c_proj = Conv1D(d.hidden, d.hidden)
 
     def forward(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        B, T, C = x.shape
-        d = self.d
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, d.heads, d.head_dim).transpose(1, 2) for t in (q, k, v))
-        out = static_attention(q, k, v, past_k, past_v, mask)
-        return self.c_proj(out), k, v
+                step: Step) -> tuple[torch.Tensor, ...]:
+        q, k, v = self.c_attn(x).split(x.shape[2], dim=2)
+        out, *kv = attend(self.d, q, k, v, past_k, past_v, step)
+        return (self.c_proj(out), *kv)
 
 
 class GPT2MLP(nn.Module):
@@ -185,11 +262,11 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(d.hidden, eps=d.norm_eps)
         self.mlp = GPT2MLP(d)
 
-    def forward(self, x: torch.Tensor, pos: Any, past_k: torch.Tensor, past_v: torch.Tensor,
-                mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        h, k, v = self.attn(self.ln_1(x), past_k, past_v, mask)
+    def forward(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                step: Step) -> tuple[torch.Tensor, ...]:
+        h, *kv = self.attn(self.ln_1(x), past_k, past_v, step)
         x = x + h
-        return x + self.mlp(self.ln_2(x)), k, v
+        return (x + self.mlp(self.ln_2(x)), *kv)
 
 
 class GPT2Body(nn.Module):
@@ -205,12 +282,14 @@ class GPT2Body(nn.Module):
 
 # --- the exported wrapper ------------------------------------------------------------------
 class StaticKVDecoder(nn.Module):
-    """forward(input_ids, position_ids, past_key.0, past_value.0, ...) ->
-    (logits, new_key.0, new_value.0, ...), exactly the static-kv-v1 contract."""
+    """forward(input_ids, position_ids, logits_index, past_key.0, past_value.0, ...) ->
+    (logits, new_key.0, new_value.0, ... [, present_key.0, present_value.0, ...]):
+    the static-kv-v1 contract; the present_* outputs exist only with attention="gqa"."""
 
-    def __init__(self, spec: ArchSpec, dims: ModelDims, config: Any, max_seq: int) -> None:
+    def __init__(self, spec: ArchSpec, dims: ModelDims, config: Any, max_seq: int,
+                 attention: str = "static") -> None:
         super().__init__()
-        self.spec, self.dims, self.max_seq = spec, dims, max_seq
+        self.spec, self.dims, self.max_seq, self.attention = spec, dims, max_seq, attention
         self.body: nn.Module
         if spec.family == "gpt2":
             self.body = GPT2Body(dims)
@@ -228,9 +307,10 @@ class StaticKVDecoder(nn.Module):
         self.register_buffer("rope_sin", torch.zeros(1), persistent=False)
 
     @classmethod
-    def from_hf(cls, spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int) -> StaticKVDecoder:
+    def from_hf(cls, spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int,
+                attention: str = "static") -> StaticKVDecoder:
         """Copy the weights of a transformers model; every tensor must map (strict)."""
-        m = cls(spec, dims, hf_model.config, max_seq)
+        m = cls(spec, dims, hf_model.config, max_seq, attention)
         state = hf_model.state_dict()
         prefix = "transformer." if spec.family == "gpt2" else "model."
         body = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -265,18 +345,36 @@ class StaticKVDecoder(nn.Module):
         emb = self.body.wte if self.spec.family == "gpt2" else self.body.embed_tokens
         return emb(input_ids)
 
+    def step_context(self, position_ids: torch.Tensor) -> Step:
+        rope = self.spec.positions == "rope"
+        if self.attention == "gqa":
+            last = position_ids[:, -1]  # [B]: total length - 1 per row
+            half = self.dims.head_dim // 2  # HF tables are cat(freqs, freqs): GQA wants one half
+            return Step(position_ids, gqa=True, seqlens_k=last.to(torch.int32),
+                        total=(last.max() + 1).to(torch.int32),
+                        cos_cache=self.rope_cos[:, :half] if rope else None,
+                        sin_cache=self.rope_sin[:, :half] if rope else None)
+        step = Step(position_ids, gqa=False, mask=attention_mask(position_ids, self.max_seq))
+        if rope:  # RoPE rows for these positions, broadcast over heads: [B,1,T,D]
+            step.cos = self.rope_cos[position_ids][:, None]
+            step.sin = self.rope_sin[position_ids][:, None]
+        return step
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                logits_index: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.embed(input_ids)  # [B,T,C]
-        pos: Any = None
         if self.spec.positions == "learned":
             x = x + self.body.wpe(position_ids)
-        else:  # RoPE rows for these positions, broadcast over heads: [B,1,T,D]
-            pos = (self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None])
-        mask = attention_mask(position_ids, self.max_seq)
+        step = self.step_context(position_ids)
         new: list[torch.Tensor] = []
+        present: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            x, k, v = block(x, pos, past[2 * i], past[2 * i + 1], mask)
+            x, k, v, pk, pv = block(x, past[2 * i], past[2 * i + 1], step)
             new += [k, v]
-        logits = torch.matmul(self.final_norm(x), self.lm_head_t)  # [B,T,V]
-        return (logits, *new)
+            if pk is not None:
+                present += [pk, pv]
+        # Logits only where asked ([K] step-relative indices): the last position for a prefill,
+        # all of them for perplexity. The LM head is a quarter of SmolLM2's prefill FLOPs.
+        h = torch.index_select(self.final_norm(x), 1, logits_index)  # [B,K,C]
+        logits = torch.matmul(h, self.lm_head_t)  # [B,K,V]
+        return (logits, *new, *present)

@@ -41,7 +41,8 @@ class ExportResult:
 
 
 def export_decoder(spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int,
-                   out_dir: Path) -> ExportResult:
+                   out_dir: Path, attention: str = "static") -> ExportResult:
+    """attention: "static" (portable, TensorRT) or "gqa" (ONNX Runtime's fused in-place op)."""
     import time
 
     import torch
@@ -50,13 +51,14 @@ def export_decoder(spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int,
 
     t0 = time.perf_counter()
     contract = DecoderContract(dims.num_layers, dims.kv_heads, dims.head_dim, max_seq,
-                               dims.vocab_size)
-    module = StaticKVDecoder.from_hf(spec, dims, hf_model, max_seq)
+                               dims.vocab_size, in_place=attention == "gqa")
+    module = StaticKVDecoder.from_hf(spec, dims, hf_model, max_seq, attention)
     # Dummy shapes (batch 2, seq 3) differ from parity's shapes on purpose: parity must run
     # on shapes the export never saw.
     B, T = 2, 3
     ids = torch.zeros(B, T, dtype=torch.int64)
     pos = torch.arange(T, dtype=torch.int64)[None].repeat(B, 1)
+    logits_index = torch.arange(T, dtype=torch.int64)
     past = [torch.zeros(B, dims.kv_heads, max_seq, dims.head_dim) for _ in range(2 * dims.num_layers)]
     names_in = [s.name for s in contract.inputs]
     names_out = [s.name for s in contract.outputs]
@@ -64,7 +66,7 @@ def export_decoder(spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int,
         raw = Path(tmp) / MODEL_FILE
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (ids, pos, *past), str(raw), dynamo=False,
+            torch.onnx.export(module, (ids, pos, logits_index, *past), str(raw), dynamo=False,
                               opset_version=OPSET, input_names=names_in, output_names=names_out,
                               dynamic_axes=contract.dynamic_axes, do_constant_folding=True)
         model = onnx.load(str(raw))

@@ -48,7 +48,9 @@ def default_output(source_name: str, target: str, precision: str = "fp32") -> Pa
 
 def convert_model(model: str, target: str = "cpu", out: Path | None = None,
                   max_seq: int | None = None, batch: int = 1, force: bool = False,
-                  threads: int | None = None, steps: Steps = QUIET) -> ConvertResult:
+                  threads: int | None = None, steps: Steps = QUIET,
+                  attention: str | None = None) -> ConvertResult:
+    """attention: None picks per target (see _attention); "static"/"gqa" force one (benchmarks)."""
     _quiet_transformers()
     tgt = load_target(target)
     tgt.check_precision("fp32")
@@ -74,8 +76,8 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
         tokenizer = src.load_tokenizer()
     with staged_bundle(out, force) as staging:
         with steps.step("exporting to ONNX" + (f" (static KV cache, max_seq {seq})" if seq else "")):
-            exported = (export_decoder(spec, dims, hf_model, seq, staging) if spec.task == DECODER
-                        else export_encoder(src, staging))
+            exported = (export_decoder(spec, dims, hf_model, seq, staging, attention or _attention(tgt, dims))
+                        if spec.task == DECODER else export_encoder(src, staging))
         if tgt.runtime == "onnxruntime":
             with steps.step("optimising the graph for ONNX Runtime (CPU)"):
                 from convert.optimize import optimize_for_cpu
@@ -124,6 +126,15 @@ def _choose_max_seq(dims: ModelDims, tgt: Target, asked: int | None) -> int:
                            f"{dims.sliding_window}; the static cache does not implement the window",
                            hint=f"use --max-seq {dims.sliding_window} or less")
     return seq
+
+
+def _attention(tgt: Target, dims: ModelDims) -> str:
+    """CPU bundles use ONNX Runtime's fused GroupQueryAttention (reads only the valid prefix,
+    updates the cache in place) where its kernel supports the head size; TensorRT bundles keep
+    the portable static attention its parser reads."""
+    from convert.decoder import gqa_supported
+
+    return "gqa" if tgt.runtime == "onnxruntime" and gqa_supported(dims) else "static"
 
 
 def _check_rope(config: Any) -> None:

@@ -4,7 +4,8 @@ A decoder backend owns its static KV cache (host memory for ONNX Runtime, device
 TensorRT) sized `slots x max_seq`, allocated once when it is created. One call runs one step of
 the static-kv-v1 contract for some slots and writes their new keys/values into the cache:
 
-    logits = backend.step(input_ids [B,T], position_ids [B,T], slot_ids [B])   # -> [B,T,V] float32
+    logits = backend.step(input_ids [B,T], position_ids [B,T], slot_ids [B], logits_index [K])
+                                                      # -> [B,K,V] float32 (K = T by default)
 
 Row b of the step belongs to slot slot_ids[b]; its tokens sit at position_ids[b, 0] .. +T-1.
 The returned array may be a reused buffer: read it before the next step.
@@ -25,8 +26,8 @@ class DecoderBackend(Protocol):
     max_seq: int
     vocab_size: int
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray,
-             slot_ids: Sequence[int]) -> np.ndarray: ...
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],
+             logits_index: np.ndarray | None = None) -> np.ndarray: ...
 
     def kv_cache_bytes(self) -> int: ...
 

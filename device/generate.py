@@ -35,7 +35,8 @@ def prefill(backend: DecoderBackend, prompt_ids: Sequence[int], slot: int = 0,
     for start in range(0, n, chunk):
         part = ids[:, start:start + chunk]
         pos = np.arange(start, start + part.shape[1], dtype=np.int64)[None]
-        logits = backend.step(part, pos, [slot])[0, -1].copy()
+        last = np.array([part.shape[1] - 1], dtype=np.int64)  # logits for the last token only
+        logits = backend.step(part, pos, [slot], last)[0, -1].copy()
     return logits
 
 

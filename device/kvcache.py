@@ -28,14 +28,15 @@ class StaticKVCache:
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
 
-    def rows(self, slot_ids: Sequence[int]) -> list[np.ndarray]:
-        """The cache rows of these slots, [B, Hkv, S, D] per buffer. A contiguous run of slots is a
-        view (no copy); any other selection is gathered (one copy per step)."""
+    def rows(self, slot_ids: Sequence[int]) -> tuple[list[np.ndarray], bool]:
+        """The cache rows of these slots, [B, Hkv, S, D] per buffer, and whether they are views.
+        A contiguous run of slots is a view (no copy); any other selection is gathered (a copy
+        per step, which an in-place graph then updates instead of the cache)."""
         lo = slot_ids[0]
         if list(slot_ids) == list(range(lo, lo + len(slot_ids))):
-            return [b[lo:lo + len(slot_ids)] for b in self.buffers]
+            return [b[lo:lo + len(slot_ids)] for b in self.buffers], True
         idx = np.asarray(slot_ids)
-        return [b[idx] for b in self.buffers]
+        return [b[idx] for b in self.buffers], False
 
     def write(self, slot_ids: Sequence[int], starts: Sequence[int], new: Sequence[np.ndarray]) -> None:
         """cache[slot, :, start:start+T, :] = new[b] for each row b (new: [B, Hkv, T, D] each)."""

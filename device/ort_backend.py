@@ -4,6 +4,11 @@ Decode steps run through IO binding: the cache rows are bound in place (a contig
 slots is a view, no copy) and the outputs land in buffers preallocated per batch size, so a
 decode step allocates nothing on the Python side. Prefill (T > 1) allocates its outputs once
 per request, which is dwarfed by the prefill's own work.
+
+In-place graphs (GroupQueryAttention, CPU bundles) also output present_key.{i}; it is bound to
+the same cache rows as past_key.{i}, so the kernel writes the new keys straight into the cache
+and the host-side slice write is skipped. When the slots are not a contiguous run, the rows
+are a gathered copy: the kernel updates the copy and the new slices are written back.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from device.kvcache import StaticKVCache
-from toolkit.contract import KVCacheLayout, new_names, past_names
+from toolkit.contract import KVCacheLayout, new_names, past_names, present_names
 from toolkit.errors import ToolkitError
 
 
@@ -70,30 +75,43 @@ class OrtDecoderBackend:
         self.cache = StaticKVCache(layout, slots)  # [slots, Hkv, S, D] per layer, once
         self.past = past_names(layout.num_layers)
         self.new = new_names(layout.num_layers)
+        outputs = {o.name for o in self.session.get_outputs()}
+        self.present = present_names(layout.num_layers)
+        self.in_place = set(self.present) <= outputs
         self._decode_out: dict[int, list[np.ndarray]] = {}  # batch -> [logits, new_k0, ...]
+        self._last = np.zeros(1, dtype=np.int64)  # logits_index for decode: position 0 of 1
 
-    def _outputs(self, B: int, T: int) -> list[np.ndarray]:
+    def _outputs(self, B: int, T: int, K: int) -> list[np.ndarray]:
         L = self.layout
-        shapes = [(B, T, self.vocab_size)] + [(B, L.kv_heads, T, L.head_dim)] * len(self.new)
+        shapes = [(B, K, self.vocab_size)] + [(B, L.kv_heads, T, L.head_dim)] * len(self.new)
         dtypes = [np.float32] + [np.dtype(L.dtype)] * len(self.new)
         return [np.empty(s, d) for s, d in zip(shapes, dtypes)]
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray,
-             slot_ids: Sequence[int]) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],
+             logits_index: np.ndarray | None = None) -> np.ndarray:
+        """logits_index: which step positions get logits (default: all) -> [B, K, V]."""
         B, T = input_ids.shape
         if T == 1:  # decode: reuse the buffers of this batch size
-            outs = self._decode_out.get(B) or self._decode_out.setdefault(B, self._outputs(B, 1))
+            index = self._last
+            outs = self._decode_out.get(B) or self._decode_out.setdefault(B, self._outputs(B, 1, 1))
         else:
-            outs = self._outputs(B, T)
+            index = np.arange(T, dtype=np.int64) if logits_index is None else logits_index
+            outs = self._outputs(B, T, len(index))
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        for name, rows in zip(self.past, self.cache.rows(slot_ids)):
-            binding.bind_cpu_input(name, rows)
+        binding.bind_cpu_input("logits_index", np.ascontiguousarray(index, np.int64))
+        rows, is_view = self.cache.rows(slot_ids)
+        for name, r in zip(self.past, rows):
+            binding.bind_cpu_input(name, r)
         for name, buf in zip(["logits", *self.new], outs):
             binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        if self.in_place:  # present_* aliases past_*: the kernel updates `rows` itself
+            for name, r in zip(self.present, rows):
+                binding.bind_output(name, "cpu", 0, r.dtype, list(r.shape), r.ctypes.data)
         self.session.run_with_iobinding(binding)
-        self.cache.write(slot_ids, position_ids[:, 0].tolist(), outs[1:])
+        if not (self.in_place and is_view):
+            self.cache.write(slot_ids, position_ids[:, 0].tolist(), outs[1:])
         return outs[0]
 
     def kv_cache_bytes(self) -> int:

@@ -44,9 +44,9 @@ def check_target(manifest: Manifest, family: str | None = None) -> None:
 
 
 def _tensorrt_importable() -> bool:
-    import importlib.util
+    from device.engine_identity import _tensorrt_version
 
-    return importlib.util.find_spec("tensorrt") is not None
+    return _tensorrt_version() is not None
 
 
 @dataclass
@@ -108,7 +108,7 @@ def _tensorrt_backend(path: Path, manifest: Manifest, slots: int, rebuild: bool,
 
     engine = prepare_engine(path, manifest, rebuild_on_mismatch=rebuild, progress=progress)
     vocab = int(manifest.architecture["dims"]["vocab_size"])
-    return TrtDecoderBackend(engine, kv_layout(manifest), vocab, slots=slots)  # type: ignore[return-value]
+    return TrtDecoderBackend(engine, kv_layout(manifest), vocab, slots=slots)
 
 
 def _env_int(name: str) -> int | None:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from convert.pipeline import convert_model
 from models import REGISTRY, resolve
 from toolkit.cli import main
-from toolkit.contract import DECODER_CONTRACT, new_names, past_names
+from toolkit.contract import DECODER_CONTRACT, new_names, past_names, present_names
 from toolkit.errors import ToolkitError
 from toolkit.manifest import load_verified, read_manifest, verify_files
 
@@ -31,8 +31,11 @@ def test_every_registered_architecture_exports_with_parity(arch, tiny_bundle):
         assert m.kv_cache["max_seq"] == m.max_seq == 64
         names = [i["name"] for i in m.contract["inputs"]]
         L = m.architecture["dims"]["num_layers"]
-        assert names == ["input_ids", "position_ids", *past_names(L)]
-        assert [o["name"] for o in m.contract["outputs"]] == ["logits", *new_names(L)]
+        assert names == ["input_ids", "position_ids", "logits_index", *past_names(L)]
+        outs = [o["name"] for o in m.contract["outputs"]]
+        in_place = m.architecture["dims"]["head_dim"] % 16 == 0  # GroupQueryAttention on CPU
+        assert m.contract["cache_update"] == ("in-place" if in_place else "host-writes-new")
+        assert outs == ["logits", *new_names(L), *(present_names(L) if in_place else [])]
     else:
         assert m.kind == "encoder" and m.pooling == {
             "mode": "mean", "normalize": True, "source": "sentence-transformers modules.json"}
@@ -86,22 +89,28 @@ def test_manifest_hashes_detect_a_modified_file(tiny_bundle, tmp_path):
         load_verified(copy)
 
 
-def test_batch_rows_are_independent(tiny_bundle):
-    """One graph, two slots at different positions: the same logits as each alone."""
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # in-place (GQA) and host-written caches
+@pytest.mark.parametrize("slots", [[0, 1], [2, 0]])  # a view of the cache, and a gathered copy
+def test_batch_rows_are_independent(tiny_bundle, arch, slots):
+    """One graph, two slots at different positions: the same logits as each alone, and the
+    cache ends up holding the same keys whichever way it was updated."""
     from device.runner import load_bundle
 
-    r = load_bundle(tiny_bundle("llama"), slots=2, threads=1)
+    r = load_bundle(tiny_bundle(arch), slots=3, threads=1)
     be = r.backend
     a, b = [5, 6, 7, 8, 9], [10, 11, 12]
-    alone = []
+    alone, caches = [], []
     for ids in (a, b):
-        be.step(np.array([ids]), np.arange(len(ids))[None], [0])
-        alone.append(be.step(np.array([[4]]), np.array([[len(ids)]]), [0])[0, 0].copy())
-    be.step(np.array([a]), np.arange(5)[None], [0])
-    be.step(np.array([b]), np.arange(3)[None], [1])
-    both = be.step(np.array([[4], [4]]), np.array([[5], [3]]), [0, 1])[:, 0]
+        be.step(np.array([ids]), np.arange(len(ids))[None], [1])
+        alone.append(be.step(np.array([[4]]), np.array([[len(ids)]]), [1])[0, 0].copy())
+        caches.append(be.cache.buffers[0][1, :, :len(ids) + 1].copy())
+    be.step(np.array([a]), np.arange(5)[None], [slots[0]])
+    be.step(np.array([b]), np.arange(3)[None], [slots[1]])
+    both = be.step(np.array([[4], [4]]), np.array([[5], [3]]), slots)[:, 0]
     np.testing.assert_allclose(both[0], alone[0], atol=1e-5)
     np.testing.assert_allclose(both[1], alone[1], atol=1e-5)
+    np.testing.assert_allclose(be.cache.buffers[0][slots[0], :, :6], caches[0], atol=1e-6)
+    np.testing.assert_allclose(be.cache.buffers[0][slots[1], :, :4], caches[1], atol=1e-6)
 
 
 # --- bad input: a clear error and no partial bundle ---------------------------------------------

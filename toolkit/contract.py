@@ -9,12 +9,17 @@ The *runtime* owns a fixed-capacity cache per layer; the graph never allocates o
       position_ids     int64  [batch, seq]                        their absolute positions; row b
                                                                   covers position_ids[b, 0] ..
                                                                   position_ids[b, 0] + seq - 1
+      logits_index     int64  [n_logits]                          which of the seq positions get
+                                                                  logits: [seq-1] for a prefill,
+                                                                  arange(seq) for perplexity
       past_key.{i}     float  [batch, kv_heads, max_seq, head_dim]  layer i's cache (static max_seq)
       past_value.{i}   float  [batch, kv_heads, max_seq, head_dim]
     outputs
-      logits           float  [batch, seq, vocab]
+      logits           float  [batch, n_logits, vocab]
       new_key.{i}      float  [batch, kv_heads, seq, head_dim]    keys of the positions processed
       new_value.{i}    float  [batch, kv_heads, seq, head_dim]
+      present_key.{i}  float  [batch, kv_heads, max_seq, head_dim]  only in "in-place" graphs (below)
+      present_value.{i}
 
 Semantics. Cache entries [0, position_ids[b, 0]) of row b are valid; everything from there to
 max_seq is ignored (masked), whatever it holds. Each query attends over the valid past plus the
@@ -22,7 +27,13 @@ new tokens up to and including itself (causal). After the step the runtime write
 into past_key.{i}[b, :, p0 : p0 + seq, :] (and the same for values). Prefill (seq = prompt
 length) and decode (seq = 1) are the same graph; batch rows are independent.
 
-Why new slices and not an in-place update: TensorRT 10.3 (JetPack 6) defines no aliasing between
+In-place graphs (CPU bundles, `cache_update: "in-place"`): attention is ONNX Runtime's fused
+GroupQueryAttention, which reads only the valid prefix of each row and writes the new keys into
+present_key.{i}. The runtime binds present_key.{i} to the very buffer it passes as past_key.{i};
+the kernel then updates the cache in place (its share-buffer mode) and the host-side write of
+new_key.{i} is skipped. tests/test_convert.py shows both updates give the same cache and logits.
+
+Why new slices and not an in-place update on TensorRT: TensorRT 10.3 (JetPack 6) defines no aliasing between
 an input and an output of a plain engine (tensorrt_jetson.md §3.4, option A); writing the slice
 from the host side is correct on both ONNX Runtime and every TensorRT 10.x, costs O(seq) per
 layer, and keeps one copy of the cache. `max_seq` is a static dimension so TensorRT's
@@ -55,6 +66,11 @@ def new_names(num_layers: int) -> list[str]:
     return [f"new_{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
 
 
+def present_names(num_layers: int) -> list[str]:
+    """present_key.0, present_value.0, ...: in-place graphs only, aliasing past_names."""
+    return [f"present_{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -75,19 +91,25 @@ class DecoderContract:
     max_seq: int
     vocab_size: int
     kv_dtype: str = "float32"
+    in_place: bool = False  # present_* outputs alias past_* (GroupQueryAttention graphs)
 
     @property
     def inputs(self) -> list[TensorSpec]:
         cache = ("batch", self.kv_heads, self.max_seq, self.head_dim)
         specs = [TensorSpec("input_ids", "int64", ("batch", "seq")),
-                 TensorSpec("position_ids", "int64", ("batch", "seq"))]
+                 TensorSpec("position_ids", "int64", ("batch", "seq")),
+                 TensorSpec("logits_index", "int64", ("n_logits",))]
         return specs + [TensorSpec(n, self.kv_dtype, cache) for n in past_names(self.num_layers)]
 
     @property
     def outputs(self) -> list[TensorSpec]:
         new = ("batch", self.kv_heads, "seq", self.head_dim)
-        specs = [TensorSpec("logits", "float32", ("batch", "seq", self.vocab_size))]
-        return specs + [TensorSpec(n, self.kv_dtype, new) for n in new_names(self.num_layers)]
+        cache = ("batch", self.kv_heads, self.max_seq, self.head_dim)
+        specs = [TensorSpec("logits", "float32", ("batch", "n_logits", self.vocab_size))]
+        specs += [TensorSpec(n, self.kv_dtype, new) for n in new_names(self.num_layers)]
+        if self.in_place:
+            specs += [TensorSpec(n, self.kv_dtype, cache) for n in present_names(self.num_layers)]
+        return specs
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -102,6 +124,7 @@ class DecoderContract:
             "name": DECODER_CONTRACT,
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
+            "cache_update": "in-place" if self.in_place else "host-writes-new",
             "cache_write": "past_X.{i}[b, :, p0:p0+seq, :] = new_X.{i}[b]; p0 = position_ids[b, 0]",
             "valid_past": "cache positions [0, position_ids[b, 0]) of row b",
         }
