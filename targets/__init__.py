@@ -17,6 +17,11 @@ from toolkit.errors import ToolkitError
 TARGET_DIR = Path(__file__).parent
 DEFAULT_TARGET = "cpu"
 
+# Every precision a target file may name, most accurate first (a target lists a subset, in order).
+PRECISIONS = ("fp32", "fp16", "fp8", "int8", "int4")
+FLOAT_DTYPES = ("float32", "float16")
+GIB = 1 << 30  # memory_gb and os_reserve_gb are binary GB (DRAM is sold in powers of two)
+
 
 @dataclass(frozen=True)
 class Target:
@@ -38,6 +43,8 @@ class Target:
     arch: tuple[str, ...] = ()
     formats: dict[str, str] = field(default_factory=dict)  # precision -> quantization format
     default_max_seq: int = 2048
+    compute_dtype: str = "float32"  # activations and every tensor left unquantized
+    kv_dtype: str = "float32"  # the static KV cache the runtime allocates
     notes: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
 
@@ -46,24 +53,58 @@ class Target:
         """TensorRT engines only run on the TensorRT version and GPU that built them."""
         return self.runtime == "tensorrt"
 
+    @property
+    def host_memory(self) -> bool:
+        """True when the memory is the host's own (memory_gb unset: the cpu target)."""
+        return self.memory_gb is None
+
+    def memory_total_bytes(self) -> int:
+        """The target's memory; for memory_gb None, the host's MemTotal (psutil)."""
+        if self.memory_gb is not None:
+            return int(self.memory_gb * GIB)
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+
+    def os_reserve_bytes(self) -> int:
+        return int(self.os_reserve_gb * GIB)
+
     def check_precision(self, precision: str) -> None:
         if precision not in self.precisions:
+            known = "" if precision in PRECISIONS else f" ({precision!r} is not a precision)"
+            why = f"{self._why_not(precision)}; " if self._why_not(precision) else ""
             raise ToolkitError(
-                f"target {self.name} cannot run {precision}; it runs {', '.join(self.precisions)}",
+                f"target {self.name} cannot run {precision}{known}: {why}"
+                f"this target runs {', '.join(self.precisions)}",
                 hint=f"choose one of those precisions (`toolkit targets show {self.name}` explains)")
+
+    def _why_not(self, precision: str) -> str:
+        """The hardware reason a precision is absent, where there is one (tensorrt_jetson.md §2.3)."""
+        if precision in ("fp8", "fp4") and self.compute_capability:
+            return (f"{precision} needs compute capability >= 8.9 (Ada, Hopper, Blackwell, e.g. "
+                    f"jetson-thor) and {self.name} is SM {self.compute_capability}; TensorRT "
+                    "fails with 'Networks with FP8 Q/DQ layers require hardware with FP8 support'")
+        if precision in ("fp16", "fp8") and self.runtime == "onnxruntime":
+            return (f"ONNX Runtime's CPU provider implements few ops in {precision}, so the cpu "
+                    "target runs fp32 or quantized weights")
+        return ""
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
+def target_names() -> list[str]:
+    return sorted(p.stem for p in TARGET_DIR.glob("*.toml"))
+
+
 def list_targets() -> list[Target]:
-    return [load_target(p.stem) for p in sorted(TARGET_DIR.glob("*.toml"))]
+    return [load_target(name) for name in target_names()]
 
 
 def load_target(name: str) -> Target:
     path = TARGET_DIR / f"{name}.toml"
     if not path.is_file() or "/" in name:
-        known = ", ".join(p.stem for p in sorted(TARGET_DIR.glob("*.toml")))
+        known = ", ".join(target_names())
         raise ToolkitError(f"unknown target {name!r}; known targets: {known}",
                            hint="`toolkit targets` lists them with what each can run")
     data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -71,6 +112,33 @@ def load_target(name: str) -> Target:
         if key in data:
             data[key] = tuple(data[key])
     try:
-        return Target(**data)
+        target = Target(**data)
     except TypeError as e:  # a data file with a missing or unknown field is our bug, say which
         raise ToolkitError(f"target file {path} is malformed: {e}") from e
+    problems = validate(target)
+    if problems:
+        raise ToolkitError(f"target file {path} is malformed: {'; '.join(problems)}")
+    return target
+
+
+def validate(t: Target) -> list[str]:
+    """What is inconsistent in a target's data (an empty list when nothing is)."""
+    problems = []
+    if [p for p in PRECISIONS if p in t.precisions] != list(t.precisions):
+        problems.append(f"precisions {list(t.precisions)} must be a subset of {list(PRECISIONS)}, "
+                        "in that order (most accurate first)")
+    if missing := [p for p in t.precisions if p not in t.peak_tflops]:
+        problems.append(f"peak_tflops lacks {missing}")
+    if extra := [p for p in t.formats if p not in t.precisions]:
+        problems.append(f"formats names precisions it does not run: {extra}")
+    if missing := [p for p in t.precisions if p not in t.formats and p not in ("fp32", "fp16")]:
+        problems.append(f"no format for the quantized precisions {missing}")
+    for name in ("compute_dtype", "kv_dtype"):
+        if getattr(t, name) not in FLOAT_DTYPES:
+            problems.append(f"{name} must be one of {FLOAT_DTYPES}")
+    if t.family == "jetson" and (t.memory_gb is None or not t.unified_memory
+                                 or t.os_reserve_gb <= 0 or t.tensorrt is None):
+        problems.append("a jetson target needs memory_gb, unified_memory, os_reserve_gb, tensorrt")
+    if t.memory_gb is not None and t.os_reserve_gb >= t.memory_gb:
+        problems.append("os_reserve_gb leaves no memory")
+    return problems

@@ -20,7 +20,12 @@ from toolkit.errors import ToolkitError
 # "module:attribute" of each subcommand, in the order `toolkit --help` lists them.
 COMMANDS = [
     "toolkit.commands.convert:convert",
+    "toolkit.commands.compile:compile",
     "toolkit.commands.targets:targets",
+    "toolkit.commands.plan:plan",
+    "toolkit.commands.serve:serve",
+    "toolkit.commands.generate:generate",
+    "toolkit.commands.status:status",
 ]
 
 
