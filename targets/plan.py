@@ -318,7 +318,7 @@ def activation_bytes(dims: ModelDims, target: Target, precision: str, max_seq: i
     """Peak transient memory of one step of `chunk` tokens against a cache of max_seq.
 
     B batch, T chunk, S max_seq, C hidden, H/Hkv heads, D head_dim, I intermediate, L layers:
-      logits   B*T*V fp32 (the contract's output dtype)
+      logits   B*V fp32: the contract's logits_index asks a prefill for its last position only
       new K/V  2*L*B*Hkv*T*D at the KV dtype: every layer's outputs live until the step returns
       layer    2*B*T*C (residual, normed) + max(attention, mlp), at the compute dtype, where
                attention = B*T*(H+2Hkv)*D (q, k, v) + 2*B*Hkv*(S+T)*D (past ++ new keys/values)
@@ -332,7 +332,7 @@ def activation_bytes(dims: ModelDims, target: Target, precision: str, max_seq: i
     C, H, Hkv, D = dims.hidden, dims.heads, dims.kv_heads, dims.head_dim
     item = float_bytes(target, precision) if precision in FLOAT_BYTES else DTYPE_BYTES[
         target.compute_dtype]
-    logits = B * T * dims.vocab_size * 4
+    logits = B * dims.vocab_size * 4
     new_kv = 2 * dims.num_layers * B * Hkv * T * D * DTYPE_BYTES[target.kv_dtype]
     attention = (B * T * (H + 2 * Hkv) * D + 2 * B * Hkv * (S + T) * D
                  + 2 * B * H * T * (S + T) + B * T * H * D)

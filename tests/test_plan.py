@@ -82,19 +82,20 @@ def test_llama3_8b_int4_on_orin_nano_8gb(llama3):
     Fixed part, by hand: weights 5,272,043,520 + KV 2*32*8*128*2 B = 131,072 B/position * 2048
     = 268,435,456 + runtime 1 GiB (1,073,741,824) + OS reserve 1.6 GiB (1,717,986,918)
     = 8,332,207,718 B, leaving 257,726,874 B (246 MiB) of the 8 GiB for activations. A
-    2048-token prefill's fp32 logits alone are 2048*128256*4 = 1,050,673,152 B: no.
+    2048-token prefill's new K/V for every layer alone are 2*32*8*2048*128*2 = 268,435,456 B: no.
+    (Logits are only [1, V] per prefill: the contract's logits_index asks for the last position.)
     """
     nano = load_target(NANO)
     r = plan_fit(llama3, nano, "int4", 2048, 1)
     c = r.chosen.components
     assert (c.weights, c.kv_cache, c.runtime, c.os_reserve) == (
         5_272_043_520, 268_435_456, 1_073_741_824, 1_717_986_918)
-    assert c.activations > 1_050_673_152
+    assert c.activations > 268_435_456
     assert not r.fits and r.memory_total == 8 * GIB
-    assert r.max_seq_fit == 512 and r.chunk_fit is not None and r.chunk_fit < 256
+    assert r.max_seq_fit == 768 and r.chunk_fit is not None and r.chunk_fit < 2048
     text = r.explain()
     assert text.startswith("does not fit at int4 with max_seq 2048")
-    assert "max_seq <= 512" in text and f"--prefill-chunk {r.chunk_fit}" in text
+    assert "max_seq <= 768" in text and f"--prefill-chunk {r.chunk_fit}" in text
     # Chunked prefill (256 tokens) at a 1024-token context fits; speed is memory-bound:
     # 68e9 / (4,221,370,368 + 4096*2 + 1024*131,072) ~ 15.6 tokens/s.
     ok = plan_fit(llama3, nano, "int4", 1024, 1, prefill_chunk=256)
@@ -109,9 +110,9 @@ def test_llama3_8b_fp16_does_not_fit_the_nano(llama3):
     # fp16 weights alone: 8,029,995,008 * 2 B = 14.96 GiB > 8 GiB, at any context.
     assert r.chosen.weights.total == 2 * 8_029_995_008
     assert not r.fits and r.max_seq_fit is None and r.best_precision is None
-    assert r.fallback == ("int4", 512)
+    assert r.fallback == ("int4", 768)
     assert "does not fit at fp16 with max_seq 8192" in r.explain()
-    assert "use int4 with max_seq <= 512" in r.explain()
+    assert "use int4 with max_seq <= 768" in r.explain()
     # On a 64 GB AGX Orin it fits, and precision None picks the most accurate that does.
     agx = plan_fit(llama3, load_target("jetson-agx-orin-64gb"), None, 4096, 1, prefill_chunk=512)
     assert agx.fits and agx.precision == agx.best_precision == "fp32"
@@ -197,7 +198,7 @@ def test_plan_from_a_config_only_folder(tmp_path):
     folder = write_config(tmp_path / "Meta-Llama-3-8B", LLAMA3_8B)
     r = plan_from_model(str(folder), NANO, "int4")
     assert r.model == "Meta-Llama-3-8B" and r.max_seq == 2048 and not r.fits
-    assert plan_from_model(str(folder / "config.json"), NANO, "int4").max_seq_fit == 512
+    assert plan_from_model(str(folder / "config.json"), NANO, "int4").max_seq_fit == 768
 
 
 def test_unknown_target_error(tmp_path):
@@ -242,7 +243,7 @@ def test_cli_plan_table_and_verdict(tmp_path):
         assert column in out
     assert "int4 *" in out  # none fits at 2048: judged at the smallest, int4
     assert "DOES NOT FIT: does not fit at int4 with max_seq 2048" in out
-    assert "max_seq <= 512" in out
+    assert "max_seq <= 768" in out
     res = run("plan", str(folder), "-t", NANO, "--max-seq", "1024", "--prefill-chunk", "256")
     assert res.exit_code == 0 and "FITS: fits at int4 with max_seq 1024" in res.output
 
