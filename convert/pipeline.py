@@ -49,11 +49,13 @@ def default_output(source_name: str, target: str, precision: str = "fp32") -> Pa
 def convert_model(model: str, target: str = "cpu", out: Path | None = None,
                   max_seq: int | None = None, batch: int = 1, force: bool = False,
                   threads: int | None = None, steps: Steps = QUIET,
-                  attention: str | None = None) -> ConvertResult:
-    """attention: None picks per target (see _attention); "static"/"gqa" force one (benchmarks)."""
+                  attention: str | None = None, precision: str = "fp32") -> ConvertResult:
+    """Convert to an fp32 bundle. `precision` is what the bundle will be quantized to next
+    (toolkit convert --precision): the target must run it and the fit check plans for it.
+    attention: None picks per target (see _attention); "static"/"gqa" force one (benchmarks)."""
     _quiet_transformers()
     tgt = load_target(target)
-    tgt.check_precision("fp32")
+    tgt.check_precision(precision)
     if batch < 1:
         raise ToolkitError(f"--batch must be at least 1 (got {batch})")
     src = resolve(model)
@@ -68,8 +70,10 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
     config = src.load_config()
     dims = dims_from_config(spec, config)
     seq = _choose_max_seq(dims, tgt, max_seq) if spec.task == DECODER else 0
+    plan = None
     if spec.task == DECODER:
         _check_rope(config)
+        plan = _check_fit(dims, tgt, precision, seq, batch, src.name, force)
 
     with steps.step(f"loading {src.kind} model {src.name}"):
         hf_model = src.load_torch(spec.task)
@@ -100,6 +104,7 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
             tok_info = _save_tokenizer(tokenizer, hf_model, staging / "tokenizer")
             manifest = _manifest(src, spec.model_type, spec.family, dims, exported, tgt, seq, batch,
                                  parity, tok_info, pooling)
+            manifest.plan = plan.to_json() if plan else None
             (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
             finalize(staging, manifest)
     return ConvertResult(out, manifest, parity, dir_size(out), dict(steps.timings))
@@ -126,6 +131,20 @@ def _choose_max_seq(dims: ModelDims, tgt: Target, asked: int | None) -> int:
                            f"{dims.sliding_window}; the static cache does not implement the window",
                            hint=f"use --max-seq {dims.sliding_window} or less")
     return seq
+
+
+def _check_fit(dims: ModelDims, tgt: Target, precision: str, seq: int, batch: int, name: str,
+               force: bool) -> Any:
+    """The plan (targets/plan.py) for this board, before any weight is loaded: a conversion that
+    cannot fit is refused unless --force, and the plan is recorded in the manifest either way."""
+    from targets.plan import plan_fit
+
+    plan = plan_fit(dims, tgt, precision, seq, batch, model_name=name)
+    if not plan.fits and not force:
+        raise ToolkitError(f"{name} will not fit on {tgt.name}: {plan.explain()}",
+                           hint=f"`toolkit plan {name} --target {tgt.name}` shows the numbers; "
+                                "--force converts anyway")
+    return plan
 
 
 def _attention(tgt: Target, dims: ModelDims) -> str:

@@ -260,3 +260,20 @@ def test_cli_help_lists_commands():
     assert res.exit_code == 0 and "convert" in res.output
     res = CliRunner().invoke(main, ["convert", "--help"])
     assert "--max-seq" in res.output and "--target" in res.output
+
+
+def test_convert_refuses_what_cannot_fit_and_records_the_plan(tiny_dir, tmp_path, monkeypatch):
+    import targets.plan as plan
+
+    real = plan.plan_fit
+    monkeypatch.setattr(plan, "plan_fit",
+                        lambda *a, **k: real(*a, **{**k, "memory_bytes": 64 << 20}))
+    with pytest.raises(ToolkitError, match="will not fit on jetson-orin-nano-8gb"):
+        convert_model(str(tiny_dir("llama")), "jetson-orin-nano-8gb", tmp_path / "out", max_seq=32)
+    _no_bundle_left(tmp_path, "out")
+    res = convert_model(str(tiny_dir("llama")), "jetson-orin-nano-8gb", tmp_path / "out",
+                        max_seq=32, force=True)
+    assert res.manifest.plan["fits"] is False and res.manifest.plan["target"] == "jetson-orin-nano-8gb"
+    monkeypatch.setattr(plan, "plan_fit", real)
+    ok = convert_model(str(tiny_dir("llama")), "cpu", tmp_path / "ok", max_seq=32)
+    assert ok.manifest.plan["fits"] is True and ok.manifest.plan["rows"]
