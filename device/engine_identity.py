@@ -178,7 +178,7 @@ class EngineIdentity:
     precision: str
     profiles: list[dict[str, Any]]  # trt_build.ProfileShapes.to_json() per profile, in order
     source_onnx_sha256: str
-    built_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc)
+    built_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC)
                           .isoformat(timespec="seconds"))
 
     def to_json(self) -> str:

@@ -38,6 +38,12 @@ class StaticKVCache:
         idx = np.asarray(slot_ids)
         return [b[idx] for b in self.buffers], False
 
+    def put_rows(self, slot_ids: Sequence[int], rows: Sequence[np.ndarray]) -> None:
+        """Copy gathered rows (from rows()) back into the cache."""
+        idx = np.asarray(slot_ids)
+        for buf, r in zip(self.buffers, rows):
+            buf[idx] = r
+
     def write(self, slot_ids: Sequence[int], starts: Sequence[int], new: Sequence[np.ndarray]) -> None:
         """cache[slot, :, start:start+T, :] = new[b] for each row b (new: [B, Hkv, T, D] each)."""
         T = new[0].shape[2]

@@ -5,10 +5,10 @@ slots is a view, no copy) and the outputs land in buffers preallocated per batch
 decode step allocates nothing on the Python side. Prefill (T > 1) allocates its outputs once
 per request, which is dwarfed by the prefill's own work.
 
-In-place graphs (GroupQueryAttention, CPU bundles) also output present_key.{i}; it is bound to
-the same cache rows as past_key.{i}, so the kernel writes the new keys straight into the cache
-and the host-side slice write is skipped. When the slots are not a contiguous run, the rows
-are a gathered copy: the kernel updates the copy and the new slices are written back.
+In-place graphs (GroupQueryAttention, CPU bundles) output present_key.{i} instead of new slices;
+it is bound to the same cache rows as past_key.{i}, so the kernel writes the new keys straight
+into the cache. When the slots are not a contiguous run, the rows are a gathered copy: the
+kernel updates the copy and the rows are copied back.
 """
 
 from __future__ import annotations
@@ -82,9 +82,11 @@ class OrtDecoderBackend:
         self._last = np.zeros(1, dtype=np.int64)  # logits_index for decode: position 0 of 1
 
     def _outputs(self, B: int, T: int, K: int) -> list[np.ndarray]:
+        """[logits [B,K,V], new_key.0 [B,Hkv,T,D], ...]; just logits for in-place graphs."""
         L = self.layout
-        shapes = [(B, K, self.vocab_size)] + [(B, L.kv_heads, T, L.head_dim)] * len(self.new)
-        dtypes = [np.float32] + [np.dtype(L.dtype)] * len(self.new)
+        n_new = 0 if self.in_place else len(self.new)
+        shapes = [(B, K, self.vocab_size)] + [(B, L.kv_heads, T, L.head_dim)] * n_new
+        dtypes = [np.float32] + [np.dtype(L.dtype)] * n_new
         return [np.empty(s, d) for s, d in zip(shapes, dtypes)]
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],
@@ -110,8 +112,10 @@ class OrtDecoderBackend:
             for name, r in zip(self.present, rows):
                 binding.bind_output(name, "cpu", 0, r.dtype, list(r.shape), r.ctypes.data)
         self.session.run_with_iobinding(binding)
-        if not (self.in_place and is_view):
+        if not self.in_place:
             self.cache.write(slot_ids, position_ids[:, 0].tolist(), outs[1:])
+        elif not is_view:  # the kernel updated a gathered copy: put the rows back
+            self.cache.put_rows(slot_ids, rows)
         return outs[0]
 
     def kv_cache_bytes(self) -> int:

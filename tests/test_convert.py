@@ -35,7 +35,7 @@ def test_every_registered_architecture_exports_with_parity(arch, tiny_bundle):
         outs = [o["name"] for o in m.contract["outputs"]]
         in_place = m.architecture["dims"]["head_dim"] % 16 == 0  # GroupQueryAttention on CPU
         assert m.contract["cache_update"] == ("in-place" if in_place else "host-writes-new")
-        assert outs == ["logits", *new_names(L), *(present_names(L) if in_place else [])]
+        assert outs == ["logits", *(present_names(L) if in_place else new_names(L))]
     else:
         assert m.kind == "encoder" and m.pooling == {
             "mode": "mean", "normalize": True, "source": "sentence-transformers modules.json"}

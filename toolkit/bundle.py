@@ -57,7 +57,7 @@ def staged_bundle(out: Path, force: bool = False) -> Iterator[Path]:
 def finalize(staging: Path, manifest: Manifest) -> Manifest:
     """Hash every file and write manifest.json last (its presence marks a complete bundle)."""
     manifest.files = hash_tree(staging)
-    manifest.created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    manifest.created_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     tmp = staging / (MANIFEST + ".tmp")
     tmp.write_text(manifest.to_json(), encoding="utf-8")
     _fsync_tree(staging)

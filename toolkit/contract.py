@@ -18,7 +18,8 @@ The *runtime* owns a fixed-capacity cache per layer; the graph never allocates o
       logits           float  [batch, n_logits, vocab]
       new_key.{i}      float  [batch, kv_heads, seq, head_dim]    keys of the positions processed
       new_value.{i}    float  [batch, kv_heads, seq, head_dim]
-      present_key.{i}  float  [batch, kv_heads, max_seq, head_dim]  only in "in-place" graphs (below)
+    or, in "in-place" graphs (below), instead of new_*:
+      present_key.{i}  float  [batch, kv_heads, max_seq, head_dim]  the cache after this step
       present_value.{i}
 
 Semantics. Cache entries [0, position_ids[b, 0]) of row b are valid; everything from there to
@@ -30,8 +31,9 @@ length) and decode (seq = 1) are the same graph; batch rows are independent.
 In-place graphs (CPU bundles, `cache_update: "in-place"`): attention is ONNX Runtime's fused
 GroupQueryAttention, which reads only the valid prefix of each row and writes the new keys into
 present_key.{i}. The runtime binds present_key.{i} to the very buffer it passes as past_key.{i};
-the kernel then updates the cache in place (its share-buffer mode) and the host-side write of
-new_key.{i} is skipped. tests/test_convert.py shows both updates give the same cache and logits.
+the kernel then updates the cache in place (its share-buffer mode), so there is nothing to write
+from the host. (When the runtime had to gather non-adjacent slots into a copy, it copies those
+rows back.) tests/test_convert.py shows both forms give the same cache and logits.
 
 Why new slices and not an in-place update on TensorRT: TensorRT 10.3 (JetPack 6) defines no aliasing between
 an input and an output of a plain engine (tensorrt_jetson.md §3.4, option A); writing the slice
@@ -106,10 +108,9 @@ class DecoderContract:
         new = ("batch", self.kv_heads, "seq", self.head_dim)
         cache = ("batch", self.kv_heads, self.max_seq, self.head_dim)
         specs = [TensorSpec("logits", "float32", ("batch", "n_logits", self.vocab_size))]
-        specs += [TensorSpec(n, self.kv_dtype, new) for n in new_names(self.num_layers)]
         if self.in_place:
-            specs += [TensorSpec(n, self.kv_dtype, cache) for n in present_names(self.num_layers)]
-        return specs
+            return specs + [TensorSpec(n, self.kv_dtype, cache) for n in present_names(self.num_layers)]
+        return specs + [TensorSpec(n, self.kv_dtype, new) for n in new_names(self.num_layers)]
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
