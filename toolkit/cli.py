@@ -26,6 +26,8 @@ COMMANDS = [
     "toolkit.commands.serve:serve",
     "toolkit.commands.generate:generate",
     "toolkit.commands.status:status",
+    "toolkit.commands.bench:bench",
+    "toolkit.commands.report:report",
 ]
 
 

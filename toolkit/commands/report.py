@@ -1,0 +1,55 @@
+"""toolkit report show|compare|html: read bench reports on the host (no onnxruntime needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def report() -> None:
+    """Read bench reports written by `toolkit bench`: show one, compare several, re-render.
+
+    \b
+    Examples:
+      toolkit report show smol-fp32.json
+      toolkit report compare smol-fp32.json smol-int8.json
+      toolkit report html smol-fp32.json
+    """
+
+
+@report.command("show")
+@click.argument("file", type=click.Path(path_type=Path))
+def show(file: Path) -> None:
+    """The table of one report: latency percentiles, throughput, memory, power."""
+    from toolkit.report import load_report, render_table
+
+    click.echo(render_table(load_report(file)))
+
+
+@report.command("compare")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def compare(files: tuple[Path, ...]) -> None:
+    """Reports side by side, per prompt length x concurrency, with ratios to the first (B/A...).
+
+    For latencies and memory a ratio below 1 is better; for tokens/s and requests/s above 1."""
+    from toolkit.errors import ToolkitError
+    from toolkit.report import compare_reports, load_report
+
+    if len(files) < 2:
+        raise ToolkitError("compare needs at least two report files",
+                           hint="toolkit report compare A.json B.json [C.json ...]")
+    click.echo(compare_reports([(str(f), load_report(f)) for f in files]))
+
+
+@report.command("html")
+@click.argument("file", type=click.Path(path_type=Path))
+def html(file: Path) -> None:
+    """Write FILE's HTML page and PNG plots beside it (e.g. for a report pulled off a device)."""
+    from toolkit.report import load_report
+    from toolkit.report_html import write_html_files
+
+    page, pngs = write_html_files(load_report(file), file)
+    click.echo(f"wrote {page} and {len(pngs)} PNG plots beside it: "
+               f"{', '.join(p.name for p in pngs)}")
