@@ -28,12 +28,18 @@ class StaticKVCache:
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
 
+    @staticmethod
+    def is_run(slot_ids: Sequence[int]) -> bool:
+        """Consecutive ascending slots: their rows are one view of each buffer."""
+        lo = slot_ids[0]
+        return list(slot_ids) == list(range(lo, lo + len(slot_ids)))
+
     def rows(self, slot_ids: Sequence[int]) -> tuple[list[np.ndarray], bool]:
         """The cache rows of these slots, [B, Hkv, S, D] per buffer, and whether they are views.
         A contiguous run of slots is a view (no copy); any other selection is gathered (a copy
         per step, which an in-place graph then updates instead of the cache)."""
-        lo = slot_ids[0]
-        if list(slot_ids) == list(range(lo, lo + len(slot_ids))):
+        if self.is_run(slot_ids):
+            lo = slot_ids[0]
             return [b[lo:lo + len(slot_ids)] for b in self.buffers], True
         idx = np.asarray(slot_ids)
         return [b[idx] for b in self.buffers], False

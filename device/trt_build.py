@@ -28,12 +28,10 @@ is memory-bound, so batch 1 runs the same kernels at nearly the same speed, and 
 when speed matters.
 
 Precision (precision_plan): Q/DQ bundles are explicitly quantized, so no calibrator is ever set.
-In a weakly typed network (TensorRT 10.x) the builder only picks INT8 kernels for the Q/DQ-scoped
-layers when the INT8 flag is on, and FP16 lets every other layer leave fp32 - so int8 sets both.
-Weight-only INT4 (block DQ of constant weights into fp16 GEMMs, §2.2) sets FP16 alone: the INT4
-flag only "enables plugins with INT4 I/O" (§1.3). fp8 (Thor only: TensorRT >= 10.13, compute
-capability >= 8.9) builds strongly typed, as TensorRT's docs ask for explicit quantization.
-fp32 clears TF32 (on by default), because an fp32 bundle promises fp32 matmuls. Logits stay
+quantize/ writes every reduced-precision graph with explicit types (fp16 weights and activations,
+fp32 RMSNorm statistics, INT8/INT4/FP8 Q/DQ), so fp16, int8, int4 and fp8 all build STRONGLY_TYPED:
+the graph's types decide, and no FP16 flag can move the norm chain to fp16 where it overflows.
+(fp8 needs Thor: TensorRT >= 10.13, compute capability >= 8.9.) fp32 clears TF32 (on by default), because an fp32 bundle promises fp32 matmuls. Logits stay
 fp32: network outputs keep their ONNX type (float32 in the contract) in a weakly typed network,
 and we pin it in case the parser says otherwise.
 
@@ -161,9 +159,14 @@ class PrecisionPlan:
 
 _FLAGS = {
     "fp32": PrecisionPlan((), ("TF32",), note="fp32 kernels, TF32 off"),
-    "fp16": PrecisionPlan(("FP16",), note="fp16 kernels where faster, fp32 I/O"),
-    "int8": PrecisionPlan(("INT8", "FP16"), note="Q/DQ layers in INT8, the rest fp16"),
-    "int4": PrecisionPlan(("FP16",), note="INT4 weight-only block DQ into fp16 GEMMs"),
+    # quantize/ writes explicitly typed graphs for these: fp16 weights and activations, but the
+    # RMSNorm statistics kept fp32 on purpose (SmolLM2's residual reaches ~25,000 and its square
+    # overflows fp16). A weakly typed build with the FP16 flag may run that chain in fp16 anyway,
+    # so these build strongly typed: the graph's types decide, as for fp8.
+    "fp16": PrecisionPlan((), strongly_typed=True, note="strongly typed: fp16 graph, fp32 norms"),
+    "int8": PrecisionPlan((), strongly_typed=True, note="strongly typed: INT8 Q/DQ, fp16 elsewhere"),
+    "int4": PrecisionPlan((), strongly_typed=True,
+                          note="strongly typed: INT4 weight-only block DQ into fp16 GEMMs"),
     "fp8": PrecisionPlan((), strongly_typed=True, note="strongly typed: FP8 Q/DQ as the graph says"),
 }
 FP8_MIN_CC = (8, 9)  # Ada / Hopper / Blackwell; Orin (8.7) and Xavier (7.2) have no FP8 (§2.3)
