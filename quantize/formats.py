@@ -1,0 +1,179 @@
+"""Format registry: the target file names a format per precision (targets/*.toml `formats`), and
+this maps the name to the code that writes it. Nothing here knows target names.
+
+    fmt = format_for(target, "int4")         # "ort-matmulnbits" on cpu, "qdq-int4-..." on Jetson
+    out = fmt.apply(job)                     # -> FormatOutput(model, details)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from quantize.calibration import CalibrationSet
+from targets import Target
+from toolkit.errors import ToolkitError
+from toolkit.progress import QUIET, Steps
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Knobs with defaults that the gate and the benchmark settled; the CLI exposes a few."""
+
+    block_size: int = 32  # int4/int8 blocks along K (the packaged SmolLM2 GGUF uses 32)
+    # int4 grid: False symmetric, True per-block offsets (min-max), None: let the gate choose
+    # (symmetric first, the faster graph; offsets when symmetric fails the gate)
+    int4_offsets: bool | None = None
+    accuracy_level: int = 4  # MatMulNBits: int8 compute (the fast CPU path)
+    head_bits: int = 8  # CPU: the (tied) LM head / embedding table
+    smooth_alpha: float | None = 0.7  # W8A8 SmoothQuant migration strength; None: off
+    calibration_method: str = "max"  # "max" | "percentile" (quantize/activations.py)
+
+
+@dataclass
+class FormatJob:
+    """What a format needs: the fp32 graph and where it came from, plus calibration data."""
+
+    model: onnx.ModelProto
+    model_path: Path  # the source bundle's model file
+    precision: str
+    kind: str  # "decoder" | "encoder"
+    work_dir: Path  # scratch space beside the bundle being written
+    target: Target | None = None  # compute_dtype decides whether the TensorRT graphs go fp16
+    options: QuantOptions = field(default_factory=QuantOptions)
+    calibration: CalibrationSet | None = None
+    steps: Steps = QUIET
+    threads: int | None = None
+
+
+@dataclass
+class FormatOutput:
+    model: onnx.ModelProto
+    details: dict[str, Any]
+    kv_dtype: str | None = None  # the cache dtype the graph now takes (None: unchanged)
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    runtime: str  # "onnxruntime" | "tensorrt"
+    precisions: tuple[str, ...]
+    calibrated: bool  # needs activation statistics from the calibration text
+    summary: str
+    apply: Callable[[FormatJob], FormatOutput]
+
+
+def _nbits(job: FormatJob) -> FormatOutput:
+    from quantize.cpu import NBitsConfig, matmul_nbits
+
+    o = job.options
+    bits = 4 if job.precision == "int4" else 8
+    cfg = NBitsConfig(bits=bits, block=o.block_size, offsets=bool(o.int4_offsets) and bits == 4,
+                      accuracy_level=o.accuracy_level, head_bits=max(o.head_bits, bits))
+    r = matmul_nbits(job.model, cfg)
+    return FormatOutput(r.model, r.details)
+
+
+def _matmul_integer(job: FormatJob) -> FormatOutput:
+    import tempfile
+
+    from quantize.cpu import matmul_integer
+
+    with tempfile.TemporaryDirectory(dir=job.work_dir) as tmp:  # not left in the bundle
+        r = matmul_integer(job.model_path, Path(tmp) / "dynamic.onnx")
+    return FormatOutput(r.model, r.details)
+
+
+def _trt_fp16(job: FormatJob) -> FormatOutput:
+    from quantize.trt_qdq import fp16
+
+    r = fp16(job.model)
+    return FormatOutput(r.model, r.details, kv_dtype="float16")
+
+
+def _trt_w8a8(kind: str) -> Callable[[FormatJob], FormatOutput]:
+    def apply(job: FormatJob) -> FormatOutput:
+        from quantize import activations
+        from quantize.smooth import smooth
+        from quantize.trt_qdq import activation_inputs, tied_head_inputs, w8a8
+
+        if job.calibration is None:
+            raise ToolkitError(f"format qdq-{kind} needs calibration data")  # a caller bug
+        tensors = activation_inputs(job.model)
+        feeds = (activations.decoder_feeds if job.kind == "decoder" else activations.encoder_feeds)(
+            job.model, job.calibration.windows)
+        ranges = activations.collect_ranges(job.model, tensors, feeds, job.work_dir,
+                                            job.options.calibration_method,
+                                            samples=len(job.calibration.windows), steps=job.steps,
+                                            threads=job.threads)
+        details: dict[str, Any] = {"calibration_method": job.options.calibration_method}
+        if job.options.smooth_alpha is not None:
+            ranges, stats = smooth(job.model, ranges, job.options.smooth_alpha)
+            details["smoothquant"] = {"alpha": job.options.smooth_alpha, **stats.to_json()}
+        keep = tied_head_inputs(job.model)
+        r = w8a8(job.model, ranges, kind, exclude_inputs=keep, fp16=_fp16(job))
+        details.update(r.details)
+        details["tied_lm_head"] = ("kept fp16: the embedding Gather needs the float table on "
+                                   "TensorRT anyway, and per-tensor int8 on its input cost the "
+                                   "most accuracy" if keep else "none")
+        return FormatOutput(r.model, details, kv_dtype=r.details["compute_dtype"])
+
+    return apply
+
+
+def _fp16(job: FormatJob) -> bool:
+    """TensorRT graphs run in the target's compute dtype (float16 on every Jetson file)."""
+    return job.target is None or job.target.compute_dtype == "float16"
+
+
+def _trt_int4(job: FormatJob) -> FormatOutput:
+    from quantize.trt_qdq import int4_weight_only, tied_head_weights
+
+    skip = tied_head_weights(job.model)
+    r = int4_weight_only(job.model, job.options.block_size, bool(job.options.int4_offsets), skip,
+                         fp16=_fp16(job))
+    r.details["tied_lm_head"] = ("kept fp16 (shared with the embedding Gather; int4 on it cost "
+                                 "the most accuracy)" if skip else "none")
+    return FormatOutput(r.model, r.details, kv_dtype=r.details["compute_dtype"])
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("ort-matmulnbits", "onnxruntime", ("int8", "int4"), False,
+           "block-wise weight-only MatMulNBits, int8 compute (accuracy_level 4)", _nbits),
+    Format("ort-matmul-integer", "onnxruntime", ("int8",), False,
+           "dynamic int8 MatMulInteger (per-tensor activations at run time)", _matmul_integer),
+    Format("trt-fp16", "tensorrt", ("fp16",), False,
+           "fp16 weights and activations, fp32 logits and norm statistics", _trt_fp16),
+    Format("qdq-int8-symmetric", "tensorrt", ("int8",), True,
+           "static W8A8 Q/DQ: per-channel weights, calibrated per-tensor activations, "
+           "zero points 0, SmoothQuant", _trt_w8a8("int8")),
+    Format("qdq-int4-block-weight-only", "tensorrt", ("int4",), False,
+           "INT4 weights, DequantizeLinear(block_size) on 2-D constants, zero points 0", _trt_int4),
+    Format("qdq-fp8", "tensorrt", ("fp8",), True,
+           "static FP8 (E4M3) Q/DQ: per-channel weights, calibrated per-tensor activations",
+           _trt_w8a8("fp8")),
+)}
+
+
+def format_for(target: Target, precision: str, override: str | None = None) -> Format:
+    """The target's format for a precision (after Target.check_precision), or `override`."""
+    target.check_precision(precision)
+    if precision == "fp32":
+        raise ToolkitError("fp32 is what `toolkit convert` writes; quantize to a lower precision",
+                           hint=f"choose one of {', '.join(p for p in target.precisions if p != 'fp32')}")
+    name = override or target.formats.get(precision)
+    if name is None:
+        raise ToolkitError(f"target {target.name} names no format for {precision}",
+                           hint=f"add `{precision} = \"...\"` to the target's formats")
+    fmt = FORMATS.get(name)
+    if fmt is None:
+        raise ToolkitError(f"format {name!r} (target {target.name}, {precision}) is not implemented; "
+                           f"known formats: {', '.join(sorted(FORMATS))}")
+    if precision not in fmt.precisions or fmt.runtime != target.runtime:
+        raise ToolkitError(f"format {name} writes {'/'.join(fmt.precisions)} for {fmt.runtime}, "
+                           f"not {precision} for {target.name} ({target.runtime})")
+    return fmt

@@ -1,0 +1,264 @@
+"""quantize_bundle: an fp32 bundle -> a quantized bundle for the same target, gated on accuracy.
+
+  1. checks          source bundle verified and fp32; precision allowed by its target; the
+                     target's format for it known; calibration text readable; output free
+  2. calibration     (static Q/DQ formats only) token windows of the calibration text
+  3. quantize        the format's graph rewrite (quantize/formats.py), saved into a staged bundle
+  4. gate            quantized vs fp32 on held-out text (quantize/gate.py); a failure removes
+                     the staged bundle unless force=True, which writes it with the failure recorded
+  5. bundle          tokenizer copied, manifest (precision, quantization record, kv dtype),
+                     report.md, hashes; atomic rename
+
+The lead's `toolkit convert MODEL --precision P` calls this on the fp32 bundle it just wrote:
+    result = quantize_bundle(fp32_bundle, "int4", out=final_path, force=force, steps=steps)
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import models  # noqa: F401  (pinned before any onnxruntime.transformers import: see graph.py)
+from quantize.calibration import (
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    CalibrationSet,
+    Text,
+    read_text,
+    token_windows,
+)
+from quantize.formats import Format, FormatJob, FormatOutput, QuantOptions, format_for
+from quantize.gate import GateResult, Thresholds, decoder_gate, encoder_gate, thresholds_for
+from targets import load_target
+from toolkit.bundle import check_output, dir_size, finalize, staged_bundle
+from toolkit.contract import KVCacheLayout
+from toolkit.errors import ToolkitError
+from toolkit.manifest import Manifest, load_verified
+from toolkit.progress import QUIET, Steps
+
+STEPS = 3  # progress steps this module reports (for Steps(total=...))
+
+
+def steps_total(precision: str, options: QuantOptions | None = None) -> int:
+    """For Steps(total=...): 0 (no counter) when the int4 grid may take a second try."""
+    return 0 if len(_tries(precision, options or QuantOptions())) > 1 else STEPS
+
+
+class GateFailure(ToolkitError):
+    """The quantized model failed the accuracy gate; nothing was written. Carries the figures."""
+
+    def __init__(self, gate: GateResult, precision: str, fmt: str) -> None:
+        reasons = "; ".join(gate.failures)
+        super().__init__(f"{precision} ({fmt}) failed the accuracy gate: {reasons}; no bundle written",
+                         hint="try another precision, loosen the threshold that failed (see "
+                              "`toolkit quantize --help`), or pass --force to write the bundle "
+                              "anyway with the failure recorded in its manifest")
+        self.gate = gate
+
+
+@dataclass
+class QuantizeResult:
+    bundle: Path
+    manifest: Manifest
+    source: Path
+    format: str
+    gate: GateResult
+    bytes: int
+    source_bytes: int
+    seconds: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return self.gate.passed
+
+
+def default_output(bundle: Path, precision: str) -> Path:
+    """A sibling folder: bundles/smollm2-135m-cpu-fp32 -> bundles/smollm2-135m-cpu-int4."""
+    bundle = Path(bundle).absolute()
+    stem = bundle.name[: -len("-fp32")] if bundle.name.endswith("-fp32") else bundle.name
+    return bundle.parent / f"{stem}-{precision}"
+
+
+def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = None,
+                    samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
+                    out: Path | None = None, force: bool = False,
+                    thresholds: Thresholds | dict[str, float | None] | None = None,
+                    steps: Steps | None = None, options: QuantOptions | None = None,
+                    fmt: str | None = None, threads: int | None = None) -> QuantizeResult:
+    """Quantize an fp32 bundle to `precision` in the format its target names (or `fmt`).
+    Raises GateFailure (a ToolkitError) when the gate fails and force is False."""
+    steps = steps or QUIET
+    options = options or QuantOptions()
+    bundle = Path(bundle)
+    src = load_verified(bundle)  # 1. checks, cheapest first
+    fmt_rec, limits = _check(src, precision, fmt, thresholds)
+    text = read_text(calibration)
+    out = Path(out) if out else default_output(bundle, precision)
+    if out.absolute() == bundle.absolute():
+        raise ToolkitError("the output is the input bundle", hint="choose another -o")
+    check_output(out, force)
+    tok = _tokenizer(bundle, src)
+    cal = _calibration(src, fmt_rec, text, tok, samples, seq_len, steps)  # 2.
+    t0 = time.perf_counter()
+    tries = _tries(precision, options)
+    tried: list[dict[str, Any]] = []  # gate figures of each int4 grid tried
+    with staged_bundle(out, force) as staging:
+        for i, opts in enumerate(tries):
+            label = "" if len(tries) == 1 else f", {'offsets' if opts.int4_offsets else 'symmetric'} grid"
+            with steps.step(f"quantizing to {precision} ({fmt_rec.name}{label})"):  # 3.
+                produced = _apply(bundle, src, fmt_rec, precision, staging, opts, cal, steps, threads)
+                from convert.export import save_model
+
+                model_path = save_model(produced.model, staging)
+                del produced.model
+            manifest = _manifest(src, precision, fmt_rec, produced, opts, cal, text)
+            with steps.step("accuracy gate: quantized vs fp32 on held-out text"):  # 4.
+                gate = _gate(bundle, src, model_path, manifest, tok, limits, threads)
+            if len(tries) > 1:
+                tried.append(_try_record(opts, gate))
+                manifest.quantization["grid_choice"] = {  # type: ignore[index]
+                    "rule": "symmetric first (the plainer, faster graph); per-block offsets when "
+                            "it fails the gate", "tried": list(tried)}
+            if gate.passed:
+                break
+            if i + 1 < len(tries):
+                steps.say(f"    the symmetric grid failed the gate ({'; '.join(gate.failures)}); "
+                          "trying per-block offsets")
+        if not gate.passed and not force:
+            raise GateFailure(gate, precision, fmt_rec.name)
+        with steps.step("writing the bundle"):  # 5.
+            if (bundle / "tokenizer").is_dir():
+                shutil.copytree(bundle / "tokenizer", staging / "tokenizer")
+            manifest.quantization["gate"] = gate.to_json()  # type: ignore[index]
+            manifest.quantization["forced"] = bool(force and not gate.passed)  # type: ignore[index]
+            from quantize.report import render
+
+            (staging / "report.md").write_text(render(manifest), encoding="utf-8")
+            finalize(staging, manifest)
+    seconds = dict(steps.timings) or {"total": time.perf_counter() - t0}
+    return QuantizeResult(out, manifest, bundle, fmt_rec.name, gate, dir_size(out), dir_size(bundle),
+                          seconds)
+
+
+def _tries(precision: str, options: QuantOptions) -> list[QuantOptions]:
+    """The option sets to try in order: int4 with int4_offsets=None tries the symmetric grid
+    (the plainer, faster graph) and falls back to per-block offsets when the gate rejects it."""
+    if precision != "int4" or options.int4_offsets is not None:
+        return [options]
+    return [replace(options, int4_offsets=False), replace(options, int4_offsets=True)]
+
+
+def _try_record(opts: QuantOptions, gate: GateResult) -> dict[str, Any]:
+    figures = gate.to_json()
+    return {"grid": "offsets" if opts.int4_offsets else "symmetric", "passed": gate.passed,
+            **{k: figures.get(k) for k in ("ppl_increase", "top1_agreement", "cosine_min")}}
+
+
+def _check(src: Manifest, precision: str, fmt: str | None,
+           thresholds: Thresholds | dict[str, float | None] | None) -> tuple[Format, Thresholds]:
+    if src.kind not in ("decoder", "encoder"):
+        raise ToolkitError(f"a {src.kind} bundle (an ONNX file bundled as-is) cannot be quantized",
+                           hint="convert the model from Hugging Face or GGUF first")
+    if src.precision != "fp32":
+        raise ToolkitError(f"the bundle is already {src.precision}; quantization starts from fp32",
+                           hint="pass the fp32 bundle `toolkit convert` wrote")
+    target = load_target(src.target["name"])
+    fmt_rec = format_for(target, precision, fmt)
+    if isinstance(thresholds, Thresholds):
+        limits = thresholds
+    else:
+        limits = thresholds_for(precision, **(thresholds or {}))
+    return fmt_rec, limits
+
+
+def _tokenizer(bundle: Path, src: Manifest) -> Any:
+    from device.tokenizer import BundleTokenizer
+
+    if not src.tokenizer:
+        raise ToolkitError("the bundle has no tokenizer; the gate needs one to read held-out text")
+    return BundleTokenizer(bundle / src.tokenizer["path"], src.tokenizer)
+
+
+def _calibration(src: Manifest, fmt: Format, text: Text, tok: Any, samples: int, seq_len: int,
+                 steps: Steps) -> CalibrationSet | None:
+    limit = src.max_seq - 1 if src.kind == "decoder" else 512
+    cal = token_windows(text, tok, samples, seq_len, max_len=limit)  # validates the text too
+    if not fmt.calibrated:
+        return None
+    steps.say(f"    calibration: {len(cal.windows)} samples x {cal.seq_len} tokens from "
+              f"{text.source} ({cal.tokens} tokens)")
+    return cal
+
+
+def _apply(bundle: Path, src: Manifest, fmt: Format, precision: str, staging: Path,
+           options: QuantOptions, cal: CalibrationSet | None, steps: Steps,
+           threads: int | None) -> FormatOutput:
+    from quantize.graph import load_model
+
+    path = bundle / src.model_file
+    job = FormatJob(load_model(path), path, precision, src.kind, staging, load_target(src.target["name"]),
+                    options, cal, steps, threads)
+    return fmt.apply(job)
+
+
+def _layout(m: Manifest) -> KVCacheLayout:
+    kv = m.kv_cache or {}
+    return KVCacheLayout(kv["num_layers"], kv["kv_heads"], kv["max_seq"], kv["head_dim"],
+                         kv.get("dtype", "float32"))
+
+
+def _gate(bundle: Path, src: Manifest, model_path: Path, manifest: Manifest, tok: Any,
+          limits: Thresholds, threads: int | None) -> GateResult:
+    if src.kind == "encoder":
+        return encoder_gate(bundle / src.model_file, model_path, tok, src.pooling or {}, limits,
+                            threads=threads)
+    runtime = ("onnxruntime-cpu" if src.target.get("runtime") == "onnxruntime" else
+               "onnxruntime-cpu as a proxy for the TensorRT engine (build and check on the device)")
+    vocab = int(src.architecture["dims"]["vocab_size"])
+    return decoder_gate(bundle / src.model_file, model_path, _layout(src), _layout(manifest), vocab,
+                        tok, limits, threads=threads, runtime_note=runtime)
+
+
+def _manifest(src: Manifest, precision: str, fmt: Format, produced: FormatOutput,
+              options: QuantOptions, cal: CalibrationSet | None, text: Text) -> Manifest:
+    m = copy.deepcopy(src)
+    m.precision = precision
+    m.files = {}
+    opset = produced.details.get("opset")
+    if opset:
+        m.contract["opset"] = opset
+    if produced.kv_dtype and m.kv_cache:
+        m.kv_cache["dtype"] = produced.kv_dtype
+        m.kv_cache["bytes_per_position"] = _layout(m).bytes_per_position
+        for spec in m.contract.get("inputs", []) + m.contract.get("outputs", []):
+            if spec.get("name", "").startswith(("past_", "new_", "present_")):
+                spec["dtype"] = produced.kv_dtype
+    m.quantization = {
+        "precision": precision, "format": fmt.name, "runtime": fmt.runtime, "summary": fmt.summary,
+        "source_bundle": {"name": src.name, "created_at": src.created_at,
+                          "model_sha256": src.files.get(src.model_file).sha256  # type: ignore[union-attr]
+                          if src.files.get(src.model_file) else None},
+        "options": {k: v for k, v in options.__dict__.items()},
+        "details": produced.details,
+        "calibration": cal.to_json() if cal else {"used": False, "why": "weight-only format",
+                                                   "text": text.source},
+        "tools": _tool_versions(),
+    }
+    if fmt.runtime == "tensorrt":
+        m.quantization["tensorrt"] = {
+            "build": "STRONGLY_TYPED (the graph carries its own types and Q/DQ scales)",
+            "opset": opset, "opset_note": ("opset 21 INT4 block DequantizeLinear: TensorRT 10.3 "
+                                           "acceptance UNVERIFIED (tensorrt_jetson.md §2.2)")
+            if opset and opset >= 21 else "within TensorRT 10.3's opsets 9-20"}
+    return m
+
+
+def _tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

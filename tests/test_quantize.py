@@ -1,0 +1,323 @@
+"""quantize/: formats per target family, the accuracy gate, calibration input errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, numpy_helper
+from quantize_fixtures import LOOSE, q_bundle, q_fp32_bundle  # noqa: F401  (fixtures)
+
+from toolkit.errors import ToolkitError
+from toolkit.manifest import load_verified
+
+JETSON = "jetson"  # the Orin family target: fp16, int8, int4
+THOR = "jetson-thor"  # the only target with fp8
+
+
+def graph(bundle: Path) -> onnx.ModelProto:
+    return onnx.load(str(bundle / "model.onnx"))
+
+
+def nodes(model: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def inits(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def attr(node: onnx.NodeProto, name: str) -> int | None:
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def logits(bundle: Path, ids: list[int]) -> np.ndarray:
+    """One prefill through device.ort_backend (ONNX Runtime CPU) -> [T, V] float32."""
+    from device.ort_backend import OrtDecoderBackend
+    from device.runner import kv_layout
+
+    m = load_verified(bundle)
+    be = OrtDecoderBackend(bundle / m.model_file, kv_layout(m), m.architecture["dims"]["vocab_size"],
+                           threads=1)
+    T = len(ids)
+    out = be.step(np.asarray([ids]), np.arange(T)[None], [0], np.arange(T)).copy()
+    be.close()
+    return out[0]
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean cosine of logit rows, top-1 agreement)."""
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return float(cos.mean()), float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+IDS = [1, 5, 9, 14, 22, 7, 31, 40, 8, 12, 60, 3 + 2, 17, 29, 44, 50]
+
+
+# --- CPU (ONNX Runtime) --------------------------------------------------------------------
+NBITS = "ort-matmulnbits"
+
+
+@pytest.mark.parametrize("precision,bits", [("int4", 4), ("int8", 8)])
+def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
+    bundle = q_bundle("llama", "cpu", precision, NBITS, True if bits == 4 else None)
+    m = graph(bundle)
+    mm = nodes(m, "MatMulNBits")
+    # no float weights left but the offset terms' [K, K/32] block sums and [K/32, N] offsets
+    float_mm = [n for n in nodes(m, "MatMul") if n.input[1] in inits(m)]
+    assert mm and all("offset_term" in n.name or "blocksum" in n.name for n in float_mm)
+    assert bool(float_mm) is (bits == 4)
+    layer_bits = {attr(n, "bits") for n in mm}
+    assert layer_bits == ({4, 8} if bits == 4 else {8})  # int4 layers, int8 tied head
+    assert {attr(n, "block_size") for n in mm} == {32}
+    assert {attr(n, "accuracy_level") for n in mm} == {4}
+    # the tied table: one quantized copy read by both the LM head and the embedding
+    (gbq,) = nodes(m, "GatherBlockQuantized")
+    head = [n for n in mm if n.input[1] == gbq.input[0]]
+    assert len(head) == 1 and attr(head[0], "bits") == 8
+    assert not [t for t in m.graph.initializer if t.data_type == TensorProto.FLOAT
+                and np.prod(t.dims) >= 8 * 128]  # no float copy of the table
+    manifest = load_verified(bundle)
+    q = manifest.quantization
+    assert manifest.precision == precision and q["format"] == "ort-matmulnbits"
+    assert q["details"]["offsets"] is (bits == 4)
+    assert {"ppl_fp32", "ppl_quantized", "top1_agreement", "greedy"} <= set(q["gate"])
+    # projections that read the same input (gate/up, q/k/v if not fused at export) are fused
+    layer_inputs = [n.input[0] for n in mm if n.input[1] != gbq.input[0]]
+    assert len(layer_inputs) == len(set(layer_inputs)) and nodes(m, "Split")
+
+
+def test_cpu_int4_symmetric_when_it_passes(q_bundle):  # noqa: F811
+    """With limits the symmetric grid meets, the gate's choice is symmetric (no offset terms)."""
+    m = graph(q_bundle("llama", "cpu", "int4"))
+    assert not [n for n in nodes(m, "MatMul") if n.input[1] in inits(m)]
+    q = load_verified(q_bundle("llama", "cpu", "int4")).quantization
+    assert [t["grid"] for t in q["grid_choice"]["tried"]] == ["symmetric"]
+
+
+def test_cpu_int4_numerics_and_generation(q_bundle, q_fp32_bundle):  # noqa: F811
+    from device.generate import generate
+    from device.runner import load_bundle
+
+    bundle = q_bundle("llama", "cpu", "int4")
+    cos, _ = agreement(logits(q_fp32_bundle("llama", "cpu"), IDS), logits(bundle, IDS))
+    assert cos > 0.9  # random Gaussian weights: 4 bits lose ~10 % per layer (SmolLM2: see bench)
+    runner = load_bundle(bundle, threads=1)
+    prompt = runner.tokenizer.encode("the capital of france is")
+    tokens = list(generate(runner.backend, prompt, 8))
+    runner.close()
+    assert len(tokens) == 8
+    report = (bundle / "report.md").read_text()
+    assert "## Quantization" in report and "perplexity" in report
+
+
+def test_cpu_matmul_integer_structure(q_bundle):  # noqa: F811
+    m = graph(q_bundle("llama", "cpu", "int8", "ort-matmul-integer"))
+    assert nodes(m, "MatMulInteger") and nodes(m, "DynamicQuantizeLinear")
+
+
+def test_cpu_int8_uses_the_targets_format(q_bundle):  # noqa: F811
+    from targets import load_target
+
+    q = load_verified(q_bundle("llama", "cpu", "int8")).quantization
+    assert q["format"] == load_target("cpu").formats["int8"]
+
+
+@pytest.mark.parametrize("fmt", [None, NBITS])
+def test_cpu_encoder_int8(q_bundle, fmt):  # noqa: F811
+    bundle = q_bundle("bert", "cpu", "int8", fmt)
+    q = load_verified(bundle).quantization
+    assert q["gate"]["cosine_min"] > 0.9 and q["gate"]["sentences"] > 5
+    assert fmt is None or q["format"] == fmt
+
+
+def test_blockwise_offsets_are_exact_on_min_max_grids():
+    """A Q4_1-style block (16 evenly spaced levels from its min) comes back exactly."""
+    from quantize.blockwise import quantize_offset, quantize_symmetric
+    from quantize.cpu import pack_nbits
+
+    rng = np.random.default_rng(0)
+    lo = rng.normal(size=(2, 1, 6)).astype(np.float32)
+    step = rng.uniform(0.01, 0.1, size=(2, 1, 6)).astype(np.float32)
+    codes = rng.integers(0, 16, size=(2, 32, 6))
+    codes[:, 0], codes[:, 1] = 0, 15  # each block spans its whole range
+    w = (lo + step * codes).reshape(64, 6)
+    bw = quantize_offset(w, 4, 32)
+    np.testing.assert_allclose(bw.dequantize(), w, atol=1e-5)
+    sym = quantize_symmetric(w, 4, 32)
+    assert (sym.scales > 0).all() and sym.offsets is None
+    assert pack_nbits(bw).shape == (6, 2, 16)  # [N, k_blocks, 32 * 4 / 8]
+
+
+# --- Jetson (TensorRT Q/DQ) ----------------------------------------------------------------
+def test_jetson_fp16_structure_and_numerics(q_bundle, q_fp32_bundle):  # noqa: F811
+    bundle = q_bundle("llama", JETSON, "fp16")
+    m = graph(bundle)
+    io = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.input, *m.graph.output]}
+    assert io["input_ids"] == io["position_ids"] == TensorProto.INT64
+    assert io["logits"] == TensorProto.FLOAT
+    assert io["past_key.0"] == io["new_key.0"] == TensorProto.FLOAT16
+    assert all(t.data_type != TensorProto.FLOAT or np.prod(t.dims) <= 1 for t in m.graph.initializer)
+    # the RMSNorm statistics stay fp32: every Pow reads a Cast-to-fp32 output
+    made = {o: n for n in m.graph.node for o in n.output}
+    for p in nodes(m, "Pow"):
+        assert made[p.input[0]].op_type == "Cast" and attr(made[p.input[0]], "to") == TensorProto.FLOAT
+    assert opset(m) == 17
+    manifest = load_verified(bundle)
+    assert manifest.kv_cache["dtype"] == "float16"
+    assert {s["dtype"] for s in manifest.contract["inputs"] if s["name"].startswith("past_")} == {"float16"}
+    cos, top1 = agreement(logits(q_fp32_bundle("llama", JETSON), IDS), logits(bundle, IDS))
+    assert cos > 0.999 and top1 > 0.9
+
+
+def test_jetson_int8_qdq_structure_and_numerics(q_bundle, q_fp32_bundle):  # noqa: F811
+    bundle = q_bundle("llama", JETSON, "int8")
+    m = graph(bundle)
+    t = inits(m)
+    q, dq = nodes(m, "QuantizeLinear"), nodes(m, "DequantizeLinear")
+    assert q and dq and opset(m) == 19
+    for n in q + dq:  # symmetric: every zero point is an int8 zero
+        zp = numpy_helper.to_array(t[n.input[2]])
+        assert t[n.input[2]].data_type == TensorProto.INT8 and not zp.any()
+        assert (numpy_helper.to_array(t[n.input[1]]) > 0).all()
+    weights = [n for n in dq if n.input[0] in t]
+    acts = [n for n in dq if n.input[0] not in t]
+    for n in weights:  # per output channel: scale [N] on axis 1 of a [K, N] int8 weight
+        w = t[n.input[0]]
+        assert w.data_type == TensorProto.INT8 and attr(n, "axis") == 1
+        assert list(t[n.input[1]].dims) == [w.dims[1]]
+    assert all(len(t[n.input[1]].dims) == 0 for n in acts + q)  # per-tensor activations
+    assert len(weights) == 2 * 7  # every linear layer; the tied LM head stays fp16
+    details = load_verified(bundle).quantization["details"]
+    assert details["smoothquant"]["smoothed_tensors"] > 0
+    cos, _ = agreement(logits(q_fp32_bundle("llama", JETSON), IDS), logits(bundle, IDS))
+    assert cos > 0.95
+
+
+def test_jetson_int4_block_structure_and_numerics(q_bundle, q_fp32_bundle):  # noqa: F811
+    bundle = q_bundle("llama", JETSON, "int4")
+    m = graph(bundle)
+    t = inits(m)
+    dq = nodes(m, "DequantizeLinear")
+    assert dq and opset(m) == 21 and not nodes(m, "QuantizeLinear")  # weight-only
+    for n in dq:
+        w = t[n.input[0]]
+        assert w.data_type == TensorProto.INT4 and len(w.dims) == 2  # 2-D constant weights
+        assert attr(n, "block_size") == 32 and attr(n, "axis") == 0
+        assert len(n.input) == 2 or not numpy_helper.to_array(t[n.input[2]]).any()  # zero point 0
+        K, N = w.dims
+        assert list(t[n.input[1]].dims) == [K // 32, N]
+        assert (numpy_helper.to_array(t[n.input[1]]) > 0).all()
+    cos, _ = agreement(logits(q_fp32_bundle("llama", JETSON), IDS), logits(bundle, IDS))
+    assert cos > 0.9
+
+
+def test_thor_fp8_structure_and_numerics(q_bundle, q_fp32_bundle):  # noqa: F811
+    bundle = q_bundle("llama", THOR, "fp8")
+    m = graph(bundle)
+    t = inits(m)
+    weights = [n for n in nodes(m, "DequantizeLinear") if n.input[0] in t]
+    assert weights and all(t[n.input[0]].data_type == TensorProto.FLOAT8E4M3FN for n in weights)
+    assert opset(m) == 19
+    cos, _ = agreement(logits(q_fp32_bundle("llama", THOR), IDS), logits(bundle, IDS))
+    assert cos > 0.95
+
+
+# --- precision and input errors ------------------------------------------------------------
+@pytest.mark.parametrize("target", ["cpu", "jetson-orin-nano-8gb"])
+def test_fp8_refused_where_the_target_cannot_run_it(q_fp32_bundle, tmp_path, target):  # noqa: F811
+    from quantize import quantize_bundle
+
+    with pytest.raises(ToolkitError, match="cannot run fp8"):
+        quantize_bundle(q_fp32_bundle("llama", target), "fp8", out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_fp16_refused_on_cpu(q_fp32_bundle, tmp_path):  # noqa: F811
+    from quantize import quantize_bundle
+
+    with pytest.raises(ToolkitError, match="cannot run fp16"):
+        quantize_bundle(q_fp32_bundle("llama", "cpu"), "fp16", out=tmp_path / "x")
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "does not exist"),
+    (b"", "is empty"),
+    (b"  \n\t\n", "is empty"),
+    ("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve fa\u00e7ade".encode("latin-1"), "not UTF-8"),
+])
+def test_calibration_file_errors(q_fp32_bundle, tmp_path, content, match):  # noqa: F811
+    from quantize import quantize_bundle
+
+    path = tmp_path / "cal.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ToolkitError, match=match) as e:
+        quantize_bundle(q_fp32_bundle("llama", JETSON), "int8", calibration=path, out=tmp_path / "o")
+    assert e.value.hint  # says what to do
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_windows_from_a_user_file(q_fp32_bundle, tmp_path):  # noqa: F811
+    from device.tokenizer import BundleTokenizer
+    from quantize.calibration import read_text, token_windows
+
+    bundle = q_fp32_bundle("llama", "cpu")
+    m = load_verified(bundle)
+    tok = BundleTokenizer(bundle / "tokenizer", m.tokenizer)
+    path = tmp_path / "cal.txt"
+    path.write_text("the capital of france is paris and the water is blue " * 30, encoding="utf-8")
+    cal = token_windows(read_text(path), tok, samples=5, seq_len=16)
+    assert len(cal.windows) == 5 and {len(w) for w in cal.windows} == {16}
+    assert cal.to_json()["source"] == str(path)
+
+
+def test_quantizing_a_quantized_bundle_is_refused(q_bundle, tmp_path):  # noqa: F811
+    from quantize import quantize_bundle
+
+    with pytest.raises(ToolkitError, match="already int4"):
+        quantize_bundle(q_bundle("llama", "cpu", "int4"), "int8", out=tmp_path / "x")
+
+
+# --- the gate through the CLI --------------------------------------------------------------
+def test_gate_failure_exits_non_zero_and_writes_nothing(q_fp32_bundle, tmp_path):  # noqa: F811
+    from toolkit.cli import main
+
+    out = tmp_path / "never"
+    result = CliRunner().invoke(main, ["quantize", str(q_fp32_bundle("llama", "cpu")), "-p", "int4",
+                                       "-o", str(out), "--min-top1", "1.01"])
+    assert result.exit_code != 0
+    assert "failed the accuracy gate" in result.output and "top-1" in result.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]  # no staging left
+
+
+def test_gate_failure_with_force_records_it(q_fp32_bundle, tmp_path):  # noqa: F811
+    from toolkit.cli import main
+
+    out = tmp_path / "forced"
+    result = CliRunner().invoke(main, ["quantize", str(q_fp32_bundle("llama", "cpu")), "-p", "int4",
+                                       "-o", str(out), "--min-top1", "1.01", "--force"])
+    assert result.exit_code == 0, result.output
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["gate"]["passed"] is False and q["forced"] is True
+    assert any("top-1" in f for f in q["gate"]["failures"])
+    # int4: the symmetric grid failed, so per-block offsets were tried too (and failed as well)
+    assert [(t["grid"], t["passed"]) for t in q["grid_choice"]["tried"]] == [
+        ("symmetric", False), ("offsets", False)]
+    assert "FAILED (written with --force)" in (out / "report.md").read_text()
+
+
+def test_cli_default_output_is_a_sibling(q_fp32_bundle, tmp_path):  # noqa: F811
+    from quantize.pipeline import default_output
+
+    assert default_output(Path("b/smollm2-135m-cpu-fp32"), "int4").name == "smollm2-135m-cpu-int4"
+    assert default_output(Path("b/dev"), "int8").name == "dev-int8"

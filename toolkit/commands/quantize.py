@@ -1,0 +1,72 @@
+"""toolkit quantize BUNDLE --precision P: an fp32 bundle -> a quantized bundle, gated on accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from quantize.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+
+PRECISIONS = ["fp16", "fp8", "int8", "int4"]
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--precision", "-p", required=True, type=click.Choice(PRECISIONS),
+              help="Target precision; the bundle's target decides the format (`toolkit targets show`).")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text to calibrate activation ranges (static Q/DQ formats). "
+                   "Default: the text the toolkit ships.")
+@click.option("--samples", type=int, default=DEFAULT_SAMPLES, show_default=True,
+              help="Calibration windows.")
+@click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True,
+              help="Tokens per calibration window.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Bundle folder. Default: beside BUNDLE, with the precision in its name.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing output, and write the bundle even when the gate fails "
+                   "(the manifest records the failure).")
+@click.option("--max-ppl-increase", type=float, default=None, metavar="PCT",
+              help="Gate: largest perplexity increase over fp32, in percent (default per precision).")
+@click.option("--min-top1", type=float, default=None, metavar="FRACTION",
+              help="Gate: smallest top-1 next-token agreement with fp32 (0..1).")
+@click.option("--min-greedy", type=float, default=None, metavar="FRACTION",
+              help="Gate: smallest fraction of greedy tokens matching fp32 before divergence.")
+@click.option("--min-cosine", type=float, default=None, metavar="COS",
+              help="Gate (encoders): smallest embedding cosine similarity to fp32.")
+@click.option("--threads", type=int, default=None, help="CPU threads for calibration and the gate.")
+@click.option("--format", "fmt", default=None, metavar="NAME",
+              help="Override the target's format for this precision (experiments and benchmarks; "
+                   "e.g. ort-matmulnbits or ort-matmul-integer for cpu int8).")
+def quantize(bundle: Path, precision: str, calibration: Path | None, samples: int, seq_len: int,
+             output: Path | None, force: bool, max_ppl_increase: float | None, min_top1: float | None,
+             min_greedy: float | None, min_cosine: float | None, threads: int | None,
+             fmt: str | None) -> None:
+    """Quantize an fp32 BUNDLE to a lower precision for the same target.
+
+    The format comes from the bundle's target (cpu: MatMulNBits for ONNX Runtime; Jetson:
+    Q/DQ or fp16 graphs for TensorRT). The result is checked against the fp32 bundle on
+    held-out text (perplexity, top-1 agreement, greedy continuations; cosine for encoders); a
+    failing gate exits non-zero and writes nothing unless --force.
+
+    \b
+    Examples:
+      toolkit quantize bundles/smollm2-135m-cpu-fp32 --precision int4
+      toolkit quantize bundles/smollm2-135m-jetson-fp32 -p int8 --calibration prompts.txt
+      toolkit quantize bundles/all-minilm-l6-v2-cpu-fp32 -p int8 --min-cosine 0.995
+    """
+    from quantize.pipeline import GateFailure, quantize_bundle, steps_total
+    from quantize.report import failure_summary, summary
+    from toolkit.progress import Steps
+
+    limits = {"max_ppl_increase": None if max_ppl_increase is None else max_ppl_increase / 100.0,
+              "min_top1": min_top1, "min_greedy": min_greedy, "min_cosine": min_cosine}
+    try:
+        result = quantize_bundle(bundle, precision, calibration=calibration, samples=samples,
+                                 seq_len=seq_len, out=output, force=force, thresholds=limits,
+                                 steps=Steps(total=steps_total(precision)), threads=threads, fmt=fmt)
+    except GateFailure as e:
+        click.echo(failure_summary(e.gate), err=True)
+        raise
+    click.echo(summary(result))
