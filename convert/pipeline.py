@@ -110,6 +110,48 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
     return ConvertResult(out, manifest, parity, dir_size(out), dict(steps.timings))
 
 
+def convert_and_quantize(model: str, target: str, precision: str, out: Path | None,
+                         max_seq: int | None, batch: int, force: bool, threads: int | None,
+                         calibration: Path | None) -> str:
+    """`toolkit convert --precision P`: the fp32 bundle is built in a temporary folder beside
+    the output (the quantizer's reference), quantized into the output, then deleted. Returns
+    the printable summary of both stages."""
+    import shutil
+    import tempfile
+
+    from quantize.pipeline import GateFailure, quantize_bundle, steps_total
+    from quantize.report import failure_summary
+    from toolkit.summary import convert_summary
+
+    tgt = load_target(target)
+    tgt.check_precision(precision)  # before an expensive convert
+    src = resolve(model)
+    final = Path(out) if out else default_output(src.name, tgt.name, precision)
+    from toolkit.bundle import check_output
+
+    check_output(final, force)
+    final.absolute().parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.fp32-", dir=final.absolute().parent))
+    try:
+        fp32 = convert_model(model, target, work / "fp32", max_seq, batch, force, threads,
+                             Steps(total=5), precision=precision)
+        summary = convert_summary(fp32)
+        try:
+            q = quantize_bundle(fp32.bundle, precision, calibration=calibration, out=final,
+                                force=force, threads=threads,
+                                steps=Steps(total=steps_total(precision)))
+        except GateFailure as e:
+            import sys
+
+            print(failure_summary(e.gate), file=sys.stderr)
+            raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    from quantize.report import summary as quantize_summary
+
+    return summary.split("\nnext:")[0] + "\n" + quantize_summary(q)
+
+
 def _quiet_transformers() -> None:
     """transformers' progress bars and advisory warnings drown our own progress lines."""
     from transformers.utils import logging as hf_logging

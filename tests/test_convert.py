@@ -277,3 +277,16 @@ def test_convert_refuses_what_cannot_fit_and_records_the_plan(tiny_dir, tmp_path
     monkeypatch.setattr(plan, "plan_fit", real)
     ok = convert_model(str(tiny_dir("llama")), "cpu", tmp_path / "ok", max_seq=32)
     assert ok.manifest.plan["fits"] is True and ok.manifest.plan["rows"]
+
+
+def test_cli_convert_with_precision_quantizes_behind_the_gate(tiny_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "q"
+    res = runner.invoke(main, ["convert", str(tiny_dir("llama")), "--max-seq", "64", "-p", "int8",
+                               "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    m = load_verified(out)
+    assert m.precision == "int8" and m.quantization
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # the fp32 intermediate is gone
+    bad = runner.invoke(main, ["convert", str(tiny_dir("llama")), "-p", "fp8", "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "cannot run fp8" in bad.output

@@ -20,17 +20,27 @@ import click
               help="Bundle folder. Default: bundles/<model>-<target>-<precision>.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("--threads", type=int, default=None, help="CPU threads for parity runs.")
+@click.option("--precision", "-p", type=click.Choice(["fp32", "fp16", "int8", "int4", "fp8"]),
+              default="fp32", show_default=True,
+              help="Quantize after converting (as `toolkit quantize` does, behind its accuracy "
+                   "gate), in the format the target runs.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Calibration text (UTF-8) for --precision; default: text shipped with the toolkit.")
 def convert(model: str, target: str, max_seq: int | None, batch: int, output: Path | None,
-            force: bool, threads: int | None) -> None:
+            force: bool, threads: int | None, precision: str, calibration: Path | None) -> None:
     """Convert MODEL into a bundle for a target.
 
     MODEL is a Hugging Face folder, a .gguf file, an .onnx file, or a packaged model name
     (smollm2-135m, all-minilm-l6-v2). Every convert checks the exported graph against PyTorch
-    (logits and 32 greedy tokens) and writes nothing if it does not match.
+    (logits and 32 greedy tokens) and writes nothing if it does not match. With --precision
+    the fp32 bundle is then quantized, and nothing is written if the accuracy gate fails
+    (--force writes it anyway, with the failure recorded). --force also converts a model the
+    fit plan says will not fit the target, and replaces an existing bundle.
 
     \b
     Examples:
       toolkit convert smollm2-135m --target cpu
+      toolkit convert smollm2-135m --target cpu --precision int4
       toolkit convert all-minilm-l6-v2
       toolkit convert ./my-llama --target jetson-orin-nano-8gb --max-seq 4096
     """
@@ -38,6 +48,11 @@ def convert(model: str, target: str, max_seq: int | None, batch: int, output: Pa
     from toolkit.progress import Steps
     from toolkit.summary import convert_summary
 
-    steps = Steps(total=5)
-    result = convert_model(model, target, output, max_seq, batch, force, threads, steps)
-    click.echo(convert_summary(result))
+    if precision == "fp32":
+        result = convert_model(model, target, output, max_seq, batch, force, threads, Steps(total=5))
+        click.echo(convert_summary(result))
+        return
+    from convert.pipeline import convert_and_quantize
+
+    click.echo(convert_and_quantize(model, target, precision, output, max_seq, batch, force,
+                                    threads, calibration))
