@@ -49,3 +49,23 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_dir):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2-135M converted once per session for the cpu target (max_seq 256, 2
+    slots): about a minute on 2 cores. TOOLKIT_SMOLLM2_BUNDLE reuses an existing bundle."""
+    from convert.pipeline import convert_model
+    from models.sources import packaged_path
+    from toolkit.errors import ToolkitError
+
+    given = os.environ.get("TOOLKIT_SMOLLM2_BUNDLE")
+    if given:
+        return Path(given)
+    try:
+        packaged_path("smollm2-135m")
+    except ToolkitError as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("real") / "smollm2-cpu"
+    convert_model("smollm2-135m", "cpu", out, max_seq=256, batch=2)
+    return out

@@ -21,11 +21,8 @@ def _need(name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def smollm2_cpu(tmp_path_factory):
-    _need("smollm2-135m")
-    out = tmp_path_factory.mktemp("real") / "smollm2-cpu"
-    convert_model("smollm2-135m", "cpu", out, max_seq=256, batch=2)
-    return out
+def smollm2_cpu(smollm2_bundle):
+    return smollm2_bundle
 
 
 def test_smollm2_cpu_parity_and_greedy(smollm2_cpu):

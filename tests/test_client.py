@@ -1,0 +1,83 @@
+"""The host side: endpoints, the devices registry, and `toolkit generate` / `toolkit status`
+against a real daemon."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from daemon_fixtures import Daemon, llama_bundle, start_daemon  # noqa: F401 - fixtures
+
+from device.client import Endpoint, endpoint_for, resolve_device
+from toolkit.cli import main
+from toolkit.errors import ToolkitError
+
+
+@pytest.fixture(scope="module")
+def daemon(llama_bundle: Path) -> Iterator[Daemon]:  # noqa: F811
+    d = start_daemon(llama_bundle)
+    yield d
+    d.stop()
+
+
+def test_endpoint_uris() -> None:
+    assert Endpoint.parse("unix:///run/t.sock") == Endpoint.unix("/run/t.sock")
+    tcp = Endpoint.parse("tcp://10.0.0.2:8080", token="t")
+    assert (tcp.kind, tcp.host, tcp.port, tcp.token) == ("tcp", "10.0.0.2", 8080, "t")
+    with pytest.raises(ToolkitError, match="not a daemon address"):
+        Endpoint.parse("http://x")
+
+
+def test_devices_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOOLKIT_CONFIG_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    with pytest.raises(ToolkitError, match="device 'jetson' is unknown"):
+        resolve_device("jetson")
+    (tmp_path / "toolkit").mkdir()
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    (tmp_path / "toolkit" / "devices.json").write_text(json.dumps({
+        "jetson": "tcp://192.168.1.20:8080", "local": "unix:///tmp/x.sock",
+        "lab": {"uri": "tcp://10.0.0.5:9000", "token_file": str(token)}}))
+    assert resolve_device("jetson") == Endpoint.tcp("192.168.1.20", 8080)
+    assert endpoint_for(device="local") == Endpoint.unix("/tmp/x.sock")
+    assert resolve_device("lab").token == "abc"
+    with pytest.raises(ToolkitError, match="jetson, lab, local"):
+        resolve_device("nano")
+
+
+def test_generate_streams_the_same_text_as_the_api(daemon: Daemon) -> None:
+    expected = daemon.client().post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hello cat"}], "max_tokens": 8, "temperature": 0})
+    result = CliRunner().invoke(main, ["generate", "--socket", str(daemon.socket_path), "hello cat",
+                                       "--max-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.rstrip("\n") == expected["choices"][0]["message"]["content"]
+    assert "8 generated tokens" in result.stderr
+
+
+def test_generate_without_chat_uses_completions(daemon: Daemon) -> None:
+    expected = daemon.client().post("/v1/completions", {"prompt": "the dog", "max_tokens": 5,
+                                                         "temperature": 0})
+    result = CliRunner().invoke(main, ["generate", "--socket", str(daemon.socket_path), "--no-chat",
+                                       "the dog", "--max-tokens", "5"])
+    assert result.stdout.rstrip("\n") == expected["choices"][0]["text"]
+
+
+def test_status_prints_the_status_route(daemon: Daemon) -> None:
+    result = CliRunner().invoke(main, ["status", "--socket", str(daemon.socket_path)])
+    assert result.exit_code == 0, result.output
+    assert "[ready]" in result.stdout and "decode batched" in result.stdout
+    raw = CliRunner().invoke(main, ["status", "--socket", str(daemon.socket_path), "--json"])
+    assert json.loads(raw.stdout)["scheduler"]["slots"] == 4
+
+
+def test_cli_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOOLKIT_CONFIG_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["generate", "--device", "nano", "hi"])
+    assert result.exit_code == 1 and "device 'nano' is unknown" in result.output
+    result = CliRunner().invoke(main, ["status", "--socket", str(tmp_path / "none.sock")])
+    assert result.exit_code == 1 and "no daemon is listening" in result.output

@@ -1,0 +1,241 @@
+"""The engine in-process: continuous batching gives each request what it gets alone, stops,
+budgets, admission, cancellation and the batch-invariance probe."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from daemon_fixtures import llama_bundle  # noqa: F401 - a fixture
+
+from device.generate import generate
+from device.runner import load_bundle
+from device.sampling import SamplingParams
+from device.scheduler import (
+    Failed,
+    Finished,
+    GenerationRequest,
+    RequestRejected,
+    Scheduler,
+    TextDelta,
+    probe_batch_invariance,
+)
+from toolkit.errors import ToolkitError
+
+
+@pytest.fixture(scope="module")
+def runner(llama_bundle: Path) -> Any:  # noqa: F811
+    r = load_bundle(llama_bundle, slots=4, threads=1)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def engine(runner: Any) -> Iterator[Scheduler]:
+    s = Scheduler(runner.backend, runner.tokenizer, queue_limit=8)
+    s.start()
+    yield s
+    s.close()
+
+
+def prompt(runner: Any, word: str) -> list[int]:
+    return runner.tokenizer.encode_chat([{"role": "user", "content": f"hello world {word}"}])
+
+
+def run(engine: Scheduler, request: GenerationRequest) -> tuple[str, Finished]:
+    with engine.reserve() as ticket:
+        handle = engine.submit(ticket, request)
+    text, final = [], None
+    for event in handle.events(timeout=30):
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+        else:
+            final = event
+    assert isinstance(final, Finished), final
+    return "".join(text), final
+
+
+WORDS = "cat dog tree road car sun moon star".split()
+
+
+def requests(runner: Any) -> list[GenerationRequest]:
+    """Greedy and seeded-sampling requests with prompts of different lengths."""
+    out = []
+    for i, w in enumerate(WORDS):
+        params = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=i) if i % 2 else SamplingParams()
+        out.append(GenerationRequest(prompt(runner, " ".join([w] * (i + 1))), 24, params))
+    return out
+
+
+def test_concurrent_requests_equal_each_request_alone(engine: Scheduler, runner: Any) -> None:
+    reqs = requests(runner)
+    alone = [run(engine, r) for r in reqs]
+    together: list[Any] = [None] * len(reqs)
+
+    def worker(i: int) -> None:
+        together[i] = run(engine, reqs[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert engine.batched, "ONNX Runtime CPU decode proved batch-invariant at start"
+    for (text_a, fin_a), (text_b, fin_b) in zip(alone, together):
+        assert text_a == text_b and fin_a.usage == fin_b.usage
+    # greedy through the engine == the single-request loop that parity checks at convert time
+    tok = runner.tokenizer
+    ref = tok.decode(list(generate(runner.backend, reqs[0].prompt_ids, 24, stop_ids=tok.stop_ids)))
+    assert alone[0][0] == ref
+
+
+def test_stop_string_cuts_the_text(engine: Scheduler, runner: Any) -> None:
+    req = requests(runner)[0]
+    full, _ = run(engine, req)
+    words = full.split()
+    stop = words[len(words) // 2]
+    cut, fin = run(engine, GenerationRequest(req.prompt_ids, req.max_tokens, req.params, (stop,)))
+    assert fin.finish_reason == "stop" and fin.stop_reason == stop
+    assert cut == full[:full.index(stop)]
+
+
+def test_max_tokens_is_bounded_by_the_cache(engine: Scheduler, runner: Any) -> None:
+    ids = prompt(runner, "cat " * 50)
+    assert engine.check_prompt(len(ids)) == 64 - len(ids)
+    _, fin = run(engine, GenerationRequest(ids, 1000))
+    assert fin.finish_reason == "length" and fin.usage.completion_tokens == 64 - len(ids)
+    with pytest.raises(RequestRejected) as e:
+        engine.check_prompt(64)
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+
+
+def test_admission_rejects_beyond_slots_plus_queue(runner: Any) -> None:
+    s = Scheduler(runner.backend, runner.tokenizer, queue_limit=2)  # not started: nothing runs
+    tickets = [s.reserve() for _ in range(6)]
+    with pytest.raises(RequestRejected) as e:
+        s.reserve()
+    assert e.value.status == 503 and e.value.code == "overloaded"
+    tickets[0].release()
+    s.reserve()  # the released place is free again
+    s.begin_drain()
+    with pytest.raises(RequestRejected) as e:
+        s.reserve()
+    assert e.value.code == "draining"
+
+
+class SlowBackend:
+    """Delegates to a real backend, sleeping before every step (a slow device)."""
+
+    def __init__(self, backend: Any, delay: float) -> None:
+        self.inner, self.delay = backend, delay
+        self.slots, self.max_seq, self.vocab_size = backend.slots, backend.max_seq, backend.vocab_size
+        self.calls: list[tuple[Any, Any, list[int]]] = []
+
+    def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any) -> np.ndarray:
+        time.sleep(self.delay)
+        self.calls.append((ids, pos, list(slots)))
+        return self.inner.step(ids, pos, slots, *rest)
+
+
+def test_cancel_frees_the_slot_and_the_queued_request_runs(runner: Any) -> None:
+    slow = SlowBackend(runner.backend, 0.01)
+    slow.slots = 1  # one slot (of the real backend's four): the second request must wait
+    s = Scheduler(slow, runner.tokenizer, queue_limit=1, decode_mode="batched")  # type: ignore[arg-type]
+    s.start()
+    try:
+        with s.reserve() as t1:
+            first = s.submit(t1, GenerationRequest(prompt(runner, "cat"), 50))
+        assert isinstance(first.next_event(5), TextDelta)
+        with s.reserve() as t2:
+            second = s.submit(t2, GenerationRequest(prompt(runner, "dog"), 3))
+        with pytest.raises(RequestRejected):  # 1 running + 1 queued = full
+            s.reserve()
+        assert s.running == 1 and s.waiting == 1
+        first.cancel()
+        events = list(second.events(timeout=10))
+        assert isinstance(events[-1], Finished) and events[-1].finish_reason == "length"
+        assert s.wait_idle(5) and s.running == 0 and s.admission.in_flight == 0
+    finally:
+        s.close()
+
+
+def test_decode_steps_use_preallocated_views_of_one_contiguous_span(runner: Any) -> None:
+    slow = SlowBackend(runner.backend, 0.0)
+    s = Scheduler(slow, runner.tokenizer, decode_mode="batched")  # type: ignore[arg-type]
+    slow.calls.clear()  # the start-up smoke test is not a decode step of the engine
+    s.start()
+    try:
+        done = []
+        threads = [threading.Thread(target=lambda w=w: done.append(run(s, GenerationRequest(
+            prompt(runner, w), 10)))) for w in WORDS[:3]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        decodes = [c for c in slow.calls if c[0].shape[1] == 1]
+        assert decodes and all(ids.base is s._ids and pos.base is s._pos for ids, pos, _ in decodes)
+        assert all(sl == list(range(sl[0], sl[-1] + 1)) for _, _, sl in decodes)
+        assert max(len(sl) for _, _, sl in decodes) > 1  # they did run together
+    finally:
+        s.close()
+
+
+class NoisyBackend(SlowBackend):
+    """A backend whose batched rows differ in the last bit from the same row alone."""
+
+    def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any) -> np.ndarray:
+        out = super().step(ids, pos, slots, *rest)
+        return out + np.float32(1e-6) * (ids.shape[0] > 1)
+
+
+def test_probe_falls_back_to_per_row_steps_when_batches_differ(runner: Any) -> None:
+    assert probe_batch_invariance(runner.backend)
+    noisy = NoisyBackend(runner.backend, 0.0)
+    assert not probe_batch_invariance(noisy)  # type: ignore[arg-type]
+    s = Scheduler(noisy, runner.tokenizer)  # type: ignore[arg-type]
+    assert s.decode_mode == "per-row"
+    s.start()
+    try:
+        text, fin = run(s, requests(runner)[0])
+        assert fin.usage.completion_tokens == 24 and text
+    finally:
+        s.close()
+
+
+def test_backend_failure_fails_the_request_and_the_engine_lives(runner: Any) -> None:
+    class Broken(SlowBackend):
+        fail = False
+
+        def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any) -> np.ndarray:
+            if self.fail and ids.shape[1] == 1:
+                raise RuntimeError("simulated device fault")
+            return super().step(ids, pos, slots, *rest)
+
+    broken = Broken(runner.backend, 0.0)
+    s = Scheduler(broken, runner.tokenizer, decode_mode="batched")  # type: ignore[arg-type]
+    s.start()
+    broken.fail = True  # after the start-up smoke test, which would refuse to start otherwise
+    try:
+        with s.reserve() as t:
+            h = s.submit(t, GenerationRequest(prompt(runner, "cat"), 5))
+        events = list(h.events(timeout=10))
+        assert isinstance(events[-1], Failed) and events[-1].status == 500
+        broken.fail = False
+        _, fin = run(s, GenerationRequest(prompt(runner, "cat"), 5))
+        assert fin.finish_reason == "length"
+    finally:
+        s.close()
+
+
+def test_a_bundle_that_cannot_run_refuses_to_start(runner: Any) -> None:
+    class Dead(SlowBackend):
+        def step(self, *args: Any) -> np.ndarray:
+            raise RuntimeError("no such input: logits_index")
+
+    with pytest.raises(ToolkitError, match="test inference fails: no such input"):
+        Scheduler(Dead(runner.backend, 0.0), runner.tokenizer)  # type: ignore[arg-type]

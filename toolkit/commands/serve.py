@@ -1,0 +1,57 @@
+"""toolkit serve BUNDLE | --store DIR: run the on-device daemon (device/server.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from device.config import DECODE_MODES, ServeConfig
+
+_D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclass
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False), required=False)
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
+              help="Unix socket path. Default: $XDG_RUNTIME_DIR/toolkit.sock, else "
+                   "/tmp/toolkit-$UID.sock.")
+@click.option("--tcp", default=None, metavar="HOST:PORT",
+              help="Also listen on TCP (loopback when HOST is omitted). Needs --token-file.")
+@click.option("--token-file", type=click.Path(path_type=Path), default=None,
+              help="Bearer token(s), one per line, for TCP clients; mode 600.")
+@click.option("--slots", type=int, default=_D.slots,
+              help="Requests decoded at once (KV cache slots). Default: the bundle's --batch.")
+@click.option("--queue", type=int, default=_D.queue, show_default=True,
+              help="Requests that may wait for a slot; beyond that, 503 at once.")
+@click.option("--threads", type=int, default=_D.threads, help="Runtime threads. Default: all cores.")
+@click.option("--drain-timeout", type=float, default=_D.drain_timeout, show_default=True,
+              help="Seconds in-flight requests may take to finish after SIGTERM.")
+@click.option("--decode-mode", type=click.Choice(DECODE_MODES), default=_D.decode_mode,
+              show_default=True,
+              help="auto: batch decode steps when the backend proves batch-invariant at start.")
+@click.option("--store", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Serve the active bundle of this store and accept `toolkit deploy` into it "
+                   "(instead of BUNDLE).")
+@click.option("--serial", default=None, metavar="PORT",
+              help="Also accept deploys over this serial port, e.g. /dev/ttyGS0. Needs --store.")
+@click.option("--baud", type=int, default=_D.baud, show_default=True, help="The serial port's speed.")
+def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_file: Path | None,
+          slots: int | None, queue: int, threads: int | None, drain_timeout: float,
+          decode_mode: str, store: Path | None, serial: str | None, baud: int) -> None:
+    """Serve BUNDLE (or a store's active bundle) over a Unix socket: OpenAI and KServe v2
+    routes, /metrics, /v1/status; with --store also /v1/deploy/* (`toolkit deploy`).
+
+    \b
+    Examples:
+      toolkit serve bundles/smollm2-135m-cpu-fp32
+      toolkit serve BUNDLE --socket /run/toolkit/api.sock --slots 4 --queue 8
+      toolkit serve BUNDLE --tcp 127.0.0.1:8080 --token-file ~/.config/toolkit/token
+      toolkit serve --store /var/lib/toolkit --tcp 0.0.0.0:8080 --token-file F --serial /dev/ttyGS0
+    """
+    from device.server import serve as run
+
+    config = ServeConfig(bundle, socket_path, tcp, token_file, slots, queue, threads,
+                         drain_timeout, decode_mode, store=store, serial=serial, baud=baud)
+    sys.exit(run(config))
