@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from device import kserve, openai_api
+from device import bench_route, kserve, openai_api
 from device.config import ServeConfig
 from device.httpd import (
     ClientGone,
@@ -79,6 +79,18 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set (VmHWM in /proc/self/status); None where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 Route = Callable[..., None]
 
 
@@ -101,6 +113,7 @@ class Daemon:
             ("POST", re.compile(r"/v1/chat/completions"), self.chat_completions),
             ("POST", re.compile(r"/v1/embeddings"), self.embeddings),
             ("GET", re.compile(r"/v1/status"), self.status),
+            ("POST", re.compile(r"/v1/bench"), lambda h: bench_route.bench(self, h)),
             ("GET", re.compile(r"/metrics"), self.prometheus),
             ("GET", re.compile(r"/health/live|/v2/health/live"), self.live),
             ("GET", re.compile(r"/health|/health/ready|/v2/health/ready"), self.ready),
@@ -428,7 +441,7 @@ class Daemon:
                                "uptime_s": round(time.time() - self.started, 3),
                                "bundle": {"path": str(Path(self.config.bundle).resolve())
                                           if self.config.bundle else None},
-                               "memory": {"rss_bytes": rss_bytes(),
+                               "memory": {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes(),
                                           "mem_available_bytes": mem_available_bytes()}}
         if self.deploy is not None:
             st = self.deploy.store

@@ -52,9 +52,14 @@ def _csv(values: tuple[int, ...]) -> str:
               help="Report JSON; the HTML page and PNG plots go beside it, same stem. Default: "
                    "./bench-<bundle>-<time>.json")
 @click.option("--no-html", is_flag=True, help="Write the JSON only (no matplotlib needed).")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
+              help="Bench inside the daemon listening on this Unix socket (instead of BUNDLE).")
+@click.option("--device", default=None,
+              help="Bench inside the daemon of this registered device (`toolkit devices`).")
 def bench(bundle: Path | None, prompt_lens: tuple[int, ...], gen_len: int,
           concurrency: tuple[int, ...], runs: int, warmup: int, threads: int | None,
-          no_power: bool, output: Path | None, no_html: bool) -> None:
+          no_power: bool, output: Path | None, no_html: bool, socket_path: Path | None,
+          device: str | None) -> None:
     """Benchmark BUNDLE on this machine: TTFT, time per output token, request latency
     (p50/p90/p95/p99), prefill and decode tokens/s, requests/s per concurrency, peak memory,
     KV cache, power and energy per token (Jetson), beside the roofline prediction.
@@ -63,15 +68,24 @@ def bench(bundle: Path | None, prompt_lens: tuple[int, ...], gen_len: int,
     Examples:
       toolkit bench bundles/smollm2-135m-cpu-fp32
       toolkit bench bundles/smol --prompt-lens 128 --gen-len 64 --concurrency 1,2 -o smol.json
+      toolkit bench --device orin-nano-01 --prompt-lens 128,512 --concurrency 1,4
       toolkit report show smol.json
+
+    With --device or --socket the bench runs inside the daemon, on the device (the network is
+    not what is measured); progress streams back and the report is written here.
     """
     config = BenchConfig(prompt_lens=prompt_lens, gen_len=gen_len, concurrency=concurrency,
                          runs=runs, warmup=warmup, power=not no_power)
-    if bundle is None:
-        raise ToolkitError("give the BUNDLE folder to benchmark",
-                           hint="toolkit bench bundles/<name>  (benchmarking through a running "
-                                "daemon, --device / --socket, comes with the daemon)")
-    report = _measure(bundle, config, threads)
+    if socket_path or device:
+        if bundle is not None:
+            raise ToolkitError("give either BUNDLE (bench here) or --device/--socket (bench in "
+                               "a daemon), not both")
+        report = _measure_remote(socket_path, device, config)
+    elif bundle is None:
+        raise ToolkitError("give the BUNDLE folder to benchmark, or --device/--socket",
+                           hint="toolkit bench bundles/<name>   or   toolkit bench --device NAME")
+    else:
+        report = _measure(bundle, config, threads)
     out = output or Path(f"bench-{report['environment']['bundle']['name']}-"
                          f"{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
     _write_and_show(report, out, html_page=not no_html)
@@ -100,6 +114,30 @@ def _measure(bundle: Path, config: BenchConfig, threads: int | None) -> dict[str
         return run_bench(runner, config, progress=echo_progress, before_load=before).to_json()
     finally:
         runner.close()
+
+
+def _measure_remote(socket_path: Path | None, device: str | None,
+                    config: BenchConfig) -> dict[str, Any]:
+    """POST the settings to the daemon's /v1/bench and rebuild the report from its events:
+    the final report when it comes, else the partial one from the rounds that did."""
+    from device.client import DaemonClient, DaemonError, endpoint_for
+    from toolkit.report import report_from_events
+
+    endpoint = endpoint_for(socket_path, device)
+    click.echo(f"benchmarking in the daemon at {endpoint} …", err=True)
+    events: list[dict[str, Any]] = []
+    stopped = "the daemon's event stream ended before the final report (the daemon died?)"
+    try:
+        for event in DaemonClient(endpoint, timeout=None).stream("/v1/bench", config.to_json()):
+            if event.get("event") == "error":
+                raise ToolkitError(f"the daemon could not run the bench: {event.get('message')}")
+            events.append(event)
+            echo_progress(event)
+    except DaemonError as e:
+        if not events:
+            raise ToolkitError(str(e), hint=e.hint) from e
+        stopped = f"the daemon stopped answering mid-run ({e})"
+    return report_from_events(events, stopped_because=stopped)
 
 
 def _write_and_show(report: dict[str, Any], out: Path, html_page: bool) -> None:

@@ -1,0 +1,54 @@
+"""`toolkit bench --socket`: the benchmark runs inside a real daemon and the report comes home;
+a daemon that dies mid-run gives the partial report, marked so."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from click.testing import CliRunner
+from daemon_fixtures import daemons, llama_bundle, start_daemon  # noqa: F401, F811 (fixtures)
+
+from toolkit.cli import main
+
+ARGS = ["--prompt-lens", "8,16", "--gen-len", "6", "--concurrency", "1,2", "--runs", "2",
+        "--warmup", "1", "--no-html"]
+
+
+def test_bench_inside_the_daemon(llama_bundle: Path, daemons, tmp_path: Path) -> None:  # noqa: F811
+    d = start_daemon(llama_bundle)
+    daemons.append(d)
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["bench", "--socket", str(d.socket_path), *ARGS, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["stopped_because"] is None
+    assert len(report["cells"]) == 4
+    assert all(c["decode_tokens_per_s"] > 0 for c in report["cells"])
+    assert report["environment"]["bundle"]["name"]
+    # the daemon serves again afterwards
+    reply = d.client().post("/v1/completions", {"prompt": "hello", "max_tokens": 2})
+    assert reply["usage"]["completion_tokens"] == 2
+
+
+def test_bench_against_a_daemon_that_dies_reports_the_partial_result(  # noqa: F811
+        llama_bundle: Path, daemons, tmp_path: Path) -> None:  # noqa: F811
+    d = start_daemon(llama_bundle, slow_step_s=0.05)
+    daemons.append(d)
+    out = tmp_path / "partial.json"
+
+    # every backend step takes 50 ms: the bench below needs ~30 s; the daemon dies after 4 s,
+    # a few rounds in
+    killer = threading.Timer(4.0, d.proc.kill)
+    killer.start()
+    res = CliRunner().invoke(main, ["bench", "--socket", str(d.socket_path), *ARGS, "--runs", "6",
+                                    "--gen-len", "20", "-o", str(out)])
+    killer.join(5)
+    assert res.exit_code == 1, res.output
+    assert "stopped early" in res.output and "partial" in res.output
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    assert any(why in report["stopped_because"] for why in ("ended before the final report",
+                                                          "stopped answering"))
+    assert report["rounds"], "the rounds that finished before the daemon died are kept"
