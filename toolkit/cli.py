@@ -19,6 +19,7 @@ from toolkit.errors import ToolkitError
 
 # "module:attribute" of each subcommand, in the order `toolkit --help` lists them.
 COMMANDS = [
+    "toolkit.commands.quickstart:quickstart",
     "toolkit.commands.convert:convert",
     "toolkit.commands.quantize:quantize",
     "toolkit.commands.compile:compile",
