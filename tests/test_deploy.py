@@ -1,0 +1,696 @@
+"""Deploy: the device store, the serial link, the wire protocol and `toolkit deploy`, end to end.
+
+Bundles are the real tiny Llama of conftest.py (converted once per session); variants are copies
+with a changed manifest (a new bundle identity), a damaged model (fails its smoke test) or an
+extra random file (several chunks, so resume is visible). Devices are store daemons on temporary
+Unix sockets, loopback TCP (through a proxy that cuts the connection) and pty pairs (through a
+relay that damages bytes); the crash test SIGKILLs a daemon process in the middle of an install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from device import deploy as dp
+from device.pty_relay import Faults, PtyRelay
+from device.serial_link import Frame as LinkFrame
+from device.serial_link import FrameReader, Link, LinkDown, cobs_decode, cobs_encode, encode_frame, open_port
+from device.store import (
+    SmokeResult,
+    Store,
+    StoreError,
+    StoreLimits,
+    check_relpath,
+    smoke_test,
+)
+from device.transfer import serve_store
+from toolkit.errors import ToolkitError
+from toolkit.manifest import MANIFEST, hash_tree, read_manifest
+
+HARNESS = Path(__file__).with_name("deploy_harness.py")
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- bundles ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base_bundle(tiny_bundle: Any) -> Path:
+    return Path(tiny_bundle("llama", "cpu"))
+
+
+def variant(src: Path, dst: Path, name: str, extra_bytes: int = 0, break_model: bool = False,
+            runtime: str | None = None) -> Path:
+    """A copy of src with another identity (source.name), optionally an extra random file, a
+    model that cannot load, or another target runtime; the manifest is re-hashed."""
+    shutil.copytree(src, dst)
+    if extra_bytes:
+        (dst / "extra.bin").write_bytes(os.urandom(extra_bytes))
+    if break_model:
+        (dst / "model.onnx").write_bytes(b"this is not an onnx graph" * 100)
+    manifest = read_manifest(dst)
+    manifest.source = {**manifest.source, "name": name}
+    if runtime:
+        manifest.target = {**manifest.target, "runtime": runtime, "name": "jetson-orin-nano-8gb",
+                           "family": "jetson"}
+    manifest.files = hash_tree(dst)
+    (dst / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bundles(base_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("variants")
+    return {
+        "a": variant(base_bundle, root / "a", "tiny-a"),
+        "b": variant(base_bundle, root / "b", "tiny-b", extra_bytes=12 << 20),  # 3 HTTP chunks
+        "broken": variant(base_bundle, root / "broken", "tiny-broken", break_model=True),
+        "trt": variant(base_bundle, root / "trt", "tiny-trt", runtime="tensorrt"),
+    }
+
+
+def same_files(bundle: Path, installed: Path) -> None:
+    """Byte-identical: every file's SHA-256 and the manifest itself."""
+    assert hash_tree(installed) == hash_tree(bundle)
+    assert (installed / MANIFEST).read_bytes() == (bundle / MANIFEST).read_bytes()
+
+
+# --- daemons -------------------------------------------------------------------------------------
+
+@dataclass
+class StoreDaemon:
+    store: Path
+    stop: threading.Event
+    thread: threading.Thread
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    def active_dir(self) -> Path | None:
+        data = json.loads((self.store / "active").read_text()) if (self.store / "active").exists() else None
+        return self.store / "bundles" / data["dir"] if data else None
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TOOLKIT_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv("TOOLKIT_TOKEN", raising=False)
+    return tmp_path / "config"
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Any]:
+    """start(**serve_store kwargs) -> a store daemon in a thread of this process."""
+    daemons: list[StoreDaemon] = []
+
+    def run(store: Path | None = None, **kwargs: Any) -> StoreDaemon:
+        store = store or tmp_path / f"store{len(daemons)}"
+        stop, ready = threading.Event(), threading.Event()
+        failed: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                serve_store(store, stop=stop, ready=ready.set, **kwargs)
+            except BaseException as e:  # reported below
+                failed.append(e)
+                ready.set()
+
+        thread = threading.Thread(target=body, daemon=True)
+        thread.start()
+        assert ready.wait(20)
+        if failed:
+            raise failed[0]
+        daemon = StoreDaemon(store, stop, thread)
+        daemons.append(daemon)
+        return daemon
+
+    yield run
+    for d in daemons:
+        d.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text("s3cret-token\n")
+    path.chmod(0o600)
+    return path
+
+
+class CuttingProxy:
+    """TCP proxy that closes the connection it carries once `cut_after` client bytes have passed
+    (once), like a cable pulled mid-upload; later connections pass untouched."""
+
+    def __init__(self, upstream: int, cut_after: int) -> None:
+        self.upstream, self.cut_after = upstream, cut_after
+        self.sent = 0
+        self.cuts = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if upstream and not self.cuts and self.sent + len(data) > self.cut_after:
+                    self.cuts += 1
+                    dst.sendall(data[:self.cut_after - self.sent])
+                    raise OSError("cut")
+                if upstream:
+                    self.sent += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+# --- framing and names -------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_cobs_round_trip_never_emits_zero(data: bytes) -> None:
+    enc = cobs_encode(data)
+    assert b"\x00" not in enc
+    assert cobs_decode(enc) == data
+    assert len(enc) <= len(data) + 1 + len(data) // 254
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=5), st.binary(max_size=50))
+def test_frame_reader_recovers_after_garbage(payloads: list[bytes], garbage: bytes) -> None:
+    frames = [LinkFrame(1, 7, i, 0, 0, p) for i, p in enumerate(payloads)]
+    wire = garbage + b"\x00" + b"".join(encode_frame(f) for f in frames)
+    reader = FrameReader()
+    got = []
+    for i in range(0, len(wire), 7):  # arbitrary read boundaries
+        got += reader.feed(wire[i:i + 7])
+    assert got == frames
+
+
+def test_damaged_frames_are_dropped() -> None:
+    enc = bytearray(encode_frame(LinkFrame(1, 7, 3, 0, 1, b"payload")))
+    enc[5] ^= 0x40
+    reader = FrameReader()
+    assert reader.feed(bytes(enc)) == [] and reader.damaged == 1
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/../b", "../../etc/passwd", "model/..", "..", ".",
+                                  "/etc/passwd", " ..", ".. ", "", "   ", "a//b", "a/./b", "a\\b",
+                                  "tok\x00en", "caf\u00e9.json", "manifest.json", "engines/x.plan",
+                                  "a/" * 9 + "b"])
+def test_traversal_and_odd_names_are_refused(name: str) -> None:
+    with pytest.raises(StoreError) as e:
+        check_relpath(name)
+    assert e.value.code == "bad_name"
+
+
+def test_bundle_names_are_accepted() -> None:
+    for name in ("model.onnx", "model.onnx.data", "tokenizer/tokenizer.json", "report.md", "a-b_c.1"):
+        assert check_relpath(name) == name.split("/")
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+def manifest_bytes(files: dict[str, tuple[int, str]], base: Path) -> bytes:
+    data = json.loads((base / MANIFEST).read_text())
+    data["files"] = {k: {"sha256": sha, "bytes": n} for k, (n, sha) in files.items()}
+    return json.dumps(data).encode()
+
+
+def test_store_refuses_bad_uploads_before_any_byte(base_bundle: Path, tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s", StoreLimits(max_file_bytes=1000, max_bundle_bytes=1500, max_files=3))
+    sha = "0" * 64
+    cases = {
+        "bad_name": {"../evil": (10, sha)},
+        "too_large": {"a": (1001, sha)},
+        "too_large ": {"a": (800, sha), "b": (800, sha)},  # together over the bundle limit
+        "bad_manifest": {"a": (10, "not-a-hash")},
+    }
+    for code, files in cases.items():
+        with pytest.raises(StoreError) as e:
+            store.begin(manifest_bytes(files, base_bundle))
+        assert e.value.code == code.strip()
+    with pytest.raises(StoreError) as e:
+        store.begin(b"{not json")
+    assert e.value.code == "bad_manifest"
+    assert list((tmp_path / "s" / "staging").iterdir()) == []  # nothing was accepted
+    store.close()
+
+
+def test_store_chunk_checks(base_bundle: Path, tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s")
+    data = b"x" * 100
+    up = store.begin(manifest_bytes({"a/f.bin": (100, hashlib.sha256(data).hexdigest())}, base_bundle))
+    uid = up.upload_id
+    with pytest.raises(StoreError) as e:
+        store.write_chunk(uid, "a/f.bin", 0, data[:50], zlib.crc32(data[:50]) ^ 1)
+    assert e.value.code == "bad_crc"
+    staged = tmp_path / "s" / "staging" / uid / "a" / "f.bin"
+    assert not staged.exists()  # a bad chunk writes nothing
+    with pytest.raises(StoreError) as e:
+        store.write_chunk(uid, "a/f.bin", 10, data[:10], zlib.crc32(data[:10]))
+    assert e.value.code == "gap"
+    with pytest.raises(StoreError) as e:
+        store.write_chunk(uid, "a/f.bin", 60, data[:50], zlib.crc32(data[:50]))  # past declared size
+    assert e.value.code in ("too_large", "gap")
+    with pytest.raises(StoreError) as e:
+        store.write_chunk(uid, "other", 0, b"y", zlib.crc32(b"y"))
+    assert e.value.code == "unknown_file"
+    ack = store.write_chunk(uid, "a/f.bin", 0, data[:60], zlib.crc32(data[:60]))
+    assert ack.held == 60 and not ack.complete
+    assert store.begin(manifest_bytes({"a/f.bin": (100, hashlib.sha256(data).hexdigest())},
+                                      base_bundle)).files["a/f.bin"].held == 60  # resume point
+    assert store.write_chunk(uid, "a/f.bin", 50, data[50:], zlib.crc32(data[50:])).complete  # overlap ok
+    store.close()
+
+
+def test_store_never_writes_through_symlinks_or_special_files(base_bundle: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = Store.open(tmp_path / "s")
+    data = b"payload"
+    files = {"tokenizer/t.json": (len(data), hashlib.sha256(data).hexdigest()),
+             "model.onnx": (len(data), hashlib.sha256(data).hexdigest()),
+             "fifo": (len(data), hashlib.sha256(data).hexdigest())}
+    uid = store.begin(manifest_bytes(files, base_bundle)).upload_id
+    staging = tmp_path / "s" / "staging" / uid
+    (staging / "tokenizer").symlink_to(outside)  # a planted folder link
+    (staging / "model.onnx").symlink_to(outside / "model.onnx")  # a planted file link
+    os.mkfifo(staging / "fifo")
+    for rel in files:
+        with pytest.raises(StoreError) as e:
+            store.write_chunk(uid, rel, 0, data, zlib.crc32(data))
+        assert e.value.code == "unsafe_path", rel
+    assert list(outside.iterdir()) == []
+    store.close()
+
+
+def test_verification_failure_truncates_the_bad_file(base_bundle: Path, tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s")
+    good, bad = b"a" * 64, b"b" * 64
+    uid = store.begin(manifest_bytes({"f": (64, hashlib.sha256(good).hexdigest())}, base_bundle)).upload_id
+    store.write_chunk(uid, "f", 0, bad, zlib.crc32(bad))  # right CRC, wrong content
+    with pytest.raises(StoreError) as e:
+        store.commit(uid, lambda p: SmokeResult(True, "unused"))
+    assert e.value.code == "verify_failed" and "was modified" in str(e.value)
+    assert store.status().uploads[0].files["f"].held == 0  # the next deploy resends it
+    assert store.active is None
+    store.close()
+
+
+def test_store_install_smoke_failure_rollback_and_recovery(bundles: dict[str, Path], tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    store = Store.open(root)
+
+    def upload(bundle: Path) -> str:
+        uid = store.begin((bundle / MANIFEST).read_bytes()).upload_id
+        for rel in read_manifest(bundle).files:
+            data = (bundle / rel).read_bytes()
+            for off in range(0, len(data), 4 << 20):
+                piece = data[off:off + (4 << 20)]
+                store.write_chunk(uid, rel, off, piece, zlib.crc32(piece))
+        return uid
+
+    a = store.commit(upload(bundles["a"]), smoke_test)
+    assert a.ok and a.smoke and a.smoke.ok and store.active == a.bundle
+    b = store.commit(upload(bundles["b"]), smoke_test)
+    assert b.ok and store.active == b.bundle and store.previous == a.bundle
+    broken = store.commit(upload(bundles["broken"]), smoke_test)
+    assert not broken.ok and broken.rolled_back and broken.smoke and not broken.smoke.ok
+    assert store.active == b.bundle and store.previous == a.bundle  # as before
+    assert not (root / "bundles" / broken.bundle.dir).exists()
+    back = store.rollback(smoke_test)
+    assert back.ok and store.active == a.bundle and store.previous == b.bundle
+    store.close()
+
+    # a crash after the switch, before the smoke test passed: the journal says "switching"
+    journal = {"phase": "switching", "new": json.loads((root / "previous").read_text()),
+               "old_active": json.loads((root / "active").read_text()),
+               "old_previous": json.loads((root / "previous").read_text())}
+    (root / "switch.json").write_text(json.dumps(journal))
+    (root / "active").write_text(json.dumps(journal["new"]))  # the switch had happened
+    (root / ".active.tmp-123").write_text("half")
+    (root / "staging" / "not-an-upload").mkdir()
+    (root / "staging" / ("e" * 64)).mkdir()  # an upload whose manifest never landed
+    store = Store.open(root)
+    assert store.active == a.bundle and store.previous == b.bundle  # undone: the old bundle serves
+    assert not (root / "switch.json").exists() and not (root / ".active.tmp-123").exists()
+    assert sorted(p.name for p in (root / "staging").iterdir()) == []
+    store.close()
+
+    # ... and a crash after it passed ("committed"): the switch is completed
+    journal = {"phase": "committed", "new": json.loads((root / "previous").read_text()),
+               "old_active": json.loads((root / "active").read_text()), "old_previous": None}
+    (root / "switch.json").write_text(json.dumps(journal))
+    store = Store.open(root)
+    assert store.active == b.bundle and store.previous == a.bundle
+    with pytest.raises(ToolkitError, match="in use"):
+        Store.open(root)  # one process per store
+    store.close()
+
+
+# --- the serial link --------------------------------------------------------------------------------
+
+def test_link_delivers_exact_messages_over_a_noisy_line() -> None:
+    """1 % of bytes flipped or lost one by one (the hardest pattern for a framed link)."""
+    with PtyRelay(faults=Faults(corrupt=0.005, drop=0.005), seed=7) as relay:
+        host_port, dev_port = open_port(relay.host_path), open_port(relay.device_path)
+        device = Link(dev_port, "device")
+        host = Link(host_port, "host")
+        try:
+            def echo() -> None:
+                while (msg := device.recv(10)) is not None:
+                    device.send(hashlib.sha256(msg.data).digest(), session=msg.session)
+
+            threading.Thread(target=echo, daemon=True).start()
+            messages = [os.urandom(n) for n in (1, 300, 20000)]
+            for msg in messages:
+                for _ in range(5):  # a session the line made unusable is replaced, as deploy does
+                    try:
+                        if not host.connected or host._failed:
+                            host.connect()
+                        assert host.request(msg, 30) == hashlib.sha256(msg).digest()
+                        break
+                    except LinkDown:
+                        continue
+                else:
+                    pytest.fail("the link never delivered")
+            assert relay.stats.to_device.affected_ratio >= 0.008
+            assert host.stats.retransmits > 0
+        finally:
+            host.close()
+            device.close()
+            host_port.close()
+            dev_port.close()
+
+
+# --- deploy end to end, to real daemons (`toolkit serve --store`) ----------------------------------
+
+@dataclass
+class Served:
+    """A `toolkit serve --store` process (python -m device.server), on a short socket path."""
+
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    store: Path
+    log: Path
+
+    def api(self) -> Any:
+        from device.client import DaemonClient, Endpoint
+
+        return DaemonClient(Endpoint.unix(self.socket), timeout=30)
+
+    def serving(self) -> str:
+        """The model the daemon answers with, after proving it generates."""
+        api = self.api()
+        model = api.get("/v1/models")["data"][0]["id"]
+        out = api.post("/v1/completions", {"prompt": "hello world", "max_tokens": 3})
+        assert out["usage"]["completion_tokens"] >= 1
+        return str(model)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    """serve(store, *args, hold=None) -> a real daemon, ready for deploys (killed at teardown)."""
+    procs: list[Served] = []
+
+    def run(store: Path, *args: str, hold: Path | None = None) -> Served:
+        sock_dir = Path(tempfile.mkdtemp(prefix="tkdeploy-", dir="/tmp"))  # AF_UNIX paths are short
+        sock = sock_dir / "d.sock"
+        log = tmp_path / f"daemon{len(procs)}.log"
+        base = [sys.executable, str(HARNESS), str(hold), "serve"] if hold else \
+               [sys.executable, "-m", "device.server"]
+        cmd = [*base, "--store", str(store), "--socket", str(sock), "--threads", "1", *args]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        served = Served(proc, sock, store, log)
+        procs.append(served)
+        from device.transfer import HttpDeployClient
+
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited with {proc.returncode}:\n{served.text()}")
+            try:
+                HttpDeployClient(f"unix://{sock}").hello()  # listening (the deploy routes answer
+                if served.api().get("/v1/status")["state"] in ("ready", "empty"):  # while loading)
+                    return served
+            except (LinkDown, ToolkitError):
+                pass
+            assert time.monotonic() < deadline, served.text()
+            time.sleep(0.05)
+
+    yield run
+    for served in procs:
+        if served.proc.poll() is None:
+            served.proc.kill()
+        served.proc.wait(10)
+        shutil.rmtree(served.socket.parent, ignore_errors=True)
+
+
+def test_deploy_to_the_daemon_switches_what_it_serves(bundles: dict[str, Path], config: Path, serve: Any,
+                                                      tmp_path: Path) -> None:
+    daemon = serve(tmp_path / "store")
+    assert daemon.api().request("GET", "/health").status == 503  # an empty store serves nothing
+    dp.add_device("local", f"unix://{daemon.socket}")
+    first = dp.deploy(bundles["a"], "local")
+    assert first.install.ok and first.held_at_start == 0 and first.sent_bytes == first.total_bytes
+    same_files(bundles["a"], daemon.store / "bundles" / first.install.bundle.dir)
+    assert daemon.serving() == "tiny-a"
+    again = dp.deploy(bundles["a"], "local")  # the device has it: nothing is sent
+    assert again.sent_bytes == 0 and again.install.ok
+    second = dp.deploy(bundles["b"], "local")
+    assert second.install.ok and second.install.previous and second.install.previous.name == "tiny-a"
+    assert daemon.serving() == "tiny-b"
+    broken = dp.deploy(bundles["broken"], "local")  # loads, fails its smoke test: rolled back
+    assert not broken.install.ok and broken.install.rolled_back
+    assert broken.install.active and broken.install.active.name == "tiny-b"
+    assert daemon.serving() == "tiny-b"
+    ping = dp.ping("local")
+    assert ping.hello.active and ping.hello.active["name"] == "tiny-b" and ping.hello.backend == "onnxruntime"
+    assert ping.hello.facts.memory_total > 0 and ping.hello.rtt_s < 1
+    back = dp.rollback("local")
+    assert back.ok and back.active and back.active.name == "tiny-a"
+    assert daemon.serving() == "tiny-a"
+    assert daemon.api().get("/v1/status")["store"]["previous"] == second.install.bundle.dir
+
+
+def test_tcp_cut_mid_upload_resumes_by_itself_and_on_rerun(bundles: dict[str, Path], config: Path, serve: Any,
+                                                           tmp_path: Path) -> None:
+    port = free_port()
+    token = token_file(tmp_path)
+    daemon = serve(tmp_path / "store", "--tcp", f"127.0.0.1:{port}", "--token-file", str(token))
+    total = sum(e.bytes for e in read_manifest(bundles["b"]).files.values())
+
+    proxy = CuttingProxy(port, cut_after=6 << 20)  # in the second 4 MiB chunk of extra.bin
+    dp.add_device("net", f"tcp://127.0.0.1:{proxy.port}?token-file={token}")
+    retried: list[str] = []
+    result = dp.deploy(bundles["b"], "net", on_retry=retried.append)
+    assert proxy.cuts == 1 and retried and result.attempts == 2
+    assert result.install.ok
+    # the second connection resumed from what the device held (at least the first chunk) and
+    # nothing acknowledged was sent twice
+    assert result.held_per_attempt[0] == 0 and result.held_per_attempt[1] >= 4 << 20
+    assert result.sent_bytes <= total
+    same_files(bundles["b"], daemon.store / "bundles" / result.install.bundle.dir)
+    assert daemon.serving() == "tiny-b"
+    proxy.close()
+
+    # no retries: the command fails and says to re-run; the re-run sends only the rest
+    proxy = CuttingProxy(port, cut_after=6 << 20)
+    dp.add_device("net", f"tcp://127.0.0.1:{proxy.port}?token-file={token}", replace=True)
+    c = variant(bundles["b"], tmp_path / "c", "tiny-c")
+    with pytest.raises(ToolkitError) as e:
+        dp.deploy(c, "net", retries=0)
+    assert "re-run" in str(e.value)
+    rerun = dp.deploy(c, "net")
+    assert rerun.held_at_start >= 4 << 20 and rerun.sent_bytes == rerun.total_bytes - rerun.held_at_start
+    assert rerun.install.ok
+    same_files(c, daemon.store / "bundles" / rerun.install.bundle.dir)
+    assert daemon.serving() == "tiny-c"
+    proxy.close()
+
+
+def test_deploy_over_a_lossy_serial_line(bundles: dict[str, Path], config: Path, serve: Any,
+                                         tmp_path: Path) -> None:
+    """A pty pair through a relay that damages >= 1 % of the bytes (bursts of flips and
+    losses, both directions): the install completes with exactly the sent bytes."""
+    faults = Faults(corrupt=0.0008, drop=0.0008, burst=16)
+    with PtyRelay(faults=faults, seed=11) as relay:
+        daemon = serve(tmp_path / "store", "--serial", relay.device_path)
+        dp.add_device("board", f"serial://{relay.host_path}?baud=921600")
+        result = dp.deploy(bundles["a"], "board", retries=6)
+        assert result.install.ok
+        same_files(bundles["a"], daemon.store / "bundles" / result.install.bundle.dir)
+        assert relay.stats.to_device.affected_ratio >= 0.01
+        assert dp.ping("board").hello.active["name"] == "tiny-a"  # type: ignore[index]
+        assert daemon.serving() == "tiny-a"
+
+
+def test_sigkill_mid_install_leaves_the_previous_bundle_serving(bundles: dict[str, Path], config: Path,
+                                                                serve: Any, tmp_path: Path) -> None:
+    store, hold = tmp_path / "store", tmp_path / "hold"
+    hold.mkdir()
+    daemon = serve(store, hold=hold)
+    dp.add_device("local", f"unix://{daemon.socket}")
+    assert dp.deploy(bundles["a"], "local").install.ok
+    (hold / "hold").write_text("")
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: _catch(errors, dp.deploy, bundles["b"], "local", retries=0))
+    t.start()
+    deadline = time.monotonic() + 30
+    while not (hold / "smoke-started").exists():
+        assert time.monotonic() < deadline, "the install never reached its smoke test"
+        time.sleep(0.02)
+    assert json.loads((store / "active").read_text())["name"] == "tiny-b"  # switched, not yet smoked
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(10)
+    t.join(30)
+    assert errors  # the host saw the connection die
+    (hold / "hold").unlink()
+    restarted = serve(store)  # recovery runs before anything is loaded
+    assert restarted.serving() == "tiny-a"
+    dp.add_device("local", f"unix://{restarted.socket}", replace=True)
+    assert dp.ping("local").hello.active["name"] == "tiny-a"  # type: ignore[index]
+    again = dp.deploy(bundles["b"], "local")  # the verified bundle was kept: nothing is resent
+    assert again.install.ok and again.sent_bytes == 0
+    assert restarted.serving() == "tiny-b"
+
+
+def _catch(errors: list[BaseException], fn: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        fn(*args, **kwargs)
+    except BaseException as e:  # the test inspects it
+        errors.append(e)
+
+
+# --- deploy edge cases, against the store-only daemon (its memory and limits can be faked) -------
+
+def test_tcp_needs_the_token(bundles: dict[str, Path], config: Path, start: Any, tmp_path: Path) -> None:
+    port = free_port()
+    start(tcp=f"127.0.0.1:{port}", token_file=token_file(tmp_path))
+    dp.add_device("net", f"tcp://127.0.0.1:{port}")
+    with pytest.raises(ToolkitError, match="401.*token|token"):
+        dp.deploy(bundles["a"], "net")
+
+
+def test_incompatible_bundles_are_refused_before_any_byte(bundles: dict[str, Path], config: Path,
+                                                          start: Any, tmp_path: Path) -> None:
+    sock = tmp_path / "d.sock"
+    daemon = start(socket_path=sock, memory_total=256 << 20)  # a 256 MiB board
+    dp.add_device("small", f"unix://{sock}")
+    with pytest.raises(ToolkitError, match="TensorRT") as e:
+        dp.deploy(bundles["trt"], "small")
+    assert "nothing was sent" in str(e.value)
+    with pytest.raises(ToolkitError, match="does not fit"):
+        dp.deploy(bundles["a"], "small")
+    assert list((daemon.store / "staging").iterdir()) == []
+    # the device checks too, whatever the host says
+    from device.transfer import HttpDeployClient, RemoteError
+
+    with pytest.raises(RemoteError) as r:
+        HttpDeployClient(f"unix://{sock}").begin((bundles["trt"] / MANIFEST).read_bytes())
+    assert r.value.code == "incompatible"
+
+
+def test_hostile_manifests_and_oversized_uploads_are_refused(bundles: dict[str, Path], config: Path,
+                                                             start: Any, tmp_path: Path) -> None:
+    from device.transfer import HttpDeployClient, RemoteError
+
+    sock = tmp_path / "d.sock"
+    daemon = start(socket_path=sock, limits=StoreLimits(max_bundle_bytes=1 << 20))
+    client = HttpDeployClient(f"unix://{sock}")
+    data = json.loads((bundles["a"] / MANIFEST).read_text())
+    for evil in ("../../etc/cron.d/x", "/etc/passwd", "tokenizer/../../x"):
+        hostile = {**data, "files": {evil: {"sha256": "0" * 64, "bytes": 1}}}
+        with pytest.raises(RemoteError) as e:
+            client.begin(json.dumps(hostile).encode())
+        assert e.value.status == 400 and e.value.code == "bad_name"
+    dp.add_device("local", f"unix://{sock}")
+    with pytest.raises(ToolkitError, match="accepts bundles up to"):
+        dp.deploy(bundles["b"], "local")  # 12 MiB declared, 1 MiB allowed: refused at begin
+    assert list((daemon.store / "staging").iterdir()) == []
+
+
+# --- the CLI ----------------------------------------------------------------------------------------
+
+def test_cli_devices_deploy_rollback(bundles: dict[str, Path], config: Path, start: Any,
+                                     tmp_path: Path) -> None:
+    from toolkit.cli import main
+
+    sock = tmp_path / "d.sock"
+    start(socket_path=sock)
+    runner = CliRunner()
+    r = runner.invoke(main, ["devices", "add", "local", f"unix://{sock}"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["devices", "add", "local", "unix:///elsewhere.sock"])
+    assert r.exit_code == 1 and "already exists" in r.output
+    r = runner.invoke(main, ["devices", "add", "x", "ftp://host"])
+    assert r.exit_code == 1 and "tcp://HOST:PORT" in r.output
+    r = runner.invoke(main, ["devices", "list"])
+    assert "local" in r.output and "unix" in r.output
+    assert json.loads((config / "devices.json").read_text()) == {"local": {"uri": f"unix://{sock}"}}
+    assert (config / "devices.json").stat().st_mode & 0o077 == 0
+    r = runner.invoke(main, ["devices", "ping", "local"])
+    assert r.exit_code == 0 and "active   none" in r.output and "rtt" in r.output
+    r = runner.invoke(main, ["deploy", str(bundles["a"]), "--device", "local"])
+    assert r.exit_code == 0, r.output
+    assert "smoke test passed" in r.output and "MB/s" in r.output
+    r = runner.invoke(main, ["deploy", str(bundles["broken"]), "--device", "local"])
+    assert r.exit_code == 1 and "rolled back" in r.output
+    r = runner.invoke(main, ["rollback", "--device", "local"])
+    assert r.exit_code == 1 and "no previous bundle" in r.output
+    r = runner.invoke(main, ["deploy", str(bundles["b"]), "--device", "local"])
+    r = runner.invoke(main, ["rollback", "--device", "local"])
+    assert r.exit_code == 0 and "active tiny-a-" in r.output
+    r = runner.invoke(main, ["devices", "remove", "local"])
+    assert r.exit_code == 0
+    r = runner.invoke(main, ["deploy", str(bundles["a"]), "--device", "local"])
+    assert r.exit_code == 1 and "unknown" in r.output
