@@ -53,7 +53,10 @@ MAX_BATCH_SEARCH = 1024
 #     + the Python host process with pycuda ~0.1 GiB. On Jetson all of it comes out of the same
 #     unified pool. ollama uses a 1 GiB minimum CUDA overhead for the same reason (ollama#2114).
 #     An estimate: measure it on the board (RSS + tegrastats RAM) and correct it here.
-RUNTIME_OVERHEAD_GIB = {"onnxruntime": 0.25, "tensorrt": 1.0}
+#   Re-measured against the daemon (tests/test_plan_memory.py, SmolLM2-135M, 2 slots, ORT 1.32):
+#     peak RSS (VmHWM) - weights - KV cache - activations is ~175-180 MiB at int8/int4 and ~210 MiB
+#     at fp32, so 0.17 GiB (174 MiB); the 0.25 above over-counted by ~80 MiB (+20-25 % at int8/int4).
+RUNTIME_OVERHEAD_GIB = {"onnxruntime": 0.17, "tensorrt": 1.0}
 
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}
 DTYPE_BYTES = {"float32": 4, "float16": 2}
@@ -67,22 +70,35 @@ class WeightFormat:
     output channel: the group is the input width, ~hidden), "tensor" (one per matrix: ~0 bytes).
     """
 
-    bits: int
+    bits: int | None  # None: the precision's own bits (one kernel serving int8 and int4)
     group: str
     scale_bytes: int
     block_size: int = 32
+    offset_bytes: int = 0  # per group, 4-bit only: the per-block offset term (quantize/offsets.py)
+    # The tied LM head is stored ONCE at this many bits (same grouping) and the embedding Gather
+    # reads that copy (GatherBlockQuantized): no float table. None: the head is quantized like
+    # the other matmuls and the Gather keeps a float copy.
+    shared_head_bits: int | None = None
 
-    def bytes_per_param(self, in_features: int) -> float:
+    def bits_for(self, precision: str) -> int:
+        return self.bits if self.bits is not None else int(precision.removeprefix("int"))
+
+    def bytes_per_param(self, in_features: int, precision: str = "",
+                        bits: int | None = None) -> float:
+        b = bits if bits is not None else self.bits_for(precision)
         per_group = {"block": self.block_size, "channel": in_features, "tensor": math.inf}
-        return self.bits / 8 + self.scale_bytes / per_group[self.group]
+        extra = self.offset_bytes if b == 4 else 0
+        return b / 8 + (self.scale_bytes + extra) / per_group[self.group]
 
 
 # The formats the target files name (targets/*.toml `formats`).
 WEIGHT_FORMATS = {
-    # ONNX Runtime CPU: block-32 with fp32 scales, as ../shared/notes/static-kv-cost.md counts them
-    # (int8 1.125 B/param, int4 0.625 B/param: SmolLM2-135M 151 MB and 84 MB).
+    # ONNX Runtime CPU: block-32 with fp32 scales. MatMulNBits serves int8 and int4 (the bits come
+    # from the precision); as quantize/cpu.py writes it, int4 adds one fp32 offset per block
+    # (0.5 + 4/32 + 4/32 = 0.75 B/param; int8 is symmetric: 1.125 B/param) and the tied head is
+    # one int8 copy shared with the embedding's GatherBlockQuantized.
     "ort-matmul-integer": WeightFormat(8, "block", 4),
-    "ort-matmulnbits": WeightFormat(4, "block", 4),
+    "ort-matmulnbits": WeightFormat(None, "block", 4, offset_bytes=4, shared_head_bits=8),
     # TensorRT: block quantization is INT4-only (tensorrt_jetson.md §2.2, [S18]), so int8 weights
     # carry per-channel scales; scales are fp16 because DequantizeLinear's output type is its
     # scale's type and the engine computes in fp16 (fp32 scales would add 0.06 B/param at int4).
@@ -294,13 +310,22 @@ def bytes_per_param(dims: ModelDims, target: Target, precision: str) -> float:
     if fmt not in WEIGHT_FORMATS:
         raise ToolkitError(f"target {target.name}: no weight layout known for {precision} "
                            f"(format {fmt!r})", hint="add it to WEIGHT_FORMATS in targets/plan.py")
-    return WEIGHT_FORMATS[fmt].bytes_per_param(in_features=dims.hidden)
+    return WEIGHT_FORMATS[fmt].bytes_per_param(in_features=dims.hidden, precision=precision)
 
 
 def weight_bytes(dims: ModelDims, target: Target, precision: str) -> WeightBytes:
     bpp = bytes_per_param(dims, target, precision)
     mm = matmul_params(dims)
     emb_item = float_bytes(target, precision)
+    fmt = None if precision in FLOAT_BYTES else WEIGHT_FORMATS[target.formats[precision]]
+    if dims.tie_embeddings and fmt is not None and fmt.shared_head_bits is not None:
+        # one quantized copy of the tied table serves the head and the Gather
+        head = _embedding_params(dims)
+        head_bpp = fmt.bytes_per_param(dims.hidden, bits=fmt.shared_head_bits)
+        mm_bytes = math.ceil((mm - head) * bpp + head * head_bpp)
+        return WeightBytes(matmul_params=mm, matmul_bytes=mm_bytes, embedding_bytes=0,
+                           bytes_per_param=mm_bytes / mm,
+                           read_per_token=mm_bytes + math.ceil(dims.hidden * head_bpp))
     shared = dims.tie_embeddings and precision in FLOAT_BYTES  # one tensor for Gather and head
     emb = 0 if shared else _embedding_params(dims) * emb_item
     return WeightBytes(matmul_params=mm, matmul_bytes=math.ceil(mm * bpp), embedding_bytes=emb,
@@ -333,9 +358,20 @@ def activation_bytes(dims: ModelDims, target: Target, precision: str, max_seq: i
     item = float_bytes(target, precision) if precision in FLOAT_BYTES else DTYPE_BYTES[
         target.compute_dtype]
     logits = B * dims.vocab_size * 4
-    new_kv = 2 * dims.num_layers * B * Hkv * T * D * DTYPE_BYTES[target.kv_dtype]
-    attention = (B * T * (H + 2 * Hkv) * D + 2 * B * Hkv * (S + T) * D
-                 + 2 * B * H * T * (S + T) + B * T * H * D)
+    if target.runtime == "onnxruntime":
+        # ORT CPU, as the daemon runs it (measured: tests/test_plan_memory.py, SmolLM2-135M peak
+        # RSS within 15 %): the scheduler and bench prefill ONE slot at a time
+        # (device/generate.prefill, B=1), ORT's arena grows only to what a step uses, and the
+        # cpu graph's fused GroupQueryAttention (convert/decoder.py) writes the new K/V straight
+        # into the bound static cache (no new_kv), concatenates nothing, and holds one fp32
+        # probability matrix [H, T, S] over the static capacity (softmax in place).
+        B = 1
+        new_kv = 0
+        attention = B * T * (H + 2 * Hkv) * D + B * H * T * S + B * T * H * D
+    else:
+        new_kv = 2 * dims.num_layers * B * Hkv * T * D * DTYPE_BYTES[target.kv_dtype]
+        attention = (B * T * (H + 2 * Hkv) * D + 2 * B * Hkv * (S + T) * D
+                     + 2 * B * H * T * (S + T) + B * T * H * D)
     mlp = _mlp_matrices(dims) * B * T * dims.intermediate
     layer = 2 * B * T * C + max(attention, mlp)
     return logits + new_kv + layer * item

@@ -148,10 +148,12 @@ def test_smollm2_135m_on_cpu_fits(smollm2):
     rows = {row.precision: row for row in r.rows}
     # fp32: 538 MB, one tensor for the Gather and the tied head (static-kv-cost.md: 538 MB/token)
     assert rows["fp32"].weights.total == 134_479_872 * 4
-    # int4 block-32 fp32 scales 0.625 B/param = 84 MB read per token (the note's 84), plus the
-    # fp32 Gather table (49152*576*4 = 113 MB) kept beside the quantized head
-    assert rows["int4"].weights.matmul_bytes == 84_049_920
-    assert rows["int4"].weights.embedding_bytes == 49152 * 576 * 4
+    # int4 as quantize/ writes it for cpu (MatMulNBits, block 32): 0.5 B of weights + 4/32 B of
+    # fp32 scale + 4/32 B of fp32 per-block offset = 0.75 B/param for the 106,168,320 layer
+    # params; the tied head/embedding is ONE shared 8-bit copy (1.125 B/param, 28,311,552
+    # params) read by both MatMulNBits and GatherBlockQuantized, so no float Gather table
+    assert rows["int4"].weights.matmul_bytes == 106_168_320 * 0.75 + 28_311_552 * 1.125
+    assert rows["int4"].weights.embedding_bytes == 0
     # KV: 30 layers * 2 * 3 heads * 64 * 4 B = 46,080 B per position (the note's 46 kB)
     assert rows["fp32"].components.kv_cache == 46_080 * 2048
     # decode at fp32: 30 GB/s over weights + the whole 2048-position cache ~ 47 tokens/s
