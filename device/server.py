@@ -139,22 +139,21 @@ class Daemon:
         from device.runner import load_bundle
 
         cfg = self.config
-        if self.deploy is not None:
-            cfg.bundle = self.deploy.store.active_path()
-            if cfg.bundle is None:
-                self.state = "empty"
-                return
+        path = self.deploy.store.active_path() if self.deploy is not None else cfg.bundle
+        if path is None:  # a store nothing was deployed to yet
+            self.state = "empty"
+            return
         try:
-            runner = load_bundle(cfg.bundle, slots=cfg.slots, threads=cfg.threads)
+            runner = load_bundle(path, slots=cfg.slots, threads=cfg.threads)
         except ToolkitError as e:
             if self.deploy is None or self.deploy.store.previous is None:
                 raise
             # a store's active bundle that no longer loads (modified on disk): serve the previous
-            log.error("the active bundle %s failed to load (%s); rolling back", cfg.bundle, e)
+            log.error("the active bundle %s failed to load (%s); rolling back", path, e)
             if not self.deploy.rollback().ok:
                 raise
             return
-        self._install(runner, Path(cfg.bundle))
+        self._install(runner, Path(path))
 
     def _engine(self, runner: Any, path: Path) -> Any:
         from device.embedder import EmbeddingEngine

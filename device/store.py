@@ -7,6 +7,7 @@ Layout (one folder the daemon owns; nothing outside it is ever written by an upl
     <store>/previous               JSON BundleRef of the one before it (what rollback goes back to)
     <store>/switch.json            the install journal, present only while a switch is in flight
     <store>/last-install.json      the last InstallResult (answers a repeated commit)
+    <store>/limits.json            optional: StoreLimits fields (sizes, file count, staging TTL)
     <store>/bundles/<name>-<sha12>/       installed bundles: complete and verified, never written
     <store>/staging/<upload-id>/          an upload in progress; upload-id = SHA-256 of manifest.json
 
@@ -96,6 +97,22 @@ class StoreLimits:
     max_manifest_bytes: int = 1 << 20
     max_chunk_bytes: int = 8 << 20  # also what the HTTP layer allows a body to be
     staging_ttl_s: float = 7 * 24 * 3600.0  # a partial upload is kept this long for resume
+
+
+def read_limits(path: Path) -> StoreLimits:
+    """StoreLimits from a JSON file (absent: the defaults), e.g. {"max_bundle_bytes": 34359738368}."""
+    if not path.is_file():
+        return StoreLimits()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        limits = StoreLimits(**data)
+    except (OSError, ValueError, TypeError) as e:
+        fields = ", ".join(StoreLimits.__dataclass_fields__)
+        raise ToolkitError(f"cannot use the store limits {path}: {e}",
+                           hint=f"fix it (fields: {fields}) or remove it") from e
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 for v in asdict(limits).values()):
+        raise ToolkitError(f"the store limits in {path} must be positive numbers")
+    return limits
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -345,8 +362,9 @@ class Store:
 
     @classmethod
     def open(cls, root: Path, limits: StoreLimits | None = None) -> Store:
-        """Create the layout if needed, take the store's lock and run crash recovery."""
-        store = cls(root, limits)
+        """Create the layout if needed, take the store's lock and run crash recovery. Limits
+        not given come from <store>/limits.json when it exists (any StoreLimits field)."""
+        store = cls(root, limits or read_limits(Path(root) / "limits.json"))
         for d in (store.root, store.bundles, store.staging):
             d.mkdir(parents=True, exist_ok=True)
         store._take_lock()
@@ -534,14 +552,16 @@ class Store:
             if size > limits.max_file_bytes:
                 raise StoreError(f"{rel} declares {size} bytes; the store accepts files up to "
                                  f"{limits.max_file_bytes} bytes", status=413, code="too_large",
-                                 hint="raise the daemon's --max-file-bytes if this is intended")
+                                 hint="raise max_file_bytes in <store>/limits.json on the device if "
+                                      "this is intended")
             if not isinstance(entry.sha256, str) or not SHA_RE.fullmatch(entry.sha256):
                 raise StoreError(f"{rel}: {entry.sha256!r} is not a SHA-256", code="bad_manifest")
             total += size
         if total > limits.max_bundle_bytes:
             raise StoreError(f"the bundle declares {total} bytes; the store accepts bundles up to "
                              f"{limits.max_bundle_bytes} bytes", status=413, code="too_large",
-                             hint="raise the daemon's --max-bundle-bytes if this is intended")
+                             hint="raise max_bundle_bytes in <store>/limits.json on the device if "
+                                  "this is intended")
         dirs = {"/".join(p[:i]) for p in parts.values() for i in range(1, len(p))}
         if clash := sorted(dirs & set(parts)):
             raise StoreError(f"{clash[0]!r} is listed both as a file and as a folder", code="bad_manifest")

@@ -29,11 +29,14 @@ and the reply is the same envelope with header {"ok": true, "result": {...}} or 
 "status": N, "error": {"message", "code"}}. The link does its own framing, CRC and retransmission;
 the chunk's own CRC32 is checked by the store either way, end to end.
 
-Chunk sizes: 4 MiB over HTTP (per-request overhead is ~0.2 ms, so a chunk must be large for the
-throughput to approach the raw link; 4 MiB is half the daemon's 8 MiB body limit and a few ms
-of a gigabit link), 64 KiB over serial (0.7 s at 921600 baud: the reply's turnaround is < 1 % of
-that, and an interrupted chunk costs little to resend). Resume is per file: `begin` reports the
-bytes the store holds and the host continues from there.
+Chunk sizes: 4 MiB over HTTP, two requests in flight (HTTP/1.1 pipelining on one connection:
+the next chunk travels while the device checks and writes the previous one; a request costs
+~0.2 ms, 4 MiB is half the daemon's 8 MiB body limit and 34 ms of a gigabit link); 64 KiB over
+serial, one at a time (0.7 s at 921600 baud: the reply's turnaround is < 1 % of that, and the
+link below keeps its own window of frames full). The device announces both in hello. Resume is
+per file: `begin` reports the bytes the store holds of each file (a file's length on disk; every
+byte below it passed its chunk's CRC) and the host continues from there, on a new connection
+after a drop, or in a new `toolkit deploy` run.
 """
 
 from __future__ import annotations

@@ -280,6 +280,19 @@ def test_store_refuses_bad_uploads_before_any_byte(base_bundle: Path, tmp_path: 
     store.close()
 
 
+def test_store_limits_come_from_limits_json(base_bundle: Path, tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / "limits.json").write_text(json.dumps({"max_file_bytes": 1000}))
+    store = Store.open(root)
+    with pytest.raises(StoreError, match="limits.json"):
+        store.begin((base_bundle / MANIFEST).read_bytes())  # model.onnx is bigger than 1000 bytes
+    store.close()
+    (root / "limits.json").write_text(json.dumps({"max_file_byte": 1000}))
+    with pytest.raises(ToolkitError, match="cannot use the store limits"):
+        Store.open(root)
+
+
 def test_store_chunk_checks(base_bundle: Path, tmp_path: Path) -> None:
     store = Store.open(tmp_path / "s")
     data = b"x" * 100
@@ -602,6 +615,25 @@ def test_sigkill_mid_install_leaves_the_previous_bundle_serving(bundles: dict[st
     again = dp.deploy(bundles["b"], "local")  # the verified bundle was kept: nothing is resent
     assert again.install.ok and again.sent_bytes == 0
     assert restarted.serving() == "tiny-b"
+
+
+def test_an_active_bundle_damaged_on_disk_falls_back_to_the_previous(bundles: dict[str, Path], config: Path,
+                                                                     serve: Any, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    daemon = serve(store)
+    dp.add_device("local", f"unix://{daemon.socket}")
+    assert dp.deploy(bundles["a"], "local").install.ok
+    b = dp.deploy(bundles["b"], "local").install
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    with open(store / "bundles" / b.bundle.dir / "model.onnx", "r+b") as f:  # a flipped byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    restarted = serve(store)  # every hash is checked again at start: b is refused, a serves
+    assert restarted.serving() == "tiny-a"
+    assert "failed to load" in restarted.text()
 
 
 def _catch(errors: list[BaseException], fn: Any, *args: Any, **kwargs: Any) -> None:
