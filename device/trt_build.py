@@ -31,7 +31,8 @@ Precision (precision_plan): Q/DQ bundles are explicitly quantized, so no calibra
 quantize/ writes every reduced-precision graph with explicit types (fp16 weights and activations,
 fp32 RMSNorm statistics, INT8/INT4/FP8 Q/DQ), so fp16, int8, int4 and fp8 all build STRONGLY_TYPED:
 the graph's types decide, and no FP16 flag can move the norm chain to fp16 where it overflows.
-(fp8 needs Thor: TensorRT >= 10.13, compute capability >= 8.9.) fp32 clears TF32 (on by default), because an fp32 bundle promises fp32 matmuls. Logits stay
+(fp8 needs Thor: TensorRT >= 10.13, compute capability >= 8.9.)
+fp32 clears TF32 (on by default), because an fp32 bundle promises fp32 matmuls. Logits stay
 fp32: network outputs keep their ONNX type (float32 in the contract) in a weakly typed network,
 and we pin it in case the parser says otherwise.
 

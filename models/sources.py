@@ -91,9 +91,8 @@ class ModelSource:
                                hint="check that the file is complete (a truncated download?)") from e
 
     def load_torch(self, task: str) -> Any:
-        from transformers import AutoModel, AutoModelForCausalLM
-
         from safetensors import SafetensorError
+        from transformers import AutoModel, AutoModelForCausalLM
 
         cls = AutoModelForCausalLM if task == "text-generation" else AutoModel
         try:

@@ -76,7 +76,8 @@ def test_specific_boards():
 def test_cpu_target():
     cpu = load_target("cpu")
     assert cpu.memory_gb is None and cpu.host_memory and not cpu.builds_on_device
-    assert cpu.formats == {"int8": "ort-matmulnbits", "int4": "ort-matmulnbits"}  # quantize/: 8-bit MatMulNBits passes the gate
+    # quantize/: 8-bit MatMulNBits passes the gate where dynamic MatMulInteger does not
+    assert cpu.formats == {"int8": "ort-matmulnbits", "int4": "ort-matmulnbits"}
     assert cpu.precisions == ("fp32", "int8", "int4")
     assert (cpu.compute_dtype, cpu.kv_dtype) == ("float32", "float32")
 
