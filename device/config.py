@@ -32,6 +32,7 @@ class ServeConfig:
     store: Path | None = None  # a bundle store (device/store.py): serve its active bundle, accept deploys
     serial: str | None = None  # also take deploys over this serial port (needs store)
     baud: int = 921600
+    rebuild_on_mismatch: bool = False  # TensorRT: rebuild an engine built for another TRT/GPU
 
     def __post_init__(self) -> None:
         if self.slots is not None and self.slots < 1:

@@ -144,7 +144,8 @@ class Daemon:
             self.state = "empty"
             return
         try:
-            runner = load_bundle(path, slots=cfg.slots, threads=cfg.threads)
+            runner = load_bundle(path, slots=cfg.slots, threads=cfg.threads,
+                                 rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info)
         except ToolkitError as e:
             if self.deploy is None or self.deploy.store.previous is None:
                 raise
@@ -194,7 +195,9 @@ class Daemon:
         if self.state not in ("ready", "empty", "loading"):
             return SmokeResult(False, f"the daemon is {self.state}")
         try:
-            runner = load_bundle(path, slots=self.config.slots, threads=self.config.threads)
+            runner = load_bundle(path, slots=self.config.slots, threads=self.config.threads,
+                                 rebuild_on_mismatch=self.config.rebuild_on_mismatch,
+                                 progress=log.info)
         except ToolkitError as e:
             return SmokeResult(False, str(e), time.monotonic() - t0)
         smoke = smoke_runner(runner)  # on the backend alone, before any engine thread uses it

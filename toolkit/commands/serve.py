@@ -37,9 +37,13 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
 @click.option("--serial", default=None, metavar="PORT",
               help="Also accept deploys over this serial port, e.g. /dev/ttyGS0. Needs --store.")
 @click.option("--baud", type=int, default=_D.baud, show_default=True, help="The serial port's speed.")
+@click.option("--rebuild-on-mismatch", is_flag=True,
+              help="TensorRT bundles: rebuild an engine that was built for another TensorRT "
+                   "version or GPU, instead of refusing it.")
 def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_file: Path | None,
           slots: int | None, queue: int, threads: int | None, drain_timeout: float,
-          decode_mode: str, store: Path | None, serial: str | None, baud: int) -> None:
+          decode_mode: str, store: Path | None, serial: str | None, baud: int,
+          rebuild_on_mismatch: bool) -> None:
     """Serve BUNDLE (or a store's active bundle) over a Unix socket: OpenAI and KServe v2
     routes, /metrics, /v1/status; with --store also /v1/deploy/* (`toolkit deploy`).
 
@@ -53,5 +57,6 @@ def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_
     from device.server import serve as run
 
     config = ServeConfig(bundle, socket_path, tcp, token_file, slots, queue, threads,
-                         drain_timeout, decode_mode, store=store, serial=serial, baud=baud)
+                         drain_timeout, decode_mode, store=store, serial=serial, baud=baud,
+                         rebuild_on_mismatch=rebuild_on_mismatch)
     sys.exit(run(config))
