@@ -54,7 +54,9 @@ from typing import Any
 
 import numpy as np
 
+from device import procmem
 from device.generate import prefill
+from device.procmem import process_rss
 from device.tegrastats import (
     SAMPLE_INTERVAL_MS,
     PowerSample,
@@ -142,40 +144,14 @@ def first_plain_id(manifest: Any) -> int:
 
 
 # --- memory ------------------------------------------------------------------------------------
-def _proc_kib(path: str, keys: Sequence[str]) -> dict[str, int]:
-    """"Key:   1234 kB" lines of /proc/meminfo or /proc/self/status -> {key: bytes}."""
-    out: dict[str, int] = {}
-    try:
-        with open(path, encoding="ascii") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in keys:
-                    out[key] = int(rest.split()[0]) * 1024
-    except OSError:  # not Linux: the caller falls back to psutil / resource
-        pass
-    return out
-
-
 def mem_available() -> int:
-    got = _proc_kib("/proc/meminfo", ("MemAvailable",))
-    if "MemAvailable" in got:
-        return got["MemAvailable"]
+    """MemAvailable, falling back to psutil where /proc/meminfo is missing."""
+    got = procmem.mem_available()
+    if got is not None:
+        return got
     import psutil
 
     return int(psutil.virtual_memory().available)
-
-
-def process_rss() -> tuple[int, int]:
-    """(current RSS, peak RSS = VmHWM) of this process, bytes."""
-    got = _proc_kib("/proc/self/status", ("VmRSS", "VmHWM"))
-    if "VmRSS" in got and "VmHWM" in got:
-        return got["VmRSS"], got["VmHWM"]
-    import resource
-
-    import psutil
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return int(psutil.Process().memory_info().rss), peak
 
 
 GpuReader = Callable[[], tuple[int, int] | None]  # -> (free, total) bytes; None: no reading now
@@ -281,7 +257,7 @@ class MemorySampler:
             free_min = min(f for f, _ in self.gpu_samples)
             gpu = {"free_start_bytes": free_start, "free_min_bytes": free_min,
                    "total_bytes": total, "used_delta_bytes": free_start - free_min}
-        total_mem = _proc_kib("/proc/meminfo", ("MemTotal",)).get("MemTotal", 0)
+        total_mem = procmem.proc_kib(procmem.MEMINFO, ("MemTotal",)).get("MemTotal", 0)
         return MemoryReport(
             rss_peak_bytes=peak, rss_start_bytes=self.rss_start, rss_end_bytes=rss,
             rss_max_sampled_bytes=max(self.rss_max, rss), mem_total_bytes=total_mem,

@@ -52,6 +52,7 @@ from device.httpd import (
     read_tokens,
 )
 from device.metrics import Gauge, ServingMetrics
+from device.procmem import mem_available, process_rss
 from device.scheduler import RequestRejected
 from toolkit import __version__
 from toolkit.errors import ToolkitError
@@ -59,36 +60,6 @@ from toolkit.errors import ToolkitError
 log = logging.getLogger("toolkit.daemon")
 
 RESPONSE_FLUSH_S = 5.0  # after the engine is idle, how long handlers may take to send the end
-
-
-def mem_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (on a Jetson, CPU and GPU share this memory)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def peak_rss_bytes() -> int | None:
-    """The process's peak resident set (VmHWM in /proc/self/status); None where there is none."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 Route = Callable[..., None]
@@ -439,12 +410,13 @@ class Daemon:
         h.send_json(200, self.status_record())
 
     def status_record(self) -> dict[str, Any]:
+        rss, peak_rss = process_rss()
         rec: dict[str, Any] = {"state": self.state, "pid": os.getpid(), "version": __version__,
                                "uptime_s": round(time.time() - self.started, 3),
                                "bundle": {"path": str(Path(self.config.bundle).resolve())
                                           if self.config.bundle else None},
-                               "memory": {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes(),
-                                          "mem_available_bytes": mem_available_bytes()}}
+                               "memory": {"rss_bytes": rss, "peak_rss_bytes": peak_rss,
+                                          "mem_available_bytes": mem_available()}}
         if self.deploy is not None:
             st = self.deploy.store
             rec["store"] = {"root": str(st.root), "active": st.active and st.active.dir,
@@ -478,7 +450,8 @@ class Daemon:
             Gauge("kv_slots_total", "KV cache slots.", lambda: engine.slots),
             Gauge("kv_cache_usage_ratio", "Cache positions holding tokens / all positions (0..1).",
                   lambda: engine.tokens_in_cache() / capacity if capacity else 0.0),
-            Gauge("process_resident_memory_bytes", "Resident set size of the daemon.", rss_bytes,
+            Gauge("process_resident_memory_bytes", "Resident set size of the daemon.",
+                  lambda: process_rss()[0],
                   prefixed=False),
             Gauge("model_info", "The served bundle (value 1).", lambda: 1,
                   {"model_name": self.model_id, "precision": m.precision,

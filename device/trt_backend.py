@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from device.procmem import mem_available
 from device.trt_build import DECODE, PREFILL, shape_of
 from toolkit.contract import KVCacheLayout, new_names, past_names
 from toolkit.errors import ToolkitError
@@ -66,7 +67,6 @@ if TYPE_CHECKING:
 
 ALIGN = 256  # TensorRT I/O addresses must be 256-byte aligned (§3.3)
 DEFAULT_PREFILL_CHUNK = 256
-MEMINFO = Path("/proc/meminfo")
 
 
 # --- pure arithmetic -------------------------------------------------------------------------
@@ -203,18 +203,6 @@ def check_step(ids: np.ndarray, pos: np.ndarray, slot_ids: Sequence[int], index:
         raise ToolkitError(f"slot ids {list(slot_ids)} must be distinct and in 0..{slots - 1}")
     for start in starts:
         check_fits(start, T, max_seq)
-
-
-def mem_available(meminfo: Path = MEMINFO) -> int | None:
-    """MemAvailable from /proc/meminfo in bytes. On a Jetson the GPU's memory is this same RAM,
-    and cuda.mem_get_info() under-reports it once the page cache fills (§6.4)."""
-    try:
-        for line in meminfo.read_text(encoding="ascii").splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 # --- the backend -----------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from device.trt_backend import (
     BufferPlan,
     bind_in_place,
     check_step,
-    mem_available,
     select_profile,
     slice_copies,
     sort_order,
@@ -287,6 +286,8 @@ def test_check_step_rejects_what_would_corrupt_the_cache() -> None:
 
 
 def test_mem_available(tmp_path: Path) -> None:
+    from device.procmem import mem_available
+
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:        7844000 kB\nMemFree:          512000 kB\n"
                        "MemAvailable:    4000000 kB\n")

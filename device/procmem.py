@@ -1,0 +1,45 @@
+"""Process and system memory read from /proc: one reader for the daemon, the bench and the
+TensorRT backend. On a Jetson the GPU's memory is this same RAM, so MemAvailable (not
+cuda.mem_get_info, which under-reports once the page cache fills: tensorrt_jetson.md §6.4) is
+what the device really has left."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+MEMINFO = Path("/proc/meminfo")
+SELF_STATUS = Path("/proc/self/status")
+
+
+def proc_kib(path: Path, keys: Sequence[str]) -> dict[str, int]:
+    """"Key:   1234 kB" lines of /proc/meminfo or /proc/self/status -> {key: bytes}; {} where
+    the file is missing or unreadable (not Linux)."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(path).read_text(encoding="ascii").splitlines():
+            key, _, rest = line.partition(":")
+            if key in keys:
+                out[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def mem_available(meminfo: Path = MEMINFO) -> int | None:
+    """MemAvailable in bytes, or None without /proc/meminfo."""
+    return proc_kib(meminfo, ("MemAvailable",)).get("MemAvailable")
+
+
+def process_rss() -> tuple[int, int]:
+    """(current RSS, peak RSS = VmHWM) of this process in bytes; psutil and getrusage where
+    /proc is missing."""
+    got = proc_kib(SELF_STATUS, ("VmRSS", "VmHWM"))
+    if "VmRSS" in got and "VmHWM" in got:
+        return got["VmRSS"], got["VmHWM"]
+    import resource
+
+    import psutil  # type: ignore[import-untyped]  # (no stubs; not a TensorRT-path dependency)
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return int(psutil.Process().memory_info().rss), peak
