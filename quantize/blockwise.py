@@ -35,6 +35,7 @@ class BlockWeights:
     bits: int
     block: int
     K: int  # rows before padding
+    zero_points: np.ndarray | None = None  # uint8 [kb, N] in [0, 2^bits - 1] (zero-point grid)
 
     @property
     def mid(self) -> int:
@@ -51,7 +52,9 @@ class BlockWeights:
     def dequantize(self) -> np.ndarray:
         """float32 [K, N]."""
         s = np.repeat(self.scales, self.block, axis=0)[:self.K]
-        w = s * (self.codes[:self.K].astype(np.float32) - self.mid)
+        zero = (np.repeat(self.zero_points, self.block, axis=0)[:self.K].astype(np.float32)
+                if self.zero_points is not None else self.mid)
+        w = s * (self.codes[:self.K].astype(np.float32) - zero)
         if self.offsets is not None:
             w = w + np.repeat(self.offsets, self.block, axis=0)[:self.K]
         return w.astype(np.float32)
@@ -100,6 +103,41 @@ def quantize_offset(w: np.ndarray, bits: int, block: int) -> BlockWeights:
     codes = q.astype(np.uint8).reshape(-1, w.shape[1])
     offsets = lo + (1 << (bits - 1)) * s
     return BlockWeights(codes, s.astype(np.float32), offsets.astype(np.float32), bits, block, K)
+
+
+def quantize_zero_point(w: np.ndarray, bits: int, block: int) -> BlockWeights:
+    """Asymmetric with an integer zero point per block: W ~= scale * (code - zp), zp and codes in
+    [0, 2^bits - 1] (MatMulNBits' optional zero_points input; no extra graph nodes, unlike the
+    offset form). The zero point is an integer, so a block whose [min, max] is not a whole number
+    of steps from zero is shifted by up to half a step; per block we keep the least-squared-error
+    of a few shrunk ranges, then refit the scale by least squares for the chosen codes."""
+    wb, K = _blocks(w, block)
+    levels = (1 << bits) - 1
+    lo, hi = np.minimum(wb.min(1), 0.0), np.maximum(wb.max(1), 0.0)  # zero representable exactly
+
+    def fit(s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        zp = np.clip(np.round(-lo / s), 0, levels)
+        q = np.clip(np.round(wb / s[:, None]) + zp[:, None], 0, levels)
+        err = (((q - zp[:, None]) * s[:, None] - wb) ** 2).sum(1)
+        return zp, q, err
+
+    base = (hi - lo) / levels
+    base[base <= 0] = 1.0
+    best_s, (best_zp, best_q, best_err) = base, fit(base)
+    for c in CLIP_CANDIDATES[1:]:
+        zp, q, err = fit(base * c)
+        better = err < best_err
+        best_s = np.where(better, base * c, best_s)
+        best_zp, best_err = np.where(better, zp, best_zp), np.where(better, err, best_err)
+        best_q = np.where(better[:, None], q, best_q)
+    # least-squares scale for the chosen integers: s = <w, q - zp> / <q - zp, q - zp>
+    d = best_q - best_zp[:, None]
+    den = (d * d).sum(1)
+    s_ls = np.where(den > 0, (wb * d).sum(1) / np.where(den > 0, den, 1.0), best_s)
+    s_ls = np.where(s_ls > 0, s_ls, best_s)
+    codes = best_q.astype(np.uint8).reshape(-1, w.shape[1])
+    return BlockWeights(codes, s_ls.astype(np.float32), None, bits, block, K,
+                        zero_points=best_zp.astype(np.uint8))
 
 
 def per_channel_int8(w: np.ndarray, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:

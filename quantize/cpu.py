@@ -3,7 +3,8 @@
   ort-matmulnbits     block-wise weight-only MatMulNBits (com.microsoft), block 32 along K,
                       accuracy_level 4 (ORT quantizes the activations to int8 per block inside
                       the kernel and runs int8 dot products: the fast path on x86 and arm64).
-                      int4: codes with the per-block offset term (quantize/offsets.py);
+                      int4: the grid the gate settles on (symmetric, integer zero points, or
+                      per-block offsets carried as extra rows: see OffsetRows below);
                       int8: symmetric codes (8 bits leave no room worth an offset).
   ort-matmul-integer  dynamic int8: MatMulInteger with per-tensor activations quantized at run
                       time (DynamicQuantizeLinear) and per-channel weights
@@ -31,8 +32,7 @@ import onnx
 from onnx import helper
 
 from quantize import graph as g
-from quantize.blockwise import BlockWeights, quantize_offset, quantize_symmetric
-from quantize.offsets import OffsetTerms
+from quantize.blockwise import BlockWeights, quantize_offset, quantize_symmetric, quantize_zero_point
 
 MS_DOMAIN = "com.microsoft"
 EMBEDDING_MIN = 1 << 16  # untied tables smaller than this (position, token-type) stay float
@@ -42,14 +42,14 @@ EMBEDDING_MIN = 1 << 16  # untied tables smaller than this (position, token-type
 class NBitsConfig:
     bits: int = 4
     block: int = 32
-    offsets: bool = True  # int4: per-block offsets (asymmetric); False: symmetric
+    grid: str = "offsets"  # int4 layers: "symmetric" | "zero-point" | "offsets" (formats.QuantOptions)
     accuracy_level: int = 4  # int8 compute inside MatMulNBits
     head_bits: int = 8  # the (tied) LM head and embedding tables
     fuse: bool = True  # one MatMulNBits for the projections that share an input (q/k/v, gate/up)
 
     def to_json(self) -> dict[str, Any]:
-        return {"bits": self.bits, "block_size": self.block, "offsets": self.offsets,
-                "symmetric": not self.offsets, "accuracy_level": self.accuracy_level,
+        return {"bits": self.bits, "block_size": self.block, "grid": self.grid,
+                "symmetric": self.grid == "symmetric", "accuracy_level": self.accuracy_level,
                 "head_bits": self.head_bits, "fused_shared_input": self.fuse}
 
 
@@ -69,25 +69,46 @@ def pack_nbits(bw: BlockWeights) -> np.ndarray:
     return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4))
 
 
+def pack_zero_points(bw: BlockWeights) -> np.ndarray:
+    """MatMulNBits' zero_points: uint8 [N * ceil(k_blocks * bits / 8)], each column's blocks in K
+    order, 4-bit values two per byte (low nibble first, each column padded to a whole byte)."""
+    assert bw.zero_points is not None
+    zp = np.ascontiguousarray(bw.zero_points.T)  # [N, kb]
+    if bw.bits == 8:
+        return zp.reshape(-1)
+    if zp.shape[1] % 2:
+        zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+    return np.ascontiguousarray(zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1)
+
+
+QUANTIZERS = {"symmetric": quantize_symmetric, "zero-point": quantize_zero_point,
+              "offsets": quantize_offset}
+
+
 def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig) -> CpuResult:
     graph = model.graph
     tied = _tied_tables(graph)
-    terms = OffsetTerms(graph, cfg.block)
-    packed: dict[tuple[str, int, bool], tuple[str, str, BlockWeights]] = {}  # -> (B, scales, codes)
-    stats: dict[str, Any] = {"layers": 0, "weights": 0, "offset_terms": 0, "embeddings": []}
+    rows = OffsetRows(graph, cfg.block)
+    packed: dict[tuple[str, int, str], tuple[list[str], BlockWeights]] = {}  # -> ([B, scales, zp?], codes)
+    stats: dict[str, Any] = {"layers": 0, "weights": 0, "offset_rows": 0, "embeddings": []}
     mms = {m.node.output[0]: m for m in g.weight_matmuls(graph)}
     gathers = {e.node.output[0]: e for e in g.embedding_gathers(graph, min_elements=0)
                if e.table in tied or _elements(graph, e.table) >= EMBEDDING_MIN}
 
-    def quantized(name: str, bits: int, offsets: bool) -> tuple[str, str, BlockWeights]:
-        key = (name, bits, offsets)
+    def quantized(name: str, bits: int, grid: str) -> tuple[list[str], BlockWeights]:
+        """The initializers MatMulNBits reads ([B, scales] or [B, scales, zero_points]) and the
+        codes of one weight, made once. The offset grid's B and scales carry the offset rows."""
+        key = (name, bits, grid)
         if key not in packed:
-            w = g.to_array(graph, name).astype(np.float32)
-            bw = quantize_offset(w, bits, cfg.block) if offsets else quantize_symmetric(w, bits, cfg.block)
-            b = g.add_initializer(graph, pack_nbits(bw), g.unique_name(graph, f"{name}_q{bits}"))
-            s = g.add_initializer(graph, np.ascontiguousarray(bw.scales.T),  # [N, kb]
-                                  g.unique_name(graph, f"{name}_scales"))
-            packed[key] = (b, s, bw)
+            bw = QUANTIZERS[grid](g.to_array(graph, name).astype(np.float32), bits, cfg.block)
+            stored = with_offset_rows(bw) if grid == "offsets" else bw
+            inputs = [g.add_initializer(graph, pack_nbits(stored), g.unique_name(graph, f"{name}_q{bits}")),
+                      g.add_initializer(graph, np.ascontiguousarray(stored.scales.T),  # [N, kb]
+                                        g.unique_name(graph, f"{name}_scales"))]
+            if bw.zero_points is not None:
+                inputs.append(g.add_initializer(graph, pack_zero_points(bw),
+                                                g.unique_name(graph, f"{name}_zero_points")))
+            packed[key] = (inputs, bw)
         return packed[key]
 
     groups = _groups(graph, [m for m in mms.values() if m.weight not in tied]) if cfg.fuse else {}
@@ -105,8 +126,8 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig) -> CpuResult:
 
     def _fused(group: list[g.WeightMatMul]) -> list[onnx.NodeProto]:
         """One MatMulNBits over the concatenated weights [K, N1+N2+..], Split back: the q/k/v
-        (and gate/up) projections read the same x; one kernel call and one offset term instead of
-        three saves per-call overhead that dominates a decode step of a model this small."""
+        (and gate/up) projections read the same x; one kernel call instead of three saves
+        per-call overhead that dominates a decode step of a model this small."""
         first = group[0]
         name = g.unique_name(graph, f"{first.weight}_fused")
         g.add_initializer(graph, np.concatenate([g.to_array(graph, m.weight) for m in group], axis=1),
@@ -124,21 +145,18 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig) -> CpuResult:
     def _matmul(m: g.WeightMatMul, out: str | None = None) -> list[onnx.NodeProto]:
         head = m.weight in tied
         bits = cfg.head_bits if head else cfg.bits
-        offsets = cfg.offsets and not head and bits == 4 and m.K % cfg.block == 0
-        b, s, bw = quantized(m.weight, bits, offsets)
+        grid = cfg.grid if not head and bits == 4 and m.K % cfg.block == 0 else "symmetric"
+        inputs, bw = quantized(m.weight, bits, grid)
         stats["layers"] += 1
         stats["weights"] += m.K * m.N
         name = m.node.name or m.weight
-        out = out or m.node.output[0]
-        main = g.unique_name(graph, f"{out}_nbits") if offsets else out
-        nodes = [helper.make_node("MatMulNBits", [m.node.input[0], b, s], [main], domain=MS_DOMAIN,
-                                  K=m.K, N=m.N, bits=bits, block_size=cfg.block,
-                                  accuracy_level=cfg.accuracy_level, name=f"{name}_Q{bits}")]
-        if offsets:
-            assert bw.offsets is not None
-            nodes += terms.nodes(m.node.input[0], m.K, bw.offsets, main, out, name)
-            stats["offset_terms"] += 1
-        return nodes
+        x, K, nodes = m.node.input[0], m.K, []
+        if grid == "offsets":  # read [x | block sums | block sums] instead of x
+            x, K, nodes = rows.augmented(x, m.K)
+            stats["offset_rows"] += 1
+        return nodes + [helper.make_node("MatMulNBits", [x, *inputs], [out or m.node.output[0]],
+                                         domain=MS_DOMAIN, K=K, N=m.N, bits=bits, block_size=cfg.block,
+                                         accuracy_level=cfg.accuracy_level, name=f"{name}_Q{bits}")]
 
     def _gather(e: g.EmbeddingGather) -> list[onnx.NodeProto] | None:
         return _quantized_gather(graph, e, cfg, quantized, stats)
@@ -148,6 +166,67 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig) -> CpuResult:
     g.ensure_opset(model, MS_DOMAIN, 1)
     return CpuResult(model, {**cfg.to_json(), **stats, "tied_head": sorted(tied),
                              "kernel": "com.microsoft.MatMulNBits"})
+
+
+# --- the offset grid inside one MatMulNBits ---------------------------------------------------
+#
+# The offset form W[k, n] = s[b, n] (q[k, n] - 8) + c[b, n] (quantize/blockwise.py; exact on the
+# packaged Q4_1 weights) needs x @ W = x @ (s (q - 8)) + bs(x) @ C, with bs(x)[b] the sum of x
+# over block b. Run as a separate MatMul + Add per weight, the second term cost a third of a
+# SmolLM2 decode step (three small nodes per weight: per-node overhead, and C in fp32). Instead
+# the block sums ride along as extra input features of the same MatMulNBits:
+#
+#     x_aug = [x | bs(x) 0.. | bs(x) 0..]           [.., K + 2P]   P = kb rounded up to a block
+#     W_aug = [ s (q - 8)  ]  K rows                 (the int4 codes as before)
+#             [ C1         ]  P rows: C rounded to 4 bits (symmetric, per block of P rows)
+#             [ C - C1     ]  P rows: the remainder, rounded to 4 bits again
+#
+# so x_aug @ W_aug = x @ W up to the two-digit rounding of C (about 8 bits: |error| <= max|C| / 240
+# per block of offsets, a small fraction of one int4 step). x_aug costs a Reshape + ReduceSum (the
+# block sums), a Pad and a Concat, shared by every weight that reads the same x; the zero rows
+# under the padding keep the padded entries out of the result.
+
+OFFSET_DIGITS = 2
+
+
+def with_offset_rows(bw: BlockWeights) -> BlockWeights:
+    """bw (offset form) as zero-point-free codes of the augmented weight [K + 2P, N]."""
+    assert bw.offsets is not None and bw.K % bw.block == 0
+    kb, N = bw.offsets.shape
+    P = -(-kb // bw.block) * bw.block
+    C = np.zeros((P, N), np.float32)
+    C[:kb] = bw.offsets
+    codes, scales = [bw.codes[:bw.K]], [bw.scales]
+    for _ in range(OFFSET_DIGITS):
+        digit = quantize_symmetric(C, bw.bits, bw.block, search=False)
+        codes.append(digit.codes)
+        scales.append(digit.scales)
+        C = C - digit.dequantize()
+    return BlockWeights(np.concatenate(codes), np.concatenate(scales), None, bw.bits, bw.block,
+                        bw.K + OFFSET_DIGITS * P)
+
+
+class OffsetRows:
+    """Builds x_aug = Concat(x, pad(bs(x)), pad(bs(x))) once per input tensor x."""
+
+    def __init__(self, graph: onnx.GraphProto, block: int) -> None:
+        self.graph, self.block = graph, block
+        self.made: dict[str, tuple[str, int]] = {}  # x -> (x_aug, K_aug)
+
+    def augmented(self, x: str, K: int) -> tuple[str, int, list[onnx.NodeProto]]:
+        if x in self.made:
+            return (*self.made[x], [])
+        kb = K // self.block
+        P = -(-kb // self.block) * self.block
+        name = lambda s: g.unique_name(self.graph, f"{x}_{s}")  # noqa: E731
+        const = lambda v, s: g.add_initializer(self.graph, np.array(v, np.int64), name(s))  # noqa: E731
+        blocks, sums, padded, out = name("blocks"), name("block_sums"), name("block_sums_padded"), name("aug")
+        nodes = [helper.make_node("Reshape", [x, const([0, 0, kb, self.block], "blocks_shape")], [blocks]),
+                 helper.make_node("ReduceSum", [blocks, const([-1], "axis")], [sums], keepdims=0),
+                 helper.make_node("Pad", [sums, const([0, 0, 0, 0, 0, P - kb], "pads")], [padded]),
+                 helper.make_node("Concat", [x] + [padded] * OFFSET_DIGITS, [out], axis=-1)]
+        self.made[x] = (out, K + OFFSET_DIGITS * P)
+        return out, K + OFFSET_DIGITS * P, nodes
 
 
 def _groups(graph: onnx.GraphProto, mms: list[g.WeightMatMul]) -> dict[str, list[g.WeightMatMul]]:
@@ -191,7 +270,7 @@ def _quantized_gather(graph: onnx.GraphProto, e: g.EmbeddingGather, cfg: NBitsCo
     # Quantize as a [C, V] matrix (blocks along C): for axis 1 that is the table itself and the
     # bytes are shared with the tied MatMulNBits; for axis 0 ([V, C]) its transpose.
     src = e.table if e.axis == 1 else _transposed(graph, e.table)
-    b, _, bw = quantized(src, bits, False)
+    (b, *_), bw = quantized(src, bits, "symmetric")
     V, kb = bw.scales.shape[1], bw.scales.shape[0]
     s3 = g.add_initializer(graph, np.ascontiguousarray(bw.scales.T)[:, :, None],  # [V, kb, 1]
                            g.unique_name(graph, f"{e.table}_gather_scales"))

@@ -25,9 +25,13 @@ class QuantOptions:
     """Knobs with defaults that the gate and the benchmark settled; the CLI exposes a few."""
 
     block_size: int = 32  # int4/int8 blocks along K (the packaged SmolLM2 GGUF uses 32)
-    # int4 grid: False symmetric, True per-block offsets (min-max), None: let the gate choose
-    # (symmetric first, the faster graph; offsets when symmetric fails the gate)
-    int4_offsets: bool | None = None
+    # int4 grid of the weight blocks, None: let the gate choose along the format's `grids`
+    # ladder (fastest graph first; the next one only when the gate rejects the previous):
+    #   "symmetric"   zero point 0 (the plainest graph; what TensorRT's INT4 DQ requires)
+    #   "zero-point"  an integer zero point per block (MatMulNBits' zero_points; no extra nodes)
+    #   "offsets"     a float offset per block, exact on Q4_1-style weights, at the price of one
+    #                 small extra MatMul + Add per weight (quantize/offsets.py)
+    int4_grid: str | None = None
     accuracy_level: int = 4  # MatMulNBits: int8 compute (the fast CPU path)
     head_bits: int = 8  # CPU: the (tied) LM head / embedding table
     smooth_alpha: float | None = 0.7  # W8A8 SmoothQuant migration strength; None: off
@@ -65,6 +69,7 @@ class Format:
     calibrated: bool  # needs activation statistics from the calibration text
     summary: str
     apply: Callable[[FormatJob], FormatOutput]
+    grids: tuple[str, ...] = ()  # int4 grids it writes, in the order the gate tries them
 
 
 def _nbits(job: FormatJob) -> FormatOutput:
@@ -72,7 +77,7 @@ def _nbits(job: FormatJob) -> FormatOutput:
 
     o = job.options
     bits = 4 if job.precision == "int4" else 8
-    cfg = NBitsConfig(bits=bits, block=o.block_size, offsets=bool(o.int4_offsets) and bits == 4,
+    cfg = NBitsConfig(bits=bits, block=o.block_size, grid=o.int4_grid or "symmetric" if bits == 4 else "symmetric",
                       accuracy_level=o.accuracy_level, head_bits=max(o.head_bits, bits))
     r = matmul_nbits(job.model, cfg)
     return FormatOutput(r.model, r.details)
@@ -134,7 +139,7 @@ def _trt_int4(job: FormatJob) -> FormatOutput:
     from quantize.trt_qdq import int4_weight_only, tied_head_weights
 
     skip = tied_head_weights(job.model)
-    r = int4_weight_only(job.model, job.options.block_size, bool(job.options.int4_offsets), skip,
+    r = int4_weight_only(job.model, job.options.block_size, job.options.int4_grid == "offsets", skip,
                          fp16=_fp16(job))
     r.details["tied_lm_head"] = ("kept fp16 (shared with the embedding Gather; int4 on it cost "
                                  "the most accuracy)" if skip else "none")
@@ -143,7 +148,8 @@ def _trt_int4(job: FormatJob) -> FormatOutput:
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("ort-matmulnbits", "onnxruntime", ("int8", "int4"), False,
-           "block-wise weight-only MatMulNBits, int8 compute (accuracy_level 4)", _nbits),
+           "block-wise weight-only MatMulNBits, int8 compute (accuracy_level 4)", _nbits,
+           grids=("symmetric", "zero-point", "offsets")),
     Format("ort-matmul-integer", "onnxruntime", ("int8",), False,
            "dynamic int8 MatMulInteger (per-tensor activations at run time)", _matmul_integer),
     Format("trt-fp16", "tensorrt", ("fp16",), False,
@@ -152,7 +158,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "static W8A8 Q/DQ: per-channel weights, calibrated per-tensor activations, "
            "zero points 0, SmoothQuant", _trt_w8a8("int8")),
     Format("qdq-int4-block-weight-only", "tensorrt", ("int4",), False,
-           "INT4 weights, DequantizeLinear(block_size) on 2-D constants, zero points 0", _trt_int4),
+           "INT4 weights, DequantizeLinear(block_size) on 2-D constants, zero points 0", _trt_int4,
+           grids=("symmetric", "offsets")),
     Format("qdq-fp8", "tensorrt", ("fp8",), True,
            "static FP8 (E4M3) Q/DQ: per-channel weights, calibrated per-tensor activations",
            _trt_w8a8("fp8")),

@@ -45,7 +45,8 @@ STEPS = 3  # progress steps this module reports (for Steps(total=...))
 
 def steps_total(precision: str, options: QuantOptions | None = None) -> int:
     """For Steps(total=...): 0 (no counter) when the int4 grid may take a second try."""
-    return 0 if len(_tries(precision, options or QuantOptions())) > 1 else STEPS
+    options = options or QuantOptions()
+    return 0 if precision == "int4" and options.int4_grid is None else STEPS
 
 
 class GateFailure(ToolkitError):
@@ -104,11 +105,11 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
     tok = _tokenizer(bundle, src)
     cal = _calibration(src, fmt_rec, text, tok, samples, seq_len, steps)  # 2.
     t0 = time.perf_counter()
-    tries = _tries(precision, options)
+    tries = _tries(precision, options, fmt_rec)
     tried: list[dict[str, Any]] = []  # gate figures of each int4 grid tried
     with staged_bundle(out, force) as staging:
         for i, opts in enumerate(tries):
-            label = "" if len(tries) == 1 else f", {'offsets' if opts.int4_offsets else 'symmetric'} grid"
+            label = "" if len(tries) == 1 else f", {opts.int4_grid} grid"
             with steps.step(f"quantizing to {precision} ({fmt_rec.name}{label})"):  # 3.
                 produced = _apply(bundle, src, fmt_rec, precision, staging, opts, cal, steps, threads)
                 from convert.export import save_model
@@ -121,13 +122,13 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
             if len(tries) > 1:
                 tried.append(_try_record(opts, gate))
                 manifest.quantization["grid_choice"] = {  # type: ignore[index]
-                    "rule": "symmetric first (the plainer, faster graph); per-block offsets when "
-                            "it fails the gate", "tried": list(tried)}
+                    "rule": f"{' -> '.join(fmt_rec.grids)}: the plainer, faster graph first, the "
+                            "next only when the gate rejects it", "tried": list(tried)}
             if gate.passed:
                 break
             if i + 1 < len(tries):
-                steps.say(f"    the symmetric grid failed the gate ({'; '.join(gate.failures)}); "
-                          "trying per-block offsets")
+                steps.say(f"    the {opts.int4_grid} grid failed the gate ({'; '.join(gate.failures)}); "
+                          f"trying the {tries[i + 1].int4_grid} grid")
         if not gate.passed and not force:
             raise GateFailure(gate, precision, fmt_rec.name)
         with steps.step("writing the bundle"):  # 5.
@@ -144,17 +145,22 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
                           seconds)
 
 
-def _tries(precision: str, options: QuantOptions) -> list[QuantOptions]:
-    """The option sets to try in order: int4 with int4_offsets=None tries the symmetric grid
-    (the plainer, faster graph) and falls back to per-block offsets when the gate rejects it."""
-    if precision != "int4" or options.int4_offsets is not None:
+def _tries(precision: str, options: QuantOptions, fmt: Format) -> list[QuantOptions]:
+    """The option sets to try in order: int4 with int4_grid=None walks the format's grid ladder
+    (the plainer, faster graph first) and stops at the first the gate accepts."""
+    if precision != "int4" or not fmt.grids:
         return [options]
-    return [replace(options, int4_offsets=False), replace(options, int4_offsets=True)]
+    if options.int4_grid is not None:
+        if options.int4_grid not in fmt.grids:
+            raise ToolkitError(f"format {fmt.name} has no {options.int4_grid!r} int4 grid",
+                               hint=f"choose one of {', '.join(fmt.grids)}")
+        return [options]
+    return [replace(options, int4_grid=grid) for grid in fmt.grids]
 
 
 def _try_record(opts: QuantOptions, gate: GateResult) -> dict[str, Any]:
     figures = gate.to_json()
-    return {"grid": "offsets" if opts.int4_offsets else "symmetric", "passed": gate.passed,
+    return {"grid": opts.int4_grid, "passed": gate.passed,
             **{k: figures.get(k) for k in ("ppl_increase", "top1_agreement", "cosine_min")}}
 
 

@@ -56,8 +56,8 @@ def q_fp32_bundle(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, st
 @pytest.fixture(scope="session")
 def q_bundle(q_fp32_bundle: Callable[[str, str], Path],
              tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """q_bundle(kind, target, precision, fmt=None, offsets=None) -> a quantized bundle (loose
-    gate), cached; fmt overrides the target's format, offsets the int4 grid (None: the gate's
+    """q_bundle(kind, target, precision, fmt=None, grid=None) -> a quantized bundle (loose
+    gate), cached; fmt overrides the target's format, grid the int4 grid (None: the gate's
     choice, which is the symmetric grid under these loose limits)."""
     from quantize import quantize_bundle
     from quantize.formats import QuantOptions
@@ -65,12 +65,12 @@ def q_bundle(q_fp32_bundle: Callable[[str, str], Path],
     cache: dict[tuple[Any, ...], Path] = {}
 
     def get(kind: str, target: str, precision: str, fmt: str | None = None,
-            offsets: bool | None = None) -> Path:
-        key = (kind, target, precision, fmt, offsets)
+            grid: str | None = None) -> Path:
+        key = (kind, target, precision, fmt, grid)
         if key not in cache:
             out = tmp_path_factory.mktemp("q-out") / f"{kind}-{target}-{precision}"
             quantize_bundle(q_fp32_bundle(kind, target), precision, out=out, thresholds=LOOSE,
-                            samples=4, seq_len=32, fmt=fmt, options=QuantOptions(int4_offsets=offsets))
+                            samples=4, seq_len=32, fmt=fmt, options=QuantOptions(int4_grid=grid))
             cache[key] = out
         return cache[key]
 

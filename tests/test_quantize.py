@@ -68,13 +68,17 @@ NBITS = "ort-matmulnbits"
 
 @pytest.mark.parametrize("precision,bits", [("int4", 4), ("int8", 8)])
 def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
-    bundle = q_bundle("llama", "cpu", precision, NBITS, True if bits == 4 else None)
+    bundle = q_bundle("llama", "cpu", precision, NBITS, "offsets" if bits == 4 else None)
     m = graph(bundle)
     mm = nodes(m, "MatMulNBits")
-    # no float weights left but the offset terms' [K, K/32] block sums and [K/32, N] offsets
-    float_mm = [n for n in nodes(m, "MatMul") if n.input[1] in inits(m)]
-    assert mm and all("offset_term" in n.name or "blocksum" in n.name for n in float_mm)
-    assert bool(float_mm) is (bits == 4)
+    assert not [n for n in nodes(m, "MatMul") if n.input[1] in inits(m)]  # no float weights left
+    # int4 offsets ride as extra rows: the layers read [x | block sums | block sums], K + 2P wide
+    augmented = [n for n in mm if n.input[0].endswith("_aug")]
+    assert bool(augmented) is (bits == 4) and bool(nodes(m, "ReduceSum")) is (bits == 4)
+    for n in augmented:
+        (cat,) = [c for c in nodes(m, "Concat") if c.output[0] == n.input[0]]
+        assert len(cat.input) == 3 and cat.input[1] == cat.input[2]
+        assert attr(n, "K") % 32 == 0 and attr(n, "bits") == 4
     layer_bits = {attr(n, "bits") for n in mm}
     assert layer_bits == ({4, 8} if bits == 4 else {8})  # int4 layers, int8 tied head
     assert {attr(n, "block_size") for n in mm} == {32}
@@ -84,11 +88,11 @@ def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
     head = [n for n in mm if n.input[1] == gbq.input[0]]
     assert len(head) == 1 and attr(head[0], "bits") == 8
     assert not [t for t in m.graph.initializer if t.data_type == TensorProto.FLOAT
-                and np.prod(t.dims) >= 8 * 128]  # no float copy of the table
+                and np.prod(t.dims) >= 8 * 128 and not t.name.endswith("_scales")]  # no float table
     manifest = load_verified(bundle)
     q = manifest.quantization
     assert manifest.precision == precision and q["format"] == "ort-matmulnbits"
-    assert q["details"]["offsets"] is (bits == 4)
+    assert q["details"]["grid"] == ("offsets" if bits == 4 else "symmetric")
     assert {"ppl_fp32", "ppl_quantized", "top1_agreement", "greedy"} <= set(q["gate"])
     # projections that read the same input (gate/up, q/k/v if not fused at export) are fused
     layer_inputs = [n.input[0] for n in mm if n.input[1] != gbq.input[0]]
@@ -96,9 +100,9 @@ def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
 
 
 def test_cpu_int4_symmetric_when_it_passes(q_bundle):  # noqa: F811
-    """With limits the symmetric grid meets, the gate's choice is symmetric (no offset terms)."""
+    """With limits the symmetric grid meets, the gate's choice is symmetric (no offset rows)."""
     m = graph(q_bundle("llama", "cpu", "int4"))
-    assert not [n for n in nodes(m, "MatMul") if n.input[1] in inits(m)]
+    assert not nodes(m, "ReduceSum") and all(len(n.input) == 3 for n in nodes(m, "MatMulNBits"))
     q = load_verified(q_bundle("llama", "cpu", "int4")).quantization
     assert [t["grid"] for t in q["grid_choice"]["tried"]] == ["symmetric"]
 
@@ -117,6 +121,83 @@ def test_cpu_int4_numerics_and_generation(q_bundle, q_fp32_bundle):  # noqa: F81
     assert len(tokens) == 8
     report = (bundle / "report.md").read_text()
     assert "## Quantization" in report and "perplexity" in report
+
+
+@pytest.mark.parametrize("grid", ["zero-point", "offsets"])
+def test_cpu_int4_grids_run_close_to_fp32(q_bundle, q_fp32_bundle, grid):  # noqa: F811
+    bundle = q_bundle("llama", "cpu", "int4", NBITS, grid)
+    m = graph(bundle)
+    layers = [n for n in nodes(m, "MatMulNBits") if attr(n, "bits") == 4]
+    if grid == "zero-point":  # B, scales, zero_points
+        assert layers and all(len(n.input) == 4 for n in layers)
+    cos, _ = agreement(logits(q_fp32_bundle("llama", "cpu"), IDS), logits(bundle, IDS))
+    assert cos > 0.9
+    assert load_verified(bundle).quantization["details"]["grid"] == grid
+
+
+@pytest.mark.parametrize("K,N", [(64, 24), (96, 40)])
+def test_offset_rows_reproduce_the_offset_form(K, N):
+    """x_aug @ W_aug (one MatMulNBits, fp32 compute) equals x @ W of the offset form, up to the
+    two-digit rounding of the offsets; Q4_1-style weights come back near-exactly."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from quantize.blockwise import quantize_offset
+    from quantize.cpu import OffsetRows, pack_nbits, with_offset_rows
+
+    rng = np.random.default_rng(K)
+    kb = K // 32
+    step = rng.uniform(0.001, 0.02, (kb, N))
+    low = -rng.uniform(0, 0.15, (kb, N))
+    w = (np.repeat(step, 32, 0) * rng.integers(0, 16, (K, N)) + np.repeat(low, 32, 0)).astype(np.float32)
+    bw = quantize_offset(w, 4, 32)
+    aug = with_offset_rows(bw)
+    g = helper.make_graph([], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    xa, Ka, extra = OffsetRows(g, 32).augmented("x", K)
+    g.initializer.extend([numpy_helper.from_array(pack_nbits(aug), "B"),
+                          numpy_helper.from_array(np.ascontiguousarray(aug.scales.T), "S")])
+    g.node.extend(extra + [helper.make_node("MatMulNBits", [xa, "B", "S"], ["y"], domain="com.microsoft",
+                                            K=Ka, N=N, bits=4, block_size=32, accuracy_level=0)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                                helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((2, 3, K)).astype(np.float32) + 0.3
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    ref = x @ bw.dequantize()
+    assert Ka == K + 2 * 32
+    assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max()
+    assert np.abs(ref - x @ w).max() < 0.03 * np.abs(x @ w).max()
+
+
+def test_zero_point_grid_matches_the_kernel():
+    """pack_zero_points' layout is the one MatMulNBits reads (odd block counts padded per column)."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from quantize.blockwise import quantize_symmetric, quantize_zero_point, relative_error
+    from quantize.cpu import pack_nbits, pack_zero_points
+
+    rng = np.random.default_rng(3)
+    K, N = 96, 10  # 3 blocks per column: the packed zero points pad each column to 2 bytes
+    w = (rng.standard_normal((K, N)) * 0.05 + 0.03).astype(np.float32)
+    bw = quantize_zero_point(w, 4, 32)
+    assert bw.zero_points is not None and pack_zero_points(bw).shape == (N * 2,)
+    inits_ = [numpy_helper.from_array(pack_nbits(bw), "B"),
+              numpy_helper.from_array(np.ascontiguousarray(bw.scales.T), "S"),
+              numpy_helper.from_array(pack_zero_points(bw), "Z")]
+    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft",
+                            K=K, N=N, bits=4, block_size=32, accuracy_level=0)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits_)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                                helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ bw.dequantize(), rtol=1e-4, atol=1e-4)
+    # a block off-centre (mean 0.03, sd 0.05) is coded closer with a zero point than without
+    assert relative_error(w, bw.dequantize()) < relative_error(w, quantize_symmetric(w, 4, 32).dequantize())
 
 
 def test_cpu_matmul_integer_structure(q_bundle):  # noqa: F811
@@ -310,9 +391,9 @@ def test_gate_failure_with_force_records_it(q_fp32_bundle, tmp_path):  # noqa: F
     q = json.loads((out / "manifest.json").read_text())["quantization"]
     assert q["gate"]["passed"] is False and q["forced"] is True
     assert any("top-1" in f for f in q["gate"]["failures"])
-    # int4: the symmetric grid failed, so per-block offsets were tried too (and failed as well)
+    # int4: the symmetric grid failed, so the format's other grids were tried (and failed too)
     assert [(t["grid"], t["passed"]) for t in q["grid_choice"]["tried"]] == [
-        ("symmetric", False), ("offsets", False)]
+        ("symmetric", False), ("zero-point", False), ("offsets", False)]
     assert "FAILED (written with --force)" in (out / "report.md").read_text()
 
 
