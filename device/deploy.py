@@ -27,15 +27,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from device.checksum import crc32
 from device.serial_link import DEFAULT_BAUD, LinkDown
 from device.store import InstallResult, UploadState
 from device.transfer import (
@@ -46,9 +45,10 @@ from device.transfer import (
     RemoteError,
     SerialDeployClient,
     compatibility_problems,
+    read_range,
 )
 from toolkit.errors import ToolkitError
-from toolkit.manifest import MANIFEST, Manifest, load_verified
+from toolkit.manifest import MANIFEST, Manifest, load_verified, read_manifest
 
 DEVICE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RETRY_CODES = ("gap", "unknown_upload", "bad_crc")  # answered by beginning again
@@ -261,21 +261,28 @@ def check_against_device(manifest: Manifest, hello: Hello, bundle: Path, device:
 def deploy(bundle: Path, name: str, progress: Progress | None = None, retries: int = 3,
            on_retry: Callable[[str], None] | None = None) -> DeployResult:
     bundle = Path(bundle)
-    manifest = load_verified(bundle)  # every hash, before anything is sent
+    manifest = read_manifest(bundle)
     manifest_bytes = (bundle / MANIFEST).read_bytes()
     device = get_device(name)
     client = open_client(device)
     try:
         hello = client.hello()
-        check_against_device(manifest, hello, bundle, device)
-        return _upload(client, device, bundle, manifest, manifest_bytes, hello.chunk, progress,
+        check_against_device(manifest, hello, bundle, device)  # refused before any hashing
+        # every hash, before anything is sent; the same pass computes each chunk's CRC32 (the
+        # upload then never reads the files in Python: HTTP sends them with sendfile)
+        crcs: ChunkCrcs = {}
+        load_verified(bundle, hello.chunk, lambda rel, block: crcs.setdefault(rel, []).append(crc32(block)))
+        return _upload(client, device, bundle, manifest, manifest_bytes, hello.chunk, crcs, progress,
                        retries, on_retry)
     finally:
         client.close()
 
 
+ChunkCrcs = dict[str, list[int]]  # file -> CRC32 of each chunk-sized block from offset 0
+
+
 def _upload(client: DeployClient, device: Device, bundle: Path, manifest: Manifest,
-            manifest_bytes: bytes, chunk: int, progress: Progress | None, retries: int,
+            manifest_bytes: bytes, chunk: int, crcs: ChunkCrcs, progress: Progress | None, retries: int,
             on_retry: Callable[[str], None] | None) -> DeployResult:
     failures, attempts = 0, 1
     held_at_start: int | None = None
@@ -289,7 +296,7 @@ def _upload(client: DeployClient, device: Device, bundle: Path, manifest: Manife
             held.append(state.held_bytes)
             if held_at_start is None:
                 held_at_start = state.held_bytes
-            _send_missing(client, bundle, manifest, state, chunk, counter, progress)
+            _send_missing(client, bundle, state, chunk, crcs, counter, progress)
             upload_s = time.perf_counter() - t0
             install = client.commit(state.upload_id)
             return DeployResult(device, bundle, state.upload_id, state.total_bytes, held_at_start,
@@ -315,11 +322,13 @@ class _Sent:
     bytes = 0
 
 
-def _send_missing(client: DeployClient, bundle: Path, manifest: Manifest, state: UploadState,
-                  chunk: int, counter: _Sent, progress: Progress | None) -> None:
-    """Send every file from the offset the device holds. Reading and CRC of the next chunks
-    overlap the transfer (a reader thread; both release the GIL), and the HTTP client keeps
-    two chunks in flight."""
+def _send_missing(client: DeployClient, bundle: Path, state: UploadState, chunk: int, crcs: ChunkCrcs,
+                  counter: _Sent, progress: Progress | None) -> None:
+    """Send every file from the offset the device holds, in chunks on the `chunk` grid (a resume
+    point off that grid first sends the piece up to the next grid line). A chunk names its bytes
+    (file, offset, length) rather than carrying them: the HTTP client sends them from the file
+    with sendfile, the serial client reads them. The CRC32 comes from the verification pass,
+    or is computed here for an off-grid piece."""
     total = state.total_bytes
     done = state.held_bytes
     if progress:
@@ -327,72 +336,24 @@ def _send_missing(client: DeployClient, bundle: Path, manifest: Manifest, state:
 
     def chunks() -> Iterator[Chunk]:
         for rel, fp in state.files.items():
-            if fp.held < fp.size:
-                offset = fp.held
-                for data, crc in _read_ahead(bundle / rel, offset, fp.size, chunk):
-                    yield Chunk(rel, offset, data, crc)
-                    offset += len(data)
+            offset = fp.held
+            while offset < fp.size:
+                n = min(chunk - offset % chunk, fp.size - offset)
+                known = crcs.get(rel, [])
+                i = offset // chunk
+                crc = (known[i] if offset % chunk == 0 and i < len(known)
+                       else crc32(read_range(bundle / rel, offset, n)))
+                yield Chunk(rel, offset, n, crc, bundle / rel)
+                offset += n
 
     for c, held in client.send_chunks(state.upload_id, chunks()):
-        counter.bytes += len(c.data)
-        if held != c.offset + len(c.data):  # the device holds something else: begin again
+        counter.bytes += c.length
+        if held != c.offset + c.length:  # the device holds something else: begin again
             raise RemoteError(f"{c.path}: the device holds {held} bytes, expected "
-                              f"{c.offset + len(c.data)}", 409, "gap")
-        done += len(c.data)
+                              f"{c.offset + c.length}", 409, "gap")
+        done += c.length
         if progress:
             progress(done, total)
-
-
-def _read_ahead(path: Path, offset: int, size: int, chunk: int) -> Iterator[tuple[bytes, int]]:
-    """(data, crc32) of each chunk from offset to size, produced one chunk ahead in a thread."""
-    results: list[tuple[bytes, int] | BaseException | None] = []
-    cond = threading.Condition()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                pos = offset
-                while pos < size and not stop.is_set():
-                    data = f.read(min(chunk, size - pos))
-                    if not data:
-                        raise ToolkitError(f"{path} is shorter than its manifest says; it changed "
-                                           "after verification", hint="deploy again")
-                    item = (data, zlib.crc32(data))
-                    with cond:
-                        cond.wait_for(lambda: len(results) < 2 or stop.is_set())
-                        results.append(item)
-                        cond.notify_all()
-                    pos += len(data)
-            with cond:
-                results.append(None)
-                cond.notify_all()
-        except (OSError, ToolkitError) as e:
-            with cond:
-                results.append(e)
-                cond.notify_all()
-
-    thread = threading.Thread(target=produce, name="deploy-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            with cond:
-                cond.wait_for(lambda: bool(results))
-                item = results.pop(0)
-                cond.notify_all()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                if isinstance(item, ToolkitError):
-                    raise item
-                raise ToolkitError(f"cannot read {path}: {item}") from item
-            yield item
-    finally:
-        stop.set()
-        with cond:
-            cond.notify_all()
-        thread.join(timeout=5.0)
 
 
 def rollback(name: str) -> InstallResult:

@@ -57,12 +57,12 @@ import random
 import struct
 import threading
 import time
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from device.checksum import crc32
 from toolkit.errors import ToolkitError
 
 log = logging.getLogger("toolkit.serial")
@@ -138,7 +138,7 @@ class Frame:
 
 def encode_frame(f: Frame) -> bytes:
     body = HEADER.pack(MAGIC, f.type, f.flags, f.session, f.seq, f.aux, len(f.payload)) + f.payload
-    return cobs_encode(body + CRC.pack(zlib.crc32(body))) + b"\x00"
+    return cobs_encode(body + CRC.pack(crc32(body))) + b"\x00"
 
 
 def decode_frame(encoded: bytes) -> Frame | None:
@@ -152,7 +152,7 @@ def decode_frame(encoded: bytes) -> Frame | None:
     magic, ftype, flags, session, seq, aux, length = HEADER.unpack_from(raw)
     if magic != MAGIC or length > MAX_PAYLOAD or len(raw) != HEADER.size + length + CRC.size:
         return None
-    if zlib.crc32(memoryview(raw)[:-CRC.size]) != CRC.unpack_from(raw, len(raw) - CRC.size)[0]:
+    if crc32(memoryview(raw)[:-CRC.size]) != CRC.unpack_from(raw, len(raw) - CRC.size)[0]:
         return None
     return Frame(ftype, session, seq, aux, flags, raw[HEADER.size:HEADER.size + length])
 

@@ -58,12 +58,12 @@ import shutil
 import stat
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device.checksum import crc32 as checksum_crc32
 from toolkit.errors import ToolkitError
 from toolkit.manifest import MANIFEST, UNHASHED_DIRS, Manifest, sha256_file, verify_files
 
@@ -617,7 +617,7 @@ class Store:
         if len(data) > self.limits.max_chunk_bytes:
             raise StoreError(f"chunk of {len(data)} bytes exceeds the {self.limits.max_chunk_bytes}-"
                              "byte limit", status=413, code="too_large")
-        if zlib.crc32(data) != crc32:
+        if checksum_crc32(data) != crc32:
             raise StoreError(f"chunk {rel}@{offset} failed its CRC32 check; nothing was written",
                              status=422, code="bad_crc", hint="send the chunk again")
         with self._lock:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import platform
 import re
 import shutil
@@ -55,7 +56,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote, urlsplit
 
 from device.serial_link import Link, LinkConfig, LinkDown, open_port
@@ -284,7 +285,6 @@ class DeployService:
             h.send_json(200, to_json(self.begin(h.read_body())))
 
     def _http_chunk(self, h: Any, upload_id: str) -> None:
-        _nodelay(h)
         query = parse_qs(urlsplit(h.path).query)
         try:
             path, offset, crc = query["path"][0], int(query["offset"][0]), int(query["crc32"][0])
@@ -332,14 +332,6 @@ class DeployService:
             h.send_json(200, to_json(self.rollback()))
 
 
-def _nodelay(h: Any) -> None:
-    """http.server writes a response's headers and body in two sends; with Nagle on, the small
-    second one waits for the client's delayed ACK (40 ms on Linux) on every chunk."""
-    sock = getattr(h, "connection", None)
-    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class _as_http_error:
     """StoreError -> the daemon's HTTPError (its dispatcher writes the JSON error body)."""
 
@@ -382,10 +374,30 @@ def unpack(message: bytes) -> tuple[dict[str, Any], bytes]:
 
 @dataclass(frozen=True)
 class Chunk:
+    """A piece of one bundle file: its bytes stay in the file until a transport sends them."""
+
     path: str  # the manifest path of its file
     offset: int
-    data: bytes
+    length: int
     crc32: int
+    file: Path  # where the bytes are on the host
+
+    @property
+    def data(self) -> bytes:
+        return read_range(self.file, self.offset, self.length)
+
+
+def read_range(path: Path, offset: int, length: int) -> bytes:
+    """`length` bytes of a file from `offset`; a file that got shorter is a ToolkitError."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), length, offset)
+    except OSError as e:
+        raise ToolkitError(f"cannot read {path}: {e}") from e
+    if len(data) != length:
+        raise ToolkitError(f"{path} is shorter than its manifest says; it changed after verification",
+                           hint="deploy again")
+    return data
 
 
 class RemoteError(ToolkitError):
@@ -555,16 +567,17 @@ class HttpDeployClient(DeployClient):
         sock = self._raw_socket()
         reader = sock.makefile("rb")
         pending: deque[Chunk] = deque()
+        files = _OpenFiles()
         try:
             for c in chunks:
                 head = (f"PUT {PREFIX}/uploads/{upload_id}?path={quote(c.path, safe='')}&offset={c.offset}"
                         f"&crc32={c.crc32} HTTP/1.1\r\nHost: device\r\nContent-Type: application/"
-                        f"octet-stream\r\nContent-Length: {len(c.data)}\r\n")
+                        f"octet-stream\r\nContent-Length: {c.length}\r\n")
                 if self.token:
                     head += f"Authorization: Bearer {self.token}\r\n"
                 try:
                     sock.sendall(head.encode() + b"\r\n")
-                    sock.sendall(c.data)
+                    _sendfile(sock, files.get(c.file), c)
                 except OSError as e:
                     raise LinkDown(f"the connection to {self.uri} failed: {e}") from e
                 pending.append(c)
@@ -575,6 +588,7 @@ class HttpDeployClient(DeployClient):
                 done = pending.popleft()
                 yield done, self._chunk_reply(reader)
         finally:
+            files.close()
             reader.close()
             sock.close()
 
@@ -616,6 +630,38 @@ class HttpDeployClient(DeployClient):
         if not isinstance(obj, dict) or "held" not in obj:
             raise RemoteError(f"the device answered a chunk with {body[:200]!r}", status, "bad_reply")
         return int(obj["held"])
+
+
+class _OpenFiles:
+    """The bundle file being sent, kept open from one chunk to the next."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self._file: BinaryIO | None = None
+
+    def get(self, path: Path) -> BinaryIO:
+        if path != self.path or self._file is None:
+            self.close()
+            try:
+                self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+            except OSError as e:
+                raise ToolkitError(f"cannot read {path}: {e}") from e
+            self.path = path
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file, self.path = None, None
+
+
+def _sendfile(sock: socket.socket, file: BinaryIO, c: Chunk) -> None:
+    """The chunk's bytes from the file straight to the socket (socket.sendfile: the kernel
+    copies from the page cache, no pass through Python; it honours the socket's timeout). A
+    file that ends early leaves the request short: an error, and the connection is dropped."""
+    if sock.sendfile(file, c.offset, c.length) != c.length:
+        raise ToolkitError(f"{c.file} is shorter than its manifest says; it changed after "
+                           "verification", hint="deploy again")
 
 
 def _remote_error(obj: Any, status: int, where: str) -> RemoteError:

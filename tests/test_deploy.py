@@ -726,3 +726,31 @@ def test_cli_devices_deploy_rollback(bundles: dict[str, Path], config: Path, sta
     assert r.exit_code == 0
     r = runner.invoke(main, ["deploy", str(bundles["a"]), "--device", "local"])
     assert r.exit_code == 1 and "unknown" in r.output
+
+
+def test_chunks_follow_the_grid_from_an_off_grid_resume_point(tmp_path):
+    """A resume point off the chunk grid (the device held bytes sent in other-sized chunks)
+    first sends the piece up to the next grid line; every CRC32, taken from the verification
+    pass or computed for that piece, is the CRC of exactly the bytes the chunk names."""
+    from device.checksum import crc32
+    from device.deploy import _send_missing, _Sent
+    from device.store import FileProgress, UploadState
+    from device.transfer import DeployClient
+
+    data = os.urandom(10_000)
+    (tmp_path / "w.bin").write_bytes(data)
+    chunk = 4096
+    grid = {"w.bin": [crc32(data[i:i + chunk]) for i in range(0, len(data), chunk)]}
+
+    class Recorder(DeployClient):
+        sent: list[tuple[int, int, int]] = []
+
+        def chunk(self, upload_id, path, offset, crc, payload):  # type: ignore[override]
+            assert crc == zlib.crc32(payload) and payload == data[offset:offset + len(payload)]
+            self.sent.append((offset, len(payload), crc))
+            return offset + len(payload)
+
+    state = UploadState("u", "n", {"w.bin": FileProgress(len(data), 1000)})
+    _send_missing(Recorder(), tmp_path, state, chunk, grid, _Sent(), None)
+    assert [(o, n) for o, n, _ in Recorder.sent] == [(1000, 3096), (4096, 4096), (8192, 1808)]
+    assert [c for o, _, c in Recorder.sent if o % chunk == 0] == grid["w.bin"][1:]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,18 @@ MANIFEST = "manifest.json"
 UNHASHED_DIRS = ("engines",)  # device-local artefacts, rebuilt per device
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+BlockHook = Callable[[str, bytes], None]  # (relative path, block) for each block hashed
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20, on_block: Callable[[bytes], None] | None = None) -> str:
+    """Hex SHA-256 of a file, read in blocks of `chunk` bytes from offset 0; `on_block` sees each
+    block (the deploy computes its per-chunk CRC32s in the same pass)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if on_block is not None:
+                on_block(block)
     return h.hexdigest()
 
 
@@ -81,14 +89,15 @@ class Manifest:
         return str(self.source.get("name", "model"))
 
 
-def hash_tree(root: Path) -> dict[str, FileEntry]:
+def hash_tree(root: Path, block: int = 1 << 20, on_block: BlockHook | None = None) -> dict[str, FileEntry]:
     """SHA-256 and size of every file under root except the manifest and device-local dirs."""
     entries: dict[str, FileEntry] = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
         if path.is_dir() or rel == MANIFEST or rel.split("/")[0] in UNHASHED_DIRS:
             continue
-        entries[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+        hook = (lambda data, rel=rel: on_block(rel, data)) if on_block is not None else None
+        entries[rel] = FileEntry(sha256=sha256_file(path, block, hook), bytes=path.stat().st_size)
     return entries
 
 
@@ -114,11 +123,12 @@ def read_manifest(bundle: Path) -> Manifest:
         raise ToolkitError(f"{path} is missing required fields: {e}") from e
 
 
-def verify_files(bundle: Path, manifest: Manifest) -> list[str]:
+def verify_files(bundle: Path, manifest: Manifest, block: int = 1 << 20,
+                 on_block: BlockHook | None = None) -> list[str]:
     """Every problem with the bundle's files, as sentences; an empty list means intact."""
     bundle = Path(bundle)
     problems: list[str] = []
-    actual = hash_tree(bundle)
+    actual = hash_tree(bundle, block, on_block)
     for rel, entry in manifest.files.items():
         got = actual.get(rel)
         if got is None:
@@ -133,10 +143,10 @@ def verify_files(bundle: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
-def load_verified(bundle: Path) -> Manifest:
+def load_verified(bundle: Path, block: int = 1 << 20, on_block: BlockHook | None = None) -> Manifest:
     """read_manifest + verify_files, raising one ToolkitError that lists every problem."""
     manifest = read_manifest(bundle)
-    problems = verify_files(bundle, manifest)
+    problems = verify_files(bundle, manifest, block, on_block)
     if problems:
         listed = "\n  - ".join(problems)
         raise ToolkitError(f"bundle {bundle} failed verification:\n  - {listed}",
