@@ -285,7 +285,8 @@ def _llamacpp_run(path: Path, prompt: list[int], ppl_ids: list[int] | None) -> t
             logits = np.asarray(llm.scores[:len(w) - 1])
             nll += [_nll(logits[i], w[i + 1]) for i in range(len(w) - 1)]
         ppl = float(np.exp(np.mean(nll)))
-    llm.reset()
+    del llm  # decode timed on an instance without logits_all (that keeps every row's logits)
+    llm = Llama(model_path=str(path), n_ctx=MAX_SEQ, n_threads=THREADS, n_batch=256, verbose=False)
     llm.eval(prompt)
     token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     t0 = time.perf_counter()

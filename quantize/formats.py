@@ -77,7 +77,8 @@ def _nbits(job: FormatJob) -> FormatOutput:
 
     o = job.options
     bits = 4 if job.precision == "int4" else 8
-    cfg = NBitsConfig(bits=bits, block=o.block_size, grid=o.int4_grid or "symmetric" if bits == 4 else "symmetric",
+    grid = (o.int4_grid or "symmetric") if bits == 4 else "symmetric"  # int8: symmetric codes
+    cfg = NBitsConfig(bits=bits, block=o.block_size, grid=grid,
                       accuracy_level=o.accuracy_level, head_bits=max(o.head_bits, bits))
     r = matmul_nbits(job.model, cfg)
     return FormatOutput(r.model, r.details)

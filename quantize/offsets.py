@@ -1,4 +1,7 @@
-"""The per-block offset term shared by the int4 formats (CPU MatMulNBits and TensorRT Q/DQ).
+"""The per-block offset term of the TensorRT int4 Q/DQ format, as separate graph nodes.
+
+(The CPU format carries the same offsets as extra rows of one MatMulNBits instead: see
+quantize/cpu.py, OffsetRows. TensorRT's INT4 DQ has no such trick, so it gets these nodes.)
 
 Both runtimes only take zero-point-free ("symmetric") block weights in their fast paths, yet a
 block of 32 weights is rarely centred on zero, and a symmetric 4-bit grid then spends half its 16
