@@ -52,6 +52,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -270,6 +271,20 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+Fill = Callable[[int, int, int], int]  # (fd, file offset, bytes wanted) -> bytes written there
+
+
+def _crc_of_range(fd: int, offset: int, length: int) -> int:
+    """CRC32 of bytes [offset, offset + length) of a file, read through a mapping of its pages
+    (no copy into Python)."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    populate = getattr(mmap, "MAP_POPULATE", 0)  # map every page in one go, not one fault each
+    with mmap.mmap(fd, offset + length - start, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ,
+                   offset=start) as m:
+        with memoryview(m) as view, view[offset - start:] as part:
+            return checksum_crc32(part)
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder under root (folders last, so their entries are durable)."""
     dirs = [root]
@@ -285,7 +300,7 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(d)
 
 
-def open_beneath(root: Path, parts: list[str], create: bool) -> int:
+def open_beneath(root: Path, parts: list[str], create: bool, readable: bool = False) -> int:
     """Open root/parts[0]/.../parts[-1] for writing without following any symlink: each folder
     is opened relative to its parent's fd with O_NOFOLLOW|O_DIRECTORY (created when missing and
     `create`), the file with O_NOFOLLOW|O_NONBLOCK (a FIFO must not block us) and then must be a
@@ -306,7 +321,8 @@ def open_beneath(root: Path, parts: list[str], create: bool) -> int:
                                  "symlink or not a folder", code="unsafe_path") from e
             os.close(dfd)
             dfd = nfd
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        flags = ((os.O_RDWR if readable else os.O_WRONLY) | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                 | (os.O_CREAT if create else 0))
         try:
             fd = os.open(parts[-1], flags, 0o644, dir_fd=dfd)
         except OSError as e:
@@ -358,6 +374,7 @@ class Store:
         self._lock = threading.RLock()
         self._uploads: dict[str, _Upload] = {}
         self._open: tuple[str, str, int] | None = None  # (upload id, rel, fd) of the file being written
+        self._streams: set[tuple[str, str]] = set()  # (upload id, rel) with a chunk arriving now
         self._lock_fd: int | None = None
 
     @classmethod
@@ -626,6 +643,9 @@ class Store:
             if entry is None:
                 raise StoreError(f"{rel!r} is not a file of upload {upload_id[:12]}…", status=404,
                                  code="unknown_file")
+            if (upload_id, rel) in self._streams:
+                raise StoreError(f"{rel} is being written by another connection", status=409,
+                                 code="busy", hint="send one upload at a time")
             if offset < 0 or offset + len(data) > entry.bytes:
                 raise StoreError(f"chunk {rel}@{offset}+{len(data)} runs past the declared size of "
                                  f"{entry.bytes} bytes", status=413, code="too_large")
@@ -641,6 +661,60 @@ class Store:
             if held == entry.bytes:
                 self._close_open_file()
             return ChunkAck(rel, held, entry.bytes)
+
+    def receive_chunk(self, upload_id: str, rel: str, offset: int, length: int, crc32: int,
+                      fill: Fill) -> ChunkAck | None:
+        """write_chunk for a body still on the wire, written into the file as it arrives.
+
+        For the common case, the next chunk of a file (offset == held): `fill(fd, pos, n)` puts
+        the next bytes of the body straight into the file (the HTTP route splices them from the
+        socket: no copy through Python), then the CRC32 is checked over the file's own pages
+        (mmap) and a chunk that fails it, or ends early, is cut off again (ftruncate to
+        `offset`): nothing of it is kept, as with write_chunk. The store lock is not held while
+        bytes arrive; the file is claimed instead (a second writer, or a commit, gets 409).
+        Returns None, having read nothing, in every other case (a retransmission below held, a
+        gap, an installed upload, a claimed file): the caller reads the body and calls
+        write_chunk. (A SIGKILL mid-chunk can leave unverified bytes; the next begin resumes
+        after them and commit's SHA-256 check truncates a damaged file, so the deploy after
+        sends it again.)"""
+        if length > self.limits.max_chunk_bytes:
+            raise StoreError(f"chunk of {length} bytes exceeds the {self.limits.max_chunk_bytes}-"
+                             "byte limit", status=413, code="too_large")
+        key = (upload_id, rel)
+        with self._lock:
+            upload = self._load_upload(upload_id)
+            entry = upload.manifest.files.get(rel)
+            if entry is None or length == 0 or key in self._streams or self._installed_dir(upload).is_dir():
+                return None
+            if offset < 0 or offset + length > entry.bytes:
+                raise StoreError(f"chunk {rel}@{offset}+{length} runs past the declared size of "
+                                 f"{entry.bytes} bytes", status=413, code="too_large")
+            if _held(self.staging / upload_id, upload.parts[rel]) != offset:
+                return None
+            if self._open and self._open[:2] == key:
+                self._close_open_file()
+            fd = open_beneath(self.staging / upload_id, upload.parts[rel], create=True, readable=True)
+            self._streams.add(key)
+        kept = False
+        try:
+            pos, end = offset, offset + length
+            while pos < end:
+                k = fill(fd, pos, end - pos)
+                if k <= 0:
+                    raise StoreError(f"the chunk ended after {pos - offset} of {length} bytes",
+                                     code="short_body")
+                pos += k
+            if _crc_of_range(fd, offset, length) != crc32:
+                raise StoreError(f"chunk {rel}@{offset} failed its CRC32 check; nothing was written",
+                                 status=422, code="bad_crc", hint="send the chunk again")
+            kept = True
+        finally:
+            if not kept:
+                os.ftruncate(fd, offset)
+            os.close(fd)
+            with self._lock:
+                self._streams.discard(key)
+        return ChunkAck(rel, offset + length, entry.bytes)
 
     def _file(self, upload: _Upload, rel: str) -> int:
         """The fd of the file being written (kept open between chunks of the same file)."""
@@ -665,6 +739,9 @@ class Store:
     def commit(self, upload_id: str, activate: Activate) -> InstallResult:
         """Verify, install and switch to the upload's bundle; roll back if `activate` fails."""
         with self._lock:
+            if any(u == upload_id for u, _ in self._streams):
+                raise StoreError("chunks of this upload are still arriving", status=409, code="busy",
+                                 hint="commit after the last chunk is acknowledged")
             self._close_open_file()
             upload = self._load_upload(upload_id)
             new = BundleRef(bundle_dir_name(upload.manifest.name, upload_id), upload.manifest.name,

@@ -320,6 +320,44 @@ def test_store_chunk_checks(base_bundle: Path, tmp_path: Path) -> None:
     store.close()
 
 
+def test_store_receive_chunk_writes_as_it_arrives_and_keeps_nothing_bad(base_bundle: Path,
+                                                                        tmp_path: Path) -> None:
+    """receive_chunk (the HTTP path: bytes go into the file as they arrive) keeps a chunk only
+    when its CRC32 matches; a bad or short chunk is cut off again, held stays where it was; a
+    chunk that is not the next one is left to write_chunk (None, nothing read)."""
+    store = Store.open(tmp_path / "s")
+    data = os.urandom(300_000)
+    up = store.begin(manifest_bytes({"f.bin": (len(data), hashlib.sha256(data).hexdigest())}, base_bundle))
+    uid = up.upload_id
+    staged = tmp_path / "s" / "staging" / uid / "f.bin"
+
+    def feeder(payload: bytes, step: int = 70_000) -> Any:
+        sent = [0]
+
+        def fill(fd: int, pos: int, want: int) -> int:
+            piece = payload[sent[0]:sent[0] + min(want, step)]
+            sent[0] += len(piece)
+            return os.pwrite(fd, piece, pos) if piece else 0
+        return fill
+
+    ack = store.receive_chunk(uid, "f.bin", 0, 200_000, zlib.crc32(data[:200_000]), feeder(data[:200_000]))
+    assert ack is not None and ack.held == 200_000 and staged.stat().st_size == 200_000
+    rest, crc = data[200_000:], zlib.crc32(data[200_000:])
+    bad = bytearray(rest)
+    bad[5] ^= 1
+    with pytest.raises(StoreError) as e:
+        store.receive_chunk(uid, "f.bin", 200_000, 100_000, crc, feeder(bytes(bad)))
+    assert e.value.code == "bad_crc" and staged.stat().st_size == 200_000
+    with pytest.raises(StoreError) as e:  # the body ends early (the client went away)
+        store.receive_chunk(uid, "f.bin", 200_000, 100_000, crc, feeder(rest[:50_000]))
+    assert e.value.code == "short_body" and staged.stat().st_size == 200_000
+    never = feeder(b"")
+    assert store.receive_chunk(uid, "f.bin", 100_000, 100_000, 0, never) is None  # below held
+    ack = store.receive_chunk(uid, "f.bin", 200_000, 100_000, crc, feeder(rest))
+    assert ack is not None and ack.complete and staged.read_bytes() == data
+    store.close()
+
+
 def test_store_never_writes_through_symlinks_or_special_files(base_bundle: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -754,3 +792,34 @@ def test_chunks_follow_the_grid_from_an_off_grid_resume_point(tmp_path):
     _send_missing(Recorder(), tmp_path, state, chunk, grid, _Sent(), None)
     assert [(o, n) for o, n, _ in Recorder.sent] == [(1000, 3096), (4096, 4096), (8192, 1808)]
     assert [c for o, _, c in Recorder.sent if o % chunk == 0] == grid["w.bin"][1:]
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_http_chunks_spliced_into_the_file_keep_only_good_bytes(bundles: dict[str, Path], start: Any,
+                                                                 tmp_path: Path, transport: str) -> None:
+    """Over HTTP the next chunk goes from the socket into the staged file (splice): a chunk with
+    a wrong CRC32 is refused and cut off again, the connection stays usable, and the bytes of a
+    good chunk and of the pipelined ones after it arrive exactly."""
+    from device.transfer import Chunk, HttpDeployClient, RemoteError
+
+    if transport == "unix":
+        start(socket_path=tmp_path / "d.sock")
+        client = HttpDeployClient(f"unix://{tmp_path / 'd.sock'}")
+    else:
+        port, token = free_port(), token_file(tmp_path)
+        start(tcp=f"127.0.0.1:{port}", token_file=token)
+        client = HttpDeployClient(f"tcp://127.0.0.1:{port}", token="s3cret-token")
+    bundle = bundles["a"]
+    state = client.begin((bundle / MANIFEST).read_bytes())
+    rel = max(state.files, key=lambda r: state.files[r].size)
+    data = (bundle / rel).read_bytes()
+    with pytest.raises(RemoteError) as e:
+        client.chunk(state.upload_id, rel, 0, zlib.crc32(data[:5000]) ^ 1, data[:5000])
+    assert e.value.code == "bad_crc"
+    assert client.begin((bundle / MANIFEST).read_bytes()).files[rel].held == 0
+    assert client.chunk(state.upload_id, rel, 0, zlib.crc32(data[:5000]), data[:5000]) == 5000
+    chunks = [Chunk(rel, o, min(7000, len(data) - o), zlib.crc32(data[o:o + 7000]), bundle / rel)
+              for o in range(5000, len(data), 7000)]
+    held = [h for _, h in client.send_chunks(state.upload_id, chunks)]
+    assert held[-1] == len(data)
+    client.close()
