@@ -5,7 +5,7 @@
 Rows (each the median of --repeats runs, raw and deploy interleaved so load on the machine hits
 both alike):
 
-  tcp loopback          the deploy (HTTP over TCP, 4 MiB chunks, two in flight) against
+  tcp loopback          the deploy (HTTP over TCP, 8 MiB chunks, two in flight) against
                         (a) raw: the same bytes from memory to memory over a loopback socket, and
                         (b) raw file->file: read from the host file, written to a device file
                             (what netcat would do), the floor for any deploy;

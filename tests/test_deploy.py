@@ -82,7 +82,7 @@ def bundles(base_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     root = tmp_path_factory.mktemp("variants")
     return {
         "a": variant(base_bundle, root / "a", "tiny-a"),
-        "b": variant(base_bundle, root / "b", "tiny-b", extra_bytes=12 << 20),  # 3 HTTP chunks
+        "b": variant(base_bundle, root / "b", "tiny-b", extra_bytes=20 << 20),  # 3 HTTP chunks
         "broken": variant(base_bundle, root / "broken", "tiny-broken", break_model=True),
         "trt": variant(base_bundle, root / "trt", "tiny-trt", runtime="tensorrt"),
     }
@@ -580,7 +580,7 @@ def test_tcp_cut_mid_upload_resumes_by_itself_and_on_rerun(bundles: dict[str, Pa
     daemon = serve(tmp_path / "store", "--tcp", f"127.0.0.1:{port}", "--token-file", str(token))
     total = sum(e.bytes for e in read_manifest(bundles["b"]).files.values())
 
-    proxy = CuttingProxy(port, cut_after=6 << 20)  # in the second 4 MiB chunk of extra.bin
+    proxy = CuttingProxy(port, cut_after=12 << 20)  # in the second 8 MiB chunk of extra.bin
     dp.add_device("net", f"tcp://127.0.0.1:{proxy.port}?token-file={token}")
     retried: list[str] = []
     result = dp.deploy(bundles["b"], "net", on_retry=retried.append)
@@ -588,21 +588,21 @@ def test_tcp_cut_mid_upload_resumes_by_itself_and_on_rerun(bundles: dict[str, Pa
     assert result.install.ok
     # the second connection resumed from what the device held (at least the first chunk) and
     # nothing acknowledged was sent twice
-    assert result.held_per_attempt[0] == 0 and result.held_per_attempt[1] >= 4 << 20
+    assert result.held_per_attempt[0] == 0 and result.held_per_attempt[1] >= 8 << 20
     assert result.sent_bytes <= total
     same_files(bundles["b"], daemon.store / "bundles" / result.install.bundle.dir)
     assert daemon.serving() == "tiny-b"
     proxy.close()
 
     # no retries: the command fails and says to re-run; the re-run sends only the rest
-    proxy = CuttingProxy(port, cut_after=6 << 20)
+    proxy = CuttingProxy(port, cut_after=12 << 20)
     dp.add_device("net", f"tcp://127.0.0.1:{proxy.port}?token-file={token}", replace=True)
     c = variant(bundles["b"], tmp_path / "c", "tiny-c")
     with pytest.raises(ToolkitError) as e:
         dp.deploy(c, "net", retries=0)
     assert "re-run" in str(e.value)
     rerun = dp.deploy(c, "net")
-    assert rerun.held_at_start >= 4 << 20 and rerun.sent_bytes == rerun.total_bytes - rerun.held_at_start
+    assert rerun.held_at_start >= 8 << 20 and rerun.sent_bytes == rerun.total_bytes - rerun.held_at_start
     assert rerun.install.ok
     same_files(c, daemon.store / "bundles" / rerun.install.bundle.dir)
     assert daemon.serving() == "tiny-c"
