@@ -182,9 +182,10 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig) -> CpuResult:
 #             [ C - C1     ]  P rows: the remainder, rounded to 4 bits again
 #
 # so x_aug @ W_aug = x @ W up to the two-digit rounding of C (about 8 bits: |error| <= max|C| / 240
-# per block of offsets, a small fraction of one int4 step). x_aug costs a Reshape + ReduceSum (the
-# block sums), a Pad and a Concat, shared by every weight that reads the same x; the zero rows
-# under the padding keep the padded entries out of the result.
+# per block of offsets, a small fraction of one int4 step). x_aug costs one small MatMul (the
+# block sums, padded) and a Concat, shared by every weight that reads the same x; the zero rows
+# under the padding keep the padded entries out of the result. (A Reshape + ReduceSum + Pad
+# variant measured ~0.2 ms a step slower on SmolLM2: four nodes instead of two.)
 
 OFFSET_DIGITS = 2
 
@@ -207,26 +208,38 @@ def with_offset_rows(bw: BlockWeights) -> BlockWeights:
 
 
 class OffsetRows:
-    """Builds x_aug = Concat(x, pad(bs(x)), pad(bs(x))) once per input tensor x."""
+    """Builds x_aug = Concat(x, bs, bs) once per input tensor x, where bs = x @ E and E [K, P]
+    is the block indicator (E[k, k // block] = 1, zero columns up to P): one MatMul gives the
+    block sums already padded to whole blocks, for any rank of x. E is shared by every weight
+    with the same K (one [576, 32] table for most of a small decoder: it stays in cache)."""
 
     def __init__(self, graph: onnx.GraphProto, block: int) -> None:
         self.graph, self.block = graph, block
         self.made: dict[str, tuple[str, int]] = {}  # x -> (x_aug, K_aug)
+        self.indicators: dict[int, str] = {}  # K -> E
 
     def augmented(self, x: str, K: int) -> tuple[str, int, list[onnx.NodeProto]]:
         if x in self.made:
             return (*self.made[x], [])
-        kb = K // self.block
-        P = -(-kb // self.block) * self.block
-        name = lambda s: g.unique_name(self.graph, f"{x}_{s}")  # noqa: E731
-        const = lambda v, s: g.add_initializer(self.graph, np.array(v, np.int64), name(s))  # noqa: E731
-        blocks, sums, padded, out = name("blocks"), name("block_sums"), name("block_sums_padded"), name("aug")
-        nodes = [helper.make_node("Reshape", [x, const([0, 0, kb, self.block], "blocks_shape")], [blocks]),
-                 helper.make_node("ReduceSum", [blocks, const([-1], "axis")], [sums], keepdims=0),
-                 helper.make_node("Pad", [sums, const([0, 0, 0, 0, 0, P - kb], "pads")], [padded]),
-                 helper.make_node("Concat", [x] + [padded] * OFFSET_DIGITS, [out], axis=-1)]
+        sums, out = g.unique_name(self.graph, f"{x}_block_sums"), g.unique_name(self.graph, f"{x}_aug")
+        nodes = [helper.make_node("MatMul", [x, self._indicator(K)], [sums], name=f"{sums}_MatMul"),
+                 helper.make_node("Concat", [x] + [sums] * OFFSET_DIGITS, [out], axis=-1,
+                                  name=f"{out}_Concat")]
+        P = self._padded(K)
         self.made[x] = (out, K + OFFSET_DIGITS * P)
         return out, K + OFFSET_DIGITS * P, nodes
+
+    def _padded(self, K: int) -> int:
+        kb = K // self.block
+        return -(-kb // self.block) * self.block
+
+    def _indicator(self, K: int) -> str:
+        if K not in self.indicators:
+            e = np.zeros((K, self._padded(K)), np.float32)
+            e[np.arange(K), np.arange(K) // self.block] = 1.0
+            name = g.unique_name(self.graph, f"block_sums_{K}")
+            self.indicators[K] = g.add_initializer(self.graph, e, name)
+        return self.indicators[K]
 
 
 def _groups(graph: onnx.GraphProto, mms: list[g.WeightMatMul]) -> dict[str, list[g.WeightMatMul]]:

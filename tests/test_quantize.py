@@ -71,10 +71,15 @@ def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
     bundle = q_bundle("llama", "cpu", precision, NBITS, "offsets" if bits == 4 else None)
     m = graph(bundle)
     mm = nodes(m, "MatMulNBits")
-    assert not [n for n in nodes(m, "MatMul") if n.input[1] in inits(m)]  # no float weights left
+    # no float weights left: the only float MatMuls are the 0/1 block-sum tables of int4 offsets
+    float_mm = [n for n in nodes(m, "MatMul") if n.input[1] in inits(m)]
+    assert bool(float_mm) is (bits == 4)
+    for n in float_mm:
+        e = numpy_helper.to_array(inits(m)[n.input[1]])
+        assert set(np.unique(e)) <= {0.0, 1.0} and (e.sum(0)[e.sum(0) > 0] == 32).all()
     # int4 offsets ride as extra rows: the layers read [x | block sums | block sums], K + 2P wide
     augmented = [n for n in mm if n.input[0].endswith("_aug")]
-    assert bool(augmented) is (bits == 4) and bool(nodes(m, "ReduceSum")) is (bits == 4)
+    assert bool(augmented) is (bits == 4)
     for n in augmented:
         (cat,) = [c for c in nodes(m, "Concat") if c.output[0] == n.input[0]]
         assert len(cat.input) == 3 and cat.input[1] == cat.input[2]
@@ -88,7 +93,8 @@ def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
     head = [n for n in mm if n.input[1] == gbq.input[0]]
     assert len(head) == 1 and attr(head[0], "bits") == 8
     assert not [t for t in m.graph.initializer if t.data_type == TensorProto.FLOAT
-                and np.prod(t.dims) >= 8 * 128 and not t.name.endswith("_scales")]  # no float table
+                and np.prod(t.dims) >= 8 * 128 and not t.name.endswith("_scales")
+                and not t.name.startswith("block_sums")]  # no float copy of the table
     manifest = load_verified(bundle)
     q = manifest.quantization
     assert manifest.precision == precision and q["format"] == "ort-matmulnbits"
@@ -102,7 +108,8 @@ def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
 def test_cpu_int4_symmetric_when_it_passes(q_bundle):  # noqa: F811
     """With limits the symmetric grid meets, the gate's choice is symmetric (no offset rows)."""
     m = graph(q_bundle("llama", "cpu", "int4"))
-    assert not nodes(m, "ReduceSum") and all(len(n.input) == 3 for n in nodes(m, "MatMulNBits"))
+    assert not [n for n in nodes(m, "MatMul") if n.input[1] in inits(m)]
+    assert all(len(n.input) == 3 for n in nodes(m, "MatMulNBits"))
     q = load_verified(q_bundle("llama", "cpu", "int4")).quantization
     assert [t["grid"] for t in q["grid_choice"]["tried"]] == ["symmetric"]
 
