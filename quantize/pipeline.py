@@ -97,6 +97,7 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
     bundle = Path(bundle)
     src = load_verified(bundle)  # 1. checks, cheapest first
     fmt_rec, limits = _check(src, precision, fmt, thresholds)
+    tries = _tries(precision, options, fmt_rec)
     text = read_text(calibration)
     out = Path(out) if out else default_output(bundle, precision)
     if out.absolute() == bundle.absolute():
@@ -105,7 +106,6 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
     tok = _tokenizer(bundle, src)
     cal = _calibration(src, fmt_rec, text, tok, samples, seq_len, steps)  # 2.
     t0 = time.perf_counter()
-    tries = _tries(precision, options, fmt_rec)
     tried: list[dict[str, Any]] = []  # gate figures of each int4 grid tried
     with staged_bundle(out, force) as staging:
         for i, opts in enumerate(tries):

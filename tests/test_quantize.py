@@ -409,3 +409,13 @@ def test_cli_default_output_is_a_sibling(q_fp32_bundle, tmp_path):  # noqa: F811
 
     assert default_output(Path("b/smollm2-135m-cpu-fp32"), "int4").name == "smollm2-135m-cpu-int4"
     assert default_output(Path("b/dev"), "int8").name == "dev-int8"
+
+
+def test_int4_grid_the_format_lacks_is_a_clear_error(q_fp32_bundle, tmp_path):  # noqa: F811
+    from toolkit.cli import main
+
+    out = tmp_path / "never"
+    result = CliRunner().invoke(main, ["quantize", str(q_fp32_bundle("llama", JETSON)), "-p", "int4",
+                                       "--int4-grid", "zero-point", "-o", str(out)])
+    assert result.exit_code != 0 and "no 'zero-point' int4 grid" in result.output
+    assert "Traceback" not in result.output and not out.exists()

@@ -35,14 +35,17 @@ PRECISIONS = ["fp16", "fp8", "int8", "int4"]
               help="Gate: smallest fraction of greedy tokens matching fp32 before divergence.")
 @click.option("--min-cosine", type=float, default=None, metavar="COS",
               help="Gate (encoders): smallest embedding cosine similarity to fp32.")
+@click.option("--int4-grid", type=click.Choice(["symmetric", "zero-point", "offsets"]), default=None,
+              help="int4 block grid. Default: the gate walks the format's grids, plainest (fastest) "
+                   "first, and keeps the first that passes.")
 @click.option("--threads", type=int, default=None, help="CPU threads for calibration and the gate.")
 @click.option("--format", "fmt", default=None, metavar="NAME",
               help="Override the target's format for this precision (experiments and benchmarks; "
                    "e.g. ort-matmulnbits or ort-matmul-integer for cpu int8).")
 def quantize(bundle: Path, precision: str, calibration: Path | None, samples: int, seq_len: int,
              output: Path | None, force: bool, max_ppl_increase: float | None, min_top1: float | None,
-             min_greedy: float | None, min_cosine: float | None, threads: int | None,
-             fmt: str | None) -> None:
+             min_greedy: float | None, min_cosine: float | None, int4_grid: str | None,
+             threads: int | None, fmt: str | None) -> None:
     """Quantize an fp32 BUNDLE to a lower precision for the same target.
 
     The format comes from the bundle's target (cpu: MatMulNBits for ONNX Runtime; Jetson:
@@ -56,16 +59,19 @@ def quantize(bundle: Path, precision: str, calibration: Path | None, samples: in
       toolkit quantize bundles/smollm2-135m-jetson-fp32 -p int8 --calibration prompts.txt
       toolkit quantize bundles/all-minilm-l6-v2-cpu-fp32 -p int8 --min-cosine 0.995
     """
+    from quantize.formats import QuantOptions
     from quantize.pipeline import GateFailure, quantize_bundle, steps_total
     from quantize.report import failure_summary, summary
     from toolkit.progress import Steps
 
     limits = {"max_ppl_increase": None if max_ppl_increase is None else max_ppl_increase / 100.0,
               "min_top1": min_top1, "min_greedy": min_greedy, "min_cosine": min_cosine}
+    options = QuantOptions(int4_grid=int4_grid)
     try:
         result = quantize_bundle(bundle, precision, calibration=calibration, samples=samples,
                                  seq_len=seq_len, out=output, force=force, thresholds=limits,
-                                 steps=Steps(total=steps_total(precision)), threads=threads, fmt=fmt)
+                                 steps=Steps(total=steps_total(precision, options)), threads=threads,
+                                 fmt=fmt, options=options)
     except GateFailure as e:
         click.echo(failure_summary(e.gate), err=True)
         raise
