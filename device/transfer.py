@@ -363,7 +363,7 @@ class _BodyToFile:
     already buffered past the headers, then the rest with splice(2), socket -> pipe -> file, so
     the bytes never pass through Python (on Linux; elsewhere readinto + pwrite)."""
 
-    PIPE_BYTES = 1 << 20
+    PIPE_BYTES = 1 << 20  # also the most one fill() moves: Store.receive_chunk asks for CRC_PIECE
 
     def __init__(self, h: Any) -> None:
         self.h, self.consumed = h, 0
