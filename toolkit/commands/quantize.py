@@ -66,6 +66,10 @@ def quantize(bundle: Path, precision: str, calibration: Path | None, samples: in
 
     limits = {"max_ppl_increase": None if max_ppl_increase is None else max_ppl_increase / 100.0,
               "min_top1": min_top1, "min_greedy": min_greedy, "min_cosine": min_cosine}
+    if int4_grid and precision != "int4":
+        from toolkit.errors import ToolkitError
+
+        raise ToolkitError(f"--int4-grid applies to int4, not {precision}", hint="drop --int4-grid")
     options = QuantOptions(int4_grid=int4_grid)
     try:
         result = quantize_bundle(bundle, precision, calibration=calibration, samples=samples,
