@@ -48,7 +48,7 @@ from device.transfer import (
     read_range,
 )
 from toolkit.errors import ToolkitError
-from toolkit.manifest import MANIFEST, Manifest, load_verified, read_manifest
+from toolkit.manifest import MANIFEST, Manifest, check_intact, read_manifest
 
 DEVICE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RETRY_CODES = ("gap", "unknown_upload", "bad_crc")  # answered by beginning again
@@ -271,7 +271,8 @@ def deploy(bundle: Path, name: str, progress: Progress | None = None, retries: i
         # every hash, before anything is sent; the same pass computes each chunk's CRC32 (the
         # upload then never reads the files in Python: HTTP sends them with sendfile)
         crcs: ChunkCrcs = {}
-        load_verified(bundle, hello.chunk, lambda rel, block: crcs.setdefault(rel, []).append(crc32(block)))
+        check_intact(bundle, manifest, hello.chunk,
+                     lambda rel, block: crcs.setdefault(rel, []).append(crc32(block)))
         return _upload(client, device, bundle, manifest, manifest_bytes, hello.chunk, crcs, progress,
                        retries, on_retry)
     finally:

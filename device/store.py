@@ -270,6 +270,12 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _check_chunk_bounds(rel: str, offset: int, length: int, size: int) -> None:
+    if offset < 0 or offset + length > size:
+        raise StoreError(f"chunk {rel}@{offset}+{length} runs past the declared size of "
+                         f"{size} bytes", status=413, code="too_large")
+
+
 Fill = Callable[[int, int, int], int]  # (fd, file offset, bytes wanted) -> bytes written there
 
 
@@ -644,9 +650,7 @@ class Store:
         """Write one chunk at `offset` of file `rel`. Refused: a bad CRC (nothing written), a
         chunk past the declared size, or a gap (offset beyond what is held: code "gap", the host
         resumes from `held`). Rewriting bytes below `held` is allowed (a retransmission)."""
-        if len(data) > self.limits.max_chunk_bytes:
-            raise StoreError(f"chunk of {len(data)} bytes exceeds the {self.limits.max_chunk_bytes}-"
-                             "byte limit", status=413, code="too_large")
+        self._check_chunk_size(len(data))
         if checksum_crc32(data) != crc32:
             raise StoreError(f"chunk {rel}@{offset} failed its CRC32 check; nothing was written",
                              status=422, code="bad_crc", hint="send the chunk again")
@@ -659,9 +663,7 @@ class Store:
             if (upload_id, rel) in self._streams:
                 raise StoreError(f"{rel} is being written by another connection", status=409,
                                  code="busy", hint="send one upload at a time")
-            if offset < 0 or offset + len(data) > entry.bytes:
-                raise StoreError(f"chunk {rel}@{offset}+{len(data)} runs past the declared size of "
-                                 f"{entry.bytes} bytes", status=413, code="too_large")
+            _check_chunk_bounds(rel, offset, len(data), entry.bytes)
             if self._installed_dir(upload).is_dir():
                 return ChunkAck(rel, entry.bytes, entry.bytes)
             fd = self._file(upload, rel)
@@ -690,18 +692,14 @@ class Store:
         write_chunk. (A SIGKILL mid-chunk can leave unverified bytes; the next begin resumes
         after them and commit's SHA-256 check truncates a damaged file, so the deploy after
         sends it again.)"""
-        if length > self.limits.max_chunk_bytes:
-            raise StoreError(f"chunk of {length} bytes exceeds the {self.limits.max_chunk_bytes}-"
-                             "byte limit", status=413, code="too_large")
+        self._check_chunk_size(length)
         key = (upload_id, rel)
         with self._lock:
             upload = self._load_upload(upload_id)
             entry = upload.manifest.files.get(rel)
             if entry is None or length == 0 or key in self._streams or self._installed_dir(upload).is_dir():
                 return None
-            if offset < 0 or offset + length > entry.bytes:
-                raise StoreError(f"chunk {rel}@{offset}+{length} runs past the declared size of "
-                                 f"{entry.bytes} bytes", status=413, code="too_large")
+            _check_chunk_bounds(rel, offset, length, entry.bytes)
             if _held(self.staging / upload_id, upload.parts[rel]) != offset:
                 return None
             if self._open and self._open[:2] == key:
@@ -729,6 +727,11 @@ class Store:
             with self._lock:
                 self._streams.discard(key)
         return ChunkAck(rel, offset + length, entry.bytes)
+
+    def _check_chunk_size(self, length: int) -> None:
+        if length > self.limits.max_chunk_bytes:
+            raise StoreError(f"chunk of {length} bytes exceeds the {self.limits.max_chunk_bytes}-"
+                             "byte limit", status=413, code="too_large")
 
     def _file(self, upload: _Upload, rel: str) -> int:
         """The fd of the file being written (kept open between chunks of the same file)."""

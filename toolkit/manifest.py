@@ -143,13 +143,20 @@ def verify_files(bundle: Path, manifest: Manifest, block: int = 1 << 20,
     return problems
 
 
-def load_verified(bundle: Path, block: int = 1 << 20, on_block: BlockHook | None = None) -> Manifest:
+def load_verified(bundle: Path) -> Manifest:
     """read_manifest + verify_files, raising one ToolkitError that lists every problem."""
     manifest = read_manifest(bundle)
+    check_intact(bundle, manifest)
+    return manifest
+
+
+def check_intact(bundle: Path, manifest: Manifest, block: int = 1 << 20,
+                 on_block: BlockHook | None = None) -> None:
+    """verify_files for a manifest already read; one ToolkitError that lists every problem.
+    `on_block` sees each block hashed (the deploy computes its chunk CRC32s in that pass)."""
     problems = verify_files(bundle, manifest, block, on_block)
     if problems:
         listed = "\n  - ".join(problems)
         raise ToolkitError(f"bundle {bundle} failed verification:\n  - {listed}",
                            hint="the bundle was changed after it was written; convert it again "
                                 "or deploy a fresh copy")
-    return manifest
