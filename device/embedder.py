@@ -68,10 +68,7 @@ class EmbeddingEngine:
 
     def submit(self, ticket: Ticket, request: EmbeddingRequest) -> RequestHandle:
         handle = RequestHandle(request, self._cancel)
-        with self.admission.lock:
-            ticket.open = False
-            self._waiting.append(handle)
-            self.admission.changed.notify_all()
+        self.admission.enqueue(ticket, self._waiting, handle)
         return handle
 
     @property
@@ -83,8 +80,7 @@ class EmbeddingEngine:
         return len(self._waiting)
 
     def begin_drain(self) -> None:
-        with self.admission.lock:
-            self.admission.draining = True
+        self.admission.begin_drain()
 
     def wait_idle(self, timeout: float) -> bool:
         return self.admission.wait_idle(timeout)

@@ -236,6 +236,20 @@ class Admission:
         with self.lock:
             return self.changed.wait_for(lambda: self.in_flight == 0, timeout)
 
+    def enqueue(self, ticket: Ticket, queue: deque[Any], item: Any) -> None:
+        """The request takes its reserved place: it joins the engine's `queue` and the engine
+        wakes. The place now belongs to the request; the engine releases it when it ends."""
+        with self.lock:
+            if not ticket.open:
+                raise RuntimeError("a ticket was submitted twice")
+            ticket.open = False
+            queue.append(item)
+            self.changed.notify_all()
+
+    def begin_drain(self) -> None:
+        with self.lock:
+            self.draining = True
+
 
 # --- the decoder engine ----------------------------------------------------------------------
 
@@ -343,12 +357,7 @@ class Scheduler:
         if request.max_tokens < 1:
             raise RequestRejected(400, "invalid_value", "max_tokens must be at least 1", "max_tokens")
         handle = RequestHandle(request, self._cancel)
-        with self.admission.lock:
-            if not ticket.open:
-                raise RuntimeError("a ticket was submitted twice")
-            ticket.open = False  # the place now belongs to the request; the engine releases it
-            self._waiting.append(handle)
-            self.admission.changed.notify_all()
+        self.admission.enqueue(ticket, self._waiting, handle)
         return handle
 
     @property
@@ -363,8 +372,7 @@ class Scheduler:
         return sum(s.pos for s in list(self._active.values()))
 
     def begin_drain(self) -> None:
-        with self.admission.lock:
-            self.admission.draining = True
+        self.admission.begin_drain()
 
     def wait_idle(self, timeout: float) -> bool:
         return self.admission.wait_idle(timeout)
