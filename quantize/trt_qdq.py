@@ -122,17 +122,8 @@ def _fold_cast_round_trips(graph: onnx.GraphProto) -> None:
             if name in direct:
                 n.input[i] = direct[name]
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [n for n in graph.node if n.op_type != "Cast" or any(o in used for o in n.output)]
-    if len(keep) != len(graph.node):
-        keep = [_copy(n) for n in keep]
-        del graph.node[:]
-        graph.node.extend(keep)
-
-
-def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
-    out = onnx.NodeProto()
-    out.CopyFrom(node)
-    return out
+    g.rewrite_nodes(graph, lambda n: [] if n.op_type == "Cast" and not any(o in used for o in n.output)
+                    else None)
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
