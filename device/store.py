@@ -16,8 +16,11 @@ An upload is identified by the SHA-256 of its manifest.json bytes (mcumgr's `sha
 `begin` writes the manifest into the staging folder and reports, per file, how many bytes are
 already there; the host resumes each file from that offset (ZMODEM's ZRPOS). The offset is the
 file's length on disk: a chunk is CRC-checked before it is written, so every byte below the
-length was accepted, and the SHA-256 check at commit catches anything a power cut garbled (the
-damaged file is then truncated so that the next deploy resends it).
+length was accepted. A chunk that is written as it arrives (the HTTP path, checked afterwards)
+is announced first in staging/.<upload-id>-<file>.inflight; if the daemon dies before the
+check ends, recovery cuts the file back to where that chunk began. The SHA-256 check at commit
+catches anything a power cut garbled (the damaged file is then truncated so that the next
+deploy resends it).
 
 Install (`commit`), each step durable before the next (protocols.md §3.2):
   1. verify every file against the manifest (size and SHA-256); fsync every file and folder
@@ -482,6 +485,7 @@ class Store:
             journal = self._read_journal()
             if journal is not None:
                 done.append(self._finish_switch(journal))
+            done += self._settle_inflight()
             for entry in self.staging.iterdir():
                 if not self._valid_staging(entry):
                     _remove(entry)
@@ -689,9 +693,8 @@ class Store:
         bytes arrive; the file is claimed instead (a second writer, or a commit, gets 409).
         Returns None, having read nothing, in every other case (a retransmission below held, a
         gap, an installed upload, a claimed file): the caller reads the body and calls
-        write_chunk. (A SIGKILL mid-chunk can leave unverified bytes; the next begin resumes
-        after them and commit's SHA-256 check truncates a damaged file, so the deploy after
-        sends it again.)"""
+        write_chunk. The chunk is announced in an in-flight marker first: if the daemon dies
+        mid-chunk, recovery cuts the file back to `offset` and the next begin resumes there."""
         self._check_chunk_size(length)
         key = (upload_id, rel)
         with self._lock:
@@ -705,6 +708,11 @@ class Store:
             if self._open and self._open[:2] == key:
                 self._close_open_file()
             fd = open_beneath(self.staging / upload_id, upload.parts[rel], create=True, readable=True)
+            try:
+                marker = self._announce(upload_id, rel, offset)
+            except OSError:
+                os.close(fd)
+                raise
             self._streams.add(key)
         kept = False
         try:
@@ -725,8 +733,54 @@ class Store:
                 os.ftruncate(fd, offset)
             os.close(fd)
             with self._lock:
+                marker.unlink(missing_ok=True)
                 self._streams.discard(key)
         return ChunkAck(rel, offset + length, entry.bytes)
+
+    # -- chunks in flight --
+
+    def _inflight_path(self, upload_id: str, rel: str) -> Path:
+        return self.staging / f".{upload_id}-{hashlib.sha256(rel.encode()).hexdigest()[:16]}.inflight"
+
+    def _announce(self, upload_id: str, rel: str, offset: int) -> Path:
+        """Record, before any byte of it lands, that a chunk of `rel` starting at `offset` is
+        being written unchecked. One small write: a SIGKILL cannot tear it; the marker is
+        removed once the chunk is kept or cut off. (No fsync: after a power cut the commit's
+        SHA-256 check is what catches a bad file, as for any unsynced bytes.)"""
+        path = self._inflight_path(upload_id, rel)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps({"path": rel, "offset": offset}).encode())
+        finally:
+            os.close(fd)
+        return path
+
+    def _settle_inflight(self) -> list[str]:
+        """After a crash: cut every file that had a chunk in flight back to where the chunk
+        began (its bytes were never checked), so that the next begin resumes exactly there."""
+        done = []
+        for marker in self.staging.glob(".*.inflight"):
+            upload_id = marker.name[1:].split("-", 1)[0]
+            try:
+                info = json.loads(marker.read_bytes())
+                rel, offset = info["path"], info["offset"]
+                upload = self._load_upload(upload_id)
+                if not isinstance(offset, int) or offset < 0 or rel not in upload.parts:
+                    raise ValueError(f"bad marker {info!r}")
+                staging = self.staging / upload_id
+                if _held(staging, upload.parts[rel]) > offset:
+                    fd = open_beneath(staging, upload.parts[rel], create=False)
+                    try:
+                        os.ftruncate(fd, offset)
+                    finally:
+                        os.close(fd)
+                    done.append(f"cut {upload_id[:12]}…/{rel} back to {offset} bytes: a chunk after "
+                                "that was still being checked when the daemon stopped")
+            except (OSError, ValueError, KeyError, TypeError, StoreError) as e:
+                # the upload is gone or the marker unreadable: commit's SHA-256 check still holds
+                done.append(f"ignored the in-flight marker {marker.name} ({e})")
+            marker.unlink(missing_ok=True)
+        return done
 
     def _check_chunk_size(self, length: int) -> None:
         if length > self.limits.max_chunk_bytes:

@@ -355,6 +355,50 @@ def test_store_receive_chunk_writes_as_it_arrives_and_keeps_nothing_bad(base_bun
     assert store.receive_chunk(uid, "f.bin", 100_000, 100_000, 0, never) is None  # below held
     ack = store.receive_chunk(uid, "f.bin", 200_000, 100_000, crc, feeder(rest))
     assert ack is not None and ack.complete and staged.read_bytes() == data
+    assert not list((tmp_path / "s" / "staging").glob(".*.inflight"))  # markers last one chunk
+    store.close()
+
+
+KILLED_MID_CHUNK = """
+import os, signal, sys, zlib
+from pathlib import Path
+from device.store import Store
+root, manifest, data = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]).read_bytes()
+store = Store.open(root)
+uid = store.begin(manifest).upload_id
+store.receive_chunk(uid, "f.bin", 0, 200_000, zlib.crc32(data[:200_000]),
+                    lambda fd, pos, want: os.pwrite(fd, data[pos:pos + want], pos))
+calls = [0]
+def fill(fd, pos, want):
+    calls[0] += 1
+    if calls[0] == 2:  # half of the second chunk is in the file, not yet checked
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.pwrite(fd, data[pos:pos + 50_000], pos)
+store.receive_chunk(uid, "f.bin", 200_000, 100_000, zlib.crc32(data[200_000:]), fill)
+"""
+
+
+def test_store_killed_mid_chunk_resumes_where_the_chunk_began(base_bundle: Path, tmp_path: Path) -> None:
+    """A daemon SIGKILLed while a chunk is being spliced in leaves bytes nobody checked; on the
+    next start the store cuts the file back to where that chunk began, so the resumed upload
+    sends it again (rather than resuming after unchecked bytes and failing at commit)."""
+    data = os.urandom(300_000)
+    mb = manifest_bytes({"f.bin": (len(data), hashlib.sha256(data).hexdigest())}, base_bundle)
+    (tmp_path / "manifest").write_bytes(mb)
+    (tmp_path / "data").write_bytes(data)
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_CHUNK, str(tmp_path / "s"),
+                           str(tmp_path / "manifest"), str(tmp_path / "data")], cwd=REPO, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    up_id = hashlib.sha256(mb).hexdigest()
+    assert (tmp_path / "s" / "staging" / up_id / "f.bin").stat().st_size == 250_000  # unchecked tail
+    store = Store.open(tmp_path / "s")
+    state = store.begin(mb)
+    assert state.files["f.bin"].held == 200_000
+    assert not list((tmp_path / "s" / "staging").glob(".*.inflight"))
+    ack = store.receive_chunk(up_id, "f.bin", 200_000, 100_000, zlib.crc32(data[200_000:]),
+                              lambda fd, pos, want: os.pwrite(fd, data[pos:pos + want], pos))
+    assert ack is not None and ack.complete
+    assert store.commit(up_id, lambda p: SmokeResult(True, "ok")).ok
     store.close()
 
 
