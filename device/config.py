@@ -11,6 +11,8 @@ from pathlib import Path
 from device.httpd import default_socket_path
 from toolkit.errors import ToolkitError
 
+SWAP_MODES = ("auto", "hot", "cold")  # see device/swap.py
+
 # How the engine runs a decode step over several requests (see device/scheduler.py):
 # auto = batched when the backend proves batch-invariant at start, else per-row.
 DECODE_MODES = ("auto", "batched", "per-row")
@@ -33,6 +35,7 @@ class ServeConfig:
     serial: str | None = None  # also take deploys over this serial port (needs store)
     baud: int = 921600
     rebuild_on_mismatch: bool = False  # TensorRT: rebuild an engine built for another TRT/GPU
+    swap: str = "auto"  # how a deploy replaces the served bundle: auto | hot | cold (device/swap.py)
 
     def __post_init__(self) -> None:
         if self.slots is not None and self.slots < 1:
@@ -46,6 +49,8 @@ class ServeConfig:
         if (self.bundle is None) == (self.store is None):
             raise ToolkitError("give a BUNDLE to serve, or --store DIR to serve the bundles deployed "
                                "there, not both", hint="`toolkit deploy` installs bundles into a --store")
+        if self.swap not in SWAP_MODES:
+            raise ToolkitError(f"--swap {self.swap!r} is not one of {', '.join(SWAP_MODES)}")
         if self.serial and self.store is None:
             raise ToolkitError("--serial carries deploys, so it needs --store DIR")
         if self.tcp and not self.token_file:

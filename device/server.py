@@ -23,7 +23,9 @@ With --store (device/store.py) the daemon serves the store's active bundle ("emp
 first deploy) and mounts the deploy routes /v1/deploy/* (device/transfer.py), also over
 --serial. A deploy's install calls `activate`: the new bundle is loaded beside the old one and
 smoke-tested, then the engines are swapped and the old one drains in the background; a failure
-leaves the old one serving. The store's crash recovery runs before anything is loaded.
+leaves the old one serving. Where the device's memory cannot hold both (or with --swap cold) the
+old one is drained and unloaded first (device/swap.py). The store's crash recovery runs before
+anything is loaded.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ class Daemon:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.state = "loading"  # loading | ready | empty (a store with no bundle yet) | draining | failed
+        # loading | ready | empty (a store with no bundle yet) | switching (a cold swap) | draining | failed
+        self.state = "loading"
         self.runner: Any = None
         self.engine: Any = None
         self.metrics = ServingMetrics()
@@ -156,24 +159,26 @@ class Daemon:
         self.state = "ready"
 
     def activate(self, path: Path) -> Any:
-        """The store's activate callback (device/store.py): load the bundle beside the one being
-        served, smoke-test it, then swap; the old engine drains in the background. Returns a
-        SmokeResult; a failure leaves the old bundle serving."""
-        from device.runner import load_bundle
-        from device.store import SmokeResult, smoke_runner
+        """The store's activate callback (device/store.py): load the bundle, smoke-test it and
+        serve it, hot or cold (device/swap.py). Hot: loaded beside the one being served, then
+        swapped; the old engine drains in the background. Cold: the old one is drained and
+        unloaded first. Returns a SmokeResult; a failure leaves the old bundle serving."""
+        from device.store import SmokeResult
+        from device.swap import plan_swap, resident_estimate
 
         t0 = time.monotonic()
         if self.state not in ("ready", "empty", "loading"):
             return SmokeResult(False, f"the daemon is {self.state}")
-        try:
-            runner = load_bundle(path, slots=self.config.slots, threads=self.config.threads,
-                                 rebuild_on_mismatch=self.config.rebuild_on_mismatch,
-                                 progress=log.info)
-        except ToolkitError as e:
-            return SmokeResult(False, str(e), time.monotonic() - t0)
-        smoke = smoke_runner(runner)  # on the backend alone, before any engine thread uses it
-        if not smoke.ok:
-            runner.close()
+        if self.engine is not None:
+            try:
+                need: int | None = resident_estimate(path)
+            except ToolkitError:
+                need = None  # load_bundle below says what is wrong with it
+            plan = plan_swap(self.config.swap, need, mem_available())
+            if plan.mode == "cold":
+                return self._cold_swap(Path(path), plan.why, t0)
+        runner, smoke = self._load_smoked(Path(path))
+        if runner is None:
             return SmokeResult(False, smoke.detail, time.monotonic() - t0)
         old_runner, old_engine = self.runner, self.engine
         try:
@@ -185,6 +190,53 @@ class Daemon:
                              daemon=True).start()
         log.info("now serving %s (%s)", self.model_id, path)
         return SmokeResult(True, smoke.detail, time.monotonic() - t0)
+
+    def _load_smoked(self, path: Path) -> tuple[Any, Any]:
+        """(runner, SmokeResult): the bundle loaded and smoke-tested on its backend alone,
+        before any engine thread uses it; runner is None (and nothing stays loaded) on failure."""
+        from device.runner import load_bundle
+        from device.store import SmokeResult, smoke_runner
+
+        cfg = self.config
+        try:
+            runner = load_bundle(path, slots=cfg.slots, threads=cfg.threads,
+                                 rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info)
+        except ToolkitError as e:
+            return None, SmokeResult(False, str(e))
+        smoke = smoke_runner(runner)
+        if not smoke.ok:
+            runner.close()
+            return None, smoke
+        return runner, smoke
+
+    def _cold_swap(self, path: Path, why: str, t0: float) -> Any:
+        """Drain and unload the served bundle, then load `path`; if it fails, load the old one
+        again. Requests get 503 "switching" meanwhile."""
+        from device.store import SmokeResult
+
+        old_path = Path(self.config.bundle) if self.config.bundle else None
+        log.warning("cold swap to %s (%s): requests get 503 until it is up", path, why)
+        self.state = "switching"
+        self._retire(self.runner, self.engine)
+        self.runner = self.engine = None
+        runner, smoke = self._load_smoked(path)
+        if runner is not None:
+            try:
+                self._install(runner, path)
+                log.info("now serving %s (%s), cold swap", self.model_id, path)
+                return SmokeResult(True, f"{smoke.detail} (cold swap: {why})", time.monotonic() - t0)
+            except ToolkitError as e:
+                smoke = SmokeResult(False, str(e))
+        detail = f"{smoke.detail} (cold swap: {why})"
+        back = self._load_smoked(old_path)[0] if old_path else None
+        if back is None or old_path is None:
+            self.state = "empty"  # serving nothing, but a deploy or a restart can still fix it
+            log.error("cold swap: the new bundle failed and the previous one %s did not load again", old_path)
+            return SmokeResult(False, f"{detail}; the previous bundle did not load again",
+                               time.monotonic() - t0)
+        self._install(back, old_path)
+        log.warning("cold swap: %s failed; serving %s again", path, old_path)
+        return SmokeResult(False, f"{detail}; the previous bundle is loaded again", time.monotonic() - t0)
 
     def _retire(self, runner: Any, engine: Any) -> None:
         """Drain a swapped-out engine like a SIGTERM would, then free it."""

@@ -590,9 +590,12 @@ def serve(tmp_path: Path) -> Iterator[Any]:
         shutil.rmtree(served.socket.parent, ignore_errors=True)
 
 
+@pytest.mark.parametrize("swap", ["auto", "cold"])
 def test_deploy_to_the_daemon_switches_what_it_serves(bundles: dict[str, Path], config: Path, serve: Any,
-                                                      tmp_path: Path) -> None:
-    daemon = serve(tmp_path / "store")
+                                                      tmp_path: Path, swap: str) -> None:
+    """auto swaps hot here (the tiny bundles fit beside each other); cold unloads the served
+    bundle first and, when the new one fails, loads the old one again."""
+    daemon = serve(tmp_path / "store", "--swap", swap)
     assert daemon.api().request("GET", "/health").status == 503  # an empty store serves nothing
     dp.add_device("local", f"unix://{daemon.socket}")
     first = dp.deploy(bundles["a"], "local")
@@ -615,6 +618,10 @@ def test_deploy_to_the_daemon_switches_what_it_serves(bundles: dict[str, Path], 
     assert back.ok and back.active and back.active.name == "tiny-a"
     assert daemon.serving() == "tiny-a"
     assert daemon.api().get("/v1/status")["store"]["previous"] == second.install.bundle.dir
+    assert ("cold swap" in daemon.text()) == (swap == "cold")
+    if swap == "cold":
+        assert "--swap cold" in second.install.smoke.detail
+        assert "previous bundle is loaded again" in broken.install.smoke.detail
 
 
 def test_tcp_cut_mid_upload_resumes_by_itself_and_on_rerun(bundles: dict[str, Path], config: Path, serve: Any,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from device.config import DECODE_MODES, ServeConfig
+from device.config import DECODE_MODES, SWAP_MODES, ServeConfig
 
 _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclass
 
@@ -40,10 +40,14 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
 @click.option("--rebuild-on-mismatch", is_flag=True,
               help="TensorRT bundles: rebuild an engine that was built for another TensorRT "
                    "version or GPU, instead of refusing it.")
+@click.option("--swap", type=click.Choice(SWAP_MODES), default=_D.swap, show_default=True,
+              help="How a deploy replaces the served bundle: hot loads the new one beside it (no "
+                   "gap, both in memory for a moment), cold unloads it first (half the memory, "
+                   "503 while loading); auto picks hot when the device's memory allows.")
 def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_file: Path | None,
           slots: int | None, queue: int, threads: int | None, drain_timeout: float,
           decode_mode: str, store: Path | None, serial: str | None, baud: int,
-          rebuild_on_mismatch: bool) -> None:
+          rebuild_on_mismatch: bool, swap: str) -> None:
     """Serve BUNDLE (or a store's active bundle) over a Unix socket: OpenAI and KServe v2
     routes, /metrics, /v1/status; with --store also /v1/deploy/* (`toolkit deploy`).
 
@@ -58,5 +62,5 @@ def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_
 
     config = ServeConfig(bundle, socket_path, tcp, token_file, slots, queue, threads,
                          drain_timeout, decode_mode, store=store, serial=serial, baud=baud,
-                         rebuild_on_mismatch=rebuild_on_mismatch)
+                         rebuild_on_mismatch=rebuild_on_mismatch, swap=swap)
     sys.exit(run(config))

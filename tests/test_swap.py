@@ -1,0 +1,45 @@
+"""device/swap.py: hot or cold, and how much a bundle will hold once loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from device.config import ServeConfig
+from device.swap import SWAP_MARGIN, plan_swap, resident_estimate
+from toolkit.errors import ToolkitError
+
+GIB = 1 << 30
+
+
+def test_auto_swaps_hot_only_when_both_fit() -> None:
+    assert plan_swap("auto", 1 * GIB, 4 * GIB).mode == "hot"
+    tight = plan_swap("auto", 3 * GIB, 3 * GIB + SWAP_MARGIN - 1)
+    assert tight.mode == "cold" and "3.00 GiB" in tight.why
+    assert plan_swap("auto", 3 * GIB, 3 * GIB + SWAP_MARGIN).mode == "hot"
+    assert plan_swap("auto", 3 * GIB, None).mode == "hot"  # cannot tell: as before
+    assert plan_swap("hot", 9 * GIB, 1 * GIB).mode == "hot"
+    assert plan_swap("cold", 1, 100 * GIB).mode == "cold"
+
+
+def test_swap_setting_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ToolkitError, match="--swap"):
+        ServeConfig(bundle=tmp_path, swap="warm")
+
+
+def test_resident_estimate_uses_the_plan_for_the_bundle_precision(tiny_bundle: Any, tmp_path: Path) -> None:
+    bundle = tiny_bundle()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    estimate = resident_estimate(bundle)
+    rows = [r for r in manifest["plan"]["rows"] if r["precision"] == manifest["precision"]]
+    parts = rows[0]["components"]
+    assert estimate == parts["total"] - parts["os_reserve"] > 0
+    # without a plan: the bundle's files
+    manifest["plan"] = None
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    assert resident_estimate(bare) == sum(e["bytes"] for e in manifest["files"].values())
