@@ -217,8 +217,8 @@ class Daemon:
         old_path = Path(self.config.bundle) if self.config.bundle else None
         log.warning("cold swap to %s (%s): requests get 503 until it is up", path, why)
         self.state = "switching"
-        self._retire(self.runner, self.engine)
-        self.runner = self.engine = None
+        self._retire(self.runner, self.engine)  # a request already past the state check meets a
+        self.runner = self.engine = None        # draining engine, which answers 503
         runner, smoke = self._load_smoked(path)
         if runner is not None:
             try:
@@ -473,17 +473,18 @@ class Daemon:
             st = self.deploy.store
             rec["store"] = {"root": str(st.root), "active": st.active and st.active.dir,
                             "previous": st.previous and st.previous.dir}
-        if self.runner is None:
+        runner, engine = self.runner, self.engine  # one look: a cold swap clears both
+        if runner is None or engine is None:
             return rec
         from device.runner import device_family
 
-        m, engine = self.runner.manifest, self.engine
+        m = runner.manifest
         rec["target"] = {**m.target, "device_family": device_family()}
-        rec["backend"] = self.runner.backend.describe()
+        rec["backend"] = runner.backend.describe()
         rec["bundle"].update(name=m.name, kind=m.kind, precision=m.precision,
                              source_sha256=m.source.get("sha256"), manifest_sha256=self.manifest_sha256,
                              max_seq=m.max_seq, toolkit_version=m.toolkit_version)
-        kv = self.runner.backend.kv_cache_bytes() if self.runner.is_decoder else 0
+        kv = runner.backend.kv_cache_bytes() if runner.is_decoder else 0
         rec["memory"]["kv_cache_bytes"] = kv
         rec["scheduler"] = {"slots": engine.slots, "running": engine.running, "waiting": engine.waiting,
                             "queue_limit": engine.admission.queue_limit, "decode_mode": engine.decode_mode}
