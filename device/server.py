@@ -229,12 +229,16 @@ class Daemon:
                 smoke = SmokeResult(False, str(e))
         detail = f"{smoke.detail} (cold swap: {why})"
         back = self._load_smoked(old_path)[0] if old_path else None
-        if back is None or old_path is None:
+        try:
+            if back is None or old_path is None:
+                raise ToolkitError("it failed to load")
+            self._install(back, old_path)
+        except ToolkitError as e:
             self.state = "empty"  # serving nothing, but a deploy or a restart can still fix it
-            log.error("cold swap: the new bundle failed and the previous one %s did not load again", old_path)
+            log.error("cold swap: the new bundle failed and the previous one %s did not load again "
+                      "(%s)", old_path, e)
             return SmokeResult(False, f"{detail}; the previous bundle did not load again",
                                time.monotonic() - t0)
-        self._install(back, old_path)
         log.warning("cold swap: %s failed; serving %s again", path, old_path)
         return SmokeResult(False, f"{detail}; the previous bundle is loaded again", time.monotonic() - t0)
 

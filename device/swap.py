@@ -38,9 +38,11 @@ def resident_estimate(bundle: Path) -> int:
     bundles without a plan) the size of its files, which for weights-dominated bundles is what
     loading them costs."""
     manifest = read_manifest(bundle)
-    for row in (manifest.plan or {}).get("rows", []):
+    plan = manifest.plan if isinstance(manifest.plan, dict) else {}
+    rows = plan.get("rows")
+    for row in rows if isinstance(rows, list) else []:
         parts = row.get("components") if isinstance(row, dict) else None
-        if row.get("precision") == manifest.precision and isinstance(parts, dict):
+        if isinstance(parts, dict) and row.get("precision") == manifest.precision:
             try:
                 return int(parts["total"]) - int(parts.get("os_reserve", 0))
             except (KeyError, TypeError, ValueError):
