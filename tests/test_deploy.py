@@ -706,6 +706,37 @@ def test_sigkill_mid_install_leaves_the_previous_bundle_serving(bundles: dict[st
     assert restarted.serving() == "tiny-b"
 
 
+@pytest.mark.parametrize("swap", ["hot", "cold"])
+def test_what_clients_see_while_a_new_bundle_is_smoke_tested(bundles: dict[str, Path], config: Path,
+                                                             serve: Any, tmp_path: Path, swap: str) -> None:
+    """Hot: the old bundle keeps answering while the new one is tested beside it. Cold: it has
+    been unloaded, so readiness and requests answer 503 "switching" until the new one is up."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    daemon = serve(tmp_path / "store", "--swap", swap, hold=hold)
+    dp.add_device("local", f"unix://{daemon.socket}")
+    assert dp.deploy(bundles["a"], "local").install.ok
+    (hold / "hold").write_text("")
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: _catch(errors, dp.deploy, bundles["b"], "local"))
+    t.start()
+    deadline = time.monotonic() + 30
+    while not (hold / "smoke-started").exists():
+        assert time.monotonic() < deadline, "the install never reached its smoke test"
+        time.sleep(0.02)
+    api = daemon.api()
+    if swap == "hot":
+        assert api.request("GET", "/health").status == 200 and daemon.serving() == "tiny-a"
+    else:
+        assert api.request("GET", "/health").status == 503
+        assert api.get("/v1/status")["state"] == "switching"
+        reply = api.request("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert reply.status == 503 and reply.headers.get("Retry-After")
+    (hold / "hold").unlink()
+    t.join(60)
+    assert not errors and daemon.serving() == "tiny-b"
+
+
 def test_an_active_bundle_damaged_on_disk_falls_back_to_the_previous(bundles: dict[str, Path], config: Path,
                                                                      serve: Any, tmp_path: Path) -> None:
     store = tmp_path / "store"
