@@ -20,6 +20,7 @@ import http.client
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,14 +123,34 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.socket_path = str(path)
 
     def connect(self) -> None:
+        self.sock = connect_unix(self.socket_path, self.timeout)
+
+
+CONNECT_BUSY_S = 2.0  # how long a connect keeps retrying a Unix socket whose backlog is full
+
+
+def connect_unix(path: str | Path, timeout: float | None) -> socket.socket:
+    """A connected AF_UNIX stream socket. With a timeout the socket is non-blocking inside, and
+    a Unix socket whose listen backlog is full answers EAGAIN at once (TCP would retry its SYN),
+    so a burst of clients retries for up to CONNECT_BUSY_S before giving up."""
+    deadline = time.monotonic() + CONNECT_BUSY_S
+    delay = 0.002
+    while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        sock.settimeout(timeout)
         try:
-            sock.connect(self.socket_path)
+            sock.connect(str(path))
+            return sock
+        except BlockingIOError:
+            sock.close()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
         except OSError:
             sock.close()
             raise
-        self.sock = sock
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.1)
 
 
 @dataclass

@@ -95,6 +95,9 @@ def claim_socket_path(path: Path) -> None:
 
 class _Server(socketserver.ThreadingMixIn):
     daemon_threads = True  # idle keep-alive connections must not hold the process at exit
+    # listen() backlog: socketserver's default of 5 overflows when a burst of clients connects
+    # at once (a full Unix-socket backlog refuses with EAGAIN rather than waiting)
+    request_queue_size = 128
     block_on_close = False
     app: App
     tokens: tuple[bytes, ...] | None = None  # bearer tokens; None: no auth (the Unix socket)

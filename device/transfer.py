@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote, urlsplit
 
+from device.client import UnixHTTPConnection, connect_unix
 from device.serial_link import Link, LinkConfig, LinkDown, open_port
 from device.store import (
     Activate,
@@ -557,21 +558,6 @@ class DeployClient:
         self.reconnect()
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.unix_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
 
 class HttpDeployClient(DeployClient):
     """One keep-alive HTTP/1.1 connection (Unix socket or TCP), reopened after a failure."""
@@ -593,7 +579,7 @@ class HttpDeployClient(DeployClient):
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if self._conn is None:
-            self._conn = (_UnixConnection(self.path, timeout) if self.scheme == "unix"
+            self._conn = (UnixHTTPConnection(Path(self.path), timeout) if self.scheme == "unix"
                           else http.client.HTTPConnection(self.host, self.port, timeout=timeout))
         if self._conn.sock is not None and timeout != self._timeout:
             self._conn.sock.settimeout(timeout)
@@ -676,9 +662,7 @@ class HttpDeployClient(DeployClient):
     def _raw_socket(self) -> socket.socket:
         try:
             if self.scheme == "unix":
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(60.0)
-                sock.connect(self.path)
+                sock = connect_unix(self.path, 60.0)
             else:
                 sock = socket.create_connection((self.host, self.port), timeout=60.0)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
