@@ -269,7 +269,7 @@ def deploy(bundle: Path, name: str, progress: Progress | None = None, retries: i
         hello = client.hello()
         check_against_device(manifest, hello, bundle, device)  # refused before any hashing
         # every hash, before anything is sent; the same pass computes each chunk's CRC32 (the
-        # upload then never reads the files in Python: HTTP sends them with sendfile)
+        # upload then only reads each piece to send it, with no second pass for its CRC)
         crcs: ChunkCrcs = {}
         check_intact(bundle, manifest, hello.chunk,
                      lambda rel, block: crcs.setdefault(rel, []).append(crc32(block)))
@@ -327,8 +327,8 @@ def _send_missing(client: DeployClient, bundle: Path, state: UploadState, chunk:
                   counter: _Sent, progress: Progress | None) -> None:
     """Send every file from the offset the device holds, in chunks on the `chunk` grid (a resume
     point off that grid first sends the piece up to the next grid line). A chunk names its bytes
-    (file, offset, length) rather than carrying them: the HTTP client sends them from the file
-    with sendfile, the serial client reads them. The CRC32 comes from the verification pass,
+    (file, offset, length) rather than carrying them: each client reads them from the file as it
+    sends them (HTTP a 1 MiB piece at a time). The CRC32 comes from the verification pass,
     or is computed here for an off-grid piece."""
     total = state.total_bytes
     done = state.held_bytes

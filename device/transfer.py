@@ -33,9 +33,12 @@ Chunk sizes: 8 MiB over HTTP, two requests in flight (HTTP/1.1 pipelining on one
 the next chunk travels while the device checks and writes the previous one). A request costs
 ~0.5 ms of Python and syscalls on each side, so bigger chunks go faster on a fast link (loopback:
 8 MiB +10 % over 4 MiB); 8 MiB is the store's body limit (max_chunk_bytes) and 67 ms of a
-gigabit link, the most a dropped connection sends again. On the host the bytes go from the
-file to the socket with sendfile, on the device from the socket into the staged file with
-splice (Store.receive_chunk): neither side copies them through Python. 64 KiB over
+gigabit link, the most a dropped connection sends again. Both sides move a chunk in 1 MiB
+pieces through one reused buffer: the host reads a piece of the file and sends it, the device
+reads a piece, takes its CRC32 while it is in cache and writes it (Store.receive_chunk). On
+loopback, where the device's thread is the bottleneck, this beats sendfile + splice by ~1.27x
+(sendfile hands the device the host's page-cache pages to copy cold from memory; splice needs
+the piece read back for its CRC). 64 KiB over
 serial, one at a time (0.7 s at 921600 baud: the reply's turnaround is < 1 % of that, and the
 link below keeps its own window of frames full). The device announces both in hello. Resume is
 per file: `begin` reports the bytes the store holds of each file (a file's length on disk; every
@@ -45,15 +48,12 @@ after a drop, or in a new `toolkit deploy` run.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import http.client
 import json
 import logging
 import os
 import platform
 import re
-import select
 import shutil
 import socket
 import struct
@@ -301,15 +301,14 @@ class DeployService:
         except (KeyError, IndexError, ValueError) as e:
             raise HTTPError(400, "a chunk needs ?path=P&offset=N&crc32=C", "invalid_request") from e
         n = self._body_length(h)
-        body = _BodyToFile(h)
+        body = _Body(h)
         try:
-            with _as_http_error():  # the next chunk of a file goes from the socket into the file
-                ack = self.store.receive_chunk(upload_id, path, offset, n, crc, body.fill)
+            with _as_http_error():  # the next chunk of a file goes into the file as it arrives
+                ack = self.store.receive_chunk(upload_id, path, offset, n, crc, body.read_into)
                 if ack is None:  # anything else: the whole body first, then write_chunk
                     ack = self.chunk(upload_id, path, offset, crc, self._read_chunk(h, n))
                     body.consumed = n
         finally:
-            body.close()
             if body.consumed < n:  # an unread body would be parsed as the next request
                 h.close_connection = True
         h.send_json(200, to_json(ack))
@@ -359,59 +358,17 @@ class DeployService:
             h.send_json(200, to_json(self.rollback()))
 
 
-class _BodyToFile:
-    """Moves a request body into a file for Store.receive_chunk: first the bytes http.server
-    already buffered past the headers, then the rest with splice(2), socket -> pipe -> file, so
-    the bytes never pass through Python (on Linux; elsewhere readinto + pwrite)."""
-
-    PIPE_BYTES = 1 << 20  # also the most one fill() moves: Store.receive_chunk asks for CRC_PIECE
+class _Body:
+    """A request body for Store.receive_chunk, read piece by piece into its buffer (the request
+    reader's own buffered bytes first, then straight from the socket), counting what was read."""
 
     def __init__(self, h: Any) -> None:
         self.h, self.consumed = h, 0
-        self.buffered_taken = False
-        self.pipe: tuple[int, int] | None = None
 
-    def fill(self, fd: int, pos: int, want: int) -> int:
-        if not self.buffered_taken:  # what the request reader holds (at most one buffer's worth)
-            self.buffered_taken = True
-            held = self.h.rfile.peek(1)[:want]
-            if held:
-                n = os.pwrite(fd, held, pos)
-                self.h.rfile.read(n)
-                self.consumed += n
-                return n
-        if not hasattr(os, "splice"):
-            data = self.h.rfile.read1(min(want, self.PIPE_BYTES))
-            n = os.pwrite(fd, data, pos) if data else 0
-        else:
-            n = self._splice(fd, pos, min(want, self.PIPE_BYTES))
+    def read_into(self, view: memoryview) -> int:
+        n = self.h.rfile.readinto(view) or 0  # fills the view unless the body ends early
         self.consumed += n
         return n
-
-    def _splice(self, fd: int, pos: int, want: int) -> int:
-        sock = self.h.connection
-        if self.pipe is None:
-            self.pipe = os.pipe2(os.O_CLOEXEC)
-            with contextlib.suppress(OSError):  # 64 KiB without it: more calls, same bytes
-                fcntl.fcntl(self.pipe[1], fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
-        r, w = self.pipe
-        while True:
-            try:
-                k = os.splice(sock.fileno(), w, want)
-                break
-            except BlockingIOError:  # the socket has a timeout, so its fd is non-blocking
-                if not select.select([sock], [], [], sock.gettimeout())[0]:
-                    raise TimeoutError("the chunk stopped arriving") from None
-        moved = 0
-        while moved < k:
-            moved += os.splice(r, fd, k - moved, offset_dst=pos + moved)
-        return k
-
-    def close(self) -> None:
-        if self.pipe is not None:
-            for end in self.pipe:
-                os.close(end)
-            self.pipe = None
 
 
 class _as_http_error:
@@ -635,6 +592,7 @@ class HttpDeployClient(DeployClient):
         reader = sock.makefile("rb")
         pending: deque[Chunk] = deque()
         files = _OpenFiles()
+        piece = memoryview(bytearray(SEND_PIECE))
         try:
             for c in chunks:
                 head = (f"PUT {PREFIX}/uploads/{upload_id}?path={quote(c.path, safe='')}&offset={c.offset}"
@@ -644,7 +602,7 @@ class HttpDeployClient(DeployClient):
                     head += f"Authorization: Bearer {self.token}\r\n"
                 try:
                     sock.sendall(head.encode() + b"\r\n")
-                    _sendfile(sock, files.get(c.file), c)
+                    _send_range(sock, files.get(c.file), c, piece)
                 except OSError as e:
                     raise LinkDown(f"the connection to {self.uri} failed: {e}") from e
                 pending.append(c)
@@ -720,13 +678,21 @@ class _OpenFiles:
         self._file, self.path = None, None
 
 
-def _sendfile(sock: socket.socket, file: BinaryIO, c: Chunk) -> None:
-    """The chunk's bytes from the file straight to the socket (socket.sendfile: the kernel
-    copies from the page cache, no pass through Python; it honours the socket's timeout). A
-    file that ends early leaves the request short: an error, and the connection is dropped."""
-    if sock.sendfile(file, c.offset, c.length) != c.length:
-        raise ToolkitError(f"{c.file} is shorter than its manifest says; it changed after "
-                           "verification", hint="deploy again")
+SEND_PIECE = 1 << 20  # the host reads and sends a chunk this much at a time
+
+
+def _send_range(sock: socket.socket, file: BinaryIO, c: Chunk, buf: memoryview) -> None:
+    """The chunk's bytes from the file to the socket, a piece at a time through `buf` (not
+    sendfile: see the module notes). A file that ends early leaves the request short: an
+    error, and the connection is dropped."""
+    pos, end = c.offset, c.offset + c.length
+    while pos < end:
+        k = os.preadv(file.fileno(), [buf[:min(len(buf), end - pos)]], pos)
+        if k <= 0:
+            raise ToolkitError(f"{c.file} is shorter than its manifest says; it changed after "
+                               "verification", hint="deploy again")
+        sock.sendall(buf[:k])
+        pos += k
 
 
 def _remote_error(obj: Any, status: int, where: str) -> RemoteError:

@@ -332,13 +332,15 @@ def test_store_receive_chunk_writes_as_it_arrives_and_keeps_nothing_bad(base_bun
     staged = tmp_path / "s" / "staging" / uid / "f.bin"
 
     def feeder(payload: bytes, step: int = 70_000) -> Any:
+        """A body that arrives in pieces of at most `step` bytes (as a socket may deliver)."""
         sent = [0]
 
-        def fill(fd: int, pos: int, want: int) -> int:
-            piece = payload[sent[0]:sent[0] + min(want, step)]
+        def read_into(view: memoryview) -> int:
+            piece = payload[sent[0]:sent[0] + min(len(view), step)]
             sent[0] += len(piece)
-            return os.pwrite(fd, piece, pos) if piece else 0
-        return fill
+            view[:len(piece)] = piece
+            return len(piece)
+        return read_into
 
     ack = store.receive_chunk(uid, "f.bin", 0, 200_000, zlib.crc32(data[:200_000]), feeder(data[:200_000]))
     assert ack is not None and ack.held == 200_000 and staged.stat().st_size == 200_000
@@ -366,20 +368,23 @@ from device.store import Store
 root, manifest, data = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]).read_bytes()
 store = Store.open(root)
 uid = store.begin(manifest).upload_id
-store.receive_chunk(uid, "f.bin", 0, 200_000, zlib.crc32(data[:200_000]),
-                    lambda fd, pos, want: os.pwrite(fd, data[pos:pos + want], pos))
-calls = [0]
-def fill(fd, pos, want):
-    calls[0] += 1
-    if calls[0] == 2:  # half of the second chunk is in the file, not yet checked
-        os.kill(os.getpid(), signal.SIGKILL)
-    return os.pwrite(fd, data[pos:pos + 50_000], pos)
-store.receive_chunk(uid, "f.bin", 200_000, 100_000, zlib.crc32(data[200_000:]), fill)
+def body(payload, step):
+    sent = [0]
+    def read_into(view):
+        if sent[0] >= step and sent[0] < len(payload):  # a piece of the chunk is in the file,
+            os.kill(os.getpid(), signal.SIGKILL)          # not yet checked: the daemon dies
+        piece = payload[sent[0]:sent[0] + min(len(view), step)]
+        view[:len(piece)] = piece
+        sent[0] += len(piece)
+        return len(piece)
+    return read_into
+store.receive_chunk(uid, "f.bin", 0, 200_000, zlib.crc32(data[:200_000]), body(data[:200_000], 1 << 30))
+store.receive_chunk(uid, "f.bin", 200_000, 100_000, zlib.crc32(data[200_000:]), body(data[200_000:], 50_000))
 """
 
 
 def test_store_killed_mid_chunk_resumes_where_the_chunk_began(base_bundle: Path, tmp_path: Path) -> None:
-    """A daemon SIGKILLed while a chunk is being spliced in leaves bytes nobody checked; on the
+    """A daemon SIGKILLed while a chunk is being written leaves bytes nobody checked; on the
     next start the store cuts the file back to where that chunk began, so the resumed upload
     sends it again (rather than resuming after unchecked bytes and failing at commit)."""
     data = os.urandom(300_000)
@@ -395,8 +400,12 @@ def test_store_killed_mid_chunk_resumes_where_the_chunk_began(base_bundle: Path,
     state = store.begin(mb)
     assert state.files["f.bin"].held == 200_000
     assert not list((tmp_path / "s" / "staging").glob(".*.inflight"))
-    ack = store.receive_chunk(up_id, "f.bin", 200_000, 100_000, zlib.crc32(data[200_000:]),
-                              lambda fd, pos, want: os.pwrite(fd, data[pos:pos + want], pos))
+    rest = memoryview(data[200_000:])
+
+    def read_into(view: memoryview) -> int:
+        view[:len(rest)] = rest
+        return len(rest)
+    ack = store.receive_chunk(up_id, "f.bin", 200_000, 100_000, zlib.crc32(rest), read_into)
     assert ack is not None and ack.complete
     assert store.commit(up_id, lambda p: SmokeResult(True, "ok")).ok
     store.close()
@@ -877,9 +886,9 @@ def test_chunks_follow_the_grid_from_an_off_grid_resume_point(tmp_path):
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_http_chunks_spliced_into_the_file_keep_only_good_bytes(bundles: dict[str, Path], start: Any,
-                                                                 tmp_path: Path, transport: str) -> None:
-    """Over HTTP the next chunk goes from the socket into the staged file (splice): a chunk with
+def test_http_chunks_written_as_they_arrive_keep_only_good_bytes(bundles: dict[str, Path], start: Any,
+                                                                  tmp_path: Path, transport: str) -> None:
+    """Over HTTP the next chunk goes into the staged file as it arrives: a chunk with
     a wrong CRC32 is refused and cut off again, the connection stays usable, and the bytes of a
     good chunk and of the pipelined ones after it arrive exactly."""
     from device.transfer import Chunk, HttpDeployClient, RemoteError
