@@ -178,6 +178,7 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "toolkit-daemon"
+    _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's own (send_header fills it; typeshed omits it)
     timeout = IDLE_TIMEOUT_S
     server: _Server  # type: ignore[assignment]
     response_started = False  # once a status line is out, an error can only close the connection
