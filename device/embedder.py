@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +20,7 @@ import numpy as np
 from device.backend import EncoderBackend
 from device.metrics import ServingMetrics
 from device.pooling import pool
-from device.scheduler import Admission, Embedded, Failed, RequestHandle, Ticket
+from device.scheduler import Admission, Embedded, Failed, QueuedEngine, RequestHandle, Ticket
 from toolkit.errors import ToolkitError
 
 log = logging.getLogger("toolkit.daemon")
@@ -33,7 +31,7 @@ class EmbeddingRequest:
     inputs: Sequence[Sequence[int]]  # token ids per text, special tokens included
 
 
-class EmbeddingEngine:
+class EmbeddingEngine(QueuedEngine):
     """Encoder bundles: each request's texts are encoded as one padded batch (in chunks of
     max_batch rows), requests one after another on one engine thread.
 
@@ -47,7 +45,7 @@ class EmbeddingEngine:
                  metrics: ServingMetrics | None = None, max_batch: int = 32) -> None:
         self.backend, self.pooling = backend, pooling or {"mode": "mean", "normalize": False}
         self.metrics = metrics or ServingMetrics()
-        self.admission = Admission(1, queue_limit)
+        self._init_queue(Admission(1, queue_limit), "encoder")
         self.max_batch = max_batch
         self.decode_mode = "n/a"
         try:  # a bundle that loads but cannot run fails the start (as smoke_test for decoders)
@@ -55,16 +53,7 @@ class EmbeddingEngine:
         except Exception as e:  # noqa: BLE001 - runtimes raise their own untyped errors
             raise ToolkitError(f"the model loads but a test encoding fails: {e}",
                                hint="the bundle does not match this runtime; convert it again") from e
-        self._waiting: deque[RequestHandle] = deque()
         self._busy = False
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="encoder", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def reserve(self) -> Ticket:
-        return self.admission.reserve()
 
     def submit(self, ticket: Ticket, request: EmbeddingRequest) -> RequestHandle:
         handle = RequestHandle(request, self._cancel)
@@ -75,16 +64,6 @@ class EmbeddingEngine:
     def running(self) -> int:
         return int(self._busy)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    def begin_drain(self) -> None:
-        self.admission.begin_drain()
-
-    def wait_idle(self, timeout: float) -> bool:
-        return self.admission.wait_idle(timeout)
-
     def abort_all(self) -> None:
         with self.admission.lock:
             dropped = list(self._waiting)
@@ -92,13 +71,6 @@ class EmbeddingEngine:
         for handle in dropped:
             handle.put(Failed(503, "draining", "the daemon is shutting down"))
             self.admission.release()
-
-    def close(self, timeout: float = 10.0) -> None:
-        with self.admission.lock:
-            self._stop = True
-            self.admission.changed.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     def _cancel(self, handle: RequestHandle) -> None:
         with self.admission.lock:

@@ -251,6 +251,46 @@ class Admission:
             self.draining = True
 
 
+class QueuedEngine:
+    """What the decoder and encoder engines share: an Admission, the queue of requests that
+    hold a place, one engine thread (the subclass's `_run`), and how they start, drain and
+    stop. Subclasses set up their own state, then call `_init_queue`."""
+
+    admission: Admission
+
+    def _init_queue(self, admission: Admission, thread_name: str) -> None:
+        self.admission = admission
+        self._waiting: deque[RequestHandle] = deque()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def reserve(self) -> Ticket:
+        return self.admission.reserve()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def begin_drain(self) -> None:
+        self.admission.begin_drain()
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self.admission.wait_idle(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self.admission.lock:
+            self._stop = True
+            self.admission.changed.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
 # --- the decoder engine ----------------------------------------------------------------------
 
 @dataclass
@@ -307,7 +347,7 @@ def probe_batch_invariance(backend: DecoderBackend) -> bool:
     return True
 
 
-class Scheduler:
+class Scheduler(QueuedEngine):
     """Continuous batching over a decoder backend's slots (see the module docstring)."""
 
     def __init__(self, backend: DecoderBackend, tokenizer: BundleTokenizer, queue_limit: int = 16,
@@ -318,27 +358,18 @@ class Scheduler:
         self.slots, self.max_seq = backend.slots, backend.max_seq
         self.stop_ids = frozenset(tokenizer.stop_ids)
         self.metrics = metrics or ServingMetrics()
-        self.admission = Admission(self.slots, queue_limit)
+        self._init_queue(Admission(self.slots, queue_limit), "engine")
         smoke_test(backend)
         self.batched = (decode_mode == "batched" or
                         (decode_mode == "auto" and probe_batch_invariance(backend)))
         self.decode_mode = "batched" if self.batched else "per-row"
-        self._waiting: deque[RequestHandle] = deque()
         self._active: dict[int, _Slot] = {}
         self._free = list(range(self.slots))  # a heap: lowest slot first keeps the span short
         self._ids = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] next token per slot
         self._pos = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] its position
-        self._stop = False
         self._abort = False
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     # -- called from HTTP threads --
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def reserve(self) -> Ticket:
-        return self.admission.reserve()
 
     def check_prompt(self, prompt_len: int, param: str = "prompt") -> int:
         """Room left for new tokens after a prompt; RequestRejected when there is none."""
@@ -364,31 +395,14 @@ class Scheduler:
     def running(self) -> int:
         return len(self._active)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
     def tokens_in_cache(self) -> int:
         return sum(s.pos for s in list(self._active.values()))
-
-    def begin_drain(self) -> None:
-        self.admission.begin_drain()
-
-    def wait_idle(self, timeout: float) -> bool:
-        return self.admission.wait_idle(timeout)
 
     def abort_all(self) -> None:
         """End every request now: running ones finish with "abort", queued ones fail (503)."""
         with self.admission.lock:
             self._abort = True
             self.admission.changed.notify_all()
-
-    def close(self, timeout: float = 10.0) -> None:
-        with self.admission.lock:
-            self._stop = True
-            self.admission.changed.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     def _cancel(self, handle: RequestHandle) -> None:
         with self.admission.lock:
