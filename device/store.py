@@ -347,6 +347,15 @@ def open_beneath(root: Path, parts: list[str], create: bool) -> int:
         os.close(dfd)
 
 
+def _cut(root: Path, parts: list[str], size: int) -> None:
+    """Truncate a staged file to `size` bytes (opened beneath root, no symlink followed)."""
+    fd = open_beneath(root, parts, create=False)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
 def _held(root: Path, parts: list[str]) -> int:
     """Bytes on disk for a staged file (0 when absent); lstat per component, no symlink followed."""
     path = root
@@ -628,9 +637,7 @@ class Store:
         for rel, entry in upload.manifest.files.items():
             held = _held(staging, upload.parts[rel])
             if held > entry.bytes:  # longer than declared: cannot be right, start it again
-                fd = open_beneath(staging, upload.parts[rel], create=False)
-                os.ftruncate(fd, 0)
-                os.close(fd)
+                _cut(staging, upload.parts[rel], 0)
                 held = 0
             files[rel] = FileProgress(entry.bytes, held)
         return UploadState(upload.upload_id, upload.manifest.name, files)
@@ -761,11 +768,7 @@ class Store:
                     raise ValueError(f"bad marker {info!r}")
                 staging = self.staging / upload_id
                 if _held(staging, upload.parts[rel]) > offset:
-                    fd = open_beneath(staging, upload.parts[rel], create=False)
-                    try:
-                        os.ftruncate(fd, offset)
-                    finally:
-                        os.close(fd)
+                    _cut(staging, upload.parts[rel], offset)
                     done.append(f"cut {upload_id[:12]}…/{rel} back to {offset} bytes: a chunk after "
                                 "that was still being checked when the daemon stopped")
             except (OSError, ValueError, KeyError, TypeError, StoreError) as e:
@@ -841,9 +844,7 @@ class Store:
         for rel, entry in upload.manifest.files.items():
             held = _held(staging, upload.parts[rel])
             if held == entry.bytes and sha256_file(staging.joinpath(*upload.parts[rel])) != entry.sha256:
-                fd = open_beneath(staging, upload.parts[rel], create=False)
-                os.ftruncate(fd, 0)
-                os.close(fd)
+                _cut(staging, upload.parts[rel], 0)
         listed = "\n  - ".join(problems)
         raise StoreError(f"the uploaded bundle failed verification:\n  - {listed}", status=422,
                          code="verify_failed", hint="deploy again: damaged files are sent again")

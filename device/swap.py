@@ -19,10 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from device.config import SWAP_MODES
 from toolkit.manifest import read_manifest
 
-__all__ = ["SWAP_MODES", "SwapPlan", "plan_swap", "resident_estimate"]
 SWAP_MARGIN = 256 << 20  # left free after a hot swap's second bundle (allocator slack, page cache)
 
 
