@@ -67,6 +67,38 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[d
     return ranges
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Calibration activations of one tensor, for searches that need the values themselves."""
+
+    sample: np.ndarray  # float32 [n, C]: up to `rows` token rows, drawn evenly from every window
+    mean_abs: np.ndarray  # float32 [C]: mean |x| per channel over every token seen
+
+
+def collect_rows(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
+                 work_dir: Path, rows: int, samples: int, steps: Steps = QUIET,
+                 threads: int | None = None, seed: int = 0) -> dict[str, Rows]:
+    """Per tensor: a random sample of about `rows` token rows (rows / samples from each of the
+    `samples` feeds, so one window cannot dominate) and the mean |x| per channel over all."""
+    rng = np.random.default_rng(seed)
+    per_feed = max(1, -(-rows // max(1, samples)))
+    kept: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for i, outs in enumerate(_run(model, tensors, feeds, work_dir, threads)):
+        pick: np.ndarray | None = None
+        for name, value in zip(tensors, outs):
+            x = value.reshape(-1, value.shape[-1]).astype(np.float32, copy=False)
+            if pick is None:
+                pick = rng.choice(len(x), min(per_feed, len(x)), replace=False)
+                count += len(x)
+            kept[name].append(x[pick])
+            sums[name] = sums.get(name, 0.0) + np.abs(x).sum(axis=0, dtype=np.float64)
+        _progress(steps, i + 1, samples)
+    return {t: Rows(np.concatenate(kept[t]), (sums[t] / max(count, 1)).astype(np.float32))
+            for t in tensors if kept[t]}
+
+
 def _tail(n: int, percentile: float) -> int:
     """How many of n values lie above the percentile (at least 1)."""
     return max(1, math.ceil(n * (1.0 - percentile / 100.0)))

@@ -87,7 +87,7 @@ QUANTIZERS = {"symmetric": quantize_symmetric, "zero-point": quantize_zero_point
 
 def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig) -> CpuResult:
     graph = model.graph
-    tied = _tied_tables(graph)
+    tied = tied_tables(graph)
     rows = OffsetRows(graph, cfg.block)
     packed: dict[tuple[str, int, str], tuple[list[str], BlockWeights]] = {}  # -> ([B, scales, zp?], codes)
     stats: dict[str, Any] = {"layers": 0, "weights": 0, "offset_rows": 0, "embeddings": []}
@@ -261,7 +261,7 @@ def _groups(graph: onnx.GraphProto, mms: list[g.WeightMatMul]) -> dict[str, list
     return out
 
 
-def _tied_tables(graph: onnx.GraphProto) -> set[str]:
+def tied_tables(graph: onnx.GraphProto) -> set[str]:
     """Initializers that are both a MatMul weight and an embedding table (a tied LM head)."""
     weights = {m.weight for m in g.weight_matmuls(graph)}
     return {e.table for e in g.embedding_gathers(graph, min_elements=0) if e.table in weights}

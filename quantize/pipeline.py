@@ -104,7 +104,8 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
         raise ToolkitError("the output is the input bundle", hint="choose another -o")
     check_output(out, force)
     tok = _tokenizer(bundle, src)
-    cal = _calibration(src, fmt_rec, text, tok, samples, seq_len, steps)  # 2.
+    cal = _calibration(src, fmt_rec.calibrated or options.awq, text, tok, samples, seq_len,  # 2.
+                       steps)
     t0 = time.perf_counter()
     tried: list[dict[str, Any]] = []  # gate figures of each int4 grid tried
     with staged_bundle(out, force) as staging:
@@ -148,6 +149,12 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
 def _tries(precision: str, options: QuantOptions, fmt: Format) -> list[QuantOptions]:
     """The option sets to try in order: int4 with int4_grid=None walks the format's grid ladder
     (the plainer, faster graph first) and stops at the first the gate accepts."""
+    if options.awq and precision != "int4":
+        raise ToolkitError(f"AWQ applies to int4 weights, not {precision}", hint="drop --awq")
+    if options.awq and options.int4_grid == "offsets":
+        raise ToolkitError("AWQ applies to the plain int4 grids (symmetric, zero-point); the offset "
+                           "grid keeps each block's own range and takes no rescaling",
+                           hint="drop --awq, or choose --int4-grid symmetric or zero-point")
     if precision != "int4" or not fmt.grids:
         return [options]
     if options.int4_grid is not None:
@@ -189,11 +196,12 @@ def _tokenizer(bundle: Path, src: Manifest) -> Any:
     return BundleTokenizer(bundle / src.tokenizer["path"], src.tokenizer)
 
 
-def _calibration(src: Manifest, fmt: Format, text: Text, tok: Any, samples: int, seq_len: int,
+def _calibration(src: Manifest, needed: bool, text: Text, tok: Any, samples: int, seq_len: int,
                  steps: Steps) -> CalibrationSet | None:
+    """The calibration windows, when the format (static activation ranges) or AWQ reads them."""
     limit = src.max_seq - 1 if src.kind == "decoder" else 512
     cal = token_windows(text, tok, samples, seq_len, max_len=limit)  # validates the text too
-    if not fmt.calibrated:
+    if not needed:
         return None
     steps.say(f"    calibration: {len(cal.windows)} samples x {cal.seq_len} tokens from "
               f"{text.source} ({cal.tokens} tokens)")

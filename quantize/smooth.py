@@ -8,7 +8,8 @@ y = x @ W the per-input-channel factor s leaves y unchanged,
     y = (x / s) @ (diag(s) W)          s_j = max|x_j|^a / max|W_j,:|^(1-a)   (a = 0.5)
 
 and the division by s is folded into the op that makes x, so the graph gains no node:
-  * x = RMSNorm(h) * gamma       -> gamma_j /= s_j            (q/k/v, gate/up inputs)
+  * x = RMSNorm(h) * gamma       -> gamma_j /= s_j            (q/k/v, gate/up inputs; the
+                                    decomposed Mul, or ORT's fused (Skip)SimplifiedLayerNorm)
   * x = silu(gate) * (h @ W_up)  -> W_up[:, j] /= s_j          (down_proj input)
 Other producers (the attention output into o_proj) are left as they are.
 Reference: Xiao et al., "SmoothQuant", ICML 2023 (arXiv:2211.10438).
@@ -51,7 +52,7 @@ def smooth(model: onnx.ModelProto, ranges: dict[str, Range], alpha: float = DEFA
     done = skipped = 0
     for x, users in by_input.items():
         r = ranges.get(x)
-        fold = _fold_target(graph, x, inits, cons, {m.node.output[0] for m in mms})
+        fold = fold_target(graph, x, inits, cons, {m.node.output[0] for m in mms})
         if r is None or r.channels is None or fold is None or len(cons.get(x, [])) != len(users):
             skipped += 1
             continue
@@ -60,9 +61,7 @@ def smooth(model: onnx.ModelProto, ranges: dict[str, Range], alpha: float = DEFA
         s = _factors(r.channels, wmax, alpha)
         for m, w in zip(users, weights):
             _store(inits[m.weight], w * s[:, None])
-        kind, name = fold
-        t = _array(inits[name])
-        _store(inits[name], t / s if kind == "vector" else t / s[None, :])
+        divide(inits, fold, s)
         channels = r.channels / s
         out[x] = Range(float(channels.max()), r.observed_max, channels)
         done += 1
@@ -74,22 +73,61 @@ def _factors(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def _fold_target(graph: onnx.GraphProto, x: str, inits: dict[str, onnx.TensorProto],
-                 cons: dict[str, list[onnx.NodeProto]], mm_outputs: set[str]) -> tuple[str, str] | None:
-    """("vector", gamma) or ("columns", W_up) that x's producer multiplies by, else None."""
+# RMSNorm ops ONNX Runtime fuses on CPU graphs (convert/optimize.py): where their gamma sits
+FUSED_NORMS = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}
+
+
+def fold_target(graph: onnx.GraphProto, x: str, inits: dict[str, onnx.TensorProto],
+                cons: dict[str, list[onnx.NodeProto]], mm_outputs: set[str],
+                unshare: bool = False) -> tuple[str, str] | None:
+    """("vector", gamma) or ("columns", W_up) that x's producer multiplies by, else None.
+    unshare: a gamma that other nodes read too (an exporter merges identical initializers, e.g.
+    norms still at their all-ones init) gets a private copy first."""
     p = g.producer(graph, x)
+    if p is not None and p.op_type in FUSED_NORMS and p.output[0] == x:
+        return _gamma(graph, p, FUSED_NORMS[p.op_type], inits, cons, unshare)
     if p is None or p.op_type != "Mul":
         return None
-    for name in p.input:
-        t = inits.get(name)
-        if t is not None and len(t.dims) == 1 and len(cons.get(name, [])) == 1:
-            return "vector", name
+    for i, name in enumerate(p.input):
+        if name in inits or (unshare and _identity_of_initializer(graph, name, inits)):
+            return _gamma(graph, p, i, inits, cons, unshare)
         if name in mm_outputs and len(cons.get(name, [])) == 1:
             up = g.producer(graph, name)
             w = up.input[1] if up is not None else None
             if w in inits and len(cons.get(w, [])) == 1:
                 return "columns", w
     return None
+
+
+def _gamma(graph: onnx.GraphProto, p: onnx.NodeProto, i: int, inits: dict[str, onnx.TensorProto],
+           cons: dict[str, list[onnx.NodeProto]], unshare: bool) -> tuple[str, str] | None:
+    """("vector", the 1-D initializer p.input[i]) if p alone reads it (or after unsharing;
+    torch's exporter also hands out a merged initializer as Identity copies of it)."""
+    t = inits.get(p.input[i])
+    if t is None and unshare:
+        t = _identity_of_initializer(graph, p.input[i], inits)
+    if t is None or len(t.dims) != 1:
+        return None
+    if t.name != p.input[i] or len(cons.get(p.input[i], [])) != 1:
+        if not unshare:
+            return None
+        p.input[i] = g.add_initializer(graph, numpy_helper.to_array(t).copy(),
+                                       g.unique_name(graph, f"{t.name}_unshared"))
+        inits[p.input[i]] = graph.initializer[-1]
+    return "vector", p.input[i]
+
+
+def _identity_of_initializer(graph: onnx.GraphProto, name: str,
+                             inits: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
+    src = g.producer(graph, name)
+    return inits.get(src.input[0]) if src is not None and src.op_type == "Identity" else None
+
+
+def divide(inits: dict[str, onnx.TensorProto], fold: tuple[str, str], s: np.ndarray) -> None:
+    """Fold x / s into x's producer: gamma / s, or W_up[:, j] / s_j."""
+    kind, name = fold
+    t = _array(inits[name])
+    _store(inits[name], t / s if kind == "vector" else t / s[None, :])
 
 
 def _array(t: onnx.TensorProto) -> np.ndarray:

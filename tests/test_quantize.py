@@ -419,3 +419,82 @@ def test_int4_grid_the_format_lacks_is_a_clear_error(q_fp32_bundle, tmp_path):  
                                        "--int4-grid", "zero-point", "-o", str(out)])
     assert result.exit_code != 0 and "no 'zero-point' int4 grid" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+# --- AWQ (quantize/awq.py) -----------------------------------------------------------------
+
+
+def _prefill_logits(model: onnx.ModelProto, ids: list[int], work: Path) -> np.ndarray:
+    from quantize import activations
+
+    feed = next(activations.decoder_feeds(model, [ids]))
+    return next(activations._run(model, ["logits"], [feed], work, 1))[0]
+
+
+def test_awq_rescales_where_it_helps_and_folds_exactly(q_fp32_bundle, tmp_path):  # noqa: F811
+    """AWQ changes no fp32 output (1/s lands in the norms' gamma and up_proj's columns), rescales
+    the inputs with outlier channels, and its rounding error on the calibration rows is below
+    plain rounding's."""
+    from quantize import activations
+    from quantize import graph as g
+    from quantize.awq import awq, awq_inputs
+    from quantize.blockwise import quantize_zero_point
+    from quantize.cpu import tied_tables
+
+    bundle = q_fp32_bundle("llama", "cpu")
+    model = g.load_model(bundle / load_verified(bundle).model_file)
+    # a few outlier channels, as trained LLMs have: scale some entries of every norm's gamma
+    for t in model.graph.initializer:
+        if t.name.endswith("layernorm.weight"):
+            v = numpy_helper.to_array(t).copy()
+            v[[3, 17, 40]] *= 20.0
+            t.CopyFrom(numpy_helper.from_array(v, t.name))
+    rng = np.random.default_rng(1)
+    windows = [rng.integers(3, 100, 24).tolist() for _ in range(6)]
+    before = _prefill_logits(model, windows[0], tmp_path)
+    exclude = tied_tables(model.graph)
+    tensors = awq_inputs(model, exclude)
+    rows = activations.collect_rows(model, tensors, activations.decoder_feeds(model, windows),
+                                    tmp_path, 64, samples=len(windows), threads=1)
+    assert all(len(r.sample) == 6 * 11 for r in rows.values())  # ceil(64 / 6) rows per window
+    stats = awq(model, rows, lambda w: quantize_zero_point(w, 4, 32).dequantize(), exclude)
+    after = _prefill_logits(model, windows[0], tmp_path)
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+    # searched: q/k/v, gate/up (norm gamma) and down (up_proj columns) per layer; skipped: o_proj
+    # (its producer is the attention op, which cannot take 1/s) and the tied LM head
+    assert stats.scaled + stats.plain == 2 * 3 and stats.skipped == 2 + 1
+    assert stats.scaled >= 2 and stats.error_ratio < 1.0
+
+
+def test_awq_bundles_cpu_and_jetson(q_fp32_bundle, tmp_path):  # noqa: F811
+    from quantize import quantize_bundle
+    from quantize.formats import QuantOptions
+
+    for target, grid in (("cpu", "zero-point"), (JETSON, "symmetric")):
+        out = tmp_path / target
+        quantize_bundle(q_fp32_bundle("llama", target), "int4", out=out, thresholds=LOOSE,
+                        samples=4, seq_len=32, options=QuantOptions(int4_grid=grid, awq=True))
+        q = load_verified(out).quantization
+        awq = q["details"]["awq"]
+        assert awq["grid"] == grid and awq["scaled_inputs"] + awq["plain_inputs"] == 6
+        assert q["calibration"]["samples"] == 4 and q["gate"]["passed"]
+        m = graph(out)
+        assert not [n for n in m.graph.node if "offset" in n.name or "block_sums" in n.name]
+        if target == "cpu":  # B, scales, zero points
+            assert all(len(n.input) == 4 for n in nodes(m, "MatMulNBits") if attr(n, "bits") == 4)
+    cos, _ = agreement(logits(q_fp32_bundle("llama", "cpu"), IDS), logits(tmp_path / "cpu", IDS))
+    assert cos > 0.9
+
+
+@pytest.mark.parametrize("args,match", [
+    (["-p", "int8", "--awq"], "AWQ applies to int4 weights, not int8"),
+    (["-p", "int4", "--awq", "--int4-grid", "offsets"], "AWQ applies to the plain int4 grids"),
+])
+def test_awq_where_it_does_not_apply_is_a_clear_error(q_fp32_bundle, tmp_path, args, match):  # noqa: F811
+    from toolkit.cli import main
+
+    out = tmp_path / "never"
+    result = CliRunner().invoke(main, ["quantize", str(q_fp32_bundle("llama", "cpu")), *args,
+                                       "-o", str(out)])
+    assert result.exit_code != 0 and match in result.output
+    assert "Traceback" not in result.output and not out.exists()

@@ -38,6 +38,10 @@ PRECISIONS = ["fp16", "fp8", "int8", "int4"]
 @click.option("--int4-grid", type=click.Choice(["symmetric", "zero-point", "offsets"]), default=None,
               help="int4 block grid. Default: the gate walks the format's grids, plainest (fastest) "
                    "first, and keeps the first that passes.")
+@click.option("--awq", is_flag=True,
+              help="int4: AWQ before the symmetric and zero-point grids (rescales each weight's "
+                   "input channels by their calibration activations; the offset grid is left "
+                   "exact). Off by default: see README, Quantization.")
 @click.option("--threads", type=int, default=None, help="CPU threads for calibration and the gate.")
 @click.option("--format", "fmt", default=None, metavar="NAME",
               help="Override the target's format for this precision (experiments and benchmarks; "
@@ -45,7 +49,7 @@ PRECISIONS = ["fp16", "fp8", "int8", "int4"]
 def quantize(bundle: Path, precision: str, calibration: Path | None, samples: int, seq_len: int,
              output: Path | None, force: bool, max_ppl_increase: float | None, min_top1: float | None,
              min_greedy: float | None, min_cosine: float | None, int4_grid: str | None,
-             threads: int | None, fmt: str | None) -> None:
+             awq: bool, threads: int | None, fmt: str | None) -> None:
     """Quantize an fp32 BUNDLE to a lower precision for the same target.
 
     The format comes from the bundle's target (cpu: MatMulNBits for ONNX Runtime; Jetson:
@@ -70,7 +74,7 @@ def quantize(bundle: Path, precision: str, calibration: Path | None, samples: in
         from toolkit.errors import ToolkitError
 
         raise ToolkitError(f"--int4-grid applies to int4, not {precision}", hint="drop --int4-grid")
-    options = QuantOptions(int4_grid=int4_grid)
+    options = QuantOptions(int4_grid=int4_grid, awq=awq)
     try:
         result = quantize_bundle(bundle, precision, calibration=calibration, samples=samples,
                                  seq_len=seq_len, out=output, force=force, thresholds=limits,

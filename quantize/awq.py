@@ -1,0 +1,115 @@
+"""AWQ: scale each weight's input channels by how large its activations run, then round.
+
+A plain 4-bit grid (symmetric, or with an integer zero point) rounds every input channel of a
+weight alike, yet a few channels of x carry most of the product x @ W. For the weights that read
+one x,
+
+    y = x @ W = (x / s) @ (diag(s) W)        s_k = mean|x_k|^a / sqrt(max * min)   a in ALPHAS
+
+so rows of W that meet large activations get a finer share of their block's grid. a is chosen per
+input to minimise the output error on calibration rows X,
+
+    err(a) = || X @ W  -  (X / s) @ Q(diag(s) W) ||^2        summed over the weights that read x
+
+and a = 0 is s = 1 (plain rounding), so the choice is never worse than plain rounding on X. The
+division by s is folded into the op that makes x (quantize/smooth.py: the RMSNorm's gamma, or
+up_proj's columns for the down_proj input), so the graph gains no node; inputs whose producer
+cannot take it (the attention output into o_proj) are rounded plainly.
+
+Only for the plain grids. The offset grid reproduces a Q4_1 GGUF's own blocks exactly, and any
+s != 1 would move its weights off them. Not the tied LM head either: its rows are also the
+embedding table, which cannot take 1/s.
+Reference: Lin et al., "AWQ: Activation-aware Weight Quantization", MLSys 2024 (arXiv:2306.00978).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from quantize import graph as g
+from quantize.activations import Rows
+from quantize.smooth import _array, _store, divide, fold_target
+
+ALPHAS = tuple(i / 10 for i in range(11))
+
+Quantizer = Callable[[np.ndarray], np.ndarray]  # W [K, N] -> the dequantized grid values [K, N]
+
+
+@dataclass(frozen=True)
+class AwqStats:
+    scaled: int  # inputs whose weights were rescaled (a > 0)
+    plain: int  # inputs where a = 0 won (plain rounding was best on the calibration rows)
+    skipped: int  # inputs whose producer cannot take 1/s
+    alphas: dict[str, float] = field(default_factory=dict)  # input tensor -> the chosen a
+    error_ratio: float = 1.0  # sum of err(chosen a) / sum of err(a = 0), over the inputs searched
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scaled_inputs": self.scaled, "plain_inputs": self.plain,
+                "skipped_inputs": self.skipped, "alphas": sorted(set(self.alphas.values())),
+                "error_vs_plain_rounding": round(self.error_ratio, 4)}
+
+
+def awq_inputs(model: onnx.ModelProto, exclude: set[str]) -> list[str]:
+    """The tensors AWQ needs calibration rows of: inputs of weight MatMuls not in `exclude`."""
+    return list(dict.fromkeys(m.node.input[0] for m in g.weight_matmuls(model.graph)
+                              if m.weight not in exclude))
+
+
+def awq(model: onnx.ModelProto, rows: dict[str, Rows], quantizer: Quantizer,
+        exclude: set[str]) -> AwqStats:
+    """Rescale weights and fold 1/s upstream, in place. `rows`: calibration rows per input."""
+    graph = model.graph
+    inits, cons = g.initializers(graph), g.consumers(graph)
+    mms = g.weight_matmuls(graph)
+    outputs = {m.node.output[0] for m in mms}
+    by_x: dict[str, list[g.WeightMatMul]] = {}
+    for m in mms:
+        by_x.setdefault(m.node.input[0], []).append(m)
+    alphas: dict[str, float] = {}
+    skipped = 0
+    err_best = err_plain = 0.0
+    for x, users in by_x.items():
+        fold = fold_target(graph, x, inits, cons, outputs, unshare=True)
+        r = rows.get(x)
+        if (r is None or fold is None or any(m.weight in exclude for m in users)
+                or len(cons.get(x, [])) != len(users)):
+            skipped += 1
+            continue
+        weights = [_array(inits[m.weight]) for m in users]
+        a, s, errs = _search(r, weights, quantizer)
+        err_best, err_plain = err_best + min(errs), err_plain + errs[0]
+        alphas[x] = a
+        if a == 0.0:
+            continue
+        for m, w in zip(users, weights):
+            _store(inits[m.weight], w * s[:, None])
+        divide(inits, fold, s)
+    scaled = sum(1 for a in alphas.values() if a > 0)
+    return AwqStats(scaled, len(alphas) - scaled, skipped, alphas,
+                    err_best / err_plain if err_plain > 0 else 1.0)
+
+
+def _search(r: Rows, weights: list[np.ndarray],
+            quantizer: Quantizer) -> tuple[float, np.ndarray, list[float]]:
+    """(a, s, err per a): the a in ALPHAS with the least output error on r.sample."""
+    X = r.sample.astype(np.float32)  # [n, K]
+    base = np.maximum(r.mean_abs.astype(np.float64), 1e-6)
+    errs: list[float] = []
+    best: tuple[float, float, np.ndarray] = (np.inf, 0.0, np.ones_like(base, dtype=np.float32))
+    for a in ALPHAS:
+        s = base ** a
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # centred: no overall drift
+        err = 0.0
+        for w in weights:
+            ws = w * s[:, None]
+            delta = (ws - quantizer(ws)) / s[:, None]  # W - Q(diag(s) W) / s   [K, N]
+            err += float(np.square(X @ delta).sum())
+        errs.append(err)
+        if err < best[0]:
+            best = (err, a, s)
+    return best[1], best[2], errs
