@@ -73,6 +73,7 @@ class Rows:
 
     sample: np.ndarray  # float32 [n, C]: up to `rows` token rows, drawn evenly from every window
     mean_abs: np.ndarray  # float32 [C]: mean |x| per channel over every token seen
+    mean_sq: np.ndarray  # float32 [C]: mean x^2 per channel over every token seen
 
 
 def collect_rows(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
@@ -84,6 +85,7 @@ def collect_rows(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dic
     per_feed = max(1, -(-rows // max(1, samples)))
     kept: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     sums: dict[str, np.ndarray] = {}
+    squares: dict[str, np.ndarray] = {}
     count = 0
     for i, outs in enumerate(_run(model, tensors, feeds, work_dir, threads)):
         pick: np.ndarray | None = None
@@ -94,9 +96,11 @@ def collect_rows(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dic
                 count += len(x)
             kept[name].append(x[pick])
             sums[name] = sums.get(name, 0.0) + np.abs(x).sum(axis=0, dtype=np.float64)
+            squares[name] = squares.get(name, 0.0) + np.square(x, dtype=np.float64).sum(axis=0)
         _progress(steps, i + 1, samples)
-    return {t: Rows(np.concatenate(kept[t]), (sums[t] / max(count, 1)).astype(np.float32))
-            for t in tensors if kept[t]}
+    n = max(count, 1)
+    return {t: Rows(np.concatenate(kept[t]), (sums[t] / n).astype(np.float32),
+                    (squares[t] / n).astype(np.float32)) for t in tensors if kept[t]}
 
 
 def _tail(n: int, percentile: float) -> int:

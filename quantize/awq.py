@@ -16,6 +16,10 @@ division by s is folded into the op that makes x (quantize/smooth.py: the RMSNor
 up_proj's columns for the down_proj input), so the graph gains no node; inputs whose producer
 cannot take it (the attention output into o_proj) are rounded plainly.
 
+The grid itself then rounds each block by the error it causes in the output rather than in the
+weight: each row k's squared error counts E[(x_k / s_k)^2] (quantize/blockwise.py, importance),
+for every weight AWQ has calibration rows of, o_proj's included (that needs no fold).
+
 Only for the plain grids. The offset grid reproduces a Q4_1 GGUF's own blocks exactly, and any
 s != 1 would move its weights off them. Not the tied LM head either: its rows are also the
 embedding table, which cannot take 1/s.
@@ -37,7 +41,8 @@ from quantize.smooth import _array, _store, divide, fold_target
 
 ALPHAS = tuple(i / 10 for i in range(11))
 
-Quantizer = Callable[[np.ndarray], np.ndarray]  # W [K, N] -> the dequantized grid values [K, N]
+# (W [K, N], row importance [K]) -> the dequantized grid values [K, N]
+Quantizer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class AwqStats:
     skipped: int  # inputs whose producer cannot take 1/s
     alphas: dict[str, float] = field(default_factory=dict)  # input tensor -> the chosen a
     error_ratio: float = 1.0  # sum of err(chosen a) / sum of err(a = 0), over the inputs searched
+    # weight -> E[x_k^2] of its (rescaled) input [K]: the grid's rounding weights (not in to_json)
+    importance: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"scaled_inputs": self.scaled, "plain_inputs": self.plain,
@@ -71,19 +78,25 @@ def awq(model: onnx.ModelProto, rows: dict[str, Rows], quantizer: Quantizer,
     for m in mms:
         by_x.setdefault(m.node.input[0], []).append(m)
     alphas: dict[str, float] = {}
+    importance: dict[str, np.ndarray] = {}
     skipped = 0
     err_best = err_plain = 0.0
     for x, users in by_x.items():
-        fold = fold_target(graph, x, inits, cons, outputs, unshare=True)
         r = rows.get(x)
-        if (r is None or fold is None or any(m.weight in exclude for m in users)
-                or len(cons.get(x, [])) != len(users)):
+        if r is None or any(m.weight in exclude for m in users):
             skipped += 1
+            continue
+        fold = fold_target(graph, x, inits, cons, outputs, unshare=True)
+        h = r.mean_sq.astype(np.float64)
+        if fold is None or len(cons.get(x, [])) != len(users):
+            skipped += 1  # no rescaling, but the grid still rounds by output error
+            importance.update((m.weight, h) for m in users)
             continue
         weights = [_array(inits[m.weight]) for m in users]
         a, s, errs = _search(r, weights, quantizer)
         err_best, err_plain = err_best + min(errs), err_plain + errs[0]
         alphas[x] = a
+        importance.update((m.weight, h / np.square(s.astype(np.float64))) for m in users)
         if a == 0.0:
             continue
         for m, w in zip(users, weights):
@@ -91,7 +104,7 @@ def awq(model: onnx.ModelProto, rows: dict[str, Rows], quantizer: Quantizer,
         divide(inits, fold, s)
     scaled = sum(1 for a in alphas.values() if a > 0)
     return AwqStats(scaled, len(alphas) - scaled, skipped, alphas,
-                    err_best / err_plain if err_plain > 0 else 1.0)
+                    err_best / err_plain if err_plain > 0 else 1.0, importance)
 
 
 def _search(r: Rows, weights: list[np.ndarray],
@@ -99,6 +112,7 @@ def _search(r: Rows, weights: list[np.ndarray],
     """(a, s, err per a): the a in ALPHAS with the least output error on r.sample."""
     X = r.sample.astype(np.float32)  # [n, K]
     base = np.maximum(r.mean_abs.astype(np.float64), 1e-6)
+    h = r.mean_sq.astype(np.float64)
     errs: list[float] = []
     best: tuple[float, float, np.ndarray] = (np.inf, 0.0, np.ones_like(base, dtype=np.float32))
     for a in ALPHAS:
@@ -107,7 +121,7 @@ def _search(r: Rows, weights: list[np.ndarray],
         err = 0.0
         for w in weights:
             ws = w * s[:, None]
-            delta = (ws - quantizer(ws)) / s[:, None]  # W - Q(diag(s) W) / s   [K, N]
+            delta = (ws - quantizer(ws, h / np.square(s))) / s[:, None]  # W - Q(diag(s) W) / s
             err += float(np.square(X @ delta).sum())
         errs.append(err)
         if err < best[0]:

@@ -69,11 +69,27 @@ def _blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, int]:
     return padded.reshape(kb, block, N), K
 
 
-def quantize_symmetric(w: np.ndarray, bits: int, block: int, search: bool = True) -> BlockWeights:
+def _importance(importance: np.ndarray | None, K: int, block: int) -> np.ndarray | float:
+    """Per-row weights of the squared error, [kb, block, 1] (padding rows 0), or 1.0 (none).
+    AWQ passes E[x_k^2] of the layer's input, so a row's rounding error counts by how much it
+    moves the output: sum_k E[x_k^2] (w_k - q_k)^2 is the expected output error of one column
+    when the inputs are uncorrelated."""
+    if importance is None:
+        return 1.0
+    kb = -(-K // block)
+    h = np.zeros(kb * block, np.float64)
+    h[:K] = importance
+    return h.reshape(kb, block, 1)
+
+
+def quantize_symmetric(w: np.ndarray, bits: int, block: int, search: bool = True,
+                       importance: np.ndarray | None = None) -> BlockWeights:
     """Zero point 0, codes -mid .. mid-1 (the full signed range). The scale per block is the
     smallest that keeps both extremes representable (max/(mid-1) and -min/mid), then, with
-    `search`, shrunk by the CLIP_CANDIDATES factor that minimises the block's squared error."""
+    `search`, shrunk by the CLIP_CANDIDATES factor that minimises the block's squared error
+    (weighted per row by `importance` [K] when given)."""
     wb, K = _blocks(w, block)
+    h = _importance(importance, K, block)
     mid = 1 << (bits - 1)
     base = np.maximum(wb.max(1) / (mid - 1), -wb.min(1) / mid)  # [kb, N]
     base[base <= 0] = 1.0  # an all-zero block: any positive scale codes it exactly
@@ -81,7 +97,7 @@ def quantize_symmetric(w: np.ndarray, bits: int, block: int, search: bool = True
     for c in CLIP_CANDIDATES if search else (1.0,):
         s = base * c
         q = np.clip(np.round(wb / s[:, None]), -mid, mid - 1)
-        err = ((q * s[:, None] - wb) ** 2).sum(1)
+        err = ((q * s[:, None] - wb) ** 2 * h).sum(1)
         better = err < best_err
         best_s, best_err = np.where(better, s, best_s), np.where(better, err, best_err)
     q = np.clip(np.round(wb / best_s[:, None]), -mid, mid - 1) + mid
@@ -105,20 +121,23 @@ def quantize_offset(w: np.ndarray, bits: int, block: int) -> BlockWeights:
     return BlockWeights(codes, s.astype(np.float32), offsets.astype(np.float32), bits, block, K)
 
 
-def quantize_zero_point(w: np.ndarray, bits: int, block: int) -> BlockWeights:
+def quantize_zero_point(w: np.ndarray, bits: int, block: int,
+                        importance: np.ndarray | None = None) -> BlockWeights:
     """Asymmetric with an integer zero point per block: W ~= scale * (code - zp), zp and codes in
     [0, 2^bits - 1] (MatMulNBits' optional zero_points input; no extra graph nodes, unlike the
     offset form). The zero point is an integer, so a block whose [min, max] is not a whole number
     of steps from zero is shifted by up to half a step; per block we keep the least-squared-error
-    of a few shrunk ranges, then refit the scale by least squares for the chosen codes."""
+    of a few shrunk ranges, then refit the scale by least squares for the chosen codes (both
+    weighted per row by `importance` [K] when given)."""
     wb, K = _blocks(w, block)
+    h = _importance(importance, K, block)
     levels = (1 << bits) - 1
     lo, hi = np.minimum(wb.min(1), 0.0), np.maximum(wb.max(1), 0.0)  # zero representable exactly
 
     def fit(s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         zp = np.clip(np.round(-lo / s), 0, levels)
         q = np.clip(np.round(wb / s[:, None]) + zp[:, None], 0, levels)
-        err = (((q - zp[:, None]) * s[:, None] - wb) ** 2).sum(1)
+        err = (((q - zp[:, None]) * s[:, None] - wb) ** 2 * h).sum(1)
         return zp, q, err
 
     base = (hi - lo) / levels
@@ -132,8 +151,8 @@ def quantize_zero_point(w: np.ndarray, bits: int, block: int) -> BlockWeights:
         best_q = np.where(better[:, None], q, best_q)
     # least-squares scale for the chosen integers: s = <w, q - zp> / <q - zp, q - zp>
     d = best_q - best_zp[:, None]
-    den = (d * d).sum(1)
-    s_ls = np.where(den > 0, (wb * d).sum(1) / np.where(den > 0, den, 1.0), best_s)
+    den = (d * d * h).sum(1)
+    s_ls = np.where(den > 0, (wb * d * h).sum(1) / np.where(den > 0, den, 1.0), best_s)
     s_ls = np.where(s_ls > 0, s_ls, best_s)
     codes = best_q.astype(np.uint8).reshape(-1, w.shape[1])
     return BlockWeights(codes, s_ls.astype(np.float32), None, bits, block, K,

@@ -81,12 +81,13 @@ def pack_zero_points(bw: BlockWeights) -> np.ndarray:
     return np.ascontiguousarray(zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1)
 
 
-QUANTIZERS = {"symmetric": quantize_symmetric, "zero-point": quantize_zero_point,
-              "offsets": quantize_offset}
 
-
-def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig) -> CpuResult:
+def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,
+                 importance: dict[str, np.ndarray] | None = None) -> CpuResult:
+    """importance: weight -> per-row weights [K] of the rounding error (AWQ's E[x^2]) for the
+    plain int4 grids; rows count alike without it."""
     graph = model.graph
+    importance = dict(importance or {})
     tied = tied_tables(graph)
     rows = OffsetRows(graph, cfg.block)
     packed: dict[tuple[str, int, str], tuple[list[str], BlockWeights]] = {}  # -> ([B, scales, zp?], codes)
@@ -100,7 +101,11 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig) -> CpuResult:
         codes of one weight, made once. The offset grid's B and scales carry the offset rows."""
         key = (name, bits, grid)
         if key not in packed:
-            bw = QUANTIZERS[grid](g.to_array(graph, name).astype(np.float32), bits, cfg.block)
+            w = g.to_array(graph, name).astype(np.float32)
+            h = importance.get(name) if bits == 4 else None
+            bw = (quantize_symmetric(w, bits, cfg.block, importance=h) if grid == "symmetric" else
+                  quantize_zero_point(w, bits, cfg.block, importance=h) if grid == "zero-point" else
+                  quantize_offset(w, bits, cfg.block))
             stored = with_offset_rows(bw) if grid == "offsets" else bw
             inputs = [g.add_initializer(graph, pack_nbits(stored), g.unique_name(graph, f"{name}_q{bits}")),
                       g.add_initializer(graph, np.ascontiguousarray(stored.scales.T),  # [N, kb]
@@ -132,6 +137,8 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig) -> CpuResult:
         name = g.unique_name(graph, f"{first.weight}_fused")
         g.add_initializer(graph, np.concatenate([g.to_array(graph, m.weight) for m in group], axis=1),
                           name)
+        if first.weight in importance:  # the members read the same x: one importance
+            importance[name] = importance[first.weight]
         fused = g.WeightMatMul(first.node, name, first.K, sum(m.N for m in group))
         joined = g.unique_name(graph, f"{first.node.output[0]}_fused")
         nodes = _matmul(fused, joined)

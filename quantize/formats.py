@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from quantize.calibration import CalibrationSet
@@ -32,10 +33,11 @@ class QuantOptions:
     #   "offsets"     a float offset per block, exact on Q4_1-style weights, at the price of one
     #                 small extra MatMul + Add per weight (quantize/offsets.py)
     int4_grid: str | None = None
-    # AWQ (quantize/awq.py) before the plain int4 grids (symmetric, zero-point): reads the
-    # calibration text. Off by default: on the packaged SmolLM2 it makes the zero-point grid pass
-    # the gate at +14 % perplexity, where the default ladder keeps the GGUF's exact blocks (+0.1 %)
-    awq: bool = False
+    # AWQ (quantize/awq.py) before the plain int4 grids (symmetric, zero-point), from the
+    # calibration text: what lets the plain grids pass the gate (SmolLM2: symmetric +26 % -> +12 %
+    # perplexity), so the ladder's first, fastest graph is usually the one kept. The offset grid
+    # (exact on Q4_1 blocks) never takes it.
+    awq: bool = True
     accuracy_level: int = 4  # MatMulNBits: int8 compute (the fast CPU path)
     head_bits: int = 8  # CPU: the (tied) LM head / embedding table
     smooth_alpha: float | None = 0.7  # W8A8 SmoothQuant migration strength; None: off
@@ -84,8 +86,9 @@ def uses_awq(precision: str, options: QuantOptions) -> bool:
     return options.awq and precision == "int4" and (options.int4_grid or "symmetric") in AWQ_GRIDS
 
 
-def _awq(job: FormatJob, grid: str, exclude: set[str]) -> dict[str, Any]:
-    """Run AWQ on job.model in place for `grid`'s rounding; the manifest's record of it."""
+def _awq(job: FormatJob, grid: str, exclude: set[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Run AWQ on job.model in place for `grid`'s rounding: (the manifest's record of it, the
+    rounding importance per weight for the grid to use)."""
     from quantize import activations
     from quantize.awq import awq, awq_inputs
     from quantize.blockwise import quantize_symmetric, quantize_zero_point
@@ -100,11 +103,13 @@ def _awq(job: FormatJob, grid: str, exclude: set[str]) -> dict[str, Any]:
                                     threads=job.threads)
     fn = {"symmetric": quantize_symmetric, "zero-point": quantize_zero_point}[grid]
     block = job.options.block_size
-    stats = awq(job.model, rows, lambda w: fn(w, 4, block).dequantize(), exclude)
+    stats = awq(job.model, rows, lambda w, h: fn(w, 4, block, importance=h).dequantize(), exclude)
     job.steps.say(f"    AWQ: {stats.scaled} inputs rescaled, {stats.plain} kept (plain rounding "
                   f"was best), {stats.skipped} not foldable; output error "
                   f"{stats.error_ratio:.2f}x plain rounding's on the calibration rows")
-    return {"grid": grid, "rows_per_input": AWQ_ROWS, **stats.to_json()}
+    record = {"grid": grid, "rows_per_input": AWQ_ROWS, **stats.to_json(),
+              "rounding": "each block rounded by output error (row weights E[x^2])"}
+    return record, stats.importance
 
 
 def _nbits(job: FormatJob) -> FormatOutput:
@@ -113,10 +118,11 @@ def _nbits(job: FormatJob) -> FormatOutput:
     o = job.options
     bits = 4 if job.precision == "int4" else 8
     grid = (o.int4_grid or "symmetric") if bits == 4 else "symmetric"  # int8: symmetric codes
-    awq_record = _awq(job, grid, tied_tables(job.model.graph)) if uses_awq(job.precision, o) else None
+    awq_record, importance = (_awq(job, grid, tied_tables(job.model.graph))
+                              if uses_awq(job.precision, o) else (None, None))
     cfg = NBitsConfig(bits=bits, block=o.block_size, grid=grid,
                       accuracy_level=o.accuracy_level, head_bits=max(o.head_bits, bits))
-    r = matmul_nbits(job.model, cfg)
+    r = matmul_nbits(job.model, cfg, importance)
     if awq_record:
         r.details["awq"] = awq_record
     return FormatOutput(r.model, r.details)
@@ -178,9 +184,10 @@ def _trt_int4(job: FormatJob) -> FormatOutput:
     from quantize.trt_qdq import int4_weight_only, tied_head_weights
 
     skip = tied_head_weights(job.model)
-    awq_record = _awq(job, "symmetric", set(skip)) if uses_awq(job.precision, job.options) else None
+    awq_record, importance = (_awq(job, "symmetric", set(skip))
+                              if uses_awq(job.precision, job.options) else (None, None))
     r = int4_weight_only(job.model, job.options.block_size, job.options.int4_grid == "offsets", skip,
-                         fp16=_fp16(job))
+                         fp16=_fp16(job), importance=importance)
     r.details["tied_lm_head"] = ("kept fp16 (shared with the embedding Gather; int4 on it cost "
                                  "the most accuracy)" if skip else "none")
     if awq_record:

@@ -31,7 +31,7 @@ from quantize.calibration import (
     read_text,
     token_windows,
 )
-from quantize.formats import Format, FormatJob, FormatOutput, QuantOptions, format_for
+from quantize.formats import Format, FormatJob, FormatOutput, QuantOptions, format_for, uses_awq
 from quantize.gate import GateResult, Thresholds, decoder_gate, encoder_gate, thresholds_for
 from targets import load_target
 from toolkit.bundle import check_output, dir_size, finalize, staged_bundle
@@ -104,8 +104,8 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
         raise ToolkitError("the output is the input bundle", hint="choose another -o")
     check_output(out, force)
     tok = _tokenizer(bundle, src)
-    cal = _calibration(src, fmt_rec.calibrated or options.awq, text, tok, samples, seq_len,  # 2.
-                       steps)
+    needed = fmt_rec.calibrated or any(uses_awq(precision, t) for t in tries)
+    cal = _calibration(src, needed, text, tok, samples, seq_len, steps)  # 2.
     t0 = time.perf_counter()
     tried: list[dict[str, Any]] = []  # gate figures of each int4 grid tried
     with staged_bundle(out, force) as staging:
@@ -149,12 +149,6 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
 def _tries(precision: str, options: QuantOptions, fmt: Format) -> list[QuantOptions]:
     """The option sets to try in order: int4 with int4_grid=None walks the format's grid ladder
     (the plainer, faster graph first) and stops at the first the gate accepts."""
-    if options.awq and precision != "int4":
-        raise ToolkitError(f"AWQ applies to int4 weights, not {precision}", hint="drop --awq")
-    if options.awq and options.int4_grid == "offsets":
-        raise ToolkitError("AWQ applies to the plain int4 grids (symmetric, zero-point); the offset "
-                           "grid keeps each block's own range and takes no rescaling",
-                           hint="drop --awq, or choose --int4-grid symmetric or zero-point")
     if precision != "int4" or not fmt.grids:
         return [options]
     if options.int4_grid is not None:

@@ -279,10 +279,13 @@ def pack_int4(values: np.ndarray) -> bytes:
 
 # --- int4 weight-only -----------------------------------------------------------------------
 def int4_weight_only(model: onnx.ModelProto, block: int = 32, offsets: bool = True,
-                     skip: tuple[str, ...] = (), fp16: bool = True) -> TrtResult:
+                     skip: tuple[str, ...] = (), fp16: bool = True,
+                     importance: dict[str, np.ndarray] | None = None) -> TrtResult:
     """INT4 [K, N] weights with DequantizeLinear(axis=0, block_size=block), zero points omitted
     (0); with `offsets`, each block's [min, max] is fitted and the per-block offset is added by
-    a small separate MatMul (quantize/offsets.py), otherwise the grid is symmetric."""
+    a small separate MatMul (quantize/offsets.py), otherwise the grid is symmetric (its blocks
+    rounded by `importance`, weight -> row weights [K], where AWQ gave them)."""
+    importance = importance or {}
     model = g.upgrade_opset(model, OPSET_INT4)
     graph = model.graph
     mms = {m.node.output[0]: m for m in g.weight_matmuls(graph) if m.weight not in skip}
@@ -298,7 +301,8 @@ def int4_weight_only(model: onnx.ModelProto, block: int = 32, offsets: bool = Tr
         if m.weight not in done:
             w = g.to_array(graph, m.weight).astype(np.float32)
             use_offsets = offsets and m.K % block == 0
-            bw = quantize_offset(w, 4, block) if use_offsets else quantize_symmetric(w, 4, block)
+            bw = (quantize_offset(w, 4, block) if use_offsets else
+                  quantize_symmetric(w, 4, block, importance=importance.get(m.weight)))
             q = helper.make_tensor(g.unique_name(graph, f"{m.weight}_int4"), TensorProto.INT4,
                                    [m.K, m.N], pack_int4(bw.signed()), raw=True)
             graph.initializer.append(q)

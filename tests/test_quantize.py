@@ -112,6 +112,8 @@ def test_cpu_int4_symmetric_when_it_passes(q_bundle):  # noqa: F811
     assert all(len(n.input) == 3 for n in nodes(m, "MatMulNBits"))
     q = load_verified(q_bundle("llama", "cpu", "int4")).quantization
     assert [t["grid"] for t in q["grid_choice"]["tried"]] == ["symmetric"]
+    assert q["details"]["awq"]["grid"] == "symmetric"  # AWQ is on by default for the plain grids
+    assert q["calibration"]["samples"] == 4
 
 
 def test_cpu_int4_numerics_and_generation(q_bundle, q_fp32_bundle):  # noqa: F811
@@ -457,13 +459,16 @@ def test_awq_rescales_where_it_helps_and_folds_exactly(q_fp32_bundle, tmp_path):
     rows = activations.collect_rows(model, tensors, activations.decoder_feeds(model, windows),
                                     tmp_path, 64, samples=len(windows), threads=1)
     assert all(len(r.sample) == 6 * 11 for r in rows.values())  # ceil(64 / 6) rows per window
-    stats = awq(model, rows, lambda w: quantize_zero_point(w, 4, 32).dequantize(), exclude)
+    stats = awq(model, rows, lambda w, h: quantize_zero_point(w, 4, 32, importance=h).dequantize(),
+                exclude)
     after = _prefill_logits(model, windows[0], tmp_path)
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
     # searched: q/k/v, gate/up (norm gamma) and down (up_proj columns) per layer; skipped: o_proj
     # (its producer is the attention op, which cannot take 1/s) and the tied LM head
     assert stats.scaled + stats.plain == 2 * 3 and stats.skipped == 2 + 1
     assert stats.scaled >= 2 and stats.error_ratio < 1.0
+    # every weight but the head gets rounding weights, o_proj's too (they need no fold)
+    assert set(stats.importance) == {m.weight for m in g.weight_matmuls(model.graph)} - exclude
 
 
 def test_awq_bundles_cpu_and_jetson(q_fp32_bundle, tmp_path):  # noqa: F811
@@ -487,7 +492,7 @@ def test_awq_bundles_cpu_and_jetson(q_fp32_bundle, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("args,match", [
-    (["-p", "int8", "--awq"], "AWQ applies to int4 weights, not int8"),
+    (["-p", "int8", "--awq"], "--awq/--no-awq applies to int4 weights, not int8"),
     (["-p", "int4", "--awq", "--int4-grid", "offsets"], "AWQ applies to the plain int4 grids"),
 ])
 def test_awq_where_it_does_not_apply_is_a_clear_error(q_fp32_bundle, tmp_path, args, match):  # noqa: F811
@@ -498,3 +503,34 @@ def test_awq_where_it_does_not_apply_is_a_clear_error(q_fp32_bundle, tmp_path, a
                                        "-o", str(out)])
     assert result.exit_code != 0 and match in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_no_awq_flag_rounds_plainly(q_fp32_bundle, tmp_path):  # noqa: F811
+    from toolkit.cli import main
+
+    out = tmp_path / "plain"
+    result = CliRunner().invoke(main, ["quantize", str(q_fp32_bundle("llama", "cpu")), "-p", "int4",
+                                       "--int4-grid", "symmetric", "--no-awq", "--samples", "2",
+                                       "--max-ppl-increase", "1000", "--min-top1", "0",
+                                       "--min-greedy", "0", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    q = load_verified(out).quantization
+    assert "awq" not in q["details"] and q["details"]["grid"] == "symmetric"
+
+
+def test_importance_weighted_rounding_favours_the_rows_that_matter():
+    """With row weights, the grid rounds for the weighted error: never worse on it than the
+    unweighted choice (symmetric: same candidates, weighted pick), and better overall."""
+    from quantize.blockwise import quantize_symmetric, quantize_zero_point
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(256, 48)).astype(np.float32)
+    h = np.where(rng.random(256) < 0.1, 50.0, 1.0)  # a few rows meet large activations
+
+    def werr(q):
+        return ((q.dequantize() - w) ** 2 * h[:, None]).sum(0)  # per column
+
+    plain, weighted = quantize_symmetric(w, 4, 32), quantize_symmetric(w, 4, 32, importance=h)
+    assert (werr(weighted) <= werr(plain) + 1e-9).all() and werr(weighted).sum() < werr(plain).sum()
+    zp_plain, zp_weighted = quantize_zero_point(w, 4, 32), quantize_zero_point(w, 4, 32, importance=h)
+    assert werr(zp_weighted).sum() < 0.95 * werr(zp_plain).sum()

@@ -38,10 +38,10 @@ PRECISIONS = ["fp16", "fp8", "int8", "int4"]
 @click.option("--int4-grid", type=click.Choice(["symmetric", "zero-point", "offsets"]), default=None,
               help="int4 block grid. Default: the gate walks the format's grids, plainest (fastest) "
                    "first, and keeps the first that passes.")
-@click.option("--awq", is_flag=True,
+@click.option("--awq/--no-awq", default=None,
               help="int4: AWQ before the symmetric and zero-point grids (rescales each weight's "
-                   "input channels by their calibration activations; the offset grid is left "
-                   "exact). Off by default: see README, Quantization.")
+                   "input channels by their calibration activations and rounds by output error; "
+                   "the offset grid stays exact). Default: on.")
 @click.option("--threads", type=int, default=None, help="CPU threads for calibration and the gate.")
 @click.option("--format", "fmt", default=None, metavar="NAME",
               help="Override the target's format for this precision (experiments and benchmarks; "
@@ -49,7 +49,7 @@ PRECISIONS = ["fp16", "fp8", "int8", "int4"]
 def quantize(bundle: Path, precision: str, calibration: Path | None, samples: int, seq_len: int,
              output: Path | None, force: bool, max_ppl_increase: float | None, min_top1: float | None,
              min_greedy: float | None, min_cosine: float | None, int4_grid: str | None,
-             awq: bool, threads: int | None, fmt: str | None) -> None:
+             awq: bool | None, threads: int | None, fmt: str | None) -> None:
     """Quantize an fp32 BUNDLE to a lower precision for the same target.
 
     The format comes from the bundle's target (cpu: MatMulNBits for ONNX Runtime; Jetson:
@@ -70,11 +70,8 @@ def quantize(bundle: Path, precision: str, calibration: Path | None, samples: in
 
     limits = {"max_ppl_increase": None if max_ppl_increase is None else max_ppl_increase / 100.0,
               "min_top1": min_top1, "min_greedy": min_greedy, "min_cosine": min_cosine}
-    if int4_grid and precision != "int4":
-        from toolkit.errors import ToolkitError
-
-        raise ToolkitError(f"--int4-grid applies to int4, not {precision}", hint="drop --int4-grid")
-    options = QuantOptions(int4_grid=int4_grid, awq=awq)
+    _check_int4_flags(precision, int4_grid, awq)
+    options = QuantOptions(int4_grid=int4_grid, awq=awq is not False)
     try:
         result = quantize_bundle(bundle, precision, calibration=calibration, samples=samples,
                                  seq_len=seq_len, out=output, force=force, thresholds=limits,
@@ -84,3 +81,17 @@ def quantize(bundle: Path, precision: str, calibration: Path | None, samples: in
         click.echo(failure_summary(e.gate), err=True)
         raise
     click.echo(summary(result))
+
+
+def _check_int4_flags(precision: str, int4_grid: str | None, awq: bool | None) -> None:
+    from toolkit.errors import ToolkitError
+
+    if int4_grid and precision != "int4":
+        raise ToolkitError(f"--int4-grid applies to int4, not {precision}", hint="drop --int4-grid")
+    if awq is not None and precision != "int4":
+        raise ToolkitError(f"--awq/--no-awq applies to int4 weights, not {precision}",
+                           hint="drop the flag")
+    if awq and int4_grid == "offsets":
+        raise ToolkitError("AWQ applies to the plain int4 grids (symmetric, zero-point); the offset "
+                           "grid keeps each block's own range and takes no rescaling",
+                           hint="drop --awq, or choose --int4-grid symmetric or zero-point")
