@@ -61,15 +61,15 @@ class AwqStats:
                 "error_vs_plain_rounding": round(self.error_ratio, 4)}
 
 
-def awq_inputs(model: onnx.ModelProto, exclude: set[str]) -> list[str]:
-    """The tensors AWQ needs calibration rows of: inputs of weight MatMuls not in `exclude`."""
-    return list(dict.fromkeys(m.node.input[0] for m in g.weight_matmuls(model.graph)
-                              if m.weight not in exclude))
+def awq_inputs(model: onnx.ModelProto) -> list[str]:
+    """The tensors AWQ needs calibration rows of: the inputs of every weight MatMul."""
+    return list(dict.fromkeys(m.node.input[0] for m in g.weight_matmuls(model.graph)))
 
 
 def awq(model: onnx.ModelProto, rows: dict[str, Rows], quantizer: Quantizer,
         exclude: set[str]) -> AwqStats:
-    """Rescale weights and fold 1/s upstream, in place. `rows`: calibration rows per input."""
+    """Rescale weights and fold 1/s upstream, in place. `rows`: calibration rows per input;
+    `exclude`: weights never rescaled (the tied head), which still get rounding importance."""
     graph = model.graph
     inits, cons = g.initializers(graph), g.consumers(graph)
     mms = g.weight_matmuls(graph)
@@ -83,13 +83,14 @@ def awq(model: onnx.ModelProto, rows: dict[str, Rows], quantizer: Quantizer,
     err_best = err_plain = 0.0
     for x, users in by_x.items():
         r = rows.get(x)
-        if r is None or any(m.weight in exclude for m in users):
+        if r is None:
             skipped += 1
             continue
-        fold = fold_target(graph, x, inits, cons, outputs, unshare=True)
+        fold = (None if any(m.weight in exclude for m in users) else
+                fold_target(graph, x, inits, cons, outputs, unshare=True))
         h = r.mean_sq.astype(np.float64)
         if fold is None or len(cons.get(x, [])) != len(users):
-            skipped += 1  # no rescaling, but the grid still rounds by output error
+            skipped += 1  # not rescaled, but the grid still rounds by output error
             importance.update((m.weight, h) for m in users)
             continue
         weights = [_array(inits[m.weight]) for m in users]

@@ -4,7 +4,8 @@
                       accuracy_level 4 (ORT quantizes the activations to int8 per block inside
                       the kernel and runs int8 dot products: the fast path on x86 and arm64).
                       int4: the grid the gate settles on (symmetric, integer zero points, or
-                      per-block offsets carried as extra rows: see OffsetRows below);
+                      per-block offsets carried as extra rows: see OffsetRows below); the plain
+                      grids after AWQ (quantize/awq.py), each block rounded by output error;
                       int8: symmetric codes (8 bits leave no room worth an offset).
   ort-matmul-integer  dynamic int8: MatMulInteger with per-tensor activations quantized at run
                       time (DynamicQuantizeLinear) and per-channel weights
@@ -79,7 +80,6 @@ def pack_zero_points(bw: BlockWeights) -> np.ndarray:
     if zp.shape[1] % 2:
         zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
     return np.ascontiguousarray(zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1)
-
 
 
 def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,

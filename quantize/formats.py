@@ -95,7 +95,7 @@ def _awq(job: FormatJob, grid: str, exclude: set[str]) -> tuple[dict[str, Any], 
 
     if job.calibration is None:
         raise ToolkitError("AWQ needs calibration data")  # a caller bug: the pipeline makes it
-    tensors = awq_inputs(job.model, exclude)
+    tensors = awq_inputs(job.model)
     feeds = (activations.decoder_feeds if job.kind == "decoder" else activations.encoder_feeds)(
         job.model, job.calibration.windows)
     rows = activations.collect_rows(job.model, tensors, feeds, job.work_dir, AWQ_ROWS,

@@ -37,6 +37,12 @@ def section(q: dict[str, Any]) -> list[str]:
         lines.append(f"- calibration: {cal['samples']} x {cal['seq_len']} tokens of {cal['source']}")
     else:
         lines.append(f"- calibration: not used ({cal.get('why', 'weight-only')})")
+    awq = (q.get("details") or {}).get("awq")
+    if awq:
+        lines.append(f"- AWQ before the {awq['grid']} grid: {awq['scaled_inputs']} layer inputs "
+                     f"rescaled, {awq['plain_inputs']} kept (plain rounding was best), "
+                     f"{awq['skipped_inputs']} not rescaled; output error "
+                     f"{awq['error_vs_plain_rounding']:.2f}x plain rounding's on the calibration rows")
     if q.get("tensorrt"):
         lines.append(f"- TensorRT: {q['tensorrt']['build']}; {q['tensorrt']['opset_note']}")
     lines += ["", "```json", json.dumps(q.get("details", {}), indent=1, default=str)[:3000], "```"]
@@ -71,6 +77,11 @@ def summary(result: Any) -> str:
              f"target {m.target['name']}]",
              f"  gate       {verdict}"]
     lines += [f"             {line}" for line in gate_lines(gate)]
+    details = q.get("details") or {}
+    if m.precision == "int4" and details.get("grid"):
+        awq = details.get("awq")
+        lines.append(f"  int4 grid  {details['grid']}" + (f" after AWQ ({awq['scaled_inputs']} layer "
+                                                           "inputs rescaled)" if awq else ""))
     if m.kv_cache:
         lines.append(f"  kv cache   {m.kv_cache.get('dtype')}, max_seq {m.max_seq}")
     lines.append("")

@@ -455,7 +455,7 @@ def test_awq_rescales_where_it_helps_and_folds_exactly(q_fp32_bundle, tmp_path):
     windows = [rng.integers(3, 100, 24).tolist() for _ in range(6)]
     before = _prefill_logits(model, windows[0], tmp_path)
     exclude = tied_tables(model.graph)
-    tensors = awq_inputs(model, exclude)
+    tensors = awq_inputs(model)
     rows = activations.collect_rows(model, tensors, activations.decoder_feeds(model, windows),
                                     tmp_path, 64, samples=len(windows), threads=1)
     assert all(len(r.sample) == 6 * 11 for r in rows.values())  # ceil(64 / 6) rows per window
@@ -467,8 +467,8 @@ def test_awq_rescales_where_it_helps_and_folds_exactly(q_fp32_bundle, tmp_path):
     # (its producer is the attention op, which cannot take 1/s) and the tied LM head
     assert stats.scaled + stats.plain == 2 * 3 and stats.skipped == 2 + 1
     assert stats.scaled >= 2 and stats.error_ratio < 1.0
-    # every weight but the head gets rounding weights, o_proj's too (they need no fold)
-    assert set(stats.importance) == {m.weight for m in g.weight_matmuls(model.graph)} - exclude
+    # every weight gets rounding weights, o_proj's and the head's too (they need no fold)
+    assert set(stats.importance) == {m.weight for m in g.weight_matmuls(model.graph)}
 
 
 def test_awq_bundles_cpu_and_jetson(q_fp32_bundle, tmp_path):  # noqa: F811
