@@ -135,7 +135,9 @@ def convert_and_quantize(model: str, target: str, precision: str, out: Path | No
     try:
         fp32 = convert_model(model, target, work / "fp32", max_seq, batch, force, threads,
                              Steps(total=5), precision=precision)
-        summary = convert_summary(fp32)
+        # the fp32 bundle is the gate's reference and is deleted below: do not print its path
+        summary = convert_summary(fp32).replace(str(fp32.bundle), "fp32 reference (deleted after "
+                                                                  "quantizing)")
         try:
             q = quantize_bundle(fp32.bundle, precision, calibration=calibration, out=final,
                                 force=force, threads=threads,

@@ -190,6 +190,7 @@ def _trt_int4(job: FormatJob) -> FormatOutput:
                          fp16=_fp16(job), importance=importance)
     r.details["tied_lm_head"] = ("kept fp16 (shared with the embedding Gather; int4 on it cost "
                                  "the most accuracy)" if skip else "none")
+    r.details["grid"] = job.options.int4_grid or "symmetric"
     if awq_record:
         r.details["awq"] = awq_record
     return FormatOutput(r.model, r.details, kv_dtype=r.details["compute_dtype"])

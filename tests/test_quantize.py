@@ -481,7 +481,8 @@ def test_awq_bundles_cpu_and_jetson(q_fp32_bundle, tmp_path):  # noqa: F811
                         samples=4, seq_len=32, options=QuantOptions(int4_grid=grid, awq=True))
         q = load_verified(out).quantization
         awq = q["details"]["awq"]
-        assert awq["grid"] == grid and awq["scaled_inputs"] + awq["plain_inputs"] == 6
+        assert awq["grid"] == q["details"]["grid"] == grid
+        assert awq["scaled_inputs"] + awq["plain_inputs"] == 6
         assert q["calibration"]["samples"] == 4 and q["gate"]["passed"]
         m = graph(out)
         assert not [n for n in m.graph.node if "offset" in n.name or "block_sums" in n.name]
@@ -534,3 +535,26 @@ def test_importance_weighted_rounding_favours_the_rows_that_matter():
     assert (werr(weighted) <= werr(plain) + 1e-9).all() and werr(weighted).sum() < werr(plain).sum()
     zp_plain, zp_weighted = quantize_zero_point(w, 4, 32), quantize_zero_point(w, 4, 32, importance=h)
     assert werr(zp_weighted).sum() < 0.95 * werr(zp_plain).sum()
+
+
+def test_convert_with_precision_in_one_go(tmp_path):
+    """`toolkit convert --precision`: the fp32 reference lives in a temporary folder beside the
+    output and is gone afterwards, whether the gate passes (int8) or fails (int4 on random
+    weights: nothing written, non-zero exit)."""
+    from quantize_fixtures import LLAMA
+    from tiny_models import make_decoder
+
+    from toolkit.cli import main
+
+    hf = make_decoder(tmp_path / "hf", "llama", **LLAMA)
+    out = tmp_path / "out"
+    ok = CliRunner().invoke(main, ["convert", str(hf), "--target", "cpu", "--precision", "int8",
+                                   "--max-seq", "64", "-o", str(out / "int8")])
+    assert ok.exit_code == 0, ok.output
+    assert "fp32 reference (deleted after quantizing)" in ok.output and "gate       passed" in ok.output
+    assert load_verified(out / "int8").precision == "int8"
+    bad = CliRunner().invoke(main, ["convert", str(hf), "--target", "cpu", "--precision", "int4",
+                                    "--max-seq", "64", "-o", str(out / "int4")])
+    assert bad.exit_code != 0 and "failed the accuracy gate" in bad.output
+    assert "Traceback" not in bad.output
+    assert sorted(p.name for p in out.iterdir()) == ["int8"]  # no int4, no temporary fp32 left
