@@ -18,7 +18,8 @@ cannot take it (the attention output into o_proj) are rounded plainly.
 
 The grid itself then rounds each block by the error it causes in the output rather than in the
 weight: each row k's squared error counts E[(x_k / s_k)^2] (quantize/blockwise.py, importance),
-for every weight AWQ has calibration rows of, o_proj's included (that needs no fold).
+for every weight AWQ has calibration rows of, o_proj's and the head's included (that needs no
+fold).
 
 Only for the plain grids. The offset grid reproduces a Q4_1 GGUF's own blocks exactly, and any
 s != 1 would move its weights off them. Not the tied LM head either: its rows are also the
@@ -49,7 +50,7 @@ Quantizer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 class AwqStats:
     scaled: int  # inputs whose weights were rescaled (a > 0)
     plain: int  # inputs where a = 0 won (plain rounding was best on the calibration rows)
-    skipped: int  # inputs whose producer cannot take 1/s
+    skipped: int  # inputs not rescaled: the producer cannot take 1/s, or an `exclude` weight reads it
     alphas: dict[str, float] = field(default_factory=dict)  # input tensor -> the chosen a
     error_ratio: float = 1.0  # sum of err(chosen a) / sum of err(a = 0), over the inputs searched
     # weight -> E[x_k^2] of its (rescaled) input [K]: the grid's rounding weights (not in to_json)

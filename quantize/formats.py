@@ -105,7 +105,7 @@ def _awq(job: FormatJob, grid: str, exclude: set[str]) -> tuple[dict[str, Any], 
     block = job.options.block_size
     stats = awq(job.model, rows, lambda w, h: fn(w, 4, block, importance=h).dequantize(), exclude)
     job.steps.say(f"    AWQ: {stats.scaled} inputs rescaled, {stats.plain} kept (plain rounding "
-                  f"was best), {stats.skipped} not foldable; output error "
+                  f"was best), {stats.skipped} not rescaled; output error "
                   f"{stats.error_ratio:.2f}x plain rounding's on the calibration rows")
     record = {"grid": grid, "rows_per_input": AWQ_ROWS, **stats.to_json(),
               "rounding": "each block rounded by output error (row weights E[x^2])"}
