@@ -40,6 +40,7 @@ class QuantOptions:
     awq: bool = True
     accuracy_level: int = 4  # MatMulNBits: int8 compute (the fast CPU path)
     head_bits: int = 8  # CPU: the (tied) LM head / embedding table
+    head_block: int = 64  # CPU: their block size where it divides K (quantize/cpu.py NBitsConfig)
     smooth_alpha: float | None = 0.7  # W8A8 SmoothQuant migration strength; None: off
     calibration_method: str = "max"  # "max" | "percentile" (quantize/activations.py)
 
@@ -121,7 +122,8 @@ def _nbits(job: FormatJob) -> FormatOutput:
     awq_record, importance = (_awq(job, grid, tied_tables(job.model.graph))
                               if uses_awq(job.precision, o) else (None, None))
     cfg = NBitsConfig(bits=bits, block=o.block_size, grid=grid,
-                      accuracy_level=o.accuracy_level, head_bits=max(o.head_bits, bits))
+                      accuracy_level=o.accuracy_level, head_bits=max(o.head_bits, bits),
+                      head_block=o.head_block)
     r = matmul_nbits(job.model, cfg, importance)
     if awq_record:
         r.details["awq"] = awq_record

@@ -86,12 +86,14 @@ def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
         assert attr(n, "K") % 32 == 0 and attr(n, "bits") == 4
     layer_bits = {attr(n, "bits") for n in mm}
     assert layer_bits == ({4, 8} if bits == 4 else {8})  # int4 layers, int8 tied head
-    assert {attr(n, "block_size") for n in mm} == {32}
     assert {attr(n, "accuracy_level") for n in mm} == {4}
-    # the tied table: one quantized copy read by both the LM head and the embedding
+    # the tied table: one quantized copy read by both the LM head and the embedding, in blocks
+    # of 64 (hidden 64 divides by it); the layers in blocks of 32
     (gbq,) = nodes(m, "GatherBlockQuantized")
     head = [n for n in mm if n.input[1] == gbq.input[0]]
     assert len(head) == 1 and attr(head[0], "bits") == 8
+    assert attr(head[0], "block_size") == attr(gbq, "block_size") == 64
+    assert {attr(n, "block_size") for n in mm if n is not head[0]} == {32}
     assert not [t for t in m.graph.initializer if t.data_type == TensorProto.FLOAT
                 and np.prod(t.dims) >= 8 * 128 and not t.name.endswith("_scales")
                 and not t.name.startswith("block_sums")]  # no float copy of the table
@@ -558,3 +560,10 @@ def test_convert_with_precision_in_one_go(tmp_path):
     assert bad.exit_code != 0 and "failed the accuracy gate" in bad.output
     assert "Traceback" not in bad.output
     assert sorted(p.name for p in out.iterdir()) == ["int8"]  # no int4, no temporary fp32 left
+
+
+def test_head_block_falls_back_where_it_does_not_divide_the_width():
+    from quantize.cpu import NBitsConfig, _head_block
+
+    assert _head_block(NBitsConfig(), 576) == 64 and _head_block(NBitsConfig(), 96) == 32
+    assert _head_block(NBitsConfig(head_block=0), 576) == 32
