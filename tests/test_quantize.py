@@ -88,11 +88,11 @@ def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
     assert layer_bits == ({4, 8} if bits == 4 else {8})  # int4 layers, int8 tied head
     assert {attr(n, "accuracy_level") for n in mm} == {4}
     # the tied table: one quantized copy read by both the LM head and the embedding, in blocks
-    # of 64 (hidden 64 divides by it); the layers in blocks of 32
+    # of 64 (hidden 64 divides by it), except beside the exact offset grid; the layers in 32
     (gbq,) = nodes(m, "GatherBlockQuantized")
     head = [n for n in mm if n.input[1] == gbq.input[0]]
     assert len(head) == 1 and attr(head[0], "bits") == 8
-    assert attr(head[0], "block_size") == attr(gbq, "block_size") == 64
+    assert attr(head[0], "block_size") == attr(gbq, "block_size") == (32 if bits == 4 else 64)
     assert {attr(n, "block_size") for n in mm if n is not head[0]} == {32}
     assert not [t for t in m.graph.initializer if t.data_type == TensorProto.FLOAT
                 and np.prod(t.dims) >= 8 * 128 and not t.name.endswith("_scales")
@@ -115,6 +115,8 @@ def test_cpu_int4_symmetric_when_it_passes(q_bundle):  # noqa: F811
     q = load_verified(q_bundle("llama", "cpu", "int4")).quantization
     assert [t["grid"] for t in q["grid_choice"]["tried"]] == ["symmetric"]
     assert q["details"]["awq"]["grid"] == "symmetric"  # AWQ is on by default for the plain grids
+    head = [n for n in nodes(m, "MatMulNBits") if attr(n, "bits") == 8]
+    assert [attr(n, "block_size") for n in head] == [64]  # beside a plain grid, the head in 64s
     assert q["calibration"]["samples"] == 4
 
 
