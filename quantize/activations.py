@@ -80,7 +80,8 @@ def collect_rows(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dic
                  work_dir: Path, rows: int, samples: int, steps: Steps = QUIET,
                  threads: int | None = None, seed: int = 0) -> dict[str, Rows]:
     """Per tensor: a random sample of about `rows` token rows (rows / samples from each of the
-    `samples` feeds, so one window cannot dominate) and the mean |x| per channel over all."""
+    `samples` feeds, so one window cannot dominate), and the mean |x| and mean x^2 per channel
+    over every token."""
     rng = np.random.default_rng(seed)
     per_feed = max(1, -(-rows // max(1, samples)))
     kept: dict[str, list[np.ndarray]] = {t: [] for t in tensors}

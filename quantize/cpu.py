@@ -95,7 +95,8 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,
     importance = dict(importance or {})
     tied = tied_tables(graph)
     rows = OffsetRows(graph, cfg.block)
-    packed: dict[tuple[str, int, str], tuple[list[str], BlockWeights]] = {}  # -> ([B, scales, zp?], codes)
+    # (weight, bits, grid, block) -> ([B, scales, zp?], codes)
+    packed: dict[tuple[str, int, str, int], tuple[list[str], BlockWeights]] = {}
     stats: dict[str, Any] = {"layers": 0, "weights": 0, "offset_rows": 0, "embeddings": []}
     mms = {m.node.output[0]: m for m in g.weight_matmuls(graph)}
     gathers = {e.node.output[0]: e for e in g.embedding_gathers(graph, min_elements=0)

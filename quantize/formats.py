@@ -102,7 +102,7 @@ def _awq(job: FormatJob, grid: str, exclude: set[str]) -> tuple[dict[str, Any], 
     rows = activations.collect_rows(job.model, tensors, feeds, job.work_dir, AWQ_ROWS,
                                     samples=len(job.calibration.windows), steps=job.steps,
                                     threads=job.threads)
-    fn = {"symmetric": quantize_symmetric, "zero-point": quantize_zero_point}[grid]
+    fn = quantize_symmetric if grid == "symmetric" else quantize_zero_point
     block = job.options.block_size
     stats = awq(job.model, rows, lambda w, h: fn(w, 4, block, importance=h).dequantize(), exclude)
     job.steps.say(f"    AWQ: {stats.scaled} inputs rescaled, {stats.plain} kept (plain rounding "
