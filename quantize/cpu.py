@@ -164,7 +164,8 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,
         stats["layers"] += 1
         stats["weights"] += m.K * m.N
         name = m.node.name or m.weight
-        x, K, nodes = m.node.input[0], m.K, []
+        x, K = m.node.input[0], m.K
+        nodes: list[onnx.NodeProto] = []
         if grid == "offsets":  # read [x | block sums | block sums] instead of x
             x, K, nodes = rows.augmented(x, m.K)
             stats["offset_rows"] += 1
