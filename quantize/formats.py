@@ -26,8 +26,8 @@ class QuantOptions:
     """Knobs with defaults that the gate and the benchmark settled; the CLI exposes a few."""
 
     block_size: int = 32  # int4/int8 blocks along K (the packaged SmolLM2 GGUF uses 32)
-    # int4 grid of the weight blocks, None: let the gate choose along the format's `grids`
-    # ladder (fastest graph first; the next one only when the gate rejects the previous):
+    # int4 grid of the weight blocks, None: let the gate choose along the format's `ladder`
+    # of (grid, block size) (fastest graph first; the next only when the gate rejects one):
     #   "symmetric"   zero point 0 (the plainest graph; what TensorRT's INT4 DQ requires)
     #   "zero-point"  an integer zero point per block (MatMulNBits' zero_points; no extra nodes)
     #   "offsets"     a float offset per block, exact on Q4_1-style weights, at the price of one
@@ -76,7 +76,10 @@ class Format:
     calibrated: bool  # needs activation statistics from the calibration text
     summary: str
     apply: Callable[[FormatJob], FormatOutput]
-    grids: tuple[str, ...] = ()  # int4 grids it writes, in the order the gate tries them
+    grids: tuple[str, ...] = ()  # int4 grids it writes (what --int4-grid may name)
+    # int4 (grid, block size) in the order the gate tries them: the fastest graph first, the
+    # next only when the gate rejects it; empty: each of `grids` at the options' block size
+    ladder: tuple[tuple[str, int], ...] = ()
 
 
 AWQ_GRIDS = ("symmetric", "zero-point")  # the offset grid is exact on Q4_1 blocks: no AWQ
@@ -203,7 +206,11 @@ def _trt_int4(job: FormatJob) -> FormatOutput:
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("ort-matmulnbits", "onnxruntime", ("int8", "int4"), False,
            "block-wise weight-only MatMulNBits, int8 compute (accuracy_level 4)", _nbits,
-           grids=("symmetric", "zero-point", "offsets")),
+           grids=("symmetric", "zero-point", "offsets"),
+           # zero points in blocks of 64 ran 1.09x genai int4 on SmolLM2 (A/B), symmetric in 32s
+           # 0.96x; the offsets keep a Q4_1 source's own 32s. Symmetric in 64s is left out:
+           # SmolLM2 +22 % perplexity even after AWQ, a failed try that costs a whole AWQ search
+           ladder=(("zero-point", 64), ("symmetric", 32), ("zero-point", 32), ("offsets", 32))),
     Format("ort-matmul-integer", "onnxruntime", ("int8",), False,
            "dynamic int8 MatMulInteger (per-tensor activations at run time)", _matmul_integer),
     Format("trt-fp16", "tensorrt", ("fp16",), False,

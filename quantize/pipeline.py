@@ -110,7 +110,7 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
     tried: list[dict[str, Any]] = []  # gate figures of each int4 grid tried
     with staged_bundle(out, force) as staging:
         for i, opts in enumerate(tries):
-            label = "" if len(tries) == 1 else f", {opts.int4_grid} grid"
+            label = "" if len(tries) == 1 else f", {_grid(opts)}"
             with steps.step(f"quantizing to {precision} ({fmt_rec.name}{label})"):  # 3.
                 produced = _apply(bundle, src, fmt_rec, precision, staging, opts, cal, steps, threads)
                 from convert.export import save_model
@@ -123,13 +123,13 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
             if len(tries) > 1:
                 tried.append(_try_record(opts, gate))
                 manifest.quantization["grid_choice"] = {  # type: ignore[index]
-                    "rule": f"{' -> '.join(fmt_rec.grids)}: the plainer, faster graph first, the "
-                            "next only when the gate rejects it", "tried": list(tried)}
+                    "rule": f"{' -> '.join(_grid(t) for t in tries)}: the faster graph first, "
+                            "the next only when the gate rejects it", "tried": list(tried)}
             if gate.passed:
                 break
             if i + 1 < len(tries):
-                steps.say(f"    the {opts.int4_grid} grid failed the gate ({'; '.join(gate.failures)}); "
-                          f"trying the {tries[i + 1].int4_grid} grid")
+                steps.say(f"    the {_grid(opts)} failed the gate ({'; '.join(gate.failures)}); "
+                          f"trying the {_grid(tries[i + 1])}")
         if not gate.passed and not force:
             raise GateFailure(gate, precision, fmt_rec.name)
         with steps.step("writing the bundle"):  # 5.
@@ -156,12 +156,18 @@ def _tries(precision: str, options: QuantOptions, fmt: Format) -> list[QuantOpti
             raise ToolkitError(f"format {fmt.name} has no {options.int4_grid!r} int4 grid",
                                hint=f"choose one of {', '.join(fmt.grids)}")
         return [options]
+    if fmt.ladder:
+        return [replace(options, int4_grid=grid, block_size=block) for grid, block in fmt.ladder]
     return [replace(options, int4_grid=grid) for grid in fmt.grids]
+
+
+def _grid(opts: QuantOptions) -> str:
+    return f"{opts.int4_grid} grid in blocks of {opts.block_size}"
 
 
 def _try_record(opts: QuantOptions, gate: GateResult) -> dict[str, Any]:
     figures = gate.to_json()
-    return {"grid": opts.int4_grid, "passed": gate.passed,
+    return {"grid": opts.int4_grid, "block_size": opts.block_size, "passed": gate.passed,
             **{k: figures.get(k) for k in ("ppl_increase", "top1_agreement", "cosine_min")}}
 
 

@@ -30,7 +30,8 @@ def section(q: dict[str, Any]) -> list[str]:
     for t in (q.get("grid_choice") or {}).get("tried", []):
         figure = (f"ppl {100 * t['ppl_increase']:+.2f} %, top-1 {t['top1_agreement']:.4f}"
                   if t.get("ppl_increase") is not None else f"cosine min {t.get('cosine_min')}")
-        lines.append(f"- int4 grid tried: {t['grid']}: {figure} -> "
+        block = f" in blocks of {t['block_size']}" if t.get("block_size") else ""
+        lines.append(f"- int4 grid tried: {t['grid']}{block}: {figure} -> "
                      f"{'passed' if t['passed'] else 'failed'}")
     cal = q.get("calibration", {})
     if cal.get("samples"):
@@ -80,8 +81,8 @@ def summary(result: Any) -> str:
     details = q.get("details") or {}
     if m.precision == "int4" and details.get("grid"):
         awq = details.get("awq")
-        lines.append(f"  int4 grid  {details['grid']}" + (f" after AWQ ({awq['scaled_inputs']} layer "
-                                                           "inputs rescaled)" if awq else ""))
+        lines.append(f"  int4 grid  {details['grid']} in blocks of {details.get('block_size')}"
+                     + (f" after AWQ ({awq['scaled_inputs']} layer inputs rescaled)" if awq else ""))
     if m.kv_cache:
         lines.append(f"  kv cache   {m.kv_cache.get('dtype')}, max_seq {m.max_seq}")
     lines.append("")
