@@ -131,9 +131,16 @@ def _built_with(bundle: Path, options: Any) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     want, got = asdict(options), dict(q.get("options") or {})
-    if want["int4_grid"] is None:  # the ladder records the grid it kept, not None
-        got["int4_grid"] = None
-    return got == want
+    if want["int4_grid"] is None and q.get("grid_choice"):
+        # the ladder records the (grid, block) it kept: the cached bundle counts if it walked
+        # today's ladder (the default moves with the code)
+        from quantize.formats import FORMATS
+
+        ladder = " -> ".join(f"{g} grid in blocks of {b}" for g, b in FORMATS[q["format"]].ladder)
+        if not str(q["grid_choice"].get("rule", "")).startswith(ladder + ":"):
+            return False
+        got["int4_grid"], got["block_size"] = None, want["block_size"]
+    return bool(got == want)
 
 
 def build_genai(work: Path) -> list[Variant]:

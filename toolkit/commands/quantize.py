@@ -36,8 +36,9 @@ PRECISIONS = ["fp16", "fp8", "int8", "int4"]
 @click.option("--min-cosine", type=float, default=None, metavar="COS",
               help="Gate (encoders): smallest embedding cosine similarity to fp32.")
 @click.option("--int4-grid", type=click.Choice(["symmetric", "zero-point", "offsets"]), default=None,
-              help="int4 block grid. Default: the gate walks the format's grids, plainest (fastest) "
-                   "first, and keeps the first that passes.")
+              help="int4 block grid, in blocks of 32. Default: the gate walks the format's ladder "
+                   "of (grid, block size), fastest first (cpu: zero-point/64, symmetric/32, "
+                   "zero-point/32, offsets/32), and keeps the first that passes.")
 @click.option("--awq/--no-awq", default=None,
               help="int4: AWQ before the symmetric and zero-point grids (rescales each weight's "
                    "input channels by their calibration activations and rounds by output error; "
