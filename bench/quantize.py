@@ -136,8 +136,8 @@ def _built_with(bundle: Path, options: Any) -> bool:
         # today's ladder (the default moves with the code)
         from quantize.formats import FORMATS
 
-        ladder = " -> ".join(f"{g} grid in blocks of {b}" for g, b in FORMATS[q["format"]].ladder)
-        if not str(q["grid_choice"].get("rule", "")).startswith(ladder + ":"):
+        ladder = [[g, b or options.block_size] for g, b in FORMATS[q["format"]].ladder]
+        if q["grid_choice"].get("ladder") != ladder:
             return False
         got["int4_grid"], got["block_size"] = None, want["block_size"]
     return bool(got == want)

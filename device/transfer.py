@@ -515,7 +515,6 @@ class DeployClient:
         self.reconnect()
 
 
-
 class HttpDeployClient(DeployClient):
     """One keep-alive HTTP/1.1 connection (Unix socket or TCP), reopened after a failure."""
 

@@ -76,10 +76,14 @@ class Format:
     calibrated: bool  # needs activation statistics from the calibration text
     summary: str
     apply: Callable[[FormatJob], FormatOutput]
-    grids: tuple[str, ...] = ()  # int4 grids it writes (what --int4-grid may name)
     # int4 (grid, block size) in the order the gate tries them: the fastest graph first, the
-    # next only when the gate rejects it; empty: each of `grids` at the options' block size
-    ladder: tuple[tuple[str, int], ...] = ()
+    # next only when the gate rejects it; block None: the options' block_size
+    ladder: tuple[tuple[str, int | None], ...] = ()
+
+    @property
+    def grids(self) -> tuple[str, ...]:
+        """The int4 grids it writes (what --int4-grid may name)."""
+        return tuple(dict.fromkeys(grid for grid, _ in self.ladder))
 
 
 AWQ_GRIDS = ("symmetric", "zero-point")  # the offset grid is exact on Q4_1 blocks: no AWQ
@@ -124,11 +128,9 @@ def _nbits(job: FormatJob) -> FormatOutput:
     grid = (o.int4_grid or "symmetric") if bits == 4 else "symmetric"  # int8: symmetric codes
     awq_record, importance = (_awq(job, grid, tied_tables(job.model.graph))
                               if uses_awq(job.precision, o) else (None, None))
-    # the offset grid is the exact one: its head keeps the source's own blocks too (a Q8_0
-    # head is exact only in blocks of 32; in blocks of 64 SmolLM2 loses +1.1 % perplexity)
     cfg = NBitsConfig(bits=bits, block=o.block_size, grid=grid,
                       accuracy_level=o.accuracy_level, head_bits=max(o.head_bits, bits),
-                      head_block=o.block_size if grid == "offsets" else o.head_block)
+                      head_block=o.head_block)
     r = matmul_nbits(job.model, cfg, importance)
     if awq_record:
         r.details["awq"] = awq_record
@@ -206,7 +208,6 @@ def _trt_int4(job: FormatJob) -> FormatOutput:
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("ort-matmulnbits", "onnxruntime", ("int8", "int4"), False,
            "block-wise weight-only MatMulNBits, int8 compute (accuracy_level 4)", _nbits,
-           grids=("symmetric", "zero-point", "offsets"),
            # zero points in blocks of 64 ran 1.09x genai int4 on SmolLM2 (A/B), symmetric in 32s
            # 0.96x; the offsets keep a Q4_1 source's own 32s. Symmetric in 64s is left out:
            # SmolLM2 +22 % perplexity even after AWQ, a failed try that costs a whole AWQ search
@@ -220,7 +221,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "zero points 0, SmoothQuant", _trt_w8a8("int8")),
     Format("qdq-int4-block-weight-only", "tensorrt", ("int4",), False,
            "INT4 weights, DequantizeLinear(block_size) on 2-D constants, zero points 0", _trt_int4,
-           grids=("symmetric", "offsets")),
+           ladder=(("symmetric", None), ("offsets", None))),
     Format("qdq-fp8", "tensorrt", ("fp8",), True,
            "static FP8 (E4M3) Q/DQ: per-channel weights, calibrated per-tensor activations",
            _trt_w8a8("fp8")),

@@ -124,7 +124,8 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
                 tried.append(_try_record(opts, gate))
                 manifest.quantization["grid_choice"] = {  # type: ignore[index]
                     "rule": f"{' -> '.join(_grid(t) for t in tries)}: the faster graph first, "
-                            "the next only when the gate rejects it", "tried": list(tried)}
+                            "the next only when the gate rejects it",
+                    "ladder": [[t.int4_grid, t.block_size] for t in tries], "tried": list(tried)}
             if gate.passed:
                 break
             if i + 1 < len(tries):
@@ -156,9 +157,8 @@ def _tries(precision: str, options: QuantOptions, fmt: Format) -> list[QuantOpti
             raise ToolkitError(f"format {fmt.name} has no {options.int4_grid!r} int4 grid",
                                hint=f"choose one of {', '.join(fmt.grids)}")
         return [options]
-    if fmt.ladder:
-        return [replace(options, int4_grid=grid, block_size=block) for grid, block in fmt.ladder]
-    return [replace(options, int4_grid=grid) for grid in fmt.grids]
+    return [replace(options, int4_grid=grid, block_size=block or options.block_size)
+            for grid, block in fmt.ladder]
 
 
 def _grid(opts: QuantOptions) -> str:

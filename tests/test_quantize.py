@@ -411,6 +411,8 @@ def test_gate_failure_with_force_records_it(q_fp32_bundle, tmp_path):  # noqa: F
     assert [(t["grid"], t["block_size"], t["passed"]) for t in q["grid_choice"]["tried"]] == [
         ("zero-point", 64, False), ("symmetric", 32, False), ("zero-point", 32, False),
         ("offsets", 32, False)]
+    assert q["grid_choice"]["ladder"] == [["zero-point", 64], ["symmetric", 32], ["zero-point", 32],
+                                          ["offsets", 32]]
     assert "int4 grid tried: zero-point in blocks of 64" in (out / "report.md").read_text()
     assert "FAILED (written with --force)" in (out / "report.md").read_text()
 
@@ -572,5 +574,7 @@ def test_convert_with_precision_in_one_go(tmp_path):
 def test_head_block_falls_back_where_it_does_not_divide_the_width():
     from quantize.cpu import NBitsConfig, _head_block
 
-    assert _head_block(NBitsConfig(), 576) == 64 and _head_block(NBitsConfig(), 96) == 32
-    assert _head_block(NBitsConfig(head_block=0), 576) == 32
+    plain = NBitsConfig(grid="symmetric")
+    assert _head_block(plain, 576) == 64 and _head_block(plain, 96) == 32
+    assert _head_block(NBitsConfig(grid="symmetric", head_block=0), 576) == 32
+    assert _head_block(NBitsConfig(grid="offsets"), 576) == 32  # the exact grid keeps Q8_0's 32s
