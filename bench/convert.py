@@ -19,7 +19,7 @@ CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 from convert.pipeline import convert_model
-from toolkit.progress import Steps
+from bundle.progress import Steps
 steps = Steps(quiet=True)
 t0 = time.perf_counter()
 res = convert_model(sys.argv[1], sys.argv[2], Path(sys.argv[3]), max_seq=int(sys.argv[4]), steps=steps)

@@ -4,7 +4,7 @@
 
 Measures time to first token (TTFT), decode tokens/s (tokens after the first, over the time
 they took) and peak RSS for
-  runner        this toolkit's runtime in-process (device.runner + device.generate)
+  runner        this toolkit's runtime in-process (device.runtime.runner + device.runtime.generate)
   daemon        the same bundle through `toolkit serve` over its Unix socket (client-side times;
                 peak RSS is the daemon's VmHWM)
   transformers  PyTorch generate() on the same weights (the GGUF, dequantised to fp32)
@@ -86,7 +86,7 @@ def rates(t0: float, stamps: list[float]) -> tuple[float, float]:
 # --- variants (each runs in its own process) -------------------------------------------------
 
 def run_runner(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
-    from device.runner import load_bundle
+    from device.runtime.runner import load_bundle
 
     runner = load_bundle(bundle, slots=1, threads=threads)
     local_generate(runner.backend, ids[:16], 4)  # warm-up
@@ -94,14 +94,14 @@ def run_runner(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
 
 
 class BenchDaemon:
-    """`python -m device.server BUNDLE` on a private socket, one slot, and a client for it."""
+    """`python -m toolkit serve BUNDLE` on a private socket, one slot, and a client for it."""
 
     def __init__(self, bundle: Path, threads: int) -> None:
-        from device.client import DaemonClient, DaemonError, Endpoint
+        from host.client import DaemonClient, DaemonError, Endpoint
 
         self.dir = Path(tempfile.mkdtemp(prefix="toolkit-bench-", dir="/tmp"))  # AF_UNIX: short path
         sock = self.dir / "d.sock"
-        self.proc = subprocess.Popen([sys.executable, "-m", "device.server", str(bundle), "--socket",
+        self.proc = subprocess.Popen([sys.executable, "-m", "toolkit", "serve", str(bundle), "--socket",
                                       str(sock), "--threads", str(threads), "--slots", "1"], cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = DaemonClient(Endpoint.unix(sock))
@@ -155,7 +155,7 @@ def run_paired(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
     whatever else runs on the machine. decode_tps holds the median ratio daemon / in-process."""
     import statistics
 
-    from device.runner import load_bundle
+    from device.runtime.runner import load_bundle
 
     runner = load_bundle(bundle, slots=1, threads=threads)
     daemon = BenchDaemon(bundle, threads)
@@ -266,7 +266,7 @@ def run_ort_genai(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
 
 
 def local_generate(backend: Any, ids: list[int], n: int) -> tuple[float, float, int]:
-    from device.generate import generate
+    from device.runtime.generate import generate
 
     t0 = time.perf_counter()
     stamps = [time.perf_counter() for _ in generate(backend, ids, n)]  # stop_ids=(): never stops
@@ -278,7 +278,7 @@ def _paired_peer(name: str, peer: Any, bundle: Path, ids: list[int], n: int, thr
     median ratios: runner TTFT / peer TTFT, runner tok/s / peer tok/s."""
     import statistics
 
-    from device.runner import load_bundle
+    from device.runtime.runner import load_bundle
 
     runner = load_bundle(bundle, slots=1, threads=threads)
     local_generate(runner.backend, ids[:16], 4)
@@ -354,7 +354,7 @@ RUNNERS = {"runner": run_runner, "daemon": run_daemon, "transformers": run_trans
 # --- the parent: prompt, subprocesses, table -------------------------------------------------
 
 def prompt_ids(bundle: Path, n: int) -> list[int]:
-    from device.runner import load_bundle
+    from device.runtime.runner import load_bundle
 
     tok = load_bundle(bundle, slots=1, threads=1).tokenizer
     assert tok is not None, "a decoder bundle carries its tokenizer"

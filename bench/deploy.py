@@ -43,14 +43,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from device.pty_relay import SERIAL_BYTES_PER_S, PtyRelay  # noqa: E402
-from device.serial_link import open_port  # noqa: E402
+from device.serve.serial_link import open_port  # noqa: E402
+from host.pty_relay import SERIAL_BYTES_PER_S, PtyRelay  # noqa: E402
 
 SERVER = """
 import sys, threading
 from pathlib import Path
-from device.store import SmokeResult
-from device.transfer import serve_store
+from device.store.store import SmokeResult
+from device.serve.deploy import serve_store
 args = dict(a.split("=", 1) for a in sys.argv[1:])
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
@@ -100,8 +100,8 @@ while True:
 
 def make_bundle(root: Path, size: int) -> Path:
     """A valid bundle of `size` bytes of weights (random: nothing compresses), no model to run."""
-    from toolkit.contract import ENCODER_CONTRACT
-    from toolkit.manifest import Manifest, hash_tree
+    from bundle.contract import ENCODER_CONTRACT
+    from bundle.manifest import Manifest, hash_tree
 
     root.mkdir(parents=True)
     with open(root / "model.onnx.data", "wb") as f:
@@ -191,7 +191,7 @@ def raw_tcp(n: int, rate: float | None, out: str, src: Path | None) -> float:
 
 def deploy_once(bundle: Path, uri: str) -> tuple[float, float]:
     """(upload bytes/s, with-commit bytes/s) of one deploy to a fresh store."""
-    from device import deploy as dp
+    from host import deploy as dp
 
     dp.add_device("bench", uri, replace=True)
     t0 = time.perf_counter()

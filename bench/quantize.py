@@ -202,8 +202,8 @@ def heldout_ids() -> list[int]:
     """The held-out text in SmolLM2's tokens (every variant shares the tokenizer). The child
     imports only what the device runtime imports (no quantize/, onnx or torch), so its peak RSS
     is the runtime's."""
-    from device.tokenizer import BundleTokenizer
-    from toolkit.manifest import read_manifest
+    from bundle.manifest import read_manifest
+    from device.runtime.tokenizer import BundleTokenizer
 
     fp32 = Path(os.environ["QBENCH_FP32"])
     tok = BundleTokenizer(fp32 / "tokenizer", read_manifest(fp32).tokenizer)
@@ -239,8 +239,8 @@ def _nll(logits: Any, target: int) -> float:
 def _bundle_run(path: Path, prompt: list[int], ppl_ids: list[int] | None) -> tuple[float, float | None]:
     import numpy as np
 
-    from device.generate import generate
-    from device.runner import load_bundle
+    from device.runtime.generate import generate
+    from device.runtime.runner import load_bundle
 
     runner = load_bundle(path, threads=THREADS)
     ppl = None

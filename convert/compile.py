@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from device.engine_gate import can_build_here, ensure_engine
-from device.trt_build import ProgressLike
+from bundle.contract import DECODER_CONTRACT
+from bundle.manifest import load_verified
+from device.runtime.engine_gate import can_build_here, ensure_engine
+from device.runtime.trt_build import ProgressLike
 from targets import load_target
-from toolkit.contract import DECODER_CONTRACT
-from toolkit.manifest import load_verified
 
 EXIT_DEFERRED = 2
 

@@ -1,4 +1,4 @@
-"""Decoder modules written for export under the static-KV contract (toolkit/contract.py).
+"""Decoder modules written for export under the static-KV contract (bundle/contract.py).
 
 The weights are the Hugging Face model's own (module names mirror the checkpoint, so
 `load_state_dict(strict=True)` maps them one to one); only attention is ours, because it must

@@ -17,11 +17,11 @@ from typing import Any
 
 import onnx
 
+from bundle.contract import DecoderContract
+from bundle.errors import ToolkitError
 from models.dims import ModelDims
 from models.registry import ArchSpec
 from models.sources import ModelSource
-from toolkit.contract import DecoderContract
-from toolkit.errors import ToolkitError
 
 OPSET = 17
 MODEL_FILE = "model.onnx"

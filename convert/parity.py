@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from device.generate import generate
-from device.ort_backend import OrtDecoderBackend, OrtEncoderBackend
-from toolkit.contract import KVCacheLayout
-from toolkit.errors import ToolkitError
+from bundle.contract import KVCacheLayout
+from bundle.errors import ToolkitError
+from device.runtime.generate import generate
+from device.runtime.ort_backend import OrtDecoderBackend, OrtEncoderBackend
 
 LOGITS_ATOL = 2e-3  # fp32 graph vs fp32 PyTorch: reordered sums differ by ~1e-5 relative
 GREEDY_TOKENS = 32
@@ -127,7 +127,7 @@ def encoder_parity(model_path: Path, hf_model: Any, tokenizer: Any, pooling: dic
                    threads: int | None = None) -> ParityResult:
     import torch
 
-    from device.pooling import pool
+    from device.runtime.pooling import pool
 
     backend = OrtEncoderBackend(model_path, threads=threads)
     res = ParityResult(passed=True, tolerance=ENCODER_ATOL)

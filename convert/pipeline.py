@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bundle.contract import GENERIC_CONTRACT, KVCacheLayout
+from bundle.errors import ToolkitError
+from bundle.manifest import Manifest
+from bundle.progress import QUIET, Steps
+from bundle.staging import dir_size, finalize, staged_bundle
 from convert.export import ExportResult, copy_onnx, export_decoder, export_encoder
 from convert.parity import ParityResult, decoder_parity, encoder_parity
 from models import DECODER, ModelDims, ModelSource, dims_from_config, get_spec, resolve
 from targets import Target, load_target
-from toolkit.bundle import dir_size, finalize, staged_bundle
-from toolkit.contract import GENERIC_CONTRACT, KVCacheLayout
-from toolkit.errors import ToolkitError
-from toolkit.manifest import Manifest
-from toolkit.progress import QUIET, Steps
 
 MIN_MAX_SEQ = 16
 PARITY_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -60,7 +60,7 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
         raise ToolkitError(f"--batch must be at least 1 (got {batch})")
     src = resolve(model)
     out = Path(out) if out else default_output(src.name, tgt.name)
-    from toolkit.bundle import check_output
+    from bundle.staging import check_output
 
     check_output(out, force)
     if src.kind == "onnx":
@@ -108,50 +108,6 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
             (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
             finalize(staging, manifest)
     return ConvertResult(out, manifest, parity, dir_size(out), dict(steps.timings))
-
-
-def convert_and_quantize(model: str, target: str, precision: str, out: Path | None,
-                         max_seq: int | None, batch: int, force: bool, threads: int | None,
-                         calibration: Path | None) -> str:
-    """`toolkit convert --precision P`: the fp32 bundle is built in a temporary folder beside
-    the output (the quantizer's reference), quantized into the output, then deleted. Returns
-    the printable summary of both stages."""
-    import shutil
-    import tempfile
-
-    from quantize.pipeline import GateFailure, quantize_bundle, steps_total
-    from quantize.report import failure_summary
-    from toolkit.summary import convert_summary
-
-    tgt = load_target(target)
-    tgt.check_precision(precision)  # before an expensive convert
-    src = resolve(model)
-    final = Path(out) if out else default_output(src.name, tgt.name, precision)
-    from toolkit.bundle import check_output
-
-    check_output(final, force)
-    final.absolute().parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.fp32-", dir=final.absolute().parent))
-    try:
-        fp32 = convert_model(model, target, work / "fp32", max_seq, batch, force, threads,
-                             Steps(total=5), precision=precision)
-        # the fp32 bundle is the gate's reference and is deleted below: do not print its path
-        summary = convert_summary(fp32).replace(str(fp32.bundle), "fp32 reference (deleted after "
-                                                                  "quantizing)")
-        try:
-            q = quantize_bundle(fp32.bundle, precision, calibration=calibration, out=final,
-                                force=force, threads=threads,
-                                steps=Steps(total=steps_total(precision)))
-        except GateFailure as e:
-            import sys
-
-            print(failure_summary(e.gate), file=sys.stderr)
-            raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    from quantize.report import summary as quantize_summary
-
-    return summary.split("\nnext:")[0] + "\n" + quantize_summary(q)
 
 
 def _quiet_transformers() -> None:
@@ -278,7 +234,7 @@ def _manifest(src: ModelSource, model_type: str, family: str, dims: ModelDims, e
 def _passthrough(src: ModelSource, tgt: Target, out: Path, force: bool, steps: Steps) -> ConvertResult:
     """An existing ONNX file: validated, smoke-run in ONNX Runtime, bundled as-is. There is no
     PyTorch model to compare against, so parity is recorded as not applicable."""
-    from device.ort_backend import open_session
+    from device.runtime.ort_backend import open_session
 
     with staged_bundle(out, force) as staging:
         with steps.step("validating the ONNX model"):

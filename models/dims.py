@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bundle.errors import ToolkitError
 from models.registry import ArchSpec
-from toolkit.errors import ToolkitError
 
 
 @dataclass(frozen=True)

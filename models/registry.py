@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolkit.errors import ToolkitError
+from bundle.errors import ToolkitError
 
 DECODER = "text-generation"
 ENCODER = "feature-extraction"

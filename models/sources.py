@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import ToolkitError
-from toolkit.manifest import sha256_file
+from bundle.errors import ToolkitError
+from bundle.manifest import sha256_file
 
 
 @dataclass(frozen=True)

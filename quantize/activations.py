@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from toolkit.progress import QUIET, Steps
+from bundle.progress import QUIET, Steps
 
 METHODS = ("max", "percentile")
 DEFAULT_PERCENTILE = 99.99
@@ -125,7 +125,7 @@ def _kth_largest(parts: list[np.ndarray], k: int) -> float:
 def _run(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
          work_dir: Path, threads: int | None) -> Iterator[list[np.ndarray]]:
     """Yield the requested tensors for each feed dict."""
-    from device.ort_backend import open_session
+    from device.runtime.ort_backend import open_session
 
     n_out = len(model.graph.output)
     existing = {o.name for o in model.graph.output}

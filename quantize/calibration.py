@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import ToolkitError
+from bundle.errors import ToolkitError
 
 BUILTIN_CALIBRATION = "calibration.txt"
 BUILTIN_HELDOUT = "heldout.txt"

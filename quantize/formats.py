@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bundle.errors import ToolkitError
+from bundle.progress import QUIET, Steps
 from quantize.calibration import CalibrationSet
 from targets import Target
-from toolkit.errors import ToolkitError
-from toolkit.progress import QUIET, Steps
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The accuracy gate: the quantized graph against the fp32 bundle it came from, on held-out text.
 
-Decoders (both graphs run the same static-kv-v1 steps through device.ort_backend, the runtime a
+Decoders (both graphs run the same static-kv-v1 steps through device.runtime.ort_backend, the runtime a
 CPU bundle is served with; for a TensorRT bundle ONNX Runtime CPU is a proxy for the engine):
   perplexity     of each model over the held-out text (windows of up to 256 tokens, one
                  prefill each), and the relative increase ppl_q / ppl_fp32 - 1
@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from bundle.contract import KVCacheLayout
 from quantize.calibration import Text, builtin_text, heldout_sentences
-from toolkit.contract import KVCacheLayout
 
 PPL_WINDOW = 256  # tokens per perplexity window (capped by max_seq - 1)
 GREEDY_PROMPTS = 3
@@ -144,7 +144,7 @@ def decoder_gate(fp32_model: Path, quant_model: Path, fp32_layout: KVCacheLayout
                  quant_layout: KVCacheLayout, vocab: int, tokenizer: Any, thresholds: Thresholds,
                  text: Text | None = None, threads: int | None = None,
                  runtime_note: str = "onnxruntime-cpu") -> GateResult:
-    from device.ort_backend import OrtDecoderBackend
+    from device.runtime.ort_backend import OrtDecoderBackend
 
     text = text or builtin_text("heldout.txt")
     ids = tokenizer.encode(text.text, add_special_tokens=False)
@@ -197,7 +197,7 @@ def _prompts(ids: list[int], max_seq: int) -> list[list[int]]:
 
 
 def _greedy(backend: Any, prompt: list[int], max_seq: int) -> list[int]:
-    from device.generate import generate
+    from device.runtime.generate import generate
 
     n = min(GREEDY_TOKENS, max_seq - len(prompt) - 1)
     return list(generate(backend, prompt, n))
@@ -228,7 +228,7 @@ def _judge_decoder(r: GateResult) -> None:
 def encoder_gate(fp32_model: Path, quant_model: Path, tokenizer: Any, pooling: dict[str, Any],
                  thresholds: Thresholds, text: Text | None = None,
                  threads: int | None = None) -> GateResult:
-    from device.ort_backend import OrtEncoderBackend
+    from device.runtime.ort_backend import OrtEncoderBackend
 
     text = text or builtin_text("heldout.txt")
     sentences = heldout_sentences(text)
@@ -248,7 +248,7 @@ def encoder_gate(fp32_model: Path, quant_model: Path, tokenizer: Any, pooling: d
 
 
 def _embed(backend: Any, tokenizer: Any, sentence: str, pooling: dict[str, Any]) -> np.ndarray:
-    from device.pooling import pool
+    from device.runtime.pooling import pool
 
     ids = np.asarray([tokenizer.encode(sentence)], np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}

@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import copy
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import models  # noqa: F401  (pinned before any onnxruntime.transformers import: see graph.py)
+from bundle.contract import KVCacheLayout
+from bundle.errors import ToolkitError
+from bundle.manifest import Manifest, load_verified
+from bundle.progress import QUIET, Steps
+from bundle.staging import check_output, dir_size, finalize, staged_bundle
 from quantize.calibration import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
@@ -34,11 +40,6 @@ from quantize.calibration import (
 from quantize.formats import Format, FormatJob, FormatOutput, QuantOptions, format_for, uses_awq
 from quantize.gate import GateResult, Thresholds, decoder_gate, encoder_gate, thresholds_for
 from targets import load_target
-from toolkit.bundle import check_output, dir_size, finalize, staged_bundle
-from toolkit.contract import KVCacheLayout
-from toolkit.errors import ToolkitError
-from toolkit.manifest import Manifest, load_verified
-from toolkit.progress import QUIET, Steps
 
 STEPS = 3  # progress steps this module reports (for Steps(total=...))
 
@@ -189,7 +190,7 @@ def _check(src: Manifest, precision: str, fmt: str | None,
 
 
 def _tokenizer(bundle: Path, src: Manifest) -> Any:
-    from device.tokenizer import BundleTokenizer
+    from device.runtime.tokenizer import BundleTokenizer
 
     if not src.tokenizer:
         raise ToolkitError("the bundle has no tokenizer; the gate needs one to read held-out text")
@@ -276,3 +277,44 @@ def _tool_versions() -> dict[str, str]:
     import onnxruntime
 
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def convert_and_quantize(model: str, target: str, precision: str, out: Path | None,
+                         max_seq: int | None, batch: int, force: bool, threads: int | None,
+                         calibration: Path | None) -> str:
+    """`toolkit convert --precision P`: the fp32 bundle is built in a temporary folder beside
+    the output (the quantizer's reference), quantized into the output, then deleted. Returns
+    the printable summary of both stages."""
+    import shutil
+    import tempfile
+
+    from bundle.staging import check_output
+    from convert.pipeline import convert_model, default_output
+    from convert.summary import convert_summary
+    from models import resolve
+    from quantize.report import failure_summary
+    from quantize.report import summary as summary_of
+
+    tgt = load_target(target)
+    tgt.check_precision(precision)  # before an expensive convert
+    src = resolve(model)
+    final = Path(out) if out else default_output(src.name, tgt.name, precision)
+    check_output(final, force)
+    final.absolute().parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.fp32-", dir=final.absolute().parent))
+    try:
+        fp32 = convert_model(model, target, work / "fp32", max_seq, batch, force, threads,
+                             Steps(total=5), precision=precision)
+        # the fp32 bundle is the gate's reference and is deleted below: do not print its path
+        summary = convert_summary(fp32).replace(str(fp32.bundle), "fp32 reference (deleted after "
+                                                                  "quantizing)")
+        try:
+            q = quantize_bundle(fp32.bundle, precision, calibration=calibration, out=final,
+                                force=force, threads=threads,
+                                steps=Steps(total=steps_total(precision)))
+        except GateFailure as e:
+            print(failure_summary(e.gate), file=sys.stderr)
+            raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return summary.split("\nnext:")[0] + "\n" + summary_of(q)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from toolkit.manifest import Manifest
-from toolkit.summary import mib
+from bundle.manifest import Manifest
+from convert.summary import mib
 
 
 def render(m: Manifest) -> str:

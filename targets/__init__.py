@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
-import tomllib
+try:  # Python 3.11+; JetPack 6's Python 3.10 reads TOML with tomli (the same parser, pre-stdlib)
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import ToolkitError
+from bundle.errors import ToolkitError
 
 TARGET_DIR = Path(__file__).parent
 DEFAULT_TARGET = "cpu"

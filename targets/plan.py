@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bundle.contract import KVCacheLayout
+from bundle.errors import ToolkitError
 from models.dims import ModelDims
 from targets import GIB, Target, load_target
-from toolkit.contract import KVCacheLayout
-from toolkit.errors import ToolkitError
 
 SEQ_STEP = 256  # the max_seq search walks multiples of this
 CHUNK_STEP = 64  # and the prefill-chunk search multiples of this

@@ -55,9 +55,9 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_dir):
 def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real SmolLM2-135M converted once per session for the cpu target (max_seq 256, 2
     slots): about a minute on 2 cores. TOOLKIT_SMOLLM2_BUNDLE reuses an existing bundle."""
+    from bundle.errors import ToolkitError
     from convert.pipeline import convert_model
     from models.sources import packaged_path
-    from toolkit.errors import ToolkitError
 
     given = os.environ.get("TOOLKIT_SMOLLM2_BUNDLE")
     if given:

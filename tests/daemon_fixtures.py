@@ -5,7 +5,7 @@ The tiny Llama is a random transformers checkpoint saved with a word-level token
 are easy to reason about) whose EOS is never the likeliest token, so streams run to max_tokens.
 It goes through the real convert pipeline. The encoder is the shared tiny BERT of conftest.py.
 
-Daemons are real processes (`python -m device.server ...` or `toolkit serve`), on temporary
+Daemons are real processes (`python -m toolkit serve ...` or `toolkit serve`), on temporary
 sockets; every wait is bounded and every process is killed in teardown.
 """
 
@@ -114,12 +114,12 @@ class Daemon:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def client(self, **kw: Any) -> Any:
-        from device.client import DaemonClient, Endpoint
+        from host.client import DaemonClient, Endpoint
 
         return DaemonClient(Endpoint.unix(self.socket_path), **kw)
 
     def tcp_client(self, token: str | None = None) -> Any:
-        from device.client import DaemonClient, Endpoint
+        from host.client import DaemonClient, Endpoint
 
         assert self.tcp is not None
         return DaemonClient(Endpoint.tcp(*self.tcp, token=token if token is not None else self.token))
@@ -151,7 +151,7 @@ def start_daemon(bundle: Path, *args: str, socket_path: Path | None = None, slow
     log_path = sock_dir / "daemon.log"
     cmd = ([sys.executable, str(HARNESS), str(slow_step_s)] if slow_step_s
            else ([shutil.which("toolkit") or "toolkit", "serve"] if via_cli
-                 else [sys.executable, "-m", "device.server"]))
+                 else [sys.executable, "-m", "toolkit", "serve"]))
     cmd += [str(bundle), "--socket", str(socket_path), "--threads", "1", *args]
     tcp_addr = None
     if tcp:
@@ -170,7 +170,7 @@ def start_daemon(bundle: Path, *args: str, socket_path: Path | None = None, slow
 
 
 def wait_ready(daemon: Daemon, timeout: float = 60.0) -> None:
-    from device.client import DaemonClient, DaemonError, Endpoint
+    from host.client import DaemonClient, DaemonError, Endpoint
 
     deadline = time.monotonic() + timeout
     client = DaemonClient(Endpoint.unix(daemon.socket_path), timeout=5)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from device import ort_backend  # noqa: E402
+from device.runtime import ort_backend  # noqa: E402
 
 DELAY_S = float(sys.argv[1])
 _step = ort_backend.OrtDecoderBackend.step

@@ -1,7 +1,7 @@
 """Run a store daemon whose smoke test can be held: `python deploy_harness.py HOLD_DIR ARGS...`.
 
 ARGS go to `toolkit serve` when they start with "serve" (the real daemon, --store), else to the
-store-only daemon `python -m device.transfer`. While HOLD_DIR/hold exists, a smoke test first writes
+store-only daemon `python -m device.serve.deploy`. While HOLD_DIR/hold exists, a smoke test first writes
 HOLD_DIR/smoke-started and then waits, so a test can SIGKILL the process in the middle of an
 install (between the switch of `active` and the end of the smoke test) without racing a tiny
 model that loads in 50 ms. Nothing else changes.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from device import store  # noqa: E402
+from device.store import store  # noqa: E402
 
 HOLD = Path(sys.argv[1])
 _smoke = store.smoke_runner  # what both daemons run on a freshly loaded bundle
@@ -39,6 +39,6 @@ if __name__ == "__main__":
 
         main(args, prog_name="toolkit")
     else:
-        from device.transfer import main as transfer_main
+        from device.serve.deploy import main as transfer_main
 
         raise SystemExit(transfer_main(args))

@@ -14,21 +14,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from device.bench import BenchConfig, run_bench, run_round, synthetic_prompts
-from device.runner import Runner, load_bundle
+from bundle.benchreport import check_report, load_report, percentile, report_from_events, save_report
+from bundle.errors import ToolkitError
+from device.runtime.bench import BenchConfig, run_bench, run_round, synthetic_prompts
+from device.runtime.runner import Runner, load_bundle
+from host.report import CELL_HEADER, cell_row, render_table
+from host.report_html import PNG_DATA_KEY
 from toolkit.cli import main
-from toolkit.errors import ToolkitError
-from toolkit.report import (
-    CELL_HEADER,
-    cell_row,
-    check_report,
-    load_report,
-    percentile,
-    render_table,
-    report_from_events,
-    save_report,
-)
-from toolkit.report_html import PNG_DATA_KEY
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SMALL = BenchConfig(prompt_lens=(8, 16), gen_len=8, concurrency=(1, 2), runs=2, warmup=1)
@@ -324,7 +316,7 @@ def test_gpu_memory_from_a_backend_that_reports_it(runner):
 def test_power_from_a_tegrastats_process_gives_energy_per_token(runner, tmp_path):
     """A stand-in `tegrastats` prints the real AGX Orin JetPack 7 line (13.907 W in all) every
     10 ms: the energy of each cell is 13.907 W x its decode time, whatever the sample timing."""
-    from device.tegrastats import TegrastatsSampler
+    from device.runtime.tegrastats import TegrastatsSampler
 
     line = (Path(__file__).parent / "data/tegrastats/agx-orin-jetpack7.txt").read_text().strip()
     exe = tmp_path / "tegrastats"
@@ -495,15 +487,15 @@ def test_report_html_rerenders_a_report(cli_run, tmp_path):
 
 
 def test_cli_bench_writes_the_partial_report_and_fails(bundle, tmp_path, monkeypatch):
-    import device.runner
+    import device.runtime.runner
 
-    real = device.runner.load_bundle
+    real = device.runtime.runner.load_bundle
 
     def failing_load(*args, **kwargs):
         r = real(*args, **kwargs)
         return _failing(r, FAIL_AFTER, RuntimeError("injected failure"))
 
-    monkeypatch.setattr(device.runner, "load_bundle", failing_load)
+    monkeypatch.setattr(device.runtime.runner, "load_bundle", failing_load)
     out = tmp_path / "p.json"
     res = CliRunner().invoke(main, ["bench", str(bundle), *ARGS, "--threads", "1", "--no-power",
                                     "-o", str(out)])
@@ -528,8 +520,8 @@ def test_cli_bench_usage_errors(bundle):
 
 
 def test_run_round_matches_greedy_generate(runner):
-    """The bench's batched loop makes the tokens device.generate makes for each request alone."""
-    from device.generate import generate
+    """The bench's batched loop makes the tokens device.runtime.generate makes for each request alone."""
+    from device.runtime.generate import generate
 
     prompts = synthetic_prompts(runner.backend.vocab_size, 8, 2, seed=3, first_id=4)
     alone = [list(generate(runner.backend, p, 6)) for p in prompts]

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from daemon_fixtures import Daemon, llama_bundle, start_daemon  # noqa: F401 - fixtures
 
-from device.client import Endpoint, endpoint_for, resolve_device
+from bundle.errors import ToolkitError
+from host.client import Endpoint, endpoint_for, resolve_device
 from toolkit.cli import main
-from toolkit.errors import ToolkitError
 
 
 @pytest.fixture(scope="module")

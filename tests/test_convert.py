@@ -11,12 +11,12 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from bundle.contract import DECODER_CONTRACT, new_names, past_names, present_names
+from bundle.errors import ToolkitError
+from bundle.manifest import load_verified, read_manifest, verify_files
 from convert.pipeline import convert_model
 from models import REGISTRY, resolve
 from toolkit.cli import main
-from toolkit.contract import DECODER_CONTRACT, new_names, past_names, present_names
-from toolkit.errors import ToolkitError
-from toolkit.manifest import load_verified, read_manifest, verify_files
 
 
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
@@ -94,7 +94,7 @@ def test_manifest_hashes_detect_a_modified_file(tiny_bundle, tmp_path):
 def test_batch_rows_are_independent(tiny_bundle, arch, slots):
     """One graph, two slots at different positions: the same logits as each alone, and the
     cache ends up holding the same keys whichever way it was updated."""
-    from device.runner import load_bundle
+    from device.runtime.runner import load_bundle
 
     r = load_bundle(tiny_bundle(arch), slots=3, threads=1)
     be = r.backend

@@ -31,11 +31,20 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device import deploy as dp
-from device.pty_relay import Faults, PtyRelay
-from device.serial_link import Frame as LinkFrame
-from device.serial_link import FrameReader, Link, LinkDown, cobs_decode, cobs_encode, encode_frame, open_port
-from device.store import (
+from bundle.errors import ToolkitError
+from bundle.manifest import MANIFEST, hash_tree, read_manifest
+from device.serve.deploy import serve_store
+from device.serve.serial_link import Frame as LinkFrame
+from device.serve.serial_link import (
+    FrameReader,
+    Link,
+    LinkDown,
+    cobs_decode,
+    cobs_encode,
+    encode_frame,
+    open_port,
+)
+from device.store.store import (
     SmokeResult,
     Store,
     StoreError,
@@ -43,9 +52,8 @@ from device.store import (
     check_relpath,
     smoke_test,
 )
-from device.transfer import serve_store
-from toolkit.errors import ToolkitError
-from toolkit.manifest import MANIFEST, hash_tree, read_manifest
+from host import deploy as dp
+from host.pty_relay import Faults, PtyRelay
 
 HARNESS = Path(__file__).with_name("deploy_harness.py")
 REPO = Path(__file__).resolve().parents[1]
@@ -364,7 +372,7 @@ def test_store_receive_chunk_writes_as_it_arrives_and_keeps_nothing_bad(base_bun
 KILLED_MID_CHUNK = """
 import os, signal, sys, zlib
 from pathlib import Path
-from device.store import Store
+from device.store.store import Store
 root, manifest, data = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]).read_bytes()
 store = Store.open(root)
 uid = store.begin(manifest).upload_id
@@ -535,7 +543,7 @@ def test_link_delivers_exact_messages_over_a_noisy_line() -> None:
 
 @dataclass
 class Served:
-    """A `toolkit serve --store` process (python -m device.server), on a short socket path."""
+    """A `toolkit serve --store` process (python -m toolkit serve), on a short socket path."""
 
     proc: subprocess.Popen[bytes]
     socket: Path
@@ -543,7 +551,7 @@ class Served:
     log: Path
 
     def api(self) -> Any:
-        from device.client import DaemonClient, Endpoint
+        from host.client import DaemonClient, Endpoint
 
         return DaemonClient(Endpoint.unix(self.socket), timeout=30)
 
@@ -569,14 +577,14 @@ def serve(tmp_path: Path) -> Iterator[Any]:
         sock = sock_dir / "d.sock"
         log = tmp_path / f"daemon{len(procs)}.log"
         base = [sys.executable, str(HARNESS), str(hold), "serve"] if hold else \
-               [sys.executable, "-m", "device.server"]
+               [sys.executable, "-m", "toolkit", "serve"]
         cmd = [*base, "--store", str(store), "--socket", str(sock), "--threads", "1", *args]
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         served = Served(proc, sock, store, log)
         procs.append(served)
-        from device.transfer import HttpDeployClient
+        from host.transfer import HttpDeployClient
 
         deadline = time.monotonic() + 60
         while True:
@@ -794,7 +802,7 @@ def test_incompatible_bundles_are_refused_before_any_byte(bundles: dict[str, Pat
         dp.deploy(bundles["a"], "small")
     assert list((daemon.store / "staging").iterdir()) == []
     # the device checks too, whatever the host says
-    from device.transfer import HttpDeployClient, RemoteError
+    from host.transfer import HttpDeployClient, RemoteError
 
     with pytest.raises(RemoteError) as r:
         HttpDeployClient(f"unix://{sock}").begin((bundles["trt"] / MANIFEST).read_bytes())
@@ -803,7 +811,7 @@ def test_incompatible_bundles_are_refused_before_any_byte(bundles: dict[str, Pat
 
 def test_hostile_manifests_and_oversized_uploads_are_refused(bundles: dict[str, Path], config: Path,
                                                              start: Any, tmp_path: Path) -> None:
-    from device.transfer import HttpDeployClient, RemoteError
+    from host.transfer import HttpDeployClient, RemoteError
 
     sock = tmp_path / "d.sock"
     daemon = start(socket_path=sock, limits=StoreLimits(max_bundle_bytes=1 << 20))
@@ -861,10 +869,10 @@ def test_chunks_follow_the_grid_from_an_off_grid_resume_point(tmp_path):
     """A resume point off the chunk grid (the device held bytes sent in other-sized chunks)
     first sends the piece up to the next grid line; every CRC32, taken from the verification
     pass or computed for that piece, is the CRC of exactly the bytes the chunk names."""
-    from device.checksum import crc32
-    from device.deploy import _send_missing, _Sent
-    from device.store import FileProgress, UploadState
-    from device.transfer import DeployClient
+    from device.store.checksum import crc32
+    from device.store.store import FileProgress, UploadState
+    from host.deploy import _send_missing, _Sent
+    from host.transfer import DeployClient
 
     data = os.urandom(10_000)
     (tmp_path / "w.bin").write_bytes(data)
@@ -891,7 +899,7 @@ def test_http_chunks_written_as_they_arrive_keep_only_good_bytes(bundles: dict[s
     """Over HTTP the next chunk goes into the staged file as it arrives: a chunk with
     a wrong CRC32 is refused and cut off again, the connection stays usable, and the bytes of a
     good chunk and of the pipelined ones after it arrive exactly."""
-    from device.transfer import Chunk, HttpDeployClient, RemoteError
+    from host.transfer import Chunk, HttpDeployClient, RemoteError
 
     if transport == "unix":
         start(socket_path=tmp_path / "d.sock")
@@ -920,7 +928,7 @@ def test_tcp_replies_do_not_wait_for_delayed_acks(start: Any, tmp_path: Path) ->
     """Each reply leaves in one send with TCP_NODELAY: with Nagle on, the body of every small
     reply waited ~40 ms for the client's delayed ACK. Compared with the same calls over the Unix
     socket (a ratio, not a time: the bug made it ~50x)."""
-    from device.transfer import HttpDeployClient
+    from host.transfer import HttpDeployClient
 
     port, token = free_port(), token_file(tmp_path)
     start(socket_path=tmp_path / "d.sock", tcp=f"127.0.0.1:{port}", token_file=token)

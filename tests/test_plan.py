@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from transformers import LlamaConfig
 
+from bundle.errors import ToolkitError
 from models.dims import ModelDims, dims_from_config
 from models.registry import get_spec
 from targets import GIB, load_target
@@ -23,7 +24,6 @@ from targets.plan import (
     plan_from_model,
     weight_bytes,
 )
-from toolkit.errors import ToolkitError
 
 NANO = "jetson-orin-nano-8gb"
 

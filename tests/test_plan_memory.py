@@ -128,8 +128,8 @@ def test_smollm2_reports_through_the_daemon_compare_and_render(bundles: dict[tup
     from click.testing import CliRunner
     from test_bench import _png_info
 
+    from host.report import CELL_HEADER, cell_row
     from toolkit.cli import main
-    from toolkit.report import CELL_HEADER, cell_row
 
     outs = {}
     for precision in ("fp32", "int8"):

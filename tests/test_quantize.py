@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, numpy_helper
 from quantize_fixtures import LOOSE, q_bundle, q_fp32_bundle  # noqa: F401  (fixtures)
 
-from toolkit.errors import ToolkitError
-from toolkit.manifest import load_verified
+from bundle.errors import ToolkitError
+from bundle.manifest import load_verified
 
 JETSON = "jetson"  # the Orin family target: fp16, int8, int4
 THOR = "jetson-thor"  # the only target with fp8
@@ -40,9 +40,9 @@ def opset(model: onnx.ModelProto) -> int:
 
 
 def logits(bundle: Path, ids: list[int]) -> np.ndarray:
-    """One prefill through device.ort_backend (ONNX Runtime CPU) -> [T, V] float32."""
-    from device.ort_backend import OrtDecoderBackend
-    from device.runner import kv_layout
+    """One prefill through device.runtime.ort_backend (ONNX Runtime CPU) -> [T, V] float32."""
+    from device.runtime.ort_backend import OrtDecoderBackend
+    from device.runtime.runner import kv_layout
 
     m = load_verified(bundle)
     be = OrtDecoderBackend(bundle / m.model_file, kv_layout(m), m.architecture["dims"]["vocab_size"],
@@ -123,8 +123,8 @@ def test_cpu_int4_first_ladder_step_when_it_passes(q_bundle):  # noqa: F811
 
 
 def test_cpu_int4_numerics_and_generation(q_bundle, q_fp32_bundle):  # noqa: F811
-    from device.generate import generate
-    from device.runner import load_bundle
+    from device.runtime.generate import generate
+    from device.runtime.runner import load_bundle
 
     bundle = q_bundle("llama", "cpu", "int4")
     cos, _ = agreement(logits(q_fp32_bundle("llama", "cpu"), IDS), logits(bundle, IDS))
@@ -364,7 +364,7 @@ def test_calibration_file_errors(q_fp32_bundle, tmp_path, content, match):  # no
 
 
 def test_calibration_windows_from_a_user_file(q_fp32_bundle, tmp_path):  # noqa: F811
-    from device.tokenizer import BundleTokenizer
+    from device.runtime.tokenizer import BundleTokenizer
     from quantize.calibration import read_text, token_windows
 
     bundle = q_fp32_bundle("llama", "cpu")

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
+from bundle.errors import ToolkitError
+from bundle.manifest import load_verified
 from convert.pipeline import convert_model
 from models.sources import packaged_path
-from toolkit.errors import ToolkitError
-from toolkit.manifest import load_verified
 
 
 def _need(name: str) -> None:
@@ -35,8 +35,8 @@ def test_smollm2_cpu_parity_and_greedy(smollm2_cpu):
 
 
 def test_smollm2_answers_through_the_device_runner(smollm2_cpu):
-    from device.generate import generate
-    from device.runner import load_bundle
+    from device.runtime.generate import generate
+    from device.runtime.runner import load_bundle
 
     r = load_bundle(smollm2_cpu, threads=2)
     ids = r.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])

@@ -10,15 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from toolkit.errors import ToolkitError
-from toolkit.report import (
-    BenchConfig,
-    RequestRecord,
-    Stats,
-    fmt,
-    load_report,
-    percentile,
-)
+from bundle.benchreport import BenchConfig, RequestRecord, Stats, load_report, percentile
+from bundle.errors import ToolkitError
+from host.report import fmt
 
 # --- percentiles against hand-computed answers -------------------------------------------------
 # 10..100 ms: h = 9q/100. p50: h=4.5 -> 50 + 0.5*10 = 55; p90: h=8.1 -> 90 + 0.1*10 = 91;
@@ -107,7 +101,7 @@ def test_load_report_refuses_what_is_not_a_v1_report(tmp_path, content, message)
 
 def test_host_side_modules_need_no_device_stack():
     """The host reads reports without onnxruntime (and without importing device/)."""
-    code = ("import sys, toolkit.report, toolkit.report_html, toolkit.commands.report, "
+    code = ("import sys, host.report, host.report_html, toolkit.commands.report, "
             "toolkit.commands.bench; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('onnxruntime', 'device', 'torch', 'matplotlib')]; print(bad); assert not bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

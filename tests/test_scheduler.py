@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from daemon_fixtures import llama_bundle  # noqa: F401 - a fixture
 
-from device.generate import generate
-from device.runner import load_bundle
-from device.sampling import SamplingParams
-from device.scheduler import (
+from bundle.errors import ToolkitError
+from device.runtime.generate import generate
+from device.runtime.runner import load_bundle
+from device.runtime.sampling import SamplingParams
+from device.serve.scheduler import (
     Failed,
     Finished,
     GenerationRequest,
@@ -25,7 +26,6 @@ from device.scheduler import (
     TextDelta,
     probe_batch_invariance,
 )
-from toolkit.errors import ToolkitError
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from daemon_fixtures import (  # noqa: F401 - fixtures
     start_daemon,
 )
 
-from device.client import DaemonClient, DaemonError, Endpoint
+from host.client import DaemonClient, DaemonError, Endpoint
 
 CHAT = "/v1/chat/completions"
 
@@ -65,7 +65,7 @@ def collect(client: DaemonClient, body: dict[str, Any], path: str = CHAT) -> tup
 def raw_request(sock_path: Path, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any] | None]:
     """A request with arbitrary bytes as body (our client only sends valid JSON)."""
-    from device.client import UnixHTTPConnection
+    from host.client import UnixHTTPConnection
 
     conn = UnixHTTPConnection(sock_path, timeout=30)
     try:
@@ -411,7 +411,7 @@ def test_live_socket_and_non_socket_paths_are_refused(llama_bundle: Path, tmp_pa
     plain.write_text("not a socket")
     try:
         for target, message in ((path, "already listening"), (plain, "not a socket")):
-            out = subprocess.run([sys.executable, "-m", "device.server", str(llama_bundle), "--socket",
+            out = subprocess.run([sys.executable, "-m", "toolkit", "serve", str(llama_bundle), "--socket",
                                   str(target)], capture_output=True, text=True, timeout=30, cwd=REPO)
             assert out.returncode == 1 and message in out.stderr, out.stderr
         assert plain.read_text() == "not a socket" and path.exists()
@@ -420,7 +420,7 @@ def test_live_socket_and_non_socket_paths_are_refused(llama_bundle: Path, tmp_pa
 
 
 def test_tcp_without_a_token_file_is_refused(llama_bundle: Path, socket_dir: Path) -> None:  # noqa: F811
-    out = subprocess.run([sys.executable, "-m", "device.server", str(llama_bundle), "--socket",
+    out = subprocess.run([sys.executable, "-m", "toolkit", "serve", str(llama_bundle), "--socket",
                           str(socket_dir / "x.sock"), "--tcp", "127.0.0.1:1"],
                          capture_output=True, text=True, timeout=30, cwd=REPO)
     assert out.returncode == 1 and "--token-file" in out.stderr
@@ -455,8 +455,8 @@ def test_kserve_infer_and_embeddings_on_an_encoder(encoder_daemon: Daemon, tiny_
     decoded = np.frombuffer(base64.b64decode(b64["data"][1]["embedding"]), dtype="<f4")
     assert np.array_equal(decoded, np.array(floats["data"][1]["embedding"], dtype=np.float32))
     # and against the runtime in-process
-    from device.embedder import EmbeddingEngine
-    from device.runner import load_bundle
+    from device.runtime.runner import load_bundle
+    from device.serve.embedder import EmbeddingEngine
 
     runner = load_bundle(tiny_bundle("bert"), threads=1)
     ref = EmbeddingEngine(runner.backend, runner.manifest.pooling).embed(

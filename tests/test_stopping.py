@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from device.stopping import StopMatcher
+from device.runtime.stopping import StopMatcher
 
 
 def run(stops: list[str], deltas: list[str]) -> tuple[str, str | None]:

@@ -1,4 +1,4 @@
-"""device/swap.py: hot or cold, and how much a bundle will hold once loaded."""
+"""device/store/swap.py: hot or cold, and how much a bundle will hold once loaded."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from device.config import ServeConfig
-from device.swap import SWAP_MARGIN, plan_swap, resident_estimate
-from toolkit.errors import ToolkitError
+from bundle.errors import ToolkitError
+from device.serve.config import ServeConfig
+from device.store.swap import SWAP_MARGIN, plan_swap, resident_estimate
 
 GIB = 1 << 30
 

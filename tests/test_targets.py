@@ -8,8 +8,8 @@ import re
 import pytest
 from click.testing import CliRunner
 
+from bundle.errors import ToolkitError
 from targets import PRECISIONS, list_targets, load_target, target_names, validate
-from toolkit.errors import ToolkitError
 
 EXPECTED = {"cpu", "jetson", "jetson-orin-nano-8gb", "jetson-orin-nano-super",
             "jetson-orin-nx-16gb", "jetson-agx-orin-64gb", "jetson-thor"}

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from device.bench import cell_energy, power_report
-from device.tegrastats import (
+from bundle.benchreport import RequestRecord, RoundResult
+from device.runtime.bench import cell_energy, power_report
+from device.runtime.tegrastats import (
     Ina3221Sampler,
     PowerSample,
     TegrastatsSampler,
@@ -21,7 +22,6 @@ from device.tegrastats import (
     parse_nvpmodel,
     power_mode,
 )
-from toolkit.report import RequestRecord, RoundResult
 
 # Real tegrastats lines, verbatim, one per file (tests/data/tegrastats/README.md: captured in
 # jetson-stats' tests, [S30] of ../shared/reference/tensorrt_jetson.md §6.1).

@@ -3,7 +3,7 @@
 Needs TensorRT, pycuda and a CUDA GPU; skips cleanly otherwise (CI has none of them). The
 bundle is the real pipeline's (tests/conftest.py tiny_bundle: a random tiny Llama through
 StaticKVDecoder and torch.onnx.export, opset 17), for a Jetson target, so the engine is built
-the way the daemon builds it: device.engine_gate.ensure_engine.
+the way the daemon builds it: device.runtime.engine_gate.ensure_engine.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ def _has_gpu() -> bool:
 if not _has_gpu():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-from device.engine_gate import ensure_engine, prepare_engine  # noqa: E402
-from device.engine_identity import EngineIdentity  # noqa: E402
-from device.generate import generate  # noqa: E402
-from device.ort_backend import OrtDecoderBackend  # noqa: E402
-from device.runner import kv_layout  # noqa: E402
-from device.trt_backend import TrtDecoderBackend  # noqa: E402
-from toolkit.errors import ToolkitError  # noqa: E402
-from toolkit.manifest import load_verified  # noqa: E402
+from bundle.errors import ToolkitError  # noqa: E402
+from bundle.manifest import load_verified  # noqa: E402
+from device.runtime.engine_gate import ensure_engine, prepare_engine  # noqa: E402
+from device.runtime.engine_identity import EngineIdentity  # noqa: E402
+from device.runtime.generate import generate  # noqa: E402
+from device.runtime.ort_backend import OrtDecoderBackend  # noqa: E402
+from device.runtime.runner import kv_layout  # noqa: E402
+from device.runtime.trt_backend import TrtDecoderBackend  # noqa: E402
 
 TARGET = "jetson-orin-nano-8gb"
 

@@ -15,9 +15,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from device import engine_gate, trt_backend
-from device.engine_gate import can_build_here, ensure_engine, prepare_engine
-from device.engine_identity import (
+from bundle.contract import DECODER_CONTRACT, ENCODER_CONTRACT, KVCacheLayout
+from bundle.errors import ToolkitError
+from bundle.manifest import Manifest, read_manifest
+from bundle.staging import finalize, staged_bundle
+from device.runtime import engine_gate, trt_backend
+from device.runtime.engine_gate import can_build_here, ensure_engine, prepare_engine
+from device.runtime.engine_identity import (
     DeviceIdentity,
     EngineIdentity,
     compare,
@@ -27,8 +31,8 @@ from device.engine_identity import (
     parse_nv_tegra_release,
     timing_cache_key,
 )
-from device.kvcache import StaticKVCache
-from device.trt_backend import (
+from device.runtime.kvcache import StaticKVCache
+from device.runtime.trt_backend import (
     BufferPlan,
     bind_in_place,
     check_step,
@@ -36,7 +40,7 @@ from device.trt_backend import (
     slice_copies,
     sort_order,
 )
-from device.trt_build import (
+from device.runtime.trt_build import (
     DECODE,
     MIN_WORKSPACE,
     PREFILL,
@@ -49,10 +53,6 @@ from device.trt_build import (
     workspace_bytes_for,
 )
 from targets import load_target
-from toolkit.bundle import finalize, staged_bundle
-from toolkit.contract import DECODER_CONTRACT, ENCODER_CONTRACT, KVCacheLayout
-from toolkit.errors import ToolkitError
-from toolkit.manifest import Manifest, read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIN = "jetson-orin-nano-8gb"
@@ -154,7 +154,7 @@ def test_precision_to_builder_flags() -> None:
 
 
 def test_fp8_needs_compute_capability_8_9() -> None:
-    from device.trt_build import check_precision_hardware
+    from device.runtime.trt_build import check_precision_hardware
 
     with pytest.raises(ToolkitError, match="8.9"):
         check_precision_hardware("fp8", "8.7")
@@ -286,7 +286,7 @@ def test_check_step_rejects_what_would_corrupt_the_cache() -> None:
 
 
 def test_mem_available(tmp_path: Path) -> None:
-    from device.procmem import mem_available
+    from device.runtime.procmem import mem_available
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:        7844000 kB\nMemFree:          512000 kB\n"
@@ -525,8 +525,8 @@ def test_compile_is_registered() -> None:
 
 
 # --- architecture and API hygiene ------------------------------------------------------------
-TRT_MODULES = ["device/engine_identity.py", "device/trt_build.py", "device/trt_backend.py",
-               "device/engine_gate.py"]
+TRT_MODULES = ["device/runtime/engine_identity.py", "device/runtime/trt_build.py",
+               "device/runtime/trt_backend.py", "device/runtime/engine_gate.py"]
 
 
 @pytest.mark.parametrize("path", TRT_MODULES)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from device import client
-from device.httpd import UnixServer
+from device.serve.httpd import UnixServer
+from host import client
 
 
 def full_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:

@@ -1,6 +1,8 @@
-"""The `toolkit` command and the bundle contract between host and device.
+"""The `toolkit` command: a click CLI over the library, and nothing else.
 
-Importing this package is cheap: the CLI and the heavy libraries load lazily.
+Importing this package is cheap: the commands and the heavy libraries load lazily.
 """
 
-__version__ = "0.1.0"
+from bundle import __version__
+
+__all__ = ["__version__"]

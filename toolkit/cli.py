@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from toolkit import __version__
-from toolkit.errors import ToolkitError
+from bundle import __version__
+from bundle.errors import ToolkitError
 
 # "module:attribute" of each subcommand, in the order `toolkit --help` lists them.
 COMMANDS = [

@@ -8,7 +8,7 @@ test planting a bad line in a temporary file) never match. What matches:
   - the names execute_async_v2, max_workspace_size, set_binding_shape, binding_is_input,
     num_bindings, and any name starting with get_binding_ (get_binding_shape/dtype/index/name)
   - `.build_engine(`: the removed Builder method, called as an attribute. The toolkit's own
-    device.trt_build.build_engine is therefore imported and called by its bare name.
+    device.runtime.trt_build.build_engine is therefore imported and called by its bare name.
 """
 
 from __future__ import annotations

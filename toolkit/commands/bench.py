@@ -15,8 +15,9 @@ from typing import Any
 
 import click
 
-from toolkit.errors import ToolkitError
-from toolkit.report import BenchConfig, fmt
+from bundle.benchreport import BenchConfig
+from bundle.errors import ToolkitError
+from host.report import fmt
 
 DEFAULTS = BenchConfig()  # every default is the dataclass's, defined once
 
@@ -100,9 +101,9 @@ def bench(bundle: Path | None, prompt_lens: tuple[int, ...], gen_len: int,
 def _measure(bundle: Path, config: BenchConfig, threads: int | None) -> dict[str, Any]:
     """Load the bundle here and run the bench in this process. (The daemon form will send
     config.to_json() and read the same events back, then rebuild the report with
-    toolkit.report.report_from_events.)"""
-    from device.bench import mem_available, run_bench
-    from device.runner import load_bundle
+    host.report.report_from_events.)"""
+    from device.runtime.bench import mem_available, run_bench
+    from device.runtime.runner import load_bundle
 
     before = mem_available()
     click.echo(f"loading {bundle} …", err=True)
@@ -120,8 +121,8 @@ def _measure_remote(socket_path: Path | None, device: str | None,
                     config: BenchConfig) -> dict[str, Any]:
     """POST the settings to the daemon's /v1/bench and rebuild the report from its events:
     the final report when it comes, else the partial one from the rounds that did."""
-    from device.client import DaemonClient, DaemonError, endpoint_for
-    from toolkit.report import report_from_events
+    from bundle.benchreport import report_from_events
+    from host.client import DaemonClient, DaemonError, endpoint_for
 
     endpoint = endpoint_for(socket_path, device)
     click.echo(f"benchmarking in the daemon at {endpoint} …", err=True)
@@ -141,9 +142,10 @@ def _measure_remote(socket_path: Path | None, device: str | None,
 
 
 def _write_and_show(report: dict[str, Any], out: Path, html_page: bool) -> None:
-    from toolkit.report import render_table
-    from toolkit.report_html import write_report_files
+    from host.report import render_table, with_predictions
+    from host.report_html import write_report_files
 
+    report = with_predictions(report)  # the roofline needs the target catalogue: added here
     files = write_report_files(report, out, html_page=html_page)
     click.echo(render_table(report))
     click.echo()
@@ -154,7 +156,7 @@ def _write_and_show(report: dict[str, Any], out: Path, html_page: bool) -> None:
 
 
 def echo_progress(event: dict[str, Any]) -> None:
-    """One terminal line per progress event (device/bench.py lists them), on stderr."""
+    """One terminal line per progress event (device/runtime/bench.py lists them), on stderr."""
     kind = event["event"]
     if kind == "start":
         cfg, env = event["config"], event["environment"]

@@ -22,8 +22,8 @@ def compile(bundle: Path, force: bool) -> None:
     Exit codes: 0 built, up to date or nothing to compile; 1 error;
                 2 not built here (the daemon builds it on the device).
     """
+    from bundle.progress import Steps
     from convert.compile import compile_bundle
-    from toolkit.progress import Steps
 
     result = compile_bundle(bundle, force=force, progress=Steps())
     click.echo(result.message)

@@ -44,15 +44,15 @@ def convert(model: str, target: str, max_seq: int | None, batch: int, output: Pa
       toolkit convert all-minilm-l6-v2
       toolkit convert ./my-llama --target jetson-orin-nano-8gb --max-seq 4096
     """
+    from bundle.progress import Steps
     from convert.pipeline import convert_model
-    from toolkit.progress import Steps
-    from toolkit.summary import convert_summary
+    from convert.summary import convert_summary
 
     if precision == "fp32":
         result = convert_model(model, target, output, max_seq, batch, force, threads, Steps(total=5))
         click.echo(convert_summary(result))
         return
-    from convert.pipeline import convert_and_quantize
+    from quantize.pipeline import convert_and_quantize
 
     click.echo(convert_and_quantize(model, target, precision, output, max_seq, batch, force,
                                     threads, calibration))

@@ -1,4 +1,4 @@
-"""toolkit deploy BUNDLE --device NAME, toolkit rollback --device NAME (device/deploy.py)."""
+"""toolkit deploy BUNDLE --device NAME, toolkit rollback --device NAME (host/deploy.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from device.store import InstallResult
+from device.store.store import InstallResult
 
 
 class ProgressLine:
@@ -69,7 +69,7 @@ def deploy(bundle: Path, device_name: str, retries: int) -> None:
       toolkit deploy bundles/smollm2-135m-cpu-fp32 --device local
       toolkit deploy bundles/smollm2-135m-jetson --device jetson
     """
-    from device.deploy import deploy as run
+    from host.deploy import deploy as run
 
     click.echo(f"verifying {bundle} …", err=True)
     result = run(bundle, device_name, progress=ProgressLine(), retries=retries,
@@ -90,7 +90,7 @@ def deploy(bundle: Path, device_name: str, retries: int) -> None:
 @click.option("--device", "device_name", required=True, help="A name from `toolkit devices list`.")
 def rollback(device_name: str) -> None:
     """Switch a device back to its previous bundle (after a smoke test of it)."""
-    from device.deploy import rollback as run
+    from host.deploy import rollback as run
 
     result = run(device_name)
     report(result)

@@ -1,4 +1,4 @@
-"""toolkit devices add|list|remove|ping: the devices a bundle can be deployed to (device/deploy.py)."""
+"""toolkit devices add|list|remove|ping: the devices a bundle can be deployed to (host/deploy.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def devices() -> None:
 @click.option("--replace", is_flag=True, help="Replace an existing device of that name.")
 def add(name: str, uri: str, replace: bool) -> None:
     """Register device NAME at URI (the registry is ~/.config/toolkit/devices.json)."""
-    from device.deploy import add_device, registry_path
+    from host.deploy import add_device, registry_path
 
     device = add_device(name, uri, replace)
     token = f" (token from {device.token_file})" if device.token_file else ""
@@ -42,7 +42,7 @@ def add(name: str, uri: str, replace: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The registry as JSON.")
 def list_(as_json: bool) -> None:
     """List the registered devices."""
-    from device.deploy import load_devices, registry_path
+    from host.deploy import load_devices, registry_path
     from toolkit.commands.targets import table
 
     found = load_devices()
@@ -60,7 +60,7 @@ def list_(as_json: bool) -> None:
 @click.argument("name")
 def remove(name: str) -> None:
     """Forget device NAME."""
-    from device.deploy import remove_device
+    from host.deploy import remove_device
 
     gone = remove_device(name)
     click.echo(f"removed {gone.name} ({gone.uri})")
@@ -71,7 +71,7 @@ def remove(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The device's hello record as JSON.")
 def ping(name: str, as_json: bool) -> None:
     """Ask device NAME what it is: target, backend, active bundle, free memory, round trip."""
-    from device.deploy import ping as run
+    from host.deploy import ping as run
 
     result = run(name)
     h = result.hello

@@ -31,7 +31,7 @@ def generate(prompt: str, socket_path: Path | None, device: str | None, chat: bo
       toolkit generate --no-chat --max-tokens 40 "Once upon a time"
       toolkit generate --device jetson --temperature 0.7 --seed 1 "Write a haiku"
     """
-    from device.client import DaemonClient, endpoint_for, stream_text
+    from host.client import DaemonClient, endpoint_for, stream_text
 
     client = DaemonClient(endpoint_for(socket_path, device))
     final = None

@@ -64,10 +64,10 @@ def quantize(bundle: Path, precision: str, calibration: Path | None, samples: in
       toolkit quantize bundles/smollm2-135m-jetson-fp32 -p int8 --calibration prompts.txt
       toolkit quantize bundles/all-minilm-l6-v2-cpu-fp32 -p int8 --min-cosine 0.995
     """
+    from bundle.progress import Steps
     from quantize.formats import QuantOptions
     from quantize.pipeline import GateFailure, quantize_bundle, steps_total
     from quantize.report import failure_summary, summary
-    from toolkit.progress import Steps
 
     limits = {"max_ppl_increase": None if max_ppl_increase is None else max_ppl_increase / 100.0,
               "min_top1": min_top1, "min_greedy": min_greedy, "min_cosine": min_cosine}
@@ -85,7 +85,7 @@ def quantize(bundle: Path, precision: str, calibration: Path | None, samples: in
 
 
 def _check_int4_flags(precision: str, int4_grid: str | None, awq: bool | None) -> None:
-    from toolkit.errors import ToolkitError
+    from bundle.errors import ToolkitError
 
     if int4_grid and precision != "int4":
         raise ToolkitError(f"--int4-grid applies to int4, not {precision}", hint="drop --int4-grid")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from toolkit.errors import ToolkitError
+from bundle.errors import ToolkitError
 
 MODEL = "smollm2-135m"
 QUESTION = "What is the capital of France? Answer in one sentence."
@@ -44,8 +44,8 @@ def quickstart(bundle_dir: Path, output: Path, prompt_lens: str, gen_len: int, c
                threads: int | None) -> None:
     """Convert SmolLM2-135M for the CPU, serve it from a daemon on a temporary Unix socket,
     deploy to it, stream one answer, benchmark it on the "device" and print the report."""
+    from bundle.benchreport import BenchConfig
     from toolkit.commands.bench import _measure_remote, _write_and_show
-    from toolkit.report import BenchConfig
 
     bundle = _converted(bundle_dir)
     lens = tuple(int(v) for v in prompt_lens.split(","))
@@ -69,10 +69,10 @@ def quickstart(bundle_dir: Path, output: Path, prompt_lens: str, gen_len: int, c
 
 
 def _converted(bundle_dir: Path) -> Path:
+    from bundle.manifest import load_verified
+    from bundle.progress import Steps
     from convert.pipeline import convert_model
-    from toolkit.manifest import load_verified
-    from toolkit.progress import Steps
-    from toolkit.summary import convert_summary
+    from convert.summary import convert_summary
 
     click.secho(f"[1/6] converting {MODEL} for the cpu target", bold=True, err=True)
     if (bundle_dir / "manifest.json").exists():
@@ -105,7 +105,7 @@ def _start_daemon(work: Path, sock: Path, slots: int, threads: int | None) -> su
 
 
 def _deploy(bundle: Path, sock: Path) -> None:
-    from device.deploy import add_device, deploy
+    from host.deploy import add_device, deploy
 
     click.secho(f"\n[3/6] deploying {bundle} to it", bold=True, err=True)
     add_device("quickstart", f"unix://{sock}", replace=True)
@@ -117,7 +117,7 @@ def _deploy(bundle: Path, sock: Path) -> None:
 
 
 def _ask(sock: Path) -> None:
-    from device.client import DaemonClient, Endpoint, stream_text
+    from host.client import DaemonClient, Endpoint, stream_text
 
     click.secho(f"\n[4/6] asking: {QUESTION}", bold=True, err=True)
     client = DaemonClient(Endpoint.unix(sock))

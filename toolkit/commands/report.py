@@ -23,7 +23,8 @@ def report() -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 def show(file: Path) -> None:
     """The table of one report: latency percentiles, throughput, memory, power."""
-    from toolkit.report import load_report, render_table
+    from bundle.benchreport import load_report
+    from host.report import render_table
 
     click.echo(render_table(load_report(file)))
 
@@ -34,8 +35,9 @@ def compare(files: tuple[Path, ...]) -> None:
     """Reports side by side, per prompt length x concurrency, with ratios to the first (B/A...).
 
     For latencies and memory a ratio below 1 is better; for tokens/s and requests/s above 1."""
-    from toolkit.errors import ToolkitError
-    from toolkit.report import compare_reports, load_report
+    from bundle.benchreport import load_report
+    from bundle.errors import ToolkitError
+    from host.report import compare_reports
 
     if len(files) < 2:
         raise ToolkitError("compare needs at least two report files",
@@ -47,8 +49,8 @@ def compare(files: tuple[Path, ...]) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 def html(file: Path) -> None:
     """Write FILE's HTML page and PNG plots beside it (e.g. for a report pulled off a device)."""
-    from toolkit.report import load_report
-    from toolkit.report_html import write_html_files
+    from bundle.benchreport import load_report
+    from host.report_html import write_html_files
 
     page, pngs = write_html_files(load_report(file), file)
     click.echo(f"wrote {page} and {len(pngs)} PNG plots beside it: "

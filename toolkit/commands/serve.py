@@ -1,4 +1,4 @@
-"""toolkit serve BUNDLE | --store DIR: run the on-device daemon (device/server.py)."""
+"""toolkit serve BUNDLE | --store DIR: run the on-device daemon (device/serve/server.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from device.config import DECODE_MODES, SWAP_MODES, ServeConfig
+from device.serve.config import DECODE_MODES, SWAP_MODES, ServeConfig
 
 _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclass
 
@@ -58,7 +58,7 @@ def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_
       toolkit serve BUNDLE --tcp 127.0.0.1:8080 --token-file ~/.config/toolkit/token
       toolkit serve --store /var/lib/toolkit --tcp 0.0.0.0:8080 --token-file F --serial /dev/ttyGS0
     """
-    from device.server import serve as run
+    from device.serve.server import serve as run
 
     config = ServeConfig(bundle, socket_path, tcp, token_file, slots, queue, threads,
                          drain_timeout, decode_mode, store=store, serial=serial, baud=baud,

@@ -22,7 +22,7 @@ def status(socket_path: Path | None, device: str | None, as_json: bool) -> None:
       toolkit status
       toolkit status --socket /run/toolkit/api.sock --json
     """
-    from device.client import DaemonClient, endpoint_for
+    from host.client import DaemonClient, endpoint_for
 
     endpoint = endpoint_for(socket_path, device)
     record = DaemonClient(endpoint, timeout=30).get("/v1/status")

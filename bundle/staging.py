@@ -1,0 +1,95 @@
+"""Atomic bundle writing: build in a hidden staging folder beside the target, rename at the end.
+
+    with staged_bundle(out, force=False) as staging:   # refuses an existing `out` up front
+        ... write files into staging ...
+        finalize(staging, manifest)                     # hashes every file, writes manifest.json
+    # on success staging is renamed to `out`; on any exception it is removed
+
+An existing bundle is replaced only with force=True, and then by two renames: the old one is
+moved aside, the new one moved in, the old one deleted. A crash between them leaves the old
+bundle in `.<name>.old-*`, never a half-written `out`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bundle.errors import ToolkitError
+from bundle.manifest import MANIFEST, Manifest, hash_tree
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an output path we must not replace; called before any expensive work."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ToolkitError(f"output {out} already exists",
+                           hint="pass --force to replace it, or -o to choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ToolkitError(f"output {out} exists and is not a folder", hint="choose another -o")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
+        raise ToolkitError(f"output {out} is a non-empty folder that is not a bundle; "
+                           "refusing to replace it even with --force",
+                           hint="choose another -o")
+
+
+@contextmanager
+def staged_bundle(out: Path, force: bool = False) -> Iterator[Path]:
+    out = Path(out).absolute()
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield staging
+        if not (staging / MANIFEST).exists():
+            raise RuntimeError("staged bundle was not finalized")
+        _swap_in(staging, out, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def finalize(staging: Path, manifest: Manifest) -> Manifest:
+    """Hash every file and write manifest.json last (its presence marks a complete bundle)."""
+    manifest.files = hash_tree(staging)
+    manifest.created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    tmp = staging / (MANIFEST + ".tmp")
+    tmp.write_text(manifest.to_json(), encoding="utf-8")
+    _fsync_tree(staging)
+    os.replace(tmp, staging / MANIFEST)
+    return manifest
+
+
+def _swap_in(staging: Path, out: Path, force: bool) -> None:
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    check_output(out, force)  # re-check: something may have appeared while we worked
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)
+    os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def dir_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())

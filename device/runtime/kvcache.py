@@ -1,0 +1,58 @@
+"""The static KV cache on the host side of an ONNX Runtime backend (gpt-fast's KVCache, in NumPy).
+
+One K and one V buffer per layer, [slots, kv_heads, max_seq, head_dim], allocated once at load
+and never reallocated. A slot is one request's row. Which entries are valid is not stored in the
+cache: the runtime tracks each slot's length and passes it as position_ids (contract:
+bundle/contract.py), so stale entries beyond it never need clearing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from bundle.contract import KVCacheLayout
+
+
+class StaticKVCache:
+    def __init__(self, layout: KVCacheLayout, slots: int) -> None:
+        self.layout = layout
+        self.slots = slots
+        shape = (slots, layout.kv_heads, layout.max_seq, layout.head_dim)
+        dtype = np.dtype(layout.dtype)
+        # past_key.0, past_value.0, past_key.1, ... as the graph orders them
+        self.buffers: list[np.ndarray] = [np.zeros(shape, dtype) for _ in range(2 * layout.num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    @staticmethod
+    def is_run(slot_ids: Sequence[int]) -> bool:
+        """Consecutive ascending slots: their rows are one view of each buffer."""
+        lo = slot_ids[0]
+        return list(slot_ids) == list(range(lo, lo + len(slot_ids)))
+
+    def rows(self, slot_ids: Sequence[int]) -> tuple[list[np.ndarray], bool]:
+        """The cache rows of these slots, [B, Hkv, S, D] per buffer, and whether they are views.
+        A contiguous run of slots is a view (no copy); any other selection is gathered (a copy
+        per step, which an in-place graph then updates instead of the cache)."""
+        if self.is_run(slot_ids):
+            lo = slot_ids[0]
+            return [b[lo:lo + len(slot_ids)] for b in self.buffers], True
+        idx = np.asarray(slot_ids)
+        return [b[idx] for b in self.buffers], False
+
+    def put_rows(self, slot_ids: Sequence[int], rows: Sequence[np.ndarray]) -> None:
+        """Copy gathered rows (from rows()) back into the cache."""
+        idx = np.asarray(slot_ids)
+        for buf, r in zip(self.buffers, rows):
+            buf[idx] = r
+
+    def write(self, slot_ids: Sequence[int], starts: Sequence[int], new: Sequence[np.ndarray]) -> None:
+        """cache[slot, :, start:start+T, :] = new[b] for each row b (new: [B, Hkv, T, D] each)."""
+        T = new[0].shape[2]
+        for b, (slot, start) in enumerate(zip(slot_ids, starts)):
+            for buf, n in zip(self.buffers, new):
+                buf[slot, :, start:start + T, :] = n[b]

@@ -1,0 +1,92 @@
+"""The device-side tokenizer: `tokenizers` + jinja2 only, no transformers and no torch.
+
+Importing transformers would cost the daemon seconds at start and hundreds of MB of RSS on a
+board with 8 GB shared by CPU and GPU. The bundle carries tokenizer.json and the chat template
+that transformers wrote at convert time; this reproduces what transformers does with them:
+  encode(text)             = tokenizer(text)["input_ids"]          (special tokens added)
+  chat(messages)           = apply_chat_template(..., add_generation_prompt=True, tokenize=True)
+  (the rendered template is tokenized without adding special tokens, as transformers does)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bundle.errors import ToolkitError
+
+
+class BundleTokenizer:
+    def __init__(self, folder: Path, info: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        self.folder = Path(folder)
+        self.tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        cfg_path = self.folder / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.stop_ids: list[int] = list(info.get("stop_token_ids") or [])
+        template = self.folder / "chat_template.jinja"
+        self.template_src: str | None = (template.read_text(encoding="utf-8") if template.exists()
+                                         else self.config.get("chat_template"))
+        self._template: Any = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tok.decode(list(ids), skip_special_tokens=True))
+
+    def token_text(self, token_id: int) -> str | None:
+        return self.tok.id_to_token(token_id)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if not self.template_src:
+            raise ToolkitError("this model has no chat template",
+                               hint="use /v1/completions with a plain prompt instead")
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise ToolkitError(f"chat template: {message}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.template_src)
+        special = {k: _token_str(self.config.get(k)) for k in
+                   ("bos_token", "eos_token", "unk_token", "pad_token")}
+        return str(self._template.render(messages=messages,
+                                         add_generation_prompt=add_generation_prompt, **special))
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def _token_str(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return "" if value is None else str(value)
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text deltas, holding back an incomplete UTF-8
+    sequence (decoded as U+FFFD) until the next token completes it."""
+
+    def __init__(self, tokenizer: BundleTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded text already emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        delta, self.sent = text[self.sent:], len(text)
+        return delta

@@ -1,0 +1,63 @@
+"""The daemon's settings: one dataclass, defaults defined once (the CLI reads them from here).
+
+Kept free of heavy imports so that `toolkit --help` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bundle.errors import ToolkitError
+from device.serve.httpd import default_socket_path
+
+SWAP_MODES = ("auto", "hot", "cold")  # see device/store/swap.py
+
+# How the engine runs a decode step over several requests (see device/serve/scheduler.py):
+# auto = batched when the backend proves batch-invariant at start, else per-row.
+DECODE_MODES = ("auto", "batched", "per-row")
+
+
+@dataclass
+class ServeConfig:
+    """Every daemon setting, with its default defined once (the CLI reads them from here)."""
+
+    bundle: Path | None  # None: serve the active bundle of `store`
+    socket: Path | None = None  # None: default_socket_path()
+    tcp: str | None = None  # "HOST:PORT"; TCP is off unless given
+    token_file: Path | None = None  # required with tcp
+    slots: int | None = None  # None: the bundle's batch
+    queue: int = 16  # requests that may wait for a slot; beyond, 503
+    threads: int | None = None  # runtime intra-op threads; None: all cores
+    drain_timeout: float = 30.0  # seconds in-flight requests may take after SIGTERM
+    decode_mode: str = "auto"  # see device/serve/scheduler.py
+    store: Path | None = None  # a bundle store (device/store/store.py): serve its active bundle,
+    # accept deploys
+    serial: str | None = None  # also take deploys over this serial port (needs store)
+    baud: int = 921600
+    rebuild_on_mismatch: bool = False  # TensorRT: rebuild an engine built for another TRT/GPU
+    swap: str = "auto"  # how a deploy replaces the served bundle: auto | hot | cold (device/store/swap.py)
+
+    def __post_init__(self) -> None:
+        if self.slots is not None and self.slots < 1:
+            raise ToolkitError(f"--slots must be at least 1 (got {self.slots})")
+        if self.queue < 0:
+            raise ToolkitError(f"--queue must be 0 or more (got {self.queue})")
+        if self.drain_timeout < 0:
+            raise ToolkitError(f"--drain-timeout must be 0 or more (got {self.drain_timeout})")
+        if self.decode_mode not in DECODE_MODES:
+            raise ToolkitError(f"--decode-mode {self.decode_mode!r} is not one of {', '.join(DECODE_MODES)}")
+        if (self.bundle is None) == (self.store is None):
+            raise ToolkitError("give a BUNDLE to serve, or --store DIR to serve the bundles deployed "
+                               "there, not both", hint="`toolkit deploy` installs bundles into a --store")
+        if self.swap not in SWAP_MODES:
+            raise ToolkitError(f"--swap {self.swap!r} is not one of {', '.join(SWAP_MODES)}")
+        if self.serial and self.store is None:
+            raise ToolkitError("--serial carries deploys, so it needs --store DIR")
+        if self.tcp and not self.token_file:
+            raise ToolkitError("--tcp needs --token-file: every TCP request must carry a bearer token",
+                               hint="write a random token to a file (chmod 600) and pass it")
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.socket) if self.socket else default_socket_path()

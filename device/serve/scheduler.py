@@ -1,0 +1,572 @@
+"""Concurrency over the fixed KV slots: admission, a bounded queue, continuous batching.
+
+    engine = Scheduler(runner.backend, runner.tokenizer, queue_limit=16)
+    engine.start()
+    with engine.reserve() as ticket:               # 503 at once when slots + queue are full
+        prompt = runner.tokenizer.encode("Hi")       # expensive work only after admission
+        handle = engine.submit(ticket, GenerationRequest(prompt, max_tokens=32, params=...))
+    for event in handle.events(): ...               # TextDelta ... then Finished | Failed
+
+One engine thread owns the backend. Each loop iteration
+  1. admits waiting requests into free slots, one prefill at a time (B=1),
+  2. runs ONE decode step for all active slots together,
+  3. samples each row with its request's own seeded generator and streams the text.
+A request that finishes, fails or is cancelled frees its slot in the same iteration.
+
+Why results do not depend on what else is running (checked, not assumed): ONNX Runtime's CPU
+kernels give bit-identical logits for a row whether it is decoded alone or inside a batch of
+2..slots rows, and whatever the other rows hold (measured on the tiny test Llama and on
+SmolLM2-135M at 1 and 2 threads: max |diff| = 0.0). Other backends need not (TensorRT picks
+kernels per optimization profile), so at start the engine runs `probe_batch_invariance`: the
+same decode alone and in every batch size. Only if all rows match bit for bit does it decode in
+batches; otherwise it steps each row on its own (B=1), which is what a request running alone
+does. `decode_mode` forces either.
+
+The batched step covers the contiguous span of slots lo..hi that holds every active slot (free
+slots are handed out lowest first, which keeps the span short). A contiguous span is a view of
+the cache, so the backend neither gathers nor copies; rows of free slots inside the span are
+padding (token 0 at position 0: they write position 0 of a free slot, which the next prefill of
+that slot overwrites). Token ids and positions live in two [slots, 1] arrays allocated here
+once, so a decode step allocates nothing beyond the backend's own preallocated buffers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bundle.errors import ToolkitError
+from device.runtime.backend import DecoderBackend
+from device.runtime.generate import prefill
+from device.runtime.sampling import SamplingParams, sample
+from device.runtime.stopping import StopMatcher
+from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
+from device.serve.config import DECODE_MODES
+from device.serve.metrics import ServingMetrics
+
+log = logging.getLogger("toolkit.daemon")
+
+EVENT_POLL_S = 0.5  # how often a waiting HTTP thread wakes to check that its client is still there
+
+
+class RequestRejected(Exception):
+    """A request the daemon will not run: the HTTP layer turns it into a 4xx/503 error body."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.param, self.retry_after = param, retry_after
+
+
+# --- records ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: Sequence[int]
+    max_tokens: int
+    params: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Per-request latency, reported with llama-server's `timings` names (protocols.md §1a)."""
+
+    queue_s: float
+    prompt_s: float  # prefill
+    ttft_s: float  # arrival -> first token
+    decode_s: float  # first token -> last token
+    prompt_n: int
+    predicted_n: int
+
+    def to_json(self) -> dict[str, float]:
+        per_tok = self.decode_s / (self.predicted_n - 1) if self.predicted_n > 1 else 0.0
+        return {"queue_ms": self.queue_s * 1e3, "ttft_ms": self.ttft_s * 1e3,
+                "prompt_n": self.prompt_n, "prompt_ms": self.prompt_s * 1e3,
+                "prompt_per_second": self.prompt_n / self.prompt_s if self.prompt_s else 0.0,
+                "predicted_n": self.predicted_n, "predicted_ms": self.decode_s * 1e3,
+                "predicted_per_token_ms": per_tok * 1e3,
+                "predicted_per_second": 1.0 / per_tok if per_tok else 0.0}
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" | "length" | "abort"
+    stop_reason: str | int | None  # the stop string or stop token id, when finish_reason="stop"
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class Failed:
+    status: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Embedded:
+    embeddings: np.ndarray  # [N, C] float32
+    prompt_tokens: int
+
+
+Event = TextDelta | Finished | Failed | Embedded
+
+
+class RequestHandle:
+    """The HTTP thread's side of one request: its event stream and a way to cancel it."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, request: Any, on_cancel: Any) -> None:
+        self.id = next(self._ids)
+        self.request = request
+        self.arrival = time.monotonic()
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._on_cancel = on_cancel
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Stop this request (client gone): it leaves the queue or frees its slot."""
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            self._on_cancel(self)
+
+    def put(self, event: Event) -> None:
+        self._events.put(event)
+
+    def next_event(self, timeout: float = EVENT_POLL_S) -> Event | None:
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Every event up to and including the final one (for in-process callers and tests)."""
+        while True:
+            event = self._events.get(timeout=timeout)
+            yield event
+            if not isinstance(event, TextDelta):
+                return
+
+
+# --- admission -------------------------------------------------------------------------------
+
+class Ticket:
+    """A place reserved in the daemon (protocols.md §2.1: reserve before expensive work,
+    release on every exit path). Usable as a context manager: leaving it unsubmitted releases."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.open = True
+
+    def release(self) -> None:
+        if self.open:
+            self.open = False
+            self.admission.release()
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.open:
+            self.release()
+
+
+class Admission:
+    """in_flight (reserved + waiting + running) <= slots + queue_limit; 503 beyond, or when
+    draining. One lock and one condition, shared with the engine that owns it."""
+
+    def __init__(self, capacity: int, queue_limit: int) -> None:
+        self.capacity, self.queue_limit = capacity, queue_limit
+        self.limit = capacity + queue_limit
+        self.in_flight = 0
+        self.draining = False
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+
+    def reserve(self) -> Ticket:
+        with self.lock:
+            if self.draining:
+                raise RequestRejected(503, "draining", "the daemon is shutting down", retry_after=5)
+            if self.in_flight >= self.limit:
+                raise RequestRejected(
+                    503, "overloaded", f"the daemon is at capacity ({self.capacity} running, "
+                    f"{self.queue_limit} queued); retry later", retry_after=1)
+            self.in_flight += 1
+        return Ticket(self)
+
+    def release(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            self.changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self.lock:
+            return self.changed.wait_for(lambda: self.in_flight == 0, timeout)
+
+    def enqueue(self, ticket: Ticket, queue: deque[Any], item: Any) -> None:
+        """The request takes its reserved place: it joins the engine's `queue` and the engine
+        wakes. The place now belongs to the request; the engine releases it when it ends."""
+        with self.lock:
+            if not ticket.open:
+                raise RuntimeError("a ticket was submitted twice")
+            ticket.open = False
+            queue.append(item)
+            self.changed.notify_all()
+
+    def begin_drain(self) -> None:
+        with self.lock:
+            self.draining = True
+
+
+class QueuedEngine:
+    """What the decoder and encoder engines share: an Admission, the queue of requests that
+    hold a place, one engine thread (the subclass's `_run`), and how they start, drain and
+    stop. Subclasses set up their own state, then call `_init_queue`."""
+
+    admission: Admission
+
+    def _init_queue(self, admission: Admission, thread_name: str) -> None:
+        self.admission = admission
+        self._waiting: deque[RequestHandle] = deque()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def reserve(self) -> Ticket:
+        return self.admission.reserve()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def begin_drain(self) -> None:
+        self.admission.begin_drain()
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self.admission.wait_idle(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self.admission.lock:
+            self._stop = True
+            self.admission.changed.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+# --- the decoder engine ----------------------------------------------------------------------
+
+@dataclass
+class _Slot:
+    """Engine-thread state of one running request."""
+
+    handle: RequestHandle
+    slot: int
+    rng: np.random.Generator
+    decoder: StreamDecoder
+    stops: StopMatcher
+    budget: int  # tokens it may still produce in total: min(max_tokens, cache room)
+    pos: int  # next cache position to write (= tokens in the cache)
+    admitted: float
+    prefilled: float = 0.0
+    first_token: float = 0.0
+    generated: int = 0
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+def smoke_test(backend: DecoderBackend) -> None:
+    """One prefill and one decode step on slot 0 before serving anything (protocols.md §2.4):
+    a bundle that loads but cannot run fails the start, not the first request."""
+    try:
+        logits = prefill(backend, [0, 0], 0)
+        backend.step(np.zeros((1, 1), np.int64), np.full((1, 1), 2, np.int64), [0])
+    except Exception as e:  # noqa: BLE001 - runtimes raise their own untyped errors
+        raise ToolkitError(f"the model loads but a 2-token test inference fails: {e}",
+                           hint="the bundle does not match this runtime; convert it again with "
+                                "this toolkit version") from e
+    if logits.shape != (backend.vocab_size,) or not np.isfinite(logits).all():
+        raise ToolkitError(f"the test inference returned logits of shape {logits.shape} "
+                           f"(expected ({backend.vocab_size},)) or non-finite values")
+
+
+def probe_batch_invariance(backend: DecoderBackend) -> bool:
+    """True when every row of a batched decode step equals, bit for bit, the same row decoded
+    alone, for every batch size 2..slots, with rows at different positions. Writes only
+    positions that no request holds yet (it runs before the engine starts)."""
+    slots = backend.slots
+    if slots == 1:
+        return True
+    rng = np.random.default_rng(0)
+    lengths = [min(2 + s, backend.max_seq - 2) for s in range(slots)]
+    for s, n in enumerate(lengths):
+        prefill(backend, rng.integers(0, backend.vocab_size, n).tolist(), s)
+    ids = rng.integers(0, backend.vocab_size, (slots, 1)).astype(np.int64)
+    pos = np.array([[n] for n in lengths], dtype=np.int64)
+    alone = [backend.step(ids[s:s + 1], pos[s:s + 1], [s])[0, -1].copy() for s in range(slots)]
+    for b in range(2, slots + 1):
+        out = backend.step(ids[:b], pos[:b], list(range(b)))
+        if not all(np.array_equal(out[r, -1], alone[r]) for r in range(b)):
+            return False
+    return True
+
+
+class Scheduler(QueuedEngine):
+    """Continuous batching over a decoder backend's slots (see the module docstring)."""
+
+    def __init__(self, backend: DecoderBackend, tokenizer: BundleTokenizer, queue_limit: int = 16,
+                 metrics: ServingMetrics | None = None, decode_mode: str = "auto") -> None:
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode {decode_mode!r} is not one of {DECODE_MODES}")
+        self.backend, self.tokenizer = backend, tokenizer
+        self.slots, self.max_seq = backend.slots, backend.max_seq
+        self.stop_ids = frozenset(tokenizer.stop_ids)
+        self.metrics = metrics or ServingMetrics()
+        self._init_queue(Admission(self.slots, queue_limit), "engine")
+        smoke_test(backend)
+        self.batched = (decode_mode == "batched" or
+                        (decode_mode == "auto" and probe_batch_invariance(backend)))
+        self.decode_mode = "batched" if self.batched else "per-row"
+        self._active: dict[int, _Slot] = {}
+        self._free = list(range(self.slots))  # a heap: lowest slot first keeps the span short
+        self._ids = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] next token per slot
+        self._pos = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] its position
+        self._abort = False
+
+    # -- called from HTTP threads --
+
+    def check_prompt(self, prompt_len: int, param: str = "prompt") -> int:
+        """Room left for new tokens after a prompt; RequestRejected when there is none."""
+        if prompt_len == 0:
+            raise RequestRejected(400, "empty_prompt", "the prompt is empty", param)
+        if prompt_len >= self.max_seq:
+            raise RequestRejected(
+                400, "context_length_exceeded",
+                f"the prompt has {prompt_len} tokens but this model's KV cache holds {self.max_seq} "
+                f"(prompt + generated); shorten the prompt to at most {self.max_seq - 1} tokens",
+                param)
+        return self.max_seq - prompt_len
+
+    def submit(self, ticket: Ticket, request: GenerationRequest) -> RequestHandle:
+        self.check_prompt(len(request.prompt_ids))  # max_tokens beyond the room: cut in _admit
+        if request.max_tokens < 1:
+            raise RequestRejected(400, "invalid_value", "max_tokens must be at least 1", "max_tokens")
+        handle = RequestHandle(request, self._cancel)
+        self.admission.enqueue(ticket, self._waiting, handle)
+        return handle
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    def tokens_in_cache(self) -> int:
+        return sum(s.pos for s in list(self._active.values()))
+
+    def abort_all(self) -> None:
+        """End every request now: running ones finish with "abort", queued ones fail (503)."""
+        with self.admission.lock:
+            self._abort = True
+            self.admission.changed.notify_all()
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self.admission.lock:
+            if handle in self._waiting:
+                self._waiting.remove(handle)
+                self.admission.in_flight -= 1
+                self.metrics.failure.inc(reason="client_disconnect")
+            self.admission.changed.notify_all()  # a running one is reaped by the engine
+
+    # -- the engine thread --
+
+    def _run(self) -> None:
+        while True:
+            with self.admission.lock:
+                self.admission.changed.wait_for(
+                    lambda: self._stop or self._abort or self._waiting or self._active)
+                stop, abort = self._stop, self._abort or self._stop
+                self._abort = False
+                dropped = list(self._waiting) if abort else []
+                if abort:
+                    self._waiting.clear()
+                admit = [] if abort else self._take_admissible()
+            if abort:
+                self._abort_now(dropped, "the daemon stopped" if stop else "the daemon is shutting down")
+                if stop:
+                    return
+                continue
+            for handle in admit:
+                self._admit(handle)
+            self._reap_cancelled()
+            if self._active:
+                self._decode()
+
+    def _take_admissible(self) -> list[RequestHandle]:
+        taken: list[RequestHandle] = []
+        while self._waiting and len(self._free) > len(taken):
+            taken.append(self._waiting.popleft())
+        return taken
+
+    def _admit(self, handle: RequestHandle) -> None:
+        request: GenerationRequest = handle.request
+        if handle.cancelled:  # gone between the queue and its slot
+            self.admission.release()
+            return
+        slot = heapq.heappop(self._free)
+        now = time.monotonic()
+        self.metrics.queue.observe(now - handle.arrival)
+        state = _Slot(handle, slot, np.random.default_rng(request.params.seed),
+                      StreamDecoder(self.tokenizer), StopMatcher(request.stop),
+                      budget=min(request.max_tokens, self.max_seq - len(request.prompt_ids)),
+                      pos=len(request.prompt_ids), admitted=now, params=request.params)
+        self._active[slot] = state
+        try:
+            logits = prefill(self.backend, request.prompt_ids, slot)
+        except Exception:  # noqa: BLE001 - a runtime failure must fail this request, not the daemon
+            log.exception("prefill failed (request %d, slot %d)", handle.id, slot)
+            self._fail(state, 500, "internal_error", "the model failed while reading the prompt")
+            return
+        state.prefilled = time.monotonic()
+        self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+        self._accept_row(state, logits)
+
+    def _decode(self) -> None:
+        try:
+            if self.batched:
+                self._decode_batched()
+            else:
+                for slot in sorted(self._active):
+                    state = self._active[slot]
+                    logits = self.backend.step(self._ids[slot:slot + 1], self._pos[slot:slot + 1], [slot])
+                    self._accept_row(state, logits[0, -1])
+        except Exception:  # noqa: BLE001 - fail the requests in this step; the daemon keeps serving
+            log.exception("decode step failed for slots %s", sorted(self._active))
+            for state in list(self._active.values()):
+                self._fail(state, 500, "internal_error", "the model failed during generation")
+
+    def _decode_batched(self) -> None:
+        lo, hi = min(self._active), max(self._active)
+        logits = self.backend.step(self._ids[lo:hi + 1], self._pos[lo:hi + 1], range(lo, hi + 1))
+        for slot in range(lo, hi + 1):  # [B, 1, V]: row slot - lo belongs to slot
+            state = self._active.get(slot)
+            if state is not None:
+                self._accept_row(state, logits[slot - lo, -1])
+
+    def _accept_row(self, state: _Slot, logits: np.ndarray) -> None:
+        """_accept, where a failure (a bug in sampling or detokenizing) fails only this request."""
+        try:
+            self._accept(state, logits)
+        except Exception:  # noqa: BLE001 - logged with its traceback; the other rows go on
+            log.exception("request %d failed after its decode step", state.handle.id)
+            self._fail(state, 500, "internal_error", "generation failed")
+
+    def _accept(self, state: _Slot, logits: np.ndarray) -> None:
+        """Sample the next token from logits [V]; stream it, finish, or queue its decode."""
+        token = sample(logits, state.params, state.rng)
+        state.generated += 1
+        now = time.monotonic()
+        if state.generated == 1:
+            state.first_token = now
+            self.metrics.ttft.observe(now - state.handle.arrival)
+        self.metrics.generation_tokens.inc()
+        if token in self.stop_ids and not state.handle.request.ignore_eos:
+            return self._finish(state, "stop", token)
+        update = state.stops.push(state.decoder.push(token))
+        if update.text:
+            state.handle.put(TextDelta(update.text))
+        if update.stopped is not None:
+            return self._finish(state, "stop", update.stopped)
+        if state.generated >= state.budget:
+            return self._finish(state, "length", None)
+        self._ids[state.slot, 0] = token
+        self._pos[state.slot, 0] = state.pos
+        state.pos += 1
+
+    def _finish(self, state: _Slot, reason: str, stop_reason: str | int | None) -> None:
+        if reason != "stop" or isinstance(stop_reason, int):
+            # the rest of the text: bytes the stream decoder held back, then any held-back
+            # prefix of a stop string (which may now complete one)
+            update = state.stops.push(state.decoder.flush())
+            tail = update.text if update.stopped else update.text + state.stops.flush()
+            if update.stopped:
+                reason, stop_reason = "stop", update.stopped
+            if tail:
+                state.handle.put(TextDelta(tail))
+        now = time.monotonic()
+        prompt_n = len(state.handle.request.prompt_ids)
+        timings = Timings(queue_s=state.admitted - state.handle.arrival,
+                          prompt_s=state.prefilled - state.admitted,
+                          ttft_s=state.first_token - state.handle.arrival,
+                          decode_s=now - state.first_token, prompt_n=prompt_n,
+                          predicted_n=state.generated)
+        self.metrics.e2e.observe(now - state.handle.arrival)
+        if state.generated > 1:
+            self.metrics.tpot.observe(timings.decode_s / (state.generated - 1))
+        self.metrics.success.inc(finished_reason=reason)
+        state.handle.put(Finished(reason, stop_reason, Usage(prompt_n, state.generated), timings))
+        self._free_slot(state)
+
+    def _fail(self, state: _Slot, status: int, code: str, message: str) -> None:
+        self.metrics.failure.inc(reason=code)
+        state.handle.put(Failed(status, code, message))
+        self._free_slot(state)
+
+    def _free_slot(self, state: _Slot) -> None:
+        del self._active[state.slot]
+        self._ids[state.slot, 0] = 0  # padding values for this row while it is free
+        self._pos[state.slot, 0] = 0
+        heapq.heappush(self._free, state.slot)
+        self.admission.release()
+
+    def _reap_cancelled(self) -> None:
+        for state in [s for s in self._active.values() if s.handle.cancelled]:
+            log.info("request %d cancelled (client gone); slot %d freed", state.handle.id, state.slot)
+            self.metrics.failure.inc(reason="client_disconnect")
+            self._free_slot(state)
+
+    def _abort_now(self, dropped: list[RequestHandle], message: str) -> None:
+        """Running requests finish with "abort" (their text so far stands); queued ones fail."""
+        for handle in dropped:
+            handle.put(Failed(503, "draining", message))
+            self.metrics.failure.inc(reason="draining")
+            self.admission.release()
+        for state in list(self._active.values()):
+            if state.handle.cancelled:
+                self._free_slot(state)
+            else:
+                self._finish(state, "abort", None)

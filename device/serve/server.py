@@ -1,0 +1,575 @@
+"""The device daemon: one bundle, served over a Unix socket (and TCP when asked).
+
+    toolkit serve BUNDLE [--socket PATH] [--tcp HOST:PORT --token-file F] [--slots N] [--queue N]
+    toolkit serve --store DIR [--serial PORT] ...   (serve the store's active bundle, take deploys)
+    python -m toolkit serve BUNDLE ...             (the same command)
+
+Lifecycle (protocols.md §1e, §2.3), one `lifespan`-like function (`serve`) owns it:
+  loading    the sockets listen at once; health/ready answers 503 "loading" while the bundle is
+             verified and loaded (hashes first, then the runtime)
+  ready      requests are admitted: `slots` run, `queue` wait, the rest get 503
+  draining   on SIGTERM/SIGINT: readiness turns 503 and new requests get 503 first, then the
+             listeners close and the socket file goes; in-flight requests may finish for
+             --drain-timeout seconds, whatever still runs then ends with finish_reason "abort"
+  stopped    engine and runtime closed; exit 0
+
+Routes: OpenAI (/v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings), KServe v2
+(/v2, /v2/health/{live,ready}, /v2/models/{m}[/versions/{v}][/ready|/infer]), /metrics,
+/v1/status, and llama.cpp-style /health. Error bodies are OpenAI's nested shape everywhere but
+under /v2, where they are KServe's flat {"error": "..."} (401 excepted: OpenAI-shaped on every
+route). Over TCP every route, health included, needs the bearer token.
+
+With --store (device/store/store.py) the daemon serves the store's active bundle ("empty" until the
+first deploy) and mounts the deploy routes /v1/deploy/* (device/serve/deploy.py), also over
+--serial. A deploy's install calls `activate`: the new bundle is loaded beside the old one and
+smoke-tested, then the engines are swapped and the old one drains in the background; a failure
+leaves the old one serving. Where the device's memory cannot hold both (or with --swap cold) the
+old one is drained and unloaded first (device/store/swap.py). The store's crash recovery runs before
+anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bundle import __version__
+from bundle.errors import ToolkitError
+from device.runtime.procmem import mem_available, process_rss
+from device.serve import bench_route, kserve, openai_api
+from device.serve.config import ServeConfig
+from device.serve.httpd import (
+    ClientGone,
+    Handler,
+    HTTPError,
+    TCPServer,
+    UnixServer,
+    parse_tcp,
+    read_tokens,
+)
+from device.serve.metrics import Gauge, ServingMetrics
+from device.serve.scheduler import RequestRejected
+
+log = logging.getLogger("toolkit.daemon")
+
+RESPONSE_FLUSH_S = 5.0  # after the engine is idle, how long handlers may take to send the end
+
+
+Route = Callable[..., None]
+
+
+class Daemon:
+    """The application: state, the loaded bundle, its engine, and the routes."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        # loading | ready | empty (a store with no bundle yet) | switching (a cold swap) | draining | failed
+        self.state = "loading"
+        self.runner: Any = None
+        self.engine: Any = None
+        self.metrics = ServingMetrics()
+        self.started = time.time()
+        self.manifest_sha256 = ""
+        self._responses = 0  # requests being answered right now (not idle connections)
+        self._responses_lock = threading.Condition()
+        self.routes: list[tuple[str, re.Pattern[str], Route]] = [
+            ("GET", re.compile(r"/v1/models"), self.models),
+            ("POST", re.compile(r"/v1/completions"), self.completions),
+            ("POST", re.compile(r"/v1/chat/completions"), self.chat_completions),
+            ("POST", re.compile(r"/v1/embeddings"), self.embeddings),
+            ("GET", re.compile(r"/v1/status"), self.status),
+            ("POST", re.compile(r"/v1/bench"), lambda h: bench_route.bench(self, h)),
+            ("GET", re.compile(r"/metrics"), self.prometheus),
+            ("GET", re.compile(r"/health/live|/v2/health/live"), self.live),
+            ("GET", re.compile(r"/health|/health/ready|/v2/health/ready"), self.ready),
+            ("GET", re.compile(r"/v2"), self.server_metadata),
+            ("GET", re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"),
+             self.model_metadata),
+            ("GET", re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/ready"),
+             self.model_ready),
+            ("POST", re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"),
+             self.infer),
+        ]
+        self.deploy: Any = None  # device.serve.deploy.DeployService with --store
+        if config.store is not None:
+            from device.serve.deploy import DeployService
+            from device.store.store import Store
+
+            self.deploy = DeployService(Store.open(config.store), self.activate, self.deploy_info)
+            self.routes += self.deploy.routes()
+
+    # -- lifecycle --
+
+    def load(self) -> None:
+        from device.runtime.runner import load_bundle
+
+        cfg = self.config
+        path = self.deploy.store.active_path() if self.deploy is not None else cfg.bundle
+        if path is None:  # a store nothing was deployed to yet
+            self.state = "empty"
+            return
+        try:
+            runner = load_bundle(path, slots=cfg.slots, threads=cfg.threads,
+                                 rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info)
+        except ToolkitError as e:
+            if self.deploy is None or self.deploy.store.previous is None:
+                raise
+            # a store's active bundle that no longer loads (modified on disk): serve the previous
+            log.error("the active bundle %s failed to load (%s); rolling back", path, e)
+            if not self.deploy.rollback().ok:
+                raise
+            return
+        self._install(runner, Path(path))
+
+    def _engine(self, runner: Any, path: Path) -> Any:
+        from device.serve.embedder import EmbeddingEngine
+        from device.serve.scheduler import Scheduler
+
+        cfg = self.config
+        if runner.is_decoder:
+            if runner.tokenizer is None:
+                raise ToolkitError(f"{path} has no tokenizer; the daemon cannot serve text")
+            return Scheduler(runner.backend, runner.tokenizer, cfg.queue, self.metrics, cfg.decode_mode)
+        if runner.manifest.kind == "encoder":
+            return EmbeddingEngine(runner.backend, runner.manifest.pooling, cfg.queue, self.metrics)
+        raise ToolkitError(f"{path} is a {runner.manifest.kind} bundle; the daemon serves "
+                           "decoder and encoder bundles")
+
+    def _install(self, runner: Any, path: Path) -> None:
+        """Start serving `runner` (the first bundle, or in place of the current one)."""
+        try:
+            engine = self._engine(runner, path)
+        except ToolkitError:
+            runner.close()
+            raise
+        engine.start()
+        self.runner, self.engine = runner, engine
+        self.manifest_sha256 = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+        self.config.bundle = path
+        self._add_gauges()
+        self.state = "ready"
+
+    def activate(self, path: Path) -> Any:
+        """The store's activate callback (device/store/store.py): load the bundle, smoke-test it and
+        serve it, hot or cold (device/store/swap.py). Hot: loaded beside the one being served, then
+        swapped; the old engine drains in the background. Cold: the old one is drained and
+        unloaded first. Returns a SmokeResult; a failure leaves the old bundle serving."""
+        from device.store.store import SmokeResult
+        from device.store.swap import plan_swap, resident_estimate
+
+        t0 = time.monotonic()
+        if self.state not in ("ready", "empty", "loading"):
+            return SmokeResult(False, f"the daemon is {self.state}")
+        if self.engine is not None:
+            try:
+                need: int | None = resident_estimate(path)
+            except ToolkitError:
+                need = None  # load_bundle below says what is wrong with it
+            plan = plan_swap(self.config.swap, need, mem_available())
+            if plan.mode == "cold":
+                return self._cold_swap(Path(path), plan.why, t0)
+        runner, smoke = self._load_smoked(Path(path))
+        if runner is None:
+            return SmokeResult(False, smoke.detail, time.monotonic() - t0)
+        old_runner, old_engine = self.runner, self.engine
+        try:
+            self._install(runner, Path(path))
+        except ToolkitError as e:
+            return SmokeResult(False, str(e), time.monotonic() - t0)
+        if old_engine is not None:
+            threading.Thread(target=self._retire, args=(old_runner, old_engine), name="retire",
+                             daemon=True).start()
+        log.info("now serving %s (%s)", self.model_id, path)
+        return SmokeResult(True, smoke.detail, time.monotonic() - t0)
+
+    def _load_smoked(self, path: Path) -> tuple[Any, Any]:
+        """(runner, SmokeResult): the bundle loaded and smoke-tested on its backend alone,
+        before any engine thread uses it; runner is None (and nothing stays loaded) on failure."""
+        from device.runtime.runner import load_bundle
+        from device.store.store import SmokeResult, smoke_runner
+
+        cfg = self.config
+        try:
+            runner = load_bundle(path, slots=cfg.slots, threads=cfg.threads,
+                                 rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info)
+        except ToolkitError as e:
+            return None, SmokeResult(False, str(e))
+        smoke = smoke_runner(runner)
+        if not smoke.ok:
+            runner.close()
+            return None, smoke
+        return runner, smoke
+
+    def _cold_swap(self, path: Path, why: str, t0: float) -> Any:
+        """Drain and unload the served bundle, then load `path`; if it fails, load the old one
+        again. Requests get 503 "switching" meanwhile."""
+        from device.store.store import SmokeResult
+
+        old_path = Path(self.config.bundle) if self.config.bundle else None
+        log.warning("cold swap to %s (%s): requests get 503 until it is up", path, why)
+        self.state = "switching"
+        self._retire(self.runner, self.engine)  # a request already past the state check meets a
+        self.runner = self.engine = None        # draining engine, which answers 503
+        runner, smoke = self._load_smoked(path)
+        if runner is not None:
+            try:
+                self._install(runner, path)
+                log.info("now serving %s (%s), cold swap", self.model_id, path)
+                return SmokeResult(True, f"{smoke.detail} (cold swap: {why})", time.monotonic() - t0)
+            except ToolkitError as e:
+                smoke = SmokeResult(False, str(e))
+        detail = f"{smoke.detail} (cold swap: {why})"
+        back = self._load_smoked(old_path)[0] if old_path else None
+        try:
+            if back is None or old_path is None:
+                raise ToolkitError("it failed to load")
+            self._install(back, old_path)
+        except ToolkitError as e:
+            self.state = "empty"  # serving nothing, but a deploy or a restart can still fix it
+            log.error("cold swap: the new bundle failed and the previous one %s did not load again "
+                      "(%s)", old_path, e)
+            return SmokeResult(False, f"{detail}; the previous bundle did not load again",
+                               time.monotonic() - t0)
+        log.warning("cold swap: %s failed; serving %s again", path, old_path)
+        return SmokeResult(False, f"{detail}; the previous bundle is loaded again", time.monotonic() - t0)
+
+    def _retire(self, runner: Any, engine: Any) -> None:
+        """Drain a swapped-out engine like a SIGTERM would, then free it."""
+        engine.begin_drain()
+        if not engine.wait_idle(self.config.drain_timeout):
+            engine.abort_all()
+            engine.wait_idle(RESPONSE_FLUSH_S)
+        engine.close()
+        runner.close()
+
+    def deploy_info(self) -> dict[str, Any]:
+        """The daemon's part of the deploy hello."""
+        backend = self.runner.backend.describe() if self.runner is not None else None
+        return {"state": self.state, "backend": backend, "serving": self.model_id if self.runner else None}
+
+    def drain(self, timeout: float) -> None:
+        """Finish in-flight work (up to timeout), abort the rest, then close the engine."""
+        self.state = "draining"
+        engine = self.engine
+        if engine is not None:
+            engine.begin_drain()
+            if not engine.wait_idle(timeout):
+                log.warning("drain timeout (%.0f s): aborting %d running, %d queued request(s)",
+                            timeout, engine.running, engine.waiting)
+                engine.abort_all()
+                engine.wait_idle(RESPONSE_FLUSH_S)
+        with self._responses_lock:  # let handlers write their last chunk
+            self._responses_lock.wait_for(lambda: self._responses == 0, RESPONSE_FLUSH_S)
+        if engine is not None:
+            engine.close()
+            self.runner.close()
+
+    def begin_drain(self) -> None:
+        self.state = "draining"  # readiness answers 503 from now on
+        if self.engine is not None:
+            self.engine.begin_drain()
+
+    # -- dispatch --
+
+    def dispatch(self, h: Handler) -> None:
+        path, t0 = h.route_path, time.monotonic()
+        with self._responses_lock:
+            self._responses += 1
+        h.response_started, h.status_sent = False, None
+        try:
+            if not h.authorized():
+                raise HTTPError(401, "missing or invalid bearer token (send 'Authorization: Bearer "
+                                     "<token>')", "invalid_api_key",
+                                headers={"WWW-Authenticate": 'Bearer realm="toolkit"'})
+            route, params = self._match(h.command, path)
+            route(h, **params)
+        except ClientGone:
+            log.info("%s %s: client disconnected", h.command, path)
+            h.close_connection = True
+        except (HTTPError, RequestRejected) as e:
+            self._send_error(h, e, path)
+        except Exception:  # noqa: BLE001 - a bug answers 500 with a logged traceback; the daemon lives
+            log.exception("%s %s failed", h.command, path)
+            self._send_error(h, HTTPError(500, "internal error; the daemon log has the details",
+                                          "internal_error"), path)
+        finally:
+            with self._responses_lock:
+                self._responses -= 1
+                self._responses_lock.notify_all()
+            log.info("%s %s %s %.1f ms", h.command, path, getattr(h, "status_sent", "-"),
+                     (time.monotonic() - t0) * 1e3)
+
+    def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        allowed = []
+        for verb, pattern, route in self.routes:
+            m = pattern.fullmatch(path)
+            if m:
+                if verb == method or (verb == "GET" and method == "HEAD"):
+                    return route, {k: v for k, v in m.groupdict().items() if k != "version"}
+                allowed.append(verb)
+        if allowed:
+            raise HTTPError(405, f"{method} is not allowed on {path} (use {', '.join(allowed)})",
+                            "method_not_allowed", headers={"Allow": ", ".join(allowed)})
+        raise HTTPError(404, f"no route {path}", "not_found")
+
+    def _send_error(self, h: Handler, e: HTTPError | RequestRejected, path: str) -> None:
+        if getattr(h, "response_started", False):  # mid-response: all we can do is hang up
+            h.close_connection = True
+            return
+        code = e.code
+        if h.command == "POST" and e.status != 401:
+            self.metrics.failure.inc(reason=code if e.status >= 500 else "validation")
+        headers = dict(e.headers) if isinstance(e, HTTPError) else {}
+        if e.retry_after:
+            headers["Retry-After"] = str(e.retry_after)
+        # KServe's flat body under /v2, OpenAI's nested one elsewhere; a 401 is OpenAI-shaped on
+        # every route (llama-server's authentication_error), whatever the client spoke
+        flat = path.startswith("/v2") and e.status != 401
+        body = {"error": e.message} if flat else openai_api.openai_error(e.status, e.message, code, e.param)
+        try:
+            h.send_json(e.status, body, headers)
+        except ClientGone:
+            h.close_connection = True
+
+    # -- helpers --
+
+    @property
+    def model_id(self) -> str:
+        return self.runner.name if self.runner else Path(self.config.bundle or "none").name
+
+    def _require_ready(self) -> None:
+        if self.state != "ready":
+            raise HTTPError(503, f"the daemon is {self.state}", self.state, headers={"Retry-After": "2"})
+
+    def _check_model(self, body: Any) -> None:
+        name = body.get("model") if isinstance(body, dict) else None
+        if name is not None and name != self.model_id:
+            raise HTTPError(404, f"model {name!r} is not served here; this daemon serves "
+                                 f"{self.model_id!r}", "model_not_found", "model")
+
+    def _decoder(self) -> Any:
+        self._require_ready()
+        if not self.runner.is_decoder:
+            raise HTTPError(400, f"{self.model_id} is an embedding model: use /v1/embeddings or "
+                                 "/v2/models/{name}/infer", "wrong_model_kind", "model")
+        return self.engine
+
+    def _encoder(self) -> Any:
+        self._require_ready()
+        if self.runner.is_decoder:
+            raise HTTPError(400, f"{self.model_id} is a text-generation model: use "
+                                 "/v1/completions or /v1/chat/completions", "wrong_model_kind", "model")
+        return self.engine
+
+    # -- OpenAI routes --
+
+    def models(self, h: Handler) -> None:
+        self._require_ready()
+        m = self.runner.manifest
+        card = {"id": self.model_id, "object": "model", "created": int(self.started),
+                "owned_by": "toolkit", "max_model_len": m.max_seq or None,
+                "meta": {"kind": m.kind, "precision": m.precision, "target": m.target.get("name"),
+                         "source_sha256": m.source.get("sha256"), "manifest_sha256": self.manifest_sha256,
+                         "defaults": {"temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                                      "max_tokens": {"completions": 16, "chat": "room left in the cache"}}}}
+        h.send_json(200, {"object": "list", "data": [card]})
+
+    def _generation(self, h: Handler, chat: bool) -> None:
+        body = h.read_json()
+        call = openai_api.parse_generation(body, chat)
+        self._check_model(body)
+        engine = self._decoder()
+        openai_api.serve_generation(h, engine, self.runner.tokenizer, self.model_id, call)
+
+    def completions(self, h: Handler) -> None:
+        self._generation(h, chat=False)
+
+    def chat_completions(self, h: Handler) -> None:
+        self._generation(h, chat=True)
+
+    def embeddings(self, h: Handler) -> None:
+        body = h.read_json()
+        inputs = openai_api.parse_embedding_inputs(body, self._encoder_tokenizer(), self._encoder_max_len())
+        self._check_model(body)
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise HTTPError(400, f"'encoding_format' must be float or base64 (got {encoding!r})",
+                            "invalid_value", "encoding_format")
+        result = openai_api.run_embedding(h, self._encoder(), inputs)
+        h.send_json(200, openai_api.embedding_response(result, self.model_id, encoding))
+
+    def _encoder_tokenizer(self) -> Any:
+        self._encoder()
+        return self.runner.tokenizer
+
+    def _encoder_max_len(self) -> int:
+        return int(self.runner.manifest.architecture.get("dims", {}).get("max_positions") or 512)
+
+    # -- KServe v2 routes --
+
+    def live(self, h: Handler) -> None:
+        h.send_empty(200)
+
+    def ready(self, h: Handler) -> None:
+        if self.state == "ready":
+            v2 = h.route_path.startswith("/v2")
+            return h.send_empty(200) if v2 else h.send_json(200, {"status": "ok"})
+        h.send_json(503, {"error": self.state}, {"Retry-After": "2"})
+
+    def server_metadata(self, h: Handler) -> None:
+        h.send_json(200, {"name": "toolkit", "version": __version__, "extensions": []})
+
+    def _v2_model(self, name: str) -> None:
+        if self.runner is None:
+            raise HTTPError(503, f"the daemon is {self.state}")
+        if name != self.model_id:
+            raise HTTPError(404, f"model {name!r} is not served here; this daemon serves {self.model_id!r}")
+
+    def model_metadata(self, h: Handler, name: str) -> None:
+        self._v2_model(name)
+        dims = self.runner.manifest.architecture.get("dims", {})
+        h.send_json(200, kserve.model_metadata(self.model_id, self.runner.manifest.kind, dims.get("hidden")))
+
+    def model_ready(self, h: Handler, name: str) -> None:
+        self._v2_model(name)
+        h.send_empty(200 if self.state == "ready" else 503)
+
+    def infer(self, h: Handler, name: str) -> None:
+        body = h.read_json()
+        self._v2_model(name)
+        if self.runner.is_decoder:
+            raise HTTPError(400, f"{name} is a text-generation model: /infer serves embedding models; "
+                                 "use /v1/completions or /v1/chat/completions")
+        call = kserve.parse_infer(body)
+        tokenizer = self._encoder_tokenizer()
+        max_len = self._encoder_max_len()
+        inputs = [tokenizer.encode(t) for t in call.texts]
+        too_long = [i for i, ids in enumerate(inputs) if len(ids) > max_len]
+        if too_long:
+            raise HTTPError(400, f"text {too_long[0]} has {len(inputs[too_long[0]])} tokens; this model "
+                                 f"reads at most {max_len}")
+        result = openai_api.run_embedding(h, self._encoder(), inputs)
+        h.send_json(200, kserve.infer_response(self.model_id, call, result.embeddings))
+
+    # -- status and metrics --
+
+    def status(self, h: Handler) -> None:
+        h.send_json(200, self.status_record())
+
+    def status_record(self) -> dict[str, Any]:
+        rss, peak_rss = process_rss()
+        rec: dict[str, Any] = {"state": self.state, "pid": os.getpid(), "version": __version__,
+                               "uptime_s": round(time.time() - self.started, 3),
+                               "bundle": {"path": str(Path(self.config.bundle).resolve())
+                                          if self.config.bundle else None},
+                               "memory": {"rss_bytes": rss, "peak_rss_bytes": peak_rss,
+                                          "mem_available_bytes": mem_available()}}
+        if self.deploy is not None:
+            st = self.deploy.store
+            rec["store"] = {"root": str(st.root), "active": st.active and st.active.dir,
+                            "previous": st.previous and st.previous.dir}
+        runner, engine = self.runner, self.engine  # one look: a cold swap clears both
+        if runner is None or engine is None:
+            return rec
+        from device.runtime.runner import device_family
+
+        m = runner.manifest
+        rec["target"] = {**m.target, "device_family": device_family()}
+        rec["backend"] = runner.backend.describe()
+        rec["bundle"].update(name=m.name, kind=m.kind, precision=m.precision,
+                             source_sha256=m.source.get("sha256"), manifest_sha256=self.manifest_sha256,
+                             max_seq=m.max_seq, toolkit_version=m.toolkit_version)
+        kv = runner.backend.kv_cache_bytes() if runner.is_decoder else 0
+        rec["memory"]["kv_cache_bytes"] = kv
+        rec["scheduler"] = {"slots": engine.slots, "running": engine.running, "waiting": engine.waiting,
+                            "queue_limit": engine.admission.queue_limit, "decode_mode": engine.decode_mode}
+        return rec
+
+    def prometheus(self, h: Handler) -> None:
+        h.send_bytes(200, self.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def _add_gauges(self) -> None:
+        engine, m = self.engine, self.runner.manifest
+        capacity = (engine.slots * m.max_seq) if self.runner.is_decoder else 0
+        gauges = [
+            Gauge("num_requests_running", "Requests holding a KV slot.", lambda: engine.running),
+            Gauge("num_requests_waiting", "Requests queued for a slot.", lambda: engine.waiting),
+            Gauge("kv_slots_in_use", "KV cache slots held by requests.", lambda: engine.running),
+            Gauge("kv_slots_total", "KV cache slots.", lambda: engine.slots),
+            Gauge("kv_cache_usage_ratio", "Cache positions holding tokens / all positions (0..1).",
+                  lambda: engine.tokens_in_cache() / capacity if capacity else 0.0),
+            Gauge("process_resident_memory_bytes", "Resident set size of the daemon.",
+                  lambda: process_rss()[0],
+                  prefixed=False),
+            Gauge("model_info", "The served bundle (value 1).", lambda: 1,
+                  {"model_name": self.model_id, "precision": m.precision,
+                   "source_sha256": str(m.source.get("sha256", ""))}),
+        ]
+        self.metrics.set_gauges(gauges)
+
+
+# --- the process -----------------------------------------------------------------------------
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(config: ServeConfig) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
+    _setup_logging()
+    tokens = read_tokens(Path(config.token_file)) if config.tcp and config.token_file else None
+    daemon = Daemon(config)
+    unix = UnixServer(config.socket_path, daemon)
+    servers: list[Any] = [unix]
+    stop = threading.Event()
+    try:
+        if config.tcp:
+            host, port = parse_tcp(config.tcp)
+            servers.append(TCPServer(host, port, daemon, tokens or []))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        for s in servers:
+            threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2},
+                             name=f"listen-{type(s).__name__}", daemon=True).start()
+        if config.serial:
+            from device.serve.serial_link import open_port
+            from device.serve.serial_link import serve as serve_serial
+
+            port = open_port(config.serial, config.baud)
+            threading.Thread(target=serve_serial, name="serial", daemon=True,
+                             args=(port, daemon.deploy.handle_message, stop)).start()
+        log.info("listening on %s%s%s; loading %s", unix.path,
+                 f" and tcp://{config.tcp}" if config.tcp else "",
+                 f" and serial {config.serial}" if config.serial else "", config.bundle or config.store)
+        daemon.load()
+        if daemon.runner is None:
+            log.info("ready: the store %s holds no bundle yet; waiting for a deploy", config.store)
+        else:
+            log.info("ready: %s (%s, %d slot(s), decode %s)", daemon.model_id,
+                     daemon.runner.backend.kind, daemon.engine.slots, daemon.engine.decode_mode)
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping: draining in-flight requests (up to %.0f s)", config.drain_timeout)
+        daemon.begin_drain()
+    except BaseException:
+        daemon.state = "failed"
+        raise
+    finally:
+        for s in servers:  # stop accepting: new connections are refused from here on
+            s.shutdown()
+            s.server_close()
+        unix.remove()
+    daemon.drain(config.drain_timeout)
+    log.info("stopped")
+    return 0

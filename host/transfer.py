@@ -1,0 +1,383 @@
+"""The host's end of the deploy protocol (device/serve/deploy.py describes the messages): one
+client per transport, HTTP over a Unix socket or TCP, and the serial link.
+
+    client = HttpDeployClient.for_uri("tcp://orin.local:8080", token)
+    hello = client.hello(); state = client.begin(manifest_bytes); ...
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote, urlsplit
+
+from bundle.errors import ToolkitError
+from device.serve.deploy import PREFIX, SERIAL_CHUNK, DeviceFacts, pack, unpack
+from device.serve.serial_link import Link, LinkConfig, LinkDown, open_port
+from device.store.store import (
+    FileProgress,
+    InstallResult,
+    UploadState,
+    install_result_from_json,
+)
+from host.client import UnixHTTPConnection, connect_unix
+
+PIPELINE = 2  # chunk requests in flight on HTTP
+
+
+# --- one client per transport -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of one bundle file: its bytes stay in the file until a transport sends them."""
+
+    path: str  # the manifest path of its file
+    offset: int
+    length: int
+    crc32: int
+    file: Path  # where the bytes are on the host
+
+    @property
+    def data(self) -> bytes:
+        return read_range(self.file, self.offset, self.length)
+
+
+def read_range(path: Path, offset: int, length: int) -> bytes:
+    """`length` bytes of a file from `offset`; a file that got shorter is a ToolkitError."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), length, offset)
+    except OSError as e:
+        raise ToolkitError(f"cannot read {path}: {e}") from e
+    if len(data) != length:
+        raise ToolkitError(f"{path} is shorter than its manifest says; it changed after verification",
+                           hint="deploy again")
+    return data
+
+
+class RemoteError(ToolkitError):
+    """The device refused a request; `code` says why (see the module docstring)."""
+
+    def __init__(self, message: str, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+@dataclass(frozen=True)
+class Hello:
+    facts: DeviceFacts
+    active: dict[str, Any] | None
+    previous: dict[str, Any] | None
+    target: dict[str, Any] | None  # the active bundle's target record
+    chunk: int  # the chunk size to use on this transport
+    rtt_s: float
+    raw: dict[str, Any]
+
+    @property
+    def backend(self) -> str:
+        backend = self.raw.get("backend")
+        if isinstance(backend, dict):  # the daemon's backend.describe()
+            return str(backend.get("backend") or backend.get("kind") or backend)
+        if isinstance(backend, str):
+            return backend
+        return str((self.target or {}).get("runtime") or "none")
+
+
+class DeployClient:
+    """Transport-independent calls; subclasses implement `_call`."""
+
+    transport = "?"
+
+    def _call(self, op: str, fields: dict[str, Any], payload: bytes | memoryview = b"",
+              timeout: float = 60.0) -> Any:
+        raise NotImplementedError
+
+    def hello(self) -> Hello:
+        t0 = time.perf_counter()
+        raw = self._call("hello", {})
+        rtt = time.perf_counter() - t0
+        chunk = int(raw.get("chunk", {}).get(self.transport, SERIAL_CHUNK))
+        return Hello(DeviceFacts.from_json(raw["facts"]), raw.get("active"), raw.get("previous"),
+                     raw.get("target"), chunk, rtt, raw)
+
+    def begin(self, manifest_bytes: bytes) -> UploadState:
+        r = self._call("begin", {}, manifest_bytes)
+        files = {k: FileProgress(int(v["size"]), int(v["held"])) for k, v in r["files"].items()}
+        return UploadState(r["upload_id"], r["name"], files, bool(r.get("installed")))
+
+    def chunk(self, upload_id: str, path: str, offset: int, crc32: int, data: bytes | memoryview) -> int:
+        r = self._call("chunk", {"id": upload_id, "path": path, "offset": offset, "crc32": crc32}, data)
+        return int(r["held"])
+
+    def send_chunks(self, upload_id: str, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, int]]:
+        """Send chunks in order; yields (chunk, bytes the device now holds of its file). This
+        one waits for each answer; HttpDeployClient keeps two requests in flight."""
+        for c in chunks:
+            yield c, self.chunk(upload_id, c.path, c.offset, c.crc32, c.data)
+
+    def commit(self, upload_id: str, timeout: float = 900.0) -> InstallResult:
+        return install_result_from_json(self._call("commit", {"id": upload_id}, timeout=timeout))
+
+    def rollback(self, timeout: float = 900.0) -> InstallResult:
+        return install_result_from_json(self._call("rollback", {}, timeout=timeout))
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._call("status", {}))
+
+    def reconnect(self) -> None:
+        """Drop the connection; the next call opens a new one."""
+
+    def close(self) -> None:
+        self.reconnect()
+
+
+class HttpDeployClient(DeployClient):
+    """One keep-alive HTTP/1.1 connection (Unix socket or TCP), reopened after a failure."""
+
+    transport = "http"
+
+    def __init__(self, uri: str, token: str | None = None) -> None:
+        parts = urlsplit(uri)
+        self.uri, self.token = uri, token
+        self.scheme = parts.scheme
+        if parts.scheme == "unix" and parts.path:
+            self.path = parts.path
+        elif parts.scheme == "tcp" and parts.hostname and parts.port:
+            self.host, self.port = parts.hostname, parts.port
+        else:
+            raise ToolkitError(f"{uri!r} is not a daemon address", hint="use unix:///path.sock or tcp://host:port")
+        self._conn: http.client.HTTPConnection | None = None
+        self._timeout = 60.0
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._conn is None:
+            self._conn = (UnixHTTPConnection(Path(self.path), timeout) if self.scheme == "unix"
+                          else http.client.HTTPConnection(self.host, self.port, timeout=timeout))
+        if self._conn.sock is not None and timeout != self._timeout:
+            self._conn.sock.settimeout(timeout)
+        self._conn.timeout = self._timeout = timeout
+        return self._conn
+
+    def _call(self, op: str, fields: dict[str, Any], payload: bytes | memoryview = b"",
+              timeout: float = 60.0) -> Any:
+        method, path = {
+            "hello": ("GET", "/hello"), "status": ("GET", "/status"), "begin": ("POST", "/uploads"),
+            "chunk": ("PUT", f"/uploads/{fields.get('id')}?path={quote(str(fields.get('path')), safe='')}"
+                             f"&offset={fields.get('offset')}&crc32={fields.get('crc32')}"),
+            "commit": ("POST", f"/uploads/{fields.get('id')}/commit"), "rollback": ("POST", "/rollback"),
+        }[op]
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(payload))}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        conn = self._connection(timeout)
+        try:
+            conn.request(method, PREFIX + path, body=payload if method != "GET" else None, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            self.reconnect()
+            if isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
+                raise LinkDown(f"no daemon is listening at {self.uri}",
+                               hint="start it on the device (`toolkit serve ... --store DIR`)") from e
+            raise LinkDown(f"the connection to {self.uri} failed: {e or type(e).__name__}") from e
+        if resp.will_close:
+            self.reconnect()
+        try:
+            obj = json.loads(body) if body else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RemoteError(f"the device at {self.uri} answered {resp.status} with non-JSON "
+                              f"{body[:200]!r}", resp.status, "bad_reply") from e
+        if resp.status >= 400:
+            raise _remote_error(obj, resp.status, self.uri)
+        return obj
+
+    def reconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- pipelined chunks --
+
+    def send_chunks(self, upload_id: str, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, int]]:
+        """HTTP/1.1 pipelining, PIPELINE requests deep: the next chunk travels while the device
+        checks and writes the previous one (the daemon answers a connection's requests in
+        order). http.client cannot pipeline, so this speaks HTTP on a raw socket; the first
+        error answer ends the batch (the later ones answer a stream that no longer matters)."""
+        sock = self._raw_socket()
+        reader = sock.makefile("rb")
+        pending: deque[Chunk] = deque()
+        files = _OpenFiles()
+        piece = memoryview(bytearray(SEND_PIECE))
+        try:
+            for c in chunks:
+                head = (f"PUT {PREFIX}/uploads/{upload_id}?path={quote(c.path, safe='')}&offset={c.offset}"
+                        f"&crc32={c.crc32} HTTP/1.1\r\nHost: device\r\nContent-Type: application/"
+                        f"octet-stream\r\nContent-Length: {c.length}\r\n")
+                if self.token:
+                    head += f"Authorization: Bearer {self.token}\r\n"
+                try:
+                    sock.sendall(head.encode() + b"\r\n")
+                    _send_range(sock, files.get(c.file), c, piece)
+                except OSError as e:
+                    raise LinkDown(f"the connection to {self.uri} failed: {e}") from e
+                pending.append(c)
+                if len(pending) >= PIPELINE:
+                    done = pending.popleft()
+                    yield done, self._chunk_reply(reader)
+            while pending:
+                done = pending.popleft()
+                yield done, self._chunk_reply(reader)
+        finally:
+            files.close()
+            reader.close()
+            sock.close()
+
+    def _raw_socket(self) -> socket.socket:
+        try:
+            if self.scheme == "unix":
+                sock = connect_unix(self.path, 60.0)
+            else:
+                sock = socket.create_connection((self.host, self.port), timeout=60.0)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as e:
+            raise LinkDown(f"cannot connect to {self.uri}: {e}") from e
+        return sock
+
+    def _chunk_reply(self, reader: Any) -> int:
+        """Read one HTTP response (status, headers, Content-Length body) -> held."""
+        try:
+            status_line = reader.readline(65537)
+            parts = status_line.split(None, 2)
+            if len(parts) < 2 or not parts[1].isdigit():
+                raise LinkDown(f"the connection to {self.uri} broke off (reply {status_line[:80]!r})")
+            status, length = int(parts[1]), 0
+            while (line := reader.readline(65537)) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip())
+            body = reader.read(length) if length else b""
+        except (OSError, ValueError) as e:
+            raise LinkDown(f"the connection to {self.uri} failed: {e}") from e
+        try:
+            obj = json.loads(body) if body else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RemoteError(f"the device answered {status} with non-JSON {body[:200]!r}", status,
+                              "bad_reply") from e
+        if status >= 400:
+            raise _remote_error(obj, status, self.uri)
+        if not isinstance(obj, dict) or "held" not in obj:
+            raise RemoteError(f"the device answered a chunk with {body[:200]!r}", status, "bad_reply")
+        return int(obj["held"])
+
+
+class _OpenFiles:
+    """The bundle file being sent, kept open from one chunk to the next."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self._file: BinaryIO | None = None
+
+    def get(self, path: Path) -> BinaryIO:
+        if path != self.path or self._file is None:
+            self.close()
+            try:
+                self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+            except OSError as e:
+                raise ToolkitError(f"cannot read {path}: {e}") from e
+            self.path = path
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file, self.path = None, None
+
+
+SEND_PIECE = 1 << 20  # the host reads and sends a chunk this much at a time
+
+
+def _send_range(sock: socket.socket, file: BinaryIO, c: Chunk, buf: memoryview) -> None:
+    """The chunk's bytes from the file to the socket, a piece at a time through `buf` (not
+    sendfile: see the module notes). A file that ends early leaves the request short: an
+    error, and the connection is dropped."""
+    pos, end = c.offset, c.offset + c.length
+    while pos < end:
+        k = os.preadv(file.fileno(), [buf[:min(len(buf), end - pos)]], pos)
+        if k <= 0:
+            raise ToolkitError(f"{c.file} is shorter than its manifest says; it changed after "
+                               "verification", hint="deploy again")
+        sock.sendall(buf[:k])
+        pos += k
+
+
+def _remote_error(obj: Any, status: int, where: str) -> RemoteError:
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, dict):
+        message, code = str(err.get("message") or err), str(err.get("code") or status)
+    else:
+        message, code = str(err or obj), str(status)
+    if status == 401:
+        message += " (check the device's token file: `toolkit devices add NAME tcp://...?token-file=F`)"
+    elif status == 404 and code in ("not_found", "404"):
+        message = f"{where} has no deploy routes (is the daemon started with --store?)"
+    return RemoteError(message, status, code)
+
+
+class SerialDeployClient(DeployClient):
+    """The messages over a serial link (device/serve/serial_link.py); the link is reconnected (a new
+    session; the frame size it learned is kept) after it drops."""
+
+    transport = "serial"
+
+    def __init__(self, port: str, baud: int, config: LinkConfig | None = None) -> None:
+        self.port_path, self.baud, self.config = port, baud, config
+        self._port: Any = None
+        self._link: Link | None = None
+        self._rid = 0
+
+    def _ensure(self) -> Link:
+        if self._port is None:
+            self._port = open_port(self.port_path, self.baud)
+        if self._link is None:
+            self._link = Link(self._port, "host", self.config)
+        if not self._link.connected or self._link._failed:
+            self._link.connect()
+        return self._link
+
+    def _call(self, op: str, fields: dict[str, Any], payload: bytes | memoryview = b"",
+              timeout: float = 60.0) -> Any:
+        link = self._ensure()
+        self._rid += 1
+        data = link.request(pack({"op": op, "rid": self._rid, **fields}, bytes(payload)), timeout)
+        try:
+            header, _ = unpack(data)
+        except ValueError as e:
+            raise LinkDown(f"the device sent a malformed reply: {e}") from e
+        if header.get("rid") != self._rid:
+            raise LinkDown("the device answered another request (a stale reply)")
+        if not header.get("ok"):
+            err = header.get("error") or {}
+            raise RemoteError(str(err.get("message")), int(header.get("status", 400)), str(err.get("code")))
+        return header.get("result")
+
+    def reconnect(self) -> None:
+        if self._link is not None:
+            self._link.connected = False  # the next call starts a new session on the same port
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        if self._port is not None:
+            self._port.close()
+            self._port = None
+
+
