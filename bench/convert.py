@@ -24,8 +24,8 @@ steps = Steps(quiet=True)
 t0 = time.perf_counter()
 res = convert_model(sys.argv[1], sys.argv[2], Path(sys.argv[3]), max_seq=int(sys.argv[4]), steps=steps)
 print(json.dumps({"seconds": time.perf_counter() - t0, "steps": res.seconds, "bytes": res.bytes,
-                  "parity": res.manifest.parity["max_abs_logits_diff"],
-                  "greedy": res.manifest.parity.get("greedy_match"),
+                  "parity": res.manifest.parity.max_abs_logits_diff,
+                  "greedy": res.manifest.parity.greedy_match,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 

@@ -101,7 +101,8 @@ while True:
 def make_bundle(root: Path, size: int) -> Path:
     """A valid bundle of `size` bytes of weights (random: nothing compresses), no model to run."""
     from bundle.contract import ENCODER_CONTRACT
-    from bundle.manifest import Manifest, hash_tree
+    from bundle.manifest import Contract, Manifest, Source, hash_tree
+    from targets import load_target
 
     root.mkdir(parents=True)
     with open(root / "model.onnx.data", "wb") as f:
@@ -112,10 +113,9 @@ def make_bundle(root: Path, size: int) -> Path:
     (root / "model.onnx").write_bytes(os.urandom(4096))
     (root / "tokenizer").mkdir()
     (root / "tokenizer" / "tokenizer.json").write_text("{}")
-    m = Manifest(kind="encoder", source={"name": f"bench-{size}"}, architecture={},
-                 contract={"name": ENCODER_CONTRACT}, precision="fp32",
-                 target={"name": "cpu", "family": "cpu", "runtime": "onnxruntime"},
-                 max_seq=0, batch=1)
+    m = Manifest(kind="encoder", source=Source("bench", f"bench-{size}", str(root)),
+                 contract=Contract(ENCODER_CONTRACT, 17), precision="fp32",
+                 target=load_target("cpu").record(), max_seq=0, batch=1)
     m.files = hash_tree(root)
     (root / "manifest.json").write_text(m.to_json())
     return root

@@ -23,7 +23,6 @@ from bundle.contract import DECODER_CONTRACT
 from bundle.manifest import load_verified
 from device.runtime.engine_gate import can_build_here, ensure_engine
 from device.runtime.trt_build import ProgressLike
-from targets import load_target
 
 EXIT_DEFERRED = 2
 
@@ -46,14 +45,14 @@ def compile_bundle(bundle_dir: Path, *, force: bool = False,
     """Build (or check) the bundle's engine for this device; see the module docstring."""
     bundle = Path(bundle_dir)
     manifest = load_verified(bundle)  # a damaged bundle is an error before anything else
-    name, runtime = manifest.target.get("name"), manifest.target.get("runtime")
+    name, runtime = manifest.target.name, manifest.target.runtime
     if runtime != "tensorrt":
         return CompileResult(bundle, "nothing", f"{bundle} is a {name} bundle ({runtime}): "
                              "there is nothing to compile; its ONNX graph runs as it is")
-    if manifest.contract.get("name") != DECODER_CONTRACT:
+    if manifest.contract.name != DECODER_CONTRACT:
         return CompileResult(bundle, "nothing", f"{bundle} is a {manifest.kind} bundle: it runs "
                              "on ONNX Runtime on the device; there is nothing to compile")
-    ok, reason = can_build_here(load_target(str(name)))
+    ok, reason = can_build_here(manifest.target)
     if not ok:
         return CompileResult(bundle, "deferred", (
             f"no engine built here: {reason}.\nThe daemon builds it on the {name} at first load "

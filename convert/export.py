@@ -17,8 +17,9 @@ from typing import Any
 
 import onnx
 
-from bundle.contract import DecoderContract
+from bundle.contract import DECODER_CONTRACT, ENCODER_CONTRACT, DecoderContract
 from bundle.errors import ToolkitError
+from bundle.manifest import Contract, GraphTensor
 from models.dims import ModelDims
 from models.registry import ArchSpec
 from models.sources import ModelSource
@@ -34,7 +35,7 @@ INLINE_LIMIT = 64 << 20
 @dataclass
 class ExportResult:
     model_path: Path
-    contract: dict[str, Any]
+    contract: Contract
     opset: int
     seconds: float
     bytes: int
@@ -72,7 +73,9 @@ def export_decoder(spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int,
         model = onnx.load(str(raw))
         stamp_shapes(model, contract)
         path = save_model(model, out_dir)
-    return ExportResult(path, contract.to_json(), OPSET, time.perf_counter() - t0,
+    record = Contract(DECODER_CONTRACT, OPSET, kv_dtype=contract.kv_dtype,  # type: ignore[arg-type]
+                      cache_update="in-place" if contract.in_place else "host-writes-new")
+    return ExportResult(path, record, OPSET, time.perf_counter() - t0,
                         _onnx_bytes(out_dir))
 
 
@@ -94,9 +97,8 @@ def export_encoder(source: ModelSource, out_dir: Path) -> ExportResult:
             raise ToolkitError(f"optimum could not export {source.path}: {e}") from e
         path = save_model(onnx.load(str(Path(tmp) / MODEL_FILE)), out_dir)
     model = onnx.load(str(path), load_external_data=False)
-    contract = {"name": "encoder-v1",
-                "inputs": [_io_json(i) for i in model.graph.input],
-                "outputs": [_io_json(o) for o in model.graph.output]}
+    contract = Contract(ENCODER_CONTRACT, OPSET, inputs=graph_inputs(model),
+                        outputs=graph_outputs(model))
     return ExportResult(path, contract, OPSET, time.perf_counter() - t0, _onnx_bytes(out_dir))
 
 
@@ -144,8 +146,15 @@ def _onnx_bytes(out_dir: Path) -> int:
                if p.exists())
 
 
-def _io_json(v: onnx.ValueInfoProto) -> dict[str, Any]:
+def graph_inputs(model: onnx.ModelProto) -> list[GraphTensor]:
+    return [_tensor(v) for v in model.graph.input]
+
+
+def graph_outputs(model: onnx.ModelProto) -> list[GraphTensor]:
+    return [_tensor(v) for v in model.graph.output]
+
+
+def _tensor(v: onnx.ValueInfoProto) -> GraphTensor:
     t = v.type.tensor_type
-    dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-    return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-            "shape": dims}
+    shape: list[str | int] = [d.dim_param or d.dim_value for d in t.shape.dim]
+    return GraphTensor(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, shape)

@@ -12,14 +12,13 @@ Encoder check: last_hidden_state over padded batches, and the pooled embeddings'
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bundle.contract import KVCacheLayout
-from bundle.errors import ToolkitError
+from bundle.manifest import Parity, Pooling
 from device.runtime.generate import generate
 from device.runtime.ort_backend import OrtDecoderBackend, OrtEncoderBackend
 
@@ -28,43 +27,17 @@ GREEDY_TOKENS = 32
 ENCODER_ATOL = 1e-3
 
 
-@dataclass
-class ParityResult:
-    passed: bool
-    checks: list[dict[str, Any]] = field(default_factory=list)
-    max_abs_logits_diff: float | None = None
-    greedy_match: bool | None = None
-    greedy_tokens: int | None = None
-    tolerance: float | None = None
-    note: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def raise_if_failed(self, what: str) -> None:
-        if not self.passed:
-            failed = "; ".join(f"{c['name']}: {c['detail']}" for c in self.checks if not c["ok"])
-            raise ToolkitError(f"parity failed for {what}: {failed}",
-                               hint="the exported graph does not reproduce the PyTorch model; "
-                                    "no bundle was written. Please report this with the model.")
-
-
-def _check(result: ParityResult, name: str, ok: bool, detail: str) -> None:
-    result.checks.append({"name": name, "ok": bool(ok), "detail": detail})
-    result.passed = result.passed and bool(ok)
-
-
 def prompt_lengths(max_seq: int) -> list[int]:
     return sorted({n for n in (1, 7, 33, 130) if n + 4 < max_seq} or {1})
 
 
 def decoder_parity(model_path: Path, hf_model: Any, layout: KVCacheLayout, vocab: int,
-                   greedy_prompt: list[int], threads: int | None = None) -> ParityResult:
+                   greedy_prompt: list[int], threads: int | None = None) -> Parity:
     import torch
 
     backend = OrtDecoderBackend(model_path, layout, vocab, slots=2, threads=threads)
     rng = np.random.default_rng(0)
-    res = ParityResult(passed=True, tolerance=LOGITS_ATOL)
+    res = Parity(passed=True, tolerance=LOGITS_ATOL)
     worst = 0.0
     prompts = {}
     for n in prompt_lengths(layout.max_seq):
@@ -77,7 +50,7 @@ def decoder_parity(model_path: Path, hf_model: Any, layout: KVCacheLayout, vocab
             got.append(backend.step(np.array([[ids[t]]]), np.array([[t]]), [0])[0].copy())
         diff = float(np.abs(np.concatenate(got) - ref).max())
         worst = max(worst, diff)
-        _check(res, f"logits prompt={n} (+3 decode)", diff <= LOGITS_ATOL, f"max |diff| {diff:.2e}")
+        res.check(f"logits prompt={n} (+3 decode)", diff <= LOGITS_ATOL, f"max |diff| {diff:.2e}")
     # Two slots at different positions in one batched decode step: rows must not interact.
     (n1, a), (n2, b) = list(prompts.items())[0], list(prompts.items())[-1]
     backend.step(np.array([a[:n1]]), np.arange(n1)[None], [0])
@@ -88,7 +61,7 @@ def decoder_parity(model_path: Path, hf_model: Any, layout: KVCacheLayout, vocab
         ref_b = hf_model(torch.tensor([b[:n2 + 1]])).logits[0, -1].numpy()
     diff = float(max(np.abs(got[0] - ref_a).max(), np.abs(got[1] - ref_b).max()))
     worst = max(worst, diff)
-    _check(res, "batched decode, 2 slots", diff <= LOGITS_ATOL, f"max |diff| {diff:.2e}")
+    res.check("batched decode, 2 slots", diff <= LOGITS_ATOL, f"max |diff| {diff:.2e}")
     res.max_abs_logits_diff = worst
 
     n_new = min(GREEDY_TOKENS, layout.max_seq - len(greedy_prompt))
@@ -97,7 +70,7 @@ def decoder_parity(model_path: Path, hf_model: Any, layout: KVCacheLayout, vocab
     first_diff = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), None)
     res.greedy_match = ours == theirs
     res.greedy_tokens = n_new
-    _check(res, f"greedy {n_new} tokens", res.greedy_match,
+    res.check(f"greedy {n_new} tokens", res.greedy_match,
            "identical" if res.greedy_match else f"first difference at token {first_diff}")
     backend.close()
     return res
@@ -123,14 +96,14 @@ def hf_greedy(hf_model: Any, prompt: list[int], n_new: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def encoder_parity(model_path: Path, hf_model: Any, tokenizer: Any, pooling: dict[str, Any],
-                   threads: int | None = None) -> ParityResult:
+def encoder_parity(model_path: Path, hf_model: Any, tokenizer: Any, pooling: Pooling | None,
+                   threads: int | None = None) -> Parity:
     import torch
 
     from device.runtime.pooling import pool
 
     backend = OrtEncoderBackend(model_path, threads=threads)
-    res = ParityResult(passed=True, tolerance=ENCODER_ATOL)
+    res = Parity(passed=True, tolerance=ENCODER_ATOL)
     batches = [["edge inference"],
                ["A short one.", "A much longer sentence that forces padding in the batch.",
                 "Jetson Orin Nano has eight gigabytes of unified memory."]]
@@ -148,7 +121,7 @@ def encoder_parity(model_path: Path, hf_model: Any, tokenizer: Any, pooling: dic
         cos = float(np.min(np.sum(e_got * e_ref, -1) / (np.linalg.norm(e_got, axis=-1)
                                                          * np.linalg.norm(e_ref, axis=-1))))
         worst, worst_cos = max(worst, diff), min(worst_cos, cos)
-        _check(res, f"last_hidden_state batch={len(texts)} seq={feeds['input_ids'].shape[1]}",
+        res.check(f"last_hidden_state batch={len(texts)} seq={feeds['input_ids'].shape[1]}",
                diff <= ENCODER_ATOL, f"max |diff| {diff:.2e}, min cosine {cos:.6f}")
     res.max_abs_logits_diff = worst
     res.note = f"min embedding cosine {worst_cos:.6f}"

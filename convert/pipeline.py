@@ -21,11 +21,18 @@ from typing import Any
 
 from bundle.contract import GENERIC_CONTRACT, KVCacheLayout
 from bundle.errors import ToolkitError
-from bundle.manifest import Manifest
+from bundle.manifest import Architecture, Contract, Manifest, Parity, Pooling, TokenizerRecord
 from bundle.progress import QUIET, Steps
 from bundle.staging import dir_size, finalize, staged_bundle
-from convert.export import ExportResult, copy_onnx, export_decoder, export_encoder
-from convert.parity import ParityResult, decoder_parity, encoder_parity
+from convert.export import (
+    ExportResult,
+    copy_onnx,
+    export_decoder,
+    export_encoder,
+    graph_inputs,
+    graph_outputs,
+)
+from convert.parity import decoder_parity, encoder_parity
 from models import DECODER, ModelDims, ModelSource, dims_from_config, get_spec, resolve
 from targets import Target, load_target
 
@@ -37,7 +44,7 @@ PARITY_PROMPT = "What is the capital of France? Answer in one sentence."
 class ConvertResult:
     bundle: Path
     manifest: Manifest
-    parity: ParityResult | None
+    parity: Parity | None
     bytes: int
     seconds: dict[str, float]
 
@@ -90,7 +97,7 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
         pooling = None
         with steps.step("checking parity against PyTorch"):
             if spec.task == DECODER:
-                layout = KVCacheLayout(dims.num_layers, dims.kv_heads, seq, dims.head_dim)
+                layout = KVCacheLayout(dims.num_layers, dims.kv_heads, seq, dims.head_dim)  # fp32 at export
                 prompt = _greedy_prompt(tokenizer, dims)
                 parity = decoder_parity(exported.model_path, hf_model, layout, dims.vocab_size,
                                         prompt, threads)
@@ -104,7 +111,7 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
             tok_info = _save_tokenizer(tokenizer, hf_model, staging / "tokenizer")
             manifest = _manifest(src, spec.model_type, spec.family, dims, exported, tgt, seq, batch,
                                  parity, tok_info, pooling)
-            manifest.plan = plan.to_json() if plan else None
+            manifest.plan = plan.record() if plan else None
             (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
             finalize(staging, manifest)
     return ConvertResult(out, manifest, parity, dir_size(out), dict(steps.timings))
@@ -188,47 +195,28 @@ def _stop_ids(tokenizer: Any, hf_model: Any) -> list[int]:
     return sorted(ids)
 
 
-def _save_tokenizer(tokenizer: Any, hf_model: Any, folder: Path) -> dict[str, Any]:
+def _save_tokenizer(tokenizer: Any, hf_model: Any, folder: Path) -> TokenizerRecord:
     folder.mkdir()
     tokenizer.save_pretrained(str(folder))
     template = getattr(tokenizer, "chat_template", None)
     if template and not (folder / "chat_template.jinja").exists():
         (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
     stop = _stop_ids(tokenizer, hf_model)
-    return {"path": "tokenizer", "chat_template": "tokenizer/chat_template.jinja" if template else None,
-            "stop_token_ids": stop, "stop_tokens": [tokenizer.convert_ids_to_tokens(i) for i in stop],
-            "bos_token_id": getattr(tokenizer, "bos_token_id", None),
-            "add_bos": bool(getattr(tokenizer, "add_bos_token", False))}
-
-
-def _target_record(tgt: Target) -> dict[str, Any]:
-    rec: dict[str, Any] = {"name": tgt.name, "family": tgt.family, "runtime": tgt.runtime}
-    if tgt.builds_on_device:
-        rec["engine"] = {
-            "status": "build-on-device",
-            "tensorrt": tgt.tensorrt, "jetpack": tgt.jetpack,
-            "compute_capability": tgt.compute_capability,
-            "why": "a TensorRT engine only runs on the TensorRT version and GPU that built it; "
-                   "the daemon builds it at first load (or `toolkit compile` on a matching host)"}
-    else:
-        rec["engine"] = {"status": "not-needed", "why": "ONNX Runtime runs model.onnx directly"}
-    return rec
+    return TokenizerRecord(
+        path="tokenizer", chat_template="tokenizer/chat_template.jinja" if template else None,
+        stop_token_ids=stop, stop_tokens=[tokenizer.convert_ids_to_tokens(i) for i in stop],
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        add_bos=bool(getattr(tokenizer, "add_bos_token", False)))
 
 
 def _manifest(src: ModelSource, model_type: str, family: str, dims: ModelDims, exported: ExportResult,
-              tgt: Target, seq: int, batch: int, parity: ParityResult, tok: dict[str, Any],
-              pooling: dict[str, Any] | None) -> Manifest:
-    decoder = seq > 0
+              tgt: Target, seq: int, batch: int, parity: Parity, tok: TokenizerRecord,
+              pooling: Pooling | None) -> Manifest:
     return Manifest(
-        kind="decoder" if decoder else "encoder",
-        source=src.identity(),
-        architecture={"model_type": model_type, "family": family, "dims": dims.to_json(),
-                      "params": dims.params},
-        contract={**exported.contract, "opset": exported.opset},
-        precision="fp32", target=_target_record(tgt), max_seq=seq, batch=batch,
-        kv_cache=(KVCacheLayout(dims.num_layers, dims.kv_heads, seq, dims.head_dim).to_json()
-                  if decoder else None),
-        tokenizer=tok, pooling=pooling, parity=parity.to_json())
+        kind="decoder" if seq > 0 else "encoder", source=src.identity(),
+        architecture=Architecture(model_type, family, dims), contract=exported.contract,
+        precision="fp32", target=tgt.record(), max_seq=seq, batch=batch, tokenizer=tok,
+        pooling=pooling, parity=parity)
 
 
 def _passthrough(src: ModelSource, tgt: Target, out: Path, force: bool, steps: Steps) -> ConvertResult:
@@ -244,24 +232,17 @@ def _passthrough(src: ModelSource, tgt: Target, out: Path, force: bool, steps: S
         import onnx
 
         m = onnx.load(str(path), load_external_data=False)
-        contract = {"name": GENERIC_CONTRACT, "opset": max(o.version for o in m.opset_import),
-                    "inputs": [_value_json(v) for v in m.graph.input],
-                    "outputs": [_value_json(v) for v in m.graph.output]}
-        parity = ParityResult(passed=True, note="not applicable: an ONNX source has no PyTorch "
+        contract = Contract(GENERIC_CONTRACT, max(o.version for o in m.opset_import),
+                            inputs=graph_inputs(m), outputs=graph_outputs(m))
+        parity = Parity(passed=True, note="not applicable: an ONNX source has no PyTorch "
                                                 "reference; validated with onnx.checker and a "
                                                 "smoke run in ONNX Runtime")
-        manifest = Manifest(kind="generic", source=src.identity(), architecture={}, contract=contract,
-                            precision="as-is", target=_target_record(tgt), max_seq=0, batch=1,
-                            parity=parity.to_json())
+        manifest = Manifest(kind="generic", source=src.identity(), contract=contract,
+                            precision="as-is", target=tgt.record(), max_seq=0, batch=1,
+                            parity=parity)
         (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
         finalize(staging, manifest)
     return ConvertResult(out, manifest, parity, dir_size(out), dict(steps.timings))
-
-
-def _value_json(v: Any) -> dict[str, Any]:
-    t = v.type.tensor_type
-    return {"name": v.name, "elem_type": t.elem_type,
-            "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
 
 
 def _smoke_run(session: Any) -> None:
@@ -283,26 +264,24 @@ def _smoke_run(session: Any) -> None:
 
 def render_report(m: Manifest) -> str:
     """report.md: the bundle explained for a person."""
-    lines = [f"# {m.name} for {m.target['name']}", "",
-             f"- kind: {m.kind}; precision: {m.precision}; contract: {m.contract.get('name')}",
-             f"- source: {m.source.get('kind')} {m.source.get('path')}",
-             f"  (SHA-256 {str(m.source.get('sha256'))[:16]}…)"]
+    src = m.source
+    lines = [f"# {m.name} for {m.target.name}", "",
+             f"- kind: {m.kind}; precision: {m.precision}; contract: {m.contract.name}",
+             f"- source: {src.kind} {src.path}", f"  (SHA-256 {str(src.sha256)[:16]}…)"]
     if m.kind == "decoder":
-        d = m.architecture["dims"]
-        lines += [f"- architecture: {m.architecture['model_type']}, {d['num_layers']} layers, "
-                  f"hidden {d['hidden']}, {d['heads']} heads / {d['kv_heads']} kv heads, "
-                  f"head_dim {d['head_dim']}, vocab {d['vocab_size']}",
+        d, kv = m.dims, m.kv_layout()
+        lines += [f"- architecture: {m.dims.model_type}, {d.num_layers} layers, hidden {d.hidden}, "
+                  f"{d.heads} heads / {d.kv_heads} kv heads, head_dim {d.head_dim}, "
+                  f"vocab {d.vocab_size}",
                   f"- static KV cache: max_seq {m.max_seq}, {m.batch} slot(s), "
-                  f"{m.kv_cache['bytes_per_position'] * m.max_seq * m.batch / 2**20:.1f} MiB"
-                  if m.kv_cache else ""]
-    engine = m.target.get("engine", {})
-    lines += [f"- engine: {engine.get('status')} — {engine.get('why')}", "", "## Parity", ""]
-    parity = m.parity or {}
-    for c in parity.get("checks", []):
-        lines.append(f"- [{'x' if c['ok'] else ' '}] {c['name']}: {c['detail']}")
-    if parity.get("note"):
-        lines.append(f"- {parity['note']}")
-    lines += ["", "## IO contract", "", "```json", json.dumps(m.contract, indent=1)[:4000], "```", ""]
+                  f"{kv.bytes_for(m.batch) / 2**20:.1f} MiB"]
+    lines += [f"- engine: {m.target.engine.status} — {m.target.engine.why}", "", "## Parity", ""]
+    parity = m.parity or Parity(passed=True)
+    for c in parity.checks:
+        lines.append(f"- [{'x' if c.ok else ' '}] {c.name}: {c.detail}")
+    if parity.note:
+        lines.append(f"- {parity.note}")
+    lines += ["", "## IO contract", "", "```json", json.dumps(m.io_json(), indent=1)[:4000], "```", ""]
     return "\n".join(lines)
 
 

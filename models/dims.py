@@ -1,41 +1,12 @@
-"""ModelDims: the normalised dimensions every later stage reads (never the raw HF config)."""
+"""ModelDims (a bundle/manifest.py record) read from a Hugging Face config through an ArchSpec."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from bundle.errors import ToolkitError
+from bundle.manifest import ModelDims
 from models.registry import ArchSpec
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    model_type: str
-    num_layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab_size: int
-    max_positions: int
-    norm_eps: float
-    tie_embeddings: bool
-    rope_theta: float | None = None
-    sliding_window: int | None = None
-
-    @property
-    def params(self) -> int:
-        """Matmul + embedding parameters (norms and biases ignored: < 0.1 %)."""
-        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        mlp_mats = 3 if self.model_type in ("llama", "mistral", "qwen2") else 2
-        mlp = mlp_mats * self.hidden * self.intermediate
-        emb = self.vocab_size * self.hidden * (1 if self.tie_embeddings else 2)
-        return self.num_layers * (attn + mlp) + emb
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def dims_from_config(spec: ArchSpec, config: Any) -> ModelDims:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+
+from bundle.manifest import Pooling
 
 
-def read_pooling(model_dir: Path) -> dict[str, Any]:
+def read_pooling(model_dir: Path) -> Pooling:
     """{"mode", "normalize", "source"}: from modules.json + 1_Pooling/config.json when present,
     else plain mean pooling without normalisation (what feature-extraction pipelines do)."""
     model_dir = Path(model_dir)
     modules_file = model_dir / "modules.json"
     if not modules_file.is_file():
-        return {"mode": "mean", "normalize": False, "source": "default (no modules.json)"}
+        return Pooling("mean", False, "default (no modules.json)")
     modules = json.loads(modules_file.read_text(encoding="utf-8"))
     normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
     mode = "mean"
@@ -24,4 +25,4 @@ def read_pooling(model_dir: Path) -> dict[str, Any]:
                 mode = "cls"
             elif cfg.get("pooling_mode_max_tokens"):
                 mode = "max"
-    return {"mode": mode, "normalize": normalize, "source": "sentence-transformers modules.json"}
+    return Pooling(mode, normalize, "sentence-transformers modules.json")  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bundle.errors import ToolkitError
-from bundle.manifest import sha256_file
+from bundle.manifest import PackageRef, Source, sha256_file
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,9 @@ class ModelSource:
                 self._sha = sha256_file(self.path)
         return self._sha
 
-    def identity(self) -> dict[str, Any]:
-        ident: dict[str, Any] = {"kind": self.kind, "name": self.name, "path": str(self.path),
-                                 "sha256": self.sha256}
-        if self.packaged:
-            ident["package"] = {"name": self.packaged, "version": md.version(self.packaged)}
-        return ident
+    def identity(self) -> Source:
+        package = PackageRef(self.packaged, md.version(self.packaged)) if self.packaged else None
+        return Source(self.kind, self.name, str(self.path), self.sha256, package)
 
     def model_type(self) -> str | None:
         """model_type without transformers (hf folders), so an unsupported architecture is

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 
 from bundle.contract import KVCacheLayout
+from bundle.manifest import GateRecord, Pooling
+from bundle.records import decode
 from quantize.calibration import Text, builtin_text, heldout_sentences
 
 PPL_WINDOW = 256  # tokens per perplexity window (capped by max_seq - 1)
@@ -118,6 +120,10 @@ class GateResult:
             out.update({"cosine_min": _r(self.cosine_min, 6), "cosine_mean": _r(self.cosine_mean, 6),
                         "sentences": self.sentences})
         return out
+
+    def record(self) -> GateRecord:
+        """The manifest's record of this result (bundle/manifest.py)."""
+        return decode(GateRecord, self.to_json(), "gate")
 
     def lines(self) -> list[str]:
         """The figures as short lines for the summary and report.md."""
@@ -225,7 +231,7 @@ def _judge_decoder(r: GateResult) -> None:
 
 
 # --- encoders -------------------------------------------------------------------------------
-def encoder_gate(fp32_model: Path, quant_model: Path, tokenizer: Any, pooling: dict[str, Any],
+def encoder_gate(fp32_model: Path, quant_model: Path, tokenizer: Any, pooling: Pooling | None,
                  thresholds: Thresholds, text: Text | None = None,
                  threads: int | None = None) -> GateResult:
     from device.runtime.ort_backend import OrtEncoderBackend
@@ -247,7 +253,7 @@ def encoder_gate(fp32_model: Path, quant_model: Path, tokenizer: Any, pooling: d
     return result
 
 
-def _embed(backend: Any, tokenizer: Any, sentence: str, pooling: dict[str, Any]) -> np.ndarray:
+def _embed(backend: Any, tokenizer: Any, sentence: str, pooling: Pooling | None) -> np.ndarray:
     from device.runtime.pooling import pool
 
     ids = np.asarray([tokenizer.encode(sentence)], np.int64)

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import models  # noqa: F401  (pinned before any onnxruntime.transformers import: see graph.py)
-from bundle.contract import KVCacheLayout
 from bundle.errors import ToolkitError
-from bundle.manifest import Manifest, load_verified
+from bundle.manifest import Manifest, Quantization, SourceBundle, load_verified
 from bundle.progress import QUIET, Steps
 from bundle.staging import check_output, dir_size, finalize, staged_bundle
 from quantize.calibration import (
@@ -123,7 +122,8 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
                 gate = _gate(bundle, src, model_path, manifest, tok, limits, threads)
             if len(tries) > 1:
                 tried.append(_try_record(opts, gate))
-                manifest.quantization["grid_choice"] = {  # type: ignore[index]
+                assert manifest.quantization is not None
+                manifest.quantization.grid_choice = {
                     "rule": f"{' -> '.join(_grid(t) for t in tries)}: the faster graph first, "
                             "the next only when the gate rejects it",
                     "ladder": [[t.int4_grid, t.block_size] for t in tries], "tried": list(tried)}
@@ -137,8 +137,9 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
         with steps.step("writing the bundle"):  # 5.
             if (bundle / "tokenizer").is_dir():
                 shutil.copytree(bundle / "tokenizer", staging / "tokenizer")
-            manifest.quantization["gate"] = gate.to_json()  # type: ignore[index]
-            manifest.quantization["forced"] = bool(force and not gate.passed)  # type: ignore[index]
+            assert manifest.quantization is not None
+            manifest.quantization.gate = gate.record()
+            manifest.quantization.forced = bool(force and not gate.passed)
             from quantize.report import render
 
             (staging / "report.md").write_text(render(manifest), encoding="utf-8")
@@ -180,7 +181,7 @@ def _check(src: Manifest, precision: str, fmt: str | None,
     if src.precision != "fp32":
         raise ToolkitError(f"the bundle is already {src.precision}; quantization starts from fp32",
                            hint="pass the fp32 bundle `toolkit convert` wrote")
-    target = load_target(src.target["name"])
+    target = load_target(src.target.name)
     fmt_rec = format_for(target, precision, fmt)
     if isinstance(thresholds, Thresholds):
         limits = thresholds
@@ -194,7 +195,7 @@ def _tokenizer(bundle: Path, src: Manifest) -> Any:
 
     if not src.tokenizer:
         raise ToolkitError("the bundle has no tokenizer; the gate needs one to read held-out text")
-    return BundleTokenizer(bundle / src.tokenizer["path"], src.tokenizer)
+    return BundleTokenizer(bundle / src.tokenizer.path, src.tokenizer)
 
 
 def _calibration(src: Manifest, needed: bool, text: Text, tok: Any, samples: int, seq_len: int,
@@ -215,26 +216,20 @@ def _apply(bundle: Path, src: Manifest, fmt: Format, precision: str, staging: Pa
     from quantize.graph import load_model
 
     path = bundle / src.model_file
-    job = FormatJob(load_model(path), path, precision, src.kind, staging, load_target(src.target["name"]),
+    job = FormatJob(load_model(path), path, precision, src.kind, staging, load_target(src.target.name),
                     options, cal, steps, threads)
     return fmt.apply(job)
-
-
-def _layout(m: Manifest) -> KVCacheLayout:
-    kv = m.kv_cache or {}
-    return KVCacheLayout(kv["num_layers"], kv["kv_heads"], kv["max_seq"], kv["head_dim"],
-                         kv.get("dtype", "float32"))
 
 
 def _gate(bundle: Path, src: Manifest, model_path: Path, manifest: Manifest, tok: Any,
           limits: Thresholds, threads: int | None) -> GateResult:
     if src.kind == "encoder":
-        return encoder_gate(bundle / src.model_file, model_path, tok, src.pooling or {}, limits,
+        return encoder_gate(bundle / src.model_file, model_path, tok, src.pooling, limits,
                             threads=threads)
-    runtime = ("onnxruntime-cpu" if src.target.get("runtime") == "onnxruntime" else
+    runtime = ("onnxruntime-cpu" if src.target.runtime == "onnxruntime" else
                "onnxruntime-cpu as a proxy for the TensorRT engine (build and check on the device)")
-    vocab = int(src.architecture["dims"]["vocab_size"])
-    return decoder_gate(bundle / src.model_file, model_path, _layout(src), _layout(manifest), vocab,
+    return decoder_gate(bundle / src.model_file, model_path, src.kv_layout(), manifest.kv_layout(),
+                        src.dims.vocab_size,
                         tok, limits, threads=threads, runtime_note=runtime)
 
 
@@ -245,26 +240,20 @@ def _manifest(src: Manifest, precision: str, fmt: Format, produced: FormatOutput
     m.files = {}
     opset = produced.details.get("opset")
     if opset:
-        m.contract["opset"] = opset
-    if produced.kv_dtype and m.kv_cache:
-        m.kv_cache["dtype"] = produced.kv_dtype
-        m.kv_cache["bytes_per_position"] = _layout(m).bytes_per_position
-        for spec in m.contract.get("inputs", []) + m.contract.get("outputs", []):
-            if spec.get("name", "").startswith(("past_", "new_", "present_")):
-                spec["dtype"] = produced.kv_dtype
-    m.quantization = {
-        "precision": precision, "format": fmt.name, "runtime": fmt.runtime, "summary": fmt.summary,
-        "source_bundle": {"name": src.name, "created_at": src.created_at,
-                          "model_sha256": src.files.get(src.model_file).sha256  # type: ignore[union-attr]
-                          if src.files.get(src.model_file) else None},
-        "options": {k: v for k, v in options.__dict__.items()},
-        "details": produced.details,
-        "calibration": cal.to_json() if cal else {"used": False, "why": "weight-only format",
-                                                   "text": text.source},
-        "tools": _tool_versions(),
-    }
+        m.contract = replace(m.contract, opset=int(opset))
+    if produced.kv_dtype and m.kind == "decoder":  # the cache's tensors follow from it
+        m.contract = replace(m.contract, kv_dtype=produced.kv_dtype)
+    model_entry = src.files.get(src.model_file)
+    m.quantization = Quantization(
+        format=fmt.name, runtime=fmt.runtime, summary=fmt.summary,
+        source_bundle=SourceBundle(src.name, src.created_at,
+                                   model_entry.sha256 if model_entry else None),
+        options=dict(options.__dict__), details=produced.details,
+        calibration=cal.to_json() if cal else {"used": False, "why": "weight-only format",
+                                               "text": text.source},
+        tools=_tool_versions())
     if fmt.runtime == "tensorrt":
-        m.quantization["tensorrt"] = {
+        m.quantization.tensorrt = {
             "build": "STRONGLY_TYPED (the graph carries its own types and Q/DQ scales)",
             "opset": opset, "opset_note": ("opset 21 INT4 block DequantizeLinear: TensorRT 10.3 "
                                            "acceptance UNVERIFIED (tensorrt_jetson.md §2.2)")

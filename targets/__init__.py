@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bundle.errors import ToolkitError
+from bundle.manifest import EngineRecord, TargetRecord
 
 TARGET_DIR = Path(__file__).parent
 DEFAULT_TARGET = "cpu"
@@ -23,6 +24,16 @@ DEFAULT_TARGET = "cpu"
 PRECISIONS = ("fp32", "fp16", "fp8", "int8", "int4")
 FLOAT_DTYPES = ("float32", "float16")
 GIB = 1 << 30  # memory_gb and os_reserve_gb are binary GB (DRAM is sold in powers of two)
+# Builder scratch (WORKSPACE pool) as a share of the memory left after the OS reserve. On unified
+# memory (every Jetson, tensorrt_jetson.md §5.1) the build also holds the parsed weights and the
+# engine under construction in that same DRAM, and TensorRT's own TACTIC_DRAM pool defaults to
+# 75 % of it (§1.3); TensorRT's default WORKSPACE (all of the device's memory) lets it pick tactics
+# whose scratch then cannot be allocated on an 8 GB board (§8 pitfall 16). A quarter (1.6 GiB on
+# an 8 GB Orin) leaves three quarters for weights, engine and OS; whether it is ever the limit for
+# a small decoder's GEMMs is UNVERIFIED on a device: build.log names tactics skipped for scratch.
+# The bundle carries the result (TargetRecord.engine.workspace_bytes): the board builds with it.
+WORKSPACE_FRACTION = 0.25
+MIN_WORKSPACE = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,30 @@ class Target:
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+    def workspace_bytes(self) -> int | None:
+        """The TensorRT builder's WORKSPACE pool limit on this target: WORKSPACE_FRACTION of
+        (memory - OS reserve), or None (TensorRT's default) when the memory is the host's."""
+        if self.host_memory:
+            return None
+        usable = self.memory_total_bytes() - self.os_reserve_bytes()
+        return max(MIN_WORKSPACE, int(usable * WORKSPACE_FRACTION))
+
+    def record(self) -> TargetRecord:
+        """What a bundle carries of its target (bundle/manifest.py): all a board needs to
+        check and build against, so the device never reads this catalogue."""
+        if self.builds_on_device:
+            engine = EngineRecord(
+                "build-on-device", "a TensorRT engine only runs on the TensorRT version and GPU "
+                "that built it; the daemon builds it at first load (or `toolkit compile` on a "
+                "matching host)", workspace_bytes=self.workspace_bytes())
+        else:
+            engine = EngineRecord("not-needed", "ONNX Runtime runs model.onnx directly")
+        return TargetRecord(
+            name=self.name, family=self.family, runtime=self.runtime,  # type: ignore[arg-type]
+            engine=engine, memory_bytes=None if self.host_memory else self.memory_total_bytes(),
+            os_reserve_bytes=self.os_reserve_bytes(), tensorrt=self.tensorrt, jetpack=self.jetpack,
+            compute_capability=self.compute_capability)
 
 
 def target_names() -> list[str]:

@@ -35,6 +35,7 @@ from typing import Any
 
 from bundle.contract import KVCacheLayout
 from bundle.errors import ToolkitError
+from bundle.manifest import Components, PlanRecord, PlanRow, Speed
 from models.dims import ModelDims
 from targets import GIB, Target, load_target
 
@@ -120,28 +121,6 @@ class WeightBytes:
     @property
     def total(self) -> int:
         return self.matmul_bytes + self.embedding_bytes
-
-
-@dataclass(frozen=True)
-class Components:
-    weights: int
-    kv_cache: int
-    activations: int
-    runtime: int
-    os_reserve: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.runtime + self.os_reserve
-
-
-@dataclass(frozen=True)
-class Speed:
-    decode_tokens_s: float  # per sequence; the batch decodes `batch` of these per step
-    decode_bound: str  # "memory" | "compute": which roof the decode step hits
-    decode_bytes_per_step: int
-    prefill_tokens: int  # a prompt that fills the context
-    prefill_s: float  # lower bound: dense peak, perfect overlap
 
 
 @dataclass(frozen=True)
@@ -241,6 +220,21 @@ class PlanResult:
         return (f"{text}, and no precision, max_seq >= {SEQ_STEP} or prefill chunk fits: the "
                 f"weights alone need {_gib(_smallest(self.rows).weights.total)} GiB; choose a "
                 "target with more memory.")
+
+    def record(self) -> PlanRecord:
+        """What a bundle keeps of its plan (the dims, target, max_seq and batch are the
+        manifest's own fields, stored there once)."""
+        return PlanRecord(
+            precision=self.precision, memory_total=self.memory_total,
+            memory_source=self.memory_source, fits=self.fits,  # type: ignore[arg-type]
+            explanation=self.explain(),
+            rows=[PlanRow(r.precision, r.format, round(r.weights.bytes_per_param, 4), r.components,
+                          r.speed) for r in self.rows],
+            prefill_chunk=self.prefill_chunk, best_precision=self.best_precision,
+            max_seq_fit=self.max_seq_fit, batch_fit=self.batch_fit, chunk_fit=self.chunk_fit,
+            fallback_precision=self.fallback[0] if self.fallback else None,
+            fallback_max_seq=self.fallback[1] if self.fallback else None,
+            warnings=list(self.warnings), assumptions=list(self.assumptions))
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -147,11 +147,15 @@ def test_cell_statistics_are_computed_from_the_rounds(bench):
 
 
 def test_prediction_is_the_plans_roofline(bench):
+    from host.report import with_predictions
     from models.dims import ModelDims
     from targets import load_target
     from targets.plan import speed
 
-    report, _ = bench
+    measured, _ = bench
+    assert all(c["prediction"] is None for c in measured["cells"])  # the device predicts nothing
+    report = with_predictions(measured)  # the host adds the roofline of the bundle's target
+    assert report["prediction_note"].startswith("roofline")
     b = report["environment"]["bundle"]
     for cell in report["cells"]:
         want = speed(ModelDims(**b["dims"]), load_target("cpu"), "fp32", 64, cell["concurrency"], None)

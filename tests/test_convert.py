@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from bundle.contract import DECODER_CONTRACT, new_names, past_names, present_names
 from bundle.errors import ToolkitError
-from bundle.manifest import load_verified, read_manifest, verify_files
+from bundle.manifest import Pooling, load_verified, read_manifest, verify_files
 from convert.pipeline import convert_model
 from models import REGISTRY, resolve
 from toolkit.cli import main
@@ -23,26 +23,28 @@ from toolkit.cli import main
 def test_every_registered_architecture_exports_with_parity(arch, tiny_bundle):
     bundle = tiny_bundle(arch)
     m = load_verified(bundle)
-    assert m.parity["passed"]
-    assert m.parity["max_abs_logits_diff"] < 1e-3
+    assert m.parity.passed
+    assert m.parity.max_abs_logits_diff < 1e-3
     if m.kind == "decoder":
-        assert m.parity["greedy_match"] and m.parity["greedy_tokens"] == 32
-        assert m.contract["name"] == DECODER_CONTRACT
-        assert m.kv_cache["max_seq"] == m.max_seq == 64
-        names = [i["name"] for i in m.contract["inputs"]]
-        L = m.architecture["dims"]["num_layers"]
+        assert m.parity.greedy_match and m.parity.greedy_tokens == 32
+        assert m.contract.name == DECODER_CONTRACT
+        assert m.kv_layout().max_seq == m.max_seq == 64
+        io = m.decoder_contract()
+        names = [i.name for i in io.inputs]
+        L = m.dims.num_layers
         assert names == ["input_ids", "position_ids", "logits_index", *past_names(L)]
-        outs = [o["name"] for o in m.contract["outputs"]]
-        in_place = m.architecture["dims"]["head_dim"] % 16 == 0  # GroupQueryAttention on CPU
-        assert m.contract["cache_update"] == ("in-place" if in_place else "host-writes-new")
+        outs = [o.name for o in io.outputs]
+        in_place = m.dims.head_dim % 16 == 0  # GroupQueryAttention on CPU
+        assert m.contract.cache_update == ("in-place" if in_place else "host-writes-new")
         assert outs == ["logits", *(present_names(L) if in_place else new_names(L))]
     else:
-        assert m.kind == "encoder" and m.pooling == {
-            "mode": "mean", "normalize": True, "source": "sentence-transformers modules.json"}
+        assert m.kind == "encoder" and m.pooling == Pooling(
+            "mean", True, "sentence-transformers modules.json")
+        assert [t.name for t in m.contract.inputs or []][:2] == ["input_ids", "attention_mask"]
     for field in ("schema_version", "toolkit_version", "source", "architecture", "precision",
                   "target", "max_seq", "batch", "files", "created_at"):
         assert getattr(m, field) not in (None, ""), field
-    assert m.source["sha256"] and len(m.source["sha256"]) == 64
+    assert m.source.sha256 and len(m.source.sha256) == 64
     assert {"model.onnx", "report.md", "tokenizer/tokenizer.json"} <= set(m.files)
 
 
@@ -53,17 +55,19 @@ def test_graph_matches_the_written_contract(tiny_bundle):
     g = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
             for v in list(g.input) + list(g.output)}
-    for spec in m.contract["inputs"] + m.contract["outputs"]:
-        assert dims[spec["name"]] == spec["shape"], spec["name"]
+    io = m.decoder_contract()
+    for spec in io.inputs + io.outputs:
+        assert dims[spec.name] == list(spec.shape), spec.name
     assert dims["past_key.0"][2] == 64  # static capacity
 
 
 def test_jetson_bundle_is_portable_and_says_engine_is_built_on_device(tiny_bundle):
     bundle = tiny_bundle("llama", "jetson")
     m = read_manifest(bundle)
-    assert m.target["runtime"] == "tensorrt"
-    assert m.target["engine"]["status"] == "build-on-device"
-    assert "only runs on the TensorRT version and GPU" in m.target["engine"]["why"]
+    assert m.target.runtime == "tensorrt" and m.target.tensorrt == "10.3"
+    assert m.target.engine.status == "build-on-device"
+    assert "only runs on the TensorRT version and GPU" in m.target.engine.why
+    assert 1 << 30 < (m.target.engine.workspace_bytes or 0) < 2 << 30  # a quarter of 8 GB - OS
     model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
     domains = {n.domain for n in model.graph.node}
     assert domains <= {"", "ai.onnx"}, f"non-standard ops in a TensorRT bundle: {domains}"
@@ -229,8 +233,9 @@ def test_onnx_source_is_validated_and_passed_through(tiny_bundle, tmp_path):
     shutil.copy(tiny_bundle("bert") / "model.onnx", src)
     res = convert_model(str(src), out=tmp_path / "out")
     m = load_verified(res.bundle)
-    assert m.kind == "generic" and m.source["kind"] == "onnx"
-    assert "not applicable" in m.parity["note"]
+    assert m.kind == "generic" and m.source.kind == "onnx"
+    assert "not applicable" in m.parity.note
+    assert m.contract.inputs and m.contract.inputs[0].name == "input_ids"
 
 
 def test_resolve_folder_without_weights(tmp_path):
@@ -273,10 +278,10 @@ def test_convert_refuses_what_cannot_fit_and_records_the_plan(tiny_dir, tmp_path
     _no_bundle_left(tmp_path, "out")
     res = convert_model(str(tiny_dir("llama")), "jetson-orin-nano-8gb", tmp_path / "out",
                         max_seq=32, force=True)
-    assert res.manifest.plan["fits"] is False and res.manifest.plan["target"] == "jetson-orin-nano-8gb"
+    assert res.manifest.plan.fits is False and res.manifest.target.name == "jetson-orin-nano-8gb"
     monkeypatch.setattr(plan, "plan_fit", real)
     ok = convert_model(str(tiny_dir("llama")), "cpu", tmp_path / "ok", max_seq=32)
-    assert ok.manifest.plan["fits"] is True and ok.manifest.plan["rows"]
+    assert ok.manifest.plan.fits is True and ok.manifest.plan.row("fp32")
 
 
 def test_cli_convert_with_precision_quantizes_behind_the_gate(tiny_dir, tmp_path):

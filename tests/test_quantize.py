@@ -42,11 +42,8 @@ def opset(model: onnx.ModelProto) -> int:
 def logits(bundle: Path, ids: list[int]) -> np.ndarray:
     """One prefill through device.runtime.ort_backend (ONNX Runtime CPU) -> [T, V] float32."""
     from device.runtime.ort_backend import OrtDecoderBackend
-    from device.runtime.runner import kv_layout
-
     m = load_verified(bundle)
-    be = OrtDecoderBackend(bundle / m.model_file, kv_layout(m), m.architecture["dims"]["vocab_size"],
-                           threads=1)
+    be = OrtDecoderBackend(bundle / m.model_file, m.kv_layout(), m.dims.vocab_size, threads=1)
     T = len(ids)
     out = be.step(np.asarray([ids]), np.arange(T)[None], [0], np.arange(T)).copy()
     be.close()
@@ -99,9 +96,9 @@ def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
                 and not t.name.startswith("block_sums")]  # no float copy of the table
     manifest = load_verified(bundle)
     q = manifest.quantization
-    assert manifest.precision == precision and q["format"] == "ort-matmulnbits"
-    assert q["details"]["grid"] == ("offsets" if bits == 4 else "symmetric")
-    assert {"ppl_fp32", "ppl_quantized", "top1_agreement", "greedy"} <= set(q["gate"])
+    assert manifest.precision == precision and q.format == "ort-matmulnbits"
+    assert q.details["grid"] == ("offsets" if bits == 4 else "symmetric")
+    assert None not in (q.gate.ppl_fp32, q.gate.ppl_quantized, q.gate.top1_agreement, q.gate.greedy)
     # projections that read the same input (gate/up, q/k/v if not fused at export) are fused
     layer_inputs = [n.input[0] for n in mm if n.input[1] != gbq.input[0]]
     assert len(layer_inputs) == len(set(layer_inputs)) and nodes(m, "Split")
@@ -115,11 +112,11 @@ def test_cpu_int4_first_ladder_step_when_it_passes(q_bundle):  # noqa: F811
     layers = [n for n in nodes(m, "MatMulNBits") if attr(n, "bits") == 4]
     assert layers and all(len(n.input) == 4 and attr(n, "block_size") == 64 for n in layers)
     q = load_verified(q_bundle("llama", "cpu", "int4")).quantization
-    assert [(t["grid"], t["block_size"]) for t in q["grid_choice"]["tried"]] == [("zero-point", 64)]
-    assert q["details"]["awq"]["grid"] == "zero-point"  # AWQ is on by default for the plain grids
+    assert [(t["grid"], t["block_size"]) for t in q.grid_choice["tried"]] == [("zero-point", 64)]
+    assert q.details["awq"]["grid"] == "zero-point"  # AWQ is on by default for the plain grids
     head = [n for n in nodes(m, "MatMulNBits") if attr(n, "bits") == 8]
     assert [attr(n, "block_size") for n in head] == [64]  # beside a plain grid, the head in 64s
-    assert q["calibration"]["samples"] == 4
+    assert q.calibration["samples"] == 4
 
 
 def test_cpu_int4_numerics_and_generation(q_bundle, q_fp32_bundle):  # noqa: F811
@@ -148,7 +145,7 @@ def test_cpu_int4_grids_run_close_to_fp32(q_bundle, q_fp32_bundle, grid):  # noq
         assert layers and all(len(n.input) == 4 for n in layers)
     cos, _ = agreement(logits(q_fp32_bundle("llama", "cpu"), IDS), logits(bundle, IDS))
     assert cos > 0.9
-    assert load_verified(bundle).quantization["details"]["grid"] == grid
+    assert load_verified(bundle).quantization.details["grid"] == grid
 
 
 @pytest.mark.parametrize("K,N", [(64, 24), (96, 40)])
@@ -225,15 +222,15 @@ def test_cpu_int8_uses_the_targets_format(q_bundle):  # noqa: F811
     from targets import load_target
 
     q = load_verified(q_bundle("llama", "cpu", "int8")).quantization
-    assert q["format"] == load_target("cpu").formats["int8"]
+    assert q.format == load_target("cpu").formats["int8"]
 
 
 @pytest.mark.parametrize("fmt", [None, NBITS])
 def test_cpu_encoder_int8(q_bundle, fmt):  # noqa: F811
     bundle = q_bundle("bert", "cpu", "int8", fmt)
     q = load_verified(bundle).quantization
-    assert q["gate"]["cosine_min"] > 0.9 and q["gate"]["sentences"] > 5
-    assert fmt is None or q["format"] == fmt
+    assert q.gate.cosine_min > 0.9 and q.gate.sentences > 5
+    assert fmt is None or q.format == fmt
 
 
 def test_blockwise_offsets_are_exact_on_min_max_grids():
@@ -269,8 +266,9 @@ def test_jetson_fp16_structure_and_numerics(q_bundle, q_fp32_bundle):  # noqa: F
         assert made[p.input[0]].op_type == "Cast" and attr(made[p.input[0]], "to") == TensorProto.FLOAT
     assert opset(m) == 17
     manifest = load_verified(bundle)
-    assert manifest.kv_cache["dtype"] == "float16"
-    assert {s["dtype"] for s in manifest.contract["inputs"] if s["name"].startswith("past_")} == {"float16"}
+    assert manifest.contract.kv_dtype == "float16"
+    io = manifest.decoder_contract()
+    assert {s.dtype for s in io.inputs if s.name.startswith("past_")} == {"float16"}
     cos, top1 = agreement(logits(q_fp32_bundle("llama", JETSON), IDS), logits(bundle, IDS))
     assert cos > 0.999 and top1 > 0.9
 
@@ -293,7 +291,7 @@ def test_jetson_int8_qdq_structure_and_numerics(q_bundle, q_fp32_bundle):  # noq
         assert list(t[n.input[1]].dims) == [w.dims[1]]
     assert all(len(t[n.input[1]].dims) == 0 for n in acts + q)  # per-tensor activations
     assert len(weights) == 2 * 7  # every linear layer; the tied LM head stays fp16
-    details = load_verified(bundle).quantization["details"]
+    details = load_verified(bundle).quantization.details
     assert details["smoothquant"]["smoothed_tensors"] > 0
     cos, _ = agreement(logits(q_fp32_bundle("llama", JETSON), IDS), logits(bundle, IDS))
     assert cos > 0.95
@@ -405,13 +403,13 @@ def test_gate_failure_with_force_records_it(q_fp32_bundle, tmp_path):  # noqa: F
                                        "-o", str(out), "--min-top1", "1.01", "--force"])
     assert result.exit_code == 0, result.output
     q = json.loads((out / "manifest.json").read_text())["quantization"]
-    assert q["gate"]["passed"] is False and q["forced"] is True
-    assert any("top-1" in f for f in q["gate"]["failures"])
+    assert q.gate.passed is False and q.forced is True
+    assert any("top-1" in f for f in q.gate.failures)
     # int4: the first step of the ladder failed, so the others were tried (and failed too)
-    assert [(t["grid"], t["block_size"], t["passed"]) for t in q["grid_choice"]["tried"]] == [
+    assert [(t["grid"], t["block_size"], t["passed"]) for t in q.grid_choice["tried"]] == [
         ("zero-point", 64, False), ("symmetric", 32, False), ("zero-point", 32, False),
         ("offsets", 32, False)]
-    assert q["grid_choice"]["ladder"] == [["zero-point", 64], ["symmetric", 32], ["zero-point", 32],
+    assert q.grid_choice["ladder"] == [["zero-point", 64], ["symmetric", 32], ["zero-point", 32],
                                           ["offsets", 32]]
     assert "int4 grid tried: zero-point in blocks of 64" in (out / "report.md").read_text()
     assert "FAILED (written with --force)" in (out / "report.md").read_text()
@@ -491,10 +489,10 @@ def test_awq_bundles_cpu_and_jetson(q_fp32_bundle, tmp_path):  # noqa: F811
         quantize_bundle(q_fp32_bundle("llama", target), "int4", out=out, thresholds=LOOSE,
                         samples=4, seq_len=32, options=QuantOptions(int4_grid=grid, awq=True))
         q = load_verified(out).quantization
-        awq = q["details"]["awq"]
-        assert awq["grid"] == q["details"]["grid"] == grid
+        awq = q.details["awq"]
+        assert awq["grid"] == q.details["grid"] == grid
         assert awq["scaled_inputs"] + awq["plain_inputs"] == 6
-        assert q["calibration"]["samples"] == 4 and q["gate"]["passed"]
+        assert q.calibration["samples"] == 4 and q.gate.passed
         m = graph(out)
         assert not [n for n in m.graph.node if "offset" in n.name or "block_sums" in n.name]
         if target == "cpu":  # B, scales, zero points
@@ -527,7 +525,7 @@ def test_no_awq_flag_rounds_plainly(q_fp32_bundle, tmp_path):  # noqa: F811
                                        "--min-greedy", "0", "-o", str(out)])
     assert result.exit_code == 0, result.output
     q = load_verified(out).quantization
-    assert "awq" not in q["details"] and q["details"]["grid"] == "symmetric"
+    assert "awq" not in q.details and q.details["grid"] == "symmetric"
 
 
 def test_importance_weighted_rounding_favours_the_rows_that_matter():

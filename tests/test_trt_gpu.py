@@ -37,7 +37,6 @@ from device.runtime.engine_gate import ensure_engine, prepare_engine  # noqa: E4
 from device.runtime.engine_identity import EngineIdentity  # noqa: E402
 from device.runtime.generate import generate  # noqa: E402
 from device.runtime.ort_backend import OrtDecoderBackend  # noqa: E402
-from device.runtime.runner import kv_layout  # noqa: E402
 from device.runtime.trt_backend import TrtDecoderBackend  # noqa: E402
 
 TARGET = "jetson-orin-nano-8gb"
@@ -56,7 +55,7 @@ def built(tiny_bundle, tmp_path_factory: pytest.TempPathFactory):
 
 def backends(built, slots: int = 3, **kw):
     bundle, manifest, status, _ = built
-    layout, vocab = kv_layout(manifest), int(manifest.architecture["dims"]["vocab_size"])
+    layout, vocab = manifest.kv_layout(), manifest.dims.vocab_size
     ort = OrtDecoderBackend(bundle / manifest.model_file, layout, vocab, slots=slots)
     return TrtDecoderBackend(status.plan, layout, vocab, slots=slots, **kw), ort
 
@@ -142,7 +141,7 @@ def test_greedy_tokens_match(built) -> None:
 def test_reporting_and_close(built) -> None:
     _, manifest, _, _ = built
     trt_b, _ = backends(built, slots=2)
-    assert trt_b.kv_cache_bytes() == kv_layout(manifest).bytes_for(2)
+    assert trt_b.kv_cache_bytes() == manifest.kv_layout().bytes_for(2)
     mem = trt_b.memory()
     assert mem["gpu_total_bytes"] and mem["gpu_free_bytes"] and mem["kv_cache_bytes"]
     assert trt_b.describe()["tensorrt"] == trt.__version__

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import targets
 from bundle.contract import DECODER_CONTRACT, ENCODER_CONTRACT, KVCacheLayout
 from bundle.errors import ToolkitError
-from bundle.manifest import Manifest, read_manifest
+from bundle.manifest import Architecture, Contract, Manifest, ModelDims, Source, read_manifest
 from bundle.staging import finalize, staged_bundle
 from device.runtime import engine_gate, trt_backend
 from device.runtime.engine_gate import can_build_here, ensure_engine, prepare_engine
@@ -42,7 +43,6 @@ from device.runtime.trt_backend import (
 )
 from device.runtime.trt_build import (
     DECODE,
-    MIN_WORKSPACE,
     PREFILL,
     LogSink,
     ProfileShapes,
@@ -50,7 +50,6 @@ from device.runtime.trt_build import (
     input_shape_range,
     precision_plan,
     profile_shapes,
-    workspace_bytes_for,
 )
 from targets import load_target
 
@@ -80,11 +79,18 @@ def write_bundle(out: Path, target: str = ORIN, runtime: str = "tensorrt",
                  contract: str = DECODER_CONTRACT, kind: str = "decoder",
                  precision: str = "fp16", max_seq: int = 64, batch: int = 2) -> Path:
     """A bundle folder with a real manifest (hashes and all) around a placeholder graph."""
-    layout = KVCacheLayout(2, 2, max_seq, 8)
-    manifest = Manifest(kind=kind, source={"name": "tiny"}, architecture={"dims": {"vocab_size": 32}},
-                        contract={"name": contract}, precision=precision,
-                        target={"name": target, "family": "jetson", "runtime": runtime},
-                        max_seq=max_seq, batch=batch, kv_cache=layout.to_json())
+    dims = ModelDims("llama", num_layers=2, hidden=16, heads=2, kv_heads=2, head_dim=8,
+                     intermediate=32, vocab_size=32, max_positions=max_seq, norm_eps=1e-5,
+                     tie_embeddings=True)
+    record = load_target(target).record()
+    manifest = Manifest(kind=kind, source=Source("hf", "tiny", "tiny"),  # type: ignore[arg-type]
+                        architecture=Architecture("llama", "llama", dims),
+                        contract=Contract(contract, 17,  # type: ignore[arg-type]
+                                          "host-writes-new" if kind == "decoder" else None,
+                                          "float32" if kind == "decoder" else None),
+                        precision=precision,
+                        target=dataclasses.replace(record, runtime=runtime),  # type: ignore[arg-type]
+                        max_seq=max_seq, batch=batch)
     with staged_bundle(out) as staging:
         (staging / "model.onnx").write_bytes(b"placeholder graph: only hashed in these tests")
         finalize(staging, manifest)
@@ -165,11 +171,11 @@ def test_fp8_needs_compute_capability_8_9() -> None:
 def test_workspace_is_a_quarter_of_the_memory_left_after_the_os() -> None:
     orin = load_target(ORIN)
     usable = orin.memory_total_bytes() - orin.os_reserve_bytes()
-    assert workspace_bytes_for(orin) == int(usable * 0.25)
-    assert 1.5 * (1 << 30) < workspace_bytes_for(orin) < 1.7 * (1 << 30)  # (8 - 1.6) GiB / 4
-    assert workspace_bytes_for(load_target("cpu")) is None
+    assert orin.workspace_bytes() == int(usable * 0.25)
+    assert 1.5 * (1 << 30) < orin.workspace_bytes() < 1.7 * (1 << 30)  # (8 - 1.6) GiB / 4
+    assert load_target("cpu").workspace_bytes() is None
     tight = dataclasses.replace(orin, memory_gb=1.0, os_reserve_gb=0.9)
-    assert workspace_bytes_for(tight) == MIN_WORKSPACE
+    assert tight.workspace_bytes() == targets.MIN_WORKSPACE
 
 
 def test_parser_errors_are_one_line_each() -> None:

@@ -56,6 +56,7 @@ import numpy as np
 
 from bundle import __version__
 from bundle.benchreport import BenchConfig, BenchReport, Energy, RequestRecord, RoundResult, summarize
+from bundle.manifest import Manifest
 from device.runtime import procmem
 from device.runtime.generate import prefill
 from device.runtime.procmem import process_rss
@@ -128,11 +129,11 @@ def synthetic_prompts(vocab_size: int, prompt_len: int, count: int, seed: int,
     return [rng.integers(lo, vocab_size, prompt_len).tolist() for _ in range(count)]
 
 
-def first_plain_id(manifest: Any) -> int:
+def first_plain_id(manifest: Manifest) -> int:
     """One past the highest special id the manifest names (BOS, stop tokens): small
     vocabularies put their specials first (ours 0..3, SmolLM2's 0..16)."""
-    tok = manifest.tokenizer or {}
-    specials = [*tok.get("stop_token_ids", []), tok.get("bos_token_id"), 3]
+    tok = manifest.tokenizer
+    specials = [*(tok.stop_token_ids if tok else []), tok.bos_token_id if tok else None, 3]
     return 1 + max(int(s) for s in specials if s is not None)
 
 
@@ -357,7 +358,7 @@ def collect_environment(runner: Any) -> dict[str, Any]:
     m, backend = runner.manifest, runner.backend
     described = json.loads(json.dumps(backend.describe(), default=str))
     dev = detect_device()
-    arch = m.architecture or {}
+    arch = m.architecture
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -365,16 +366,17 @@ def collect_environment(runner: Any) -> dict[str, Any]:
     return {
         "hostname": platform.node(),
         "device_family": device_family(),
-        "target": {k: m.target.get(k) for k in ("name", "family", "runtime")},
+        "target": {"name": m.target.name, "family": m.target.family, "runtime": m.target.runtime},
         "backend": described,
         "threads": described.get("threads"),
         "bundle": {
             "name": m.name, "path": str(runner.path), "kind": m.kind,
-            "source_kind": m.source.get("kind"), "source_sha256": m.source.get("sha256"),
+            "source_kind": m.source.kind, "source_sha256": m.source.sha256,
             "precision": m.precision, "max_seq": m.max_seq, "batch": m.batch,
-            "slots": backend.slots, "target": m.target.get("name"),
-            "model_type": arch.get("model_type"), "params": arch.get("params"),
-            "dims": arch.get("dims"), "created_at": m.created_at,
+            "slots": backend.slots, "target": m.target.name,
+            "model_type": arch.model_type if arch else None,
+            "params": arch.dims.params if arch else None,
+            "dims": arch.dims.to_json() if arch else None, "created_at": m.created_at,
             "toolkit_version": m.toolkit_version},
         "versions": {
             "toolkit": __version__, "python": platform.python_version(),

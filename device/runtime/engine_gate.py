@@ -13,7 +13,7 @@ A rebuild is never silent: it takes minutes and gigabytes on a Jetson, so after 
 upgrade the daemon says why it refuses, and `toolkit compile BUNDLE` (or --rebuild-on-mismatch)
 is the explicit way on. JetPack/L4T differences alone are notes, not refusals (engine_identity).
 
-`can_build_here(target)` answers `toolkit compile` on a host: an engine built here is only of
+`can_build_here(manifest.target)` answers `toolkit compile` on a host: an engine built here is only of
 use when this machine's GPU and TensorRT are the target's.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bundle.errors import ToolkitError
-from bundle.manifest import Manifest, sha256_file
+from bundle.manifest import Manifest, TargetRecord, sha256_file
 from device.runtime.engine_identity import (
     ENGINES_DIR,
     IDENTITY_FILE,
@@ -43,7 +43,6 @@ from device.runtime.trt_build import (
     default_timing_cache_dir,
     profile_shapes,
 )
-from targets import Target
 
 
 @dataclass
@@ -153,7 +152,7 @@ def _major_minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
-def can_build_here(target: Target, device: DeviceIdentity | None = None) -> tuple[bool, str]:
+def can_build_here(target: TargetRecord, device: DeviceIdentity | None = None) -> tuple[bool, str]:
     """(True, what matches) when an engine built on this machine would load on the target:
     TensorRT importable, a GPU, the target's compute capability and TensorRT major.minor.
     Otherwise (False, why not)."""

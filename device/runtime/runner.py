@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundle.contract import DECODER_CONTRACT, ENCODER_CONTRACT, KVCacheLayout
+from bundle.contract import DECODER_CONTRACT, ENCODER_CONTRACT
 from bundle.errors import ToolkitError
 from bundle.manifest import Manifest, load_verified
 from device.runtime.backend import DecoderBackend, EncoderBackend
@@ -33,13 +33,13 @@ def check_target(manifest: Manifest, family: str | None = None) -> None:
     explicitly TensorRT-capable host, which the TensorRT engine gate checks in detail)."""
     family = family or device_family()
     target = manifest.target
-    if target.get("runtime") == "tensorrt" and family != "jetson" and not _tensorrt_importable():
+    if target.runtime == "tensorrt" and family != "jetson" and not _tensorrt_importable():
         raise ToolkitError(
-            f"bundle is for {target.get('name')} (TensorRT) but this device is a {family} without "
+            f"bundle is for {target.name} (TensorRT) but this device is a {family} without "
             "TensorRT", hint="convert the model again with --target cpu for this machine, or "
                              "deploy this bundle to the Jetson it was made for")
-    if manifest.contract.get("name") not in (DECODER_CONTRACT, ENCODER_CONTRACT):
-        raise ToolkitError(f"bundle contract {manifest.contract.get('name')!r} cannot be served",
+    if manifest.contract.name not in (DECODER_CONTRACT, ENCODER_CONTRACT):
+        raise ToolkitError(f"bundle contract {manifest.contract.name!r} cannot be served",
                            hint="only decoder (static-kv-v1) and encoder bundles are served")
 
 
@@ -68,12 +68,6 @@ class Runner:
         self.backend.close()
 
 
-def kv_layout(manifest: Manifest) -> KVCacheLayout:
-    kv = manifest.kv_cache or {}
-    return KVCacheLayout(kv["num_layers"], kv["kv_heads"], kv["max_seq"], kv["head_dim"],
-                         kv.get("dtype", "float32"))
-
-
 def load_bundle(path: Path, slots: int | None = None, threads: int | None = None,
                 device: str = "cpu", rebuild_on_mismatch: bool = False,
                 progress: Any = None) -> Runner:
@@ -82,21 +76,21 @@ def load_bundle(path: Path, slots: int | None = None, threads: int | None = None
     check_target(manifest)
     threads = threads or _env_int("TOOLKIT_THREADS")
     model = path / manifest.model_file
-    tokenizer = (BundleTokenizer(path / manifest.tokenizer["path"], manifest.tokenizer)
+    tokenizer = (BundleTokenizer(path / manifest.tokenizer.path, manifest.tokenizer)
                  if manifest.tokenizer else None)
     backend: DecoderBackend | EncoderBackend
     if manifest.kind == "encoder":
         from device.runtime.ort_backend import OrtEncoderBackend
 
         backend = OrtEncoderBackend(model, threads=threads, device=device)
-    elif manifest.target.get("runtime") == "tensorrt":
+    elif manifest.target.runtime == "tensorrt":
         backend = _tensorrt_backend(path, manifest, slots or manifest.batch, rebuild_on_mismatch,
                                     progress)
     else:
         from device.runtime.ort_backend import OrtDecoderBackend
 
-        vocab = int(manifest.architecture["dims"]["vocab_size"])
-        backend = OrtDecoderBackend(model, kv_layout(manifest), vocab, slots=slots or manifest.batch,
+        backend = OrtDecoderBackend(model, manifest.kv_layout(), manifest.dims.vocab_size,
+                                    slots=slots or manifest.batch,
                                     threads=threads, device=device)
     return Runner(path, manifest, backend, tokenizer)
 
@@ -107,8 +101,7 @@ def _tensorrt_backend(path: Path, manifest: Manifest, slots: int, rebuild: bool,
     from device.runtime.trt_backend import TrtDecoderBackend
 
     engine = prepare_engine(path, manifest, rebuild_on_mismatch=rebuild, progress=progress)
-    vocab = int(manifest.architecture["dims"]["vocab_size"])
-    return TrtDecoderBackend(engine, kv_layout(manifest), vocab, slots=slots)
+    return TrtDecoderBackend(engine, manifest.kv_layout(), manifest.dims.vocab_size, slots=slots)
 
 
 def _env_int(name: str) -> int | None:

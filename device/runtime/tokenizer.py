@@ -16,17 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from bundle.errors import ToolkitError
+from bundle.manifest import TokenizerRecord
 
 
 class BundleTokenizer:
-    def __init__(self, folder: Path, info: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, info: TokenizerRecord) -> None:
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
         self.tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         cfg_path = self.folder / "tokenizer_config.json"
         self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        self.stop_ids: list[int] = list(info.get("stop_token_ids") or [])
+        self.stop_ids: list[int] = list(info.stop_token_ids)
         template = self.folder / "chat_template.jinja"
         self.template_src: str | None = (template.read_text(encoding="utf-8") if template.exists()
                                          else self.config.get("chat_template"))

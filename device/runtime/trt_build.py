@@ -61,7 +61,6 @@ from device.runtime.engine_identity import (
     detect_device,
     timing_cache_key,
 )
-from targets import Target, load_target
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -71,15 +70,6 @@ ProgressLike = Progress | Steps | None
 
 PREFILL, DECODE = 0, 1  # profile indices, in the order they are added
 PREFILL_OPT = 128  # prefill kernels are tuned for prompts of this length
-# Builder scratch (WORKSPACE pool) as a share of the memory left after the OS reserve. On unified
-# memory (every Jetson, §5.1) the build also holds the parsed weights and the engine under
-# construction in that same DRAM, and TensorRT's own TACTIC_DRAM pool defaults to 75 % of it
-# (§1.3); TensorRT's default WORKSPACE (all of the device's memory) lets it pick tactics whose
-# scratch then cannot be allocated on an 8 GB board (§8 pitfall 16). A quarter (1.6 GiB on an
-# 8 GB Orin) leaves three quarters for weights, engine and OS; whether it is ever the limit for a
-# small decoder's GEMMs is UNVERIFIED on a device: build.log names tactics skipped for scratch.
-WORKSPACE_FRACTION = 0.25
-MIN_WORKSPACE = 256 << 20
 LOG_MIN_LEVEL = 3  # ILogger.Severity: 0 internal error, 1 error, 2 warning, 3 info, 4 verbose
 
 
@@ -192,15 +182,6 @@ def check_precision_hardware(precision: str, compute_capability: str | None) -> 
     if (major, minor) < FP8_MIN_CC:
         raise ToolkitError(f"fp8 needs compute capability 8.9 or newer; this GPU is "
                            f"{compute_capability}", hint="convert the model for fp16 or int8")
-
-
-def workspace_bytes_for(target: Target) -> int | None:
-    """WORKSPACE pool limit for a target: WORKSPACE_FRACTION of (memory - OS reserve), or None
-    (TensorRT's default) when the target does not fix its memory."""
-    if target.host_memory:
-        return None
-    usable = target.memory_total_bytes() - target.os_reserve_bytes()
-    return max(MIN_WORKSPACE, int(usable * WORKSPACE_FRACTION))
 
 
 # --- logging ---------------------------------------------------------------------------------
@@ -409,7 +390,7 @@ def build_engine(onnx_path: Path, manifest: Manifest, out_dir: Path, *, timing_c
                  device: DeviceIdentity | None = None) -> EngineBuildResult:
     """Build engine.plan (+ engine.json, layers.json, build.log) for this device into out_dir.
 
-    workspace_bytes None: derived from the bundle's target (workspace_bytes_for). opt_level is
+    workspace_bytes None: the bundle's target record's (manifest.target.engine.workspace_bytes). opt_level is
     builder_optimization_level 0-5 (3 = TensorRT's default). device: this machine's identity,
     recorded in engine.json (None: detect_device())."""
     import tensorrt as trt
@@ -418,13 +399,13 @@ def build_engine(onnx_path: Path, manifest: Manifest, out_dir: Path, *, timing_c
         raise ToolkitError(f"builder optimization level {opt_level} is not in 0..5")
     say = as_progress(progress)
     t0 = time.perf_counter()
-    target = load_target(str(manifest.target.get("name")))
+    target = manifest.target
     device = device or detect_device()
     check_precision_hardware(manifest.precision, device.compute_capability)
     plan_cfg = precision_plan(manifest.precision,
                               precision_flags=hasattr(trt.BuilderFlag, "FP16"))
     profiles = profile_shapes(manifest.max_seq, manifest.batch)
-    workspace = workspace_bytes if workspace_bytes is not None else workspace_bytes_for(target)
+    workspace = workspace_bytes if workspace_bytes is not None else target.engine.workspace_bytes
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timing_cache_dir.mkdir(parents=True, exist_ok=True)

@@ -123,14 +123,13 @@ def compatibility_problems(manifest: Manifest, facts: DeviceFacts) -> list[str]:
     from bundle.contract import DECODER_CONTRACT, ENCODER_CONTRACT
 
     problems = []
-    target = manifest.target
-    name = target.get("name", "?")
-    if target.get("runtime") == "tensorrt" and not facts.tensorrt:
+    name = manifest.target.name
+    if manifest.target.runtime == "tensorrt" and not facts.tensorrt:
         problems.append(f"the bundle is for {name} (TensorRT) but the device is a {facts.family} "
                         f"({facts.arch}) without TensorRT; convert it with --target cpu for this "
                         "device, or deploy it to the Jetson it was made for")
-    if manifest.contract.get("name") not in (DECODER_CONTRACT, ENCODER_CONTRACT):
-        problems.append(f"bundle contract {manifest.contract.get('name')!r} cannot be served")
+    if manifest.contract.name not in (DECODER_CONTRACT, ENCODER_CONTRACT):
+        problems.append(f"bundle contract {manifest.contract.name!r} cannot be served")
     fit = plan_problem(manifest, facts.memory_total)
     if fit:
         problems.append(fit)
@@ -138,27 +137,24 @@ def compatibility_problems(manifest: Manifest, facts: DeviceFacts) -> list[str]:
 
 
 def plan_problem(manifest: Manifest, memory_total: int) -> str | None:
-    """The bundle's fit plan (targets/plan.py) redone against the device's real memory; None
-    when it fits or the bundle carries no plan (encoders)."""
-    if manifest.kind != "decoder" or not manifest.plan:
+    """The bundle's fit plan checked against the device's real memory; None when it fits or
+    the bundle carries no plan (encoders). The plan's row for the bundle's precision holds what
+    the bundle needs by component (targets/plan.py computed it on the host at convert time; the
+    components do not depend on the memory they are compared with)."""
+    if manifest.kind != "decoder" or manifest.plan is None:
         return None
-    from models.dims import ModelDims
-    from targets import load_target
-    from targets.plan import plan_fit
-
-    try:
-        dims = ModelDims(**manifest.architecture["dims"])
-        target = load_target(str(manifest.target.get("name")))
-        result = plan_fit(dims, target, manifest.precision, manifest.max_seq, manifest.batch,
-                          prefill_chunk=manifest.plan.get("prefill_chunk"), memory_bytes=memory_total)
-    except (KeyError, TypeError) as e:
-        return f"the bundle's manifest has no usable dims for a fit check ({e})"
-    except ToolkitError as e:
-        return f"the bundle's plan cannot be checked on this device: {e.message}"
-    if result.fits:
+    row = manifest.plan.row(manifest.precision)
+    if row is None:
+        return None  # a plan made for other precisions: nothing recorded to check
+    need, gib = row.components, 1 << 30
+    if need.total <= memory_total:
         return None
-    return (f"the bundle does not fit the device's {memory_total / (1 << 30):.2f} GiB of memory: "
-            f"{result.explain()}")
+    return (f"the bundle does not fit the device's {memory_total / gib:.2f} GiB of memory: "
+            f"{manifest.precision} with max_seq {manifest.max_seq} x {manifest.batch} slot(s) "
+            f"needs {need.total / gib:.2f} GiB (weights {need.weights / gib:.2f}, KV cache "
+            f"{need.kv_cache / gib:.2f}, activations {need.activations / gib:.2f}, runtime "
+            f"{need.runtime / gib:.2f}, OS reserve {need.os_reserve / gib:.2f}); convert it with "
+            f"a smaller --max-seq or --batch, or a lower --precision (`toolkit plan` shows what fits)")
 
 
 # --- the device side ---------------------------------------------------------------------------

@@ -13,11 +13,11 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from bundle.errors import ToolkitError
+from bundle.manifest import Pooling
 from device.runtime.backend import EncoderBackend
 from device.runtime.pooling import pool
 from device.serve.metrics import ServingMetrics
@@ -41,9 +41,9 @@ class EmbeddingEngine(QueuedEngine):
 
     slots = 1
 
-    def __init__(self, backend: EncoderBackend, pooling: dict[str, Any] | None, queue_limit: int = 16,
+    def __init__(self, backend: EncoderBackend, pooling: Pooling | None, queue_limit: int = 16,
                  metrics: ServingMetrics | None = None, max_batch: int = 32) -> None:
-        self.backend, self.pooling = backend, pooling or {"mode": "mean", "normalize": False}
+        self.backend, self.pooling = backend, pooling
         self.metrics = metrics or ServingMetrics()
         self._init_queue(Admission(1, queue_limit), "encoder")
         self.max_batch = max_batch

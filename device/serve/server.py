@@ -377,8 +377,8 @@ class Daemon:
         m = self.runner.manifest
         card = {"id": self.model_id, "object": "model", "created": int(self.started),
                 "owned_by": "toolkit", "max_model_len": m.max_seq or None,
-                "meta": {"kind": m.kind, "precision": m.precision, "target": m.target.get("name"),
-                         "source_sha256": m.source.get("sha256"), "manifest_sha256": self.manifest_sha256,
+                "meta": {"kind": m.kind, "precision": m.precision, "target": m.target.name,
+                         "source_sha256": m.source.sha256, "manifest_sha256": self.manifest_sha256,
                          "defaults": {"temperature": 1.0, "top_p": 1.0, "top_k": 0,
                                       "max_tokens": {"completions": 16, "chat": "room left in the cache"}}}}
         h.send_json(200, {"object": "list", "data": [card]})
@@ -412,7 +412,8 @@ class Daemon:
         return self.runner.tokenizer
 
     def _encoder_max_len(self) -> int:
-        return int(self.runner.manifest.architecture.get("dims", {}).get("max_positions") or 512)
+        arch = self.runner.manifest.architecture
+        return arch.dims.max_positions if arch else 512
 
     # -- KServe v2 routes --
 
@@ -436,8 +437,9 @@ class Daemon:
 
     def model_metadata(self, h: Handler, name: str) -> None:
         self._v2_model(name)
-        dims = self.runner.manifest.architecture.get("dims", {})
-        h.send_json(200, kserve.model_metadata(self.model_id, self.runner.manifest.kind, dims.get("hidden")))
+        arch = self.runner.manifest.architecture
+        h.send_json(200, kserve.model_metadata(self.model_id, self.runner.manifest.kind,
+                                               arch.dims.hidden if arch else None))
 
     def model_ready(self, h: Handler, name: str) -> None:
         self._v2_model(name)
@@ -486,7 +488,7 @@ class Daemon:
         rec["target"] = {**m.target, "device_family": device_family()}
         rec["backend"] = runner.backend.describe()
         rec["bundle"].update(name=m.name, kind=m.kind, precision=m.precision,
-                             source_sha256=m.source.get("sha256"), manifest_sha256=self.manifest_sha256,
+                             source_sha256=m.source.sha256, manifest_sha256=self.manifest_sha256,
                              max_seq=m.max_seq, toolkit_version=m.toolkit_version)
         kv = runner.backend.kv_cache_bytes() if runner.is_decoder else 0
         rec["memory"]["kv_cache_bytes"] = kv
@@ -512,7 +514,7 @@ class Daemon:
                   prefixed=False),
             Gauge("model_info", "The served bundle (value 1).", lambda: 1,
                   {"model_name": self.model_id, "precision": m.precision,
-                   "source_sha256": str(m.source.get("sha256", ""))}),
+                   "source_sha256": m.source.sha256 or ""}),
         ]
         self.metrics.set_gauges(gauges)
 

@@ -68,6 +68,7 @@ from typing import Any
 
 from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, UNHASHED_DIRS, Manifest, sha256_file, verify_files
+from bundle.manifest import parse_manifest as parse_bundle_manifest
 from device.store.checksum import crc32 as checksum_crc32
 
 log = logging.getLogger("toolkit.store")
@@ -930,27 +931,13 @@ def _remove(path: Path) -> None:
 
 
 def parse_manifest(data: bytes) -> Manifest:
-    """Manifest bytes from the wire -> Manifest, or StoreError (never an uncaught exception)."""
+    """Manifest bytes from the wire -> Manifest, or StoreError (never an uncaught exception):
+    the one codec (bundle/manifest.py) checks every field's type, migrates schema 1 and
+    refuses newer schemas."""
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"the manifest is not valid JSON: {e}", code="bad_manifest") from e
-    if not isinstance(obj, dict) or "schema_version" not in obj or not isinstance(obj.get("files"), dict):
-        raise StoreError("the manifest is not a toolkit manifest (no schema_version or files)",
-                         code="bad_manifest")
-    from bundle.manifest import SCHEMA_VERSION
-
-    if not isinstance(obj["schema_version"], int) or obj["schema_version"] > SCHEMA_VERSION:
-        raise StoreError(f"the manifest has schema version {obj['schema_version']!r}; this device "
-                         f"reads up to {SCHEMA_VERSION}", code="bad_manifest",
-                         hint="upgrade the toolkit on the device")
-    for rel, entry in obj["files"].items():
-        if not isinstance(entry, dict) or set(entry) != {"sha256", "bytes"}:
-            raise StoreError(f"manifest entry {rel!r} is not {{sha256, bytes}}", code="bad_manifest")
-    try:
-        return Manifest.from_dict(obj)
-    except TypeError as e:
-        raise StoreError(f"the manifest is missing required fields: {e}", code="bad_manifest") from e
+        return parse_bundle_manifest(data, "the manifest")
+    except ToolkitError as e:
+        raise StoreError(e.message, code="bad_manifest", hint=e.hint) from e
 
 
 def install_result_from_json(data: dict[str, Any]) -> InstallResult:
@@ -1004,7 +991,7 @@ def smoke_runner(runner: Any, prompt: str = "hello world", tokens: int = 4) -> S
             feeds = {"input_ids": np.asarray([ids], dtype=np.int64)}
             feeds["attention_mask"] = np.ones_like(feeds["input_ids"])
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-            emb = pool(runner.backend.encode(feeds), feeds["attention_mask"], runner.manifest.pooling or {})
+            emb = pool(runner.backend.encode(feeds), feeds["attention_mask"], runner.manifest.pooling)
             if not np.isfinite(emb).all():
                 return SmokeResult(False, "the embedding is not finite", time.monotonic() - t0)
             detail = f"embedded one sentence ({emb.shape[-1]} dims)"

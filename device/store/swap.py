@@ -36,16 +36,10 @@ def resident_estimate(bundle: Path) -> int:
     bundles without a plan) the size of its files, which for weights-dominated bundles is what
     loading them costs."""
     manifest = read_manifest(bundle)
-    plan = manifest.plan if isinstance(manifest.plan, dict) else {}
-    rows = plan.get("rows")
-    for row in rows if isinstance(rows, list) else []:
-        parts = row.get("components") if isinstance(row, dict) else None
-        if isinstance(parts, dict) and row.get("precision") == manifest.precision:
-            try:
-                return int(parts["total"]) - int(parts.get("os_reserve", 0))
-            except (KeyError, TypeError, ValueError):
-                break
-    return sum(int(e.bytes) for e in manifest.files.values())
+    row = manifest.plan.row(manifest.precision) if manifest.plan else None
+    if row is not None:
+        return row.components.total - row.components.os_reserve
+    return sum(e.bytes for e in manifest.files.values())
 
 
 def plan_swap(setting: str, need: int | None, available: int | None, margin: int = SWAP_MARGIN) -> SwapPlan:

@@ -78,7 +78,7 @@ def _converted(bundle_dir: Path) -> Path:
     if (bundle_dir / "manifest.json").exists():
         try:
             m = load_verified(bundle_dir)
-            if m.source.get("name") == MODEL and m.target.get("name") == "cpu":
+            if m.source.name == MODEL and m.target.name == "cpu":
                 click.echo(f"reusing the intact bundle {bundle_dir}", err=True)
                 return bundle_dir
         except ToolkitError as e:
