@@ -103,7 +103,8 @@ def test_deeply_nested_json_is_an_error_not_a_crash():
 
 
 def test_the_device_store_refuses_a_bad_manifest_with_its_code(tiny_bundle):
-    from device.store.store import StoreError, parse_manifest as store_parse
+    from device.store.store import StoreError
+    from device.store.store import parse_manifest as store_parse
 
     data = _base(tiny_bundle)
     data["target"] = ["not", "an", "object"]
