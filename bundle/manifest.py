@@ -479,7 +479,7 @@ def _migrate_v1(v1: dict[str, Any]) -> dict[str, Any]:
     quant = v1.get("quantization")
     if quant is not None:
         quant = {k: v for k, v in quant.items() if k != "precision"}
-    out = {k: v1[k] for k in ("kind", "source", "precision", "max_seq", "batch", "files",
+    out: dict[str, Any] = {k: v1[k] for k in ("kind", "source", "precision", "max_seq", "batch", "files",
                               "toolkit_version", "created_at") if k in v1}
     out.update(schema_version=SCHEMA_VERSION, contract=contract, target=target,
                model_file=v1.get("model_file", "model.onnx"), tokenizer=v1.get("tokenizer"),

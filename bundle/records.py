@@ -92,7 +92,7 @@ def _decode(tp: Any, data: Any, where: str) -> Any:
         if not isinstance(data, dict):
             raise RecordError(f"{where}: expected an object, got {_shown(data)}")
         return {str(k): _decode(value, v, f"{where}.{k}") for k, v in data.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise RecordError(f"{where}: expected an object, got {_shown(data)}")
         hints, values = _hints(tp), {}
@@ -162,7 +162,7 @@ def _schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
         return {"type": "array", "items": _schema(typing.get_args(tp)[0], defs)}
     if origin is dict:
         return {"type": "object", "additionalProperties": _schema(typing.get_args(tp)[1], defs)}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         name = tp.__name__
         if name not in defs:
             defs[name] = {}  # placeholder: records may nest themselves
