@@ -11,6 +11,9 @@ Plots (matplotlib, Agg backend: no display needed):
 Each PNG carries the numbers it plots as JSON in a tEXt chunk (key "edge-toolkit-data"), so a
 test - or a reader - can check a picture against the report without reading pixels. The HTML
 embeds the same PNG bytes (base64) and the report JSON itself (<script id="bench-report">).
+
+matplotlib is the [report] extra: where it is not installed the page is written without plots
+and ReportFiles.plots_missing names it (the CLI says which extra to install).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from bundle.benchreport import save_report
-from bundle.errors import ToolkitError
 from host.report import CELL_HEADER, cell_row, fmt, headline, memory_line, power_line
 
 PNG_DATA_KEY = "edge-toolkit-data"
@@ -38,6 +40,7 @@ class ReportFiles:
     json: Path
     html: Path | None
     pngs: tuple[Path, ...]
+    plots_missing: str | None = None  # the package the plots need that is not installed
 
 
 def write_report_files(report: Mapping[str, Any], json_path: Path,
@@ -46,31 +49,33 @@ def write_report_files(report: Mapping[str, Any], json_path: Path,
     json_path = save_report(report, Path(json_path))
     if not html_page:
         return ReportFiles(json_path, None, ())
-    page, pngs = write_html_files(report, json_path)
-    return ReportFiles(json_path, page, pngs)
+    return write_html_files(report, json_path)
 
 
-def write_html_files(report: Mapping[str, Any], json_path: Path) -> tuple[Path, tuple[Path, ...]]:
-    """<stem>.html and <stem>-<plot>.png beside json_path (which is not touched)."""
-    plots = render_plots(report)
+def write_html_files(report: Mapping[str, Any], json_path: Path) -> ReportFiles:
+    """<stem>.html and <stem>-<plot>.png beside json_path (which is not touched); without
+    matplotlib the page alone, and plots_missing says so."""
+    missing = None
+    try:
+        plots = render_plots(report)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "matplotlib":
+            raise
+        plots, missing = {}, "matplotlib"
     pngs = []
     for suffix, png in plots.items():
         path = json_path.with_name(f"{json_path.stem}-{suffix}.png")
         path.write_bytes(png)
         pngs.append(path)
     page = json_path.with_suffix(".html")
-    page.write_text(render_html(report, plots), encoding="utf-8")
-    return page, tuple(pngs)
+    page.write_text(render_html(report, plots, plots_missing=missing), encoding="utf-8")
+    return ReportFiles(json_path, page, tuple(pngs), missing)
 
 
 # --- plots -------------------------------------------------------------------------------------
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ToolkitError("the HTML report needs matplotlib for its plots",
-                           hint="pip install matplotlib (a toolkit dependency), or pass "
-                                "--no-html for the JSON and table only") from e
+    import matplotlib  # the [report] extra: ModuleNotFoundError without it (see write_html_files)
+
     matplotlib.use("Agg")  # files only: never a display
     import matplotlib.pyplot as plt
 
@@ -211,7 +216,8 @@ def _pairs(data: Mapping[str, Any] | None) -> str:
     return _table(("field", "value"), [(k, "-" if v is None else v) for k, v in rows], left=2)
 
 
-def render_html(report: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
+def render_html(report: Mapping[str, Any], plots: Mapping[str, bytes],
+                plots_missing: str | None = None) -> str:
     env = report["environment"]
     head = headline(report)
     parts = [f"<h1>Bench report: {html.escape(_name(report))}</h1>"]
@@ -226,6 +232,9 @@ def render_html(report: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
               f"{html.escape(power_line(report.get('power')))}</p>",
               f"<p><small>{html.escape(report.get('prediction_note', ''))}</small></p>",
               "<h2>Plots</h2>"]
+    if plots_missing:
+        parts.append(f"<p>No plots: {html.escape(plots_missing)} was not installed where this page "
+                     "was written.</p>")
     for name, png in plots.items():
         b64 = base64.b64encode(png).decode("ascii")
         parts.append(f'<p><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}"></p>')

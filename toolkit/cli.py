@@ -1,9 +1,11 @@
 """The `toolkit` command: a click group of small subcommands over library functions.
 
-Each subcommand lives in toolkit/commands/<name>.py, parses its options and calls one library
-function; heavy imports (torch, onnxruntime, tensorrt) happen inside the command, so
-`toolkit --help` is instant. A ToolkitError anywhere below is printed without a traceback
-and exits non-zero; anything else is a bug and keeps its traceback.
+Each subcommand lives in toolkit/commands/<name>.py, parses its options (the shared groups are
+in toolkit/options.py) and calls one library function; heavy imports (torch, onnxruntime,
+tensorrt) happen inside the command, so `toolkit --help` is instant. A ToolkitError anywhere
+below is printed without a traceback and exits non-zero; so is the import of a package that one
+of the pip extras installs and this install lacks (toolkit/extras.py): one line naming the extra.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import click
 
 from bundle import __version__
 from bundle.errors import ToolkitError
+from toolkit.extras import missing_extra, needs_extra
 
 # "module:attribute" of each subcommand, in the order `toolkit --help` lists them.
 COMMANDS = [
@@ -39,7 +42,13 @@ COMMANDS = [
 class ToolkitGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except ModuleNotFoundError as e:
+                missing = missing_extra(e)
+                if missing is None:
+                    raise
+                raise ToolkitError(needs_extra(f"toolkit {ctx.invoked_subcommand}", *missing)) from e
         except ToolkitError as e:
             click.secho(f"error: {e.message}", fg="red", err=True)
             if e.hint:
@@ -62,13 +71,23 @@ def main() -> None:
 
 def _missing(name: str, err: Exception) -> click.Command:
     """A command whose module failed to import still shows in --help and says why when run
-    (Polygraphy's MissingTool): one broken optional stack must not take the CLI down."""
+    (Polygraphy's MissingTool): one broken optional stack must not take the CLI down. When an
+    extra's package is what is missing, the message names the extra."""
+    missing = missing_extra(err)
+    if missing:
+        message, hint = needs_extra(f"toolkit {name}", *missing), None
+        summary = f"(needs the [{missing[0]}] extra)"
+    else:
+        message, hint = f"the `{name}` command could not be loaded: {err}", \
+            "reinstall the toolkit (pip install -e .)"
+        summary = f"(unavailable: {err})"
 
-    def run() -> None:
-        raise ToolkitError(f"the `{name}` command could not be loaded: {err}",
-                           hint="reinstall the toolkit (pip install -e .)")
+    def run(args: tuple[str, ...]) -> None:
+        raise ToolkitError(message, hint=hint)
 
-    return click.Command(name, callback=run, help=f"(unavailable: {err})")
+    return click.Command(name, callback=run, help=summary, short_help=summary,
+                         params=[click.Argument(["args"], nargs=-1)],
+                         context_settings={"ignore_unknown_options": True})
 
 
 def _register(entry: str) -> None:
@@ -76,7 +95,7 @@ def _register(entry: str) -> None:
     try:
         command = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        command = _missing(module.rsplit(".", 1)[-1], e)
+        command = _missing(attr, e)  # the attribute is the command's name (deploy:rollback)
     main.add_command(command)
 
 

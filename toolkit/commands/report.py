@@ -51,7 +51,12 @@ def html(file: Path) -> None:
     """Write FILE's HTML page and PNG plots beside it (e.g. for a report pulled off a device)."""
     from bundle.benchreport import load_report
     from host.report_html import write_html_files
+    from toolkit.extras import plots_need_extra
 
-    page, pngs = write_html_files(load_report(file), file)
-    click.echo(f"wrote {page} and {len(pngs)} PNG plots beside it: "
-               f"{', '.join(p.name for p in pngs)}")
+    files = write_html_files(load_report(file), file)
+    if files.plots_missing:
+        click.echo(f"wrote {files.html} (without plots)")
+        click.echo(plots_need_extra(files.plots_missing), err=True)
+        return
+    click.echo(f"wrote {files.html} and {len(files.pngs)} PNG plots beside it: "
+               f"{', '.join(p.name for p in files.pngs)}")

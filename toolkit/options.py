@@ -1,0 +1,96 @@
+"""Option groups shared by the commands (Polygraphy style): one spelling, default and help each.
+
+    @click.command()
+    @daemon_options                      # --socket PATH / --device NAME -> endpoint
+    @threads_option("Runtime threads. Default: all cores.")
+    @json_option("The raw status record.")
+    def status(endpoint: Endpoint, threads: int | None, as_json: bool) -> None: ...
+
+Nothing here imports more than click: `toolkit --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from targets import DEFAULT_TARGET
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+SOCKET_HELP = "The daemon's Unix socket. Default: the daemon's default path."
+DEVICE_HELP = "A device name from `toolkit devices list`."
+
+
+def daemon_options(fn: Callable[..., Any] | None = None, *,
+                   instead_of: str | None = None) -> Any:
+    """--socket PATH and --device NAME (not both), passed on as `endpoint` (host.client.Endpoint).
+
+    Without either the endpoint is the daemon's default socket; with instead_of="BUNDLE" the
+    command works on its argument instead, and `endpoint` is None."""
+    also = f" (instead of {instead_of})" if instead_of else ""
+    socket_help = SOCKET_HELP if not instead_of else f"The daemon's Unix socket{also}."
+    device_help = DEVICE_HELP if not instead_of else f"{DEVICE_HELP[:-1]}{also}."
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def wrapper(*args: Any, socket_path: Path | None, device: str | None, **kwargs: Any) -> Any:
+            endpoint = None
+            if socket_path or device or not instead_of:
+                from host.client import endpoint_for
+
+                endpoint = endpoint_for(socket_path, device)
+            return f(*args, endpoint=endpoint, **kwargs)
+
+        wrapper = click.option("--device", default=None, metavar="NAME", help=device_help)(wrapper)
+        return click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
+                            help=socket_help)(wrapper)
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def device_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """A required --device NAME from the registry, passed on as `device_name` (deploy, rollback)."""
+    return click.option("--device", "device_name", required=True, metavar="NAME", help=DEVICE_HELP)(f)
+
+
+def threads_option(help: str) -> Decorator:
+    """--threads N (None: the library's default); the help says what the threads run."""
+    return click.option("--threads", type=int, default=None, help=help)
+
+
+def shape_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-seq and --batch: the static KV cache a bundle is converted or planned for."""
+    f = click.option("--batch", type=int, default=1, show_default=True,
+                     help="KV cache slots: requests the device serves at once.")(f)
+    return click.option("--max-seq", type=int, default=None,
+                        help="Static KV cache capacity in tokens (prompt + generated). "
+                             "Default: the target's default, capped at the model's limit.")(f)
+
+
+def target_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--target/-t NAME, passed on as `target`."""
+    return click.option("--target", "-t", default=DEFAULT_TARGET, show_default=True,
+                        help="Deployment target (see `toolkit targets`).")(f)
+
+
+def json_option(help: str) -> Decorator:
+    """--json, passed on as `as_json`; the help says what the JSON holds."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    """A click callback: "128,512" -> (128, 512); anything else is a usage error."""
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers "
+                                 "(e.g. 128,512)") from None
+
+
+def csv(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
