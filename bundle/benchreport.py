@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bundle.atomic import write_atomic
 from bundle.errors import ToolkitError
 
 SCHEMA = "edge-toolkit/bench-report"
@@ -348,9 +349,7 @@ def save_report(data: Mapping[str, Any], path: Path) -> Path:
     """Write atomically (a temporary file renamed), so a crash never leaves half a report."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return path
 
 

@@ -52,10 +52,11 @@ manifest's `pooling` record says, so the graph stays the plain exporter output.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
-DECODER_CONTRACT = "static-kv-v1"
-ENCODER_CONTRACT = "encoder-v1"
-GENERIC_CONTRACT = "onnx-passthrough-v1"
+DECODER_CONTRACT: Final = "static-kv-v1"
+ENCODER_CONTRACT: Final = "encoder-v1"
+GENERIC_CONTRACT: Final = "onnx-passthrough-v1"
 
 
 def past_names(num_layers: int) -> list[str]:

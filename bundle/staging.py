@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bundle.atomic import fsync_tree, write_atomic
 from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, Manifest, hash_tree
 
@@ -58,10 +59,8 @@ def finalize(staging: Path, manifest: Manifest) -> Manifest:
     """Hash every file and write manifest.json last (its presence marks a complete bundle)."""
     manifest.files = hash_tree(staging)
     manifest.created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    tmp = staging / (MANIFEST + ".tmp")
-    tmp.write_text(manifest.to_json(), encoding="utf-8")
-    _fsync_tree(staging)
-    os.replace(tmp, staging / MANIFEST)
+    fsync_tree(staging)  # every file durable before the manifest that vouches for them
+    write_atomic(staging / MANIFEST, manifest.to_json().encode("utf-8"))
     return manifest
 
 
@@ -79,16 +78,6 @@ def _swap_in(staging: Path, out: Path, force: bool) -> None:
         os.rename(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def dir_size(root: Path) -> int:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from bundle.atomic import write_atomic
 from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, Manifest, check_intact, read_manifest
 from device.serve.deploy import compatibility_problems
@@ -146,11 +147,7 @@ def save_devices(devices: dict[str, Device]) -> Path:
             data = {}
     data = {k: v for k, v in data.items() if k in devices}
     data.update({name: d.to_json() for name, d in devices.items()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
     return path
 
 

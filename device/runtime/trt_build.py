@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from bundle.atomic import write_atomic
 from bundle.errors import ToolkitError
 from bundle.manifest import Manifest, sha256_file
 from bundle.progress import Steps
@@ -361,14 +362,6 @@ def _attach_timing_cache(config: trt.IBuilderConfig, path: Path,
     return fresh
 
 
-def _write_atomic(path: Path, data: Any) -> int:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        n = f.write(data)
-    os.replace(tmp, path)
-    return n
-
-
 def _write_layer_info(plan: trt.IHostMemory, logger: trt.ILogger, path: Path) -> None:
     """Deserialize the fresh plan once: it proves the plan loads, and the inspector's JSON
     (DETAILED verbosity) goes beside it."""
@@ -449,8 +442,8 @@ def _build_plan(logger: trt.ILogger, sink: LogSink, onnx_path: Path, out_dir: Pa
         raise ToolkitError(f"TensorRT could not build the engine:\n  {sink.tail()}",
                            hint=f"the full log is {out_dir / BUILD_LOG}; on a small board, stop "
                                 "other programs (the build needs several times the model's size)")
-    n = _write_atomic(out_dir / PLAN_FILE, plan)
-    _write_atomic(cache_path, config.get_timing_cache().serialize())
+    n = write_atomic(out_dir / PLAN_FILE, memoryview(plan))  # IHostMemory: the buffer protocol
+    write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
     del monitor, cache, config, parser, network, builder  # free build memory before loading
     _write_layer_info(plan, logger, out_dir / LAYERS_FILE)
     return n

@@ -66,6 +66,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bundle.atomic import fsync_dir, fsync_tree, write_all, write_atomic
 from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, UNHASHED_DIRS, Manifest, sha256_file, verify_files
 from bundle.manifest import parse_manifest as parse_bundle_manifest
@@ -246,34 +247,6 @@ def _now() -> str:
 
 # --- durable small files -----------------------------------------------------------------------
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """temp file + fsync + rename + fsync of the folder: readers see the old or the new bytes."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        _write_all(fd, data, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 def _check_chunk_bounds(rel: str, offset: int, length: int, size: int) -> None:
     if offset < 0 or offset + length > size:
         raise StoreError(f"chunk {rel}@{offset}+{length} runs past the declared size of "
@@ -292,21 +265,6 @@ def _piece_buffer() -> memoryview:
     if buf is None:
         buf = _piece_buffers.buf = memoryview(bytearray(PIECE))
     return buf
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under root (folders last, so their entries are durable)."""
-    dirs = [root]
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        dirs += [Path(dirpath) / d for d in dirnames]
-    for d in reversed(dirs):
-        fsync_dir(d)
 
 
 def open_beneath(root: Path, parts: list[str], create: bool) -> int:
@@ -669,7 +627,7 @@ class Store:
             if offset > held:
                 raise StoreError(f"chunk {rel}@{offset} leaves a gap: the device holds {held} bytes",
                                  status=409, code="gap", held=held)
-            _write_all(fd, data, offset)
+            write_all(fd, data, offset)
             held = max(held, offset + len(data))
             if held == entry.bytes:
                 self._close_open_file()
@@ -722,7 +680,7 @@ class Store:
                     raise StoreError(f"the chunk ended after {pos - offset} of {length} bytes",
                                      code="short_body")
                 crc = checksum_crc32(buf[:k], crc)
-                _write_all(fd, buf[:k], pos)
+                write_all(fd, buf[:k], pos)
                 pos += k
             if crc != crc32:
                 raise StoreError(f"chunk {rel}@{offset} failed its CRC32 check; nothing was written",
