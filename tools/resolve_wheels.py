@@ -2,6 +2,7 @@
 
     python tools/resolve_wheels.py                 # both boards, a table each
     python tools/resolve_wheels.py --board jetpack6 --json
+    python tools/resolve_wheels.py --board jetpack6 --download dist   # the wheels, for an offline board
 
 The requirement list is read from pyproject.toml ([project].dependencies, no extras), so it cannot
 drift from what pip installs. For each board pip resolves it from PyPI with `pip install --dry-run
@@ -96,28 +97,45 @@ def base_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     return deps
 
 
-def resolve(board: Board, requirements: list[str], index_url: str = PYPI) -> dict[str, Any]:
-    """pip's installation report for `requirements` on `board`, binary wheels only."""
+def _pip(board: Board, args: list[str], index_url: str) -> subprocess.CompletedProcess[str]:
+    """pip with the board's marker environment, binary wheels for its Python and platforms, from
+    index_url alone."""
     env = {k: v for k, v in os.environ.items() if k not in _PIP_ENV_DROPPED}
     env["PIP_CONFIG_FILE"] = os.devnull  # no config file at all: no mirrors, no constraints
+    cmd = [sys.executable, "-c", _PIP_WITH_MARKERS, json.dumps(board.marker_environment()),
+           args[0], "--quiet", "--no-input", "--disable-pip-version-check",
+           "--only-binary=:all:", "--implementation", "cp", "--python-version", board.python,
+           *(a for p in board.platforms() for a in ("--platform", p)),
+           "--index-url", index_url, *args[1:]]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+def _failure(board: Board, run: subprocess.CompletedProcess[str]) -> ResolveError:
+    reason = "\n".join(line for line in (run.stderr + run.stdout).splitlines()
+                       if line.strip() and not line.startswith("WARNING: Location"))
+    return ResolveError(f"{board.name}: the requirements do not resolve to binary wheels for "
+                        f"Python {board.python} / {board.platforms()[-1]}:\n{reason}")
+
+
+def resolve(board: Board, requirements: list[str], index_url: str = PYPI) -> dict[str, Any]:
+    """pip's installation report for `requirements` on `board`, binary wheels only."""
     with tempfile.TemporaryDirectory(prefix="resolve-wheels-") as tmp:
         report = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-c", _PIP_WITH_MARKERS, json.dumps(board.marker_environment()),
-               "install", "--dry-run", "--ignore-installed", "--quiet", "--no-input",
-               "--disable-pip-version-check", "--report", str(report),
-               # pip < 24 takes --platform only with --target; --dry-run writes nothing there
-               "--target", str(Path(tmp) / "target"),
-               "--only-binary=:all:", "--implementation", "cp", "--python-version", board.python,
-               *(a for p in board.platforms() for a in ("--platform", p)),
-               "--index-url", index_url, *requirements]
-        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        run = _pip(board, ["install", "--dry-run", "--ignore-installed", "--report", str(report),
+                           # pip < 24 takes --platform only with --target; --dry-run writes nothing
+                           "--target", str(Path(tmp) / "target"), *requirements], index_url)
         if run.returncode != 0 or not report.is_file():
-            reason = "\n".join(line for line in (run.stderr + run.stdout).splitlines()
-                               if line.strip() and not line.startswith("WARNING: Location"))
-            raise ResolveError(f"{board.name}: the requirements do not resolve to binary wheels "
-                               f"for Python {board.python} / {board.platforms()[-1]}:\n{reason}")
+            raise _failure(board, run)
         data: dict[str, Any] = json.loads(report.read_text(encoding="utf-8"))
         return data
+
+
+def download(board: Board, requirements: list[str], dest: Path, index_url: str = PYPI) -> None:
+    """The wheels themselves into dest, for `pip install --no-index --find-links dest` on a board."""
+    dest.mkdir(parents=True, exist_ok=True)
+    run = _pip(board, ["download", "--dest", str(dest), *requirements], index_url)
+    if run.returncode != 0:
+        raise _failure(board, run)
 
 
 def wheels(report: dict[str, Any]) -> list[dict[str, str]]:
@@ -135,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--board", choices=[*BOARDS, "all"], default="all")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--index-url", default=PYPI, help=f"the index to resolve from (default {PYPI})")
+    parser.add_argument("--download", type=Path, metavar="DIR",
+                        help="also download the wheels into DIR (one board: give --board)")
     args = parser.parse_args(argv)
     boards = list(BOARDS) if args.board == "all" else [args.board]
+    if args.download and len(boards) != 1:
+        parser.error("--download needs one --board (the wheels of two boards do not share a folder)")
     result: dict[str, Any] = {}
     failed = []
     try:
@@ -153,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(key)
             continue
         found = wheels(report)
+        if args.download:
+            try:
+                download(board, requirements, args.download, args.index_url)
+            except (ResolveError, subprocess.TimeoutExpired) as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed.append(key)
         not_wheels = [w["wheel"] for w in found if not w["wheel"].endswith(".whl")]
         if not_wheels:  # --only-binary should make this impossible; say so if it ever is not
             print(f"error: {board.name}: not wheels: {', '.join(not_wheels)}", file=sys.stderr)
