@@ -23,8 +23,8 @@ def test_trt_modules_pass_mypy_strict_and_use_no_removed_api():
 
 
 def test_device_side_passes_mypy_for_python_3_10():
-    """bundle/, device/ and host/ - what `pip install edge-toolkit` runs on a board - type-check
-    with Python 3.10's standard library (JetPack 6): mypy-device.ini."""
+    """bundle/, device/, host/ and toolkit/ - what `pip install edge-toolkit` runs on a board -
+    type-check with Python 3.10's standard library (JetPack 6): mypy-device.ini."""
     if importlib.util.find_spec("mypy") is None:
         pytest.fail("mypy is missing: install the dev extra (pip install -e '.[dev]')")
     run = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "mypy-device.ini"],
