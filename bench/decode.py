@@ -404,10 +404,10 @@ def run_variant(variant: str, bundle: Path, ids_file: Path, args: argparse.Names
 
 def footprint(bundle: Path, slots: int = 1) -> tuple[int, int]:
     """(weights bytes, KV cache bytes for `slots`) of a bundle."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    from bundle.manifest import read_manifest
+
     weights = sum(p.stat().st_size for p in bundle.glob("model.onnx*"))
-    kv = manifest["kv_cache"]["bytes_per_position"] * manifest["max_seq"] * slots
-    return weights, kv
+    return weights, read_manifest(bundle).kv_layout().bytes_for(slots)
 
 
 def report(results: dict[str, Result], bundle: Path, args: argparse.Namespace) -> str:

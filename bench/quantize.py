@@ -39,6 +39,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bundle.errors import ToolkitError  # noqa: E402
+from bundle.manifest import read_manifest  # noqa: E402
+
 PROMPT_TOKENS, NEW_TOKENS, THREADS = 128, 128, 2
 TOOLKIT = [sys.executable, "-c", "from toolkit.cli import main; main()"]
 MAX_SEQ = 512
@@ -118,8 +121,8 @@ def build_ours(work: Path) -> list[Variant]:
             log(f"quantizing {precision}{label} ...")
             quantize_bundle(fp32, precision, out=dest, force=True, fmt=fmt,  # force: keep failures
                             options=options)
-        q = json.loads((dest / "manifest.json").read_text())["quantization"]
-        note = f"{q['format']}, gate {'passed' if q['gate']['passed'] else 'FAILED'}"
+        q = read_manifest(dest).quantization
+        note = f"{q.format}, gate {'passed' if q.gate and q.gate.passed else 'FAILED'}"
         out.append(Variant(f"ours {precision}{label}", "bundle", dest, note))
     return out
 
@@ -127,17 +130,19 @@ def build_ours(work: Path) -> list[Variant]:
 def _built_with(bundle: Path, options: Any) -> bool:
     """A cached bundle counts only if it was quantized with these options (the defaults move)."""
     try:
-        q = json.loads((bundle / "manifest.json").read_text())["quantization"]
-    except (OSError, ValueError, KeyError):
+        q = read_manifest(bundle).quantization
+    except ToolkitError:
         return False
-    want, got = asdict(options), dict(q.get("options") or {})
-    if want["int4_grid"] is None and q.get("grid_choice"):
+    if q is None:
+        return False
+    want, got = asdict(options), dict(q.options)
+    if want["int4_grid"] is None and q.grid_choice:
         # the ladder records the (grid, block) it kept: the cached bundle counts if it walked
         # today's ladder (the default moves with the code)
         from quantize.formats import FORMATS
 
-        ladder = [[g, b or options.block_size] for g, b in FORMATS[q["format"]].ladder]
-        if q["grid_choice"].get("ladder") != ladder:
+        ladder = [[g, b or options.block_size] for g, b in FORMATS[q.format].ladder]
+        if q.grid_choice.get("ladder") != ladder:
             return False
         got["int4_grid"], got["block_size"] = None, want["block_size"]
     return bool(got == want)
@@ -202,7 +207,6 @@ def heldout_ids() -> list[int]:
     """The held-out text in SmolLM2's tokens (every variant shares the tokenizer). The child
     imports only what the device runtime imports (no quantize/, onnx or torch), so its peak RSS
     is the runtime's."""
-    from bundle.manifest import read_manifest
     from device.runtime.tokenizer import BundleTokenizer
 
     fp32 = Path(os.environ["QBENCH_FP32"])
@@ -340,8 +344,8 @@ def minilm(work: Path) -> dict[str, Any]:
         dest = work / f"all-minilm-l6-v2-cpu-int8{'-' + fmt if fmt else ''}"
         if not (dest / "manifest.json").exists():
             quantize_bundle(fp32, "int8", out=dest, force=True, fmt=fmt)
-        q = json.loads((dest / "manifest.json").read_text())["quantization"]
-        out[q["format"]] = {"cosine_min": q["gate"]["cosine_min"], "cosine_mean": q["gate"]["cosine_mean"],
+        q = read_manifest(dest).quantization
+        out[q.format] = {"cosine_min": q.gate.cosine_min, "cosine_mean": q.gate.cosine_mean,
                             "bytes": size_of(dest), "fp32_bytes": size_of(fp32)}
     return out
 

@@ -210,7 +210,7 @@ def test_parity_failure_fails_the_convert_and_writes_nothing(tiny_dir, tmp_path,
 
     def broken(*args, **kwargs):
         res = real(*args, **kwargs)
-        parity._check(res, "injected", False, "forced failure")
+        res.check("injected", False, "forced failure")
         return res
 
     monkeypatch.setattr("convert.pipeline.decoder_parity", broken)

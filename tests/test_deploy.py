@@ -9,6 +9,7 @@ relay that damages bytes); the crash test SIGKILLs a daemon process in the middl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -76,10 +77,10 @@ def variant(src: Path, dst: Path, name: str, extra_bytes: int = 0, break_model: 
     if break_model:
         (dst / "model.onnx").write_bytes(b"this is not an onnx graph" * 100)
     manifest = read_manifest(dst)
-    manifest.source = {**manifest.source, "name": name}
+    manifest.source = dataclasses.replace(manifest.source, name=name)
     if runtime:
-        manifest.target = {**manifest.target, "runtime": runtime, "name": "jetson-orin-nano-8gb",
-                           "family": "jetson"}
+        manifest.target = dataclasses.replace(manifest.target, runtime=runtime,
+                                              name="jetson-orin-nano-8gb", family="jetson")
     manifest.files = hash_tree(dst)
     (dst / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
     return dst

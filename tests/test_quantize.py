@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -402,7 +401,7 @@ def test_gate_failure_with_force_records_it(q_fp32_bundle, tmp_path):  # noqa: F
     result = CliRunner().invoke(main, ["quantize", str(q_fp32_bundle("llama", "cpu")), "-p", "int4",
                                        "-o", str(out), "--min-top1", "1.01", "--force"])
     assert result.exit_code == 0, result.output
-    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    q = load_verified(out).quantization
     assert q.gate.passed is False and q.forced is True
     assert any("top-1" in f for f in q.gate.failures)
     # int4: the first step of the ladder failed, so the others were tried (and failed too)

@@ -62,7 +62,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from bundle.errors import ToolkitError
-from bundle.manifest import Manifest
+from bundle.manifest import Manifest, read_manifest
+from bundle.records import encode
 from device.serve.serial_link import open_port
 from device.store.store import (
     Activate,
@@ -181,9 +182,9 @@ class DeployService:
         active = self.store.active
         backend = None
         if active is not None:
-            try:
-                backend = json.loads((self.store.path_of(active) / "manifest.json").read_text())["target"]
-            except (OSError, ValueError, KeyError):
+            try:  # the active bundle's target record (a schema-1 manifest comes out migrated)
+                backend = encode(read_manifest(self.store.path_of(active)).target)
+            except ToolkitError:
                 backend = None
         limits = self.store.limits
         return {"protocol": PROTOCOL, "facts": asdict(self.facts()),

@@ -44,6 +44,7 @@ from typing import Any
 
 from bundle import __version__
 from bundle.errors import ToolkitError
+from bundle.records import encode
 from device.runtime.procmem import mem_available, process_rss
 from device.serve import bench_route, kserve, openai_api
 from device.serve.config import ServeConfig
@@ -485,7 +486,7 @@ class Daemon:
         from device.runtime.runner import device_family
 
         m = runner.manifest
-        rec["target"] = {**m.target, "device_family": device_family()}
+        rec["target"] = {**encode(m.target), "device_family": device_family()}
         rec["backend"] = runner.backend.describe()
         rec["bundle"].update(name=m.name, kind=m.kind, precision=m.precision,
                              source_sha256=m.source.sha256, manifest_sha256=self.manifest_sha256,
