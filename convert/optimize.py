@@ -5,6 +5,10 @@ MatMul+Add, constant folding, ...) into com.microsoft operators for the CPU prov
 result is CPU-specific, so only CPU bundles get it; Jetson bundles keep the portable graph
 TensorRT's parser reads. Doing it once here saves that work at every daemon start.
 
+The optimised graph keeps only non-default attributes on ORT's operators, so a board with an
+older ONNX Runtime (JetPack 6's Python 3.10 gets 1.23 at most) loads it too
+(strip_default_attributes).
+
 One fusion ORT's runtime optimiser does not do (only its offline Python `transformers` tool
 does) is done here by hand: the residual Add feeding an RMSNorm becomes one
 SkipSimplifiedLayerNormalization, which also returns the sum for the next residual. That is two
@@ -43,8 +47,41 @@ def optimize_for_cpu(model_dir: Path) -> Path:
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
         model = onnx.load(str(opt))
         fuse_skip_rms_norm(model)
+        strip_default_attributes(model)
         (Path(model_dir) / DATA_FILE).unlink(missing_ok=True)
         return save_model(model, model_dir)
+
+
+def strip_default_attributes(model: onnx.ModelProto) -> int:
+    """Drop every com.microsoft attribute that equals its schema's default; returns how many.
+
+    ORT's saved optimised model spells out all of a contrib op's attributes, defaults included,
+    and an older ORT refuses an attribute it does not know: ORT 1.23, the last release with
+    wheels for Python 3.10 (JetPack 6), fails to load a 1.32-optimised GroupQueryAttention with
+    "Unrecognized attribute: sliding_window_cache". A default-valued attribute means the same
+    to every ORT that knows it, and nothing to one that does not, so leaving it out is exact."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    defaults: dict[tuple[str, str], dict[str, object]] = {}
+    for schema in ort_c.get_all_operator_schema():
+        if schema.domain != MS_DOMAIN:
+            continue
+        known = defaults.setdefault((schema.domain, schema.name), {})
+        for name, attr in schema.attributes.items():
+            if attr._default_value:  # a serialised AttributeProto, or b"" without a default
+                value = helper.get_attribute_value(onnx.AttributeProto.FromString(attr._default_value))
+                known.setdefault(name, value)
+    dropped = 0
+    for node in model.graph.node:
+        known = defaults.get((node.domain, node.op_type))
+        if not known:
+            continue
+        keep = [a for a in node.attribute
+                if a.name not in known or helper.get_attribute_value(a) != known[a.name]]
+        dropped += len(node.attribute) - len(keep)
+        del node.attribute[:]
+        node.attribute.extend(keep)
+    return dropped
 
 
 def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:

@@ -295,3 +295,13 @@ def test_cli_convert_with_precision_quantizes_behind_the_gate(tiny_dir, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # the fp32 intermediate is gone
     bad = runner.invoke(main, ["convert", str(tiny_dir("llama")), "-p", "fp8", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "cannot run fp8" in bad.output
+
+
+def test_cpu_bundles_spell_out_no_default_attributes(tiny_bundle):
+    """ORT's offline optimiser writes every contrib-op attribute, defaults included; an older
+    ORT (1.23, the last for Python 3.10 / JetPack 6) refuses the ones it does not know, so the
+    CPU graph keeps only what differs from the default (tests/test_packaging.py loads it there)."""
+    model = onnx.load(str(tiny_bundle("llama") / "model.onnx"), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and {a.name for a in gqa[0].attribute} <= {"num_heads", "kv_num_heads", "do_rotary",
+                                                          "scale", "local_window_size", "softcap"}

@@ -2,7 +2,8 @@
 deploys, streams and benchmarks, and carries none of the conversion stack; its requirements
 resolve to binary wheels for both JetPack generations (tools/resolve_wheels.py).
 
-The venv is made once for the module (`python -m venv`, a non-editable install of a copy of the
+The venv is made once for the module with Python 3.10 where this machine has it (JetPack 6's
+Python: the whole device path then runs on 3.10), `python -m venv`, a non-editable install of a copy of the
 working tree: what git would carry, so the package list in pyproject.toml is what is proved).
 Everything it runs is its own `toolkit` command, started outside the repository and without
 PYTHONPATH, so nothing of the full install can leak in. The bundle is the tiny Llama of
@@ -97,12 +98,27 @@ class Venv:
                               capture_output=True, text=True, timeout=timeout)
 
 
+def board_python() -> str:
+    """The oldest Python a board runs, 3.10 (JetPack 6), when this machine has it (pyenv keeps
+    3.10 beside the 3.11 the suite runs on; $DEVICE_PYTHON overrides); else this interpreter."""
+    import glob
+
+    candidates = [os.environ.get("DEVICE_PYTHON", ""), shutil.which("python3.10") or "",
+                  *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3.10")))]
+    for exe in filter(None, candidates):
+        ok = subprocess.run([exe, "-c", "import sys, venv; assert sys.version_info[:2] == (3, 10)"],
+                            capture_output=True, timeout=60)
+        if ok.returncode == 0:
+            return exe
+    return sys.executable
+
+
 @pytest.fixture(scope="module")
 def venv(pypi: None, tmp_path_factory: pytest.TempPathFactory) -> Venv:
     root = tmp_path_factory.mktemp("device-install")
     src = copy_source(root / "src")
     where = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(where)], check=True, timeout=300)
+    subprocess.run([board_python(), "-m", "venv", str(where)], check=True, timeout=300)
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PIP_USER", "PIP_TARGET",
                         "PIP_PREFIX")}
@@ -116,6 +132,13 @@ def venv(pypi: None, tmp_path_factory: pytest.TempPathFactory) -> Venv:
     work = root / "work"
     work.mkdir()
     return Venv(root, python, where / "bin" / "toolkit", env, work)
+
+
+def test_the_device_install_runs_on_the_boards_python(venv: Venv) -> None:
+    """Where this machine has Python 3.10 (JetPack 6's), the device install is made with it."""
+    version = subprocess.run([str(venv.python), "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    assert version == ("(3, 10)" if board_python() != sys.executable else str(sys.version_info[:2]))
 
 
 def test_the_device_install_has_no_conversion_stack(venv: Venv) -> None:
