@@ -6,20 +6,17 @@ from pathlib import Path
 
 import click
 
+from toolkit.options import shape_options, target_option, threads_option
+
 
 @click.command()
 @click.argument("model")
-@click.option("--target", "-t", default="cpu", show_default=True,
-              help="Deployment target (see `toolkit targets`).")
-@click.option("--max-seq", type=int, default=None,
-              help="Static KV cache capacity in tokens (prompt + generated). "
-                   "Default: the target's default, capped at the model's limit.")
-@click.option("--batch", type=int, default=1, show_default=True,
-              help="KV cache slots: requests the device serves at once.")
+@target_option
+@shape_options
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Bundle folder. Default: bundles/<model>-<target>-<precision>.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the output path.")
-@click.option("--threads", type=int, default=None, help="CPU threads for parity runs.")
+@threads_option("CPU threads for parity runs.")
 @click.option("--precision", "-p", type=click.Choice(["fp32", "fp16", "int8", "int4", "fp8"]),
               default="fp32", show_default=True,
               help="Quantize after converting (as `toolkit quantize` does, behind its accuracy "

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from toolkit.options import json_option
+
 
 @click.group()
 def devices() -> None:
@@ -31,29 +33,24 @@ def devices() -> None:
 @click.option("--replace", is_flag=True, help="Replace an existing device of that name.")
 def add(name: str, uri: str, replace: bool) -> None:
     """Register device NAME at URI (the registry is ~/.config/toolkit/devices.json)."""
-    from host.deploy import add_device, registry_path
+    from host.deploy import add_device
+    from host.deploy_show import added_line
 
-    device = add_device(name, uri, replace)
-    token = f" (token from {device.token_file})" if device.token_file else ""
-    click.echo(f"added {device.name}: {device.uri}{token} to {registry_path()}")
+    click.echo(added_line(add_device(name, uri, replace)))
 
 
 @devices.command("list")
-@click.option("--json", "as_json", is_flag=True, help="The registry as JSON.")
+@json_option("The registry as JSON.")
 def list_(as_json: bool) -> None:
     """List the registered devices."""
-    from host.deploy import load_devices, registry_path
-    from toolkit.commands.targets import table
+    from host.deploy import load_devices
+    from host.deploy_show import devices_listing
 
     found = load_devices()
     if as_json:
         click.echo(json.dumps({n: d.to_json() for n, d in found.items()}, indent=2))
         return
-    if not found:
-        click.echo(f"no devices in {registry_path()}; add one with `toolkit devices add NAME URI`")
-        return
-    rows = [(d.name, d.transport, d.uri, d.token_file or "-") for d in found.values()]
-    click.echo(table(("name", "via", "address", "token file"), rows))
+    click.echo(devices_listing(found))
 
 
 @devices.command("remove")
@@ -68,23 +65,11 @@ def remove(name: str) -> None:
 
 @devices.command("ping")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="The device's hello record as JSON.")
+@json_option("The device's hello record as JSON.")
 def ping(name: str, as_json: bool) -> None:
     """Ask device NAME what it is: target, backend, active bundle, free memory, round trip."""
     from host.deploy import ping as run
+    from host.deploy_show import ping_record, ping_text
 
     result = run(name)
-    h = result.hello
-    if as_json:
-        click.echo(json.dumps({**h.raw, "rtt_ms": round(h.rtt_s * 1e3, 3)}, indent=2))
-        return
-    f = h.facts
-    active = h.active
-    click.echo(f"{name}  {result.device.uri}")
-    click.echo(f"  device   {f.family} ({f.arch}), TensorRT {f.tensorrt or 'none'}")
-    click.echo(f"  target   {(h.target or {}).get('name', '-')}, backend {h.backend}")
-    click.echo(f"  active   {active['dir'] if active else 'none'}"
-               + (f" (previous {h.previous['dir']})" if h.previous else ""))
-    free = f"{f.memory_available / 2**30:.2f}" if f.memory_available is not None else "?"
-    click.echo(f"  memory   {free} GiB free of {f.memory_total / 2**30:.2f} GiB")
-    click.echo(f"  rtt      {h.rtt_s * 1e3:.2f} ms")
+    click.echo(json.dumps(ping_record(result), indent=2) if as_json else ping_text(name, result))

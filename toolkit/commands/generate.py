@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+from toolkit.options import daemon_options
+
+if TYPE_CHECKING:
+    from host.client import Endpoint
 
 
 @click.command()
 @click.argument("prompt")
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
-              help="The daemon's Unix socket. Default: the daemon's default path.")
-@click.option("--device", default=None, help="A device name from ~/.config/toolkit/devices.json.")
+@daemon_options
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Wrap PROMPT in the model's chat template (else: a plain completion).")
 @click.option("--max-tokens", type=int, default=256, show_default=True,
@@ -21,8 +24,8 @@ import click
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (0, 1].")
 @click.option("--top-k", type=int, default=None, help="Sample among the k likeliest tokens.")
 @click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
-def generate(prompt: str, socket_path: Path | None, device: str | None, chat: bool, max_tokens: int,
-             temperature: float, top_p: float | None, top_k: int | None, seed: int | None) -> None:
+def generate(prompt: str, endpoint: Endpoint, chat: bool, max_tokens: int, temperature: float,
+             top_p: float | None, top_k: int | None, seed: int | None) -> None:
     """Generate text for PROMPT on a running daemon, printing it as it streams.
 
     \b
@@ -31,18 +34,15 @@ def generate(prompt: str, socket_path: Path | None, device: str | None, chat: bo
       toolkit generate --no-chat --max-tokens 40 "Once upon a time"
       toolkit generate --device jetson --temperature 0.7 --seed 1 "Write a haiku"
     """
-    from host.client import DaemonClient, endpoint_for, stream_text
+    from host.daemon import generate as run
+    from host.daemon import usage_line
 
-    client = DaemonClient(endpoint_for(socket_path, device))
     final = None
-    for text, event in stream_text(client, prompt, chat, max_tokens=max_tokens,
-                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed):
+    for text, event in run(endpoint, prompt, chat, max_tokens=max_tokens, temperature=temperature,
+                           top_p=top_p, top_k=top_k, seed=seed):
         if event is not None:
             final = event
         click.echo(text, nl=False)
     click.echo()
     if final:
-        usage, t = final["usage"], final.get("timings", {})
-        click.secho(f"[{usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated tokens; "
-                    f"first token {t.get('ttft_ms', 0):.0f} ms, "
-                    f"{t.get('predicted_per_second', 0):.1f} tokens/s]", err=True, dim=True)
+        click.secho(usage_line(final), err=True, dim=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from quantize.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+from toolkit.options import threads_option
 
 PRECISIONS = ["fp16", "fp8", "int8", "int4"]
 
@@ -43,7 +44,7 @@ PRECISIONS = ["fp16", "fp8", "int8", "int4"]
               help="int4: AWQ before the symmetric and zero-point grids (rescales each weight's "
                    "input channels by their calibration activations and rounds by output error; "
                    "the offset grid stays exact). Default: on.")
-@click.option("--threads", type=int, default=None, help="CPU threads for calibration and the gate.")
+@threads_option("CPU threads for calibration and the gate.")
 @click.option("--format", "fmt", default=None, metavar="NAME",
               help="Override the target's format for this precision (experiments and benchmarks; "
                    "e.g. ort-matmulnbits or ort-matmul-integer for cpu int8).")

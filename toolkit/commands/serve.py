@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from device.serve.config import DECODE_MODES, SWAP_MODES, ServeConfig
+from toolkit.options import threads_option
 
 _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclass
 
@@ -25,7 +26,7 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
               help="Requests decoded at once (KV cache slots). Default: the bundle's --batch.")
 @click.option("--queue", type=int, default=_D.queue, show_default=True,
               help="Requests that may wait for a slot; beyond that, 503 at once.")
-@click.option("--threads", type=int, default=_D.threads, help="Runtime threads. Default: all cores.")
+@threads_option("Runtime threads. Default: all cores.")
 @click.option("--drain-timeout", type=float, default=_D.drain_timeout, show_default=True,
               help="Seconds in-flight requests may take to finish after SIGTERM.")
 @click.option("--decode-mode", type=click.Choice(DECODE_MODES), default=_D.decode_mode,
