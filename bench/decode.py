@@ -66,7 +66,11 @@ class Result:
 
 
 def peak_rss_self() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's peak RSS: VmHWM, which belongs to the process's own memory map. Not
+    getrusage's ru_maxrss: Linux carries that across fork + exec, so a child of a parent that
+    converted the bundle first (torch, ~3.4 GB) reported the parent's peak as its own."""
+    hwm = _vm_hwm(os.getpid())
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def best(variant: str, runs: list[tuple[float, float, int]], rss: int | None, note: str = "") -> Result:
