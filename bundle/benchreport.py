@@ -2,14 +2,9 @@
 
 The device fills them (device/runtime/bench.py); the host adds the roofline prediction of the
 bundle's target and renders tables and plots (host/report.py, host/report_html.py). Standard
-library only, so both sides import it.
-
-The device measures (device/runtime/bench.py); everything here is host-safe (no onnxruntime, no
-numpy), so the host reads, compares and renders reports it pulled from a board:
+library only (no onnxruntime, no numpy), so both sides import it:
 
     report = load_report("smol.json")          # ToolkitError for non-reports / newer schemas
-    print(render_table(report))                # Markdown: one row per prompt length x concurrency
-    print(compare_reports([("A", a), ("B", b)]))
 
 Report JSON, `schema: "edge-toolkit/bench-report"`, `schema_version: 1`. Every field is
 documented in docs/bench-report-schema.md and machine-checkable with docs/bench-report.schema.json.
@@ -50,6 +45,7 @@ PERCENTILES = (50, 90, 95, 99)
 REQUIRED_KEYS = ("complete", "stopped_because", "config", "environment", "cells", "rounds",
                  "memory", "power")
 MIB = 1 << 20
+
 
 # --- what to run ------------------------------------------------------------------------------
 @dataclass(frozen=True)

@@ -76,6 +76,11 @@ class ModelDims:
         emb = self.vocab_size * self.hidden * (1 if self.tie_embeddings else 2)
         return self.num_layers * (attn + mlp) + emb
 
+    def kv_layout(self, max_seq: int, dtype: str = "float32") -> KVCacheLayout:
+        """The static cache of this model at `max_seq` positions: the one place the layout is
+        built from the dimensions (the manifest, the export's parity check, the fit plan)."""
+        return KVCacheLayout(self.num_layers, self.kv_heads, max_seq, self.head_dim, dtype)
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -388,8 +393,7 @@ class Manifest:
         """The runtime's static cache: one K and one V buffer per layer."""
         if self.kind != "decoder" or self.contract.kv_dtype is None:
             raise ToolkitError(f"bundle {self.name} is a {self.kind}: it has no KV cache")
-        d = self.dims
-        return KVCacheLayout(d.num_layers, d.kv_heads, self.max_seq, d.head_dim, self.contract.kv_dtype)
+        return self.dims.kv_layout(self.max_seq, self.contract.kv_dtype)
 
     def decoder_contract(self) -> DecoderContract:
         """The decoder graph's inputs and outputs, every name and shape (bundle/contract.py)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundle.contract import GENERIC_CONTRACT, KVCacheLayout
+from bundle.contract import GENERIC_CONTRACT
 from bundle.errors import ToolkitError
 from bundle.manifest import Architecture, Contract, Manifest, Parity, Pooling, TokenizerRecord
 from bundle.progress import QUIET, Steps
@@ -97,7 +97,7 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
         pooling = None
         with steps.step("checking parity against PyTorch"):
             if spec.task == DECODER:
-                layout = KVCacheLayout(dims.num_layers, dims.kv_heads, seq, dims.head_dim)  # fp32 at export
+                layout = dims.kv_layout(seq)  # fp32 at export
                 prompt = _greedy_prompt(tokenizer, dims)
                 parity = decoder_parity(exported.model_path, hf_model, layout, dims.vocab_size,
                                         prompt, threads)

@@ -328,8 +328,7 @@ def weight_bytes(dims: ModelDims, target: Target, precision: str) -> WeightBytes
 
 
 def kv_layout(dims: ModelDims, target: Target, max_seq: int) -> KVCacheLayout:
-    return KVCacheLayout(dims.num_layers, dims.kv_heads, max_seq, dims.head_dim,
-                         dtype=target.kv_dtype)
+    return dims.kv_layout(max_seq, target.kv_dtype)
 
 
 def activation_bytes(dims: ModelDims, target: Target, precision: str, max_seq: int,

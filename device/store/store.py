@@ -541,7 +541,7 @@ class Store:
         for rel, entry in manifest.files.items():
             parts[rel] = check_relpath(rel)
             size = entry.bytes
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            if size < 0:  # the manifest codec has made it an int already
                 raise StoreError(f"{rel}: declared size {size!r} is not a byte count", code="bad_manifest")
             if size > limits.max_file_bytes:
                 raise StoreError(f"{rel} declares {size} bytes; the store accepts files up to "
