@@ -140,7 +140,7 @@ class Daemon:
 
 
 def start_daemon(bundle: Path, *args: str, socket_path: Path | None = None, slow_step_s: float = 0.0,
-                 tcp: bool = False, token: str = "s3cret-token", wait: bool = True,
+                 tcp: bool = False, token: str = "s3cret-token-for-tests-0123456789", wait: bool = True,
                  timeout: float = 60.0, via_cli: bool = False) -> Daemon:
     """Start a daemon process and wait (bounded) until /v2/health/ready answers 200.
 

@@ -166,7 +166,7 @@ def free_port() -> int:
 
 def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "token"
-    path.write_text("s3cret-token\n")
+    path.write_text("s3cret-token-for-tests-0123456789\n")
     path.chmod(0o600)
     return path
 
@@ -908,7 +908,7 @@ def test_http_chunks_written_as_they_arrive_keep_only_good_bytes(bundles: dict[s
     else:
         port, token = free_port(), token_file(tmp_path)
         start(tcp=f"127.0.0.1:{port}", token_file=token)
-        client = HttpDeployClient(f"tcp://127.0.0.1:{port}", token="s3cret-token")
+        client = HttpDeployClient(f"tcp://127.0.0.1:{port}", token="s3cret-token-for-tests-0123456789")
     bundle = bundles["a"]
     state = client.begin((bundle / MANIFEST).read_bytes())
     rel = max(state.files, key=lambda r: state.files[r].size)
@@ -934,7 +934,7 @@ def test_tcp_replies_do_not_wait_for_delayed_acks(start: Any, tmp_path: Path) ->
     port, token = free_port(), token_file(tmp_path)
     start(socket_path=tmp_path / "d.sock", tcp=f"127.0.0.1:{port}", token_file=token)
     clients = {"unix": HttpDeployClient(f"unix://{tmp_path / 'd.sock'}"),
-               "tcp": HttpDeployClient(f"tcp://127.0.0.1:{port}", token="s3cret-token")}
+               "tcp": HttpDeployClient(f"tcp://127.0.0.1:{port}", token="s3cret-token-for-tests-0123456789")}
     took = {}
     for name, client in clients.items():
         client.status()  # connect

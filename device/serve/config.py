@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundle.errors import ToolkitError
-from device.serve.httpd import default_socket_path
+from device.serve.httpd import MAX_CONNECTIONS, default_socket_path
 
 SWAP_MODES = ("auto", "hot", "cold")  # see device/store/swap.py
 
@@ -37,6 +37,9 @@ class ServeConfig:
     baud: int = 921600
     rebuild_on_mismatch: bool = False  # TensorRT: rebuild an engine built for another TRT/GPU
     swap: str = "auto"  # how a deploy replaces the served bundle: auto | hot | cold (device/store/swap.py)
+    tls_cert: Path | None = None  # PEM certificate (chain): TCP speaks TLS
+    tls_key: Path | None = None  # its PEM private key
+    max_connections: int = MAX_CONNECTIONS  # per listener; one more is refused at once
 
     def __post_init__(self) -> None:
         if self.slots is not None and self.slots < 1:
@@ -54,6 +57,12 @@ class ServeConfig:
             raise ToolkitError(f"--swap {self.swap!r} is not one of {', '.join(SWAP_MODES)}")
         if self.serial and self.store is None:
             raise ToolkitError("--serial carries deploys, so it needs --store DIR")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ToolkitError("--tls-cert and --tls-key go together")
+        if self.tls_cert and not self.tcp:
+            raise ToolkitError("--tls-cert secures the TCP listener, so it needs --tcp HOST:PORT")
+        if self.max_connections < 1:
+            raise ToolkitError(f"--max-connections must be at least 1 (got {self.max_connections})")
         if self.tcp and not self.token_file:
             raise ToolkitError("--tcp needs --token-file: every TCP request must carry a bearer token",
                                hint="write a random token to a file (chmod 600) and pass it")

@@ -9,22 +9,47 @@ Transports (protocols.md §1f, §4):
   UnixServer   AF_UNIX, the default. The socket file is created 0600 (umask around bind, then
                chmod, both before listen). A path that holds a live socket is refused, a stale
                one is removed, anything else at the path is refused.
-  TCPServer    only when asked, loopback by default; every route then needs a bearer token,
-               compared in constant time.
+  TCPServer    only when asked, loopback by default; every route then needs a bearer token
+               (at least 16 random bytes), compared in constant time; with a certificate and
+               key the connection is TLS (the handshake runs in the connection's thread, under
+               the header deadline, so a slow handshake holds no one else up).
+
+Limits (protocols.md §2; nginx's limit_conn, client_header_timeout and client_body_timeout are
+the model). Each listener admits at most `max_connections` connections; one more is refused at
+once in the accepting thread (a canned 503, or a bare close under TLS) without a thread, so
+idle TCP connections cannot use up the threads and descriptors the Unix socket's clients need.
+Every read runs under a deadline: a new connection sends its first byte within
+FIRST_BYTE_TIMEOUT_S, a keep-alive connection its next request within IDLE_TIMEOUT_S, the
+request line and headers arrive within HEADER_TIMEOUT_S of their first byte, and a body within
+BODY_GRACE_S + length / BODY_MIN_RATE (a trickle that would hold a thread for hours is cut).
+A response answered before its body was read (401, 404, 405, a bad query) must not leave that
+body in the stream, where it would be parsed as the next request: up to DRAIN_LIMIT unread
+bytes are read and dropped, more closes the connection. Pipelined requests are answered in
+order (one reader per connection, one request at a time).
+
+Why harden http.server rather than move to h11/uvicorn: the board's install stays free of an
+HTTP stack (one fewer thing to cross-compile or vendor for JetPack's Python), the hardening is
+the hundred lines below, and the daemon's cost is in the engine thread, not here: a /v1/models
+round trip over the Unix socket costs ~0.2 ms against tens of ms for the shortest chat reply
+(README "Hardening" has the figures).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import hmac
+import io
 import json
 import logging
 import os
 import select
 import socket
 import socketserver
+import ssl
 import stat
+import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -35,7 +60,15 @@ from bundle.errors import ToolkitError
 log = logging.getLogger("toolkit.daemon")
 
 MAX_BODY = 8 << 20  # bytes; a chat prompt that fits any cache we serve is far smaller
-IDLE_TIMEOUT_S = 120.0  # a keep-alive connection with no request for this long is closed
+MAX_CONNECTIONS = 64  # per listener; an edge daemon decodes a handful of requests at once
+FIRST_BYTE_TIMEOUT_S = 10.0  # a new connection that sends nothing for this long is closed
+IDLE_TIMEOUT_S = 60.0  # a keep-alive connection with no next request for this long is closed
+HEADER_TIMEOUT_S = 10.0  # request line + headers, from their first byte
+BODY_GRACE_S = 10.0  # a body's deadline: BODY_GRACE_S + length / BODY_MIN_RATE
+BODY_MIN_RATE = 16 << 10  # bytes/s: 8 MiB may take ~9 minutes, a trickle may not take hours
+WRITE_TIMEOUT_S = 60.0  # a send that makes no progress for this long: the client is gone
+DRAIN_LIMIT = 64 << 10  # unread body an early answer reads and drops to keep the connection
+MIN_TOKEN_CHARS = 22  # 16 random bytes in base64 (token_urlsafe(16)); hex needs 32
 
 
 def default_socket_path() -> Path:
@@ -93,6 +126,13 @@ def claim_socket_path(path: Path) -> None:
                             "or pass another --socket path")
 
 
+# what a connection over the cap gets: written in the accepting thread without waiting
+_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 70\r\n\r\n"
+            b'{"error": {"message": "too many connections", "code": "overloaded"}}\n\n')
+assert len(_REFUSAL.split(b"\r\n\r\n", 1)[1]) == 70
+
+
 class _Server(socketserver.ThreadingMixIn):
     daemon_threads = True  # idle keep-alive connections must not hold the process at exit
     # listen() backlog: socketserver's default of 5 overflows when a burst of clients connects
@@ -101,13 +141,80 @@ class _Server(socketserver.ThreadingMixIn):
     block_on_close = False
     app: App
     tokens: tuple[bytes, ...] | None = None  # bearer tokens; None: no auth (the Unix socket)
+    tls: ssl.SSLContext | None = None
+    max_connections = MAX_CONNECTIONS
+    open_connections = 0
+    refused_connections = 0
+    _count_lock = threading.Lock()  # replaced per instance in _limit_init
+
+    def _limit_init(self, max_connections: int) -> None:
+        if max_connections < 1:
+            raise ToolkitError(f"--max-connections must be at least 1 (got {max_connections})")
+        self.max_connections = max_connections
+        self._count_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Runs in the accepting thread: over the cap, refuse now, without a thread."""
+        with self._count_lock:
+            full = self.open_connections >= self.max_connections
+            if full:
+                self.refused_connections += 1
+            else:
+                self.open_connections += 1
+        if full:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)  # type: ignore[misc]
+        except Exception:  # e.g. RuntimeError: can't start new thread
+            self._release()
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._count_lock:
+            self.open_connections -= 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        log.warning("refusing a connection: %d open, the cap is %d (--max-connections)",
+                    self.open_connections, self.max_connections)
+        with contextlib.suppress(OSError):
+            if self.tls is None:  # under TLS a plain-text answer would be noise: just close
+                request.setblocking(False)
+                request.send(_REFUSAL)
+        self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: the TLS handshake (under the header deadline), then
+        the handler."""
+        if self.tls is None:
+            super().finish_request(request, client_address)  # type: ignore[misc]
+            return
+        request.settimeout(HEADER_TIMEOUT_S)
+        try:
+            conn = self.tls.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as e:  # a port scan, plain HTTP, a wrong CA, a timeout
+            log.info("%s: TLS handshake failed: %s", client_address[0], e)
+            return
+        try:
+            super().finish_request(conn, client_address)  # type: ignore[misc]
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
 
 
 class UnixServer(_Server, socketserver.UnixStreamServer):
-    def __init__(self, path: Path, app: App) -> None:
+    def __init__(self, path: Path, app: App, max_connections: int = MAX_CONNECTIONS) -> None:
         self.path = Path(path)
         self.app = app
         self.inode: int | None = None
+        self._limit_init(max_connections)
         claim_socket_path(self.path)
         super().__init__(str(self.path), Handler)
 
@@ -130,11 +237,14 @@ class UnixServer(_Server, socketserver.UnixStreamServer):
 class TCPServer(_Server, socketserver.TCPServer):
     allow_reuse_address = True
 
-    def __init__(self, host: str, port: int, app: App, tokens: list[str]) -> None:
+    def __init__(self, host: str, port: int, app: App, tokens: list[str],
+                 tls: ssl.SSLContext | None = None, max_connections: int = MAX_CONNECTIONS) -> None:
         if not tokens:
             raise ToolkitError("TCP needs a bearer token", hint="pass --token-file FILE")
         self.app = app
         self.tokens = tuple(t.encode() for t in tokens)
+        self.tls = tls
+        self._limit_init(max_connections)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.address_family = family
         try:
@@ -167,39 +277,226 @@ def read_tokens(path: Path) -> list[str]:
     tokens = [t.strip() for t in lines if t.strip() and not t.startswith("#")]
     if not tokens:
         raise ToolkitError(f"the token file {path} holds no token")
+    for i, token in enumerate(tokens, 1):
+        if problem := token_problem(token):
+            raise ToolkitError(f"token {i} in {path} {problem}", hint=TOKEN_HINT)
     return tokens
+
+
+TOKEN_HINT = ("generate one: `toolkit devices add NAME URI --new-token` prints it, or "
+              "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+
+
+def token_problem(token: str) -> str | None:
+    """Why a bearer token is too weak to guard a port, or None. Randomness cannot be measured,
+    so this refuses what is surely not random: too short, whitespace, or few distinct
+    characters (a 22-character token_urlsafe has ~19 distinct characters on average)."""
+    if len(token) < MIN_TOKEN_CHARS:
+        return (f"is {len(token)} characters; a token must have at least {MIN_TOKEN_CHARS} "
+                "(16 random bytes)")
+    if any(c.isspace() for c in token):
+        return "contains whitespace"
+    if len(set(token)) < 8:
+        return f"uses only {len(set(token))} distinct characters; it is not random"
+    return None
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context: TLS 1.2 at least, the certificate chain and its key."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as e:
+        raise ToolkitError(f"cannot load the TLS certificate {cert} with the key {key}: {e}",
+                           hint="pass a PEM certificate (chain) and its PEM private key") from e
+    return ctx
+
+
+def cert_fingerprint(cert: Path) -> str:
+    """'sha256:<hex>' of a PEM certificate's DER bytes: what a client pins (`--pin`)."""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(Path(cert).read_text(encoding="ascii"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ToolkitError(f"cannot read the certificate {cert}: {e}") from e
+    return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
 # --- the request handler ---------------------------------------------------------------------
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's raw reads, each bounded by the phase it serves.
+
+    Waiting for a request (`expect_request(idle_s)`): the first byte may take idle_s; it starts
+    the header deadline. Otherwise every read must finish before `deadline`. After each read
+    the socket's timeout goes back to WRITE_TIMEOUT_S, which bounds the sends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self.waiting_s: float | None = None
+        self.deadline = time.monotonic() + HEADER_TIMEOUT_S
+
+    def readable(self) -> bool:
+        return True
+
+    def expect_request(self, idle_s: float) -> None:
+        self.waiting_s = idle_s
+
+    def readinto(self, b: Any) -> int:
+        if self.waiting_s is not None:
+            timeout = self.waiting_s
+        else:
+            timeout = self.deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError("the request took longer than its deadline")
+        self.sock.settimeout(timeout)
+        try:
+            n = self.sock.recv_into(b)
+        finally:
+            self.sock.settimeout(WRITE_TIMEOUT_S)
+        if n and self.waiting_s is not None:
+            self.waiting_s = None
+            self.deadline = time.monotonic() + HEADER_TIMEOUT_S
+        return n
+
+
+class _CountingReader(io.BufferedReader):
+    """A buffered reader that counts the bytes it hands out, so the handler knows how much of
+    a request body its route read (routes read bodies their own way: json, chunks into
+    files)."""
+
+    delivered = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.delivered += len(data)
+        return data
+
+    def read1(self, size: int = -1) -> bytes:
+        data = super().read1(size)
+        self.delivered += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        n = super().readinto(b)
+        self.delivered += n
+        return n
+
+    def readline(self, size: int | None = -1) -> bytes:
+        data = super().readline(size)
+        self.delivered += len(data)
+        return data
+
+
+class _Writer:
+    """wfile: every write is sent whole (sendall), like socketserver's own private writer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def write(self, data: bytes) -> int:
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Handler(BaseHTTPRequestHandler):
     """One thread per connection. Routing and error shapes belong to the App; this class reads
-    bodies, writes JSON / text / SSE, checks the bearer token and notices vanished clients."""
+    bodies under deadlines, writes JSON / text / SSE, checks the bearer token and notices
+    vanished clients."""
 
     protocol_version = "HTTP/1.1"
     server_version = "toolkit-daemon"
     _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's own (send_header fills it; typeshed omits it)
-    timeout = IDLE_TIMEOUT_S
     server: _Server  # type: ignore[assignment]
     response_started = False  # once a status line is out, an error can only close the connection
     status_sent: int | None = None  # for the access log
+    requests_served = 0
+    body_length = 0  # this request's Content-Length (0 when absent or invalid)
+    _body_start = 0  # rfile.delivered when the body began
 
     def setup(self) -> None:
-        super().setup()
+        self.connection = self.request
         # http.server writes a response's headers and body in two sends; with Nagle on, the
         # small second one waits for the client's delayed ACK (40 ms on Linux) on every reply
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.raw = _DeadlineReader(self.connection)
+        self.rfile = _CountingReader(self.raw, 1 << 16)
+        self.wfile = _Writer(self.connection)  # type: ignore[assignment]
+
+    def finish(self) -> None:
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+
+    def handle_one_request(self) -> None:
+        self.raw.expect_request(IDLE_TIMEOUT_S if self.requests_served else FIRST_BYTE_TIMEOUT_S)
+        self.requests_served += 1
+        super().handle_one_request()
 
     def send_response(self, code: int, message: str | None = None) -> None:
         self.status_sent, self.response_started = code, True
         super().send_response(code, message)
 
-    # BaseHTTPRequestHandler calls do_<METHOD>
+    # BaseHTTPRequestHandler calls do_<METHOD> once the request line and headers are read
     def do_GET(self) -> None:
-        self.server.app.dispatch(self)
+        try:
+            self.body_length = max(0, int(self.headers.get("Content-Length") or 0))
+        except ValueError:
+            self.body_length = 0  # read_body answers 400; _settle_body closes the connection
+            self.close_connection = True
+        self._body_start = self.rfile.delivered
+        self.raw.deadline = time.monotonic() + BODY_GRACE_S + self.body_length / BODY_MIN_RATE
+        try:
+            self.server.app.dispatch(self)
+        finally:
+            self._settle_body()
 
-    do_POST = do_DELETE = do_PUT = do_HEAD = do_GET
+    do_POST = do_DELETE = do_PUT = do_HEAD = do_PATCH = do_OPTIONS = do_GET
+
+    def __getattr__(self, name: str) -> Any:
+        # any other method reaches the app too, which answers 405 with Allow (http.server's
+        # own answer would be 501, a 5xx for a client's mistake)
+        if name.startswith("do_"):
+            return self.do_GET
+        raise AttributeError(name)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a malformed request line, HTTP/2.0 sent as text, headers
+        too long): a client's mistake is a 4xx; 505 and 501 become 400."""
+        if code >= 500 and code != 503:
+            code = 400
+        super().send_error(code, message, explain)
+
+    def _settle_body(self) -> None:
+        """The body the route did not read must not become the next request: read and drop a
+        little of it, or hang up."""
+        if self.close_connection:
+            return
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True  # refused (411) unread: its end cannot be found
+            return
+        left = self.body_length - (self.rfile.delivered - self._body_start)
+        if left <= 0:
+            return
+        if left > DRAIN_LIMIT:
+            self.close_connection = True
+            return
+        try:
+            while left > 0:
+                got = self.rfile.read(min(left, 1 << 16))
+                if not got:
+                    self.close_connection = True
+                    return
+                left -= len(got)
+        except OSError:
+            self.close_connection = True
 
     def address_string(self) -> str:
         return "unix" if isinstance(self.client_address, (str, bytes)) else str(self.client_address[0])
@@ -279,10 +576,20 @@ class Handler(BaseHTTPRequestHandler):
     def client_gone(self) -> bool:
         """True when the peer has closed its end: the socket is readable and reads EOF. (A
         client does not send more bytes while it waits for this response, so readable means
-        EOF, or a pipelined next request, which MSG_PEEK leaves in place.)"""
+        EOF, or a pipelined next request, which the peek below keeps in the reader's buffer
+        for its turn. TLS cannot MSG_PEEK, so the peek goes through the buffered reader.)"""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            pending = isinstance(self.connection, ssl.SSLSocket) and self.connection.pending() > 0
+            if not pending and not select.select([self.connection], [], [], 0)[0]:
+                return False
+            saved_wait, saved_deadline = self.raw.waiting_s, self.raw.deadline
+            self.raw.waiting_s, self.raw.deadline = None, time.monotonic() + 0.05
+            try:
+                return self.rfile.peek(1) == b""
+            finally:
+                self.raw.waiting_s, self.raw.deadline = saved_wait, saved_deadline
+        except TimeoutError:  # readable, but only part of a TLS record yet: someone is there
+            return False
         except (OSError, ValueError):
             return True
 

@@ -54,8 +54,10 @@ from device.serve.httpd import (
     HTTPError,
     TCPServer,
     UnixServer,
+    cert_fingerprint,
     parse_tcp,
     read_tokens,
+    tls_context,
 )
 from device.serve.metrics import Gauge, ServingMetrics
 from device.serve.scheduler import RequestRejected
@@ -532,14 +534,18 @@ def serve(config: ServeConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
     _setup_logging()
     tokens = read_tokens(Path(config.token_file)) if config.tcp and config.token_file else None
+    tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
     daemon = Daemon(config)
-    unix = UnixServer(config.socket_path, daemon)
+    unix = UnixServer(config.socket_path, daemon, config.max_connections)
     servers: list[Any] = [unix]
     stop = threading.Event()
     try:
         if config.tcp:
             host, port = parse_tcp(config.tcp)
-            servers.append(TCPServer(host, port, daemon, tokens or []))
+            servers.append(TCPServer(host, port, daemon, tokens or [], tls, config.max_connections))
+            if config.tls_cert:
+                log.info("TLS certificate %s: pin it with %s", config.tls_cert,
+                         cert_fingerprint(config.tls_cert))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         for s in servers:
@@ -553,7 +559,7 @@ def serve(config: ServeConfig) -> int:
             threading.Thread(target=serve_serial, name="serial", daemon=True,
                              args=(port, daemon.deploy.handle_message, stop)).start()
         log.info("listening on %s%s%s; loading %s", unix.path,
-                 f" and tcp://{config.tcp}" if config.tcp else "",
+                 f" and {'tls' if tls else 'tcp'}://{config.tcp}" if config.tcp else "",
                  f" and serial {config.serial}" if config.serial else "", config.bundle or config.store)
         daemon.load()
         if daemon.runner is None:

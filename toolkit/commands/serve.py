@@ -22,6 +22,12 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
               help="Also listen on TCP (loopback when HOST is omitted). Needs --token-file.")
 @click.option("--token-file", type=click.Path(path_type=Path), default=None,
               help="Bearer token(s), one per line, for TCP clients; mode 600.")
+@click.option("--tls-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="PEM certificate (chain): the TCP listener speaks TLS. With --tls-key.")
+@click.option("--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="The certificate's PEM private key (mode 600).")
+@click.option("--max-connections", type=int, default=_D.max_connections, show_default=True,
+              help="Open connections per listener; one more is refused at once (503).")
 @click.option("--slots", type=int, default=_D.slots,
               help="Requests decoded at once (KV cache slots). Default: the bundle's --batch.")
 @click.option("--queue", type=int, default=_D.queue, show_default=True,
@@ -46,7 +52,7 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
                    "gap, both in memory for a moment), cold unloads it first (half the memory, "
                    "503 while loading); auto picks hot when the device's memory allows.")
 def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_file: Path | None,
-          slots: int | None, queue: int, threads: int | None, drain_timeout: float,
+          tls_cert: Path | None, tls_key: Path | None, max_connections: int, slots: int | None, queue: int, threads: int | None, drain_timeout: float,
           decode_mode: str, store: Path | None, serial: str | None, baud: int,
           rebuild_on_mismatch: bool, swap: str) -> None:
     """Serve BUNDLE (or a store's active bundle) over a Unix socket: OpenAI and KServe v2
@@ -57,11 +63,13 @@ def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_
       toolkit serve bundles/smollm2-135m-cpu-fp32
       toolkit serve BUNDLE --socket /run/toolkit/api.sock --slots 4 --queue 8
       toolkit serve BUNDLE --tcp 127.0.0.1:8080 --token-file ~/.config/toolkit/token
+      toolkit serve BUNDLE --tcp 0.0.0.0:8443 --token-file F --tls-cert cert.pem --tls-key key.pem
       toolkit serve --store /var/lib/toolkit --tcp 0.0.0.0:8080 --token-file F --serial /dev/ttyGS0
     """
     from device.serve.server import serve as run
 
     config = ServeConfig(bundle, socket_path, tcp, token_file, slots, queue, threads,
                          drain_timeout, decode_mode, store=store, serial=serial, baud=baud,
-                         rebuild_on_mismatch=rebuild_on_mismatch, swap=swap)
+                         rebuild_on_mismatch=rebuild_on_mismatch, swap=swap, tls_cert=tls_cert,
+                         tls_key=tls_key, max_connections=max_connections)
     sys.exit(run(config))
