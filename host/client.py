@@ -1,4 +1,4 @@
-"""Host-side client of the daemon: HTTP/1.1 over a Unix socket or TCP, standard library only.
+"""Host-side client of the daemon: HTTP/1.1 over a Unix socket, TCP or TLS, standard library only.
 
     client = DaemonClient(Endpoint.unix("/run/user/1000/toolkit.sock"))
     client.get("/v1/status")
@@ -6,29 +6,27 @@
 
 Where a daemon is:
   --socket PATH                       a Unix socket (default: the daemon's default path)
-  --device NAME                       looked up in ~/.config/toolkit/devices.json:
-                                        {"jetson": "tcp://192.168.1.20:8080",
-                                         "local": "unix:///run/user/1000/toolkit.sock",
-                                         "lab": {"uri": "tcp://10.0.0.5:8080", "token_file": "~/.lab-token"}}
-A TCP endpoint sends `Authorization: Bearer` with the token from the entry's token_file, or
-$TOOLKIT_TOKEN.
+  --device NAME                       looked up in the registry `toolkit devices` keeps
+                                      (host/devices.py; address forms: host/endpoint.py)
+A TCP or TLS endpoint sends `Authorization: Bearer` with the token from the entry's token_file,
+or $TOOLKIT_TOKEN.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
-import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from bundle.errors import ToolkitError
 from device.serve.httpd import default_socket_path
+from host.endpoint import CONNECT_BUSY_S, Endpoint, Trust, UnixHTTPConnection, connect_unix
+
+__all__ = ["CONNECT_BUSY_S", "DaemonClient", "DaemonError", "Endpoint", "Trust",
+           "UnixHTTPConnection", "connect_unix", "endpoint_for", "resolve_device", "stream_text"]
 
 
 class DaemonError(ToolkitError):
@@ -40,71 +38,11 @@ class DaemonError(ToolkitError):
         self.status, self.body = status, body
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    kind: str  # "unix" | "tcp"
-    path: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = 0
-    token: str | None = None
-
-    @classmethod
-    def unix(cls, path: Path | str) -> Endpoint:
-        return cls("unix", path=Path(path))
-
-    @classmethod
-    def tcp(cls, host: str, port: int, token: str | None = None) -> Endpoint:
-        return cls("tcp", host=host, port=port, token=token)
-
-    @classmethod
-    def parse(cls, uri: str, token: str | None = None) -> Endpoint:
-        """unix:///path.sock | tcp://host:port"""
-        parts = urlsplit(uri)
-        if parts.scheme == "unix" and parts.path:
-            return cls.unix(parts.path)
-        if parts.scheme == "tcp" and parts.hostname and parts.port:
-            return cls.tcp(parts.hostname, parts.port, token or os.environ.get("TOOLKIT_TOKEN"))
-        raise ToolkitError(f"{uri!r} is not a daemon address",
-                           hint="use unix:///path/to.sock or tcp://host:port")
-
-    def __str__(self) -> str:
-        return f"unix://{self.path}" if self.kind == "unix" else f"tcp://{self.host}:{self.port}"
-
-
-def devices_file() -> Path:
-    """The registry `toolkit devices` writes (host/deploy.py): $TOOLKIT_CONFIG_DIR, else
-    $XDG_CONFIG_HOME/toolkit, else ~/.config/toolkit; the same entry format is read here."""
-    if os.environ.get("TOOLKIT_CONFIG_DIR"):
-        return Path(os.environ["TOOLKIT_CONFIG_DIR"]) / "devices.json"
-    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config) / "toolkit" / "devices.json"
-
-
 def resolve_device(name: str) -> Endpoint:
-    """A device name -> its endpoint, from devices.json (the registry a later issue manages)."""
-    path = devices_file()
-    try:
-        registry = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ToolkitError(f"cannot read the devices registry {path}: {e}") from e
-    entry = registry.get(name) if isinstance(registry, dict) else None
-    if entry is None:
-        known = ", ".join(sorted(registry)) if isinstance(registry, dict) and registry else "none"
-        raise ToolkitError(f"device {name!r} is unknown (devices in {path}: {known})",
-                           hint=f'add it to {path}, e.g. {{"{name}": "tcp://HOST:PORT"}}, or pass '
-                                "--socket PATH for a daemon on this machine")
-    if isinstance(entry, str):
-        return Endpoint.parse(entry)
-    if isinstance(entry, dict) and isinstance(entry.get("uri"), str):
-        token = None
-        if entry.get("token_file"):
-            token_path = Path(str(entry["token_file"])).expanduser()
-            try:
-                token = token_path.read_text(encoding="utf-8").split()[0]
-            except (OSError, IndexError) as e:
-                raise ToolkitError(f"device {name!r}: cannot read its token file {token_path}") from e
-        return Endpoint.parse(entry["uri"], token)
-    raise ToolkitError(f"device {name!r} in {path} is neither a URI nor an object with 'uri'")
+    """A device name -> its endpoint, from the registry `toolkit devices` keeps (host/devices.py)."""
+    from host.devices import get_device
+
+    return get_device(name).endpoint()
 
 
 def endpoint_for(socket_path: Path | None = None, device: str | None = None) -> Endpoint:
@@ -113,44 +51,6 @@ def endpoint_for(socket_path: Path | None = None, device: str | None = None) -> 
     if device:
         return resolve_device(device)
     return Endpoint.unix(socket_path or default_socket_path())
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over AF_UNIX: the Host header says localhost, the socket is a path."""
-
-    def __init__(self, path: Path, timeout: float | None = None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = str(path)
-
-    def connect(self) -> None:
-        self.sock = connect_unix(self.socket_path, self.timeout)
-
-
-CONNECT_BUSY_S = 2.0  # how long a connect keeps retrying a Unix socket whose backlog is full
-
-
-def connect_unix(path: str | Path, timeout: float | None) -> socket.socket:
-    """A connected AF_UNIX stream socket. With a timeout the socket is non-blocking inside, and
-    a Unix socket whose listen backlog is full answers EAGAIN at once (TCP would retry its SYN),
-    so a burst of clients retries for up to CONNECT_BUSY_S before giving up."""
-    deadline = time.monotonic() + CONNECT_BUSY_S
-    delay = 0.002
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-            return sock
-        except BlockingIOError:
-            sock.close()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise
-        except OSError:
-            sock.close()
-            raise
-        time.sleep(min(delay, left))
-        delay = min(delay * 2, 0.1)
 
 
 @dataclass
@@ -168,10 +68,7 @@ class DaemonClient:
         self.endpoint, self.timeout = endpoint, timeout
 
     def _connection(self) -> http.client.HTTPConnection:
-        if self.endpoint.kind == "unix":
-            assert self.endpoint.path is not None
-            return UnixHTTPConnection(self.endpoint.path, self.timeout)
-        return http.client.HTTPConnection(self.endpoint.host, self.endpoint.port, timeout=self.timeout)
+        return self.endpoint.connection(self.timeout)
 
     def _send(self, method: str, path: str, body: Any = None) -> tuple[http.client.HTTPConnection,
                                                                        http.client.HTTPResponse]:

@@ -1,17 +1,10 @@
-"""Host side of deploy: the devices registry, ping, deploy (verify, check, upload, resume,
+"""Host side of deploy: ping, deploy (verify, check, upload, resume,
 commit) and rollback. The CLI (toolkit devices / deploy / rollback) is a thin layer over this.
 
-    add_device("jetson", "tcp://192.168.1.20:8080?token-file=~/.config/toolkit/jetson.token")
     result = deploy(Path("bundles/smollm2-cpu"), "jetson", progress=print_progress)
 
-The registry is ~/.config/toolkit/devices.json ($TOOLKIT_CONFIG_DIR, else $XDG_CONFIG_HOME/toolkit,
-overrides the folder), the format host/client.py reads for `--device NAME`:
-
-    {"jetson": {"uri": "tcp://192.168.1.20:8080", "token_file": "/home/me/.config/toolkit/jetson.token"},
-     "local":  {"uri": "unix:///run/user/1000/toolkit.sock"},
-     "board":  {"uri": "serial:///dev/ttyUSB0?baud=921600"}}
-
-(a bare string value is read as {"uri": value}). The file is written 0600 by rename.
+The devices registry (`add_device`, `get_device`, ...) is host/devices.py; its names are
+importable from here too.
 
 Deploy order: every file of the bundle is hashed against its manifest first (a damaged bundle
 never leaves the host); `hello` tells what the device is, and a bundle it cannot run (TensorRT on
@@ -24,23 +17,32 @@ resets whenever bytes got through), each time resuming from the device's offsets
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from bundle.atomic import write_atomic
 from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, Manifest, check_intact, read_manifest
 from device.serve.deploy import compatibility_problems
 from device.serve.serial_link import DEFAULT_BAUD, LinkDown
 from device.store.checksum import crc32
 from device.store.store import InstallResult, UploadState
+
+# the registry lives in host/devices.py; these names stay importable from here
+from host.devices import (  # noqa: E402,F401 - re-exported
+    DEVICE_NAME_RE,
+    Device,
+    add_device,
+    config_dir,
+    get_device,
+    load_devices,
+    registry_path,
+    remove_device,
+    save_devices,
+    token_of,
+)
 from host.transfer import (
     Chunk,
     DeployClient,
@@ -51,154 +53,9 @@ from host.transfer import (
     read_range,
 )
 
-DEVICE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RETRY_CODES = ("gap", "unknown_upload", "bad_crc")  # answered by beginning again
 
 Progress = Callable[[int, int], None]  # (bytes the device holds, bundle bytes)
-
-
-# --- the registry ----------------------------------------------------------------------------------
-
-def config_dir() -> Path:
-    if os.environ.get("TOOLKIT_CONFIG_DIR"):
-        return Path(os.environ["TOOLKIT_CONFIG_DIR"])
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "toolkit"
-
-
-def registry_path() -> Path:
-    return config_dir() / "devices.json"
-
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    uri: str  # unix:///path | tcp://host:port | serial:///dev/ttyX?baud=N
-    token_file: str | None = None
-
-    @property
-    def transport(self) -> str:
-        return urlsplit(self.uri).scheme
-
-    def to_json(self) -> dict[str, str]:
-        return {"uri": self.uri, **({"token_file": self.token_file} if self.token_file else {})}
-
-
-def parse_uri(uri: str) -> tuple[str, str | None]:
-    """A device URI -> (the URI to store, token file); ToolkitError with the accepted forms."""
-    parts = urlsplit(uri)
-    forms = ("unix:///path/to.sock, tcp://HOST:PORT[?token-file=FILE] or "
-             "serial:///dev/ttyUSB0[?baud=921600]")
-    query = parse_qs(parts.query)
-    if parts.scheme == "unix" and parts.path.startswith("/") and not parts.netloc:
-        return f"unix://{parts.path}", None
-    if parts.scheme == "tcp" and parts.hostname:
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        if not port:
-            raise ToolkitError(f"{uri!r} has no valid port", hint=f"use one of: {forms}")
-        token = query.get("token-file", [None])[0]
-        if token:
-            token = str(Path(token).expanduser().absolute())
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        return f"tcp://{host}:{port}", token
-    if parts.scheme == "serial" and parts.path.startswith("/") and not parts.netloc:
-        baud = query.get("baud", [str(DEFAULT_BAUD)])[0]
-        if not baud.isdigit() or int(baud) <= 0:
-            raise ToolkitError(f"{uri!r}: baud {baud!r} is not a number", hint="e.g. ?baud=921600")
-        return f"serial://{parts.path}?baud={int(baud)}", None
-    raise ToolkitError(f"{uri!r} is not a device address", hint=f"use one of: {forms}")
-
-
-def load_devices() -> dict[str, Device]:
-    path = registry_path()
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ToolkitError(f"cannot read the devices registry {path}: {e}",
-                           hint="fix or remove the file") from e
-    if not isinstance(data, dict):
-        raise ToolkitError(f"the devices registry {path} is not a JSON object", hint="fix or remove the file")
-    devices = {}
-    for name, entry in data.items():
-        if isinstance(entry, str):
-            devices[name] = Device(name, entry)
-        elif isinstance(entry, dict) and isinstance(entry.get("uri"), str):
-            devices[name] = Device(name, entry["uri"], entry.get("token_file"))
-        else:
-            raise ToolkitError(f"device {name!r} in {path} is neither a URI nor an object with 'uri'",
-                               hint="fix the entry, or `toolkit devices remove` and add it again")
-    return devices
-
-
-def save_devices(devices: dict[str, Device]) -> Path:
-    """Write the registry by rename (readers never see half a file), mode 0600."""
-    path = registry_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {}
-    if path.is_file():  # keep entries other tools wrote in forms we do not model
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            data = {}
-    data = {k: v for k, v in data.items() if k in devices}
-    data.update({name: d.to_json() for name, d in devices.items()})
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
-    return path
-
-
-def add_device(name: str, uri: str, replace: bool = False) -> Device:
-    if not DEVICE_NAME_RE.fullmatch(name):
-        raise ToolkitError(f"device name {name!r} is not allowed",
-                           hint="use letters, digits, '.', '_' and '-' (64 at most)")
-    stored, token = parse_uri(uri)
-    if token and not Path(token).is_file():
-        raise ToolkitError(f"the token file {token} does not exist",
-                           hint="write the daemon's token there (chmod 600) first")
-    devices = load_devices()
-    if name in devices and not replace:
-        raise ToolkitError(f"device {name!r} already exists ({devices[name].uri})",
-                           hint="pass --replace to change it, or remove it first")
-    devices[name] = Device(name, stored, token)
-    save_devices(devices)
-    return devices[name]
-
-
-def remove_device(name: str) -> Device:
-    devices = load_devices()
-    if name not in devices:
-        raise _unknown(name, devices)
-    gone = devices.pop(name)
-    save_devices(devices)
-    return gone
-
-
-def get_device(name: str) -> Device:
-    devices = load_devices()
-    if name not in devices:
-        raise _unknown(name, devices)
-    return devices[name]
-
-
-def _unknown(name: str, devices: dict[str, Device]) -> ToolkitError:
-    known = ", ".join(sorted(devices)) or "none"
-    return ToolkitError(f"device {name!r} is unknown (registered: {known})",
-                        hint=f"add it: toolkit devices add {name} tcp://HOST:PORT (or unix:// or serial://)")
-
-
-def _token(device: Device) -> str | None:
-    if device.token_file:
-        path = Path(device.token_file).expanduser()
-        try:
-            return path.read_text(encoding="utf-8").split()[0]
-        except (OSError, IndexError) as e:
-            raise ToolkitError(f"device {device.name!r}: cannot read its token file {path}",
-                               hint="check the path and permissions, or re-add the device") from e
-    return os.environ.get("TOOLKIT_TOKEN")
 
 
 def open_client(device: Device) -> DeployClient:
@@ -206,7 +63,7 @@ def open_client(device: Device) -> DeployClient:
     if parts.scheme == "serial":
         baud = int(parse_qs(parts.query).get("baud", [str(DEFAULT_BAUD)])[0])
         return SerialDeployClient(parts.path, baud)
-    return HttpDeployClient(device.uri, _token(device) if parts.scheme == "tcp" else None)
+    return HttpDeployClient(device.endpoint())
 
 
 # --- ping ----------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from targets.show import table
 
 if TYPE_CHECKING:
     from device.store.store import InstallResult
-    from host.deploy import DeployResult, Device, PingResult
+    from host.deploy import DeployResult, PingResult
+    from host.devices import Added, Device
 
 
 def sent_line(result: DeployResult) -> str:
@@ -49,16 +50,22 @@ def install_lines(r: InstallResult) -> list[tuple[str, bool]]:
     return lines
 
 
-def added_line(device: Device) -> str:
-    from host.deploy import registry_path
+def added_lines(added: Added) -> list[str]:
+    """What `toolkit devices add` did, and for a generated token what to do on the board."""
+    from host.devices import registry_path
 
+    device = added.device
     token = f" (token from {device.token_file})" if device.token_file else ""
-    return f"added {device.name}: {device.uri}{token} to {registry_path()}"
+    lines = [f"added {device.name}: {device.uri}{token} to {registry_path()}"]
+    if added.token:
+        lines += ["On the board, put this line in the daemon's token file (chmod 600) and pass it "
+                  "as --token-file:", f"  {added.token}"]
+    return lines
 
 
 def devices_listing(found: Mapping[str, Device]) -> str:
     """The registered devices as a table (or how to add one)."""
-    from host.deploy import registry_path
+    from host.devices import registry_path
 
     if not found:
         return f"no devices in {registry_path()}; add one with `toolkit devices add NAME URI`"

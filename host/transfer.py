@@ -1,7 +1,7 @@
 """The host's end of the deploy protocol (device/serve/deploy.py describes the messages): one
 client per transport, HTTP over a Unix socket or TCP, and the serial link.
 
-    client = HttpDeployClient.for_uri("tcp://orin.local:8080", token)
+    client = HttpDeployClient(Endpoint.parse("https://orin.local:8443?pin=sha256:...", token))
     hello = client.hello(); state = client.begin(manifest_bytes); ...
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from bundle.errors import ToolkitError
 from device.serve.deploy import PREFIX, SERIAL_CHUNK, DeviceFacts, pack, unpack
@@ -28,7 +28,7 @@ from device.store.store import (
     UploadState,
     install_result_from_json,
 )
-from host.client import UnixHTTPConnection, connect_unix
+from host.endpoint import Endpoint
 
 PIPELINE = 2  # chunk requests in flight on HTTP
 
@@ -144,23 +144,15 @@ class HttpDeployClient(DeployClient):
 
     transport = "http"
 
-    def __init__(self, uri: str, token: str | None = None) -> None:
-        parts = urlsplit(uri)
-        self.uri, self.token = uri, token
-        self.scheme = parts.scheme
-        if parts.scheme == "unix" and parts.path:
-            self.path = parts.path
-        elif parts.scheme == "tcp" and parts.hostname and parts.port:
-            self.host, self.port = parts.hostname, parts.port
-        else:
-            raise ToolkitError(f"{uri!r} is not a daemon address", hint="use unix:///path.sock or tcp://host:port")
+    def __init__(self, endpoint: Endpoint | str, token: str | None = None) -> None:
+        self.endpoint = endpoint if isinstance(endpoint, Endpoint) else Endpoint.parse(endpoint, token)
+        self.uri, self.token = str(self.endpoint), self.endpoint.token
         self._conn: http.client.HTTPConnection | None = None
         self._timeout = 60.0
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if self._conn is None:
-            self._conn = (UnixHTTPConnection(Path(self.path), timeout) if self.scheme == "unix"
-                          else http.client.HTTPConnection(self.host, self.port, timeout=timeout))
+            self._conn = self.endpoint.connection(timeout)
         if self._conn.sock is not None and timeout != self._timeout:
             self._conn.sock.settimeout(timeout)
         self._conn.timeout = self._timeout = timeout
@@ -242,14 +234,9 @@ class HttpDeployClient(DeployClient):
 
     def _raw_socket(self) -> socket.socket:
         try:
-            if self.scheme == "unix":
-                sock = connect_unix(self.path, 60.0)
-            else:
-                sock = socket.create_connection((self.host, self.port), timeout=60.0)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return self.endpoint.socket(60.0)
         except OSError as e:
             raise LinkDown(f"cannot connect to {self.uri}: {e}") from e
-        return sock
 
     def _chunk_reply(self, reader: Any) -> int:
         """Read one HTTP response (status, headers, Content-Length body) -> held."""

@@ -15,13 +15,16 @@ def devices() -> None:
 
     \b
     Addresses:
-      unix:///run/user/1000/toolkit.sock                   a daemon on this machine
-      tcp://192.168.1.20:8080?token-file=~/.jetson.token    over the network (bearer token)
-      serial:///dev/ttyUSB0?baud=921600                    over a serial cable
+      unix:///run/user/1000/toolkit.sock                a daemon on this machine
+      https://192.168.1.20:8443?pin=sha256:HEX         TLS, the board's certificate pinned
+      https://orin.lab:8443?ca=ca.pem                   TLS, verified against a CA
+      tcp://192.168.1.20:8080                           plain HTTP (a trusted wire only)
+      serial:///dev/ttyUSB0?baud=921600                 over a serial cable
+    Network and serial addresses take a token: ?token-file=FILE, or --new-token.
 
     \b
     Examples:
-      toolkit devices add jetson tcp://192.168.1.20:8080?token-file=~/.config/toolkit/jetson.token
+      toolkit devices add jetson https://192.168.1.20:8443?pin=sha256:... --new-token
       toolkit devices ping jetson
       toolkit deploy bundles/smollm2-135m-jetson --device jetson
     """
@@ -31,12 +34,15 @@ def devices() -> None:
 @click.argument("name")
 @click.argument("uri")
 @click.option("--replace", is_flag=True, help="Replace an existing device of that name.")
-def add(name: str, uri: str, replace: bool) -> None:
+@click.option("--new-token", is_flag=True,
+              help="Generate its bearer token (32 random bytes), keep it beside the registry and "
+                   "print the line to put in the board's --token-file.")
+def add(name: str, uri: str, replace: bool, new_token: bool) -> None:
     """Register device NAME at URI (the registry is ~/.config/toolkit/devices.json)."""
-    from host.deploy import add_device
-    from host.deploy_show import added_line
+    from host.deploy_show import added_lines
+    from host.devices import add_device
 
-    click.echo(added_line(add_device(name, uri, replace)))
+    click.echo("\n".join(added_lines(add_device(name, uri, replace, new_token))))
 
 
 @devices.command("list")

@@ -52,9 +52,9 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
                    "gap, both in memory for a moment), cold unloads it first (half the memory, "
                    "503 while loading); auto picks hot when the device's memory allows.")
 def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_file: Path | None,
-          tls_cert: Path | None, tls_key: Path | None, max_connections: int, slots: int | None, queue: int, threads: int | None, drain_timeout: float,
-          decode_mode: str, store: Path | None, serial: str | None, baud: int,
-          rebuild_on_mismatch: bool, swap: str) -> None:
+          tls_cert: Path | None, tls_key: Path | None, max_connections: int, slots: int | None,
+          queue: int, threads: int | None, drain_timeout: float, decode_mode: str, store: Path | None,
+          serial: str | None, baud: int, rebuild_on_mismatch: bool, swap: str) -> None:
     """Serve BUNDLE (or a store's active bundle) over a Unix socket: OpenAI and KServe v2
     routes, /metrics, /v1/status; with --store also /v1/deploy/* (`toolkit deploy`).
 
