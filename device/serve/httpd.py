@@ -472,6 +472,9 @@ class Handler(BaseHTTPRequestHandler):
         too long): a client's mistake is a 4xx; 505 and 501 become 400."""
         if code >= 500 and code != 503:
             code = 400
+        if self.request_version == "HTTP/0.9":  # an unparsable version: answer with a status
+            self.request_version = "HTTP/1.0"  # line anyway (no 0.9 client exists to serve)
+        self.close_connection = True
         super().send_error(code, message, explain)
 
     def _settle_body(self) -> None:
