@@ -415,6 +415,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "toolkit-daemon"
     _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's own (send_header fills it; typeshed omits it)
     server: _Server  # type: ignore[assignment]
+    rfile: _CountingReader  # type: ignore[assignment]  # setup() installs it
     response_started = False  # once a status line is out, an error can only close the connection
     status_sent: int | None = None  # for the access log
     requests_served = 0
