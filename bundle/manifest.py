@@ -365,10 +365,24 @@ class Manifest:
     created_at: str = ""
 
     def __post_init__(self) -> None:
-        for where, rel in self.bundle_paths():
+        named = [*self.bundle_paths(), *(("files", rel) for rel in self.files)]
+        for where, rel in named:
             if problem := relpath_problem(rel):
                 raise RecordError(f"manifest.{where} {rel!r} {problem}",
                                   hint="a manifest may only name files inside its bundle")
+
+    def unhashed_paths(self) -> list[str]:
+        """The paths the manifest names that its `files` list does not hash, as sentences: a
+        file no hash covers could be swapped for anything. (Checked when a manifest is read;
+        a manifest being built has no hashes yet.)"""
+        problems = []
+        for where, rel in self.bundle_paths():
+            covered = rel in self.files
+            if where == "tokenizer.path":  # a folder: it must hold hashed files
+                covered = any(f.startswith(rel + "/") for f in self.files)
+            if not covered:
+                problems.append(f"manifest.{where} {rel!r} is not among the hashed files")
+        return problems
 
     def bundle_paths(self) -> list[tuple[str, str]]:
         """(field, relative path) of every file the manifest names outside `files`."""
@@ -426,6 +440,10 @@ class Manifest:
         if version == 1:
             data = migrate_v1(data, where)
         manifest = decode(cls, data, where)
+        if problems := manifest.unhashed_paths():
+            raise RecordError(f"{where}: {'; '.join(problems)}",
+                              hint="every file a bundle uses must be listed in `files` with its hash; "
+                                   "re-convert the model with `toolkit convert`")
         if manifest.kind == "decoder" and (manifest.architecture is None
                                            or manifest.contract.kv_dtype is None):
             raise RecordError(f"{where}: a decoder needs architecture.dims and contract.kv_dtype")
@@ -441,6 +459,8 @@ def relpath_problem(rel: str) -> str | None:
         return "is an absolute path"
     if ".." in p.parts:
         return "leaves the bundle folder (..)"
+    if str(p) != rel or rel == ".":  # 'a//b', './a', 'a/': one file must have one name
+        return f"is not normalised (write {str(p)!r})"
     return None
 
 

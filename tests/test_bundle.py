@@ -84,6 +84,13 @@ def _base(tiny_bundle) -> dict:
     (lambda d: d.update(model_file="../other/model.onnx"), "leaves the bundle folder"),
     (lambda d: d["tokenizer"].update(path="../../x"), "manifest.tokenizer.path"),
     (lambda d: d["contract"].update(kv_dtype=None), "a decoder needs"),
+    # every named path is normalised, inside the bundle and hashed (issue #16, item 6)
+    (lambda d: d.update(model_file="./model.onnx"), "is not normalised"),
+    (lambda d: d["tokenizer"].update(chat_template="tokenizer//chat_template.jinja"), "is not normalised"),
+    (lambda d: d.update(model_file="report.md.onnx"), "'report.md.onnx' is not among the hashed files"),
+    (lambda d: d["files"].pop("model.onnx"), "manifest.model_file 'model.onnx' is not among"),
+    (lambda d: d["tokenizer"].update(path="engines"), "manifest.tokenizer.path 'engines' is not among"),
+    (lambda d: d["files"].update({"../x": {"sha256": "0" * 64, "bytes": 1}}), "manifest.files '../x' leaves"),
     (lambda d: d.update(schema_version=SCHEMA_VERSION + 1), "upgrade the toolkit"),
     (lambda d: d.update(schema_version=0), "re-convert"),
 ])

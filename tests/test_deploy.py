@@ -266,6 +266,7 @@ def test_bundle_names_are_accepted() -> None:
 def manifest_bytes(files: dict[str, tuple[int, str]], base: Path) -> bytes:
     data = json.loads((base / MANIFEST).read_text())
     data["files"] = {k: {"sha256": sha, "bytes": n} for k, (n, sha) in files.items()}
+    data["model_file"], data["tokenizer"] = next(iter(files)), None  # every named file is hashed
     return json.dumps(data).encode()
 
 
@@ -273,10 +274,11 @@ def test_store_refuses_bad_uploads_before_any_byte(base_bundle: Path, tmp_path: 
     store = Store.open(tmp_path / "s", StoreLimits(max_file_bytes=1000, max_bundle_bytes=1500, max_files=3))
     sha = "0" * 64
     cases = {
-        "bad_name": {"../evil": (10, sha)},
+        "bad_manifest": {"../evil": (10, sha)},  # the manifest codec refuses a path out of the bundle
+        "bad_name": {"a": (10, sha), "b/c\x7f": (10, sha)},
         "too_large": {"a": (1001, sha)},
         "too_large ": {"a": (800, sha), "b": (800, sha)},  # together over the bundle limit
-        "bad_manifest": {"a": (10, "not-a-hash")},
+        "bad_manifest ": {"a": (10, "not-a-hash")},
     }
     for code, files in cases.items():
         with pytest.raises(StoreError) as e:
