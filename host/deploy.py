@@ -9,7 +9,7 @@ overrides the folder), the format host/client.py reads for `--device NAME`:
 
     {"jetson": {"uri": "tcp://192.168.1.20:8080", "token_file": "/home/me/.config/toolkit/jetson.token"},
      "local":  {"uri": "unix:///run/user/1000/toolkit.sock"},
-     "board":  {"uri": "serial:///dev/ttyUSB0?baud=921600"}}
+     "board":  {"uri": "serial:///dev/ttyUSB0?baud=921600", "token_file": "/home/me/.config/toolkit/board.token"}}
 
 (a bare string value is read as {"uri": value}). The file is written 0600 by rename.
 
@@ -88,7 +88,7 @@ def parse_uri(uri: str) -> tuple[str, str | None]:
     """A device URI -> (the URI to store, token file); ToolkitError with the accepted forms."""
     parts = urlsplit(uri)
     forms = ("unix:///path/to.sock, tcp://HOST:PORT[?token-file=FILE] or "
-             "serial:///dev/ttyUSB0[?baud=921600]")
+             "serial:///dev/ttyUSB0[?baud=921600&token-file=FILE]")
     query = parse_qs(parts.query)
     if parts.scheme == "unix" and parts.path.startswith("/") and not parts.netloc:
         return f"unix://{parts.path}", None
@@ -108,7 +108,8 @@ def parse_uri(uri: str) -> tuple[str, str | None]:
         baud = query.get("baud", [str(DEFAULT_BAUD)])[0]
         if not baud.isdigit() or int(baud) <= 0:
             raise ToolkitError(f"{uri!r}: baud {baud!r} is not a number", hint="e.g. ?baud=921600")
-        return f"serial://{parts.path}?baud={int(baud)}", None
+        token = query.get("token-file", [None])[0]  # the serial link is authenticated like TCP
+        return f"serial://{parts.path}?baud={int(baud)}", str(Path(token).expanduser().absolute()) if token else None
     raise ToolkitError(f"{uri!r} is not a device address", hint=f"use one of: {forms}")
 
 
@@ -205,7 +206,12 @@ def open_client(device: Device) -> DeployClient:
     parts = urlsplit(device.uri)
     if parts.scheme == "serial":
         baud = int(parse_qs(parts.query).get("baud", [str(DEFAULT_BAUD)])[0])
-        return SerialDeployClient(parts.path, baud)
+        token = _token(device)
+        if not token:
+            raise ToolkitError(f"device {device.name!r} has no token for its serial link",
+                               hint=f"re-add it with the daemon's token file: toolkit devices add {device.name} "
+                                    f"serial://{parts.path}?token-file=F --replace (or set $TOOLKIT_TOKEN)")
+        return SerialDeployClient(parts.path, baud, token)
     return HttpDeployClient(device.uri, _token(device) if parts.scheme == "tcp" else None)
 
 
