@@ -62,7 +62,12 @@ def open_client(device: Device) -> DeployClient:
     parts = urlsplit(device.uri)
     if parts.scheme == "serial":
         baud = int(parse_qs(parts.query).get("baud", [str(DEFAULT_BAUD)])[0])
-        return SerialDeployClient(parts.path, baud)
+        token = token_of(device)
+        if not token:
+            raise ToolkitError(f"device {device.name!r} has no token for its serial link",
+                               hint=f"re-add it with the daemon's token file: toolkit devices add {device.name} "
+                                    f"serial://{parts.path}?token-file=F --replace (or set $TOOLKIT_TOKEN)")
+        return SerialDeployClient(parts.path, baud, token)
     return HttpDeployClient(device.endpoint())
 
 

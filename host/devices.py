@@ -9,7 +9,8 @@ $XDG_CONFIG_HOME/toolkit, else ~/.config/toolkit), written 0600 by rename:
     {"jetson": {"uri": "https://192.168.1.20:8443?pin=sha256:...",
                 "token_file": "/home/me/.config/toolkit/tokens/jetson.token"},
      "local":  {"uri": "unix:///run/user/1000/toolkit.sock"},
-     "board":  {"uri": "serial:///dev/ttyUSB0?baud=921600"}}
+     "board":  {"uri": "serial:///dev/ttyUSB0?baud=921600",
+                "token_file": "/home/me/.config/toolkit/tokens/board.token"}}
 
 (a bare string value is read as {"uri": value}). A generated token (`new_token`) is 32 random
 bytes (secrets.token_urlsafe) in tokens/NAME.token beside the registry, mode 0600: the same

@@ -10,6 +10,12 @@ reads), so `rate` (bytes/s, per direction) paces the relay: 921600 baud 8N1 = 92
 relay reads little at a time, so a writer faster than the line blocks, as on a real UART.
 Faults are seeded: `corrupt` and `drop` are per-byte probabilities of an event that damages or
 removes a burst of 1..`burst` bytes; `affected` counts the bytes hit.
+
+For the serial link's security tests the relay also plays a second peer on the same line:
+`intruder=True` adds a third pty (`intruder_path`) whose writes are merged into the line to the
+device and which hears a copy of everything the device sends (a second cable on a shared bus);
+`record=True` keeps every byte the host sent (`recorded`), and `inject(data)` puts bytes on the
+line to the device, e.g. a recorded session replayed.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ class RelayStats:
 
 class PtyRelay:
     def __init__(self, rate: float | None = None, faults: Faults | None = None, seed: int = 0,
-                 fault_to_host: bool = True) -> None:
+                 fault_to_host: bool = True, intruder: bool = False, record: bool = False) -> None:
         self.rate = rate
         self.faults = faults or Faults()
         self.fault_to_host = fault_to_host  # damage the reverse direction (acks, replies) too
@@ -66,17 +72,37 @@ class PtyRelay:
             tty.setraw(fd)  # no echo or line editing before anyone opens the slave
         self.host_path = os.ttyname(self._host_slave)
         self.device_path = os.ttyname(self._dev_slave)
+        self.recorded: bytearray | None = bytearray() if record else None
+        self._to_device = threading.Lock()  # one writer at a time: bytes of two peers never interleave
+        self._intruder: tuple[int, int] | None = None
+        self.intruder_path: str | None = None
         self._threads = [
             threading.Thread(target=self._pump, args=(self._host_master, self._dev_master,
                                                       self.stats.to_device, True), daemon=True),
             threading.Thread(target=self._pump, args=(self._dev_master, self._host_master,
                                                       self.stats.to_host, fault_to_host), daemon=True),
         ]
+        if intruder:
+            master, slave = os.openpty()
+            tty.setraw(slave)
+            os.set_blocking(master, False)  # the copy of the device's bytes is dropped when unread
+            self._intruder = (master, slave)
+            self.intruder_path = os.ttyname(slave)
+            self._threads.append(threading.Thread(target=self._pump, args=(master, self._dev_master,
+                                                                           DirectionStats(), False),
+                                                  daemon=True))
 
     def start(self) -> PtyRelay:
         for t in self._threads:
             t.start()
         return self
+
+    def inject(self, data: bytes) -> None:
+        """Put bytes on the line to the device (between whole writes of the other peers)."""
+        with self._to_device:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._dev_master, view):]
 
     def blackout(self, seconds: float) -> None:
         """Drop everything in both directions for a while (a pulled cable)."""
@@ -86,7 +112,8 @@ class PtyRelay:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=2.0)
-        for fd in (self._host_master, self._host_slave, self._dev_master, self._dev_slave):
+        for fd in (self._host_master, self._host_slave, self._dev_master, self._dev_slave,
+                   *(self._intruder or ())):
             try:
                 os.close(fd)
             except OSError:
@@ -108,9 +135,13 @@ class PtyRelay:
                 continue
             try:
                 data = os.read(src, step)
+            except BlockingIOError:
+                continue
             except OSError:  # EIO: nobody holds the slave open any more
                 return
             st.bytes_in += len(data)
+            if self.recorded is not None and src == self._host_master:
+                self.recorded += data
             if time.monotonic() < self._blackout_until:
                 st.affected += len(data)
                 continue
@@ -122,17 +153,31 @@ class PtyRelay:
                 next_t = max(next_t, now - 0.01) + len(data) / self.rate
                 if next_t > now:
                     time.sleep(next_t - now)
-            view = memoryview(data)
-            while view and not self._stop.is_set():
-                try:
-                    n = os.write(dst, view)
-                except BlockingIOError:
-                    time.sleep(0.001)
-                    continue
+            if dst == self._dev_master:
+                with self._to_device:
+                    if not self._write(dst, data, st):
+                        return
+            elif not self._write(dst, data, st):
+                return
+            if self._intruder and src == self._dev_master:
+                try:  # the intruder hears the device too; what it does not read is lost
+                    os.write(self._intruder[0], data)
                 except OSError:
-                    return
-                view = view[n:]
-                st.bytes_out += n
+                    pass
+
+    def _write(self, dst: int, data: bytes, st: DirectionStats) -> bool:
+        view = memoryview(data)
+        while view and not self._stop.is_set():
+            try:
+                n = os.write(dst, view)
+            except BlockingIOError:
+                time.sleep(0.001)
+                continue
+            except OSError:
+                return False
+            view = view[n:]
+            st.bytes_out += n
+        return True
 
     def _damage(self, data: bytes, st: DirectionStats) -> bytes:
         f, rng = self.faults, self._rng

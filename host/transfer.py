@@ -319,13 +319,19 @@ def _remote_error(obj: Any, status: int, where: str) -> RemoteError:
 
 
 class SerialDeployClient(DeployClient):
-    """The messages over a serial link (device/serve/serial_link.py); the link is reconnected (a new
-    session; the frame size it learned is kept) after it drops."""
+    """The messages over a serial link (device/serve/serial_link.py), authenticated with `token`
+    (a line of the daemon's --token-file); the link is reconnected (a new session, a new
+    handshake; the frame size it learned is kept) after it drops. A wrong token raises
+    AuthRefused (a ToolkitError, never retried)."""
 
     transport = "serial"
 
-    def __init__(self, port: str, baud: int, config: LinkConfig | None = None) -> None:
+    def __init__(self, port: str, baud: int, token: str, config: LinkConfig | None = None) -> None:
+        if not token:
+            raise ToolkitError(f"the serial device {port} needs its token (the daemon's --token-file)",
+                               hint="add the device with serial://PORT?token-file=F, or set $TOOLKIT_TOKEN")
         self.port_path, self.baud, self.config = port, baud, config
+        self._token = token.encode()
         self._port: Any = None
         self._link: Link | None = None
         self._rid = 0
@@ -334,7 +340,7 @@ class SerialDeployClient(DeployClient):
         if self._port is None:
             self._port = open_port(self.port_path, self.baud)
         if self._link is None:
-            self._link = Link(self._port, "host", self.config)
+            self._link = Link(self._port, "host", self.config, tokens=[self._token])
         if not self._link.connected or self._link._failed:
             self._link.connect()
         return self._link

@@ -37,6 +37,8 @@ from bundle.manifest import MANIFEST, hash_tree, read_manifest
 from device.serve.deploy import serve_store
 from device.serve.serial_link import Frame as LinkFrame
 from device.serve.serial_link import (
+    DATA,
+    SYNC,
     FrameReader,
     Link,
     LinkDown,
@@ -44,6 +46,7 @@ from device.serve.serial_link import (
     cobs_encode,
     encode_frame,
     open_port,
+    verify_frame,
 )
 from device.store.store import (
     SmokeResult,
@@ -57,6 +60,7 @@ from host import deploy as dp
 from host.pty_relay import Faults, PtyRelay
 
 HARNESS = Path(__file__).with_name("deploy_harness.py")
+LINK_KEY = b"k" * 32  # a session key for frame-level tests
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -230,20 +234,27 @@ def test_cobs_round_trip_never_emits_zero(data: bytes) -> None:
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.binary(max_size=300), max_size=5), st.binary(max_size=50))
 def test_frame_reader_recovers_after_garbage(payloads: list[bytes], garbage: bytes) -> None:
-    frames = [LinkFrame(1, 7, i, 0, 0, p) for i, p in enumerate(payloads)]
-    wire = garbage + b"\x00" + b"".join(encode_frame(f) for f in frames)
+    frames = [LinkFrame(1, 7, i, 0, p, ctr=i + 1) for i, p in enumerate(payloads)]
+    wire = garbage + b"\x00" + b"".join(encode_frame(f, LINK_KEY) for f in frames)
     reader = FrameReader()
     got = []
     for i in range(0, len(wire), 7):  # arbitrary read boundaries
         got += reader.feed(wire[i:i + 7])
     assert got == frames
+    assert all(verify_frame(f, LINK_KEY) for f in got)
 
 
 def test_damaged_frames_are_dropped() -> None:
-    enc = bytearray(encode_frame(LinkFrame(1, 7, 3, 0, 1, b"payload")))
+    """An open (handshake) frame carries a CRC32, which the reader checks; a sealed one carries
+    its mac instead, which fails under line damage as under forgery."""
+    enc = bytearray(encode_frame(LinkFrame(SYNC, 7, 3, 1, b"payload")))
     enc[5] ^= 0x40
     reader = FrameReader()
     assert reader.feed(bytes(enc)) == [] and reader.damaged == 1
+    enc = bytearray(encode_frame(LinkFrame(DATA, 7, 3, 1, b"payload", ctr=1), LINK_KEY))
+    enc[len(enc) // 2] ^= 0x40
+    got = FrameReader().feed(bytes(enc))
+    assert got == [] or not verify_frame(got[0], LINK_KEY)
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd", "a/../b", "../../etc/passwd", "model/..", "..", ".",
@@ -513,12 +524,14 @@ def test_link_delivers_exact_messages_over_a_noisy_line() -> None:
     """1 % of bytes flipped or lost one by one (the hardest pattern for a framed link)."""
     with PtyRelay(faults=Faults(corrupt=0.005, drop=0.005), seed=7) as relay:
         host_port, dev_port = open_port(relay.host_path), open_port(relay.device_path)
-        device = Link(dev_port, "device")
-        host = Link(host_port, "host")
+        device = Link(dev_port, "device", tokens=[b"line-secret"])
+        host = Link(host_port, "host", tokens=[b"line-secret"])
+        done = threading.Event()
         try:
-            def echo() -> None:
-                while (msg := device.recv(10)) is not None:
-                    device.send(hashlib.sha256(msg.data).digest(), session=msg.session)
+            def echo() -> None:  # until the test ends: a reconnect may take a few seconds
+                while not done.is_set():
+                    if (msg := device.recv(0.5)) is not None:
+                        device.send(hashlib.sha256(msg.data).digest(), session=msg.session)
 
             threading.Thread(target=echo, daemon=True).start()
             messages = [os.urandom(n) for n in (1, 300, 20000)]
@@ -536,6 +549,7 @@ def test_link_delivers_exact_messages_over_a_noisy_line() -> None:
             assert relay.stats.to_device.affected_ratio >= 0.008
             assert host.stats.retransmits > 0
         finally:
+            done.set()
             host.close()
             device.close()
             host_port.close()
@@ -685,9 +699,10 @@ def test_deploy_over_a_lossy_serial_line(bundles: dict[str, Path], config: Path,
     """A pty pair through a relay that damages >= 1 % of the bytes (bursts of flips and
     losses, both directions): the install completes with exactly the sent bytes."""
     faults = Faults(corrupt=0.0008, drop=0.0008, burst=16)
+    token = token_file(tmp_path)
     with PtyRelay(faults=faults, seed=11) as relay:
-        daemon = serve(tmp_path / "store", "--serial", relay.device_path)
-        dp.add_device("board", f"serial://{relay.host_path}?baud=921600")
+        daemon = serve(tmp_path / "store", "--serial", relay.device_path, "--token-file", str(token))
+        dp.add_device("board", f"serial://{relay.host_path}?baud=921600&token-file={token}")
         result = dp.deploy(bundles["a"], "board", retries=6)
         assert result.install.ok
         same_files(bundles["a"], daemon.store / "bundles" / result.install.bundle.dir)

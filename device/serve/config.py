@@ -25,7 +25,7 @@ class ServeConfig:
     bundle: Path | None  # None: serve the active bundle of `store`
     socket: Path | None = None  # None: default_socket_path()
     tcp: str | None = None  # "HOST:PORT"; TCP is off unless given
-    token_file: Path | None = None  # required with tcp
+    token_file: Path | None = None  # required with tcp and with serial
     slots: int | None = None  # None: the bundle's batch
     queue: int = 16  # requests that may wait for a slot; beyond, 503
     threads: int | None = None  # runtime intra-op threads; None: all cores
@@ -63,6 +63,9 @@ class ServeConfig:
             raise ToolkitError("--tls-cert secures the TCP listener, so it needs --tcp HOST:PORT")
         if self.max_connections < 1:
             raise ToolkitError(f"--max-connections must be at least 1 (got {self.max_connections})")
+        if self.serial and not self.token_file:
+            raise ToolkitError("--serial needs --token-file: the serial link authenticates every session "
+                               "with the token", hint="write a random token to a file (chmod 600) and pass it")
         if self.tcp and not self.token_file:
             raise ToolkitError("--tcp needs --token-file: every TCP request must carry a bearer token",
                                hint="write a random token to a file (chmod 600) and pass it")

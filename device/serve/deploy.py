@@ -441,6 +441,10 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
     from device.serve.serial_link import serve as serve_serial
     from device.store.store import smoke_test
 
+    if serial and not token_file:  # anyone with a cable could deploy: refuse, as TCP does
+        raise ToolkitError("--serial needs --token-file: the serial link authenticates every session "
+                           "with the token", hint="write a random token to a file (chmod 600) and pass it")
+    tokens = read_tokens(token_file) if token_file and (tcp or serial) else []
     st = Store.open(store, limits)
     service = DeployService(st, activate or smoke_test, memory_total=memory_total, http_chunk=http_chunk)
     app = DeployApp(service)
@@ -453,7 +457,6 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
             servers.append(UnixServer(socket_path, app))
         if tcp:
             host, port = parse_tcp(tcp)
-            tokens = read_tokens(token_file) if token_file else []
             servers.append(TCPServer(host, port, app, tokens))
         for s in servers:
             threads.append(threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.1},
@@ -461,7 +464,8 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
         if serial:
             ports.append(open_port(serial, baud))
             threads.append(threading.Thread(target=serve_serial, daemon=True,
-                                            args=(ports[0], service.handle_message, stop)))
+                                            args=(ports[0], service.handle_message, stop,
+                                                  [t.encode() for t in tokens])))
         for t in threads:
             t.start()
         if ready:
@@ -483,7 +487,7 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m device.serve.deploy --store DIR [--socket P] [--tcp H:P --token-file F] [--serial PORT]"""
+    """python -m device.serve.deploy --store DIR [--socket P] [--tcp H:P] [--serial PORT] --token-file F"""
     import argparse
     import signal
 

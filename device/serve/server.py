@@ -533,7 +533,8 @@ def _setup_logging() -> None:
 def serve(config: ServeConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
     _setup_logging()
-    tokens = read_tokens(Path(config.token_file)) if config.tcp and config.token_file else None
+    tokens = (read_tokens(Path(config.token_file)) if (config.tcp or config.serial) and config.token_file
+              else None)
     tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
     daemon = Daemon(config)
     unix = UnixServer(config.socket_path, daemon, config.max_connections)
@@ -557,7 +558,8 @@ def serve(config: ServeConfig) -> int:
 
             port = open_port(config.serial, config.baud)
             threading.Thread(target=serve_serial, name="serial", daemon=True,
-                             args=(port, daemon.deploy.handle_message, stop)).start()
+                             args=(port, daemon.deploy.handle_message, stop,
+                                   [t.encode() for t in tokens or []])).start()
         log.info("listening on %s%s%s; loading %s", unix.path,
                  f" and {'tls' if tls else 'tcp'}://{config.tcp}" if config.tcp else "",
                  f" and serial {config.serial}" if config.serial else "", config.bundle or config.store)

@@ -21,7 +21,8 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
 @click.option("--tcp", default=None, metavar="HOST:PORT",
               help="Also listen on TCP (loopback when HOST is omitted). Needs --token-file.")
 @click.option("--token-file", type=click.Path(path_type=Path), default=None,
-              help="Bearer token(s), one per line, for TCP clients; mode 600.")
+              help="Token(s), one per line, mode 600: TCP clients' bearer token and the serial "
+                   "link's shared secret.")
 @click.option("--tls-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="PEM certificate (chain): the TCP listener speaks TLS. With --tls-key.")
 @click.option("--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
@@ -42,7 +43,8 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
               help="Serve the active bundle of this store and accept `toolkit deploy` into it "
                    "(instead of BUNDLE).")
 @click.option("--serial", default=None, metavar="PORT",
-              help="Also accept deploys over this serial port, e.g. /dev/ttyGS0. Needs --store.")
+              help="Also accept deploys over this serial port, e.g. /dev/ttyGS0. Needs --store and "
+                   "--token-file.")
 @click.option("--baud", type=int, default=_D.baud, show_default=True, help="The serial port's speed.")
 @click.option("--rebuild-on-mismatch", is_flag=True,
               help="TensorRT bundles: rebuild an engine that was built for another TensorRT "
