@@ -287,6 +287,17 @@ class Daemon:
             return None, smoke
         return runner, smoke
 
+    def _guarded_load(self, path: Path) -> tuple[Any, Any]:
+        """_load_smoked, with anything it raises as a failed smoke test: a cold swap has already
+        unloaded the served bundle, so it must go on to load the old one again."""
+        from device.store.store import SmokeResult
+
+        try:
+            return self._load_smoked(path)
+        except Exception as e:  # noqa: BLE001 - reported as the reason
+            log.debug("loading %s failed", path, exc_info=True)
+            return None, SmokeResult(False, _one_line(e))
+
     def _cold_swap(self, path: Path, why: str, t0: float) -> Any:
         """Drain and unload the served bundle, then load `path`; if it fails, load the old one
         again. Requests get 503 "switching" meanwhile, and only meanwhile: whatever happens
@@ -300,7 +311,7 @@ class Daemon:
         try:
             self._retire(self.runner, self.engine)  # a request already past the state check meets
             self.runner = self.engine = None         # a draining engine, which answers 503
-            runner, smoke = self._load_smoked(path)
+            runner, smoke = self._guarded_load(path)
             if runner is not None:
                 try:
                     self._install(runner, path)
@@ -309,7 +320,7 @@ class Daemon:
                 except Exception as e:  # noqa: BLE001 - falls back below like a failed load
                     smoke = SmokeResult(False, _one_line(e))
             detail = f"{smoke.detail} (cold swap: {why})"
-            back, reason = self._load_smoked(old_path) if old_path else (None, None)
+            back, reason = self._guarded_load(old_path) if old_path else (None, None)
             if back is not None and old_path is not None:
                 try:
                     self._install(back, old_path)

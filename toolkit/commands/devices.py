@@ -83,13 +83,9 @@ def ping(name: str, as_json: bool) -> None:
 @click.option("--remove-all", is_flag=True, help="Remove every upload in progress.")
 @click.option("--older-than", metavar="AGE",
               help="Remove uploads idle at least this long (90s, 30m, 12h, 7d).")
-@json_option("The uploads (and those removed) as JSON.")
-def uploads(name: str, remove: tuple[str, ...], remove_all: bool, older_than: str | None,
-            as_json: bool) -> None:
+def uploads(name: str, remove: tuple[str, ...], remove_all: bool, older_than: str | None) -> None:
     """List the uploads in progress on device NAME (id, bundle, bytes held, idle time), or
     remove abandoned ones to free their disk space."""
-    from dataclasses import asdict
-
     from host.deploy import parse_duration
     from host.deploy import uploads as run
     from host.deploy_show import uploads_table
@@ -98,8 +94,4 @@ def uploads(name: str, remove: tuple[str, ...], remove_all: bool, older_than: st
         raise click.UsageError("--remove names uploads; do not combine it with --remove-all/--older-than")
     found, removed = run(name, list(remove), remove_all,
                          parse_duration(older_than) if older_than else None)
-    if as_json:
-        click.echo(json.dumps({"uploads": [asdict(u) for u in found],
-                               "removed": [asdict(u) for u in removed]}, indent=2))
-        return
     click.echo(uploads_table(name, found, removed))
