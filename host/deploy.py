@@ -10,13 +10,17 @@ Deploy order: every file of the bundle is hashed against its manifest first (a d
 never leaves the host); `hello` tells what the device is, and a bundle it cannot run (TensorRT on
 a CPU device, a plan that does not fit its memory) is refused before any bundle byte is sent;
 `begin` reports what the device already holds (a re-run, or a retry after a dropped connection,
-sends only the rest); chunks go out in order with their CRC32; `commit` verifies, installs,
-smoke-tests and reports. A dropped connection is retried `retries` times in a row (the counter
-resets whenever bytes got through), each time resuming from the device's offsets.
+sends only the rest); chunks go out in order with their CRC32; `commit` is accepted at once and
+the host follows the install through status (verify, build, smoke, switch: `on_phase`) until it
+reports. A device whose disk is full (507) is one clear error with both figures and what to do,
+never retried: `uploads` lists and clears what abandoned uploads hold there. A dropped
+connection is retried `retries` times in a row (the counter resets whenever bytes got through),
+each time resuming from the device's offsets.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +32,7 @@ from bundle.manifest import MANIFEST, Manifest, check_intact, read_manifest
 from device.serve.deploy import compatibility_problems
 from device.serve.serial_link import DEFAULT_BAUD, LinkDown
 from device.store.checksum import crc32
-from device.store.store import InstallResult, UploadState
+from device.store.store import InstallResult, UploadInfo, UploadState
 
 # the registry lives in host/devices.py; these names stay importable from here
 from host.devices import (  # noqa: E402,F401 - re-exported
@@ -48,6 +52,7 @@ from host.transfer import (
     DeployClient,
     Hello,
     HttpDeployClient,
+    OnPhase,
     RemoteError,
     SerialDeployClient,
     read_range,
@@ -65,8 +70,9 @@ def open_client(device: Device) -> DeployClient:
         token = token_of(device)
         if not token:
             raise ToolkitError(f"device {device.name!r} has no token for its serial link",
-                               hint=f"re-add it with the daemon's token file: toolkit devices add {device.name} "
-                                    f"serial://{parts.path}?token-file=F --replace (or set $TOOLKIT_TOKEN)")
+                               hint="re-add it with the daemon's token file: toolkit devices add "
+                                    f"{device.name} serial://{parts.path}?token-file=F --replace (or set "
+                                    "$TOOLKIT_TOKEN)")
         return SerialDeployClient(parts.path, baud, token)
     return HttpDeployClient(device.endpoint())
 
@@ -118,7 +124,7 @@ def check_against_device(manifest: Manifest, hello: Hello, bundle: Path, device:
 
 
 def deploy(bundle: Path, name: str, progress: Progress | None = None, retries: int = 3,
-           on_retry: Callable[[str], None] | None = None) -> DeployResult:
+           on_retry: Callable[[str], None] | None = None, on_phase: OnPhase | None = None) -> DeployResult:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     manifest_bytes = (bundle / MANIFEST).read_bytes()
@@ -133,7 +139,7 @@ def deploy(bundle: Path, name: str, progress: Progress | None = None, retries: i
         check_intact(bundle, manifest, hello.chunk,
                      lambda rel, block: crcs.setdefault(rel, []).append(crc32(block)))
         return _upload(client, device, bundle, manifest, manifest_bytes, hello.chunk, crcs, progress,
-                       retries, on_retry)
+                       retries, on_retry, on_phase)
     finally:
         client.close()
 
@@ -143,7 +149,7 @@ ChunkCrcs = dict[str, list[int]]  # file -> CRC32 of each chunk-sized block from
 
 def _upload(client: DeployClient, device: Device, bundle: Path, manifest: Manifest,
             manifest_bytes: bytes, chunk: int, crcs: ChunkCrcs, progress: Progress | None, retries: int,
-            on_retry: Callable[[str], None] | None) -> DeployResult:
+            on_retry: Callable[[str], None] | None, on_phase: OnPhase | None = None) -> DeployResult:
     failures, attempts = 0, 1
     held_at_start: int | None = None
     held: list[int] = []
@@ -158,10 +164,12 @@ def _upload(client: DeployClient, device: Device, bundle: Path, manifest: Manife
                 held_at_start = state.held_bytes
             _send_missing(client, bundle, state, chunk, crcs, counter, progress)
             upload_s = time.perf_counter() - t0
-            install = client.commit(state.upload_id)
+            install = client.commit(state.upload_id, on_phase)
             return DeployResult(device, bundle, state.upload_id, state.total_bytes, held_at_start,
                                 counter.bytes, upload_s, attempts, install, tuple(held))
         except (LinkDown, RemoteError) as e:
+            if isinstance(e, RemoteError) and e.code == "no_space":
+                raise no_space_error(device, e) from e
             if isinstance(e, RemoteError) and e.code not in RETRY_CODES:
                 raise ToolkitError(f"device {device.name!r} refused the bundle: {e.message}",
                                    hint=e.hint) from e
@@ -216,13 +224,75 @@ def _send_missing(client: DeployClient, bundle: Path, state: UploadState, chunk:
             progress(done, total)
 
 
-def rollback(name: str) -> InstallResult:
+def no_space_error(device: Device, e: RemoteError) -> ToolkitError:
+    """A 507 as one line: what the device needs, what it has, and what to do (not a retry:
+    the disk does not empty itself)."""
+    needed, free = e.extra.get("needed_bytes"), e.extra.get("free_bytes")
+    if isinstance(needed, int) and isinstance(free, int):
+        mib = 1 << 20
+        figures = (f"it needs {needed / mib:.1f} MiB ({needed} bytes) and has {free / mib:.1f} MiB "
+                   f"({free} bytes) free")
+    else:  # a transport that carries only the message: the device's sentence has both figures
+        figures = e.message.splitlines()[0]
+    return ToolkitError(f"device {device.name!r} is out of disk space: {figures}; what it received "
+                        "is kept",
+                        hint=f"`toolkit devices uploads {device.name}` lists abandoned uploads and "
+                             f"`--remove ID` / `--remove-all` clears them; or free space on the "
+                             "device; then run the same deploy again (it resumes)")
+
+
+def rollback(name: str, on_phase: OnPhase | None = None) -> InstallResult:
     device = get_device(name)
     client = open_client(device)
     try:
         try:
-            return client.rollback()
+            return client.rollback(on_phase)
         except RemoteError as e:
             raise ToolkitError(f"device {name!r} refused the rollback: {e.message}") from e
     finally:
         client.close()
+
+
+# --- uploads in progress on a device ------------------------------------------------------------------
+
+DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '30m', '12h', '7d' -> seconds; ToolkitError otherwise."""
+    m = DURATION_RE.fullmatch(text.strip())
+    if not m:
+        raise ToolkitError(f"{text!r} is not a duration", hint="e.g. 90s, 30m, 12h or 7d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def uploads(name: str, remove: list[str] | None = None, remove_all: bool = False,
+            older_than_s: float | None = None) -> tuple[list[UploadInfo], list[UploadInfo]]:
+    """(uploads in progress on the device, the ones removed). `remove` takes ids or unique
+    prefixes of them (the listing shows 12 characters); with `older_than_s` alone, or with
+    remove_all, the idle ones (or all) are removed."""
+    device = get_device(name)
+    client = open_client(device)
+    try:
+        try:
+            found = client.uploads()
+            removed: list[UploadInfo] = []
+            if remove:
+                removed = client.remove_uploads([_resolve(p, found, name) for p in remove])
+            elif remove_all or older_than_s is not None:
+                removed = client.remove_uploads(None, every=True, older_than_s=older_than_s)
+        except RemoteError as e:
+            raise ToolkitError(f"device {name!r} refused: {e.message}") from e
+        gone = {u.upload_id for u in removed}
+        return [u for u in found if u.upload_id not in gone], removed
+    finally:
+        client.close()
+
+
+def _resolve(prefix: str, found: list[UploadInfo], device: str) -> str:
+    matches = [u.upload_id for u in found if u.upload_id.startswith(prefix.lower())]
+    if len(matches) != 1:
+        what = "no upload" if not matches else f"{len(matches)} uploads"
+        raise ToolkitError(f"{what} on {device!r} match {prefix!r}",
+                           hint=f"`toolkit devices uploads {device}` lists them")
+    return matches[0]

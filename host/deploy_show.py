@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 from targets.show import table
 
 if TYPE_CHECKING:
-    from device.store.store import InstallResult
+    from device.store.store import InstallResult, UploadInfo
     from host.deploy import DeployResult, PingResult
     from host.devices import Added, Device
+    from host.transfer import InstallPhase
 
 
 def sent_line(result: DeployResult) -> str:
@@ -94,3 +95,57 @@ def ping_text(name: str, result: PingResult) -> str:
         f"  memory   {free} GiB free of {f.memory_total / 2**30:.2f} GiB",
         f"  rtt      {h.rtt_s * 1e3:.2f} ms",
     ])
+
+
+class PhaseLines:
+    """The device's install progress as lines: one when a phase ends (with its time), and a
+    "still building" line every `every_s` of a long phase, so a 10-minute engine build is
+    visibly alive. Call with each polled InstallPhase; returns the lines to print."""
+
+    def __init__(self, every_s: float = 15.0) -> None:
+        self.done = 0
+        self.every_s = every_s
+        self.last_note = 0.0
+
+    def __call__(self, p: InstallPhase) -> list[str]:
+        lines = [f"device: {phase} {seconds:.1f} s" for phase, seconds in p.phases[self.done:]]
+        if len(p.phases) > self.done:
+            self.done, self.last_note = len(p.phases), 0.0
+        if p.state == "running" and p.phase_s - self.last_note >= self.every_s:
+            self.last_note = p.phase_s
+            lines.append(f"device: {p.phase} … {p.phase_s:.0f} s (install {p.elapsed_s:.0f} s)")
+        if p.state != "running":
+            lines.append(f"device: {p.op} {p.state} after {p.elapsed_s:.1f} s")
+        return lines
+
+
+def uploads_table(device: str, found: list[UploadInfo], removed: list[UploadInfo]) -> str:
+    """Uploads in progress on a device (and the ones just removed)."""
+    mib = 1 << 20
+    out = [f"removed {u.upload_id[:12]} {u.name} ({u.held_bytes / mib:.1f} MiB freed)" for u in removed]
+    if not found:
+        out.append(f"no uploads in progress on {device}")
+    else:
+        rows = [(u.upload_id[:12], u.name, f"{u.held_bytes / mib:.1f} / {u.total_bytes / mib:.1f} MiB",
+                 _age(u.age_s)) for u in found]
+        out.append(table(("id", "bundle", "held / total", "idle"), rows))
+        out.append(f"remove with `toolkit devices uploads {device} --remove ID` (or --remove-all, "
+                   "--older-than 1d)")
+    return "\n".join(out)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def failure_lines(record: Mapping[str, Any]) -> list[str]:
+    """A daemon status record's failed bundle, if any: which, why, and what serves instead."""
+    failure = record.get("failure")
+    if not isinstance(failure, dict):
+        return []
+    serving = failure.get("serving") or "nothing (the daemon is not ready; deploy a bundle)"
+    return [f"failed bundle  {failure.get('bundle')}: {failure.get('reason')}",
+            f"serving        {serving}"]

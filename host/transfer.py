@@ -13,8 +13,8 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -25,6 +25,7 @@ from device.serve.serial_link import Link, LinkConfig, LinkDown, open_port
 from device.store.store import (
     FileProgress,
     InstallResult,
+    UploadInfo,
     UploadState,
     install_result_from_json,
 )
@@ -64,11 +65,36 @@ def read_range(path: Path, offset: int, length: int) -> bytes:
 
 
 class RemoteError(ToolkitError):
-    """The device refused a request; `code` says why (see the module docstring)."""
+    """The device refused a request; `code` says why (see the module docstring), `extra` holds
+    the error's other fields (507 "no_space": needed_bytes, free_bytes)."""
 
-    def __init__(self, message: str, status: int, code: str) -> None:
+    def __init__(self, message: str, status: int, code: str, extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status, self.code = status, code
+        self.extra = extra or {}
+
+
+@dataclass(frozen=True)
+class InstallPhase:
+    """Where the device's install is (device/store/jobs.py), as the host polls it."""
+
+    op: str
+    phase: str  # verify | build | smoke | switch
+    state: str  # running | done | failed
+    elapsed_s: float
+    phase_s: float
+    phases: tuple[tuple[str, float], ...] = field(default=())  # finished: (phase, seconds)
+
+    @classmethod
+    def from_json(cls, rec: dict[str, Any]) -> InstallPhase:
+        done = tuple((str(p["phase"]), float(p["seconds"])) for p in rec.get("phases") or [])
+        return cls(str(rec.get("op", "commit")), str(rec.get("phase")), str(rec.get("state")),
+                   float(rec.get("elapsed_s", 0.0)), float(rec.get("phase_s", 0.0)), done)
+
+
+OnPhase = Callable[[InstallPhase], None]
+POLL_S = (0.05, 1.0)  # first and longest wait between status polls while an install runs
+INSTALL_LIMIT_S = 3 * 3600.0  # an engine build on a slow board takes minutes, not hours
 
 
 @dataclass(frozen=True)
@@ -123,20 +149,69 @@ class DeployClient:
         for c in chunks:
             yield c, self.chunk(upload_id, c.path, c.offset, c.crc32, c.data)
 
-    def commit(self, upload_id: str, timeout: float = 900.0) -> InstallResult:
-        return install_result_from_json(self._call("commit", {"id": upload_id}, timeout=timeout))
+    def commit(self, upload_id: str, on_phase: OnPhase | None = None,
+               limit_s: float = INSTALL_LIMIT_S) -> InstallResult:
+        """Start the install (the device answers 202 at once) and follow it through status
+        until it is done: the connection never sits idle through an engine build, and each
+        poll reports the device's phase to `on_phase`."""
+        return self._follow(self._call("commit", {"id": upload_id}), on_phase, limit_s)
 
-    def rollback(self, timeout: float = 900.0) -> InstallResult:
-        return install_result_from_json(self._call("rollback", {}, timeout=timeout))
+    def rollback(self, on_phase: OnPhase | None = None, limit_s: float = INSTALL_LIMIT_S) -> InstallResult:
+        return self._follow(self._call("rollback", {}), on_phase, limit_s)
+
+    def _follow(self, accepted: Any, on_phase: OnPhase | None, limit_s: float) -> InstallResult:
+        if isinstance(accepted, dict) and "job" not in accepted:  # a device that answers at the end
+            return install_result_from_json(accepted)
+        job, rec = accepted["job"], accepted
+        deadline = time.monotonic() + limit_s
+        wait = POLL_S[0]
+        while True:
+            phase = InstallPhase.from_json(rec)
+            if on_phase:
+                on_phase(phase)
+            if phase.state == "done":
+                return install_result_from_json(rec["result"])
+            if phase.state == "failed":
+                err = dict(rec.get("error") or {})
+                message, status, code = (str(err.pop("message", "the install failed")),
+                                         int(err.pop("status", 500)), str(err.pop("code", "internal_error")))
+                err.pop("hint", None)
+                raise RemoteError(message, status, code, err)
+            if time.monotonic() > deadline:
+                raise ToolkitError(f"the device is still installing ({phase.phase}, "
+                                   f"{phase.elapsed_s:.0f} s) after {limit_s:.0f} s",
+                                   hint="`toolkit devices uploads DEVICE` shows its state; the "
+                                        "daemon log says what it is doing")
+            time.sleep(wait)
+            wait = min(wait * 2, POLL_S[1])
+            rec = self._call("status", {}).get("install")
+            if not isinstance(rec, dict) or rec.get("job") != job:
+                raise LinkDown("the device no longer knows the install (did the daemon restart?)",
+                               hint="deploy again: the device resumes from what it holds")
 
     def status(self) -> dict[str, Any]:
         return dict(self._call("status", {}))
+
+    def uploads(self) -> list[UploadInfo]:
+        return [_upload_info(u) for u in self._call("uploads", {})]
+
+    def remove_uploads(self, ids: list[str] | None = None, every: bool = False,
+                       older_than_s: float | None = None) -> list[UploadInfo]:
+        fields: dict[str, Any] = {"ids": ids} if ids else ({"all": True} if every else {})
+        if older_than_s is not None:
+            fields["older_than_s"] = older_than_s
+        return [_upload_info(u) for u in self._call("remove_uploads", fields)]
 
     def reconnect(self) -> None:
         """Drop the connection; the next call opens a new one."""
 
     def close(self) -> None:
         self.reconnect()
+
+
+def _upload_info(u: dict[str, Any]) -> UploadInfo:
+    return UploadInfo(str(u["upload_id"]), str(u["name"]), int(u["held_bytes"]), int(u["total_bytes"]),
+                      float(u["age_s"]))
 
 
 class HttpDeployClient(DeployClient):
@@ -165,7 +240,10 @@ class HttpDeployClient(DeployClient):
             "chunk": ("PUT", f"/uploads/{fields.get('id')}?path={quote(str(fields.get('path')), safe='')}"
                              f"&offset={fields.get('offset')}&crc32={fields.get('crc32')}"),
             "commit": ("POST", f"/uploads/{fields.get('id')}/commit"), "rollback": ("POST", "/rollback"),
+            "uploads": ("GET", "/uploads"), "remove_uploads": ("POST", "/uploads/remove"),
         }[op]
+        if op == "remove_uploads":  # the fields travel as a JSON body (serial: in the header)
+            payload = json.dumps(fields).encode()
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(payload))}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -307,15 +385,17 @@ def _send_range(sock: socket.socket, file: BinaryIO, c: Chunk, buf: memoryview) 
 
 def _remote_error(obj: Any, status: int, where: str) -> RemoteError:
     err = obj.get("error") if isinstance(obj, dict) else None
+    extra: dict[str, Any] = {}
     if isinstance(err, dict):
         message, code = str(err.get("message") or err), str(err.get("code") or status)
+        extra = {k: v for k, v in err.items() if k not in ("message", "code", "type", "param")}
     else:
         message, code = str(err or obj), str(status)
     if status == 401:
         message += " (check the device's token file: `toolkit devices add NAME tcp://...?token-file=F`)"
     elif status == 404 and code in ("not_found", "404"):
         message = f"{where} has no deploy routes (is the daemon started with --store?)"
-    return RemoteError(message, status, code)
+    return RemoteError(message, status, code, extra)
 
 
 class SerialDeployClient(DeployClient):

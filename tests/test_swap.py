@@ -43,3 +43,60 @@ def test_resident_estimate_uses_the_plan_for_the_bundle_precision(tiny_bundle: A
     bare.mkdir()
     (bare / "manifest.json").write_text(json.dumps(manifest))
     assert resident_estimate(bare) == sum(e["bytes"] for e in manifest["files"].values())
+
+
+class _Engine:
+    """Enough of an engine for a swap to retire it."""
+
+    closed = False
+
+    def begin_drain(self) -> None:
+        pass
+
+    def wait_idle(self, timeout: float) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Runner:
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("what", ["new", "both"])
+def test_a_cold_swap_always_leaves_switching(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              what: str) -> None:
+    """Whatever raises while the new bundle loads (here a plain RuntimeError, as ONNX Runtime's
+    errors are), the swap reports a failed smoke test and the daemon is not left in 'switching'
+    (503 forever): the old bundle is back, or the daemon says it serves nothing."""
+    from device.serve.server import Daemon
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    daemon = Daemon(ServeConfig(bundle=old, swap="cold"))
+    daemon.runner, daemon.engine, daemon.state = _Runner(), _Engine(), "ready"
+    installed: list[Path] = []
+
+    def load_smoked(path: Path) -> Any:
+        if path == new or what == "both":
+            raise RuntimeError(f"[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : no kernel in {path.name}")
+        return _Runner(), None
+
+    def install(runner: Any, path: Path) -> None:
+        installed.append(path)
+        daemon.runner, daemon.engine, daemon.state = runner, _Engine(), "ready"
+
+    monkeypatch.setattr(daemon, "_load_smoked", load_smoked)
+    monkeypatch.setattr(daemon, "_install", install)
+    result = daemon.activate(new)
+    assert not result.ok and "NOT_IMPLEMENTED" in result.detail and "\n" not in result.detail
+    assert daemon.state != "switching"
+    if what == "new":
+        assert installed == [old] and daemon.state == "ready"
+        assert daemon.failure is not None and daemon.failure.serving == "old"
+    else:
+        assert daemon.state == "failed" and daemon.failure is not None and daemon.failure.serving is None
+    assert daemon.failure.bundle == "new"

@@ -1,12 +1,21 @@
-"""The deploy protocol: the same six messages over HTTP (Unix socket or TCP) and over a serial link.
+"""The deploy protocol: the same messages over HTTP (Unix socket or TCP) and over a serial link.
 
     hello                       -> device facts: target family, TensorRT, backend, active bundle,
                                    free memory and disk, limits, chunk sizes (the host measures RTT)
     begin(manifest.json bytes)  -> upload id (SHA-256 of those bytes) + bytes held per file (resume)
     chunk(id, path, offset, crc32, data) -> bytes now held of that file
-    commit(id)                  -> InstallResult: verify, switch, smoke test, rollback info
-    rollback                    -> InstallResult of going back to the previous bundle
-    status                      -> the store: active, previous, bundles, uploads in progress
+    commit(id)                  -> accepted (202): the install's job record; it runs in the
+                                   background (verify, build, smoke, switch) and the host polls
+                                   status until its `install` record is done (result:
+                                   InstallResult) or failed (error: status, code, message)
+    rollback                    -> accepted (202), the same way, going back to the previous bundle
+    status                      -> the store: active, previous, bundles, uploads in progress and
+                                   the running (or last) install with its phase and timings
+    uploads                     -> uploads in progress: id, name, bytes held / total, age
+    remove_uploads(ids | all | older_than_s) -> the uploads removed
+
+An install holds no lock while the bundle loads (a TensorRT engine build takes minutes), so
+status and chunks keep answering; a second commit or rollback meanwhile gets 409 "busy".
 
 Over HTTP (routes the daemon mounts beside its own; over TCP they need its bearer token):
 
@@ -14,12 +23,15 @@ Over HTTP (routes the daemon mounts beside its own; over TCP they need its beare
     GET  /v1/deploy/status                                    status
     POST /v1/deploy/uploads              body: manifest.json  begin
     PUT  /v1/deploy/uploads/{id}?path=P&offset=N&crc32=C      body: the chunk's bytes
-    POST /v1/deploy/uploads/{id}/commit                       commit
-    POST /v1/deploy/rollback                                  rollback
+    POST /v1/deploy/uploads/{id}/commit                       commit (202)
+    POST /v1/deploy/rollback                                  rollback (202)
+    GET  /v1/deploy/uploads                                   uploads
+    POST /v1/deploy/uploads/remove  body: {"ids": [...] | "all": true | "older_than_s": N}
 
 Errors are JSON {"error": {"message", "code", ...}} with the HTTP status (409 "gap": ask begin for
 the offsets again; 422 "bad_crc": send the chunk again; 422 "verify_failed"; 413 "too_large";
-404 "unknown_upload"; 507 "no_space"; 400 "incompatible").
+404 "unknown_upload"; 409 "busy"; 507 "no_space" with needed_bytes and free_bytes; 400
+"incompatible"). Extra fields of a StoreError travel beside message and code.
 
 Over the serial link (device/serve/serial_link.py) each message is one link message:
 
@@ -50,6 +62,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import re
 import shutil
@@ -65,6 +78,7 @@ from bundle.errors import ToolkitError
 from bundle.manifest import Manifest, read_manifest
 from bundle.records import encode
 from device.serve.serial_link import open_port
+from device.store.jobs import InstallJob
 from device.store.store import (
     Activate,
     ChunkAck,
@@ -72,6 +86,7 @@ from device.store.store import (
     Store,
     StoreError,
     StoreLimits,
+    UploadInfo,
     UploadState,
     to_json,
 )
@@ -162,7 +177,7 @@ def plan_problem(manifest: Manifest, memory_total: int) -> str | None:
 
 @dataclass
 class DeployService:
-    """The six operations over a Store; transports (HTTP routes, serial) call these.
+    """The operations over a Store; transports (HTTP routes, serial) call these.
 
     activate(path): load + smoke-test the bundle and start serving it (the daemon swaps its
     engine); info(): the daemon's own hello fields (backend, state)."""
@@ -172,7 +187,6 @@ class DeployService:
     info: Callable[[], dict[str, Any]] = field(default=lambda: {})
     memory_total: int | None = None  # overrides MemTotal in hello and begin's fit check (tests)
     http_chunk: int = HTTP_CHUNK  # the chunk size hello asks HTTP clients to use
-    _commit_lock: threading.Lock = field(default_factory=threading.Lock)
     _buffers: threading.local = field(default_factory=threading.local)  # one chunk buffer per thread
 
     def facts(self) -> DeviceFacts:
@@ -209,12 +223,45 @@ class DeployService:
         return self.store.write_chunk(upload_id, path, offset, data, crc32)
 
     def commit(self, upload_id: str) -> InstallResult:
-        with self._commit_lock:  # one install at a time, whatever the transport
-            return self.store.commit(upload_id, self.activate)
+        """Install and wait for the result (in-process callers); the wire uses start_commit."""
+        return self.store.commit(upload_id, self.activate)
 
     def rollback(self) -> InstallResult:
-        with self._commit_lock:
-            return self.store.rollback(self.activate)
+        return self.store.rollback(self.activate)
+
+    def start_commit(self, upload_id: str) -> dict[str, Any]:
+        """Claim the install now (409 busy / 404 unknown answer at once) and run it in the
+        background; returns the job record the host then follows through status."""
+        job = self.store.claim("commit", upload_id)
+        return self._start(job, lambda: self.store.commit(upload_id, self.activate, job))
+
+    def start_rollback(self) -> dict[str, Any]:
+        job = self.store.claim("rollback")
+        return self._start(job, lambda: self.store.rollback(self.activate, job))
+
+    def _start(self, job: InstallJob, run: Callable[[], InstallResult]) -> dict[str, Any]:
+        def body() -> None:
+            try:
+                run()
+            except StoreError as e:  # recorded in the job: the host reads it from status
+                log.warning("%s %s failed: %s", job.op, job.job, e.message)
+            except Exception:  # noqa: BLE001 - recorded in the job as internal_error; the daemon lives
+                log.exception("%s %s failed", job.op, job.job)
+
+        threading.Thread(target=body, name=f"install-{job.job}", daemon=True).start()
+        return {"accepted": True, **job.to_json()}
+
+    def uploads(self) -> list[UploadInfo]:
+        return self.store.list_uploads()
+
+    def remove_uploads(self, fields: dict[str, Any]) -> list[UploadInfo]:
+        ids, every, older = fields.get("ids"), fields.get("all"), fields.get("older_than_s")
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
+            raise StoreError("'ids' must be a list of upload ids")
+        if older is not None and (isinstance(older, bool) or not isinstance(older, (int, float))
+                                  or not math.isfinite(older) or older < 0):
+            raise StoreError("'older_than_s' must be a number of seconds >= 0")
+        return self.store.remove_uploads(ids or None, bool(every), older)
 
     def status(self) -> dict[str, Any]:
         return to_json(self.store.status())
@@ -228,7 +275,8 @@ class DeployService:
             result = self._dispatch(header, payload)
             reply: dict[str, Any] = {"ok": True, "result": result}
         except StoreError as e:
-            reply = {"ok": False, "status": e.status, "error": {"message": str(e), "code": e.code}}
+            reply = {"ok": False, "status": e.status,
+                     "error": {"message": str(e), "code": e.code, **e.extra}}
         except ToolkitError as e:
             reply = {"ok": False, "status": 400, "error": {"message": str(e), "code": "refused"}}
         except Exception:  # noqa: BLE001 - a bug answers 500 with a logged traceback; the daemon lives
@@ -252,9 +300,13 @@ class DeployService:
             return to_json(self.chunk(str(h["id"]), str(h["path"]), int(h["offset"]), int(h["crc32"]),
                                       payload))
         if op == "commit":
-            return to_json(self.commit(str(h["id"])))
+            return self.start_commit(str(h["id"]))
         if op == "rollback":
-            return to_json(self.rollback())
+            return self.start_rollback()
+        if op == "uploads":
+            return [to_json(u) for u in self.uploads()]
+        if op == "remove_uploads":
+            return [to_json(u) for u in self.remove_uploads(h)]
         raise StoreError(f"unknown operation {op!r}", code="unknown_op")
 
     # -- the HTTP transport --
@@ -268,6 +320,8 @@ class DeployService:
             ("PUT", re.compile(PREFIX + r"/uploads/(?P<upload_id>[0-9a-f]{64})"), self._http_chunk),
             ("POST", re.compile(PREFIX + r"/uploads/(?P<upload_id>[0-9a-f]{64})/commit"), self._http_commit),
             ("POST", re.compile(PREFIX + r"/rollback"), self._http_rollback),
+            ("GET", re.compile(PREFIX + r"/uploads"), self._http_uploads),
+            ("POST", re.compile(PREFIX + r"/uploads/remove"), self._http_remove_uploads),
         ]
 
     def _http_hello(self, h: Any) -> None:
@@ -339,11 +393,26 @@ class DeployService:
 
     def _http_commit(self, h: Any, upload_id: str) -> None:
         with _as_http_error():
-            h.send_json(200, to_json(self.commit(upload_id)))
+            h.send_json(202, self.start_commit(upload_id))
 
     def _http_rollback(self, h: Any) -> None:
         with _as_http_error():
-            h.send_json(200, to_json(self.rollback()))
+            h.send_json(202, self.start_rollback())
+
+    def _http_uploads(self, h: Any) -> None:
+        h.send_json(200, [to_json(u) for u in self.uploads()])
+
+    def _http_remove_uploads(self, h: Any) -> None:
+        from device.serve.httpd import HTTPError
+
+        try:
+            fields = json.loads(h.read_body() or b"{}")
+        except ValueError as e:
+            raise HTTPError(400, f"the body is not JSON: {e}") from e
+        if not isinstance(fields, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        with _as_http_error():
+            h.send_json(200, [to_json(u) for u in self.remove_uploads(fields)])
 
 
 class _Body:
@@ -369,7 +438,9 @@ class _as_http_error:
         if isinstance(exc, StoreError):
             from device.serve.httpd import HTTPError
 
-            raise HTTPError(exc.status, str(exc), exc.code) from exc
+            err = HTTPError(exc.status, str(exc), exc.code)
+            err.extra = dict(exc.extra)  # type: ignore[attr-defined]  # e.g. 507's byte counts
+            raise err from exc
 
 
 def _rid(message: bytes) -> Any:
@@ -426,7 +497,8 @@ class DeployApp:
         except HTTPError as e:
             h.close_connection = e.status == 413 or h.close_connection
             try:
-                h.send_json(e.status, {"error": {"message": e.message, "code": e.code}}, e.headers)
+                h.send_json(e.status, {"error": {"message": e.message, "code": e.code,
+                                                 **getattr(e, "extra", {})}}, e.headers)
             except ClientGone:
                 h.close_connection = True
 
@@ -446,7 +518,8 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
                            "with the token", hint="write a random token to a file (chmod 600) and pass it")
     tokens = read_tokens(token_file) if token_file and (tcp or serial) else []
     st = Store.open(store, limits)
-    service = DeployService(st, activate or smoke_test, memory_total=memory_total, http_chunk=http_chunk)
+    service = DeployService(st, activate or (lambda path: smoke_test(path, st.enter_phase)),
+                            memory_total=memory_total, http_chunk=http_chunk)
     app = DeployApp(service)
     stop = stop or threading.Event()
     servers: list[Any] = []

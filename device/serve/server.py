@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,24 @@ RESPONSE_FLUSH_S = 5.0  # after the engine is idle, how long handlers may take t
 Route = Callable[..., None]
 
 
+@dataclass(frozen=True)
+class BundleFailure:
+    """The last bundle that failed to load or smoke-test, for status: which, why (one line),
+    and what serves now (None: nothing)."""
+
+    bundle: str
+    reason: str
+    serving: str | None
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line for status and the host (the traceback goes to the debug log)."""
+    if isinstance(e, ToolkitError):
+        return e.message.splitlines()[0] if e.message else type(e).__name__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 class Daemon:
     """The application: state, the loaded bundle, its engine, and the routes."""
 
@@ -82,6 +101,7 @@ class Daemon:
         self.metrics = ServingMetrics()
         self.started = time.time()
         self.manifest_sha256 = ""
+        self.failure: BundleFailure | None = None  # the last bundle that failed to load, for status
         self._responses = 0  # requests being answered right now (not idle connections)
         self._responses_lock = threading.Condition()
         self.routes: list[tuple[str, re.Pattern[str], Route]] = [
@@ -113,25 +133,62 @@ class Daemon:
     # -- lifecycle --
 
     def load(self) -> None:
-        from device.runtime.runner import load_bundle
-
+        """Load what to serve at start-up. With a store, a broken active bundle (damaged on disk,
+        an operator this ONNX Runtime lacks, anything that raises) falls back to the previous
+        one, recorded in the store (a rollback: the broken one becomes `previous`, so the next
+        start does not try it again); if that fails too the daemon stays up, not ready, and
+        says why in its status: a restart loop would only fail the same way."""
         cfg = self.config
         path = self.deploy.store.active_path() if self.deploy is not None else cfg.bundle
         if path is None:  # a store nothing was deployed to yet
             self.state = "empty"
             return
-        try:
-            runner = load_bundle(path, slots=cfg.slots, threads=cfg.threads,
-                                 rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info)
-        except ToolkitError as e:
-            if self.deploy is None or self.deploy.store.previous is None:
-                raise
-            # a store's active bundle that no longer loads (modified on disk): serve the previous
-            log.error("the active bundle %s failed to load (%s); rolling back", path, e)
-            if not self.deploy.rollback().ok:
-                raise
+        path = Path(path)
+        if self.deploy is None:  # `toolkit serve BUNDLE`: nothing to fall back to; its error stops us
+            from device.runtime.runner import load_bundle
+
+            self._install(load_bundle(path, slots=cfg.slots, threads=cfg.threads,
+                                      rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info), path)
             return
-        self._install(runner, Path(path))
+        runner, reason = self._load(path)
+        if runner is not None:
+            try:
+                self._install(runner, path)
+                return
+            except Exception as e:  # noqa: BLE001 - reported below like a failed load
+                log.debug("starting %s failed", path, exc_info=True)
+                reason = _one_line(e)
+        store = self.deploy.store
+        previous = store.previous
+        log.error("the active bundle %s failed to load (%s); %s", path.name, reason,
+                  f"rolling back to {previous.dir}" if previous else "there is no previous bundle")
+        if previous is not None and store.path_of(previous).is_dir():
+            try:
+                back = self.deploy.rollback()
+            except ToolkitError as e:
+                back = None
+                log.error("rolling back failed: %s", e.message)
+            if back is not None and back.ok:
+                self.failure = BundleFailure(path.name, reason, previous.dir)
+                return
+            why = back.smoke.detail if back is not None and back.smoke else "the rollback was refused"
+            reason += f"; the previous bundle {previous.dir} did not load either ({why})"
+        self.failure = BundleFailure(path.name, reason, None)
+        self.state = "failed"  # up and answering status, not ready: a deploy can still fix it
+        log.error("serving nothing: %s", reason)
+
+    def _load(self, path: Path) -> tuple[Any, str]:
+        """(runner, "") or (None, a one-line reason): any exception while loading is a reason
+        (ONNX Runtime's errors are not ToolkitErrors); its traceback goes to the debug log."""
+        from device.runtime.runner import load_bundle
+
+        cfg = self.config
+        try:
+            return load_bundle(path, slots=cfg.slots, threads=cfg.threads,
+                               rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info), ""
+        except Exception as e:  # noqa: BLE001 - whatever it is, the bundle cannot serve
+            log.debug("loading %s failed", path, exc_info=True)
+            return None, _one_line(e)
 
     def _engine(self, runner: Any, path: Path) -> Any:
         from device.serve.embedder import EmbeddingEngine
@@ -148,13 +205,14 @@ class Daemon:
                            "decoder and encoder bundles")
 
     def _install(self, runner: Any, path: Path) -> None:
-        """Start serving `runner` (the first bundle, or in place of the current one)."""
+        """Start serving `runner` (the first bundle, or in place of the current one); on any
+        failure the runner is closed and nothing changes."""
         try:
             engine = self._engine(runner, path)
-        except ToolkitError:
+            engine.start()
+        except BaseException:
             runner.close()
             raise
-        engine.start()
         self.runner, self.engine = runner, engine
         self.manifest_sha256 = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
         self.config.bundle = path
@@ -165,13 +223,30 @@ class Daemon:
         """The store's activate callback (device/store/store.py): load the bundle, smoke-test it and
         serve it, hot or cold (device/store/swap.py). Hot: loaded beside the one being served, then
         swapped; the old engine drains in the background. Cold: the old one is drained and
-        unloaded first. Returns a SmokeResult; a failure leaves the old bundle serving."""
+        unloaded first. Returns a SmokeResult; a failure (any exception) leaves the old bundle
+        serving, and is recorded for status."""
+        from device.store.store import SmokeResult
+
+        t0 = time.monotonic()
+        if self.state not in ("ready", "empty", "loading", "failed"):
+            return SmokeResult(False, f"the daemon is {self.state}")
+        try:
+            result = self._activate(Path(path), t0)
+        except Exception as e:  # noqa: BLE001 - a bug here must not leave the store switched
+            log.debug("activating %s failed", path, exc_info=True)
+            result = SmokeResult(False, _one_line(e), time.monotonic() - t0)
+        if result.ok:
+            self.failure = None
+        else:
+            self.failure = BundleFailure(Path(path).name, result.detail,
+                                         self.config.bundle.name if self.runner is not None
+                                         and self.config.bundle else None)
+        return result
+
+    def _activate(self, path: Path, t0: float) -> Any:
         from device.store.store import SmokeResult
         from device.store.swap import plan_swap, resident_estimate
 
-        t0 = time.monotonic()
-        if self.state not in ("ready", "empty", "loading"):
-            return SmokeResult(False, f"the daemon is {self.state}")
         if self.engine is not None:
             try:
                 need: int | None = resident_estimate(path)
@@ -179,15 +254,16 @@ class Daemon:
                 need = None  # load_bundle below says what is wrong with it
             plan = plan_swap(self.config.swap, need, mem_available())
             if plan.mode == "cold":
-                return self._cold_swap(Path(path), plan.why, t0)
-        runner, smoke = self._load_smoked(Path(path))
+                return self._cold_swap(path, plan.why, t0)
+        runner, smoke = self._load_smoked(path)
         if runner is None:
             return SmokeResult(False, smoke.detail, time.monotonic() - t0)
         old_runner, old_engine = self.runner, self.engine
         try:
-            self._install(runner, Path(path))
-        except ToolkitError as e:
-            return SmokeResult(False, str(e), time.monotonic() - t0)
+            self._install(runner, path)
+        except Exception as e:  # noqa: BLE001 - the old engine was not touched: it still serves
+            log.debug("starting %s failed", path, exc_info=True)
+            return SmokeResult(False, _one_line(e), time.monotonic() - t0)
         if old_engine is not None:
             threading.Thread(target=self._retire, args=(old_runner, old_engine), name="retire",
                              daemon=True).start()
@@ -197,53 +273,72 @@ class Daemon:
     def _load_smoked(self, path: Path) -> tuple[Any, Any]:
         """(runner, SmokeResult): the bundle loaded and smoke-tested on its backend alone,
         before any engine thread uses it; runner is None (and nothing stays loaded) on failure."""
-        from device.runtime.runner import load_bundle
         from device.store.store import SmokeResult, smoke_runner
 
-        cfg = self.config
+        runner, reason = self._load(path)
+        if runner is None:
+            return None, SmokeResult(False, reason)
+        if self.deploy is not None:
+            self.deploy.store.enter_phase("smoke")
         try:
-            runner = load_bundle(path, slots=cfg.slots, threads=cfg.threads,
-                                 rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info)
-        except ToolkitError as e:
-            return None, SmokeResult(False, str(e))
-        smoke = smoke_runner(runner)
+            smoke = smoke_runner(runner)
+        except Exception as e:  # noqa: BLE001 - smoke_runner reports; this is a last resort
+            smoke = SmokeResult(False, _one_line(e))
         if not smoke.ok:
             runner.close()
             return None, smoke
         return runner, smoke
 
+    def _guarded_load(self, path: Path) -> tuple[Any, Any]:
+        """_load_smoked, with anything it raises as a failed smoke test: a cold swap has already
+        unloaded the served bundle, so it must go on to load the old one again."""
+        from device.store.store import SmokeResult
+
+        try:
+            return self._load_smoked(path)
+        except Exception as e:  # noqa: BLE001 - reported as the reason
+            log.debug("loading %s failed", path, exc_info=True)
+            return None, SmokeResult(False, _one_line(e))
+
     def _cold_swap(self, path: Path, why: str, t0: float) -> Any:
         """Drain and unload the served bundle, then load `path`; if it fails, load the old one
-        again. Requests get 503 "switching" meanwhile."""
+        again. Requests get 503 "switching" meanwhile, and only meanwhile: whatever happens
+        (an exception included) the state leaves "switching" (ready, or empty/failed with the
+        reason in status)."""
         from device.store.store import SmokeResult
 
         old_path = Path(self.config.bundle) if self.config.bundle else None
         log.warning("cold swap to %s (%s): requests get 503 until it is up", path, why)
         self.state = "switching"
-        self._retire(self.runner, self.engine)  # a request already past the state check meets a
-        self.runner = self.engine = None        # draining engine, which answers 503
-        runner, smoke = self._load_smoked(path)
-        if runner is not None:
-            try:
-                self._install(runner, path)
-                log.info("now serving %s (%s), cold swap", self.model_id, path)
-                return SmokeResult(True, f"{smoke.detail} (cold swap: {why})", time.monotonic() - t0)
-            except ToolkitError as e:
-                smoke = SmokeResult(False, str(e))
-        detail = f"{smoke.detail} (cold swap: {why})"
-        back = self._load_smoked(old_path)[0] if old_path else None
         try:
-            if back is None or old_path is None:
-                raise ToolkitError("it failed to load")
-            self._install(back, old_path)
-        except ToolkitError as e:
-            self.state = "empty"  # serving nothing, but a deploy or a restart can still fix it
-            log.error("cold swap: the new bundle failed and the previous one %s did not load again "
-                      "(%s)", old_path, e)
-            return SmokeResult(False, f"{detail}; the previous bundle did not load again",
-                               time.monotonic() - t0)
-        log.warning("cold swap: %s failed; serving %s again", path, old_path)
-        return SmokeResult(False, f"{detail}; the previous bundle is loaded again", time.monotonic() - t0)
+            self._retire(self.runner, self.engine)  # a request already past the state check meets
+            self.runner = self.engine = None         # a draining engine, which answers 503
+            runner, smoke = self._guarded_load(path)
+            if runner is not None:
+                try:
+                    self._install(runner, path)
+                    log.info("now serving %s (%s), cold swap", self.model_id, path)
+                    return SmokeResult(True, f"{smoke.detail} (cold swap: {why})", time.monotonic() - t0)
+                except Exception as e:  # noqa: BLE001 - falls back below like a failed load
+                    smoke = SmokeResult(False, _one_line(e))
+            detail = f"{smoke.detail} (cold swap: {why})"
+            back, reason = self._guarded_load(old_path) if old_path else (None, None)
+            if back is not None and old_path is not None:
+                try:
+                    self._install(back, old_path)
+                except Exception as e:  # noqa: BLE001 - reported below
+                    back = None
+                    reason = SmokeResult(False, _one_line(e))
+            if back is None:
+                log.error("cold swap: the new bundle failed and the previous one %s did not load again "
+                          "(%s)", old_path, reason.detail if reason else "none")
+                return SmokeResult(False, f"{detail}; the previous bundle did not load again",
+                                   time.monotonic() - t0)
+            log.warning("cold swap: %s failed; serving %s again", path, old_path)
+            return SmokeResult(False, f"{detail}; the previous bundle is loaded again", time.monotonic() - t0)
+        finally:
+            if self.state == "switching":  # nothing installed: serving nothing, a deploy can fix it
+                self.state = "failed" if old_path else "empty"
 
     def _retire(self, runner: Any, engine: Any) -> None:
         """Drain a swapped-out engine like a SIGTERM would, then free it."""
@@ -338,6 +433,8 @@ class Daemon:
         # every route (llama-server's authentication_error), whatever the client spoke
         flat = path.startswith("/v2") and e.status != 401
         body = {"error": e.message} if flat else openai_api.openai_error(e.status, e.message, code, e.param)
+        if not flat and getattr(e, "extra", None):  # a deploy route's figures (507: bytes needed/free)
+            body["error"].update(e.extra)  # type: ignore[union-attr]
         try:
             h.send_json(e.status, body, headers)
         except ClientGone:
@@ -482,6 +579,11 @@ class Daemon:
             st = self.deploy.store
             rec["store"] = {"root": str(st.root), "active": st.active and st.active.dir,
                             "previous": st.previous and st.previous.dir}
+            job = st.install
+            if job is not None and job.state == "running":
+                rec["store"]["install"] = {"op": job.op, "phase": job.phase}
+        if self.failure is not None:
+            rec["failure"] = asdict(self.failure)
         runner, engine = self.runner, self.engine  # one look: a cold swap clears both
         if runner is None or engine is None:
             return rec

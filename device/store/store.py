@@ -71,6 +71,8 @@ from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, UNHASHED_DIRS, Manifest, sha256_file, verify_files
 from bundle.manifest import parse_manifest as parse_bundle_manifest
 from device.store.checksum import crc32 as checksum_crc32
+from device.store.jobs import InstallJob, JobError
+from device.store.space import DISK_MARGIN, engine_estimate, free_bytes, full_disk_as_507, is_full, no_space
 
 log = logging.getLogger("toolkit.store")
 
@@ -78,7 +80,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 MAX_DEPTH = 8
 MAX_PATH = 512
-DISK_MARGIN = 64 << 20  # bytes left free on the store's filesystem after an upload
+__all__ = ["DISK_MARGIN"]  # re-exported: callers imported it from here before space.py existed
 
 
 class StoreError(ToolkitError):
@@ -197,6 +199,18 @@ class StoreStatus:
     previous: BundleRef | None
     bundles: list[str]
     uploads: list[UploadState] = field(default_factory=list)
+    install: dict[str, Any] | None = None  # the running or last InstallJob (device/store/jobs.py)
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    """An upload in progress, as `toolkit devices uploads` lists it."""
+
+    upload_id: str
+    name: str
+    held_bytes: int
+    total_bytes: int
+    age_s: float  # since its last byte arrived (the newest file in its staging folder)
 
 
 Activate = Callable[[Path], SmokeResult]  # load + smoke-test a bundle, serve it if it passes
@@ -352,6 +366,7 @@ class Store:
         self._open: tuple[str, str, int] | None = None  # (upload id, rel, fd) of the file being written
         self._streams: set[tuple[str, str]] = set()  # (upload id, rel) with a chunk arriving now
         self._lock_fd: int | None = None
+        self._job: InstallJob | None = None  # the running (or last) commit/rollback
 
     @classmethod
     def open(cls, root: Path, limits: StoreLimits | None = None) -> Store:
@@ -419,13 +434,11 @@ class Store:
 
     def status(self) -> StoreStatus:
         with self._lock:
-            uploads = []
-            for d in sorted(self.staging.iterdir()):
-                if SHA_RE.fullmatch(d.name) and (d / MANIFEST).is_file():
-                    with contextlib.suppress(ToolkitError):
-                        uploads.append(self._progress(self._load_upload(d.name)))
+            uploads = self._uploads_in_progress()
             bundles = sorted(p.name for p in self.bundles.iterdir() if p.is_dir())
-            return StoreStatus(str(self.root), self.active, self.previous, bundles, uploads)
+            job = self._job
+            return StoreStatus(str(self.root), self.active, self.previous, bundles, uploads,
+                               job.to_json() if job else None)
 
     # -- recovery --
 
@@ -522,14 +535,25 @@ class Store:
                 files = {rel: FileProgress(e.bytes, e.bytes) for rel, e in manifest.files.items()}
                 return UploadState(upload_id, manifest.name, files, installed=True)
             staging = self.staging / upload_id
-            if not (staging / MANIFEST).is_file():
-                self._check_disk(manifest)
-                staging.mkdir(exist_ok=True)
+            fresh = not (staging / MANIFEST).is_file()
+            state = (UploadState(upload_id, manifest.name, {rel: FileProgress(e.bytes, 0) for rel, e
+                                                            in manifest.files.items()})
+                     if fresh else self._progress(upload))
+            self._check_disk(upload, state)  # a resume too: the disk may have filled meanwhile
+            if fresh:
                 tmp = self.staging / f".{upload_id}.manifest.tmp"
-                tmp.write_bytes(manifest_bytes)
-                os.replace(tmp, staging / MANIFEST)  # its presence marks a valid upload
+                try:
+                    with full_disk_as_507(self.root, state.total_bytes, "the manifest"):
+                        staging.mkdir(exist_ok=True)
+                        tmp.write_bytes(manifest_bytes)
+                        os.replace(tmp, staging / MANIFEST)  # its presence marks a valid upload
+                except BaseException:
+                    tmp.unlink(missing_ok=True)  # nothing half-written: no folder without manifest
+                    with contextlib.suppress(OSError):
+                        staging.rmdir()
+                    raise
             self._uploads[upload_id] = upload
-            return self._progress(upload)
+            return state
 
     def _check_files(self, manifest: Manifest) -> dict[str, list[str]]:
         limits = self.limits
@@ -561,13 +585,33 @@ class Store:
             raise StoreError(f"{clash[0]!r} is listed both as a file and as a folder", code="bad_manifest")
         return parts
 
-    def _check_disk(self, manifest: Manifest) -> None:
-        need = sum(e.bytes for e in manifest.files.values()) + DISK_MARGIN
-        free = shutil.disk_usage(self.root).free
+    def _check_disk(self, upload: _Upload, state: UploadState) -> None:
+        """Refuse (507) an upload the disk cannot finish: its own missing bytes, the bytes still
+        owed to the other uploads in progress, the engine the board will build (device/store/
+        space.py says how it is estimated) and a margin."""
+        own = state.total_bytes - state.held_bytes
+        others = [u for u in self._uploads_in_progress() if u.upload_id != upload.upload_id]
+        owed = sum(u.total_bytes - u.held_bytes for u in others)
+        engine = engine_estimate(upload.manifest)
+        need = own + owed + engine + DISK_MARGIN
+        free = free_bytes(self.root)
         if free < need:
-            raise StoreError(f"the device has {free >> 20} MiB free in {self.root}; this bundle "
-                             f"needs {need >> 20} MiB", status=507, code="no_space",
-                             hint="remove old bundles or uploads on the device")
+            parts = [f"{own} bytes still to come"]
+            if owed:
+                parts.append(f"{owed} bytes owed to {len(others)} other upload(s) in progress")
+            if engine:
+                parts.append(f"a TensorRT engine estimated at {engine} bytes (the model files it is "
+                             "built from)")
+            parts.append(f"a {DISK_MARGIN >> 20} MiB margin")
+            raise no_space(self.root, need, free, what="this upload (" + " + ".join(parts) + ")")
+
+    def _uploads_in_progress(self) -> list[UploadState]:
+        found = []
+        for d in sorted(self.staging.iterdir()):
+            if SHA_RE.fullmatch(d.name) and (d / MANIFEST).is_file():
+                with contextlib.suppress(ToolkitError, OSError):
+                    found.append(self._progress(self._load_upload(d.name)))
+        return found
 
     def _installed_dir(self, upload: _Upload) -> Path:
         return self.bundles / bundle_dir_name(upload.manifest.name, upload.upload_id)
@@ -627,7 +671,14 @@ class Store:
             if offset > held:
                 raise StoreError(f"chunk {rel}@{offset} leaves a gap: the device holds {held} bytes",
                                  status=409, code="gap", held=held)
-            write_all(fd, data, offset)
+            try:
+                write_all(fd, data, offset)
+            except OSError as e:
+                os.ftruncate(fd, held)  # nothing of a chunk that did not fit stays
+                self._close_open_file()
+                if is_full(e):
+                    raise no_space(self.root, entry.bytes - held, what=f"the rest of {rel}") from e
+                raise
             held = max(held, offset + len(data))
             if held == entry.bytes:
                 self._close_open_file()
@@ -666,8 +717,9 @@ class Store:
                 self._close_open_file()
             fd = open_beneath(self.staging / upload_id, upload.parts[rel], create=True)
             try:
-                marker = self._announce(upload_id, rel, offset)
-            except OSError:
+                with full_disk_as_507(self.root, entry.bytes - offset, f"the rest of {rel}"):
+                    marker = self._announce(upload_id, rel, offset)
+            except BaseException:
                 os.close(fd)
                 raise
             self._streams.add(key)
@@ -680,7 +732,8 @@ class Store:
                     raise StoreError(f"the chunk ended after {pos - offset} of {length} bytes",
                                      code="short_body")
                 crc = checksum_crc32(buf[:k], crc)
-                write_all(fd, buf[:k], pos)
+                with full_disk_as_507(self.root, entry.bytes - offset, f"the rest of {rel}"):
+                    write_all(fd, buf[:k], pos)  # a full disk: cut back below, 507 to the host
                 pos += k
             if crc != crc32:
                 raise StoreError(f"chunk {rel}@{offset} failed its CRC32 check; nothing was written",
@@ -760,9 +813,70 @@ class Store:
             self._open = None
 
     # -- install --
+    #
+    # An install runs in three steps so that the long one holds no lock: (1) under the lock,
+    # verify and install the files, write the journal and switch the records; (2) without it,
+    # `activate` (the daemon loads the bundle, building its TensorRT engine on a Jetson, and
+    # smoke-tests it), while status, begin and chunks keep being answered; (3) under the lock
+    # again, keep the switch or undo it. The InstallJob (device/store/jobs.py) is the flag that
+    # keeps a second commit or rollback out meanwhile (409), and what status reports.
 
-    def commit(self, upload_id: str, activate: Activate) -> InstallResult:
-        """Verify, install and switch to the upload's bundle; roll back if `activate` fails."""
+    def claim(self, op: str, upload_id: str | None = None) -> InstallJob:
+        """Start the store's one install: 409 "busy" while another runs (or, for a commit, while
+        chunks of the upload still arrive), 404 for an upload the store does not know."""
+        with self._lock:
+            job = self._job
+            if job is not None and job.state == "running":
+                raise StoreError(f"a {job.op} is already in progress (phase {job.phase}); one install "
+                                 "at a time", status=409, code="busy",
+                                 hint="wait for it to end (`toolkit devices uploads DEVICE` shows "
+                                      "the device's state), then try again")
+            if upload_id is not None:
+                if any(u == upload_id for u, _ in self._streams):
+                    raise StoreError("chunks of this upload are still arriving", status=409, code="busy",
+                                     hint="commit after the last chunk is acknowledged")
+                self._load_upload(upload_id)
+            self._job = InstallJob(op, upload_id)
+            return self._job
+
+    @property
+    def install(self) -> InstallJob | None:
+        """The running (or last) install."""
+        return self._job
+
+    def enter_phase(self, phase: str) -> None:
+        """What the activate callback is doing now ("smoke" after the load); no-op between installs."""
+        job = self._job
+        if job is not None and job.state == "running":
+            job.enter(phase)
+
+    def commit(self, upload_id: str, activate: Activate, job: InstallJob | None = None) -> InstallResult:
+        """Verify, install and switch to the upload's bundle; roll back if `activate` fails.
+        `job`: a claim already made (the deploy service claims in the request, runs this in a
+        thread); without one this claims it."""
+        job = job or self.claim("commit", upload_id)
+        return self._run_job(job, lambda: self._commit(upload_id, activate, job))
+
+    def rollback(self, activate: Activate, job: InstallJob | None = None) -> InstallResult:
+        """Make `previous` active again (and the current one previous), if it passes its smoke
+        test; otherwise nothing changes."""
+        job = job or self.claim("rollback")
+        return self._run_job(job, lambda: self._rollback(activate, job))
+
+    def _run_job(self, job: InstallJob, body: Callable[[], InstallResult]) -> InstallResult:
+        """Run an install and record how it ended; the job never stays "running"."""
+        try:
+            result = body()
+        except StoreError as e:
+            job.finish(error=JobError(e.status, e.code, e.message, e.hint, dict(e.extra)))
+            raise
+        except BaseException as e:
+            job.finish(error=JobError(500, "internal_error", f"the install failed: {_one_line(e)}"))
+            raise
+        job.finish(result)
+        return result
+
+    def _commit(self, upload_id: str, activate: Activate, job: InstallJob) -> InstallResult:
         with self._lock:
             if any(u == upload_id for u, _ in self._streams):
                 raise StoreError("chunks of this upload are still arriving", status=409, code="busy",
@@ -790,9 +904,35 @@ class Store:
                     return last
                 return InstallResult(True, active, verify_s, None, active, previous, False, False,
                                      f"{active.dir} is already the active bundle")
-            result = self._switch(new, active, previous, activate, verify_s)
-            write_atomic(self.root / "last-install.json", json.dumps(to_json(result)).encode())
+            self._begin_switch(new, active, previous)
+        job.enter("build")
+        smoke = _run_activate(activate, self.path_of(new))
+        with self._lock:
+            job.enter("switch")
+            result = self._end_switch(new, active, previous, smoke, verify_s)
+            try:
+                write_atomic(self.root / "last-install.json", json.dumps(to_json(result)).encode())
+            except OSError as e:  # only answers a repeated commit; the install itself is done
+                log.error("cannot record the install in last-install.json: %s", e)
             return result
+
+    def _rollback(self, activate: Activate, job: InstallJob) -> InstallResult:
+        with self._lock:
+            active, previous = self.active, self.previous
+            if previous is None or not self.path_of(previous).is_dir():
+                raise StoreError("there is no previous bundle to roll back to", status=409,
+                                 code="no_previous", hint="deploy a bundle instead")
+            self._begin_switch(previous, active, previous)
+        job.enter("build")
+        smoke = _run_activate(activate, self.path_of(previous))
+        with self._lock:
+            job.enter("switch")
+            result = self._end_switch(previous, active, previous, smoke, 0.0, keep_failed=True)
+        if not result.ok:  # _end_switch restored both records
+            return InstallResult(False, previous, 0.0, result.smoke, active, previous, True, False,
+                                 f"rollback to {previous.dir} failed its smoke test; "
+                                 f"{active.dir if active else 'no bundle'} is still active")
+        return result
 
     def _verify_staged(self, upload: _Upload) -> None:
         staging = self.staging / upload.upload_id
@@ -808,20 +948,33 @@ class Store:
         raise StoreError(f"the uploaded bundle failed verification:\n  - {listed}", status=422,
                          code="verify_failed", hint="deploy again: damaged files are sent again")
 
-    def _switch(self, new: BundleRef, old_active: BundleRef | None, old_prev: BundleRef | None,
-                activate: Activate, verify_s: float, keep_failed: bool = False) -> InstallResult:
-        """Journal, switch the records, activate; on failure restore the records and (unless
-        keep_failed, or the bundle is still referenced) delete the new bundle."""
+    def _begin_switch(self, new: BundleRef, old_active: BundleRef | None, old_prev: BundleRef | None) -> None:
+        """Journal, then previous := old active, active := new. A full disk before the journal
+        is on disk changes nothing (507); after it, the records are put back (and, should even
+        that fail, the journal makes the next start put them back)."""
         journal = {"phase": "switching", "new": asdict(new),
                    "old_active": asdict(old_active) if old_active else None,
                    "old_previous": asdict(old_prev) if old_prev else None}
-        write_atomic(self.root / "switch.json", json.dumps(journal).encode())
-        if old_active is not None:
-            self._write_ref("previous", old_active)
-        self._write_ref("active", new)
-        smoke = _run_activate(activate, self.path_of(new))
+        with full_disk_as_507(self.root, 4096, "the install journal"):
+            write_atomic(self.root / "switch.json", json.dumps(journal).encode())
+        try:
+            if old_active is not None:
+                self._write_ref("previous", old_active)
+            self._write_ref("active", new)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self._finish_switch(journal)
+            if is_full(e):
+                raise no_space(self.root, 4096, what="switching the store's records") from e
+            raise
+
+    def _end_switch(self, new: BundleRef, old_active: BundleRef | None, old_prev: BundleRef | None,
+                    smoke: SmokeResult, verify_s: float, keep_failed: bool = False) -> InstallResult:
+        """Keep the switch (the smoke test passed) or restore the records and (unless
+        keep_failed, or the bundle is still referenced) delete the new bundle."""
         if smoke.ok:
-            write_atomic(self.root / "switch.json", json.dumps({**journal, "phase": "committed"}).encode())
+            # the records already name the new bundle (written durably): removing the journal
+            # is all that commits it, and needs no free space
             (self.root / "switch.json").unlink()
             fsync_dir(self.root)
             self._collect_garbage()
@@ -852,38 +1005,94 @@ class Store:
                 _remove(entry)
                 log.info("removed the unreferenced bundle %s", entry.name)
 
-    def rollback(self, activate: Activate) -> InstallResult:
-        """Make `previous` active again (and the current one previous), if it passes its smoke
-        test; otherwise nothing changes."""
+    # -- uploads in progress (`toolkit devices uploads`) --
+
+    def list_uploads(self) -> list[UploadInfo]:
         with self._lock:
-            active, previous = self.active, self.previous
-            if previous is None or not self.path_of(previous).is_dir():
-                raise StoreError("there is no previous bundle to roll back to", status=409,
-                                 code="no_previous", hint="deploy a bundle instead")
-            result = self._switch(previous, active, previous, activate, 0.0, keep_failed=True)
-            if not result.ok:  # _switch restored both records
-                return InstallResult(False, previous, 0.0, result.smoke, active, previous, True, False,
-                                     f"rollback to {previous.dir} failed its smoke test; "
-                                     f"{active.dir if active else 'no bundle'} is still active")
-            return result
+            now = time.time()
+            return [UploadInfo(u.upload_id, u.name, u.held_bytes, u.total_bytes,
+                               round(now - _newest_mtime(self.staging / u.upload_id), 1))
+                    for u in self._uploads_in_progress()]
+
+    def remove_uploads(self, ids: list[str] | None = None, every: bool = False,
+                       older_than_s: float | None = None) -> list[UploadInfo]:
+        """Delete uploads in progress: the ones named, all of them, or those idle longer than
+        `older_than_s`. One whose chunks are arriving now is refused (409); an unknown id is 404
+        and nothing is removed. Returns what was removed."""
+        with self._lock:
+            found = {u.upload_id: u for u in self.list_uploads()}
+            if ids:
+                unknown = [i for i in ids if i not in found]
+                if unknown:
+                    raise StoreError(f"no upload {unknown[0][:12]}… in progress", status=404,
+                                     code="unknown_upload",
+                                     hint="list them with `toolkit devices uploads DEVICE`")
+                chosen = [found[i] for i in ids]
+            elif every or older_than_s is not None:
+                chosen = [u for u in found.values() if older_than_s is None or u.age_s >= older_than_s]
+            else:
+                raise StoreError("say which uploads to remove (ids, all, or older than N seconds)")
+            busy = [u for u in chosen if any(s == u.upload_id for s, _ in self._streams)]
+            if busy:
+                raise StoreError(f"chunks of upload {busy[0].upload_id[:12]}… are arriving now",
+                                 status=409, code="busy", hint="stop that deploy first")
+            for u in chosen:
+                if self._open and self._open[0] == u.upload_id:
+                    self._close_open_file()
+                self._uploads.pop(u.upload_id, None)
+                _remove(self.staging / u.upload_id)
+                log.info("removed the upload %s (%s, %d of %d bytes)", u.upload_id[:12], u.name,
+                         u.held_bytes, u.total_bytes)
+            if chosen:
+                fsync_dir(self.staging)
+            return chosen
 
     def uploads(self) -> Iterator[str]:
         return (d.name for d in self.staging.iterdir() if SHA_RE.fullmatch(d.name))
 
 
+def _newest_mtime(folder: Path) -> float:
+    newest = 0.0
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+    return newest or time.time()
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
 def _run_activate(activate: Activate, path: Path) -> SmokeResult:
-    """A ToolkitError (bundle refused, load failed) is a failed smoke test, reported; any other
-    exception is a bug in the caller and propagates (the journal then rolls back on restart)."""
+    """Any exception while loading or smoke-testing (a ToolkitError, or ONNX Runtime's own
+    errors, which are not) is a failed smoke test with a one-line reason, and the old bundle
+    stays; the traceback goes to the debug log."""
     t0 = time.monotonic()
     try:
         return activate(path)
-    except ToolkitError as e:
-        return SmokeResult(False, str(e), time.monotonic() - t0)
+    except Exception as e:  # noqa: BLE001 - whatever broke, the previous bundle must come back
+        log.debug("activating %s failed", path, exc_info=True)
+        reason = e.message if isinstance(e, ToolkitError) else _one_line(e)
+        return SmokeResult(False, reason, time.monotonic() - t0)
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+    """Delete a bundle or staging folder so that it is never seen half-deleted: it is renamed to
+    a dot-name first (atomic), then removed. A SIGKILL inside rmtree used to leave bundles/<dir>
+    without its manifest but with some files, which `begin` then took for an installed bundle;
+    now it leaves a dot-entry, which recovery removes (bundles/.*, and staging entries that are
+    not an upload id)."""
+    if path.is_dir() and not path.is_symlink() and path.name.startswith("."):
+        shutil.rmtree(path)  # already out of sight
+    elif path.is_dir() and not path.is_symlink():
+        trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash)
     else:
         path.unlink(missing_ok=True)
 
@@ -911,16 +1120,21 @@ def install_result_from_json(data: dict[str, Any]) -> InstallResult:
 
 # --- the default smoke test ----------------------------------------------------------------------
 
-def smoke_test(path: Path) -> SmokeResult:
+def smoke_test(path: Path, phase: Callable[[str], None] | None = None) -> SmokeResult:
     """Load the bundle as the daemon does (hashes, target check, runtime) and run it once
-    (smoke_runner). A ToolkitError from the loader is a failed test."""
+    (smoke_runner). Any exception from the loader (ONNX Runtime's are not ToolkitErrors) is a
+    failed test. `phase("smoke")` is called between the two (Store.enter_phase)."""
     from device.runtime.runner import load_bundle
 
     t0 = time.monotonic()
     try:
         runner = load_bundle(Path(path), slots=1, threads=1)
-    except ToolkitError as e:
-        return SmokeResult(False, str(e), time.monotonic() - t0)
+    except Exception as e:  # noqa: BLE001 - a bundle that cannot load fails its test
+        log.debug("loading %s failed", path, exc_info=True)
+        return SmokeResult(False, e.message if isinstance(e, ToolkitError) else _one_line(e),
+                           time.monotonic() - t0)
+    if phase is not None:
+        phase("smoke")
     try:
         result = smoke_runner(runner)
     finally:
@@ -953,6 +1167,8 @@ def smoke_runner(runner: Any, prompt: str = "hello world", tokens: int = 4) -> S
             if not np.isfinite(emb).all():
                 return SmokeResult(False, "the embedding is not finite", time.monotonic() - t0)
             detail = f"embedded one sentence ({emb.shape[-1]} dims)"
-    except (RuntimeError, ValueError, OSError, ToolkitError) as e:  # onnxruntime raises these
-        return SmokeResult(False, f"the bundle loaded but failed to run: {e}", time.monotonic() - t0)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+        log.debug("the smoke test failed", exc_info=True)
+        return SmokeResult(False, f"the bundle loaded but failed to run: {_one_line(e)}",
+                           time.monotonic() - t0)
     return SmokeResult(True, detail, time.monotonic() - t0)

@@ -12,7 +12,10 @@ from toolkit.options import device_option
 from toolkit.output import ProgressLine
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from device.store.store import InstallResult
+    from host.transfer import InstallPhase
 
 
 @click.command()
@@ -38,7 +41,8 @@ def deploy(bundle: Path, device_name: str, retries: int) -> None:
 
     click.echo(f"verifying {bundle} …", err=True)
     result = run(bundle, device_name, progress=ProgressLine(), retries=retries,
-                 on_retry=lambda msg: click.echo(f"\nconnection lost: {msg}", err=True))
+                 on_retry=lambda msg: click.echo(f"\nconnection lost: {msg}", err=True),
+                 on_phase=_phase_printer())
     click.echo(sent_line(result))
     _echo_install(result.install)
     if not result.install.ok:
@@ -51,10 +55,23 @@ def rollback(device_name: str) -> None:
     """Switch a device back to its previous bundle (after a smoke test of it)."""
     from host.deploy import rollback as run
 
-    result = run(device_name)
+    result = run(device_name, on_phase=_phase_printer())
     _echo_install(result)
     if not result.ok:
         sys.exit(1)
+
+
+def _phase_printer() -> Callable[[InstallPhase], None]:
+    """The device's install phases on stderr as the host polls them."""
+    from host.deploy_show import PhaseLines
+
+    lines = PhaseLines()
+
+    def show(p: InstallPhase) -> None:
+        for line in lines(p):
+            click.echo(line, err=True)
+
+    return show
 
 
 def _echo_install(r: InstallResult) -> None:

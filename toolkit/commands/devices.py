@@ -26,6 +26,7 @@ def devices() -> None:
     Examples:
       toolkit devices add jetson https://192.168.1.20:8443?pin=sha256:... --new-token
       toolkit devices ping jetson
+      toolkit devices uploads jetson --older-than 1d
       toolkit deploy bundles/smollm2-135m-jetson --device jetson
     """
 
@@ -79,3 +80,24 @@ def ping(name: str, as_json: bool) -> None:
 
     result = run(name)
     click.echo(json.dumps(ping_record(result), indent=2) if as_json else ping_text(name, result))
+
+
+@devices.command("uploads")
+@click.argument("name")
+@click.option("--remove", "remove", multiple=True, metavar="ID",
+              help="Remove this upload (an id or a unique prefix; repeatable).")
+@click.option("--remove-all", is_flag=True, help="Remove every upload in progress.")
+@click.option("--older-than", metavar="AGE",
+              help="Remove uploads idle at least this long (90s, 30m, 12h, 7d).")
+def uploads(name: str, remove: tuple[str, ...], remove_all: bool, older_than: str | None) -> None:
+    """List the uploads in progress on device NAME (id, bundle, bytes held, idle time), or
+    remove abandoned ones to free their disk space."""
+    from host.deploy import parse_duration
+    from host.deploy import uploads as run
+    from host.deploy_show import uploads_table
+
+    if remove and (remove_all or older_than):
+        raise click.UsageError("--remove names uploads; do not combine it with --remove-all/--older-than")
+    found, removed = run(name, list(remove), remove_all,
+                         parse_duration(older_than) if older_than else None)
+    click.echo(uploads_table(name, found, removed))

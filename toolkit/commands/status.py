@@ -26,6 +26,12 @@ def status(endpoint: Endpoint, as_json: bool) -> None:
     """
     from host.daemon import render_status
     from host.daemon import status as get_status
+    from host.deploy_show import failure_lines
 
     record = get_status(endpoint)
-    click.echo(json.dumps(record, indent=2) if as_json else render_status(record, str(endpoint)))
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    click.echo(render_status(record, str(endpoint)))
+    for line in failure_lines(record):  # a bundle that failed to load: which, why, what serves
+        click.secho(line, fg="red")
