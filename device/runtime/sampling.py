@@ -2,6 +2,13 @@
 
 Each request owns its numpy Generator, so a given seed reproduces the same tokens whatever
 else the daemon is running.
+
+No accepted input can make the probabilities NaN (the daemon validates temperature and top_p,
+device/serve/openai_api.py, and this is the second line): logits are shifted by their maximum
+BEFORE dividing by the temperature, so the best token's score is exactly 0 and every other is
+<= 0 whatever the temperature (a tiny one gives -inf, exp(-inf) = 0, never inf - inf); the
+maximum token always keeps probability 1 before normalising, so the sum is >= 1. Logits that are
+themselves NaN or infinite (a broken engine) fall back to the argmax of the finite ones.
 """
 
 from __future__ import annotations
@@ -20,18 +27,25 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return not self.temperature > 0.0  # NaN counts as greedy too
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """logits [V] float32 -> token id."""
+    z = logits.astype(np.float64)
+    if not np.isfinite(z).all():
+        z = np.nan_to_num(z, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
+        if not np.isfinite(z).any():
+            return 0  # nothing to choose from; any id ends in the stop checks or max_tokens
     if params.greedy:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / params.temperature
+        return int(np.argmax(z))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        z = (z - z.max()) / params.temperature  # <= 0 everywhere, 0 at the best token
+    z[np.isnan(z)] = -np.inf  # -inf - max (a masked token) stays out
+    z[int(np.argmax(z))] = 0.0
     if params.top_k and params.top_k < z.shape[0]:
         kth = np.partition(z, -params.top_k)[-params.top_k]
         z = np.where(z < kth, -np.inf, z)
-    z -= z.max()
     p = np.exp(z)
     p /= p.sum()
     if params.top_p < 1.0:

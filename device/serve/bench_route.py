@@ -15,25 +15,69 @@ from typing import Any
 
 from bundle.benchreport import BenchConfig
 from bundle.errors import ToolkitError
+from device.serve.httpd import ClientGone, HTTPError
+from device.serve.validate import BoolField, FloatField, IntField, bad, is_int
 
 IDLE_WAIT_S = 60.0
+MAX_LIST = 16  # prompt lengths / concurrency levels per bench
+MAX_RUNS = 1000
+
+# The settings' types and bounds (the ones that do not depend on the loaded model), for the
+# check below and the OpenAPI document; BenchConfig then checks distinctness, and check_fits the
+# model's slots and cache, both before the bench starts.
+SCALARS = (
+    IntField("gen_len", 1, 1 << 20, doc="output tokens per request, exactly"),
+    IntField("runs", 1, MAX_RUNS, doc="measured rounds per shape"),
+    IntField("warmup", 0, MAX_RUNS, doc="unmeasured rounds per shape"),
+    IntField("seed", 0, 2**63 - 1, doc="the synthetic prompts' token ids (numpy wants >= 0)"),
+    BoolField("power", doc="sample tegrastats / INA3221 when the device has them"),
+    FloatField("sample_interval_s", 0.001, 60.0, 0.05, doc="memory sampling interval"),
+)
+LISTS = ("prompt_lens", "concurrency")
+
+
+def settings_schema() -> dict[str, Any]:
+    ints = {"type": "array", "minItems": 1, "maxItems": MAX_LIST, "uniqueItems": True,
+            "items": {"type": "integer", "minimum": 1, "maximum": 1 << 20}}
+    props: dict[str, Any] = {f.name: f.schema() for f in SCALARS}
+    props.update({name: ints for name in LISTS})
+    props["stream"] = {"description": "ignored: the bench always streams"}
+    return {"type": "object", "properties": props, "additionalProperties": False,
+            "description": "bundle.benchreport.BenchConfig; prompt + gen_len must fit the cache "
+                           "and concurrency the slots"}
+
+
+def parse_settings(body: Any) -> BenchConfig:
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the bench settings must be a JSON object", "invalid_type")
+    settings = {k: v for k, v in body.items() if k != "stream"}
+    for f in SCALARS:
+        f.read(settings)
+    for name in LISTS:
+        v = settings.get(name)
+        if v is not None and not (isinstance(v, list) and 0 < len(v) <= MAX_LIST
+                                  and all(is_int(x) and 1 <= x <= 1 << 20 for x in v)):
+            raise bad(name, f"expected 1 to {MAX_LIST} positive integers")
+    settings = {k: v for k, v in settings.items() if v is not None}
+    try:
+        return BenchConfig.from_json(settings)
+    except (ToolkitError, TypeError, ValueError) as e:
+        raise HTTPError(400, f"bad bench settings: {e}", "invalid_request_error") from e
 
 
 def bench(app: Any, h: Any) -> None:
     from device.runtime.bench import run_bench
-    from device.serve.httpd import ClientGone, HTTPError
 
     app._decoder()  # ready, and a decoder bundle
-    body = h.read_json()
-    settings = {k: v for k, v in body.items() if k != "stream"} if isinstance(body, dict) else {}
-    try:
-        config = BenchConfig.from_json(settings)
-    except (ToolkitError, TypeError, ValueError) as e:
-        raise HTTPError(400, f"bad bench settings: {e}", "invalid_request_error") from e
+    config = parse_settings(h.read_json())
     if max(config.concurrency) > app.runner.backend.slots:
         raise HTTPError(400, f"concurrency {max(config.concurrency)} exceeds the daemon's "
                              f"{app.runner.backend.slots} slots", "invalid_request_error",
                         "concurrency")
+    try:  # before the stream starts: a bench that cannot fit is a 400, not an error event
+        config.check_fits(app.runner.backend.slots, app.runner.backend.max_seq)
+    except ToolkitError as e:
+        raise HTTPError(400, f"bad bench settings: {e}", "invalid_request_error") from e
     app.state = "benchmarking"
     try:
         if not app.engine.wait_idle(IDLE_WAIT_S):

@@ -547,11 +547,11 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def read_json(self) -> Any:
-        body = self.read_body()
-        try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HTTPError(400, f"the request body is not valid JSON: {e}", "invalid_json") from e
+        # bounded: depth, UTF-8, no NaN/Infinity, each a 4xx (device/serve/validate.py imports
+        # this module, hence the import here)
+        from device.serve.validate import loads_bounded
+
+        return loads_bounded(self.read_body())
 
     def send_bytes(self, status: int, body: bytes, content_type: str,
                    headers: dict[str, str] | None = None) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from device.serve.httpd import HTTPError
+from device.serve.validate import CHARS_PER_TOKEN, short
 
 INPUT_NAME = "text"
 OUTPUT_NAME = "embedding"
@@ -41,10 +42,15 @@ def model_metadata(name: str, kind: str, hidden: int | None) -> dict[str, Any]:
     return {"name": name, "versions": ["1"], "platform": PLATFORM, "inputs": inputs, "outputs": outputs}
 
 
+MAX_DIMS = 8  # a tensor's rank; Triton's own models rarely pass 5
+MAX_TEXTS = 256  # texts per request (the declared input's batch bound; /v1/embeddings' too)
+MAX_ID = 256  # characters of a request id
+
+
 @dataclass(frozen=True)
 class InferCall:
     id: str | None
-    texts: list[str]
+    texts: tuple[str, ...]
 
 
 def _element_ok(datatype: str, v: Any) -> bool:
@@ -52,73 +58,129 @@ def _element_ok(datatype: str, v: Any) -> bool:
         return isinstance(v, str)
     if datatype == "BOOL":
         return isinstance(v, bool)
-    if datatype.startswith("FP"):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if datatype.startswith("FP"):  # JSON has no NaN/Infinity; 1e400 reads as inf: refused too
+        return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v))
     lo, hi = _INT_RANGES[datatype]
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
-def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
+def _flatten(data: Any, limit: int) -> list[Any] | None:
+    """Row-major elements of nested lists, without recursion; None as soon as there are more
+    than `limit` (the caller knows how many the shape holds: no reason to collect more)."""
     out: list[Any] = []
-    for item in data:
-        out.extend(_flatten(item))
+    stack = [iter([data])]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        else:
+            out.append(item)
+            if len(out) > limit:
+                return None
     return out
 
 
-def tensor_values(tensor: Any, where: str) -> tuple[str, str, list[Any]]:
+_END = object()
+
+
+def _elements(shape: list[Any], name: str, max_elements: int) -> int:
+    """The element count a shape holds, refusing a rank or a count past the limits as it goes
+    (multiplying 50 000 dims of 2**63 first costs seconds of big-integer arithmetic)."""
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape[:MAX_DIMS + 1]):
+        raise HTTPError(400, f"input '{name}': 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise HTTPError(400, f"input '{name}': at most {MAX_DIMS} dimensions (got {len(shape)})")
+    n = 1
+    for d in shape:
+        n *= d
+        if n > max_elements:
+            raise HTTPError(413, f"input '{name}': shape {shape} holds more than {max_elements} "
+                                 "elements, this model's limit")
+    return n
+
+
+def tensor_values(tensor: Any, where: str, max_elements: int) -> tuple[str, str, list[Any]]:
     """Validate one request tensor -> (name, datatype, flat data): shape x datatype must
-    account for exactly the elements sent, each of the right type."""
+    account for exactly the elements sent, each of the right type (Triton's "input byte size
+    mismatch"), and the shape must fit the model's declared input."""
     if not isinstance(tensor, dict):
         raise HTTPError(400, f"{where} must be an object with name, datatype, shape, data")
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-    if not isinstance(name, str) or not name:
-        raise HTTPError(400, f"{where}: 'name' must be a non-empty string")
+    if not isinstance(name, str) or not name or len(name) > MAX_ID:
+        raise HTTPError(400, f"{where}: 'name' must be a non-empty string of at most {MAX_ID} characters")
     if datatype not in DATATYPES:
-        raise HTTPError(400, f"input '{name}': unknown datatype {datatype!r}; one of {', '.join(DATATYPES)}")
-    if (not isinstance(shape, list) or
-            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise HTTPError(400, f"input '{name}': 'shape' must be a list of non-negative integers")
+        raise HTTPError(400, f"input '{name}': unknown datatype {short(datatype)}; "
+                             f"one of {', '.join(DATATYPES)}")
+    expected = _elements(shape, name, max_elements)
     if "data" not in tensor:
         raise HTTPError(400, f"input '{name}': no 'data' (binary tensor data is not supported)")
-    flat = _flatten(tensor["data"])
-    expected = math.prod(shape)
-    if len(flat) != expected:
+    flat = _flatten(tensor["data"], expected)
+    if flat is None or len(flat) != expected:
+        got = f"more than {expected}" if flat is None else str(len(flat))
         raise HTTPError(400, f"input '{name}': shape {shape} holds {expected} {datatype} elements "
-                             f"but 'data' has {len(flat)}")
+                             f"but 'data' has {got}")
     for v in flat:
         if not _element_ok(datatype, v):
-            raise HTTPError(400, f"input '{name}': element {v!r} is not a valid {datatype} value")
+            raise HTTPError(400, f"input '{name}': element {short(v)} is not a valid {datatype} value")
     return name, datatype, flat
 
 
-def parse_infer(body: Any) -> InferCall:
+def parse_infer(body: Any, max_len: int) -> InferCall:
+    """The encoder's one input: BYTES texts, at most MAX_TEXTS of them, each short enough to
+    fit max_len tokens at CHARS_PER_TOKEN; all checked before anything is tokenized."""
     if not isinstance(body, dict):
         raise HTTPError(400, "the request body must be a JSON object with 'inputs'")
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise HTTPError(400, "'inputs' must be a non-empty list of tensors")
+    if len(inputs) != 1:  # the model declares one input: say so before looking at any of them
+        raise HTTPError(400, f"this model takes one input '{INPUT_NAME}' (BYTES); got {len(inputs)} inputs")
     rid = body.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise HTTPError(400, "'id' must be a string")
-    tensors = [tensor_values(t, f"inputs[{i}]") for i, t in enumerate(inputs)]
-    names = [t[0] for t in tensors]
-    if names != [INPUT_NAME]:
-        raise HTTPError(400, f"this model takes one input '{INPUT_NAME}' (BYTES); got {names}")
-    _, datatype, texts = tensors[0]
+    if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_ID):
+        raise HTTPError(400, f"'id' must be a string of at most {MAX_ID} characters")
+    name, datatype, texts = tensor_values(inputs[0], "inputs[0]", MAX_TEXTS)
+    if name != INPUT_NAME:
+        raise HTTPError(400, f"this model takes one input '{INPUT_NAME}' (BYTES); got {[name]}")
     if datatype != "BYTES":
         raise HTTPError(400, f"input '{INPUT_NAME}' must be BYTES (text), got {datatype}")
     if not texts:
         raise HTTPError(400, f"input '{INPUT_NAME}' holds no text")
+    limit = max_len * CHARS_PER_TOKEN
+    for i, text in enumerate(texts):
+        if len(text) > limit:
+            raise HTTPError(400, f"text {i} has {len(text)} characters; this model reads at most "
+                                 f"{max_len} tokens ({limit} characters, refused before tokenizing)")
     outputs = body.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
             raise HTTPError(400, "'outputs' must be a list of {name} objects")
-        unknown = [o.get("name") for o in outputs if o.get("name") != OUTPUT_NAME]
+        unknown = [short(o.get("name")) for o in outputs if o.get("name") != OUTPUT_NAME]
         if unknown:
-            raise HTTPError(400, f"unknown output(s) {unknown}; this model has '{OUTPUT_NAME}'")
-    return InferCall(rid, texts)
+            raise HTTPError(400, f"unknown output(s) {unknown[:4]}; this model has '{OUTPUT_NAME}'")
+    return InferCall(rid, tuple(texts))
+
+
+_TENSOR = {"type": "object", "required": ["name", "datatype", "shape", "data"], "properties": {
+    "name": {"type": "string", "minLength": 1, "maxLength": MAX_ID},
+    "datatype": {"enum": list(DATATYPES)},
+    "shape": {"type": "array", "maxItems": MAX_DIMS, "items": {"type": "integer", "minimum": 0}},
+    "data": {"type": "array", "maxItems": MAX_TEXTS, "description": "row-major, nested or flat"},
+    "parameters": {"type": "object"}}}
+
+
+def infer_schema() -> dict[str, Any]:
+    """The request of /v2/models/{m}/infer, with the bounds parse_infer enforces."""
+    return {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string", "maxLength": MAX_ID},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": _TENSOR,
+                   "description": f"this daemon's encoders take one BYTES input '{INPUT_NAME}' of "
+                                  f"at most {MAX_TEXTS} texts"},
+        "outputs": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "parameters": {"type": "object"}}}}}}
 
 
 def infer_response(model: str, call: InferCall, embeddings: np.ndarray) -> dict[str, Any]:

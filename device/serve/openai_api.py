@@ -17,7 +17,6 @@ are ignored, as vLLM does.
 from __future__ import annotations
 
 import base64
-import math
 import time
 import uuid
 from collections.abc import Callable
@@ -42,19 +41,100 @@ from device.serve.scheduler import (
     RequestRejected,
     TextDelta,
 )
+from device.serve.validate import (
+    CHARS_PER_TOKEN,
+    MAX_STRING,
+    BoolField,
+    FloatField,
+    IntField,
+    OffField,
+    StrField,
+    bad,
+    is_int,
+    object_schema,
+    short,
+)
 
 PING_S = 15.0  # SSE comment interval on a silent stream
 MAX_STOP = 4  # stop strings per request (TGI's default limit)
 MAX_EMBED_INPUTS = 256
-SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_MESSAGES = 1024  # chat turns per request; every turn is at least a token of template
+MAX_PARTS = 64  # text content parts per message
+MAX_PROMPT_IDS = 1 << 17  # token ids in a completions prompt (a 128k context)
+MAX_TOKENS = 1 << 20  # a sanity cap; the real bound is the room left in the cache (cut to it)
+MIN_TEMPERATURE = 1e-3  # below this (but > 0) is refused: use 0 for greedy
+MAX_TEMPERATURE = 100.0  # at 100 the distribution is all but uniform already
 
-# field -> the values that mean "off"; anything else is refused as unsupported
-NOOP_FIELDS: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0), "logit_bias": (None, {}), "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0), "tools": (None, []), "suffix": (None, ""),
-    "response_format": (None, {"type": "text"}),
-}
+# --- fields: one typed description for the parsers below and for openapi.py ------------------
+
+MAX_TOKENS_FIELD = IntField("max_tokens", 1, MAX_TOKENS, doc=(
+    "tokens to generate; cut to the room left in the KV cache (finish_reason 'length'); default "
+    "16 for completions, the room left for chat"))
+MAX_COMPLETION_TOKENS = IntField("max_completion_tokens", 1, MAX_TOKENS, doc="max_tokens' newer name")
+TEMPERATURE = FloatField("temperature", MIN_TEMPERATURE, MAX_TEMPERATURE, 1.0, zero_ok=True, doc=(
+    f"0 for greedy, else in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]: a temperature closer "
+    "to 0 than that is greedy in all but name and divides logits into overflow"))
+TOP_P = FloatField("top_p", 0.0, 1.0, 1.0, lo_open=True, doc="nucleus sampling mass; 1 is off")
+TOP_K = IntField("top_k", -1, 1 << 20, 0, doc="keep the k likeliest tokens; 0 or -1 (vLLM) is off")
+# int64, as vLLM bounds it; a negative seed is used modulo 2**64 (numpy wants seed >= 0)
+SEED = IntField("seed", -(2**63), 2**63 - 1, doc="per-request RNG seed (int64)")
+STREAM = BoolField("stream", doc="server-sent events, ending in data: [DONE]")
+IGNORE_EOS = BoolField("ignore_eos", doc="vLLM extension: run to max_tokens past EOS")
+INCLUDE_USAGE = BoolField("include_usage", doc="one extra chunk with the request's usage")
+MODEL = StrField("model", doc="the served model's id (optional: the daemon serves one)")
+USER = StrField("user", doc="ignored")
+ENCODING_FORMAT = StrField("encoding_format", choices=("float", "base64"), default="float")
+# fields we do not implement, accepted at their no-op value only
+OFF_FIELDS = (
+    OffField("n", (1,)), OffField("best_of", (1,)), OffField("echo", (False,)),
+    OffField("logprobs", (False, 0)), OffField("top_logprobs", (0,)), OffField("logit_bias", ({},)),
+    OffField("frequency_penalty", (0, 0.0)), OffField("presence_penalty", (0, 0.0)),
+    OffField("tools", ([],)), OffField("suffix", ("",)),
+    OffField("response_format", ({"type": "text"},)),
+)
+GENERATION_FIELDS = (MODEL, MAX_TOKENS_FIELD, MAX_COMPLETION_TOKENS, TEMPERATURE, TOP_P, TOP_K,
+                     SEED, STREAM, IGNORE_EOS, USER, *OFF_FIELDS)
+
+_TEXT = {"type": "string"}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
+              "maxItems": MAX_PROMPT_IDS}
+STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STRING},
+                         {"type": "array", "maxItems": MAX_STOP,
+                          "items": {"type": "string", "minLength": 1, "maxLength": MAX_STRING}},
+                         {"type": "null"}],
+               "description": f"up to {MAX_STOP} stop strings"}
+STREAM_OPTIONS_SCHEMA = {"anyOf": [{"type": "object",
+                                    "properties": {"include_usage": INCLUDE_USAGE.schema()}},
+                                   {"type": "null"}],
+                         "description": "only with stream: true"}
+MESSAGES_SCHEMA = {
+    "type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
+    "items": {"type": "object", "required": ["role"], "properties": {
+        "role": {"type": "string", "maxLength": MAX_STRING},
+        "content": {"anyOf": [_TEXT, {"type": "null"}, {
+            "type": "array", "maxItems": MAX_PARTS, "items": {
+                "type": "object", "required": ["type", "text"],
+                "properties": {"type": {"const": "text"}, "text": _TEXT}}}]}}}}
+PROMPT_SCHEMA = {"anyOf": [_TEXT, _TOKEN_IDS, {"type": "array", "minItems": 1, "maxItems": 1,
+                                                "items": {"anyOf": [_TEXT, _TOKEN_IDS]}}],
+                 "description": "one prompt: a string or token ids (a batch of one is accepted)"}
+EMBED_INPUT_SCHEMA = {"anyOf": [_TEXT, _TOKEN_IDS, {
+    "type": "array", "minItems": 1, "maxItems": MAX_EMBED_INPUTS, "items": {"anyOf": [_TEXT, _TOKEN_IDS]}}]}
+EMBEDDING_FIELDS = (MODEL, ENCODING_FORMAT, USER, OffField("dimensions", ()))
+
+
+def chat_schema() -> dict[str, Any]:
+    return object_schema(GENERATION_FIELDS, {"messages": MESSAGES_SCHEMA},
+                         extra={"stop": STOP_SCHEMA, "stream_options": STREAM_OPTIONS_SCHEMA})
+
+
+def completion_schema() -> dict[str, Any]:
+    return object_schema(GENERATION_FIELDS, {"prompt": PROMPT_SCHEMA},
+                         extra={"stop": STOP_SCHEMA, "stream_options": STREAM_OPTIONS_SCHEMA})
+
+
+def embedding_schema() -> dict[str, Any]:
+    return object_schema(EMBEDDING_FIELDS, {"input": EMBED_INPUT_SCHEMA})
 
 
 def openai_error(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
@@ -66,80 +146,29 @@ def openai_error(status: int, message: str, code: str, param: str | None = None)
 
 # --- field validation ------------------------------------------------------------------------
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _bad(param: str, message: str) -> HTTPError:
-    return HTTPError(400, f"'{param}': {message}", "invalid_value", param)
-
-
-def opt_int(body: dict[str, Any], key: str, lo: int, default: int | None) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return default
-    if not _is_int(v):
-        raise _bad(key, f"expected an integer, got {type(v).__name__} {v!r}")
-    if v < lo:
-        raise _bad(key, f"must be at least {lo} (got {v})")
-    return int(v)
-
-
-def opt_float(body: dict[str, Any], key: str, default: float, lo: float, hi: float,
-              lo_open: bool = False) -> float:
-    v = body.get(key)
-    if v is None:
-        return default
-    if not _is_num(v) or not math.isfinite(v):  # json.loads reads NaN and Infinity
-        raise _bad(key, f"expected a finite number, got {type(v).__name__} {v!r}")
-    if v < lo or v > hi or (lo_open and v == lo):
-        rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi != math.inf else f">= {lo:g}"
-        raise _bad(key, f"must be {rng} (got {v})")
-    return float(v)
-
-
-def opt_bool(body: dict[str, Any], key: str, default: bool) -> bool:
-    v = body.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise _bad(key, f"expected true or false, got {v!r}")
-    return v
-
-
 def parse_stop(body: dict[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _bad("stop", "expected a string or a list of strings")
+        raise bad("stop", "expected a string or a list of strings")
     if len(stops) > MAX_STOP:
-        raise _bad("stop", f"at most {MAX_STOP} stop sequences (got {len(stops)})")
-    if any(s == "" for s in stops):
-        raise _bad("stop", "stop sequences must not be empty")
+        raise bad("stop", f"at most {MAX_STOP} stop sequences (got {len(stops)})")
+    if any(s == "" or len(s) > MAX_STRING for s in stops):
+        raise bad("stop", f"stop sequences must have 1 to {MAX_STRING} characters")
     return tuple(stops)
 
 
 def parse_sampling(body: dict[str, Any]) -> SamplingParams:
-    top_k = opt_int(body, "top_k", -1, 0) or 0
-    seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
-        raise _bad("seed", f"expected a 64-bit integer, got {seed!r}")
-    return SamplingParams(temperature=opt_float(body, "temperature", 1.0, 0.0, math.inf),
-                          top_k=max(top_k, 0), top_p=opt_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-                          seed=None if seed is None else seed % 2**64)  # numpy wants seed >= 0
+    seed = SEED.read(body)
+    return SamplingParams(temperature=TEMPERATURE.read(body), top_k=max(TOP_K.read(body) or 0, 0),
+                          top_p=TOP_P.read(body), seed=None if seed is None else seed % 2**64)
 
 
 def check_noop_fields(body: dict[str, Any]) -> None:
-    for key, noop in NOOP_FIELDS.items():
-        if key in body and body[key] not in noop:
-            raise HTTPError(400, f"'{key}'={body[key]!r} is not supported by this daemon",
-                            "unsupported_parameter", key)
+    for field in OFF_FIELDS:
+        field.check(body)
 
 
 def require_object(body: Any) -> dict[str, Any]:
@@ -163,48 +192,58 @@ class GenerationCall:
     stream: bool
     include_usage: bool
     ignore_eos: bool = False
+    model: str | None = None
+    prompt_chars: int = 0  # the text to tokenize, checked against the context before tokenizing
 
 
 def parse_generation(body: Any, chat: bool) -> GenerationCall:
     body = require_object(body)
     check_noop_fields(body)
-    tokenize = _chat_prompt(body) if chat else _completion_prompt(body)
-    max_tokens = opt_int(body, "max_completion_tokens", 1, None)
-    max_tokens = opt_int(body, "max_tokens", 1, max_tokens if max_tokens else (None if chat else 16))
-    stream = opt_bool(body, "stream", False)
+    tokenize, chars = _chat_prompt(body) if chat else _completion_prompt(body)
+    max_tokens = MAX_COMPLETION_TOKENS.read(body)
+    max_tokens = MAX_TOKENS_FIELD.read(body) or max_tokens or (None if chat else 16)
+    stream = STREAM.read(body)
     options = body.get("stream_options")
     if options is not None and not stream:
-        raise _bad("stream_options", "only allowed when stream is true")
+        raise bad("stream_options", "only allowed when stream is true")
     if options is not None and not isinstance(options, dict):
-        raise _bad("stream_options", "expected an object")
-    include_usage = opt_bool(options or {}, "include_usage", False)
+        raise bad("stream_options", "expected an object")
+    include_usage = INCLUDE_USAGE.read(options or {})
     return GenerationCall(chat, tokenize, max_tokens, parse_sampling(body), parse_stop(body),
-                          stream, include_usage, opt_bool(body, "ignore_eos", False))
+                          stream, include_usage, IGNORE_EOS.read(body), MODEL.read(body), chars)
 
 
 def _message_text(i: int, content: Any) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):  # OpenAI content parts: only text parts can be served
+        if len(content) > MAX_PARTS:
+            raise bad(f"messages[{i}].content", f"at most {MAX_PARTS} content parts")
         parts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text"
                     and isinstance(part.get("text"), str)):
-                raise _bad(f"messages[{i}].content", "only text content parts are supported")
+                raise bad(f"messages[{i}].content", "only text content parts are supported")
             parts.append(part["text"])
         return "".join(parts)
-    raise _bad(f"messages[{i}].content", f"expected a string or a list of parts, got {content!r}")
+    raise bad(f"messages[{i}].content", f"expected a string or a list of parts, got {type(content).__name__}")
 
 
-def _chat_prompt(body: dict[str, Any]) -> Callable[[BundleTokenizer], list[int]]:
+def _chat_prompt(body: dict[str, Any]) -> tuple[Callable[[BundleTokenizer], list[int]], int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "expected a non-empty list of {role, content} objects")
+        raise bad("messages", "expected a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise bad("messages", f"at most {MAX_MESSAGES} messages (got {len(messages)})")
     clean = []
+    chars = 0
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _bad(f"messages[{i}]", "expected an object with a string 'role'")
-        clean.append({"role": m["role"], "content": _message_text(i, m.get("content"))})
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or len(m["role"]) > MAX_STRING:
+            raise bad(f"messages[{i}]", f"expected an object with a string 'role' (at most "
+                                        f"{MAX_STRING} characters)")
+        text = _message_text(i, m.get("content"))
+        chars += len(text) + len(m["role"])
+        clean.append({"role": m["role"], "content": text})
 
     def tokenize(tokenizer: BundleTokenizer) -> list[int]:
         from jinja2 import TemplateError
@@ -219,27 +258,37 @@ def _chat_prompt(body: dict[str, Any]) -> Callable[[BundleTokenizer], list[int]]
             raise HTTPError(400, f"the chat template could not render these messages: {e}",
                             "chat_template", "messages") from e
 
-    return tokenize
+    return tokenize, chars
 
 
-def _completion_prompt(body: dict[str, Any]) -> Callable[[BundleTokenizer], list[int]]:
+def _completion_prompt(body: dict[str, Any]) -> tuple[Callable[[BundleTokenizer], list[int]], int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        return lambda tokenizer: tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        return (lambda tokenizer: tokenizer.encode(prompt)), len(prompt)
+    if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
+        if len(prompt) > MAX_PROMPT_IDS:
+            raise bad("prompt", f"at most {MAX_PROMPT_IDS} token ids (got {len(prompt)})")
         ids = [int(t) for t in prompt]
-        return lambda tokenizer: _check_ids(ids, tokenizer)
-    raise _bad("prompt", "expected a string or a list of token ids (one prompt per request)")
+        return (lambda tokenizer: _check_ids(ids, tokenizer)), 0
+    raise bad("prompt", "expected a string or a list of token ids (one prompt per request)")
 
 
 def _check_ids(ids: list[int], tokenizer: BundleTokenizer) -> list[int]:
     vocab = tokenizer.tok.get_vocab_size()
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise _bad("prompt", f"token ids must be in [0, {vocab}); got {bad[:5]}")
+    bad_ids = [t for t in ids if not 0 <= t < vocab]
+    if bad_ids:
+        raise bad("prompt", f"token ids must be in [0, {vocab}); got {[short(t) for t in bad_ids[:5]]}")
     return ids
+
+
+def check_prompt_chars(chars: int, context: int, param: str) -> None:
+    """Before tokenizing: a text that cannot fit the context at CHARS_PER_TOKEN is refused."""
+    if chars > context * CHARS_PER_TOKEN:
+        raise HTTPError(400, f"the {param} has {chars} characters; this model's context of {context} "
+                             f"tokens takes at most {context * CHARS_PER_TOKEN} (refused before "
+                             "tokenizing)", "context_length_exceeded", param)
 
 
 # --- running a generation --------------------------------------------------------------------
@@ -271,6 +320,7 @@ class Reply:
 
 def serve_generation(h: Handler, engine: Any, tokenizer: BundleTokenizer, model: str,
                      call: GenerationCall) -> None:
+    check_prompt_chars(call.prompt_chars, engine.max_seq, "messages" if call.chat else "prompt")
     with engine.reserve() as ticket:  # 503 before any tokenizing when the daemon is full
         prompt = call.tokenize(tokenizer)
         room = engine.check_prompt(len(prompt), "messages" if call.chat else "prompt")
@@ -361,35 +411,62 @@ def _open_stream(h: Handler, handle: RequestHandle) -> tuple[SSEStream, Event]:
 
 # --- embeddings ------------------------------------------------------------------------------
 
-def parse_embedding_inputs(body: Any, tokenizer: BundleTokenizer, max_len: int) -> list[list[int]]:
+@dataclass(frozen=True)
+class EmbeddingCall:
+    """A validated /v1/embeddings request: texts and token-id lists, not yet tokenized."""
+
+    inputs: list[str | list[int]]
+    encoding: str
+    model: str | None
+
+
+def parse_embedding(body: Any, max_len: int) -> EmbeddingCall:
+    """Types, counts and lengths, all before anything is tokenized (a text longer than the model
+    can read at CHARS_PER_TOKEN is refused here)."""
     body = require_object(body)
-    if body.get("dimensions") is not None:
-        raise HTTPError(400, "'dimensions' is not supported", "unsupported_parameter", "dimensions")
+    for field in EMBEDDING_FIELDS:
+        if isinstance(field, OffField):
+            field.check(body)
+        else:
+            field.read(body)
     raw = body.get("input")
-    if isinstance(raw, str) or (isinstance(raw, list) and raw and all(_is_int(t) for t in raw)):
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and all(is_int(t) for t in raw)):
         raw = [raw]
     if not isinstance(raw, list) or not raw:
-        raise _bad("input", "expected a string, a list of strings, or token id list(s)")
+        raise bad("input", "expected a string, a list of strings, or token id list(s)")
     if len(raw) > MAX_EMBED_INPUTS:
-        raise _bad("input", f"at most {MAX_EMBED_INPUTS} inputs per request (got {len(raw)})")
-    out = []
+        raise bad("input", f"at most {MAX_EMBED_INPUTS} inputs per request (got {len(raw)})")
     for i, item in enumerate(raw):
         if isinstance(item, str):
-            ids = tokenizer.encode(item)
-        elif isinstance(item, list) and item and all(_is_int(t) for t in item):
-            ids = _check_ids([int(t) for t in item], tokenizer)
+            check_prompt_chars(len(item), max_len, f"input[{i}]")
+        elif isinstance(item, list) and item and all(is_int(t) for t in item):
+            if len(item) > max_len:
+                raise HTTPError(400, f"input[{i}] has {len(item)} tokens; this model reads at most "
+                                     f"{max_len}", "context_length_exceeded", "input")
         else:
-            raise _bad(f"input[{i}]", "expected a string or a non-empty list of token ids")
+            raise bad(f"input[{i}]", "expected a string or a non-empty list of token ids")
+    return EmbeddingCall(raw, ENCODING_FORMAT.read(body) or "float", MODEL.read(body))
+
+
+def tokenize_texts(inputs: list[str | list[int]], tokenizer: BundleTokenizer, max_len: int,
+                   param: str = "input") -> list[list[int]]:
+    """Token ids per input (texts tokenized, id lists checked against the vocabulary); run under
+    the engine's reservation, so a full daemon refuses before this work is done."""
+    out = []
+    for i, item in enumerate(inputs):
+        ids = tokenizer.encode(item) if isinstance(item, str) else _check_ids(list(item), tokenizer)
         if len(ids) > max_len:
-            raise HTTPError(400, f"input[{i}] has {len(ids)} tokens; this model reads at most "
-                                 f"{max_len}", "context_length_exceeded", "input")
+            raise HTTPError(400, f"{param}[{i}] has {len(ids)} tokens; this model reads at most "
+                                 f"{max_len}", "context_length_exceeded", param)
         out.append(ids)
     return out
 
 
-def run_embedding(h: Handler, engine: Any, inputs: list[list[int]]) -> Embedded:
+def run_embedding(h: Handler, engine: Any, encode: Callable[[], list[list[int]]]) -> Embedded:
+    """Reserve a place, then tokenize (`encode`), then run: the 503 of a full daemon comes
+    before any tokenizing, as for generation."""
     with engine.reserve() as ticket:
-        handle = engine.submit(ticket, EmbeddingRequest(inputs))
+        handle = engine.submit(ticket, EmbeddingRequest(encode()))
     try:
         event = next_event(h, handle)
     finally:

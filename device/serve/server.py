@@ -112,6 +112,7 @@ class Daemon:
             ("GET", re.compile(r"/v1/status"), self.status),
             ("POST", re.compile(r"/v1/bench"), lambda h: bench_route.bench(self, h)),
             ("GET", re.compile(r"/metrics"), self.prometheus),
+            ("GET", re.compile(r"/openapi\.json"), self.openapi),
             ("GET", re.compile(r"/health/live|/v2/health/live"), self.live),
             ("GET", re.compile(r"/health|/health/ready|/v2/health/ready"), self.ready),
             ("GET", re.compile(r"/v2"), self.server_metadata),
@@ -450,8 +451,7 @@ class Daemon:
         if self.state != "ready":
             raise HTTPError(503, f"the daemon is {self.state}", self.state, headers={"Retry-After": "2"})
 
-    def _check_model(self, body: Any) -> None:
-        name = body.get("model") if isinstance(body, dict) else None
+    def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_id:
             raise HTTPError(404, f"model {name!r} is not served here; this daemon serves "
                                  f"{self.model_id!r}", "model_not_found", "model")
@@ -484,9 +484,8 @@ class Daemon:
         h.send_json(200, {"object": "list", "data": [card]})
 
     def _generation(self, h: Handler, chat: bool) -> None:
-        body = h.read_json()
-        call = openai_api.parse_generation(body, chat)
-        self._check_model(body)
+        call = openai_api.parse_generation(h.read_json(), chat)
+        self._check_model(call.model)
         engine = self._decoder()
         openai_api.serve_generation(h, engine, self.runner.tokenizer, self.model_id, call)
 
@@ -498,18 +497,17 @@ class Daemon:
 
     def embeddings(self, h: Handler) -> None:
         body = h.read_json()
-        inputs = openai_api.parse_embedding_inputs(body, self._encoder_tokenizer(), self._encoder_max_len())
-        self._check_model(body)
-        encoding = body.get("encoding_format") or "float"
-        if encoding not in ("float", "base64"):
-            raise HTTPError(400, f"'encoding_format' must be float or base64 (got {encoding!r})",
-                            "invalid_value", "encoding_format")
-        result = openai_api.run_embedding(h, self._encoder(), inputs)
-        h.send_json(200, openai_api.embedding_response(result, self.model_id, encoding))
+        engine, tokenizer, max_len = self._encoder(), self.runner.tokenizer, self._encoder_max_len()
+        call = openai_api.parse_embedding(body, max_len)
+        self._check_model(call.model)
+        result = openai_api.run_embedding(
+            h, engine, lambda: openai_api.tokenize_texts(call.inputs, tokenizer, max_len))
+        h.send_json(200, openai_api.embedding_response(result, self.model_id, call.encoding))
 
-    def _encoder_tokenizer(self) -> Any:
-        self._encoder()
-        return self.runner.tokenizer
+    def openapi(self, h: Handler) -> None:
+        from device.serve.openapi import document_bytes
+
+        h.send_bytes(200, document_bytes(), "application/json")
 
     def _encoder_max_len(self) -> int:
         arch = self.runner.manifest.architecture
@@ -551,15 +549,11 @@ class Daemon:
         if self.runner.is_decoder:
             raise HTTPError(400, f"{name} is a text-generation model: /infer serves embedding models; "
                                  "use /v1/completions or /v1/chat/completions")
-        call = kserve.parse_infer(body)
-        tokenizer = self._encoder_tokenizer()
-        max_len = self._encoder_max_len()
-        inputs = [tokenizer.encode(t) for t in call.texts]
-        too_long = [i for i, ids in enumerate(inputs) if len(ids) > max_len]
-        if too_long:
-            raise HTTPError(400, f"text {too_long[0]} has {len(inputs[too_long[0]])} tokens; this model "
-                                 f"reads at most {max_len}")
-        result = openai_api.run_embedding(h, self._encoder(), inputs)
+        engine, tokenizer, max_len = self._encoder(), self.runner.tokenizer, self._encoder_max_len()
+        # counts, shapes and lengths against the model's declared input, before any allocation
+        call = kserve.parse_infer(body, max_len)
+        result = openai_api.run_embedding(
+            h, engine, lambda: openai_api.tokenize_texts(list(call.texts), tokenizer, max_len, "text"))
         h.send_json(200, kserve.infer_response(self.model_id, call, result.embeddings))
 
     # -- status and metrics --
