@@ -27,9 +27,17 @@ Install (`commit`), each step durable before the next (protocols.md §3.2):
   2. rename staging/<id> -> bundles/<name>-<sha12> (atomic, same filesystem); fsync bundles/
   3. write switch.json {phase: switching, new, old active, old previous}
   4. previous := old active, active := new (each a temp file + fsync + rename + dir fsync)
-  5. activate(new): the daemon loads it and smoke-tests it (a few tokens / one embedding)
-  6. passed: switch.json phase committed, then removed; unreferenced bundles are deleted
-     failed: active/previous restored from the journal, the new bundle deleted, journal removed
+  5. activate(new): the daemon loads it (a TensorRT engine build on a Jetson) and smoke-tests it
+     (a few tokens / one embedding). Steps 1-4 and 6 hold the store lock; this one does not, so
+     status, begin and chunks keep answering; the InstallJob (device/store/jobs.py) keeps a
+     second commit or rollback out (409) and is what status reports (phase, timings, result)
+  6. passed: switch.json removed (the records already name the new bundle); unreferenced
+     bundles are deleted
+     failed (anything activate raises counts): active/previous restored from the journal, the
+     new bundle deleted, journal removed
+A folder is deleted by renaming it to a dot-name first, so a kill mid-delete never leaves a
+bundle folder that looks installed. Free space is checked at begin and a full disk anywhere is a
+507 (device/store/space.py).
 
 Crash recovery (`Store.open` runs it before anything else): a journal in phase `switching` means
 the smoke test never passed, so the old records are restored (the previous bundle is what the
@@ -80,7 +88,6 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 MAX_DEPTH = 8
 MAX_PATH = 512
-__all__ = ["DISK_MARGIN"]  # re-exported: callers imported it from here before space.py existed
 
 
 class StoreError(ToolkitError):
