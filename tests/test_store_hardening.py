@@ -321,7 +321,14 @@ def test_status_and_chunks_answer_while_a_slow_install_runs(bundles: dict[str, P
     dp.add_device("local", f"unix://{sock}")
     phases: list[Any] = []
     done: list[Any] = []
-    t = threading.Thread(target=lambda: done.append(dp.deploy(bundles["a"], "local", on_phase=phases.append)))
+    host_saw_build = threading.Event()
+
+    def on_phase(p: Any) -> None:
+        phases.append(p)
+        if p.phase == "build" and p.state == "running":
+            host_saw_build.set()
+
+    t = threading.Thread(target=lambda: done.append(dp.deploy(bundles["a"], "local", on_phase=on_phase)))
     t.start()
     try:
         assert entered.wait(30)
@@ -336,12 +343,12 @@ def test_status_and_chunks_answer_while_a_slow_install_runs(bundles: dict[str, P
             client._call("rollback", {}, timeout=10)
         assert e.value.status == 409 and e.value.code == "busy"
         client.close()
+        assert host_saw_build.wait(30)  # the host's own polls report the phase as it runs
     finally:
         release.set()
         t.join(30)
     assert done and done[0].install.ok
-    seen = [p.phase for p in phases]
-    assert "build" in seen and phases[-1].state == "done"
+    assert phases[-1].state == "done"
     assert [name for name, _ in phases[-1].phases] == ["verify", "build", "switch"]
 
 
@@ -421,7 +428,7 @@ def test_sigkill_anywhere_in_deploy_and_commit_leaves_a_bundle_serving(base_bund
     assert dp.deploy(first, "local").install.ok
     window = (time.monotonic() - t0) * 1.2  # kills spread over the whole deploy + commit, and just after
     serving = "tiny-v0"
-    outcomes: dict[str, int] = {"old": 0, "new": 0}
+    outcomes = {"old": 0, "new": 0, "done": 0}  # interrupted: old or new serves; done: ended first
     for i in range(1, ROUNDS + 1):
         bundle = variant(base_bundle, tmp_path / f"v{i}", f"tiny-v{i}", extra_bytes=rng.choice([0, 3 << 20]))
         errors: list[BaseException] = []
@@ -451,7 +458,7 @@ def test_sigkill_anywhere_in_deploy_and_commit_leaves_a_bundle_serving(base_bund
         check_store(store)
         if results:  # the deploy ended before the kill: its bundle must be the one serving
             assert results[0].install.ok and now == f"tiny-v{i}"
-        outcomes["new" if now != serving else "old"] += 1
+        outcomes["done" if results else ("new" if now != serving else "old")] += 1
         serving = now
-    # the seed spreads kills over both outcomes (a kill before the switch, and after it)
-    assert outcomes["old"] and outcomes["new"], outcomes
+    # kills land over the whole window: some interrupt the deploy (P(none) ~ 0.5^20)
+    assert outcomes["old"] + outcomes["new"] > 0, outcomes
