@@ -71,19 +71,24 @@ def broken_op_bundle(src: Path, dst: Path, name: str, op: str) -> Path:
     return dst
 
 
+def stage(store: Store, bundle: Path) -> str:
+    """Upload every file of a bundle into the store (in-process); returns the upload id."""
+    state = store.begin((bundle / MANIFEST).read_bytes())
+    step = store.limits.max_chunk_bytes
+    for rel in state.files:
+        data = (bundle / rel).read_bytes()
+        for at in range(0, len(data), step):
+            piece = data[at:at + step]
+            store.write_chunk(state.upload_id, rel, at, piece, zlib.crc32(piece))
+    return state.upload_id
+
+
 def install_unchecked(store_root: Path, bundle: Path) -> str:
     """Put a bundle into a store as its active one without loading it (a fake smoke test that
     passes), as if it had been deployed by a daemon whose runtime could load it."""
     store = Store.open(store_root)
     try:
-        state = store.begin((bundle / MANIFEST).read_bytes())
-        step = store.limits.max_chunk_bytes
-        for rel in state.files:
-            data = (bundle / rel).read_bytes()
-            for at in range(0, len(data), step):
-                piece = data[at:at + step]
-                store.write_chunk(state.upload_id, rel, at, piece, zlib.crc32(piece))
-        result = store.commit(state.upload_id, lambda p: SmokeResult(True, "not loaded"))
+        result = store.commit(stage(store, bundle), lambda p: SmokeResult(True, "not loaded"))
         assert result.ok
         return result.bundle.dir
     finally:
@@ -229,6 +234,40 @@ def test_a_begin_the_disk_cannot_hold_is_507_with_figures(bundles: dict[str, Pat
     assert not retried and "out of disk space" in message and f"({5 << 20} bytes) free" in message
     assert "--remove" in message
     assert not any((daemon.store / "staging").iterdir())  # refused before anything was written
+
+
+def test_a_full_disk_while_restoring_the_records_is_507_and_settled_next_time(
+        bundles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The new bundle failed its smoke test and the disk filled before `active` could name the
+    old one again: 507 (not a bare OSError), and the next install starts from what really
+    serves (the journal is settled first) rather than journaling the failed bundle as 'old'."""
+    import device.store.store as store_mod
+    from device.store.store import StoreError
+
+    root = tmp_path / "store"
+    install_unchecked(root, bundles["a"])
+    store = Store.open(root)
+    try:
+        b = stage(store, bundles["b"])
+        real = store_mod.write_atomic
+
+        def full_when_restoring(path: Path, data: Any, mode: int = 0o644) -> int:
+            if Path(path).name == "active" and b"tiny-a" in bytes(data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, data, mode)
+
+        with monkeypatch.context() as m:
+            m.setattr(store_mod, "write_atomic", full_when_restoring)
+            with pytest.raises(StoreError) as e:
+                store.commit(b, lambda p: SmokeResult(False, "does not load"))
+        assert e.value.status == 507 and e.value.code == "no_space"
+        assert store.install is not None and store.install.state == "failed"
+        c = stage(store, variant(bundles["a"], tmp_path / "c", "tiny-c"))
+        result = store.commit(c, lambda p: SmokeResult(True, "ok"))
+        assert result.ok and result.previous is not None and result.previous.name == "tiny-a"
+        assert not (root / "switch.json").exists()
+    finally:
+        store.close()
 
 
 def upload_bytes(bundle: Path) -> int:

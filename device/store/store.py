@@ -904,6 +904,7 @@ class Store:
                 _remove(self.staging / upload_id)
             self._uploads.pop(upload_id, None)
             verify_s = time.monotonic() - t0
+            self._settle_journal()
             active, previous = self.active, self.previous
             if active is not None and active.manifest_sha256 == upload_id:
                 last = self._last_install()
@@ -925,6 +926,7 @@ class Store:
 
     def _rollback(self, activate: Activate, job: InstallJob) -> InstallResult:
         with self._lock:
+            self._settle_journal()
             active, previous = self.active, self.previous
             if previous is None or not self.path_of(previous).is_dir():
                 raise StoreError("there is no previous bundle to roll back to", status=409,
@@ -954,6 +956,14 @@ class Store:
         listed = "\n  - ".join(problems)
         raise StoreError(f"the uploaded bundle failed verification:\n  - {listed}", status=422,
                          code="verify_failed", hint="deploy again: damaged files are sent again")
+
+    def _settle_journal(self) -> None:
+        """A journal outside an install means an earlier one could not put its records back (a
+        full disk while restoring them): finish it as recovery would before reading the records,
+        so that the next switch starts from what is really serving."""
+        journal = self._read_journal()
+        if journal is not None:
+            log.warning("store: %s", self._finish_switch(journal))
 
     def _begin_switch(self, new: BundleRef, old_active: BundleRef | None, old_prev: BundleRef | None) -> None:
         """Journal, then previous := old active, active := new. A full disk before the journal
@@ -988,8 +998,15 @@ class Store:
             prev = old_active if old_active is not None else old_prev
             return InstallResult(True, new, verify_s, smoke, new, prev, False, True,
                                  f"{new.dir} is active")
-        self._write_ref("active", old_active)
-        self._write_ref("previous", old_prev)
+        try:
+            self._write_ref("active", old_active)
+            self._write_ref("previous", old_prev)
+        except OSError as e:
+            # the journal stays: the next install (_settle_journal) or start-up restores them
+            log.error("cannot restore the store's records after the failed switch (%s)", e)
+            if is_full(e):
+                raise no_space(self.root, 4096, what="restoring the store's records") from e
+            raise
         (self.root / "switch.json").unlink()
         fsync_dir(self.root)
         if not keep_failed and new.dir not in {r.dir for r in (old_active, old_prev) if r}:
