@@ -344,6 +344,41 @@ def test_uploads_are_listed_and_removed(bundles: dict[str, Path], config: Path, 
     assert not any((daemon.store / "staging").iterdir())
 
 
+def test_the_serial_messages_carry_uploads_commit_and_507_figures(bundles: dict[str, Path],  # noqa: F811
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serial link carries the same messages (DeployService.handle_message): uploads,
+    remove_uploads, an accepted commit followed through status, and a 507's byte counts."""
+    from device.serve.deploy import DeployService, pack, unpack
+
+    service = DeployService(Store.open(tmp_path / "store"), lambda p: SmokeResult(True, "ok"))
+
+    def call(header: dict[str, Any], payload: bytes = b"") -> dict[str, Any]:
+        reply, _ = unpack(service.handle_message(pack({**header, "rid": 1}, payload)))
+        return reply
+
+    upload = stage(service.store, bundles["a"])
+    listed = call({"op": "uploads"})["result"]
+    assert [(u["upload_id"], u["held_bytes"]) for u in listed] == [(upload, upload_bytes(bundles["a"]))]
+    accepted = call({"op": "commit", "id": upload})["result"]
+    assert accepted["accepted"] and accepted["state"] in ("running", "done")
+    for _ in range(400):  # bounded: the fake activation returns at once
+        install = call({"op": "status"})["result"]["install"]
+        if install["state"] != "running":
+            break
+        time.sleep(0.05)
+    assert install["job"] == accepted["job"] and install["state"] == "done" and install["result"]["ok"]
+    other = service.store.begin((bundles["b"] / MANIFEST).read_bytes()).upload_id
+    removed = call({"op": "remove_uploads", "ids": [other]})["result"]
+    assert [u["upload_id"] for u in removed] == [other] and call({"op": "uploads"})["result"] == []
+    fake_free(monkeypatch, 1 << 20)
+    refused = call({"op": "begin"}, (bundles["b"] / MANIFEST).read_bytes())
+    assert refused["ok"] is False and refused["status"] == 507
+    assert refused["error"]["code"] == "no_space" and refused["error"]["free_bytes"] == 1 << 20
+    assert refused["error"]["needed_bytes"] == upload_bytes(bundles["b"]) + MARGIN
+    service.store.close()
+
+
 # --- the install runs outside the store lock -------------------------------------------------------
 
 def test_status_and_chunks_answer_while_a_slow_install_runs(bundles: dict[str, Path], config: Path,  # noqa: F811
