@@ -93,7 +93,8 @@ class InstallPhase:
 
 
 OnPhase = Callable[[InstallPhase], None]
-POLL_S = (0.05, 1.0)  # first and longest wait between status polls while an install runs
+POLL_S = (0.05, 0.5)  # first and longest wait between status polls (the longest is the most a
+# finished install waits to be noticed; a poll is one small message, cheap even over serial)
 INSTALL_LIMIT_S = 3 * 3600.0  # an engine build on a slow board takes minutes, not hours
 
 

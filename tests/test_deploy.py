@@ -609,8 +609,8 @@ def serve(tmp_path: Path) -> Iterator[Any]:
                 raise RuntimeError(f"the daemon exited with {proc.returncode}:\n{served.text()}")
             try:
                 HttpDeployClient(f"unix://{sock}").hello()  # listening (the deploy routes answer
-                if served.api().get("/v1/status")["state"] in ("ready", "empty"):  # while loading)
-                    return served
+                if served.api().get("/v1/status")["state"] in ("ready", "empty", "failed"):  # (while
+                    return served  # loading); failed: up, serving nothing, status says why
             except (LinkDown, ToolkitError):
                 pass
             assert time.monotonic() < deadline, served.text()

@@ -27,9 +27,17 @@ Install (`commit`), each step durable before the next (protocols.md §3.2):
   2. rename staging/<id> -> bundles/<name>-<sha12> (atomic, same filesystem); fsync bundles/
   3. write switch.json {phase: switching, new, old active, old previous}
   4. previous := old active, active := new (each a temp file + fsync + rename + dir fsync)
-  5. activate(new): the daemon loads it and smoke-tests it (a few tokens / one embedding)
-  6. passed: switch.json phase committed, then removed; unreferenced bundles are deleted
-     failed: active/previous restored from the journal, the new bundle deleted, journal removed
+  5. activate(new): the daemon loads it (a TensorRT engine build on a Jetson) and smoke-tests it
+     (a few tokens / one embedding). Steps 1-4 and 6 hold the store lock; this one does not, so
+     status, begin and chunks keep answering; the InstallJob (device/store/jobs.py) keeps a
+     second commit or rollback out (409) and is what status reports (phase, timings, result)
+  6. passed: switch.json removed (the records already name the new bundle); unreferenced
+     bundles are deleted
+     failed (anything activate raises counts): active/previous restored from the journal, the
+     new bundle deleted, journal removed
+A folder is deleted by renaming it to a dot-name first, so a kill mid-delete never leaves a
+bundle folder that looks installed. Free space is checked at begin and a full disk anywhere is a
+507 (device/store/space.py).
 
 Crash recovery (`Store.open` runs it before anything else): a journal in phase `switching` means
 the smoke test never passed, so the old records are restored (the previous bundle is what the
@@ -80,7 +88,6 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 MAX_DEPTH = 8
 MAX_PATH = 512
-__all__ = ["DISK_MARGIN"]  # re-exported: callers imported it from here before space.py existed
 
 
 class StoreError(ToolkitError):
@@ -897,6 +904,7 @@ class Store:
                 _remove(self.staging / upload_id)
             self._uploads.pop(upload_id, None)
             verify_s = time.monotonic() - t0
+            self._settle_journal()
             active, previous = self.active, self.previous
             if active is not None and active.manifest_sha256 == upload_id:
                 last = self._last_install()
@@ -918,6 +926,7 @@ class Store:
 
     def _rollback(self, activate: Activate, job: InstallJob) -> InstallResult:
         with self._lock:
+            self._settle_journal()
             active, previous = self.active, self.previous
             if previous is None or not self.path_of(previous).is_dir():
                 raise StoreError("there is no previous bundle to roll back to", status=409,
@@ -947,6 +956,14 @@ class Store:
         listed = "\n  - ".join(problems)
         raise StoreError(f"the uploaded bundle failed verification:\n  - {listed}", status=422,
                          code="verify_failed", hint="deploy again: damaged files are sent again")
+
+    def _settle_journal(self) -> None:
+        """A journal outside an install means an earlier one could not put its records back (a
+        full disk while restoring them): finish it as recovery would before reading the records,
+        so that the next switch starts from what is really serving."""
+        journal = self._read_journal()
+        if journal is not None:
+            log.warning("store: %s", self._finish_switch(journal))
 
     def _begin_switch(self, new: BundleRef, old_active: BundleRef | None, old_prev: BundleRef | None) -> None:
         """Journal, then previous := old active, active := new. A full disk before the journal
@@ -981,8 +998,15 @@ class Store:
             prev = old_active if old_active is not None else old_prev
             return InstallResult(True, new, verify_s, smoke, new, prev, False, True,
                                  f"{new.dir} is active")
-        self._write_ref("active", old_active)
-        self._write_ref("previous", old_prev)
+        try:
+            self._write_ref("active", old_active)
+            self._write_ref("previous", old_prev)
+        except OSError as e:
+            # the journal stays: the next install (_settle_journal) or start-up restores them
+            log.error("cannot restore the store's records after the failed switch (%s)", e)
+            if is_full(e):
+                raise no_space(self.root, 4096, what="restoring the store's records") from e
+            raise
         (self.root / "switch.json").unlink()
         fsync_dir(self.root)
         if not keep_failed and new.dir not in {r.dir for r in (old_active, old_prev) if r}:
