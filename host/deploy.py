@@ -9,7 +9,7 @@ overrides the folder), the format host/client.py reads for `--device NAME`:
 
     {"jetson": {"uri": "tcp://192.168.1.20:8080", "token_file": "/home/me/.config/toolkit/jetson.token"},
      "local":  {"uri": "unix:///run/user/1000/toolkit.sock"},
-     "board":  {"uri": "serial:///dev/ttyUSB0?baud=921600", "token_file": "/home/me/.config/toolkit/board.token"}}
+     "board":  {"uri": "serial:///dev/ttyUSB0?baud=921600", "token_file": "/home/me/.config/toolkit/b.token"}}
 
 (a bare string value is read as {"uri": value}). The file is written 0600 by rename.
 
@@ -109,7 +109,9 @@ def parse_uri(uri: str) -> tuple[str, str | None]:
         if not baud.isdigit() or int(baud) <= 0:
             raise ToolkitError(f"{uri!r}: baud {baud!r} is not a number", hint="e.g. ?baud=921600")
         token = query.get("token-file", [None])[0]  # the serial link is authenticated like TCP
-        return f"serial://{parts.path}?baud={int(baud)}", str(Path(token).expanduser().absolute()) if token else None
+        if token:
+            token = str(Path(token).expanduser().absolute())
+        return f"serial://{parts.path}?baud={int(baud)}", token
     raise ToolkitError(f"{uri!r} is not a device address", hint=f"use one of: {forms}")
 
 
@@ -209,8 +211,9 @@ def open_client(device: Device) -> DeployClient:
         token = _token(device)
         if not token:
             raise ToolkitError(f"device {device.name!r} has no token for its serial link",
-                               hint=f"re-add it with the daemon's token file: toolkit devices add {device.name} "
-                                    f"serial://{parts.path}?token-file=F --replace (or set $TOOLKIT_TOKEN)")
+                               hint=f"re-add it with the daemon's token file: toolkit devices add "
+                                    f"{device.name} serial://{parts.path}?token-file=F --replace (or set "
+                                    "$TOOLKIT_TOKEN)")
         return SerialDeployClient(parts.path, baud, token)
     return HttpDeployClient(device.uri, _token(device) if parts.scheme == "tcp" else None)
 

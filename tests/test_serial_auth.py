@@ -173,7 +173,8 @@ def handled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serial-auth-bundles")
-    return {"a": make_bundle(root / "a", "auth-a", 20 << 10), "b": make_bundle(root / "b", "auth-b", 20 << 10),
+    return {"a": make_bundle(root / "a", "auth-a", 20 << 10),
+            "b": make_bundle(root / "b", "auth-b", 20 << 10),
             "big": make_bundle(root / "big", "auth-big", 768 << 10)}
 
 
@@ -267,8 +268,8 @@ def test_without_the_secret_no_verb_reaches_the_handler(bundles: dict[str, Path]
             peer.send(sl.encode_frame(Frame(sl.AUTH, session, payload=challenge.payload + os.urandom(32))))
             key = os.urandom(32)  # a guess at the session key
             for ctr, op in enumerate(("hello", "rollback", "status"), start=1):
-                peer.send(sl.encode_frame(Frame(DATA, session, ctr - 1, FLAG_END, pack({"op": op, "rid": ctr}),
-                                                ctr=ctr), key))
+                request = pack({"op": op, "rid": ctr})
+                peer.send(sl.encode_frame(Frame(DATA, session, ctr - 1, FLAG_END, request, ctr=ctr), key))
             settle()
             heard = frame_types(bytes(peer.heard))
             assert (2, sl.REFUSED, session) in heard
@@ -279,8 +280,8 @@ def test_without_the_secret_no_verb_reaches_the_handler(bundles: dict[str, Path]
             peer.close()
 
 
-def test_a_wrong_secret_is_refused_with_one_clear_line(bundles: dict[str, Path], board: Any, handled: list[str],
-                                                       tmp_path: Path) -> None:
+def test_a_wrong_secret_is_refused_with_one_clear_line(bundles: dict[str, Path], board: Any,
+                                                       handled: list[str], tmp_path: Path) -> None:
     with PtyRelay() as relay:
         b = board(relay, bundles["a"], bundles["b"])
         before = b.status()
@@ -340,8 +341,8 @@ def test_a_peer_without_the_secret_cannot_take_over_a_session(bundles: dict[str,
                     peer.send(os.urandom(200) + b"\x00")
                     sessions = {s for v, t, s in frame_types(bytes(peer.heard)) if v == 2 and t == sl.ACK}
                     for s in sessions:  # A's session, seen on the line: forge frames into it
-                        peer.send(sl.encode_frame(Frame(DATA, s, 0, FLAG_END, pack({"op": "rollback", "rid": 1}),
-                                                        ctr=1 << 30), os.urandom(32)))
+                        forged = Frame(DATA, s, 0, FLAG_END, pack({"op": "rollback", "rid": 1}), ctr=1 << 30)
+                        peer.send(sl.encode_frame(forged, os.urandom(32)))
                     attacks.append("round" if sessions else "blind round")
                     time.sleep(0.05)
             except BaseException as e:  # reported by the test

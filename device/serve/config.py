@@ -56,7 +56,8 @@ class ServeConfig:
             raise ToolkitError("--serial carries deploys, so it needs --store DIR")
         if self.serial and not self.token_file:
             raise ToolkitError("--serial needs --token-file: the serial link authenticates every session "
-                               "with the token", hint="write a random token to a file (chmod 600) and pass it")
+                               "with the token",
+                               hint="write a random token to a file (chmod 600) and pass it")
         if self.tcp and not self.token_file:
             raise ToolkitError("--tcp needs --token-file: every TCP request must carry a bearer token",
                                hint="write a random token to a file (chmod 600) and pass it")

@@ -778,7 +778,8 @@ class Link:
         self._refuse(session, WRONG_SECRET)
 
     def _refuse(self, session: int, reason: int, retry_after: float = 0.0) -> None:
-        self._control.append(Frame(REFUSED, session, payload=REFUSAL.pack(reason, int(retry_after * 1000) + 1)))
+        payload = REFUSAL.pack(reason, int(retry_after * 1000) + 1)
+        self._control.append(Frame(REFUSED, session, payload=payload))
 
     def _on_old_peer(self, f: Frame) -> None:
         self.stats.old_peers += 1
