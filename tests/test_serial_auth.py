@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import select
 import shutil
 import struct
 import tempfile
@@ -450,4 +451,63 @@ def test_a_host_names_an_old_board_instead_of_timing_out() -> None:
         link.close()
         port.close()
         os.close(dev_fd)
+        os.close(tty_fd)
+
+
+def test_failed_proofs_make_the_device_wait_before_checking_another() -> None:
+    """After a wrong proof the device checks no proof, not even a right one, until its backoff
+    has passed (it says how long), and the backoff doubles with each failure in a row."""
+    master, tty_fd = os.openpty()
+    tty.setraw(tty_fd)
+    port = open_port(os.ttyname(tty_fd))
+    device = sl.Link(port, "device", tokens=[SECRET.encode()])
+    reader = sl.FrameReader()
+    heard: list[Frame] = []
+
+    def exchange(frame: Frame, want: int) -> Frame:
+        os.write(master, b"\x00" + sl.encode_frame(frame))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                heard.extend(reader.feed(os.read(master, 4096)))
+            for i, f in enumerate(heard):
+                if f.type == want and f.session == frame.session:
+                    return heard.pop(i)
+        raise AssertionError(f"no frame of type {want} for session {frame.session:08x}")
+
+    def attempt(session: int, secret: str) -> tuple[int, float]:
+        """A handshake -> (reason it was refused, retry after in s), or (0, 0) when accepted."""
+        nonce = os.urandom(16)
+        challenge = exchange(Frame(SYNC, session, payload=nonce), sl.CHALLENGE).payload
+        proof = sl.session_keys(secret.encode(), session, nonce, challenge).proof
+        os.write(master, b"\x00" + sl.encode_frame(Frame(sl.AUTH, session, payload=challenge + proof)))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                heard.extend(reader.feed(os.read(master, 4096)))
+            for f in heard:
+                if f.session == session and f.type == sl.REFUSED:
+                    reason, retry_ms = struct.unpack("<BI", f.payload)
+                    return reason, retry_ms / 1000
+                if f.session == session and f.type == sl.AUTH_OK:
+                    return 0, 0.0
+        raise AssertionError("the device did not answer the proof")
+
+    try:
+        assert attempt(1, WRONG) == (sl.WRONG_SECRET, 0.0)
+        reason, wait = attempt(2, SECRET)  # right, but too soon: not checked
+        assert reason == sl.BACKING_OFF and 0 < wait <= 0.25
+        time.sleep(wait)
+        assert attempt(3, WRONG)[0] == sl.WRONG_SECRET  # the second failure in a row
+        reason, wait = attempt(4, SECRET)
+        assert reason == sl.BACKING_OFF and 0.25 < wait <= 0.5  # doubled
+        time.sleep(wait)
+        assert attempt(5, SECRET) == (0, 0.0)
+        assert device.session == 5 and device.stats.auth_failures == 2
+    finally:
+        device.close()
+        port.close()
+        os.close(master)
         os.close(tty_fd)

@@ -101,6 +101,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import struct
 import threading
@@ -778,7 +779,7 @@ class Link:
         self._refuse(session, WRONG_SECRET)
 
     def _refuse(self, session: int, reason: int, retry_after: float = 0.0) -> None:
-        payload = REFUSAL.pack(reason, int(retry_after * 1000) + 1)
+        payload = REFUSAL.pack(reason, math.ceil(retry_after * 1000))
         self._control.append(Frame(REFUSED, session, payload=payload))
 
     def _on_old_peer(self, f: Frame) -> None:
