@@ -244,7 +244,8 @@ def test_a_serial_listener_needs_the_token_file(tmp_path: Path) -> None:
 
 
 def test_without_the_secret_no_verb_reaches_the_handler(bundles: dict[str, Path], board: Any,
-                                                        handled: list[str]) -> None:
+                                                        handled: list[str],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     """Old-protocol requests (what any program could send before), a handshake with a made-up
     proof, and sealed frames under a made-up key: the device answers none of them and its
     handler sees nothing; the store is as it was."""
@@ -258,6 +259,7 @@ def test_without_the_secret_no_verb_reaches_the_handler(bundles: dict[str, Path]
             settle()
             assert handled == []
             assert all(t[0] == 2 for t in frame_types(bytes(peer.heard)))  # not a v1 word back
+            assert any("serial link version 1" in r.getMessage() for r in caplog.records)  # but logged
 
             session, nonce = secrets.randbits(31) + 1, os.urandom(16)
             peer.send(b"\x00" + sl.encode_frame(Frame(SYNC, session, payload=nonce)))
