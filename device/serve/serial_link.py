@@ -225,8 +225,10 @@ def verify_frame(f: Frame, key: bytes) -> bool:
 
 
 def decode_frame(encoded: bytes) -> Frame | None:
-    """One COBS frame (without its 0x00) -> Frame, or None when it is damaged in any way. The mac
-    is only carried: checking it needs the session's key (Link does)."""
+    """One COBS frame (without its 0x00) -> Frame, or None when its COBS, magic, version, length
+    or (open frame) CRC is wrong. A sealed frame's mac is only carried: checking it needs the
+    session's key (Link does; damage to a sealed frame shows there). A link-version-1 frame
+    comes back with version=1."""
     try:
         raw = cobs_decode(encoded)
     except ValueError:
@@ -264,7 +266,7 @@ def encode_v1_frame(ftype: int, session: int) -> bytes:
 
 
 class FrameReader:
-    """Bytes in, frames out: splits on 0x00, drops damaged frames and runaway garbage."""
+    """Bytes in, frames out: splits on 0x00, drops what decode_frame refuses and runaway garbage."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
