@@ -265,15 +265,18 @@ Row = tuple[str, float, float, float, str]  # link, raw B/s, upload B/s, with-co
 
 def serial_rows(work: Path, bundle: Path, baud: int, repeats: int) -> list[Row]:
     n = bundle_bytes(bundle)
+    token = work / "serial-token"  # the serial link authenticates with the daemon's token
+    token.write_text("bench\n")
+    token.chmod(0o600)
     rows = []
     for label, rate, target in ((f"serial {baud} baud (paced pty)", SERIAL_BYTES_PER_S[baud], ">= 0.70"),
                                 ("serial pty, unpaced", None, "-")):
         raw, up, full = [], [], []
         for _ in range(repeats):
             with PtyRelay(rate=rate) as relay:
-                server = Server(work, serial=relay.device_path, baud=str(baud))
+                server = Server(work, serial=relay.device_path, baud=str(baud), token=str(token))
                 try:
-                    u, f = deploy_once(bundle, f"serial://{relay.host_path}?baud={baud}")
+                    u, f = deploy_once(bundle, f"serial://{relay.host_path}?baud={baud}&token-file={token}")
                 finally:
                     server.close()
                 up.append(u)

@@ -35,7 +35,6 @@ from hypothesis import strategies as st
 from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, hash_tree, read_manifest
 from device.serve.deploy import serve_store
-from device.serve.serial_link import Frame as LinkFrame
 from device.serve.serial_link import (
     DATA,
     SYNC,
@@ -48,6 +47,7 @@ from device.serve.serial_link import (
     open_port,
     verify_frame,
 )
+from device.serve.serial_link import Frame as LinkFrame
 from device.store.store import (
     SmokeResult,
     Store,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import select
 import shutil
 import struct
 import tempfile
@@ -173,7 +174,8 @@ def handled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serial-auth-bundles")
-    return {"a": make_bundle(root / "a", "auth-a", 20 << 10), "b": make_bundle(root / "b", "auth-b", 20 << 10),
+    return {"a": make_bundle(root / "a", "auth-a", 20 << 10),
+            "b": make_bundle(root / "b", "auth-b", 20 << 10),
             "big": make_bundle(root / "big", "auth-big", 768 << 10)}
 
 
@@ -242,7 +244,8 @@ def test_a_serial_listener_needs_the_token_file(tmp_path: Path) -> None:
 
 
 def test_without_the_secret_no_verb_reaches_the_handler(bundles: dict[str, Path], board: Any,
-                                                        handled: list[str]) -> None:
+                                                        handled: list[str],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     """Old-protocol requests (what any program could send before), a handshake with a made-up
     proof, and sealed frames under a made-up key: the device answers none of them and its
     handler sees nothing; the store is as it was."""
@@ -256,6 +259,7 @@ def test_without_the_secret_no_verb_reaches_the_handler(bundles: dict[str, Path]
             settle()
             assert handled == []
             assert all(t[0] == 2 for t in frame_types(bytes(peer.heard)))  # not a v1 word back
+            assert any("serial link version 1" in r.getMessage() for r in caplog.records)  # but logged
 
             session, nonce = secrets.randbits(31) + 1, os.urandom(16)
             peer.send(b"\x00" + sl.encode_frame(Frame(SYNC, session, payload=nonce)))
@@ -267,8 +271,8 @@ def test_without_the_secret_no_verb_reaches_the_handler(bundles: dict[str, Path]
             peer.send(sl.encode_frame(Frame(sl.AUTH, session, payload=challenge.payload + os.urandom(32))))
             key = os.urandom(32)  # a guess at the session key
             for ctr, op in enumerate(("hello", "rollback", "status"), start=1):
-                peer.send(sl.encode_frame(Frame(DATA, session, ctr - 1, FLAG_END, pack({"op": op, "rid": ctr}),
-                                                ctr=ctr), key))
+                request = pack({"op": op, "rid": ctr})
+                peer.send(sl.encode_frame(Frame(DATA, session, ctr - 1, FLAG_END, request, ctr=ctr), key))
             settle()
             heard = frame_types(bytes(peer.heard))
             assert (2, sl.REFUSED, session) in heard
@@ -279,8 +283,8 @@ def test_without_the_secret_no_verb_reaches_the_handler(bundles: dict[str, Path]
             peer.close()
 
 
-def test_a_wrong_secret_is_refused_with_one_clear_line(bundles: dict[str, Path], board: Any, handled: list[str],
-                                                       tmp_path: Path) -> None:
+def test_a_wrong_secret_is_refused_with_one_clear_line(bundles: dict[str, Path], board: Any,
+                                                       handled: list[str], tmp_path: Path) -> None:
     with PtyRelay() as relay:
         b = board(relay, bundles["a"], bundles["b"])
         before = b.status()
@@ -317,37 +321,45 @@ def test_a_peer_without_the_secret_cannot_take_over_a_session(bundles: dict[str,
         attacks: list[str] = []
         errors: list[BaseException] = []
 
-        def attacker() -> None:
-            started.wait(30)
-            port = open_port(relay.intruder_path)  # type: ignore[arg-type]
-            link = sl.Link(port, "host", tokens=[WRONG.encode()])  # a handshake with a wrong secret
-            try:
-                link.connect(timeout=10)
-                errors.append(AssertionError("a wrong secret got a session"))
-            except sl.AuthRefused:
-                attacks.append("refused")
-            except BaseException as e:  # reported by the test
-                errors.append(e)
-            finally:
-                link.close()
-                port.close()
+        def raw_rounds(enough: Callable[[], bool]) -> None:
             peer = Peer(relay.intruder_path)  # type: ignore[arg-type]
             try:
-                while not finished.is_set():
+                while not finished.is_set() and not enough():
                     own = secrets.randbits(31) + 1
                     peer.send(v1_request(own, "rollback"))
                     peer.send(b"\x00" + sl.encode_frame(Frame(SYNC, own, payload=os.urandom(16))))
                     peer.send(os.urandom(200) + b"\x00")
                     sessions = {s for v, t, s in frame_types(bytes(peer.heard)) if v == 2 and t == sl.ACK}
                     for s in sessions:  # A's session, seen on the line: forge frames into it
-                        peer.send(sl.encode_frame(Frame(DATA, s, 0, FLAG_END, pack({"op": "rollback", "rid": 1}),
-                                                        ctr=1 << 30), os.urandom(32)))
+                        forged = Frame(DATA, s, 0, FLAG_END, pack({"op": "rollback", "rid": 1}), ctr=1 << 30)
+                        peer.send(sl.encode_frame(forged, os.urandom(32)))
                     attacks.append("round" if sessions else "blind round")
                     time.sleep(0.05)
-            except BaseException as e:  # reported by the test
-                errors.append(e)
             finally:
                 peer.close()
+
+        def wrong_secret() -> None:
+            port = open_port(relay.intruder_path)  # type: ignore[arg-type]
+            try:
+                link = sl.Link(port, "host", tokens=[WRONG.encode()])
+                try:
+                    link.connect(timeout=10)
+                    errors.append(AssertionError("a wrong secret got a session"))
+                except ToolkitError as e:
+                    attacks.append("refused" if type(e).__name__ == "AuthRefused" else str(e))
+                finally:
+                    link.close()
+            finally:
+                port.close()
+
+        def attacker() -> None:  # the raw attacks first: an unauthenticated link falls to them
+            started.wait(30)
+            try:
+                raw_rounds(lambda: attacks.count("round") >= 3)
+                wrong_secret()
+                raw_rounds(lambda: False)
+            except BaseException as e:  # reported by the test
+                errors.append(e)
 
         threads = [threading.Thread(target=attacker, daemon=True)]
         for t in threads:
@@ -364,10 +376,10 @@ def test_a_peer_without_the_secret_cannot_take_over_a_session(bundles: dict[str,
             finished.set()
             for t in threads:
                 t.join(30)
-        assert not errors, errors
         assert result.install.ok and result.attempts == 1 and result.held_per_attempt == (0,)
-        assert "refused" in attacks and attacks.count("round") >= 3
         assert set(handled) == {"hello", "begin", "chunk", "commit"}  # A's, and only A's
+        assert not errors, errors
+        assert "refused" in attacks and attacks.count("round") >= 3
         assert b.status()["active"]["name"].startswith("auth-big")
         logged = [r.getMessage() for r in caplog.records]
         assert any("authentication failed" in m for m in logged)
@@ -441,4 +453,63 @@ def test_a_host_names_an_old_board_instead_of_timing_out() -> None:
         link.close()
         port.close()
         os.close(dev_fd)
+        os.close(tty_fd)
+
+
+def test_failed_proofs_make_the_device_wait_before_checking_another() -> None:
+    """After a wrong proof the device checks no proof, not even a right one, until its backoff
+    has passed (it says how long), and the backoff doubles with each failure in a row."""
+    master, tty_fd = os.openpty()
+    tty.setraw(tty_fd)
+    port = open_port(os.ttyname(tty_fd))
+    device = sl.Link(port, "device", tokens=[SECRET.encode()])
+    reader = sl.FrameReader()
+    heard: list[Frame] = []
+
+    def exchange(frame: Frame, want: int) -> Frame:
+        os.write(master, b"\x00" + sl.encode_frame(frame))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                heard.extend(reader.feed(os.read(master, 4096)))
+            for i, f in enumerate(heard):
+                if f.type == want and f.session == frame.session:
+                    return heard.pop(i)
+        raise AssertionError(f"no frame of type {want} for session {frame.session:08x}")
+
+    def attempt(session: int, secret: str) -> tuple[int, float]:
+        """A handshake -> (reason it was refused, retry after in s), or (0, 0) when accepted."""
+        nonce = os.urandom(16)
+        challenge = exchange(Frame(SYNC, session, payload=nonce), sl.CHALLENGE).payload
+        proof = sl.session_keys(secret.encode(), session, nonce, challenge).proof
+        os.write(master, b"\x00" + sl.encode_frame(Frame(sl.AUTH, session, payload=challenge + proof)))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                heard.extend(reader.feed(os.read(master, 4096)))
+            for f in heard:
+                if f.session == session and f.type == sl.REFUSED:
+                    reason, retry_ms = struct.unpack("<BI", f.payload)
+                    return reason, retry_ms / 1000
+                if f.session == session and f.type == sl.AUTH_OK:
+                    return 0, 0.0
+        raise AssertionError("the device did not answer the proof")
+
+    try:
+        assert attempt(1, WRONG) == (sl.WRONG_SECRET, 0.0)
+        reason, wait = attempt(2, SECRET)  # right, but too soon: not checked
+        assert reason == sl.BACKING_OFF and 0 < wait <= 0.25
+        time.sleep(wait)
+        assert attempt(3, WRONG)[0] == sl.WRONG_SECRET  # the second failure in a row
+        reason, wait = attempt(4, SECRET)
+        assert reason == sl.BACKING_OFF and 0.25 < wait <= 0.5  # doubled
+        time.sleep(wait)
+        assert attempt(5, SECRET) == (0, 0.0)
+        assert device.session == 5 and device.stats.auth_failures == 2
+    finally:
+        device.close()
+        port.close()
+        os.close(master)
         os.close(tty_fd)

@@ -65,7 +65,8 @@ class ServeConfig:
             raise ToolkitError(f"--max-connections must be at least 1 (got {self.max_connections})")
         if self.serial and not self.token_file:
             raise ToolkitError("--serial needs --token-file: the serial link authenticates every session "
-                               "with the token", hint="write a random token to a file (chmod 600) and pass it")
+                               "with the token",
+                               hint="write a random token to a file (chmod 600) and pass it")
         if self.tcp and not self.token_file:
             raise ToolkitError("--tcp needs --token-file: every TCP request must carry a bearer token",
                                hint="write a random token to a file (chmod 600) and pass it")

@@ -38,8 +38,9 @@ Over the serial link (device/serve/serial_link.py) each message is one link mess
     u32 little-endian header length | header JSON {"op": ..., fields} | binary payload
 
 and the reply is the same envelope with header {"ok": true, "result": {...}} or {"ok": false,
-"status": N, "error": {"message", "code"}}. The link does its own framing, CRC and retransmission;
-the chunk's own CRC32 is checked by the store either way, end to end.
+"status": N, "error": {"message", "code"}}. The link does its own framing, authentication (the
+daemon's --token-file; a message reaches handle_message only from a session that proved it) and
+retransmission; the chunk's own CRC32 is checked by the store either way, end to end.
 
 Chunk sizes: 8 MiB over HTTP, two requests in flight (HTTP/1.1 pipelining on one connection:
 the next chunk travels while the device checks and writes the previous one). A request costs

@@ -101,6 +101,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import struct
 import threading
@@ -224,8 +225,10 @@ def verify_frame(f: Frame, key: bytes) -> bool:
 
 
 def decode_frame(encoded: bytes) -> Frame | None:
-    """One COBS frame (without its 0x00) -> Frame, or None when it is damaged in any way. The mac
-    is only carried: checking it needs the session's key (Link does)."""
+    """One COBS frame (without its 0x00) -> Frame, or None when its COBS, magic, version, length
+    or (open frame) CRC is wrong. A sealed frame's mac is only carried: checking it needs the
+    session's key (Link does; damage to a sealed frame shows there). A link-version-1 frame
+    comes back with version=1."""
     try:
         raw = cobs_decode(encoded)
     except ValueError:
@@ -263,7 +266,7 @@ def encode_v1_frame(ftype: int, session: int) -> bytes:
 
 
 class FrameReader:
-    """Bytes in, frames out: splits on 0x00, drops damaged frames and runaway garbage."""
+    """Bytes in, frames out: splits on 0x00, drops what decode_frame refuses and runaway garbage."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
@@ -778,7 +781,8 @@ class Link:
         self._refuse(session, WRONG_SECRET)
 
     def _refuse(self, session: int, reason: int, retry_after: float = 0.0) -> None:
-        self._control.append(Frame(REFUSED, session, payload=REFUSAL.pack(reason, int(retry_after * 1000) + 1)))
+        payload = REFUSAL.pack(reason, math.ceil(retry_after * 1000))
+        self._control.append(Frame(REFUSED, session, payload=payload))
 
     def _on_old_peer(self, f: Frame) -> None:
         self.stats.old_peers += 1
