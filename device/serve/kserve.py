@@ -85,7 +85,7 @@ def _flatten(data: Any, limit: int) -> list[Any] | None:
 _END = object()
 
 
-def _elements(shape: list[Any], name: str, max_elements: int) -> int:
+def _elements(shape: Any, name: str, max_elements: int) -> int:
     """The element count a shape holds, refusing a rank or a count past the limits as it goes
     (multiplying 50 000 dims of 2**63 first costs seconds of big-integer arithmetic)."""
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
