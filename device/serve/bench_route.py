@@ -40,7 +40,7 @@ def settings_schema() -> dict[str, Any]:
     ints = {"type": "array", "minItems": 1, "maxItems": MAX_LIST, "uniqueItems": True,
             "items": {"type": "integer", "minimum": 1, "maximum": 1 << 20}}
     props: dict[str, Any] = {f.name: f.schema() for f in SCALARS}
-    props.update({name: ints for name in LISTS})
+    props.update({name: {"anyOf": [ints, {"type": "null"}]} for name in LISTS})
     props["stream"] = {"description": "ignored: the bench always streams"}
     return {"type": "object", "properties": props, "additionalProperties": False,
             "description": "bundle.benchreport.BenchConfig; prompt + gen_len must fit the cache "

@@ -209,6 +209,7 @@ def parse_generation(body: Any, chat: bool) -> GenerationCall:
     if options is not None and not isinstance(options, dict):
         raise bad("stream_options", "expected an object")
     include_usage = INCLUDE_USAGE.read(options or {})
+    USER.read(body)  # not used, but a string when given
     return GenerationCall(chat, tokenize, max_tokens, parse_sampling(body), parse_stop(body),
                           stream, include_usage, IGNORE_EOS.read(body), MODEL.read(body), chars)
 
@@ -454,7 +455,8 @@ def tokenize_texts(inputs: list[str | list[int]], tokenizer: BundleTokenizer, ma
     the engine's reservation, so a full daemon refuses before this work is done."""
     out = []
     for i, item in enumerate(inputs):
-        ids = tokenizer.encode(item) if isinstance(item, str) else _check_ids(list(item), tokenizer)
+        ids = (tokenizer.encode(item) if isinstance(item, str)
+               else _check_ids([int(t) for t in item], tokenizer))
         if len(ids) > max_len:
             raise HTTPError(400, f"{param}[{i}] has {len(ids)} tokens; this model reads at most "
                                  f"{max_len}", "context_length_exceeded", param)

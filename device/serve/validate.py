@@ -124,7 +124,8 @@ def _refuse_lone_surrogates(value: Any) -> None:
 # schema(). Errors are HTTPError 400 "invalid_value" with param = the field's name.
 
 def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer as JSON Schema counts them: 3 and 3.0, not true (Python's bool is an int)."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
 
 
 def is_num(v: Any) -> bool:
