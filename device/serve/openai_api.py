@@ -7,8 +7,14 @@ Defaults when a field is omitted are vLLM's: temperature 1.0, top_p 1.0, top_k o
 for completions and "the room left in the KV cache" for chat. A max_tokens beyond that room is
 cut to it (finish_reason "length"); only a prompt that fills the cache is refused (400).
 
-Validation order (§2.5): body size, JSON, field types and ranges, model name, then admission
-(503 when full, before any tokenizing), then tokenize and check against the cache.
+Validation order (§2.5): body size, JSON (device/serve/validate.py: depth, UTF-8, no
+NaN/Infinity), field types and ranges, model name, a prompt's length in characters against the
+context, then admission (503 when full, before any tokenizing), then tokenize and check against
+the cache. The field specs below are also the OpenAPI document's schemas (device/serve/openapi.py).
+Ranges: temperature 0 (greedy) or in [1e-3, 100] (between 0 and 1e-3 is refused, not rounded:
+the client meant something, and 1e-320 divided logits into inf - inf); top_p in (0, 1]; top_k
+>= -1 (0 and -1 are off); seed an int64; max_tokens in [1, 2**20], then cut to the room left;
+at most 4 stop strings of 1..256 characters, 1024 messages, 2**17 prompt token ids.
 Fields we do not implement are refused when set to anything but their no-op value (n=2,
 logprobs=true, ...), so a client never silently gets less than it asked for; unknown fields
 are ignored, as vLLM does.
