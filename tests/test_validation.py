@@ -2,8 +2,8 @@
 allocate far more than the body's size, each answered with a 4xx in the route family's shape,
 and the daemon still serving afterwards. Also the OpenAPI document: generated, current, served.
 
-Imports of the new modules (device/serve/validate.py, openapi.py) are inside the tests, so that
-the daemon-level tests also run (and fail) against the code before them.
+Imports of the new modules (device/serve/validate.py, fields.py, openapi.py) are inside the
+tests, so that the daemon-level tests also run (and fail) against the code before them.
 """
 
 from __future__ import annotations
@@ -88,11 +88,10 @@ def kserve_4xx(status: int, reply: Any, code: int) -> str:
 # --- the bounded parser ----------------------------------------------------------------------
 
 def test_loads_bounded_refuses_depth_without_recursing() -> None:
-    from device.serve.httpd import HTTPError
-    from device.serve.validate import json_depth, loads_bounded
+    from device.serve.validate import JSONRefused, json_depth, loads_bounded
 
     deep = b"[" * 100_000 + b"]" * 100_000
-    with pytest.raises(HTTPError) as e:
+    with pytest.raises(JSONRefused) as e:
         loads_bounded(deep)
     assert e.value.status == 400 and "deeper than" in e.value.message
     # brackets inside strings do not count, escaped quotes do not end a string
@@ -108,10 +107,9 @@ def test_loads_bounded_refuses_depth_without_recursing() -> None:
     (b'{"a": "\\ud800"}', "invalid_json"), ('{"a": 1}'.encode("utf-16"), "invalid_json"),
 ], ids=["nan", "-infinity", "5000-digits", "lone-surrogate", "utf-16"])
 def test_loads_bounded_refuses_what_python_json_lets_through(body: bytes, code: str) -> None:
-    from device.serve.httpd import HTTPError
-    from device.serve.validate import loads_bounded
+    from device.serve.validate import JSONRefused, loads_bounded
 
-    with pytest.raises(HTTPError) as e:
+    with pytest.raises(JSONRefused) as e:
         loads_bounded(body)
     assert e.value.status == 400 and e.value.code == code
     assert loads_bounded(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}  # a surrogate pair is fine

@@ -15,8 +15,8 @@ from typing import Any
 
 from bundle.benchreport import BenchConfig
 from bundle.errors import ToolkitError
+from device.serve.fields import BoolField, FloatField, IntField, bad, is_int
 from device.serve.httpd import ClientGone, HTTPError
-from device.serve.validate import BoolField, FloatField, IntField, bad, is_int
 
 IDLE_WAIT_S = 60.0
 MAX_LIST = 16  # prompt lengths / concurrency levels per bench

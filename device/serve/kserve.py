@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from device.serve.fields import CHARS_PER_TOKEN, is_int, short
 from device.serve.httpd import HTTPError
-from device.serve.validate import CHARS_PER_TOKEN, is_int, short
 
 INPUT_NAME = "text"
 OUTPUT_NAME = "embedding"

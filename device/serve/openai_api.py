@@ -35,19 +35,7 @@ from bundle.errors import ToolkitError
 from device.runtime.sampling import SamplingParams
 from device.runtime.tokenizer import BundleTokenizer
 from device.serve.embedder import EmbeddingRequest
-from device.serve.httpd import ClientGone, Handler, HTTPError, SSEStream
-from device.serve.scheduler import (
-    EVENT_POLL_S,
-    Embedded,
-    Event,
-    Failed,
-    Finished,
-    GenerationRequest,
-    RequestHandle,
-    RequestRejected,
-    TextDelta,
-)
-from device.serve.validate import (
+from device.serve.fields import (
     CHARS_PER_TOKEN,
     MAX_STRING,
     BoolField,
@@ -59,6 +47,18 @@ from device.serve.validate import (
     is_int,
     object_schema,
     short,
+)
+from device.serve.httpd import ClientGone, Handler, HTTPError, SSEStream
+from device.serve.scheduler import (
+    EVENT_POLL_S,
+    Embedded,
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    RequestHandle,
+    RequestRejected,
+    TextDelta,
 )
 
 PING_S = 15.0  # SSE comment interval on a silent stream
