@@ -2,8 +2,8 @@
 allocate far more than the body's size, each answered with a 4xx in the route family's shape,
 and the daemon still serving afterwards. Also the OpenAPI document: generated, current, served.
 
-Imports of the new modules (device/serve/validate.py, openapi.py) are inside the tests, so that
-the daemon-level tests also run (and fail) against the code before them.
+Imports of the new modules (device/serve/validate.py, fields.py, openapi.py) are inside the
+tests, so that the daemon-level tests also run (and fail) against the code before them.
 """
 
 from __future__ import annotations
@@ -88,11 +88,10 @@ def kserve_4xx(status: int, reply: Any, code: int) -> str:
 # --- the bounded parser ----------------------------------------------------------------------
 
 def test_loads_bounded_refuses_depth_without_recursing() -> None:
-    from device.serve.httpd import HTTPError
-    from device.serve.validate import json_depth, loads_bounded
+    from device.serve.validate import JSONRefused, json_depth, loads_bounded
 
     deep = b"[" * 100_000 + b"]" * 100_000
-    with pytest.raises(HTTPError) as e:
+    with pytest.raises(JSONRefused) as e:
         loads_bounded(deep)
     assert e.value.status == 400 and "deeper than" in e.value.message
     # brackets inside strings do not count, escaped quotes do not end a string
@@ -108,10 +107,9 @@ def test_loads_bounded_refuses_depth_without_recursing() -> None:
     (b'{"a": "\\ud800"}', "invalid_json"), ('{"a": 1}'.encode("utf-16"), "invalid_json"),
 ], ids=["nan", "-infinity", "5000-digits", "lone-surrogate", "utf-16"])
 def test_loads_bounded_refuses_what_python_json_lets_through(body: bytes, code: str) -> None:
-    from device.serve.httpd import HTTPError
-    from device.serve.validate import loads_bounded
+    from device.serve.validate import JSONRefused, loads_bounded
 
-    with pytest.raises(HTTPError) as e:
+    with pytest.raises(JSONRefused) as e:
         loads_bounded(body)
     assert e.value.status == 400 and e.value.code == code
     assert loads_bounded(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}  # a surrogate pair is fine
@@ -276,25 +274,46 @@ def test_the_daemon_serves_its_openapi_document(daemon: Daemon) -> None:
     assert doc["openapi"].startswith("3.") and "/v2/models/{name}/infer" in doc["paths"]
 
 
-def test_published_bounds_are_the_enforced_ones() -> None:
-    """The schema's numbers come from the same field specs the parsers read with."""
-    import jsonschema
+PROBES: tuple[Any, ...] = (None, 0, 1, 2, -1, -2, 1.0, 0.5, 1.5, 1e-3, 1e-4, 1e-320, 100.0, 100.5,
+                           2**20, 2**20 + 1, 2**63 - 1, 2**63, -(2**63) - 1, True, False, "", "x",
+                           "x" * 300, "float", "base64", [], ["a"], ["a"] * 5, {}, {"type": "text"},
+                           {"type": "json_object"})
 
-    from device.serve import openai_api
+
+def accepted(parse: Any, body: dict[str, Any]) -> bool:
     from device.serve.httpd import HTTPError
 
-    schema = openai_api.chat_schema()
-    for field, values in (("temperature", [0, 1e-3, 1.0, 100.0, 1e-4, -1, 100.5, 1e-320]),
-                          ("top_p", [1.0, 0.5, 0.0, 1.5]), ("top_k", [-1, 0, 5, -2, 2**21]),
-                          ("max_tokens", [1, 2**20, 0, 2**20 + 1]),
-                          ("seed", [0, -(2**63), 2**63 - 1, 2**63]), ("n", [1, 2, 1.0]),
-                          ("stop", ["a", ["a"] * 4, ["a"] * 5, ""])):
-        for v in values:
-            body = {"messages": HI, field: v}
-            valid = jsonschema.Draft202012Validator(schema).is_valid(body)
-            try:
-                openai_api.parse_generation(body, chat=True)
-                accepted = True
-            except HTTPError:
-                accepted = False
-            assert valid == accepted, (field, v, valid, accepted)
+    try:
+        parse(body)
+        return True
+    except HTTPError:
+        return False
+
+
+def test_published_bounds_are_the_enforced_ones() -> None:
+    """Every field of every request, probed with the same values through the published schema
+    and through the parser: both accept, or both refuse. The schema's numbers come from the
+    same specs the parsers read with, so this fails when either drifts."""
+    import jsonschema
+
+    from device.serve import bench_route, openai_api
+
+    cases = [
+        (openai_api.chat_schema(), lambda b: openai_api.parse_generation(b, chat=True), {"messages": HI},
+         [f.name for f in openai_api.GENERATION_FIELDS] + ["stop"]),
+        (openai_api.completion_schema(), lambda b: openai_api.parse_generation(b, chat=False),
+         {"prompt": "hi"}, [f.name for f in openai_api.GENERATION_FIELDS] + ["stop"]),
+        (openai_api.embedding_schema(), lambda b: openai_api.parse_embedding(b, 128), {"input": "hi"},
+         [f.name for f in openai_api.EMBEDDING_FIELDS]),
+        (bench_route.settings_schema(), bench_route.parse_settings, {},
+         [f.name for f in bench_route.SCALARS] + list(bench_route.LISTS)),
+    ]
+    checked = 0
+    for schema, parse, base, fields in cases:
+        validator = jsonschema.Draft202012Validator(schema)
+        for name in fields:
+            for value in PROBES:
+                body = {**base, name: value}
+                assert validator.is_valid(body) == accepted(parse, body), (name, value)
+                checked += 1
+    assert checked > 1000

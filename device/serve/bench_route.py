@@ -15,8 +15,8 @@ from typing import Any
 
 from bundle.benchreport import BenchConfig
 from bundle.errors import ToolkitError
+from device.serve.fields import BoolField, FloatField, IntField, bad, is_int
 from device.serve.httpd import ClientGone, HTTPError
-from device.serve.validate import BoolField, FloatField, IntField, bad, is_int
 
 IDLE_WAIT_S = 60.0
 MAX_LIST = 16  # prompt lengths / concurrency levels per bench
@@ -40,7 +40,7 @@ def settings_schema() -> dict[str, Any]:
     ints = {"type": "array", "minItems": 1, "maxItems": MAX_LIST, "uniqueItems": True,
             "items": {"type": "integer", "minimum": 1, "maximum": 1 << 20}}
     props: dict[str, Any] = {f.name: f.schema() for f in SCALARS}
-    props.update({name: ints for name in LISTS})
+    props.update({name: {"anyOf": [ints, {"type": "null"}]} for name in LISTS})
     props["stream"] = {"description": "ignored: the bench always streams"}
     return {"type": "object", "properties": props, "additionalProperties": False,
             "description": "bundle.benchreport.BenchConfig; prompt + gen_len must fit the cache "

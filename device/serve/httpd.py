@@ -547,11 +547,13 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def read_json(self) -> Any:
-        # bounded: depth, UTF-8, no NaN/Infinity, each a 4xx (device/serve/validate.py imports
-        # this module, hence the import here)
-        from device.serve.validate import loads_bounded
+        # bounded: depth, UTF-8, no NaN/Infinity, big ints, lone surrogates (device/serve/validate.py)
+        from device.serve.validate import JSONRefused, loads_bounded
 
-        return loads_bounded(self.read_body())
+        try:
+            return loads_bounded(self.read_body())
+        except JSONRefused as e:
+            raise HTTPError(e.status, e.message, e.code) from e
 
     def send_bytes(self, status: int, body: bytes, content_type: str,
                    headers: dict[str, str] | None = None) -> None:

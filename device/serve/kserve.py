@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from device.serve.fields import CHARS_PER_TOKEN, is_int, short
 from device.serve.httpd import HTTPError
-from device.serve.validate import CHARS_PER_TOKEN, short
 
 INPUT_NAME = "text"
 OUTPUT_NAME = "embedding"
@@ -85,17 +85,16 @@ def _flatten(data: Any, limit: int) -> list[Any] | None:
 _END = object()
 
 
-def _elements(shape: list[Any], name: str, max_elements: int) -> int:
+def _elements(shape: Any, name: str, max_elements: int) -> int:
     """The element count a shape holds, refusing a rank or a count past the limits as it goes
     (multiplying 50 000 dims of 2**63 first costs seconds of big-integer arithmetic)."""
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape[:MAX_DIMS + 1]):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape[:MAX_DIMS + 1]):
         raise HTTPError(400, f"input '{name}': 'shape' must be a list of non-negative integers")
     if len(shape) > MAX_DIMS:
         raise HTTPError(400, f"input '{name}': at most {MAX_DIMS} dimensions (got {len(shape)})")
     n = 1
     for d in shape:
-        n *= d
+        n *= int(d)
         if n > max_elements:
             raise HTTPError(413, f"input '{name}': shape {shape} holds more than {max_elements} "
                                  "elements, this model's limit")

@@ -7,8 +7,14 @@ Defaults when a field is omitted are vLLM's: temperature 1.0, top_p 1.0, top_k o
 for completions and "the room left in the KV cache" for chat. A max_tokens beyond that room is
 cut to it (finish_reason "length"); only a prompt that fills the cache is refused (400).
 
-Validation order (§2.5): body size, JSON, field types and ranges, model name, then admission
-(503 when full, before any tokenizing), then tokenize and check against the cache.
+Validation order (§2.5): body size, JSON (device/serve/validate.py: depth, UTF-8, no
+NaN/Infinity), field types and ranges, model name, a prompt's length in characters against the
+context, then admission (503 when full, before any tokenizing), then tokenize and check against
+the cache. The field specs below are also the OpenAPI document's schemas (device/serve/openapi.py).
+Ranges: temperature 0 (greedy) or in [1e-3, 100] (between 0 and 1e-3 is refused, not rounded:
+the client meant something, and 1e-320 divided logits into inf - inf); top_p in (0, 1]; top_k
+>= -1 (0 and -1 are off); seed an int64; max_tokens in [1, 2**20], then cut to the room left;
+at most 4 stop strings of 1..256 characters, 1024 messages, 2**17 prompt token ids.
 Fields we do not implement are refused when set to anything but their no-op value (n=2,
 logprobs=true, ...), so a client never silently gets less than it asked for; unknown fields
 are ignored, as vLLM does.
@@ -29,19 +35,7 @@ from bundle.errors import ToolkitError
 from device.runtime.sampling import SamplingParams
 from device.runtime.tokenizer import BundleTokenizer
 from device.serve.embedder import EmbeddingRequest
-from device.serve.httpd import ClientGone, Handler, HTTPError, SSEStream
-from device.serve.scheduler import (
-    EVENT_POLL_S,
-    Embedded,
-    Event,
-    Failed,
-    Finished,
-    GenerationRequest,
-    RequestHandle,
-    RequestRejected,
-    TextDelta,
-)
-from device.serve.validate import (
+from device.serve.fields import (
     CHARS_PER_TOKEN,
     MAX_STRING,
     BoolField,
@@ -53,6 +47,18 @@ from device.serve.validate import (
     is_int,
     object_schema,
     short,
+)
+from device.serve.httpd import ClientGone, Handler, HTTPError, SSEStream
+from device.serve.scheduler import (
+    EVENT_POLL_S,
+    Embedded,
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    RequestHandle,
+    RequestRejected,
+    TextDelta,
 )
 
 PING_S = 15.0  # SSE comment interval on a silent stream
@@ -209,6 +215,7 @@ def parse_generation(body: Any, chat: bool) -> GenerationCall:
     if options is not None and not isinstance(options, dict):
         raise bad("stream_options", "expected an object")
     include_usage = INCLUDE_USAGE.read(options or {})
+    USER.read(body)  # not used, but a string when given
     return GenerationCall(chat, tokenize, max_tokens, parse_sampling(body), parse_stop(body),
                           stream, include_usage, IGNORE_EOS.read(body), MODEL.read(body), chars)
 
@@ -454,7 +461,8 @@ def tokenize_texts(inputs: list[str | list[int]], tokenizer: BundleTokenizer, ma
     the engine's reservation, so a full daemon refuses before this work is done."""
     out = []
     for i, item in enumerate(inputs):
-        ids = tokenizer.encode(item) if isinstance(item, str) else _check_ids(list(item), tokenizer)
+        ids = (tokenizer.encode(item) if isinstance(item, str)
+               else _check_ids([int(t) for t in item], tokenizer))
         if len(ids) > max_len:
             raise HTTPError(400, f"{param}[{i}] has {len(ids)} tokens; this model reads at most "
                                  f"{max_len}", "context_length_exceeded", param)

@@ -1,5 +1,5 @@
 """The daemon's OpenAPI 3.1 document, built from the same field specs the request parsers use
-(device/serve/validate.py, openai_api.py, kserve.py, bench_route.py), so the bounds published
+(device/serve/fields.py, used by openai_api.py, kserve.py, bench_route.py), so the bounds published
 here are the bounds enforced.
 
     GET /openapi.json                       the document (the daemon serves this exact text)
