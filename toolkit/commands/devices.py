@@ -17,7 +17,7 @@ def devices() -> None:
     Addresses:
       unix:///run/user/1000/toolkit.sock                   a daemon on this machine
       tcp://192.168.1.20:8080?token-file=~/.jetson.token    over the network (bearer token)
-      serial:///dev/ttyUSB0?baud=921600                    over a serial cable
+      serial:///dev/ttyUSB0?baud=921600&token-file=F       over a serial cable (the same token)
 
     \b
     Examples:
