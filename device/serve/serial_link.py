@@ -501,6 +501,10 @@ class Link:
                         deadline = max(deadline, min(hs.wait_until + 1.0,
                                                      start + timeout + 2 * cfg.auth_backoff_max))
                     left = deadline - now
+                    if left <= 0 and hs.device_nonce is not None:
+                        raise LinkDown(f"the board on {_port_name(self.port)} challenged this host but "
+                                       f"did not confirm its proof within {now - start:.0f} s (a line "
+                                       "too noisy for the handshake?)")
                     if left <= 0:
                         raise LinkDown(f"no device answered on {_port_name(self.port)} within "
                                        f"{now - start:.0f} s",

@@ -629,8 +629,8 @@ def _setup_logging() -> None:
 def serve(config: ServeConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
     _setup_logging()
-    with_token = (config.tcp or config.serial) and config.token_file  # TCP's bearer, the serial secret
-    tokens = read_tokens(Path(config.token_file)) if with_token and config.token_file else None
+    remote = config.tcp or config.serial  # the token file holds TCP's bearer tokens and the serial secret
+    tokens = read_tokens(Path(config.token_file)) if remote and config.token_file else None
     tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
     daemon = Daemon(config)
     unix = UnixServer(config.socket_path, daemon, config.max_connections)
