@@ -199,6 +199,14 @@ def test_bench_settings_are_checked_before_the_stream_starts(daemon: Daemon) -> 
     assert_serving(daemon)
 
 
+def test_back_to_back_benches_are_each_served(daemon: Daemon) -> None:
+    """The daemon is ready again when the bench's [DONE] goes out: the fuzz met a 503
+    "benchmarking" for a bench sent right after the previous one's [DONE]."""
+    body = {"prompt_lens": [2], "concurrency": [1], "runs": 1, "warmup": 0, "gen_len": 1, "power": False}
+    statuses = [post(daemon, "/v1/bench", body)[0] for _ in range(8)]
+    assert statuses == [200] * 8, statuses
+
+
 # --- KServe on an encoder -------------------------------------------------------------------------
 
 def text_input(shape: Any, data: Any, **kw: Any) -> dict[str, Any]:

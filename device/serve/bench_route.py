@@ -95,12 +95,19 @@ def bench(app: Any, h: Any) -> None:
 
         try:
             run_bench(app.runner, config, progress=send, stop=stop)
+            _release(app)  # before [DONE]: a client that sends its next request on [DONE] got 503
             stream.done()
         except ClientGone:
             pass  # run_bench already returned its partial report; nobody is listening
         except ToolkitError as e:
+            _release(app)
             stream.send({"event": "error", "message": str(e)})
             stream.done()
     finally:
-        if app.state == "benchmarking":
-            app.state = "ready"
+        _release(app)
+
+
+def _release(app: Any) -> None:
+    """The engine is the daemon's again (once; a swap or drain meanwhile keeps its own state)."""
+    if app.state == "benchmarking":
+        app.state = "ready"
