@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PHASES = ("verify", "build", "smoke", "switch")
@@ -70,15 +70,15 @@ class InstallJob:
             self.state = "failed" if error is not None else "done"
 
     def to_json(self) -> dict[str, Any]:
-        from device.store.store import to_json
-
+        # the result is an InstallResult, a plain record (asdict is store.to_json's answer for
+        # it; importing store here would close an import cycle: store imports this module)
         with self._lock:
             now = time.monotonic()
             return {"job": self.job, "op": self.op, "upload_id": self.upload_id, "phase": self.phase,
                     "state": self.state, "elapsed_s": round(now - self.started, 3),
                     "phase_s": round(now - self.phase_started, 3),
                     "phases": [{"phase": p.phase, "seconds": p.seconds} for p in self.phases],
-                    "result": to_json(self.result) if self.result is not None else None,
+                    "result": asdict(self.result) if self.result is not None else None,
                     "error": ({"status": self.error.status, "code": self.error.code,
                                "message": self.error.message, "hint": self.error.hint,
                                **self.error.extra} if self.error else None)}

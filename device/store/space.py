@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bundle.manifest import Manifest
+from device.store.errors import StoreError
 
 DISK_MARGIN = 64 << 20  # bytes left free on the store's filesystem after an upload
 FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -49,8 +50,6 @@ def free_bytes(root: Path) -> int:
 
 def no_space(root: Path, needed: int, free: int | None = None, what: str = "this upload") -> Exception:
     """The 507 StoreError: both figures in the message and as fields for the host."""
-    from device.store.store import StoreError
-
     free = free_bytes(root) if free is None else free
     mib = 1 << 20
     return StoreError(f"the device is out of disk space in {root}: {what} needs {needed} bytes "

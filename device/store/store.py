@@ -79,6 +79,7 @@ from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, UNHASHED_DIRS, Manifest, sha256_file, verify_files
 from bundle.manifest import parse_manifest as parse_bundle_manifest
 from device.store.checksum import crc32 as checksum_crc32
+from device.store.errors import StoreError
 from device.store.jobs import InstallJob, JobError
 from device.store.space import DISK_MARGIN, engine_estimate, free_bytes, full_disk_as_507, is_full, no_space
 
@@ -88,16 +89,6 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 MAX_DEPTH = 8
 MAX_PATH = 512
-
-
-class StoreError(ToolkitError):
-    """A refused store operation; `status` is the HTTP status it maps to, `code` a stable word
-    the host can act on (e.g. "gap": resume from `held`)."""
-
-    def __init__(self, message: str, hint: str | None = None, status: int = 400,
-                 code: str = "invalid_request", **extra: Any) -> None:
-        super().__init__(message, hint)
-        self.status, self.code, self.extra = status, code, extra
 
 
 @dataclass(frozen=True)
