@@ -437,9 +437,8 @@ class SerialDeployClient(DeployClient):
             raise LinkDown(f"the device sent a malformed reply: {e}") from e
         if header.get("rid") != self._rid:
             raise LinkDown("the device answered another request (a stale reply)")
-        if not header.get("ok"):
-            err = header.get("error") or {}
-            raise RemoteError(str(err.get("message")), int(header.get("status", 400)), str(err.get("code")))
+        if not header.get("ok"):  # the same error object as over HTTP (a 507's byte counts too)
+            raise _remote_error(header, int(header.get("status", 400)), self.port_path)
         return header.get("result")
 
     def reconnect(self) -> None:
