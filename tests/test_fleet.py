@@ -205,13 +205,19 @@ def test_fleet_install_deploy_kill_rerun_bench_rollback(fleet: Fleet, llama_bund
     b1, b2, b3 = fleet.boards
 
     # install: check mode (see the module docstring); the controller's steps run for real
-    done = fleet.playbook("install", "--check")
+    done = fleet.playbook("install", "--check", "--diff")
     assert done.returncode == 0, _out(done)
     r = recap(done.stdout)
-    assert set(r) == {b.name for b in fleet.boards} and all(v["failed"] == 0 for v in r.values()), _out(done)
-    for board in fleet.boards:  # the unit the role rendered for each board, with its own options
+    assert set(r) == {b.name for b in fleet.boards}, _out(done)
+    assert all(v["failed"] == 0 and v["changed"] > 0 for v in r.values()), _out(done)  # would install
+    for board in fleet.boards:  # each board's own unit, as the role would write it
         assert (fleet.fleet_dir / "boards" / board.name / "devices.json").is_file()
-    assert "ExecStart=" in done.stdout or "Render the unit" in done.stdout
+        exec_start = (f"+ExecStart={board.root}/venv/bin/toolkit serve --store /var/lib/toolkit/store "
+                      "--socket /run/toolkit/toolkit.sock")
+        exec_start += f" --tcp 127.0.0.1:{board.tcp_port} --token-file %d/token" if board.tcp_port else ""
+        assert exec_start + " --drain-timeout 30\n" in done.stdout, done.stdout
+    assert "+User=toolkit-ci" in done.stdout and "+Type=notify" in done.stdout
+    assert not any(board.token in done.stdout for board in fleet.boards[1:])  # no_log: never shown
 
     # deploy A to all three; board-3 is killed in the middle of its install (smoke test held)
     b3.hold.write_text("")
@@ -307,3 +313,16 @@ def test_collection_passes_ansible_lint_offline() -> None:
                           capture_output=True, text=True, env=env, timeout=180, cwd=str(REPO / "fleet"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Profile 'production' was required, and it passed" in done.stderr + done.stdout
+
+
+def test_report_compare_names_columns_after_files() -> None:
+    from bundle.errors import ToolkitError
+    from host.report import _letters, compare_reports
+
+    assert [_letters(i) for i in (0, 25, 26, 27, 51, 52)] == ["A", "Z", "AA", "AB", "AZ", "BA"]
+    report = {"complete": True, "environment": {"bundle": {"name": "m"}, "target": {"name": "cpu"}},
+              "cells": [], "memory": {}}
+    text = compare_reports([("x/orin-01.json", report), ("x/thor-01.json", report)], ["orin-01", "thor-01"])
+    assert "| orin-01 | thor-01 | thor-01/orin-01 |" in text
+    with pytest.raises(ToolkitError, match="one distinct label per report"):
+        compare_reports([("a/b.json", report), ("c/b.json", report)], ["b", "b"])
