@@ -207,6 +207,25 @@ def test_watchdog_pings_only_a_working_daemon() -> None:
     assert "listen-UnixServer" in dog.problem(idle, [dead])[0]
 
 
+def test_watchdog_tick_sends_watchdog_1_only_when_healthy() -> None:
+    listener = NotifyListener()
+    try:
+        dog = Watchdog(Notifier.from_env({"NOTIFY_SOCKET": listener.env_value, "WATCHDOG_USEC": "2000"}))
+        daemon = _fake_daemon()
+        me = [threading.current_thread()]
+        assert dog.tick(daemon, me) and dog.last_problem == ""
+        listener.wait_for("WATCHDOG=1")
+        daemon.engine.running = 1  # busy, and no tokens since that ping
+        time.sleep(0.002)  # past WatchdogSec/2 (1 ms)
+        assert not dog.tick(daemon, me) and "no progress" in dog.last_problem
+        daemon.metrics.success.inc()
+        time.sleep(0.002)
+        assert dog.tick(daemon, me) and dog.last_problem == ""
+        assert listener.wait_for("WATCHDOG=1", after=1) == 1
+    finally:
+        listener.close()
+
+
 # --- --socket-group --------------------------------------------------------------------------------
 
 def _socket_facts(path: Path) -> tuple[int, int]:

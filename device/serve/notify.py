@@ -78,9 +78,8 @@ class Watchdog:
         if self.interval is None or time.monotonic() - self._last_ping < self.interval:
             return False
         problem, mark = self.problem(daemon, listeners)
+        self.last_problem = problem  # the daemon's STATUS= line shows it while it lasts
         if problem:
-            self.last_problem = problem
-            self.notifier.send(f"STATUS=unhealthy: {problem}")
             return False
         self._last_ping, self._mark = time.monotonic(), mark
         return self.notifier.send("WATCHDOG=1")

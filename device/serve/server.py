@@ -582,7 +582,8 @@ def serve(config: ServeConfig) -> int:
         notifier.send("READY=1", f"STATUS={status}")
         while not stop.wait(0.5):
             watchdog.tick(daemon, listeners)
-            now = _status_line(daemon)
+            now = _status_line(daemon) + (f" (unhealthy: {watchdog.last_problem})"
+                                          if watchdog.last_problem else "")
             if now != status:  # serving another bundle, switching (a cold swap), empty again
                 status = now
                 notifier.send(f"STATUS={status}")
