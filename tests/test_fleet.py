@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,6 @@ import pytest
 from daemon_fixtures import REPO, free_port, llama_bundle, short_socket_dir  # noqa: F401
 
 COLLECTION = REPO / "fleet" / "ansible_collections" / "edge" / "toolkit"
-PLAYBOOKS = COLLECTION / "playbooks"
 DEPLOY_HARNESS = Path(__file__).with_name("deploy_harness.py")
 ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook")
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
@@ -120,15 +120,20 @@ class Fleet:
 
     def playbook(self, name: str, *args: str, background: bool = False) -> Any:
         """ansible-playbook PLAYBOOK ARGS: CompletedProcess, or a Popen with background=True."""
+        # as the README runs it: from fleet/, whose ansible.cfg finds the collection
         env = {**os.environ, "PYTHONPATH": str(REPO),  # the controller's toolkit: this checkout
-               "ANSIBLE_COLLECTIONS_PATH": str(REPO / "fleet"), "ANSIBLE_FORKS": "5",
+               "ANSIBLE_FORKS": "5",
                "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_RETRY_FILES_ENABLED": "0",
                "ANSIBLE_LOCAL_TEMP": str(self.root / "ansible-tmp"),
                "ANSIBLE_HOME": str(self.root / "ansible-home"), "ANSIBLE_HOST_KEY_CHECKING": "0"}
-        cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(self.inventory), str(PLAYBOOKS / f"{name}.yml"), *args]
+        env.pop("ANSIBLE_COLLECTIONS_PATH", None)
+        env.pop("ANSIBLE_CONFIG", None)
+        cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(self.inventory), f"edge.toolkit.{name}", *args]
+        cwd = str(REPO / "fleet")
         if background:
-            return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+            return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+        return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
 
     def wait_ready(self, board: Board, timeout: float = 60.0) -> None:
         from host.client import DaemonClient, DaemonError, Endpoint
@@ -165,7 +170,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                            "-q", "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
-    return next(out.glob("edge_toolkit-*.whl"))
+    built = next(out.glob("edge_toolkit-*.whl"))
+    with zipfile.ZipFile(built) as z:  # the unit template travels as package data
+        assert "device/serve/toolkit.service.in" in z.namelist()
+    return built
 
 
 @pytest.fixture
