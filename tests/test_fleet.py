@@ -167,8 +167,16 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The toolkit wheel, built from this checkout as the README says (no build isolation: the
     build backend is already installed and nothing is fetched)."""
     out = tmp_path_factory.mktemp("wheel")
+    # built from a copy of the sources: setuptools writes build/ and *.egg-info into the tree it
+    # builds, and a build/ left from an earlier run would ship files deleted since
+    src = out / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("bundle", "device", "host", "toolkit", "convert", "quantize", "targets", "models"):
+        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                           "-q", "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=180)
+                           "-q", "-w", str(out), str(src)], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     built = next(out.glob("edge_toolkit-*.whl"))
     with zipfile.ZipFile(built) as z:  # the unit template travels as package data
