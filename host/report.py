@@ -198,11 +198,18 @@ RUN_METRICS = (("peak RSS MiB", "rss_peak_bytes"), ("KV cache MiB", "kv_cache_by
                ("MemAvailable drop MiB", "mem_available_drop_bytes"))
 
 
-def compare_reports(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
-    """Side by side: each report's value, and X/A for every report after the first."""
+def compare_reports(reports: Sequence[tuple[str, Mapping[str, Any]]],
+                    labels: Sequence[str] | None = None) -> str:
+    """Side by side: each report's value, and X/A for every report after the first. The columns
+    are A, B, C... unless `labels` names them (a fleet's board names, `report compare --names`)."""
     if len(reports) < 2:
         raise ToolkitError("compare needs at least two reports")
-    labels = [chr(ord("A") + i) for i in range(len(reports))]
+    if labels is None:
+        labels = [_letters(i) for i in range(len(reports))]
+    elif len(labels) != len(reports) or len(set(labels)) != len(labels):
+        raise ToolkitError(f"compare needs one distinct label per report (got {list(labels)})",
+                           hint="name each report file after its board: orin-01.json, orin-02.json")
+    first = labels[0]
     lines = []
     for label, (name, r) in zip(labels, reports):
         b = r["environment"].get("bundle", {})
@@ -212,7 +219,7 @@ def compare_reports(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
                      f"{state}")
     header = ["prompt", "conc", "metric"]
     for label in labels:
-        header += [label] if label == "A" else [label, f"{label}/A"]
+        header += [label] if label == first else [label, f"{label}/{first}"]
     rows = []
     keys: list[tuple[int, int]] = []  # every cell of any report, the first report's order first
     for _, r in reports:
@@ -231,6 +238,11 @@ def compare_reports(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     missing = [f"{lab} lacks prompt {p} x {c}" for lab, (_, r) in zip(labels, reports)
                for p, c in keys if _find(r, p, c) is None]
     return "\n".join([*lines, "", markdown_table(header, rows), *missing])
+
+
+def _letters(i: int) -> str:
+    """A..Z, then AA, AB, ... (a fleet can hold more than 26 reports)."""
+    return _letters(i // 26 - 1) + chr(ord("A") + i % 26) if i >= 26 else chr(ord("A") + i)
 
 
 def _find(report: Mapping[str, Any], prompt_len: int, concurrency: int) -> Mapping[str, Any] | None:

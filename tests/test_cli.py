@@ -186,7 +186,7 @@ def test_shared_options_have_one_spelling_type_and_default() -> None:
     assert {_option(commands[c], "--max-seq").help for c in ("convert", "plan")} == {
         _option(commands["convert"], "--max-seq").help}
     assert set(seen["--json"]) == {"targets", "targets show", "plan", "status", "devices list",
-                                   "devices ping"}
+                                   "devices ping", "deploy", "rollback"}
     # the daemon a command talks to: --socket PATH / --device NAME (serve's --socket is where it
     # listens); deploy and rollback take a registered device only
     for name in ("status", "generate", "bench"):

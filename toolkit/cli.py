@@ -29,6 +29,7 @@ COMMANDS = [
     "toolkit.commands.targets:targets",
     "toolkit.commands.plan:plan",
     "toolkit.commands.serve:serve",
+    "toolkit.commands.service:service",
     "toolkit.commands.generate:generate",
     "toolkit.commands.status:status",
     "toolkit.commands.devices:devices",

@@ -40,6 +40,7 @@ class ServeConfig:
     tls_cert: Path | None = None  # PEM certificate (chain): TCP speaks TLS
     tls_key: Path | None = None  # its PEM private key
     max_connections: int = MAX_CONNECTIONS  # per listener; one more is refused at once
+    socket_group: str | None = None  # the Unix socket is 0660 for this group (else 0600)
 
     def __post_init__(self) -> None:
         if self.slots is not None and self.slots < 1:
@@ -67,9 +68,27 @@ class ServeConfig:
             raise ToolkitError("--serial needs --token-file: the serial link authenticates every session "
                                "with the token",
                                hint="write a random token to a file (chmod 600) and pass it")
+        if self.socket_group is not None:
+            self.socket_gid  # noqa: B018 - an unknown group is refused before anything starts
         if self.tcp and not self.token_file:
             raise ToolkitError("--tcp needs --token-file: every TCP request must carry a bearer token",
                                hint="write a random token to a file (chmod 600) and pass it")
+
+    @property
+    def socket_gid(self) -> int | None:
+        """The numeric id of --socket-group (a name, or a number), None without one."""
+        if self.socket_group is None:
+            return None
+        import grp
+
+        try:
+            if self.socket_group.isdigit():
+                return grp.getgrgid(int(self.socket_group)).gr_gid
+            return grp.getgrnam(self.socket_group).gr_gid
+        except KeyError:
+            raise ToolkitError(f"--socket-group {self.socket_group!r}: no such group",
+                               hint="create it (groupadd) or name an existing group; "
+                                    "`getent group` lists them") from None
 
     @property
     def socket_path(self) -> Path:

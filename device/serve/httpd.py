@@ -210,9 +210,11 @@ class _Server(socketserver.ThreadingMixIn):
 
 
 class UnixServer(_Server, socketserver.UnixStreamServer):
-    def __init__(self, path: Path, app: App, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(self, path: Path, app: App, max_connections: int = MAX_CONNECTIONS,
+                 group: int | None = None) -> None:
         self.path = Path(path)
         self.app = app
+        self.group = group  # a gid: the socket is 0660 for that group (`--socket-group`)
         self.inode: int | None = None
         self._limit_init(max_connections)
         claim_socket_path(self.path)
@@ -224,7 +226,16 @@ class UnixServer(_Server, socketserver.UnixStreamServer):
             self.socket.bind(self.server_address)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        if self.group is not None:
+            # the group is set while the node is still 0600, then opened to it; listen() comes
+            # after server_bind, so no client can connect before both are done
+            try:
+                os.chown(self.path, -1, self.group)
+            except PermissionError as e:
+                raise ToolkitError(f"cannot give the socket {self.path} to group {self.group}: "
+                                   f"{e.strerror}", hint="the daemon's user must be a member of "
+                                   "the --socket-group (SupplementaryGroups= in a unit)") from e
+        os.chmod(self.path, 0o660 if self.group is not None else 0o600)
         self.inode = os.stat(self.path).st_ino
 
     def remove(self) -> None:

@@ -627,14 +627,23 @@ def _setup_logging() -> None:
 
 
 def serve(config: ServeConfig) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
+    """Run the daemon until SIGTERM/SIGINT; returns the exit code (0 after a clean drain).
+
+    Under systemd (Type=notify, device/serve/notify.py): STATUS= says what it is doing, READY=1
+    goes once the bundle is loaded (or the empty store is open), WATCHDOG=1 only while the
+    listeners and the engine work, STOPPING=1 when the drain begins."""
+    from device.serve.notify import Notifier, Watchdog
+
     _setup_logging()
+    notifier = Notifier.from_env()
+    watchdog = Watchdog(notifier)
     remote = config.tcp or config.serial  # the token file holds TCP's bearer tokens and the serial secret
     tokens = read_tokens(Path(config.token_file)) if remote and config.token_file else None
     tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
     daemon = Daemon(config)
-    unix = UnixServer(config.socket_path, daemon, config.max_connections)
+    unix = UnixServer(config.socket_path, daemon, config.max_connections, config.socket_gid)
     servers: list[Any] = [unix]
+    listeners: list[threading.Thread] = []
     stop = threading.Event()
     try:
         if config.tcp:
@@ -646,8 +655,9 @@ def serve(config: ServeConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         for s in servers:
-            threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2},
-                             name=f"listen-{type(s).__name__}", daemon=True).start()
+            listeners.append(threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2},
+                                              name=f"listen-{type(s).__name__}", daemon=True))
+            listeners[-1].start()
         if config.serial:
             from device.serve.serial_link import open_port
             from device.serve.serial_link import serve as serve_serial
@@ -659,15 +669,24 @@ def serve(config: ServeConfig) -> int:
         log.info("listening on %s%s%s; loading %s", unix.path,
                  f" and {'tls' if tls else 'tcp'}://{config.tcp}" if config.tcp else "",
                  f" and serial {config.serial}" if config.serial else "", config.bundle or config.store)
+        notifier.send(f"STATUS=loading {config.bundle or config.store}")
         daemon.load()
         if daemon.runner is None:
             log.info("ready: the store %s holds no bundle yet; waiting for a deploy", config.store)
         else:
             log.info("ready: %s (%s, %d slot(s), decode %s)", daemon.model_id,
                      daemon.runner.backend.kind, daemon.engine.slots, daemon.engine.decode_mode)
+        status = _status_line(daemon)
+        notifier.send("READY=1", f"STATUS={status}")
         while not stop.wait(0.5):
-            pass
+            watchdog.tick(daemon, listeners)
+            now = _status_line(daemon) + (f" (unhealthy: {watchdog.last_problem})"
+                                          if watchdog.last_problem else "")
+            if now != status:  # serving another bundle, switching (a cold swap), empty again
+                status = now
+                notifier.send(f"STATUS={status}")
         log.info("stopping: draining in-flight requests (up to %.0f s)", config.drain_timeout)
+        notifier.send("STOPPING=1", f"STATUS=draining (up to {config.drain_timeout:.0f} s)")
         daemon.begin_drain()
     except BaseException:
         daemon.state = "failed"
@@ -680,3 +699,12 @@ def serve(config: ServeConfig) -> int:
     daemon.drain(config.drain_timeout)
     log.info("stopped")
     return 0
+
+
+def _status_line(daemon: Daemon) -> str:
+    """What systemctl status shows: the state and the bundle served."""
+    if daemon.state == "ready" and daemon.runner is not None:
+        return f"serving {daemon.model_id}"
+    if daemon.state == "empty":
+        return "ready: no bundle deployed yet"
+    return daemon.state

@@ -31,10 +31,20 @@ def show(file: Path) -> None:
 
 @report.command("compare")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def compare(files: tuple[Path, ...]) -> None:
+@click.option("--names", is_flag=True,
+              help="Label each column with its file's name without .json (a fleet's BOARD.json "
+                   "reports: one column per board) instead of A, B, C...")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write the table to this file.")
+def compare(files: tuple[Path, ...], names: bool, output: Path | None) -> None:
     """Reports side by side, per prompt length x concurrency, with ratios to the first (B/A...).
 
-    For latencies and memory a ratio below 1 is better; for tokens/s and requests/s above 1."""
+    For latencies and memory a ratio below 1 is better; for tokens/s and requests/s above 1.
+
+    \b
+    A fleet (the edge.toolkit Ansible collection writes one report per board):
+      toolkit report compare --names reports/orin-01.json reports/orin-02.json reports/thor-01.json
+    """
     from bundle.benchreport import load_report
     from bundle.errors import ToolkitError
     from host.report import compare_reports
@@ -42,7 +52,11 @@ def compare(files: tuple[Path, ...]) -> None:
     if len(files) < 2:
         raise ToolkitError("compare needs at least two report files",
                            hint="toolkit report compare A.json B.json [C.json ...]")
-    click.echo(compare_reports([(str(f), load_report(f)) for f in files]))
+    labels = [f.stem for f in files] if names else None
+    table = compare_reports([(str(f), load_report(f)) for f in files], labels)
+    if output is not None:
+        output.write_text(table + "\n", encoding="utf-8")
+    click.echo(table)
 
 
 @report.command("html")

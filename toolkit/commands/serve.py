@@ -18,6 +18,8 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
               help="Unix socket path. Default: $XDG_RUNTIME_DIR/toolkit.sock, else "
                    "/tmp/toolkit-$UID.sock.")
+@click.option("--socket-group", default=None, metavar="GROUP",
+              help="Make the Unix socket 0660 for this group (default: 0600, the owner only).")
 @click.option("--tcp", default=None, metavar="HOST:PORT",
               help="Also listen on TCP (loopback when HOST is omitted). Needs --token-file.")
 @click.option("--token-file", type=click.Path(path_type=Path), default=None,
@@ -56,7 +58,8 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
 def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, max_connections: int, slots: int | None,
           queue: int, threads: int | None, drain_timeout: float, decode_mode: str, store: Path | None,
-          serial: str | None, baud: int, rebuild_on_mismatch: bool, swap: str) -> None:
+          serial: str | None, baud: int, rebuild_on_mismatch: bool, swap: str,
+          socket_group: str | None) -> None:
     """Serve BUNDLE (or a store's active bundle) over a Unix socket: OpenAI and KServe v2
     routes, /metrics, /v1/status; with --store also /v1/deploy/* (`toolkit deploy`).
 
@@ -64,6 +67,7 @@ def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_
     Examples:
       toolkit serve bundles/smollm2-135m-cpu-fp32
       toolkit serve BUNDLE --socket /run/toolkit/api.sock --slots 4 --queue 8
+      toolkit serve --store /var/lib/toolkit/store --socket /run/toolkit/toolkit.sock --socket-group toolkit
       toolkit serve BUNDLE --tcp 127.0.0.1:8080 --token-file ~/.config/toolkit/token
       toolkit serve BUNDLE --tcp 0.0.0.0:8443 --token-file F --tls-cert cert.pem --tls-key key.pem
       toolkit serve --store /var/lib/toolkit --tcp 0.0.0.0:8080 --token-file F --serial /dev/ttyGS0
@@ -73,5 +77,5 @@ def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_
     config = ServeConfig(bundle, socket_path, tcp, token_file, slots, queue, threads,
                          drain_timeout, decode_mode, store=store, serial=serial, baud=baud,
                          rebuild_on_mismatch=rebuild_on_mismatch, swap=swap, tls_cert=tls_cert,
-                         tls_key=tls_key, max_connections=max_connections)
+                         tls_key=tls_key, max_connections=max_connections, socket_group=socket_group)
     sys.exit(run(config))
