@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from device.store.store import InstallResult
-    from host.transfer import InstallPhase
     from host.deploy import DeployResult
+    from host.transfer import InstallPhase
 
 
 @click.command()
