@@ -508,9 +508,10 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
                 token_file: Path | None = None, serial: str | None = None, baud: int = 921600,
                 memory_total: int | None = None, activate: Activate | None = None,
                 stop: threading.Event | None = None, ready: Callable[[], None] | None = None,
-                limits: StoreLimits | None = None, http_chunk: int = HTTP_CHUNK) -> int:
+                limits: StoreLimits | None = None, http_chunk: int = HTTP_CHUNK,
+                tls_cert: Path | None = None, tls_key: Path | None = None) -> int:
     """Run a store-only daemon until `stop` (or SIGTERM/SIGINT when run as a program)."""
-    from device.serve.httpd import TCPServer, UnixServer, parse_tcp, read_tokens
+    from device.serve.httpd import TCPServer, UnixServer, parse_tcp, read_tokens, tls_context
     from device.serve.serial_link import serve as serve_serial
     from device.store.store import smoke_test
 
@@ -531,7 +532,8 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
             servers.append(UnixServer(socket_path, app))
         if tcp:
             host, port = parse_tcp(tcp)
-            servers.append(TCPServer(host, port, app, tokens))
+            tls = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
+            servers.append(TCPServer(host, port, app, tokens, tls))
         for s in servers:
             threads.append(threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.1},
                                             daemon=True))
@@ -561,7 +563,8 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m device.serve.deploy --store DIR [--socket P] [--tcp H:P] [--serial PORT] --token-file F"""
+    """python -m device.serve.deploy --store DIR [--socket P] [--tcp H:P [--tls-cert C --tls-key K]]
+    [--serial PORT] --token-file F"""
     import argparse
     import signal
 
@@ -570,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", type=Path)
     ap.add_argument("--tcp")
     ap.add_argument("--token-file", type=Path)
+    ap.add_argument("--tls-cert", type=Path)
+    ap.add_argument("--tls-key", type=Path)
     ap.add_argument("--serial")
     ap.add_argument("--baud", type=int, default=921600)
     ap.add_argument("--memory-bytes", type=int, help="pretend the device has this much memory")
@@ -580,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         return serve_store(args.store, args.socket, args.tcp, args.token_file, args.serial, args.baud,
-                           args.memory_bytes, stop=stop, ready=lambda: print("ready", flush=True))
+                           args.memory_bytes, stop=stop, ready=lambda: print("ready", flush=True),
+                           tls_cert=args.tls_cert, tls_key=args.tls_key)
     except ToolkitError as e:
         print(f"error: {e}", flush=True)
         return 1
