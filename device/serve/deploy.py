@@ -518,6 +518,8 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
     if serial and not token_file:  # anyone with a cable could deploy: refuse, as TCP does
         raise ToolkitError("--serial needs --token-file: the serial link authenticates every session "
                            "with the token", hint="write a random token to a file (chmod 600) and pass it")
+    if (tls_cert is None) != (tls_key is None) or (tls_cert and not tcp):
+        raise ToolkitError("--tls-cert and --tls-key go together, with --tcp")
     tokens = read_tokens(token_file) if token_file and (tcp or serial) else []
     st = Store.open(store, limits)
     service = DeployService(st, activate or (lambda path: smoke_test(path, st.enter_phase)),
