@@ -574,7 +574,7 @@ def parse_manifest(text: str | bytes, where: str = "manifest") -> Manifest:
     """manifest.json's bytes as a Manifest; ToolkitError for anything that is not one."""
     try:
         data = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int > 4300 digits
         raise ToolkitError(f"{where} is not valid JSON: {e}", hint="re-run `toolkit convert`") from e
     return Manifest.from_dict(data, where)
 

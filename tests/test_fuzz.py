@@ -17,10 +17,11 @@ Three daemons, each on TCP with a bearer token (the fuzz speaks plain HTTP, noth
   store    `toolkit serve --store` on an empty store: the deploy routes
 
 Reproducible: hypothesis runs derandomized (a fixed seed per test function), no example database,
-no shrinking, so the same requests go out on every run. Valid-but-costly numbers are tamed before
-sending (`tame`): max_tokens and the bench's rounds and lengths are cut to small values, so the
-budget goes to variety and not to decoding; values past the real bounds are left as they are, so
-the 400 paths still run.
+no shrinking, and without its pool of literals harvested from whatever modules the session
+loaded (`no_local_constants`), so the same requests go out on every run, alone or in the suite.
+Valid-but-costly numbers are tamed before sending (`tame`): max_tokens and the bench's rounds and
+lengths are cut to small values, so the budget goes to variety and not to decoding; values past
+the real bounds are left as they are, so the 400 paths still run.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 
 DOC = json.loads((REPO / "docs" / "openapi.json").read_text())
-EXTREME_EXAMPLES = 60  # per operation with a JSON body: one extreme value in a valid body
+EXTREME_EXAMPLES = 100  # per operation with a JSON body: one extreme value in a valid body
 EXAMPLES = 20  # per operation and per mode (schema-valid, schema-invalid)
 TOKEN = "fuzz-token"
 IMPLEMENTED = {"GET", "HEAD", "POST", "PUT", "DELETE"}  # the Handler's do_<METHOD>s
@@ -254,6 +255,21 @@ def start_store_daemon(store: Path) -> Daemon:
 
 
 @pytest.fixture
+def no_local_constants(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Hypothesis mixes into its draws literals harvested from the project modules loaded at
+    the time (hypothesis.internal.conjecture.providers), so the same seed gives other requests
+    in a session that imported other modules (this file alone, or the whole suite). Without
+    that pool the requests depend on the seed and the schema only. Private API: raising=True
+    makes a Hypothesis that moved it fail here, loudly."""
+    from hypothesis.internal.conjecture import providers
+
+    monkeypatch.setattr(providers, "_get_local_constants", providers.Constants, raising=True)
+    providers.CONSTANTS_CACHE.cache.clear()  # entries computed with the pool
+    yield
+    providers.CONSTANTS_CACHE.cache.clear()  # and entries computed without it
+
+
+@pytest.fixture
 def fleet(llama_bundle: Path, tiny_bundle: Any, tmp_path: Path) -> Iterator[dict[str, Daemon]]:  # noqa: F811
     started: dict[str, Daemon] = {}
     try:
@@ -267,7 +283,8 @@ def fleet(llama_bundle: Path, tiny_bundle: Any, tmp_path: Path) -> Iterator[dict
         shutil.rmtree(tmp_path / "store", ignore_errors=True)
 
 
-def test_fuzz_every_route_no_5xx_but_503(fleet: dict[str, Daemon], record_property: Any) -> None:
+def test_fuzz_every_route_no_5xx_but_503(fleet: dict[str, Daemon], no_local_constants: None,
+                                         record_property: Any) -> None:
     tally = Tally()
     t0 = time.monotonic()
     for name, select in (("decoder", lambda p: not p.startswith(DEPLOY) and p not in ENCODER_ROUTES[:1]),

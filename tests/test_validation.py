@@ -115,6 +115,16 @@ def test_loads_bounded_refuses_what_python_json_lets_through(body: bytes, code: 
     assert loads_bounded(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}  # a surrogate pair is fine
 
 
+def test_a_manifest_with_a_5000_digit_integer_is_refused_not_raised() -> None:
+    """The deploy route's begin parses the manifest with bundle/manifest.py's own json.loads
+    (bundle/ cannot use device/'s parser); the fuzz found its ValueError answered 500."""
+    from bundle.errors import ToolkitError
+    from bundle.manifest import parse_manifest
+
+    with pytest.raises(ToolkitError, match="not valid JSON"):
+        parse_manifest(b'{"schema_version": ' + b"7" * 5000 + b"}")
+
+
 # --- sampling cannot produce NaN ---------------------------------------------------------------
 
 @pytest.mark.parametrize("temperature", [1e-320, 5e-324, 1e-3, 1.0, 1e308])
