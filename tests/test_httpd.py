@@ -274,6 +274,8 @@ def test_300_half_open_tcp_connections_do_not_starve_the_unix_socket(llama_bundl
             "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0})
         assert reply["choices"][0]["message"]["content"] is not None
         threads, fds = proc.num_threads(), proc.num_fds()
+        print(f"\n300 half-open TCP connections: threads {base_threads} -> {threads}, "
+              f"open files {base_fds} -> {fds} (cap {httpd.MAX_CONNECTIONS})")
         assert threads <= base_threads + httpd.MAX_CONNECTIONS + 2, (base_threads, threads)
         assert fds <= base_fds + httpd.MAX_CONNECTIONS + 4, (base_fds, fds)
         refused = 0
