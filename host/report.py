@@ -205,7 +205,7 @@ def compare_reports(reports: Sequence[tuple[str, Mapping[str, Any]]],
     if len(reports) < 2:
         raise ToolkitError("compare needs at least two reports")
     if labels is None:
-        labels = [_letters(i) for i in range(len(reports))]
+        labels = column_labels(len(reports))
     elif len(labels) != len(reports) or len(set(labels)) != len(labels):
         raise ToolkitError(f"compare needs one distinct label per report (got {list(labels)})",
                            hint="name each report file after its board: orin-01.json, orin-02.json")
@@ -238,6 +238,11 @@ def compare_reports(reports: Sequence[tuple[str, Mapping[str, Any]]],
     missing = [f"{lab} lacks prompt {p} x {c}" for lab, (_, r) in zip(labels, reports)
                for p, c in keys if _find(r, p, c) is None]
     return "\n".join([*lines, "", markdown_table(header, rows), *missing])
+
+
+def column_labels(n: int) -> list[str]:
+    """The default names of n reports' columns: A, B, C..."""
+    return [_letters(i) for i in range(n)]
 
 
 def _letters(i: int) -> str:

@@ -186,6 +186,53 @@ def throughput_figure(plt: Any, report: Mapping[str, Any]) -> tuple[Any, dict[st
     return fig, data
 
 
+def compare_figure(plt: Any, reports: Sequence[Mapping[str, Any]], labels: Sequence[str]
+                   ) -> tuple[Any, dict[str, Any]]:
+    """Several reports (a fleet's boards) at a glance: for every prompt x concurrency cell of
+    any of them, each report's decode tokens/s and TTFT p50 as grouped bars (a cell a report
+    lacks has no bar). Returns the figure and the numbers it plots."""
+    keys: list[tuple[int, int]] = []
+    for r in reports:
+        keys += [k for c in r["cells"] if (k := (c["prompt_len"], c["concurrency"])) not in keys]
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE)
+    names = [f"p{p} c{c}" for p, c in keys]
+    data: dict[str, Any] = {"cells": names, "decode_tokens_per_s": {}, "ttft_p50_ms": {}}
+    width = 0.8 / len(reports)
+    for i, (label, r) in enumerate(zip(labels, reports)):
+        cells = {(c["prompt_len"], c["concurrency"]): c for c in r["cells"]}
+        decode = [cells[k]["decode_tokens_per_s"] if k in cells else None for k in keys]
+        ttft = [cells[k]["ttft_s"]["p50"] * 1e3 if k in cells and cells[k].get("ttft_s") else None
+                for k in keys]
+        xs = [j + (i - (len(reports) - 1) / 2) * width for j in range(len(keys))]
+        for ax, values in ((axes[0], decode), (axes[1], ttft)):
+            shown = [(x, v) for x, v in zip(xs, values) if v is not None]
+            ax.bar([x for x, _ in shown], [v for _, v in shown], width, label=label)
+        data["decode_tokens_per_s"][label], data["ttft_p50_ms"][label] = decode, ttft
+    for ax, title, unit in ((axes[0], "decode throughput (higher is better)", "tokens/s"),
+                            (axes[1], "time to first token, p50 (lower is better)", "ms")):
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(unit)
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels(names, fontsize=8)
+        ax.set_xlabel("prompt tokens (p) x concurrency (c)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{len(reports)} reports: {', '.join(labels)}", fontsize=11)
+    fig.tight_layout()
+    return fig, data
+
+
+def write_compare_plot(reports: Sequence[Mapping[str, Any]], labels: Sequence[str], path: Path) -> Path:
+    """compare_figure as a PNG at `path` (the numbers it plots ride in its metadata)."""
+    plt = _pyplot()
+    fig, data = compare_figure(plt, reports, labels)
+    try:
+        path.write_bytes(_png(fig, data))
+    finally:
+        plt.close(fig)
+    return path
+
+
 def _name(report: Mapping[str, Any]) -> str:
     b = report["environment"].get("bundle", {})
     return f"{b.get('name', '?')} {b.get('precision', '')} on {b.get('target', '?')}"

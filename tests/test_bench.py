@@ -547,3 +547,30 @@ def test_run_round_matches_greedy_generate(runner):
     assert rnd.decode_steps == 5
     # inputs of the decode steps are the tokens generated so far, row by row
     assert [[row[i] for row in seen] for i in range(2)] == [a[:5] for a in alone]
+
+
+def test_report_compare_plot_draws_every_report_of_a_fleet(cli_run, tmp_path):
+    """`toolkit report compare --names ... --plot`: one bar per board and cell, the numbers the
+    PNG carries equal to the reports' (a board that lacks a cell has no bar there)."""
+    out, _ = cli_run
+    report = load_report(out)
+    second = copy.deepcopy(report)
+    for cell in second["cells"]:
+        cell["decode_tokens_per_s"] *= 2
+    second["cells"] = second["cells"][1:]  # this board lacks the first cell
+    files = [tmp_path / "orin-01.json", tmp_path / "thor-01.json"]
+    save_report(report, files[0])
+    save_report(second, files[1])
+    png = tmp_path / "fleet.png"
+    res = CliRunner().invoke(main, ["report", "compare", "--names", *map(str, files), "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    assert f"wrote {png}" in res.output and "| orin-01 | thor-01 | thor-01/orin-01 |" in res.output
+    width, height, text = _png_info(png.read_bytes())
+    assert (width, height) == (1000, 400)
+    plotted = json.loads(text[PNG_DATA_KEY])
+    cells = report["cells"]
+    assert plotted["cells"] == [f"p{c['prompt_len']} c{c['concurrency']}" for c in cells]
+    assert plotted["decode_tokens_per_s"]["orin-01"] == [c["decode_tokens_per_s"] for c in cells]
+    doubled = [2 * c["decode_tokens_per_s"] for c in cells[1:]]
+    assert plotted["decode_tokens_per_s"]["thor-01"] == [None, *doubled]
+    assert plotted["ttft_p50_ms"]["orin-01"][0] == pytest.approx(cells[0]["ttft_s"]["p50"] * 1e3)

@@ -307,6 +307,7 @@ def test_fleet_install_deploy_kill_rerun_bench_rollback(fleet: Fleet, llama_bund
     assert "| board-1 |" in header and "| board-2 | board-2/board-1 |" in header, table
     assert "| board-3 | board-3/board-1 |" in header, table
     assert "board-1: " in table and "board-3: " in table
+    assert (reports / "fleet-compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # one plot too
 
     # roll back from B: every board serves A again; a second rollback changes nothing
     done = fleet.playbook("rollback", "-e", f"toolkit_bundle={b}")

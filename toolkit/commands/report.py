@@ -36,14 +36,18 @@ def show(file: Path) -> None:
                    "reports: one column per board) instead of A, B, C...")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the table to this file.")
-def compare(files: tuple[Path, ...], names: bool, output: Path | None) -> None:
+@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also draw decode tokens/s and TTFT of every report side by side into this PNG "
+                   "(the [report] extra).")
+def compare(files: tuple[Path, ...], names: bool, output: Path | None, plot: Path | None) -> None:
     """Reports side by side, per prompt length x concurrency, with ratios to the first (B/A...).
 
     For latencies and memory a ratio below 1 is better; for tokens/s and requests/s above 1.
 
     \b
     A fleet (the edge.toolkit Ansible collection writes one report per board):
-      toolkit report compare --names reports/orin-01.json reports/orin-02.json reports/thor-01.json
+      toolkit report compare --names reports/orin-01.json reports/orin-02.json reports/thor-01.json \
+          --plot fleet.png
     """
     from bundle.benchreport import load_report
     from bundle.errors import ToolkitError
@@ -53,10 +57,17 @@ def compare(files: tuple[Path, ...], names: bool, output: Path | None) -> None:
         raise ToolkitError("compare needs at least two report files",
                            hint="toolkit report compare A.json B.json [C.json ...]")
     labels = [f.stem for f in files] if names else None
-    table = compare_reports([(str(f), load_report(f)) for f in files], labels)
+    reports = [(str(f), load_report(f)) for f in files]
+    table = compare_reports(reports, labels)
     if output is not None:
         output.write_text(table + "\n", encoding="utf-8")
     click.echo(table)
+    if plot is not None:
+        from host.report import column_labels
+        from host.report_html import write_compare_plot
+
+        drawn = write_compare_plot([r for _, r in reports], labels or column_labels(len(files)), plot)
+        click.echo(f"wrote {drawn}")
 
 
 @report.command("html")
