@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -96,6 +97,29 @@ def convert_folder(folder: Path, out: Path, max_seq: int = TINY_MAX_SEQ, batch: 
 def short_socket_dir() -> Path:
     """AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can exceed that."""
     return Path(tempfile.mkdtemp(prefix="tkd-", dir="/tmp"))
+
+
+def serve_store_in_thread(store: Path, **kwargs: Any) -> tuple[threading.Event, threading.Thread]:
+    """device.serve.deploy.serve_store in a thread of this process, once it is ready: (the event
+    that stops it, its thread). A store that fails to start raises here."""
+    from device.serve.deploy import serve_store
+
+    stop, ready = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            serve_store(store, stop=stop, ready=ready.set, **kwargs)
+        except BaseException as e:  # reported below
+            failed.append(e)
+            ready.set()
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    assert ready.wait(20)
+    if failed:
+        raise failed[0]
+    return stop, thread
 
 
 def free_port() -> int:

@@ -29,12 +29,12 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from daemon_fixtures import serve_store_in_thread
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, hash_tree, read_manifest
-from device.serve.deploy import serve_store
 from device.serve.serial_link import (
     DATA,
     SYNC,
@@ -138,22 +138,7 @@ def start(tmp_path: Path) -> Iterator[Any]:
 
     def run(store: Path | None = None, **kwargs: Any) -> StoreDaemon:
         store = store or tmp_path / f"store{len(daemons)}"
-        stop, ready = threading.Event(), threading.Event()
-        failed: list[BaseException] = []
-
-        def body() -> None:
-            try:
-                serve_store(store, stop=stop, ready=ready.set, **kwargs)
-            except BaseException as e:  # reported below
-                failed.append(e)
-                ready.set()
-
-        thread = threading.Thread(target=body, daemon=True)
-        thread.start()
-        assert ready.wait(20)
-        if failed:
-            raise failed[0]
-        daemon = StoreDaemon(store, stop, thread)
+        daemon = StoreDaemon(store, *serve_store_in_thread(store, **kwargs))
         daemons.append(daemon)
         return daemon
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_fixtures import serve_store_in_thread
 
 import device.serve.serial_link as sl
 from bundle.errors import ToolkitError
@@ -197,22 +198,9 @@ def board(tmp_path: Path, config: Path, handled: list[str]) -> Iterator[Callable
         sock_dir = Path(tempfile.mkdtemp(prefix="tkser-", dir="/tmp"))  # AF_UNIX paths are short
         sock, store = sock_dir / "d.sock", tmp_path / f"store{len(boards)}"
         token = write_token(tmp_path / "board.token", SECRET)
-        stop, ready = threading.Event(), threading.Event()
-        failed: list[BaseException] = []
-
-        def body() -> None:
-            try:
-                serve_store(store, socket_path=sock, serial=relay.device_path, token_file=token, stop=stop,
-                            ready=ready.set, activate=lambda p: SmokeResult(True, "skipped (test)"))
-            except BaseException as e:  # reported below
-                failed.append(e)
-                ready.set()
-
-        thread = threading.Thread(target=body, daemon=True)
-        thread.start()
-        assert ready.wait(20)
-        if failed:
-            raise failed[0]
+        stop, thread = serve_store_in_thread(store, socket_path=sock, serial=relay.device_path,
+                                             token_file=token,
+                                             activate=lambda p: SmokeResult(True, "skipped (test)"))
         b = Board(store, sock, token, stop, thread)
         boards.append(b)
         dp.add_device("local", f"unix://{sock}", replace=True)
