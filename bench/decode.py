@@ -98,7 +98,8 @@ def run_runner(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
 
 
 class BenchDaemon:
-    """`python -m toolkit serve BUNDLE` on a private socket, one slot, and a client for it."""
+    """`python -m toolkit serve BUNDLE` on a private socket with the daemon's default settings
+    (as many slots as the bundle's batch), and a client for it."""
 
     def __init__(self, bundle: Path, threads: int) -> None:
         from host.client import DaemonClient, DaemonError, Endpoint
@@ -106,7 +107,7 @@ class BenchDaemon:
         self.dir = Path(tempfile.mkdtemp(prefix="toolkit-bench-", dir="/tmp"))  # AF_UNIX: short path
         sock = self.dir / "d.sock"
         self.proc = subprocess.Popen([sys.executable, "-m", "toolkit", "serve", str(bundle), "--socket",
-                                      str(sock), "--threads", str(threads), "--slots", "1"], cwd=REPO,
+                                      str(sock), "--threads", str(threads)], cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = DaemonClient(Endpoint.unix(sock))
         deadline = time.monotonic() + 300
