@@ -65,14 +65,14 @@ class ModelDims:
     norm_eps: float
     tie_embeddings: bool
     rope_theta: float | None = None
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # of the layers that slide (models/params.py says which)
+    mlp_matrices: int = 3  # 3: gated (gate, up, down); 2: plain (fc1, fc2)
 
     @property
     def params(self) -> int:
         """Matmul + embedding parameters (norms and biases ignored: < 0.1 %)."""
         attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        mlp_mats = 3 if self.model_type in ("llama", "mistral", "qwen2") else 2
-        mlp = mlp_mats * self.hidden * self.intermediate
+        mlp = self.mlp_matrices * self.hidden * self.intermediate
         emb = self.vocab_size * self.hidden * (1 if self.tie_embeddings else 2)
         return self.num_layers * (attn + mlp) + emb
 
@@ -111,6 +111,7 @@ class Architecture:
     model_type: str
     family: str
     dims: ModelDims
+    attention: str | None = None  # how the graph expresses attention, and what fell back to plain ops
 
 
 # --- the graph's IO contract (bundle/contract.py explains it) ------------------------------------

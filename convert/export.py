@@ -39,6 +39,7 @@ class ExportResult:
     opset: int
     seconds: float
     bytes: int
+    attention: str | None = None  # decoders: convert.decoder.attention_summary
 
 
 def export_decoder(spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int,
@@ -48,7 +49,7 @@ def export_decoder(spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int,
 
     import torch
 
-    from convert.decoder import StaticKVDecoder
+    from convert.decoder import StaticKVDecoder, attention_summary
 
     t0 = time.perf_counter()
     contract = DecoderContract(dims.num_layers, dims.kv_heads, dims.head_dim, max_seq,
@@ -75,8 +76,8 @@ def export_decoder(spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int,
         path = save_model(model, out_dir)
     record = Contract(DECODER_CONTRACT, OPSET, kv_dtype=contract.kv_dtype,  # type: ignore[arg-type]
                       cache_update="in-place" if contract.in_place else "host-writes-new")
-    return ExportResult(path, record, OPSET, time.perf_counter() - t0,
-                        _onnx_bytes(out_dir))
+    return ExportResult(path, record, OPSET, time.perf_counter() - t0, _onnx_bytes(out_dir),
+                        attention_summary(module.p, dims, attention))
 
 
 def export_encoder(source: ModelSource, out_dir: Path) -> ExportResult:

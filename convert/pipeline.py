@@ -76,10 +76,9 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
     spec = get_spec(src.model_type())
     config = src.load_config()
     dims = dims_from_config(spec, config)
-    seq = _choose_max_seq(dims, tgt, max_seq) if spec.task == DECODER else 0
+    seq = _choose_max_seq(dims, tgt, max_seq, _rope_limit(config)) if spec.task == DECODER else 0
     plan = None
     if spec.task == DECODER:
-        _check_rope(config)
         plan = _check_fit(dims, tgt, precision, seq, batch, src.name, force)
 
     with steps.step(f"loading {src.kind} model {src.name}"):
@@ -126,17 +125,17 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _choose_max_seq(dims: ModelDims, tgt: Target, asked: int | None) -> int:
-    seq = asked or min(tgt.default_max_seq, dims.max_positions)
+def _choose_max_seq(dims: ModelDims, tgt: Target, asked: int | None, rope_limit: int | None) -> int:
+    seq = asked or min(tgt.default_max_seq, dims.max_positions, rope_limit or dims.max_positions)
+    if rope_limit and seq > rope_limit:
+        raise ToolkitError(f"--max-seq {seq}: this model's RoPE scaling changes past {rope_limit} "
+                           "positions and cannot be baked into a static cache longer than that",
+                           hint=f"use --max-seq {rope_limit} or less")
     if seq > dims.max_positions:
         raise ToolkitError(f"--max-seq {seq} is beyond the model's limit of {dims.max_positions} "
                            "positions", hint=f"use --max-seq {dims.max_positions} or less")
     if seq < MIN_MAX_SEQ:
         raise ToolkitError(f"--max-seq {seq} is too small (at least {MIN_MAX_SEQ})")
-    if dims.sliding_window and seq > dims.sliding_window:
-        raise ToolkitError(f"--max-seq {seq} exceeds the model's sliding window of "
-                           f"{dims.sliding_window}; the static cache does not implement the window",
-                           hint=f"use --max-seq {dims.sliding_window} or less")
     return seq
 
 
@@ -163,12 +162,18 @@ def _attention(tgt: Target, dims: ModelDims) -> str:
     return "gqa" if tgt.runtime == "onnxruntime" and gqa_supported(dims) else "static"
 
 
-def _check_rope(config: Any) -> None:
+def _rope_limit(config: Any) -> int | None:
+    """RoPE tables are baked into the graph for positions [0, max_seq). Two scalings change
+    with the sequence's length in transformers: `dynamic` (NTK) rescales past the original
+    context and `longrope` (Phi-3/4) switches short -> long factors there (re-rotating what
+    came before). Up to that length both are fixed, so a static cache is exact: that length is
+    the limit (the default max_seq stays under it; a larger --max-seq is refused)."""
     scaling = getattr(config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "dynamic":
-        raise ToolkitError("dynamic NTK RoPE scaling changes with the sequence length and cannot "
-                           "be baked into a static cache", hint="use a model without it")
+    if scaling.get("rope_type", scaling.get("type")) not in ("dynamic", "longrope"):
+        return None
+    return int(getattr(config, "original_max_position_embeddings", None)
+               or scaling.get("original_max_position_embeddings")
+               or config.max_position_embeddings)
 
 
 def _greedy_prompt(tokenizer: Any, dims: ModelDims) -> list[int]:
@@ -214,7 +219,7 @@ def _manifest(src: ModelSource, model_type: str, family: str, dims: ModelDims, e
               pooling: Pooling | None) -> Manifest:
     return Manifest(
         kind="decoder" if seq > 0 else "encoder", source=src.identity(),
-        architecture=Architecture(model_type, family, dims), contract=exported.contract,
+        architecture=Architecture(model_type, family, dims, exported.attention), contract=exported.contract,
         precision="fp32", target=tgt.record(), max_seq=seq, batch=batch, tokenizer=tok,
         pooling=pooling, parity=parity)
 
@@ -275,6 +280,8 @@ def render_report(m: Manifest) -> str:
                   f"vocab {d.vocab_size}",
                   f"- static KV cache: max_seq {m.max_seq}, {m.batch} slot(s), "
                   f"{kv.bytes_for(m.batch) / 2**20:.1f} MiB"]
+        if m.architecture.attention:
+            lines.append(f"- attention: {m.architecture.attention}")
     lines += [f"- engine: {m.target.engine.status} — {m.target.engine.why}", "", "## Parity", ""]
     parity = m.parity or Parity(passed=True)
     for c in parity.checks:

@@ -6,7 +6,8 @@ from typing import Any
 
 from bundle.errors import ToolkitError
 from bundle.manifest import ModelDims
-from models.registry import ArchSpec
+from models.arch import DECODER, ArchSpec
+from models.params import resolve
 
 
 def dims_from_config(spec: ArchSpec, config: Any) -> ModelDims:
@@ -25,16 +26,16 @@ def dims_from_config(spec: ArchSpec, config: Any) -> ModelDims:
     kv = getattr(config, n.kv_heads, None) if n.kv_heads else None
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     inter = getattr(config, n.intermediate, None) or 4 * hidden  # gpt2: n_inner None = 4 * n_embd
-    window = getattr(config, spec.sliding_window, None) if spec.sliding_window else None
-    if getattr(config, "use_sliding_window", True) is False:
-        window = None
+    num_layers = int(need(n.num_layers))
+    window = resolve(spec, config, num_layers, int(head_dim)).window if spec.task == DECODER else None
     return ModelDims(
         model_type=spec.model_type,
-        num_layers=int(need(n.num_layers)), hidden=hidden, heads=heads,
+        num_layers=num_layers, hidden=hidden, heads=heads,
         kv_heads=int(kv or heads), head_dim=int(head_dim), intermediate=int(inter),
         vocab_size=int(need(n.vocab)), max_positions=int(need(n.max_positions)),
         norm_eps=float(need(n.norm_eps)),
         tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
         rope_theta=float(getattr(config, "rope_theta", 10000.0)) if spec.positions == "rope" else None,
-        sliding_window=int(window) if window else None,
+        sliding_window=window,
+        mlp_matrices=3 if spec.layout.gated else 2,
     )

@@ -1,57 +1,30 @@
-"""Per-architecture export specs: one small declarative record per Hugging Face `model_type`.
+"""The registry: one `ArchSpec` record per Hugging Face `model_type` (models/arch.py).
 
-A spec says which module family exports the architecture and how its config names map onto
-the toolkit's normalised `ModelDims`. Adding an architecture that shares a family is one
-`register(...)` call of a few lines; nothing downstream compares model-type strings.
+Adding an architecture whose blocks these records can describe is one `register(...)` call;
+convert/, quantize/ and targets/plan.py read the record and never compare model-type strings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from bundle.errors import ToolkitError
+from models.arch import (
+    BERT_NAMES,
+    DECODER,
+    ENCODER,
+    GPT2_LAYOUT,
+    GPT2_NAMES,
+    LAYERNORM_NAMES,
+    PHI3_LAYOUT,
+    PHI_LAYOUT,
+    POST_NORMS,
+    SANDWICH_NORMS,
+    ArchSpec,
+    Layout,
+    Refusal,
+    Scalar,
+)
 
-DECODER = "text-generation"
-ENCODER = "feature-extraction"
-
-
-@dataclass(frozen=True)
-class ConfigNames:
-    """Where a config keeps each normalised field (optimum's NormalizedConfig, as data)."""
-
-    num_layers: str = "num_hidden_layers"
-    hidden: str = "hidden_size"
-    heads: str = "num_attention_heads"
-    kv_heads: str | None = "num_key_value_heads"  # None: multi-head attention (kv = heads)
-    intermediate: str = "intermediate_size"
-    max_positions: str = "max_position_embeddings"
-    norm_eps: str = "rms_norm_eps"
-    vocab: str = "vocab_size"
-
-
-GPT2_NAMES = ConfigNames(num_layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None,
-                         intermediate="n_inner", max_positions="n_positions",
-                         norm_eps="layer_norm_epsilon")
-BERT_NAMES = ConfigNames(kv_heads=None, norm_eps="layer_norm_eps")
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    model_type: str  # Hugging Face config.model_type
-    task: str  # DECODER | ENCODER
-    family: str  # module family in convert/: "llama" | "gpt2" | "bert"
-    names: ConfigNames = field(default_factory=ConfigNames)
-    positions: str = "rope"  # "rope" | "learned"
-    qkv_bias: bool | str = False  # bool, or the config attribute that says
-    out_bias: bool | str = False
-    mlp_bias: bool | str = False
-    sliding_window: str | None = None  # config attr: max_seq beyond it would change results
-    examples: tuple[str, ...] = ()
-
-    def flag(self, value: bool | str, config: Any) -> bool:
-        return bool(getattr(config, value, False)) if isinstance(value, str) else value
-
+__all__ = ["DECODER", "ENCODER", "REGISTRY", "ArchSpec", "get_spec", "register", "supported"]
 
 REGISTRY: dict[str, ArchSpec] = {}
 
@@ -80,12 +53,49 @@ def get_spec(model_type: str | None) -> ArchSpec:
 
 
 # --- the registry ------------------------------------------------------------------------
-register(ArchSpec("llama", DECODER, "llama", qkv_bias="attention_bias", out_bias="attention_bias",
-                  mlp_bias="mlp_bias", examples=("SmolLM2", "Llama 2", "Llama 3 (GQA)")))
+ATTN_BIAS = dict(qkv_bias="attention_bias", out_bias="attention_bias")
+GEMMA = dict(family="gemma", norm="rms1", embed_scale=Scalar("hidden_size", 0.5), **ATTN_BIAS)
+GEMMA_SANDWICH = dict(GEMMA, layout=Layout(norms=SANDWICH_NORMS), act="hidden_activation",
+                      attn_scale=Scalar("query_pre_attn_scalar", -0.5),
+                      sliding_window="sliding_window")
+
+register(ArchSpec("llama", DECODER, "llama", mlp_bias="mlp_bias", **ATTN_BIAS,
+                  examples=("SmolLM2", "Llama 2", "Llama 3.x")))
 register(ArchSpec("mistral", DECODER, "llama", sliding_window="sliding_window",
                   examples=("Mistral 7B",)))
-register(ArchSpec("qwen2", DECODER, "llama", qkv_bias=True, examples=("Qwen2", "Qwen2.5")))
-register(ArchSpec("gpt2", DECODER, "gpt2", names=GPT2_NAMES, positions="learned",
-                  qkv_bias=True, out_bias=True, mlp_bias=True, examples=("GPT-2",)))
+register(ArchSpec("qwen2", DECODER, "qwen", qkv_bias=True, sliding_window="sliding_window",
+                  examples=("Qwen2", "Qwen2.5")))
+register(ArchSpec("qwen3", DECODER, "qwen", qk_norm="head", sliding_window="sliding_window",
+                  **ATTN_BIAS, examples=("Qwen3-0.6B/1.7B/4B",)))
+register(ArchSpec("smollm3", DECODER, "llama", mlp_bias="mlp_bias", rope_layers="no_rope_layers",
+                  sliding_window="sliding_window", **ATTN_BIAS, examples=("SmolLM3-3B",)))
+register(ArchSpec("granite", DECODER, "llama", mlp_bias="mlp_bias", **ATTN_BIAS,
+                  embed_scale=Scalar("embedding_multiplier"),
+                  residual_scale=Scalar("residual_multiplier"),
+                  attn_scale=Scalar("attention_multiplier"),
+                  logit_scale=Scalar("logits_scaling", -1.0), examples=("Granite 3.x",)))
+register(ArchSpec("olmo2", DECODER, "olmo", layout=Layout(norms=POST_NORMS), qk_norm="all",
+                  **ATTN_BIAS, examples=("OLMo 2",)))
+register(ArchSpec("gemma", DECODER, **GEMMA, examples=("Gemma 2B/7B",)))  # type: ignore[arg-type]
+register(ArchSpec("gemma2", DECODER, **GEMMA_SANDWICH,  # type: ignore[arg-type]
+                  attn_softcap=Scalar("attn_logit_softcapping"),
+                  final_softcap=Scalar("final_logit_softcapping"), examples=("Gemma 2 2B",)))
+register(ArchSpec("gemma3_text", DECODER, **GEMMA_SANDWICH, qk_norm="head",  # type: ignore[arg-type]
+                  attn_softcap=Scalar("attn_logit_softcapping"),
+                  final_softcap=Scalar("final_logit_softcapping"),
+                  local_rotary="rotary_emb_local", examples=("Gemma 3 270M/1B",)))
+register(ArchSpec("phi3", DECODER, "phi", layout=PHI3_LAYOUT, sliding_window="sliding_window",
+                  examples=("Phi-3/3.5-mini", "Phi-4-mini")))
+register(ArchSpec("phi", DECODER, "phi", names=LAYERNORM_NAMES, layout=PHI_LAYOUT, norm="layer",
+                  parallel=True, qkv_bias=True, out_bias=True, mlp_bias=True,
+                  refuse=(Refusal("qk_layernorm", "phi's per-head q/k LayerNorm"),),
+                  examples=("Phi-1.5", "Phi-2")))
+register(ArchSpec("stablelm", DECODER, "stablelm", names=LAYERNORM_NAMES, norm="layer",
+                  parallel="use_parallel_residual", qkv_bias="use_qkv_bias",
+                  refuse=(Refusal("qk_layernorm", "StableLM's per-head q/k LayerNorm"),),
+                  examples=("StableLM 2 1.6B", "StableLM 3B")))
+register(ArchSpec("gpt2", DECODER, "gpt2", names=GPT2_NAMES, layout=GPT2_LAYOUT, positions="learned",
+                  norm="layer", act="activation_function", qkv_bias=True, out_bias=True,
+                  mlp_bias=True, examples=("GPT-2",)))
 register(ArchSpec("bert", ENCODER, "bert", names=BERT_NAMES, positions="learned",
                   examples=("all-MiniLM-L6-v2", "BERT")))

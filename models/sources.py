@@ -92,8 +92,12 @@ class ModelSource:
         from transformers import AutoModel, AutoModelForCausalLM
 
         cls = AutoModelForCausalLM if task == "text-generation" else AutoModel
+        # Decoders load with the eager attention: it is the model's own math, the reference
+        # parity checks against; SDPA silently drops Gemma 2's attention soft-capping.
+        impl = {"attn_implementation": "eager"} if task == "text-generation" else {}
         try:
-            model = cls.from_pretrained(str(self.model_dir), dtype="float32", **self.hf_kwargs)
+            model = cls.from_pretrained(str(self.model_dir), dtype="float32", **impl,
+                                        **self.hf_kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, struct.error, EOFError,
                 SafetensorError) as e:
             raise ToolkitError(f"cannot load the weights of {self.path}: {e}",

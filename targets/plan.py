@@ -511,10 +511,6 @@ def _warnings(dims: ModelDims, target: Target, precision: str, max_seq: int, tot
               rows: tuple[PrecisionPlan, ...]) -> list[str]:
     out = []
     row = next(r for r in rows if r.precision == precision)
-    if dims.sliding_window and max_seq > dims.sliding_window:
-        out.append(f"max_seq {max_seq} exceeds the model's sliding window "
-                   f"{dims.sliding_window}: the static graph attends over all of it, so results "
-                   "past the window differ from the reference model")
     # Loading holds the weights twice for a moment: TensorRT deserializes a plan read into host
     # memory into device memory (one pool on Jetson), ORT reads initializers and prepacks them;
     # building an engine on the device holds the ONNX weights and the engine it builds
