@@ -34,6 +34,7 @@ from convert.export import (
 )
 from convert.parity import decoder_parity, encoder_parity
 from models import DECODER, ModelDims, ModelSource, dims_from_config, get_spec, resolve
+from models.params import static_rope_limit
 from targets import Target, load_target
 
 MIN_MAX_SEQ = 16
@@ -76,7 +77,7 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
     spec = get_spec(src.model_type())
     config = src.load_config()
     dims = dims_from_config(spec, config)
-    seq = _choose_max_seq(dims, tgt, max_seq, _rope_limit(config)) if spec.task == DECODER else 0
+    seq = _choose_max_seq(dims, tgt, max_seq, static_rope_limit(config)) if spec.task == DECODER else 0
     plan = None
     if spec.task == DECODER:
         plan = _check_fit(dims, tgt, precision, seq, batch, src.name, force)
@@ -160,20 +161,6 @@ def _attention(tgt: Target, dims: ModelDims) -> str:
     from convert.decoder import gqa_supported
 
     return "gqa" if tgt.runtime == "onnxruntime" and gqa_supported(dims) else "static"
-
-
-def _rope_limit(config: Any) -> int | None:
-    """RoPE tables are baked into the graph for positions [0, max_seq). Two scalings change
-    with the sequence's length in transformers: `dynamic` (NTK) rescales past the original
-    context and `longrope` (Phi-3/4) switches short -> long factors there (re-rotating what
-    came before). Up to that length both are fixed, so a static cache is exact: that length is
-    the limit (the default max_seq stays under it; a larger --max-seq is refused)."""
-    scaling = getattr(config, "rope_scaling", None) or {}
-    if scaling.get("rope_type", scaling.get("type")) not in ("dynamic", "longrope"):
-        return None
-    return int(getattr(config, "original_max_position_embeddings", None)
-               or scaling.get("original_max_position_embeddings")
-               or config.max_position_embeddings)
 
 
 def _greedy_prompt(tokenizer: Any, dims: ModelDims) -> list[int]:

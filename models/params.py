@@ -96,3 +96,17 @@ def _layer_plans(spec: ArchSpec, config: Any, num_layers: int) -> tuple[LayerPla
             rope = "local" if spec.local_rotary and sliding else "global"
         plans.append(LayerPlan(int(window) if sliding else None, rope))
     return tuple(plans)
+
+
+def static_rope_limit(config: Any) -> int | None:
+    """RoPE tables are baked into the graph for positions [0, max_seq). Two scalings change
+    with the sequence's length in transformers: `dynamic` (NTK) rescales past the original
+    context and `longrope` (Phi-3/4) switches short -> long factors there (re-rotating what
+    came before). Up to that length both are fixed, so a static cache is exact: that length is
+    the limit (the default max_seq stays under it; a larger --max-seq is refused)."""
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type")) not in ("dynamic", "longrope"):
+        return None
+    return int(getattr(config, "original_max_position_embeddings", None)
+               or scaling.get("original_max_position_embeddings")
+               or config.max_position_embeddings)

@@ -99,3 +99,44 @@ register(ArchSpec("gpt2", DECODER, "gpt2", names=GPT2_NAMES, layout=GPT2_LAYOUT,
                   mlp_bias=True, examples=("GPT-2",)))
 register(ArchSpec("bert", ENCODER, "bert", names=BERT_NAMES, positions="learned",
                   examples=("all-MiniLM-L6-v2", "BERT")))
+
+
+def supported_markdown() -> str:
+    """The README's table of architectures (tests/test_architectures.py keeps them equal)."""
+    rows = ["| `model_type` | family | examples | what the record says |", "|---|---|---|---|"]
+    rows += [f"| `{s.model_type}` | {s.family} | {', '.join(s.examples)} | {traits(s)} |"
+             for s in sorted(REGISTRY.values(), key=lambda s: s.model_type)]
+    return "\n".join(rows)
+
+
+def traits(s: ArchSpec) -> str:
+    """What sets a family apart, read off its record (partial RoPE, windows and RoPE scaling
+    come from each model's config and are not listed)."""
+    if s.task == ENCODER:
+        return "encoder, exported by optimum"
+    lay, out = s.layout, []
+    out.append({"rms": "RMSNorm", "rms1": "RMSNorm (1 + w)", "layer": "LayerNorm"}[s.norm])
+    norms = lay.norms
+    if s.parallel:
+        out.append("parallel attention + MLP" if s.parallel is True else f"parallel if {s.parallel}")
+    if norms.post_attn and norms.pre_attn:
+        out.append("pre- and post-norms")
+    elif norms.post_attn:
+        out.append("post-norms only")
+    if s.qk_norm:
+        out.append(f"q/k norm ({'per head' if s.qk_norm == 'head' else 'whole projection'})")
+    if len(lay.qkv) == 1:
+        out.append("fused QKV")
+    out.append(("gated MLP" + (", fused gate/up" if len(lay.mlp_in) == 1 else "")) if lay.gated
+               else "plain MLP")
+    out.append("learned positions" if s.positions == "learned" else "RoPE")
+    for label, value in (("embedding x", s.embed_scale), ("residual x", s.residual_scale),
+                         ("attention scale", s.attn_scale), ("logits x", s.logit_scale),
+                         ("attention soft-cap", s.attn_softcap), ("logit soft-cap", s.final_softcap)):
+        if value:
+            out.append(f"{label} `{value.attr}`" + (f"^{value.power:g}" if value.power != 1 else ""))
+    if s.sliding_window:
+        out.append("sliding window" + (" with its own RoPE base" if s.local_rotary else ""))
+    if s.rope_layers:
+        out.append(f"NoPE layers (`{s.rope_layers}`)")
+    return ", ".join(out)

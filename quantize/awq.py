@@ -51,6 +51,7 @@ class AwqStats:
     scaled: int  # inputs whose weights were rescaled (a > 0)
     plain: int  # inputs where a = 0 won (plain rounding was best on the calibration rows)
     skipped: int  # inputs not rescaled: the producer cannot take 1/s, or an `exclude` weight reads it
+    why_not: dict[str, str] = field(default_factory=dict)  # input tensor -> why it was not rescaled
     alphas: dict[str, float] = field(default_factory=dict)  # input tensor -> the chosen a
     error_ratio: float = 1.0  # sum of err(chosen a) / sum of err(a = 0), over the inputs searched
     # weight -> E[x_k^2] of its (rescaled) input [K]: the grid's rounding weights (not in to_json)
@@ -59,6 +60,8 @@ class AwqStats:
     def to_json(self) -> dict[str, Any]:
         return {"scaled_inputs": self.scaled, "plain_inputs": self.plain,
                 "skipped_inputs": self.skipped, "alphas": sorted(set(self.alphas.values())),
+                "not_rescaled": {why: sum(1 for w in self.why_not.values() if w == why)
+                                 for why in sorted(set(self.why_not.values()))},
                 "error_vs_plain_rounding": round(self.error_ratio, 4)}
 
 
@@ -80,19 +83,19 @@ def awq(model: onnx.ModelProto, rows: dict[str, Rows], quantizer: Quantizer,
         by_x.setdefault(m.node.input[0], []).append(m)
     alphas: dict[str, float] = {}
     importance: dict[str, np.ndarray] = {}
-    skipped = 0
+    why_not: dict[str, str] = {}
     err_best = err_plain = 0.0
     for x, users in by_x.items():
         r = rows.get(x)
         if r is None:
-            skipped += 1
+            why_not[x] = "no calibration rows"
             continue
         fold = (None if any(m.weight in exclude for m in users) else
                 fold_target(graph, x, inits, cons, outputs, unshare=True))
         h = r.mean_sq.astype(np.float64)
         if fold is None or len(cons.get(x, [])) != len(users):
-            skipped += 1  # not rescaled, but the grid still rounds by output error
-            importance.update((m.weight, h) for m in users)
+            why_not[x] = _why_not(graph, x, users, exclude, fold is None)
+            importance.update((m.weight, h) for m in users)  # the grid still rounds by output error
             continue
         weights = [_array(inits[m.weight]) for m in users]
         a, s, errs = _search(r, weights, quantizer)
@@ -105,8 +108,18 @@ def awq(model: onnx.ModelProto, rows: dict[str, Rows], quantizer: Quantizer,
             _store(inits[m.weight], w * s[:, None])
         divide(inits, fold, s)
     scaled = sum(1 for a in alphas.values() if a > 0)
-    return AwqStats(scaled, len(alphas) - scaled, skipped, alphas,
+    return AwqStats(scaled, len(alphas) - scaled, len(why_not), why_not, alphas,
                     err_best / err_plain if err_plain > 0 else 1.0, importance)
+
+
+def _why_not(graph: onnx.GraphProto, x: str, users: list[g.WeightMatMul], exclude: set[str],
+             no_fold: bool) -> str:
+    if any(m.weight in exclude for m in users):
+        return "read by the tied LM head (its rows are the embedding table too)"
+    if not no_fold:
+        return "read by other nodes than its weights"
+    p = g.producer(graph, x)
+    return f"made by {p.op_type if p is not None else 'a graph input'}, which cannot take 1/s"
 
 
 def _search(r: Rows, weights: list[np.ndarray],

@@ -46,6 +46,8 @@ def section(precision: str, q: Quantization) -> list[str]:
                      f"rescaled, {awq['plain_inputs']} kept (plain rounding was best), "
                      f"{awq['skipped_inputs']} not rescaled; output error "
                      f"{awq['error_vs_plain_rounding']:.2f}x plain rounding's on the calibration rows")
+        for why, n in awq.get("not_rescaled", {}).items():
+            lines.append(f"  - {n} not rescaled: {why}")
     if q.tensorrt:
         lines.append(f"- TensorRT: {q.tensorrt['build']}; {q.tensorrt['opset_note']}")
     lines += ["", "```json", json.dumps(q.details, indent=1, default=str)[:3000], "```"]

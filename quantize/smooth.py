@@ -79,13 +79,19 @@ FUSED_NORMS = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalizat
 
 def fold_target(graph: onnx.GraphProto, x: str, inits: dict[str, onnx.TensorProto],
                 cons: dict[str, list[onnx.NodeProto]], mm_outputs: set[str],
-                unshare: bool = False) -> tuple[str, str] | None:
-    """("vector", gamma) or ("columns", W_up) that x's producer multiplies by, else None.
+                unshare: bool = False) -> tuple[str, ...] | None:
+    """("vector", gamma), ("affine", gamma, beta) of a LayerNormalization (phi, stablelm, gpt2:
+    y / s = x_hat * gamma / s + beta / s) or ("columns", W_up) that x's producer multiplies by,
+    else None (OLMo 2's q/k/v and up/gate read the residual stream itself: nothing to fold into).
     unshare: a gamma that other nodes read too (an exporter merges identical initializers, e.g.
     norms still at their all-ones init) gets a private copy first."""
     p = g.producer(graph, x)
     if p is not None and p.op_type in FUSED_NORMS and p.output[0] == x:
         return _gamma(graph, p, FUSED_NORMS[p.op_type], inits, cons, unshare)
+    if p is not None and p.op_type == "LayerNormalization" and len(p.input) == 3:
+        gamma = _gamma(graph, p, 1, inits, cons, unshare)
+        beta = _gamma(graph, p, 2, inits, cons, unshare)
+        return ("affine", gamma[1], beta[1]) if gamma and beta else None
     if p is None or p.op_type != "Mul":
         return None
     for i, name in enumerate(p.input):
@@ -123,11 +129,12 @@ def _identity_of_initializer(graph: onnx.GraphProto, name: str,
     return inits.get(src.input[0]) if src is not None and src.op_type == "Identity" else None
 
 
-def divide(inits: dict[str, onnx.TensorProto], fold: tuple[str, str], s: np.ndarray) -> None:
-    """Fold x / s into x's producer: gamma / s, or W_up[:, j] / s_j."""
-    kind, name = fold
-    t = _array(inits[name])
-    _store(inits[name], t / s if kind == "vector" else t / s[None, :])
+def divide(inits: dict[str, onnx.TensorProto], fold: tuple[str, ...], s: np.ndarray) -> None:
+    """Fold x / s into x's producer: gamma / s (and beta / s), or W_up[:, j] / s_j."""
+    kind, *names = fold
+    for name in names:
+        t = _array(inits[name])
+        _store(inits[name], t / s[None, :] if kind == "columns" else t / s)
 
 
 def _array(t: onnx.TensorProto) -> np.ndarray:

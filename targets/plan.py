@@ -557,6 +557,7 @@ def plan_from_model(model_arg: str, target_name: str, precision: str | None = No
     only config.json, or the config.json itself, is enough), a .gguf file or a packaged name.
     max_seq None: the target's default_max_seq, capped by the model's positions."""
     from models.dims import dims_from_config
+    from models.params import static_rope_limit
     from models.registry import DECODER, get_spec
 
     target = load_target(target_name)  # an unknown target fails before any file is read
@@ -568,7 +569,8 @@ def plan_from_model(model_arg: str, target_name: str, precision: str | None = No
                            hint="an encoder's memory is about its weights: "
                                 "parameters x bytes per parameter")
     dims = dims_from_config(spec, config)
-    seq = max_seq if max_seq is not None else min(target.default_max_seq, dims.max_positions)
+    limit = static_rope_limit(config) or dims.max_positions  # longrope/dynamic: static below it
+    seq = max_seq if max_seq is not None else min(target.default_max_seq, dims.max_positions, limit)
     return plan_fit(dims, target, precision, seq, batch, prefill_chunk=prefill_chunk,
                     model_name=name)
 
