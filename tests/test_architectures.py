@@ -230,3 +230,27 @@ def test_plan_figures_checked_by_hand_for_three_families(tmp_path):
     (tmp_path / "short.json").write_text(json.dumps(short), encoding="utf-8")
     plan = plan_from_model(str(tmp_path / "short.json"), "jetson-orin-nano-8gb", "int4")
     assert plan.max_seq == 1024  # the limit binds below the Nano's default 2048
+
+
+# --- quantization: every family through the same gate ----------------------------------------
+LOOSE = {"max_ppl_increase": 10.0, "min_top1": 0.0, "min_greedy": 0.0, "min_cosine": -1.0}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", sorted(DECODER_CONFIGS))
+def test_family_quantizes_to_int4_with_awq_saying_what_it_folded(case, target, tiny_bundle,
+                                                                 tmp_path):
+    """Random weights: the gate's figures mean little, so its limits are loose here; what is
+    checked is that each family's graph goes through the quantizer, the gate measures it, and
+    AWQ accounts for every matmul input (rescaled, kept, or not rescaled with a reason)."""
+    from quantize.pipeline import quantize_bundle
+
+    r = quantize_bundle(tiny_bundle(case, target), "int4", out=tmp_path / "q", thresholds=LOOSE,
+                        samples=8, seq_len=32)
+    q = r.manifest.quantization
+    assert q is not None and q.gate is not None and r.gate.passed
+    awq = q.details.get("awq")
+    if awq:  # the plain grids; the offset grid (exact for Q4_1 sources) takes no AWQ
+        assert sum(awq["not_rescaled"].values()) == awq["skipped_inputs"]
+        assert awq["scaled_inputs"] + awq["plain_inputs"] > 0, awq  # every family folds somewhere
+    load_verified(r.bundle)
