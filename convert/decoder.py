@@ -28,6 +28,7 @@ G = H / Hkv, D head_dim, R rotary dims (<= D), C hidden, W sliding window.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,7 +205,7 @@ def make_linear(p: ArchParams, n_in: int, n_out: int, bias: bool) -> nn.Module:
     return Conv1D(n_in, n_out) if p.spec.layout.conv1d else nn.Linear(n_in, n_out, bias=bias)
 
 
-ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
+ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 

@@ -83,18 +83,17 @@ def resolve(spec: ArchSpec, config: Any, num_layers: int, head_dim: int) -> Arch
 def _layer_plans(spec: ArchSpec, config: Any, num_layers: int) -> tuple[LayerPlan, ...]:
     """Per-layer window and RoPE from the config's own per-layer lists (`layer_types`, SmolLM3's
     `no_rope_layers`); a window with no `layer_types` applies to every layer (Mistral, Phi-3)."""
-    window = getattr(config, spec.sliding_window, None) if spec.sliding_window else None
-    if getattr(config, "use_sliding_window", True) is False:
-        window = None
+    raw = getattr(config, spec.sliding_window, None) if spec.sliding_window else None
+    window = int(raw) if raw and getattr(config, "use_sliding_window", True) is not False else None
     types = list(getattr(config, "layer_types", None) or ["sliding_attention"] * num_layers)
     ropes = getattr(config, spec.rope_layers, None) if spec.rope_layers else None
     plans = []
     for i in range(num_layers):
-        sliding = bool(window) and types[i] == "sliding_attention"
+        sliding = window is not None and types[i] == "sliding_attention"
         rope: str | None = None
         if spec.positions == "rope" and (ropes is None or ropes[i]):
             rope = "local" if spec.local_rotary and sliding else "global"
-        plans.append(LayerPlan(int(window) if sliding else None, rope))
+        plans.append(LayerPlan(window if sliding else None, rope))
     return tuple(plans)
 
 
@@ -107,6 +106,6 @@ def static_rope_limit(config: Any) -> int | None:
     scaling = getattr(config, "rope_scaling", None) or {}
     if scaling.get("rope_type", scaling.get("type")) not in ("dynamic", "longrope"):
         return None
-    return int(getattr(config, "original_max_position_embeddings", None)
-               or scaling.get("original_max_position_embeddings")
-               or config.max_position_embeddings)
+    limit = (getattr(config, "original_max_position_embeddings", None)
+             or scaling.get("original_max_position_embeddings") or config.max_position_embeddings)
+    return int(limit)

@@ -6,6 +6,8 @@ convert/, quantize/ and targets/plan.py read the record and never compare model-
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from bundle.errors import ToolkitError
 from models.arch import (
     BERT_NAMES,
@@ -53,37 +55,36 @@ def get_spec(model_type: str | None) -> ArchSpec:
 
 
 # --- the registry ------------------------------------------------------------------------
-ATTN_BIAS = dict(qkv_bias="attention_bias", out_bias="attention_bias")
-GEMMA = dict(family="gemma", norm="rms1", embed_scale=Scalar("hidden_size", 0.5), **ATTN_BIAS)
-GEMMA_SANDWICH = dict(GEMMA, layout=Layout(norms=SANDWICH_NORMS), act="hidden_activation",
-                      attn_scale=Scalar("query_pre_attn_scalar", -0.5),
-                      sliding_window="sliding_window")
-
-register(ArchSpec("llama", DECODER, "llama", mlp_bias="mlp_bias", **ATTN_BIAS,
-                  examples=("SmolLM2", "Llama 2", "Llama 3.x")))
-register(ArchSpec("mistral", DECODER, "llama", sliding_window="sliding_window",
-                  examples=("Mistral 7B",)))
-register(ArchSpec("qwen2", DECODER, "qwen", qkv_bias=True, sliding_window="sliding_window",
-                  examples=("Qwen2", "Qwen2.5")))
-register(ArchSpec("qwen3", DECODER, "qwen", qk_norm="head", sliding_window="sliding_window",
-                  **ATTN_BIAS, examples=("Qwen3-0.6B/1.7B/4B",)))
-register(ArchSpec("smollm3", DECODER, "llama", mlp_bias="mlp_bias", rope_layers="no_rope_layers",
-                  sliding_window="sliding_window", **ATTN_BIAS, examples=("SmolLM3-3B",)))
-register(ArchSpec("granite", DECODER, "llama", mlp_bias="mlp_bias", **ATTN_BIAS,
-                  embed_scale=Scalar("embedding_multiplier"),
-                  residual_scale=Scalar("residual_multiplier"),
-                  attn_scale=Scalar("attention_multiplier"),
-                  logit_scale=Scalar("logits_scaling", -1.0), examples=("Granite 3.x",)))
-register(ArchSpec("olmo2", DECODER, "olmo", layout=Layout(norms=POST_NORMS), qk_norm="all",
-                  **ATTN_BIAS, examples=("OLMo 2",)))
-register(ArchSpec("gemma", DECODER, **GEMMA, examples=("Gemma 2B/7B",)))  # type: ignore[arg-type]
-register(ArchSpec("gemma2", DECODER, **GEMMA_SANDWICH,  # type: ignore[arg-type]
-                  attn_softcap=Scalar("attn_logit_softcapping"),
-                  final_softcap=Scalar("final_logit_softcapping"), examples=("Gemma 2 2B",)))
-register(ArchSpec("gemma3_text", DECODER, **GEMMA_SANDWICH, qk_norm="head",  # type: ignore[arg-type]
-                  attn_softcap=Scalar("attn_logit_softcapping"),
-                  final_softcap=Scalar("final_logit_softcapping"),
-                  local_rotary="rotary_emb_local", examples=("Gemma 3 270M/1B",)))
+# Families that share most of a record derive it with dataclasses.replace: what differs is
+# exactly what the call lists.
+LLAMA = register(ArchSpec("llama", DECODER, "llama", qkv_bias="attention_bias",
+                          out_bias="attention_bias", mlp_bias="mlp_bias",
+                          examples=("SmolLM2", "Llama 2", "Llama 3.x")))
+register(replace(LLAMA, model_type="mistral", qkv_bias=False, out_bias=False, mlp_bias=False,
+                 sliding_window="sliding_window", examples=("Mistral 7B",)))
+register(replace(LLAMA, model_type="smollm3", rope_layers="no_rope_layers",
+                 sliding_window="sliding_window", examples=("SmolLM3-3B",)))
+register(replace(LLAMA, model_type="granite", embed_scale=Scalar("embedding_multiplier"),
+                 residual_scale=Scalar("residual_multiplier"),
+                 attn_scale=Scalar("attention_multiplier"),
+                 logit_scale=Scalar("logits_scaling", -1.0), examples=("Granite 3.x",)))
+register(replace(LLAMA, model_type="qwen2", family="qwen", qkv_bias=True, out_bias=False,
+                 mlp_bias=False, sliding_window="sliding_window", examples=("Qwen2", "Qwen2.5")))
+register(replace(LLAMA, model_type="qwen3", family="qwen", mlp_bias=False, qk_norm="head",
+                 sliding_window="sliding_window", examples=("Qwen3-0.6B/1.7B/4B",)))
+register(replace(LLAMA, model_type="olmo2", family="olmo", mlp_bias=False, qk_norm="all",
+                 layout=Layout(norms=POST_NORMS), examples=("OLMo 2",)))
+GEMMA = register(ArchSpec("gemma", DECODER, "gemma", norm="rms1",
+                          embed_scale=Scalar("hidden_size", 0.5), qkv_bias="attention_bias",
+                          out_bias="attention_bias", examples=("Gemma 2B/7B",)))
+GEMMA2 = register(replace(GEMMA, model_type="gemma2", layout=Layout(norms=SANDWICH_NORMS),
+                          act="hidden_activation", attn_scale=Scalar("query_pre_attn_scalar", -0.5),
+                          sliding_window="sliding_window",
+                          attn_softcap=Scalar("attn_logit_softcapping"),
+                          final_softcap=Scalar("final_logit_softcapping"),
+                          examples=("Gemma 2 2B",)))
+register(replace(GEMMA2, model_type="gemma3_text", qk_norm="head", local_rotary="rotary_emb_local",
+                 examples=("Gemma 3 270M/1B",)))
 register(ArchSpec("phi3", DECODER, "phi", layout=PHI3_LAYOUT, sliding_window="sliding_window",
                   examples=("Phi-3/3.5-mini", "Phi-4-mini")))
 register(ArchSpec("phi", DECODER, "phi", names=LAYERNORM_NAMES, layout=PHI_LAYOUT, norm="layer",
