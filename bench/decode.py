@@ -21,8 +21,9 @@ variant sees the same 128 prompt token ids and runs to exactly --new-tokens
 The daemon/in-process, runner/onnxruntime-genai and runner/transformers ratios are also
 measured in --pairs alternating turns inside one process: their medians are robust to other load on a shared
 machine, which best-of-N across separate turns is not.
-Without --bundle, SmolLM2 is converted first (--target cpu, max_seq 512, 1 slot; ~2 minutes) into
-~/.cache/toolkit-bench/, where the onnxruntime-genai export is kept too.
+Without --bundle, SmolLM2 is converted first with the settings a user gets from
+`toolkit convert smollm2-135m` (--target cpu and nothing else: the target's default max_seq and
+batch; ~2 minutes) into ~/.cache/toolkit-bench/, where the onnxruntime-genai export is kept too.
 """
 
 from __future__ import annotations
@@ -372,12 +373,12 @@ def prompt_ids(bundle: Path, n: int) -> list[int]:
 def ensure_bundle(bundle: Path | None) -> Path:
     if bundle:
         return bundle
-    out = CACHE / "smollm2-135m-cpu-fp32"
+    out = CACHE / "smollm2-135m-cpu-fp32-default"
     if not (out / "manifest.json").exists():
         from convert.pipeline import convert_model
 
-        print(f"converting {MODEL} to {out} …", file=sys.stderr)
-        convert_model(MODEL, "cpu", out, max_seq=512, batch=1, force=True)
+        print(f"converting {MODEL} to {out} (the default settings) …", file=sys.stderr)
+        convert_model(MODEL, "cpu", out, force=True)
     return out
 
 
