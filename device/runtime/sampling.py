@@ -24,10 +24,27 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from a token already generated
+    frequency_penalty: float = 0.0  # ... and this, times how often it was generated
 
     @property
     def greedy(self) -> bool:
         return not self.temperature > 0.0  # NaN counts as greedy too
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def penalize(logits: np.ndarray, counts: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """OpenAI's definition over the generated tokens (as vLLM applies it):
+    logits[t] - count[t] * frequency_penalty - (count[t] > 0) * presence_penalty.
+    logits [V] float32, counts [V] int32 -> a new [V] float32 (the backend's buffer is left alone)."""
+    seen = counts > 0
+    out = logits.astype(np.float32, copy=True)
+    out -= counts.astype(np.float32) * np.float32(params.frequency_penalty)
+    out[seen] -= np.float32(params.presence_penalty)
+    return out
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
