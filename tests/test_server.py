@@ -128,7 +128,7 @@ def test_socket_is_private_and_routes_answer(daemon: Daemon) -> None:
         assert c.request("GET", path).status == 200, path
     assert c.request("GET", "/v2/models/nope/ready").status == 404
     meta = c.get(f"/v2/models/{model_id}")
-    assert meta["name"] == model_id and meta["platform"] == "onnx_onnxv1"
+    assert meta["name"] == model_id and meta["platform"] == "onnxruntime_onnx"
     st = status(daemon)
     assert st["state"] == "ready" and st["scheduler"]["slots"] == 4
     assert st["scheduler"]["decode_mode"] == "batched"

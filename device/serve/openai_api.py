@@ -468,7 +468,7 @@ def _stream(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCal
             out["usage"] = None
         return out
 
-    sse, event = _open_stream(h, handle)
+    sse, event = open_stream(h, handle)
     if call.chat:
         first = chunk(None)
         first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
@@ -505,7 +505,7 @@ def _stream(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCal
     sse.done()
 
 
-def _open_stream(h: Handler, handle: RequestHandle) -> tuple[SSEStream, Event]:
+def open_stream(h: Handler, handle: RequestHandle) -> tuple[SSEStream, Event]:
     """Headers wait for the first event, so a request refused while queued (at drain) still
     gets a real status code; a long wait in the queue starts the stream and pings instead."""
     started = time.monotonic()
