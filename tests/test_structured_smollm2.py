@@ -25,13 +25,14 @@ openai = pytest.importorskip("openai")
 
 MODEL = "smollm2-135m"
 NAME = {"type": "string", "minLength": 1, "maxLength": 24}
+ZIP = {"type": "string", "pattern": "^[0-9]{5}$"}
+COORD = {"type": "integer", "minimum": -10, "maximum": 10}
 SCHEMAS: dict[str, dict[str, Any]] = {
     "person": {"type": "object", "additionalProperties": False, "required": ["name", "age", "address"],
                "properties": {"name": NAME, "age": {"type": "integer", "minimum": 0, "maximum": 120},
                               "address": {"type": "object", "additionalProperties": False,
                                           "required": ["city", "zip"],
-                                          "properties": {"city": NAME,
-                                                         "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}}}},
+                                          "properties": {"city": NAME, "zip": ZIP}}}},
     "order": {"type": "object", "additionalProperties": False, "required": ["items", "total"],
               "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
                   "type": "object", "additionalProperties": False, "required": ["sku", "qty"],
@@ -42,8 +43,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                              "speed": {"type": "number", "minimum": 0, "maximum": 1.5},
                              "target": {"type": "object", "additionalProperties": False,
                                         "required": ["x", "y"],
-                                        "properties": {"x": {"type": "integer", "minimum": -10, "maximum": 10},
-                                                       "y": {"type": "integer", "minimum": -10, "maximum": 10}}}}},
+                                        "properties": {"x": COORD, "y": COORD}}}},
     "weather": {"type": "object", "additionalProperties": False,
                 "required": ["city", "celsius", "sky", "next_days"],
                 "properties": {"city": NAME, "celsius": {"type": "number", "minimum": -50, "maximum": 60},
@@ -182,8 +182,9 @@ def test_required_tool_call_streams_and_the_answer_goes_back(smol: Daemon) -> No
 def test_json_object_streams_one_object_that_ends_the_answer(smol: Daemon) -> None:
     client = _clients(smol)["tcp"]
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Give a JSON object with name and age for a cat."}],
-        max_tokens=120, temperature=0, response_format={"type": "json_object"}, stream=True)
+        model=MODEL, max_tokens=120,
+        messages=[{"role": "user", "content": "Give a JSON object with name and age for a cat."}],
+        temperature=0, response_format={"type": "json_object"}, stream=True)
     chunks = [c for c in stream if c.choices]
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert isinstance(json.loads(text), dict)

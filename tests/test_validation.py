@@ -179,6 +179,14 @@ OPENAI_HOLES = [
     ("n-as-float-2", {"messages": HI, "max_tokens": 1, "n": 2.0}, 400, "unsupported_parameter"),
     ("stop-too-long", {"messages": HI, "max_tokens": 1, "stop": "x" * 1000}, 400, "invalid_value"),
     ("too-many-messages", {"messages": HI * 5000, "max_tokens": 1}, 400, "invalid_value"),
+    ("logprobs-true", {"messages": HI, "max_tokens": 1, "logprobs": True}, 400, "unsupported_parameter"),
+    ("presence-penalty-3", {"messages": HI, "max_tokens": 1, "presence_penalty": 3}, 400, "invalid_value"),
+    ("response-format-yaml", {"messages": HI, "max_tokens": 1, "response_format": {"type": "yaml"}},
+     400, "invalid_value"),
+    ("tool-choice-unknown", {"messages": HI, "max_tokens": 1, "tool_choice": "required"}, 400,
+     "invalid_value"),
+    ("tools-not-functions", {"messages": HI, "max_tokens": 1, "tools": [{"type": "web"}]}, 400,
+     "invalid_value"),
 ]
 
 

@@ -52,12 +52,11 @@ FIELDS = (MAX_TOKENS_FIELD, TEMPERATURE, TOP_P, TOP_K, SEED, IGNORE_EOS, PRESENC
 
 
 def generate_schema() -> dict[str, Any]:
-    props: dict[str, Any] = {"text_input": {"type": "string"}, "stop": STOP_SCHEMA}
-    props.update({f.name: f.schema() for f in FIELDS})
-    params = {"type": "object", "properties": dict(props),
+    fields: dict[str, Any] = {"stop": STOP_SCHEMA, **{f.name: f.schema() for f in FIELDS}}
+    params = {"type": "object", "properties": fields,
               "description": "the same fields, as Triton's backends also take them"}
-    del params["properties"]["text_input"]
-    return {"type": "object", "required": ["text_input"], "properties": {**props, "parameters": params}}
+    return {"type": "object", "required": ["text_input"], "properties": {
+        "text_input": {"type": "string"}, **fields, "parameters": params}}
 
 
 def _merged(body: Any) -> dict[str, Any]:
