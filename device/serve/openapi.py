@@ -137,6 +137,9 @@ def document() -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/v1/models": {"get": _op("the served model's card", _responses("model list", "OpenAIError",
                                                                          codes=("503",)))},
+        "/v1/models/{model}": {"get": _op("one model's card (OpenAI's retrieve); 404 for another id",
+                                          _responses("model", "OpenAIError", codes=("404", "503")),
+                                          params=[_path_param("model", r"^[^/]+$")])},
         "/v1/completions": {"post": _op("text completion (SSE with stream: true)",
                                         _responses("completion", "OpenAIError"),
                                         openai_api.completion_schema())},

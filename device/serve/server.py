@@ -13,7 +13,7 @@ Lifecycle (protocols.md §1e, §2.3), one `lifespan`-like function (`serve`) own
              --drain-timeout seconds, whatever still runs then ends with finish_reason "abort"
   stopped    engine and runtime closed; exit 0
 
-Routes: OpenAI (/v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings), KServe v2
+Routes: OpenAI (/v1/models[/{id}], /v1/completions, /v1/chat/completions, /v1/embeddings), KServe v2
 (/v2, /v2/health/{live,ready}, /v2/models/{m}[/versions/{v}][/ready|/infer|/generate|
 /generate_stream]; v is "1" or the bundle id, 404 otherwise), /metrics,
 /v1/status, and llama.cpp-style /health. Error bodies are OpenAI's nested shape everywhere but
@@ -107,6 +107,7 @@ class Daemon:
         self._responses_lock = threading.Condition()
         self.routes: list[tuple[str, re.Pattern[str], Route]] = [
             ("GET", re.compile(r"/v1/models"), self.models),
+            ("GET", re.compile(r"/v1/models/(?P<model>[^/]+)"), self.model_card),
             ("POST", re.compile(r"/v1/completions"), self.completions),
             ("POST", re.compile(r"/v1/chat/completions"), self.chat_completions),
             ("POST", re.compile(r"/v1/embeddings"), self.embeddings),
@@ -479,6 +480,15 @@ class Daemon:
     # -- OpenAI routes --
 
     def models(self, h: Handler) -> None:
+        h.send_json(200, {"object": "list", "data": [self._card()]})
+
+    def model_card(self, h: Handler, model: str) -> None:
+        """OpenAI's retrieve-model: the card of the model served, 404 for any other id."""
+        self._require_ready()
+        self._check_model(model)
+        h.send_json(200, self._card())
+
+    def _card(self) -> dict[str, Any]:
         self._require_ready()
         m = self.runner.manifest
         card = {"id": self.model_id, "object": "model", "created": int(self.started),
@@ -487,7 +497,7 @@ class Daemon:
                          "source_sha256": m.source.sha256, "manifest_sha256": self.manifest_sha256,
                          "defaults": {"temperature": 1.0, "top_p": 1.0, "top_k": 0,
                                       "max_tokens": {"completions": 16, "chat": "room left in the cache"}}}}
-        h.send_json(200, {"object": "list", "data": [card]})
+        return card
 
     def _generation(self, h: Handler, chat: bool) -> None:
         call = openai_api.parse_generation(h.read_json(), chat)
