@@ -209,3 +209,36 @@ def test_penalties_change_greedy_text(smol: Daemon) -> None:
                                            "presence_penalty": 2.0})["choices"][0]["text"]
     # left alone the model repeats the pattern; penalized, its second ", 1" costs 2 x 2.0
     assert plain.count("1,") > penalized.count("1,")
+
+
+@pytest.mark.parametrize("transport", ["tcp", "uds"])
+def test_logprobs_through_the_openai_client(smol: Daemon, transport: str) -> None:
+    client = _clients(smol)[transport]
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    choice = reply.choices[0]
+    content = choice.logprobs.content
+    eos = 1 if choice.finish_reason == "stop" else 0  # a stop token has no text and no entry
+    assert len(content) == reply.usage.completion_tokens - eos
+    assert "".join(t.token for t in content) == choice.message.content
+    for t in content:  # greedy, unconstrained: the chosen token is the likeliest one
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.logprob == t.top_logprobs[0].logprob <= 0 and bytes(t.bytes).decode() == t.token
+    stream = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=8, temperature=0,
+                                            logprobs=True, stream=True)
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
+                                     temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == 6 and "".join(lp.tokens) == text.choices[0].text
+    assert lp.text_offset[0] == 0 and all(len(d) == 2 for d in lp.top_logprobs)
+
+
+def test_models_retrieve_through_the_openai_client(smol: Daemon) -> None:
+    for client in _clients(smol).values():
+        assert client.models.retrieve(MODEL).id == MODEL
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("gpt-4o")

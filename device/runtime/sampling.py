@@ -73,3 +73,29 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         mask[keep] = p[keep]
         p = mask / mask.sum()
     return int(rng.choice(p.shape[0], p=p))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (OpenAI's `logprobs`): the
+    log-softmax of the raw logits, before penalties, grammar mask and temperature, as vLLM
+    reports them by default. top: the k likeliest tokens there, best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """logits [V] -> the chosen token's log-probability and the k likeliest (id, logprob)."""
+    z = np.nan_to_num(logits.astype(np.float64), nan=-np.inf, posinf=np.finfo(np.float64).max)
+    z -= z.max()
+    with np.errstate(divide="ignore"):
+        lp = z - np.log(np.exp(z).sum())
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        best = np.argpartition(-lp, k - 1)[:k]
+        best = best[np.argsort(-lp[best], kind="stable")]
+        top = tuple((int(t), float(lp[t])) for t in best)
+    return TokenLogprob(token, float(lp[token]), top)
+

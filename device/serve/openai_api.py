@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from bundle.errors import ToolkitError
-from device.runtime.sampling import SamplingParams
+from device.runtime.sampling import SamplingParams, TokenLogprob
 from device.runtime.tokenizer import BundleTokenizer
 from device.serve.embedder import EmbeddingRequest
 from device.serve.fields import (
@@ -53,6 +53,7 @@ from device.serve.fields import (
     short,
 )
 from device.serve.httpd import ClientGone, Handler, HTTPError, SSEStream
+from device.serve.logprobs import LogprobFormatter
 from device.serve.scheduler import (
     EVENT_POLL_S,
     Embedded,
@@ -109,9 +110,15 @@ MODEL = StrField("model", doc="the served model's id (optional: the daemon serve
 USER = StrField("user", doc="ignored")
 ENCODING_FORMAT = StrField("encoding_format", choices=("float", "base64"), default="float")
 # fields we do not implement, accepted at their no-op value only
+# logprobs: a boolean on chat (with top_logprobs 0..20), a count 0..5 on completions (OpenAI's)
+CHAT_LOGPROBS = BoolField("logprobs", doc="each output token's log-probability under the model")
+TOP_LOGPROBS = IntField("top_logprobs", 0, 20, doc="the k likeliest tokens at each step (needs logprobs)")
+COMPLETION_LOGPROBS = IntField("logprobs", 0, 5, doc=(
+    "each output token's log-probability, and this many likeliest tokens at each step"))
+NO_TOP_LOGPROBS = OffField("top_logprobs", (0,), doc="chat only; completions take logprobs: k")
 OFF_FIELDS = (
     OffField("n", (1,)), OffField("best_of", (1,)), OffField("echo", (False,)),
-    OffField("logprobs", (False, 0)), OffField("top_logprobs", (0,)), OffField("logit_bias", ({},)),
+    OffField("logit_bias", ({},)),
     OffField("suffix", ("",)),
 )
 GENERATION_FIELDS = (MODEL, MAX_TOKENS_FIELD, MAX_COMPLETION_TOKENS, TEMPERATURE, TOP_P, TOP_K,
@@ -154,6 +161,7 @@ EMBEDDING_FIELDS = (MODEL, ENCODING_FORMAT, USER, OffField("dimensions", ()))
 def chat_schema() -> dict[str, Any]:
     return object_schema(GENERATION_FIELDS, {"messages": MESSAGES_SCHEMA},
                          extra={"stop": STOP_SCHEMA, "stream_options": STREAM_OPTIONS_SCHEMA,
+                                "logprobs": CHAT_LOGPROBS.schema(), "top_logprobs": TOP_LOGPROBS.schema(),
                                 "response_format": RESPONSE_FORMAT_SCHEMA, "tools": TOOLS_SCHEMA,
                                 "tool_choice": TOOL_CHOICE_SCHEMA,
                                 "parallel_tool_calls": PARALLEL_TOOL_CALLS_SCHEMA})
@@ -162,6 +170,8 @@ def chat_schema() -> dict[str, Any]:
 def completion_schema() -> dict[str, Any]:
     return object_schema(GENERATION_FIELDS, {"prompt": PROMPT_SCHEMA},
                          extra={"stop": STOP_SCHEMA, "stream_options": STREAM_OPTIONS_SCHEMA,
+                                "logprobs": COMPLETION_LOGPROBS.schema(),
+                                "top_logprobs": NO_TOP_LOGPROBS.schema(),
                                 "response_format": RESPONSE_FORMAT_SCHEMA})
 
 
@@ -229,6 +239,7 @@ class GenerationCall:
     model: str | None = None
     prompt_chars: int = 0  # the text to tokenize, checked against the context before tokenizing
     plan: StructuredPlan = StructuredPlan()  # response_format / tools (device/serve/structured.py)
+    logprobs: int | None = None  # None: off; k: logprobs with the k likeliest tokens
 
 
 def parse_generation(body: Any, chat: bool) -> GenerationCall:
@@ -247,7 +258,20 @@ def parse_generation(body: Any, chat: bool) -> GenerationCall:
     include_usage = INCLUDE_USAGE.read(options or {})
     USER.read(body)  # not used, but a string when given
     return GenerationCall(chat, tokenize, max_tokens, parse_sampling(body), parse_stop(body),
-                          stream, include_usage, IGNORE_EOS.read(body), MODEL.read(body), chars, plan)
+                          stream, include_usage, IGNORE_EOS.read(body), MODEL.read(body), chars, plan,
+                          parse_logprobs(body, chat))
+
+
+def parse_logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    if not chat:
+        NO_TOP_LOGPROBS.check(body)
+        return COMPLETION_LOGPROBS.read(body)
+    top = TOP_LOGPROBS.read(body)
+    if not CHAT_LOGPROBS.read(body):
+        if top:
+            raise bad("top_logprobs", "needs logprobs: true")
+        return None
+    return top or 0
 
 
 def _message_text(i: int, content: Any) -> str:
@@ -421,23 +445,27 @@ def serve_generation(h: Handler, engine: Any, tokenizer: BundleTokenizer, model:
         max_tokens = min(call.max_tokens or room, room)
         constraint = compile_constraint(call.plan, engine.grammar)  # 400 on a schema it refuses
         handle = engine.submit(ticket, GenerationRequest(prompt, max_tokens, call.params, call.stop,
-                                                         call.ignore_eos, constraint))
+                                                         call.ignore_eos, constraint, call.logprobs))
     reply = Reply.new("chatcmpl" if call.chat else "cmpl", model)
+    lp = LogprobFormatter(tokenizer, call.chat) if call.logprobs is not None else None
     try:
         if call.stream:
-            _stream(h, handle, reply, call)
+            _stream(h, handle, reply, call, lp)
         else:
-            _collect(h, handle, reply, call)
+            _collect(h, handle, reply, call, lp)
     finally:
         handle.cancel()  # no-op when it finished; frees the slot when we leave early
 
 
-def _collect(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCall) -> None:
+def _collect(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCall,
+             lp: LogprobFormatter | None) -> None:
     text = []
+    entries: list[TokenLogprob] = []
     while True:
         event = next_event(h, handle)
         if isinstance(event, TextDelta):
             text.append(event.text)
+            entries += event.logprobs
         elif isinstance(event, Failed):
             raise RequestRejected(event.status, event.code, event.message)
         elif isinstance(event, Finished):
@@ -449,19 +477,27 @@ def _collect(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCa
         message["tool_calls"] = answer.tool_calls
     choice: dict[str, Any] = ({"index": 0, "message": message} if call.chat
                               else {"index": 0, "text": answer.content})
-    choice.update(logprobs=None, finish_reason=finish, stop_reason=event.stop_reason)
+    entries += event.logprobs
+    choice.update(logprobs=lp.render(entries) if lp else None, finish_reason=finish,
+                  stop_reason=event.stop_reason)
     h.send_json(200, {"id": reply.id, "object": "chat.completion" if call.chat else "text_completion",
                       "created": reply.created, "model": reply.model, "choices": [choice],
                       "usage": event.usage.to_json(), "timings": event.timings.to_json()})
 
 
-def _stream(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCall) -> None:
+def _stream(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCall,
+            lp: LogprobFormatter | None) -> None:
     obj = "chat.completion.chunk" if call.chat else "text_completion"
+    pending: list[TokenLogprob] = []  # tokens not yet sent with a chunk
 
     def chunk(delta: str | None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
         choice: dict[str, Any] = ({"index": 0, "delta": {} if delta is None else {"content": delta}}
                                   if call.chat else {"index": 0, "text": delta or ""})
-        choice.update(logprobs=None, finish_reason=finish, **extra)
+        logprobs = None
+        if lp is not None and pending:
+            logprobs = lp.render(pending)
+            pending.clear()
+        choice.update(logprobs=logprobs, finish_reason=finish, **extra)
         out = {"id": reply.id, "object": obj, "created": reply.created, "model": reply.model,
                "choices": [choice]}
         if call.include_usage:
@@ -475,6 +511,8 @@ def _stream(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCal
         sse.send(first)
     held: list[str] | None = [] if call.plan.calls_tools else None  # a tool call is sent whole
     while True:
+        if isinstance(event, (TextDelta, Finished)):
+            pending.extend(event.logprobs)
         if isinstance(event, TextDelta):
             if held is None:
                 sse.send(chunk(event.text))

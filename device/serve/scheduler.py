@@ -53,7 +53,7 @@ from bundle.errors import ToolkitError
 from device.runtime.backend import DecoderBackend
 from device.runtime.generate import prefill
 from device.runtime.grammar import LazyCompiler, TokenConstraint
-from device.runtime.sampling import SamplingParams, penalize, sample
+from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, sample, token_logprob
 from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
 from device.serve.config import DECODE_MODES
@@ -86,6 +86,7 @@ class GenerationRequest:
     # the request's grammar state (device/runtime/grammar.py), compiled on the HTTP thread; the
     # engine thread alone masks and advances it. The output ends when the grammar is complete.
     constraint: TokenConstraint | None = None
+    logprobs: int | None = None  # None: off; k: each token's logprob and its k likeliest peers
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class Timings:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind this text and any held back before
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class Finished:
     stop_reason: str | int | None  # the stop string or stop token id, when finish_reason="stop"
     usage: Usage
     timings: Timings
+    logprobs: tuple[TokenLogprob, ...] = ()  # tokens whose text had not been sent yet
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,7 @@ class _Slot:
     params: SamplingParams = field(default_factory=SamplingParams)
     constraint: TokenConstraint | None = None
     counts: np.ndarray | None = None  # [V] int32 times each token was generated (penalties only)
+    logprobs: list[TokenLogprob] | None = None  # not yet sent with a TextDelta (logprobs only)
 
 
 def smoke_test(backend: DecoderBackend) -> None:
@@ -470,7 +474,8 @@ class Scheduler(QueuedEngine):
                       pos=len(request.prompt_ids), admitted=now, params=request.params,
                       constraint=request.constraint,
                       counts=(np.zeros(self.backend.vocab_size, np.int32)
-                              if request.params.penalized else None))
+                              if request.params.penalized else None),
+                      logprobs=[] if request.logprobs is not None else None)
         self._active[slot] = state
         try:
             logits = prefill(self.backend, request.prompt_ids, slot)
@@ -514,6 +519,7 @@ class Scheduler(QueuedEngine):
 
     def _accept(self, state: _Slot, logits: np.ndarray) -> None:
         """Sample the next token from logits [V]; stream it, finish, or queue its decode."""
+        raw = logits  # logprobs are the model's own, before penalties and mask
         if state.counts is not None:  # OpenAI's penalties, over the tokens generated so far
             logits = penalize(logits, state.counts, state.params)
         if state.constraint is not None:
@@ -527,13 +533,15 @@ class Scheduler(QueuedEngine):
         self.metrics.generation_tokens.inc()
         if token in self.stop_ids and not state.handle.request.ignore_eos:
             return self._finish(state, "stop", token)
+        if state.logprobs is not None:
+            state.logprobs.append(token_logprob(raw, token, state.handle.request.logprobs or 0))
         if state.constraint is not None:
             state.constraint.advance(token)
         if state.counts is not None:
             state.counts[token] += 1
         update = state.stops.push(state.decoder.push(token))
         if update.text:
-            state.handle.put(TextDelta(update.text))
+            state.handle.put(TextDelta(update.text, self._take_logprobs(state)))
         if update.stopped is not None:
             return self._finish(state, "stop", update.stopped)
         if state.constraint is not None and state.constraint.finished:
@@ -553,7 +561,7 @@ class Scheduler(QueuedEngine):
             if update.stopped:
                 reason, stop_reason = "stop", update.stopped
             if tail:
-                state.handle.put(TextDelta(tail))
+                state.handle.put(TextDelta(tail, self._take_logprobs(state)))
         now = time.monotonic()
         prompt_n = len(state.handle.request.prompt_ids)
         timings = Timings(queue_s=state.admitted - state.handle.arrival,
@@ -565,8 +573,17 @@ class Scheduler(QueuedEngine):
         if state.generated > 1:
             self.metrics.tpot.observe(timings.decode_s / (state.generated - 1))
         self.metrics.success.inc(finished_reason=reason)
-        state.handle.put(Finished(reason, stop_reason, Usage(prompt_n, state.generated), timings))
+        state.handle.put(Finished(reason, stop_reason, Usage(prompt_n, state.generated), timings,
+                                  self._take_logprobs(state)))
         self._free_slot(state)
+
+    @staticmethod
+    def _take_logprobs(state: _Slot) -> tuple[TokenLogprob, ...]:
+        if not state.logprobs:
+            return ()
+        out = tuple(state.logprobs)
+        state.logprobs.clear()
+        return out
 
     def _fail(self, state: _Slot, status: int, code: str, message: str) -> None:
         self.metrics.failure.inc(reason=code)
