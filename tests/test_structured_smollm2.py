@@ -242,3 +242,26 @@ def test_models_retrieve_through_the_openai_client(smol: Daemon) -> None:
         assert client.models.retrieve(MODEL).id == MODEL
         with pytest.raises(openai.NotFoundError):
             client.models.retrieve("gpt-4o")
+
+
+def test_n_choices_side_by_side(smol: Daemon) -> None:
+    client = _clients(smol)["uds"]
+    ask = [{"role": "user", "content": "Name a colour."}]
+    reply = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=6, temperature=1.0,
+                                           seed=7, n=2)
+    assert [c.index for c in reply.choices] == [0, 1]
+    again = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=6, temperature=1.0,
+                                           seed=7, n=2)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    stream = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=6, temperature=1.0,
+                                            seed=7, n=2, stream=True, stream_options={"include_usage": True})
+    texts, usage = ["", ""], None
+    for c in stream:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+        usage = c.usage or usage
+    assert texts == [c.message.content for c in reply.choices]
+    assert usage is not None and usage.completion_tokens == reply.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as e:  # 2 slots: 3 choices cannot run side by side
+        client.chat.completions.create(model=MODEL, messages=ask, max_tokens=2, n=3)
+    assert e.value.body["param"] == "n"  # type: ignore[index]

@@ -30,7 +30,8 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,8 @@ from device.serve.structured import (
 )
 
 PING_S = 15.0  # SSE comment interval on a silent stream
+MULTI_POLL_S = 0.01  # with n > 1, how long a stream waits on one choice before the next
+MAX_N = 64  # choices per request, a sanity cap; the real bound is the daemon's slots (400 past it)
 MAX_STOP = 4  # stop strings per request (TGI's default limit)
 MAX_EMBED_INPUTS = 256
 MAX_MESSAGES = 1024  # chat turns per request; every turn is at least a token of template
@@ -117,11 +120,14 @@ COMPLETION_LOGPROBS = IntField("logprobs", 0, 5, doc=(
     "each output token's log-probability, and this many likeliest tokens at each step"))
 NO_TOP_LOGPROBS = OffField("top_logprobs", (0,), doc="chat only; completions take logprobs: k")
 OFF_FIELDS = (
-    OffField("n", (1,)), OffField("best_of", (1,)), OffField("echo", (False,)),
+    OffField("best_of", (1,)), OffField("echo", (False,)),
     OffField("logit_bias", ({},)),
     OffField("suffix", ("",)),
 )
-GENERATION_FIELDS = (MODEL, MAX_TOKENS_FIELD, MAX_COMPLETION_TOKENS, TEMPERATURE, TOP_P, TOP_K,
+N = IntField("n", 1, MAX_N, 1, doc=(
+    "choices to generate, side by side (at most the daemon's KV slots); with a seed, choice i "
+    "samples with seed + i"))
+GENERATION_FIELDS = (MODEL, N, MAX_TOKENS_FIELD, MAX_COMPLETION_TOKENS, TEMPERATURE, TOP_P, TOP_K,
                      SEED, PRESENCE_PENALTY, FREQUENCY_PENALTY, STREAM, IGNORE_EOS, USER, *OFF_FIELDS)
 
 _TEXT = {"type": "string"}
@@ -240,6 +246,7 @@ class GenerationCall:
     prompt_chars: int = 0  # the text to tokenize, checked against the context before tokenizing
     plan: StructuredPlan = StructuredPlan()  # response_format / tools (device/serve/structured.py)
     logprobs: int | None = None  # None: off; k: logprobs with the k likeliest tokens
+    n: int = 1  # choices
 
 
 def parse_generation(body: Any, chat: bool) -> GenerationCall:
@@ -259,7 +266,7 @@ def parse_generation(body: Any, chat: bool) -> GenerationCall:
     USER.read(body)  # not used, but a string when given
     return GenerationCall(chat, tokenize, max_tokens, parse_sampling(body), parse_stop(body),
                           stream, include_usage, IGNORE_EOS.read(body), MODEL.read(body), chars, plan,
-                          parse_logprobs(body, chat))
+                          parse_logprobs(body, chat), N.read(body) or 1)
 
 
 def parse_logprobs(body: dict[str, Any], chat: bool) -> int | None:
@@ -439,64 +446,108 @@ class Reply:
 def serve_generation(h: Handler, engine: Any, tokenizer: BundleTokenizer, model: str,
                      call: GenerationCall) -> None:
     check_prompt_chars(call.prompt_chars, engine.max_seq, "messages" if call.chat else "prompt")
-    with engine.reserve() as ticket:  # 503 before any tokenizing when the daemon is full
+    if call.n > engine.slots:
+        raise bad("n", f"at most {engine.slots} on this daemon (the choices run side by side, one "
+                       f"KV slot each; got {call.n})")
+    with ExitStack() as places:  # n places, 503 before any tokenizing when the daemon is full
+        tickets = [places.enter_context(engine.reserve()) for _ in range(call.n)]
         prompt = call.tokenize(tokenizer)
         room = engine.check_prompt(len(prompt), "messages" if call.chat else "prompt")
         max_tokens = min(call.max_tokens or room, room)
-        constraint = compile_constraint(call.plan, engine.grammar)  # 400 on a schema it refuses
-        handle = engine.submit(ticket, GenerationRequest(prompt, max_tokens, call.params, call.stop,
-                                                         call.ignore_eos, constraint, call.logprobs))
+        handles = []
+        for i, ticket in enumerate(tickets):
+            constraint = compile_constraint(call.plan, engine.grammar)  # 400 on a schema it refuses
+            params = call.params if call.params.seed is None else replace(  # choices differ, reproducibly
+                call.params, seed=(call.params.seed + i) % 2**64)
+            handles.append(engine.submit(ticket, GenerationRequest(
+                prompt, max_tokens, params, call.stop, call.ignore_eos, constraint, call.logprobs)))
     reply = Reply.new("chatcmpl" if call.chat else "cmpl", model)
-    lp = LogprobFormatter(tokenizer, call.chat) if call.logprobs is not None else None
+    fmts = [LogprobFormatter(tokenizer, call.chat) if call.logprobs is not None else None
+            for _ in handles]
     try:
         if call.stream:
-            _stream(h, handle, reply, call, lp)
+            _stream(h, handles, reply, call, fmts)
         else:
-            _collect(h, handle, reply, call, lp)
+            _collect(h, handles, reply, call, fmts)
     finally:
-        handle.cancel()  # no-op when it finished; frees the slot when we leave early
+        for handle in handles:
+            handle.cancel()  # no-op when it finished; frees the slot when we leave early
 
 
-def _collect(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCall,
-             lp: LogprobFormatter | None) -> None:
-    text = []
-    entries: list[TokenLogprob] = []
-    while True:
-        event = next_event(h, handle)
-        if isinstance(event, TextDelta):
-            text.append(event.text)
-            entries += event.logprobs
-        elif isinstance(event, Failed):
-            raise RequestRejected(event.status, event.code, event.message)
-        elif isinstance(event, Finished):
-            break
-    answer = call.plan.read("".join(text))
+def _choice(call: GenerationCall, index: int, text: str, event: Finished,
+            entries: list[TokenLogprob], fmt: LogprobFormatter | None) -> dict[str, Any]:
+    answer = call.plan.read(text)
     finish = "tool_calls" if answer.tool_calls else event.finish_reason
     message: dict[str, Any] = {"role": "assistant", "content": answer.content}
     if answer.tool_calls:
         message["tool_calls"] = answer.tool_calls
-    choice: dict[str, Any] = ({"index": 0, "message": message} if call.chat
-                              else {"index": 0, "text": answer.content})
-    entries += event.logprobs
-    choice.update(logprobs=lp.render(entries) if lp else None, finish_reason=finish,
+    choice: dict[str, Any] = ({"index": index, "message": message} if call.chat
+                              else {"index": index, "text": answer.content})
+    choice.update(logprobs=fmt.render(entries) if fmt else None, finish_reason=finish,
                   stop_reason=event.stop_reason)
+    return choice
+
+
+def _usage(events: list[Finished]) -> dict[str, int]:
+    """One prompt, n completions: OpenAI counts the prompt once."""
+    prompt, completion = events[0].usage.prompt_tokens, sum(e.usage.completion_tokens for e in events)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _collect(h: Handler, handles: list[RequestHandle], reply: Reply, call: GenerationCall,
+             fmts: list[LogprobFormatter | None]) -> None:
+    choices, finished = [], []
+    for i, handle in enumerate(handles):  # they run side by side; read them in turn
+        text = []
+        entries: list[TokenLogprob] = []
+        while True:
+            event = next_event(h, handle)
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+                entries += event.logprobs
+            elif isinstance(event, Failed):
+                raise RequestRejected(event.status, event.code, event.message)
+            elif isinstance(event, Finished):
+                break
+        entries += event.logprobs
+        choices.append(_choice(call, i, "".join(text), event, entries, fmts[i]))
+        finished.append(event)
     h.send_json(200, {"id": reply.id, "object": "chat.completion" if call.chat else "text_completion",
-                      "created": reply.created, "model": reply.model, "choices": [choice],
-                      "usage": event.usage.to_json(), "timings": event.timings.to_json()})
+                      "created": reply.created, "model": reply.model, "choices": choices,
+                      "usage": _usage(finished), "timings": finished[0].timings.to_json()})
 
 
-def _stream(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCall,
-            lp: LogprobFormatter | None) -> None:
+def _next_of_any(h: Handler, handles: list[RequestHandle], live: set[int],
+                 sse: SSEStream) -> tuple[int, Event]:
+    """The next event of any live choice; one choice waits as next_event does, several are
+    polled in turn (a choice's events stay in order)."""
+    if len(live) == 1:
+        (i,) = live
+        return i, next_event(h, handles[i], sse)
+    while True:
+        for i in sorted(live):
+            event = handles[i].next_event(MULTI_POLL_S)
+            if event is not None:
+                return i, event
+        if h.client_gone():
+            raise ClientGone()
+        if time.monotonic() - sse.last_write > PING_S:
+            sse.ping()
+
+
+def _stream(h: Handler, handles: list[RequestHandle], reply: Reply, call: GenerationCall,
+            fmts: list[LogprobFormatter | None]) -> None:
     obj = "chat.completion.chunk" if call.chat else "text_completion"
-    pending: list[TokenLogprob] = []  # tokens not yet sent with a chunk
+    pending: list[list[TokenLogprob]] = [[] for _ in handles]  # tokens not yet sent, per choice
 
-    def chunk(delta: str | None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
-        choice: dict[str, Any] = ({"index": 0, "delta": {} if delta is None else {"content": delta}}
-                                  if call.chat else {"index": 0, "text": delta or ""})
+    def chunk(i: int, delta: str | None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        choice: dict[str, Any] = ({"index": i, "delta": {} if delta is None else {"content": delta}}
+                                  if call.chat else {"index": i, "text": delta or ""})
         logprobs = None
-        if lp is not None and pending:
-            logprobs = lp.render(pending)
-            pending.clear()
+        fmt = fmts[i]
+        if fmt is not None and pending[i]:
+            logprobs = fmt.render(pending[i])
+            pending[i].clear()
         choice.update(logprobs=logprobs, finish_reason=finish, **extra)
         out = {"id": reply.id, "object": obj, "created": reply.created, "model": reply.model,
                "choices": [choice]}
@@ -504,42 +555,49 @@ def _stream(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCal
             out["usage"] = None
         return out
 
-    sse, event = open_stream(h, handle)
+    sse, event = open_stream(h, handles[0])
     if call.chat:
-        first = chunk(None)
-        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        sse.send(first)
-    held: list[str] | None = [] if call.plan.calls_tools else None  # a tool call is sent whole
+        for i in range(len(handles)):
+            first = chunk(i, None)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            sse.send(first)
+    # a tool call is sent whole: its text is held back until the choice ends
+    held: list[list[str] | None] = [[] if call.plan.calls_tools else None for _ in handles]
+    live, finished, i = set(range(len(handles))), [], 0
     while True:
         if isinstance(event, (TextDelta, Finished)):
-            pending.extend(event.logprobs)
+            pending[i].extend(event.logprobs)
+        hold = held[i]
         if isinstance(event, TextDelta):
-            if held is None:
-                sse.send(chunk(event.text))
+            if hold is None:
+                sse.send(chunk(i, event.text))
             else:
-                held.append(event.text)
+                hold.append(event.text)
         elif isinstance(event, Failed):  # mid-stream: the status is sent, so an error event
             sse.send(openai_error(event.status, event.message, event.code))
             break
         elif isinstance(event, Finished):
             finish = event.finish_reason
-            if held is not None:
-                answer = call.plan.read("".join(held))
+            if hold is not None:
+                answer = call.plan.read("".join(hold))
                 if answer.tool_calls:
                     finish = "tool_calls"
-                    part = chunk(None)
+                    part = chunk(i, None)
                     part["choices"][0]["delta"] = {"tool_calls": [
-                        {"index": i, **c} for i, c in enumerate(answer.tool_calls)]}
+                        {"index": k, **c} for k, c in enumerate(answer.tool_calls)]}
                     sse.send(part)
                 elif answer.content:
-                    sse.send(chunk(answer.content))
-            sse.send(chunk(None, finish, stop_reason=event.stop_reason))
-            if call.include_usage:
-                sse.send({"id": reply.id, "object": obj, "created": reply.created,
-                          "model": reply.model, "choices": [], "usage": event.usage.to_json(),
-                          "timings": event.timings.to_json()})
-            break
-        event = next_event(h, handle, sse)
+                    sse.send(chunk(i, answer.content))
+            sse.send(chunk(i, None, finish, stop_reason=event.stop_reason))
+            live.discard(i)
+            finished.append(event)
+            if not live:
+                if call.include_usage:
+                    sse.send({"id": reply.id, "object": obj, "created": reply.created,
+                              "model": reply.model, "choices": [], "usage": _usage(finished),
+                              "timings": finished[0].timings.to_json()})
+                break
+        i, event = _next_of_any(h, handles, live, sse)
     sse.done()
 
 
