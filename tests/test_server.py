@@ -197,7 +197,7 @@ BAD_REQUESTS = [
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "invalid_value"),
     (CHAT, json.dumps(chat_body("hi", stop=["a"] * 5)).encode(), 400, "invalid_value"),
     (CHAT, json.dumps(chat_body("hi", seed=True)).encode(), 400, "invalid_value"),
-    (CHAT, json.dumps(chat_body("hi", n=2)).encode(), 400, "unsupported_parameter"),
+    (CHAT, json.dumps(chat_body("hi", best_of=2)).encode(), 400, "unsupported_parameter"),
     (CHAT, json.dumps(chat_body("hi", stream_options={"include_usage": True})).encode(), 400,
      "invalid_value"),
     (CHAT, json.dumps(chat_body("hi", model="gpt-4")).encode(), 404, "model_not_found"),
