@@ -16,10 +16,12 @@ the client meant something, and 1e-320 divided logits into inf - inf); top_p in 
 >= -1 (0 and -1 are off); seed an int64; max_tokens in [1, 2**20], then cut to the room left;
 at most 4 stop strings of 1..256 characters, 1024 messages, 2**17 prompt token ids.
 presence_penalty / frequency_penalty in [-2, 2] as OpenAI defines them (over the generated
-tokens, as vLLM applies them). response_format, tools and tool_choice: device/serve/structured.py
-(constrained decoding, the optional `structured` extra).
-Fields we do not implement are refused when set to anything but their no-op value (n=2,
-logprobs=true, ...), so a client never silently gets less than it asked for; unknown fields
+tokens, as vLLM applies them). logprobs: chat's bool + top_logprobs 0..20, completions' int 0..5
+(device/serve/logprobs.py). n: up to the engine's slots, the choices decoding side by side (seed + i
+for choice i). response_format, tools and tool_choice: device/serve/structured.py (constrained
+decoding, the optional `structured` extra).
+Fields we do not implement are refused when set to anything but their no-op value (best_of=2,
+logit_bias, echo, suffix), so a client never silently gets less than it asked for; unknown fields
 are ignored, as vLLM does.
 """
 
