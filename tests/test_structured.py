@@ -126,3 +126,18 @@ def test_binary_tensor_data_round_trip() -> None:
     assert kserve_binary.wants_binary({"parameters": {"binary_data_output": True}})
     assert not kserve_binary.wants_binary({"parameters": {"binary_data_output": True},
                                            "outputs": [{"name": "embedding"}]})
+
+
+def test_a_template_that_takes_tools_renders_them_itself() -> None:
+    """Qwen / Llama 3.x / Hermes templates read `tools`: they get the tools as OpenAI sends
+    them, and the conversation is left as it is (no system message of ours)."""
+    from device.runtime.tokenizer import BundleTokenizer
+
+    tok = BundleTokenizer.__new__(BundleTokenizer)  # the template alone, no tokenizer files
+    tok.config, tok._template = {}, None
+    tok.template_src = ("{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+                        "{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}")
+    assert tok.renders_tools
+    plan = structured.parse_structured({"tools": [TOOL]}, chat=True)
+    assert tok.render_chat(HI, tools=plan.tool_json) == "[get_weather]user:hi;"
+    assert tok.render_chat(HI) == "user:hi;"
