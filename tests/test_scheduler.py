@@ -239,3 +239,53 @@ def test_a_bundle_that_cannot_run_refuses_to_start(runner: Any) -> None:
 
     with pytest.raises(ToolkitError, match="test inference fails: no such input"):
         Scheduler(Dead(runner.backend, 0.0), runner.tokenizer)  # type: ignore[arg-type]
+
+
+class OnlyTokens:
+    """A grammar in miniature (duck-typed as grammar.TokenConstraint): the output must be exactly
+    `tokens`, then it is complete. Lets the engine's per-slot masking be checked without the
+    optional engine installed."""
+
+    def __init__(self, tokens: list[int], vocab: int) -> None:
+        self.tokens, self.vocab, self.at = tokens, vocab, 0
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        out = np.full(self.vocab, -np.inf, np.float32)
+        out[self.tokens[self.at]] = logits[self.tokens[self.at]]
+        return out
+
+    def advance(self, token: int) -> None:
+        assert token == self.tokens[self.at]
+        self.at += 1
+
+    @property
+    def finished(self) -> bool:
+        return self.at == len(self.tokens)
+
+
+def test_constrained_and_free_rows_share_a_batch(engine: Scheduler, runner: Any) -> None:
+    """A constrained request gets exactly what its mask allows, and the free requests decoding in
+    the same batched steps get what they get alone: the mask touches only its own row."""
+    free = requests(runner)[:3]
+    alone = [run(engine, r) for r in free]
+    tok = runner.tokenizer
+    forced = tok.encode("sun moon star sun moon", add_special_tokens=False)
+    results: list[Any] = [None] * 4
+
+    def worker(i: int) -> None:
+        if i == 3:
+            results[i] = run(engine, GenerationRequest(
+                prompt(runner, "tree"), 24, SamplingParams(temperature=0.9, seed=1),
+                constraint=OnlyTokens(forced, runner.backend.vocab_size)))  # type: ignore[arg-type]
+        else:
+            results[i] = run(engine, free[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    text, fin = results[3]
+    assert text == tok.decode(forced) and fin.finish_reason == "stop" and fin.usage.completion_tokens == 5
+    for (text_a, fin_a), (text_b, fin_b) in zip(alone, results[:3]):
+        assert text_a == text_b and fin_a.usage == fin_b.usage

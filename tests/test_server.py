@@ -128,7 +128,7 @@ def test_socket_is_private_and_routes_answer(daemon: Daemon) -> None:
         assert c.request("GET", path).status == 200, path
     assert c.request("GET", "/v2/models/nope/ready").status == 404
     meta = c.get(f"/v2/models/{model_id}")
-    assert meta["name"] == model_id and meta["platform"] == "onnx_onnxv1"
+    assert meta["name"] == model_id and meta["platform"] == "onnxruntime_onnx"
     st = status(daemon)
     assert st["state"] == "ready" and st["scheduler"]["slots"] == 4
     assert st["scheduler"]["decode_mode"] == "batched"
@@ -197,7 +197,7 @@ BAD_REQUESTS = [
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "invalid_value"),
     (CHAT, json.dumps(chat_body("hi", stop=["a"] * 5)).encode(), 400, "invalid_value"),
     (CHAT, json.dumps(chat_body("hi", seed=True)).encode(), 400, "invalid_value"),
-    (CHAT, json.dumps(chat_body("hi", n=2)).encode(), 400, "unsupported_parameter"),
+    (CHAT, json.dumps(chat_body("hi", best_of=2)).encode(), 400, "unsupported_parameter"),
     (CHAT, json.dumps(chat_body("hi", stream_options={"include_usage": True})).encode(), 400,
      "invalid_value"),
     (CHAT, json.dumps(chat_body("hi", model="gpt-4")).encode(), 404, "model_not_found"),

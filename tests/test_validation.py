@@ -176,9 +176,20 @@ OPENAI_HOLES = [
     ("top-k-1e30", {"messages": HI, "max_tokens": 1, "top_k": 10**30}, 400, "invalid_value"),
     ("seed-past-int64", {"messages": HI, "max_tokens": 1, "seed": 2**64 - 1}, 400, "invalid_value"),
     ("model-not-a-string", {"messages": HI, "max_tokens": 1, "model": 5}, 400, "invalid_value"),
-    ("n-as-float-2", {"messages": HI, "max_tokens": 1, "n": 2.0}, 400, "unsupported_parameter"),
+    ("n-past-the-slots", {"messages": HI, "max_tokens": 1, "n": 5.0}, 400, "invalid_value"),
+    ("best-of-2", {"messages": HI, "max_tokens": 1, "best_of": 2}, 400, "unsupported_parameter"),
     ("stop-too-long", {"messages": HI, "max_tokens": 1, "stop": "x" * 1000}, 400, "invalid_value"),
     ("too-many-messages", {"messages": HI * 5000, "max_tokens": 1}, 400, "invalid_value"),
+    ("logit-bias", {"messages": HI, "max_tokens": 1, "logit_bias": {"5": 1}}, 400, "unsupported_parameter"),
+    ("top-logprobs-without-logprobs", {"messages": HI, "max_tokens": 1, "top_logprobs": 2}, 400,
+     "invalid_value"),
+    ("presence-penalty-3", {"messages": HI, "max_tokens": 1, "presence_penalty": 3}, 400, "invalid_value"),
+    ("response-format-yaml", {"messages": HI, "max_tokens": 1, "response_format": {"type": "yaml"}},
+     400, "invalid_value"),
+    ("tool-choice-unknown", {"messages": HI, "max_tokens": 1, "tool_choice": "required"}, 400,
+     "invalid_value"),
+    ("tools-not-functions", {"messages": HI, "max_tokens": 1, "tools": [{"type": "web"}]}, 400,
+     "invalid_value"),
 ]
 
 

@@ -24,10 +24,27 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from a token already generated
+    frequency_penalty: float = 0.0  # ... and this, times how often it was generated
 
     @property
     def greedy(self) -> bool:
         return not self.temperature > 0.0  # NaN counts as greedy too
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def penalize(logits: np.ndarray, counts: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """OpenAI's definition over the generated tokens (as vLLM applies it):
+    logits[t] - count[t] * frequency_penalty - (count[t] > 0) * presence_penalty.
+    logits [V] float32, counts [V] int32 -> a new [V] float32 (the backend's buffer is left alone)."""
+    seen = counts > 0
+    out = logits.astype(np.float32, copy=True)
+    out -= counts.astype(np.float32) * np.float32(params.frequency_penalty)
+    out[seen] -= np.float32(params.presence_penalty)
+    return out
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -56,3 +73,29 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         mask[keep] = p[keep]
         p = mask / mask.sum()
     return int(rng.choice(p.shape[0], p=p))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (OpenAI's `logprobs`): the
+    log-softmax of the raw logits, before penalties, grammar mask and temperature, as vLLM
+    reports them by default. top: the k likeliest tokens there, best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """logits [V] -> the chosen token's log-probability and the k likeliest (id, logprob)."""
+    z = np.nan_to_num(logits.astype(np.float64), nan=-np.inf, posinf=np.finfo(np.float64).max)
+    z -= z.max()
+    with np.errstate(divide="ignore"):
+        lp = z - np.log(np.exp(z).sum())
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        best = np.argpartition(-lp, k - 1)[:k]
+        best = best[np.argsort(-lp[best], kind="stable")]
+        top = tuple((int(t), float(lp[t])) for t in best)
+    return TokenLogprob(token, float(lp[token]), top)
+

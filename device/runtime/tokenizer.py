@@ -42,7 +42,13 @@ class BundleTokenizer:
     def token_text(self, token_id: int) -> str | None:
         return self.tok.id_to_token(token_id)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        """The chat template reads a `tools` variable (transformers passes tools=... to it)."""
+        return "tools" in (self.template_src or "")
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         if not self.template_src:
             raise ToolkitError("this model has no chat template",
                                hint="use /v1/completions with a plain prompt instead")
@@ -57,11 +63,14 @@ class BundleTokenizer:
             self._template = env.from_string(self.template_src)
         special = {k: _token_str(self.config.get(k)) for k in
                    ("bos_token", "eos_token", "unk_token", "pad_token")}
+        extra = {"tools": tools} if tools else {}
         return str(self._template.render(messages=messages,
-                                         add_generation_prompt=add_generation_prompt, **special))
+                                         add_generation_prompt=add_generation_prompt, **special,
+                                         **extra))
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
 
 
 def _token_str(value: Any) -> str:

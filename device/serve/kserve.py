@@ -8,7 +8,13 @@ Encoder bundles serve `infer`: a BYTES input of texts -> an FP32 output of poole
                                          "shape": [2, 384], "data": [...768 floats...]}]}
 
 Every input is checked the way Triton does (shape x datatype against the data actually sent)
-before anything runs; errors use the flat v2 body {"error": "..."}.
+before anything runs; errors use the flat v2 body {"error": "..."}. Inputs and outputs may use
+the binary tensor data extension (device/serve/kserve_binary.py), as tritonclient does by
+default. Decoder bundles serve Triton's generate extension instead (device/serve/kserve_generate.py).
+
+Versions: the daemon serves one version of its one model, named both "1" and by its bundle id
+(the first 12 hex digits of its manifest's SHA-256); /v2/models/{m}/versions/{v}/... answers 404
+for any other v. platform is Triton's name of the runtime: onnxruntime_onnx or tensorrt_plan.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from device.serve.httpd import HTTPError
 
 INPUT_NAME = "text"
 OUTPUT_NAME = "embedding"
-PLATFORM = "onnx_onnxv1"  # the spec's platform string for ONNX models
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}  # Triton's names
 
 _INT_RANGES = {"UINT8": (0, 2**8 - 1), "UINT16": (0, 2**16 - 1), "UINT32": (0, 2**32 - 1),
                "UINT64": (0, 2**64 - 1), "INT8": (-(2**7), 2**7 - 1), "INT16": (-(2**15), 2**15 - 1),
@@ -32,14 +38,16 @@ _INT_RANGES = {"UINT8": (0, 2**8 - 1), "UINT16": (0, 2**16 - 1), "UINT32": (0, 2
 DATATYPES = ("BOOL", *_INT_RANGES, "FP16", "FP32", "FP64", "BYTES")
 
 
-def model_metadata(name: str, kind: str, hidden: int | None) -> dict[str, Any]:
+def model_metadata(name: str, kind: str, hidden: int | None, runtime: str,
+                   versions: list[str]) -> dict[str, Any]:
     if kind == "encoder":
         inputs = [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
         outputs = [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, hidden or -1]}]
-    else:  # text generation is served on the OpenAI routes; listed here for discovery
+    else:  # served by the generate extension (/generate, /generate_stream) and the OpenAI routes
         inputs = [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
         outputs = [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]
-    return {"name": name, "versions": ["1"], "platform": PLATFORM, "inputs": inputs, "outputs": outputs}
+    return {"name": name, "versions": versions, "platform": PLATFORMS.get(runtime, runtime),
+            "inputs": inputs, "outputs": outputs}
 
 
 MAX_DIMS = 8  # a tensor's rank; Triton's own models rarely pass 5
@@ -51,6 +59,7 @@ MAX_ID = 256  # characters of a request id
 class InferCall:
     id: str | None
     texts: tuple[str, ...]
+    binary: bool = False  # answer with the binary tensor data extension
 
 
 def _element_ok(datatype: str, v: Any) -> bool:
@@ -115,7 +124,7 @@ def tensor_values(tensor: Any, where: str, max_elements: int) -> tuple[str, str,
                              f"one of {', '.join(DATATYPES)}")
     expected = _elements(shape, name, max_elements)
     if "data" not in tensor:
-        raise HTTPError(400, f"input '{name}': no 'data' (binary tensor data is not supported)")
+        raise HTTPError(400, f"input '{name}': no 'data' and no parameters.binary_data_size")
     flat = _flatten(tensor["data"], expected)
     if flat is None or len(flat) != expected:
         got = f"more than {expected}" if flat is None else str(len(flat))
@@ -127,9 +136,12 @@ def tensor_values(tensor: Any, where: str, max_elements: int) -> tuple[str, str,
     return name, datatype, flat
 
 
-def parse_infer(body: Any, max_len: int) -> InferCall:
+def parse_infer(body: Any, max_len: int, tail: bytes = b"") -> InferCall:
     """The encoder's one input: BYTES texts, at most MAX_TEXTS of them, each short enough to
-    fit max_len tokens at CHARS_PER_TOKEN; all checked before anything is tokenized."""
+    fit max_len tokens at CHARS_PER_TOKEN; all checked before anything is tokenized. `tail`:
+    the binary data after the JSON header (kserve_binary.split_body)."""
+    from device.serve.kserve_binary import resolve_inputs, wants_binary
+
     if not isinstance(body, dict):
         raise HTTPError(400, "the request body must be a JSON object with 'inputs'")
     inputs = body.get("inputs")
@@ -137,6 +149,7 @@ def parse_infer(body: Any, max_len: int) -> InferCall:
         raise HTTPError(400, "'inputs' must be a non-empty list of tensors")
     if len(inputs) != 1:  # the model declares one input: say so before looking at any of them
         raise HTTPError(400, f"this model takes one input '{INPUT_NAME}' (BYTES); got {len(inputs)} inputs")
+    inputs = resolve_inputs(inputs, tail, MAX_TEXTS)  # binary inputs' elements as 'data'; checked below
     rid = body.get("id")
     if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_ID):
         raise HTTPError(400, f"'id' must be a string of at most {MAX_ID} characters")
@@ -159,31 +172,38 @@ def parse_infer(body: Any, max_len: int) -> InferCall:
         unknown = [short(o.get("name")) for o in outputs if o.get("name") != OUTPUT_NAME]
         if unknown:
             raise HTTPError(400, f"unknown output(s) {unknown[:4]}; this model has '{OUTPUT_NAME}'")
-    return InferCall(rid, tuple(texts))
+    return InferCall(rid, tuple(texts), wants_binary(body))
 
 
-_TENSOR = {"type": "object", "required": ["name", "datatype", "shape", "data"], "properties": {
+_TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
     "name": {"type": "string", "minLength": 1, "maxLength": MAX_ID},
     "datatype": {"enum": list(DATATYPES)},
     "shape": {"type": "array", "maxItems": MAX_DIMS, "items": {"type": "integer", "minimum": 0}},
     "data": {"type": "array", "maxItems": MAX_TEXTS, "description": "row-major, nested or flat"},
-    "parameters": {"type": "object"}}}
+    "parameters": {"type": "object", "properties": {"binary_data_size": {
+        "type": "integer", "minimum": 0,
+        "description": "binary tensor data extension: no 'data'; this many bytes of the body after "
+                       "the JSON header (Inference-Header-Content-Length)"}}}},
+    "description": "'data', or parameters.binary_data_size with the bytes after the JSON header"}
 
 
 def infer_schema() -> dict[str, Any]:
     """The request of /v2/models/{m}/infer, with the bounds parse_infer enforces."""
     return {"type": "object", "required": ["inputs"], "properties": {
         "id": {"type": "string", "maxLength": MAX_ID},
-        "parameters": {"type": "object"},
+        "parameters": {"type": "object", "properties": {"binary_data_output": {
+            "type": "boolean", "description": "outputs in the binary tensor data extension"}}},
         "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": _TENSOR,
                    "description": f"this daemon's encoders take one BYTES input '{INPUT_NAME}' of "
                                   f"at most {MAX_TEXTS} texts"},
         "outputs": {"type": "array", "items": {"type": "object", "properties": {
-            "name": {"type": "string"}, "parameters": {"type": "object"}}}}}}
+            "name": {"type": "string"}, "parameters": {"type": "object", "properties": {
+                "binary_data": {"type": "boolean"}}}}}}}}
 
 
-def infer_response(model: str, call: InferCall, embeddings: np.ndarray) -> dict[str, Any]:
-    out: dict[str, Any] = {"model_name": model, "model_version": "1",
+def infer_response(model: str, call: InferCall, embeddings: np.ndarray,
+                   version: str = "1") -> dict[str, Any]:
+    out: dict[str, Any] = {"model_name": model, "model_version": version,
                            "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32",
                                         "shape": list(embeddings.shape),
                                         "data": embeddings.astype(np.float32).ravel().tolist()}]}

@@ -15,24 +15,31 @@ Ranges: temperature 0 (greedy) or in [1e-3, 100] (between 0 and 1e-3 is refused,
 the client meant something, and 1e-320 divided logits into inf - inf); top_p in (0, 1]; top_k
 >= -1 (0 and -1 are off); seed an int64; max_tokens in [1, 2**20], then cut to the room left;
 at most 4 stop strings of 1..256 characters, 1024 messages, 2**17 prompt token ids.
-Fields we do not implement are refused when set to anything but their no-op value (n=2,
-logprobs=true, ...), so a client never silently gets less than it asked for; unknown fields
+presence_penalty / frequency_penalty in [-2, 2] as OpenAI defines them (over the generated
+tokens, as vLLM applies them). logprobs: chat's bool + top_logprobs 0..20, completions' int 0..5
+(device/serve/logprobs.py). n: up to the engine's slots, the choices decoding side by side (seed + i
+for choice i). response_format, tools and tool_choice: device/serve/structured.py (constrained
+decoding, the optional `structured` extra).
+Fields we do not implement are refused when set to anything but their no-op value (best_of=2,
+logit_bias, echo, suffix), so a client never silently gets less than it asked for; unknown fields
 are ignored, as vLLM does.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from bundle.errors import ToolkitError
-from device.runtime.sampling import SamplingParams
+from device.runtime.sampling import SamplingParams, TokenLogprob
 from device.runtime.tokenizer import BundleTokenizer
 from device.serve.embedder import EmbeddingRequest
 from device.serve.fields import (
@@ -49,6 +56,7 @@ from device.serve.fields import (
     short,
 )
 from device.serve.httpd import ClientGone, Handler, HTTPError, SSEStream
+from device.serve.logprobs import LogprobFormatter
 from device.serve.scheduler import (
     EVENT_POLL_S,
     Embedded,
@@ -60,8 +68,20 @@ from device.serve.scheduler import (
     RequestRejected,
     TextDelta,
 )
+from device.serve.structured import (
+    PARALLEL_TOOL_CALLS_SCHEMA,
+    RESPONSE_FORMAT_SCHEMA,
+    TOOL_CHOICE_SCHEMA,
+    TOOLS_SCHEMA,
+    StructuredPlan,
+    compile_constraint,
+    parse_structured,
+    tools_system_prompt,
+)
 
 PING_S = 15.0  # SSE comment interval on a silent stream
+MULTI_POLL_S = 0.01  # with n > 1, how long a stream waits on one choice before the next
+MAX_N = 64  # choices per request, a sanity cap; the real bound is the daemon's slots (400 past it)
 MAX_STOP = 4  # stop strings per request (TGI's default limit)
 MAX_EMBED_INPUTS = 256
 MAX_MESSAGES = 1024  # chat turns per request; every turn is at least a token of template
@@ -84,6 +104,10 @@ TOP_P = FloatField("top_p", 0.0, 1.0, 1.0, lo_open=True, doc="nucleus sampling m
 TOP_K = IntField("top_k", -1, 1 << 20, 0, doc="keep the k likeliest tokens; 0 or -1 (vLLM) is off")
 # int64, as vLLM bounds it; a negative seed is used modulo 2**64 (numpy wants seed >= 0)
 SEED = IntField("seed", -(2**63), 2**63 - 1, doc="per-request RNG seed (int64)")
+PRESENCE_PENALTY = FloatField("presence_penalty", -2.0, 2.0, 0.0, doc=(
+    "subtracted from the logit of every token already generated"))
+FREQUENCY_PENALTY = FloatField("frequency_penalty", -2.0, 2.0, 0.0, doc=(
+    "subtracted from a token's logit once per time it was already generated"))
 STREAM = BoolField("stream", doc="server-sent events, ending in data: [DONE]")
 IGNORE_EOS = BoolField("ignore_eos", doc="vLLM extension: run to max_tokens past EOS")
 INCLUDE_USAGE = BoolField("include_usage", doc="one extra chunk with the request's usage")
@@ -91,15 +115,22 @@ MODEL = StrField("model", doc="the served model's id (optional: the daemon serve
 USER = StrField("user", doc="ignored")
 ENCODING_FORMAT = StrField("encoding_format", choices=("float", "base64"), default="float")
 # fields we do not implement, accepted at their no-op value only
+# logprobs: a boolean on chat (with top_logprobs 0..20), a count 0..5 on completions (OpenAI's)
+CHAT_LOGPROBS = BoolField("logprobs", doc="each output token's log-probability under the model")
+TOP_LOGPROBS = IntField("top_logprobs", 0, 20, doc="the k likeliest tokens at each step (needs logprobs)")
+COMPLETION_LOGPROBS = IntField("logprobs", 0, 5, doc=(
+    "each output token's log-probability, and this many likeliest tokens at each step"))
+NO_TOP_LOGPROBS = OffField("top_logprobs", (0,), doc="chat only; completions take logprobs: k")
 OFF_FIELDS = (
-    OffField("n", (1,)), OffField("best_of", (1,)), OffField("echo", (False,)),
-    OffField("logprobs", (False, 0)), OffField("top_logprobs", (0,)), OffField("logit_bias", ({},)),
-    OffField("frequency_penalty", (0, 0.0)), OffField("presence_penalty", (0, 0.0)),
-    OffField("tools", ([],)), OffField("suffix", ("",)),
-    OffField("response_format", ({"type": "text"},)),
+    OffField("best_of", (1,)), OffField("echo", (False,)),
+    OffField("logit_bias", ({},)),
+    OffField("suffix", ("",)),
 )
-GENERATION_FIELDS = (MODEL, MAX_TOKENS_FIELD, MAX_COMPLETION_TOKENS, TEMPERATURE, TOP_P, TOP_K,
-                     SEED, STREAM, IGNORE_EOS, USER, *OFF_FIELDS)
+N = IntField("n", 1, MAX_N, 1, doc=(
+    "choices to generate, side by side (at most the daemon's KV slots); with a seed, choice i "
+    "samples with seed + i"))
+GENERATION_FIELDS = (MODEL, N, MAX_TOKENS_FIELD, MAX_COMPLETION_TOKENS, TEMPERATURE, TOP_P, TOP_K,
+                     SEED, PRESENCE_PENALTY, FREQUENCY_PENALTY, STREAM, IGNORE_EOS, USER, *OFF_FIELDS)
 
 _TEXT = {"type": "string"}
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
@@ -117,6 +148,12 @@ MESSAGES_SCHEMA = {
     "type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
     "items": {"type": "object", "required": ["role"], "properties": {
         "role": {"type": "string", "maxLength": MAX_STRING},
+        "tool_call_id": {"type": "string", "maxLength": MAX_STRING},
+        "tool_calls": {"type": "array", "maxItems": MAX_PARTS, "items": {
+            "type": "object", "required": ["function"], "properties": {"function": {
+                "type": "object", "required": ["name", "arguments"], "properties": {
+                    "name": {"type": "string", "maxLength": MAX_STRING},
+                    "arguments": {"type": "string"}}}}}},
         "content": {"anyOf": [_TEXT, {"type": "null"}, {
             "type": "array", "maxItems": MAX_PARTS, "items": {
                 "type": "object", "required": ["type", "text"],
@@ -131,12 +168,19 @@ EMBEDDING_FIELDS = (MODEL, ENCODING_FORMAT, USER, OffField("dimensions", ()))
 
 def chat_schema() -> dict[str, Any]:
     return object_schema(GENERATION_FIELDS, {"messages": MESSAGES_SCHEMA},
-                         extra={"stop": STOP_SCHEMA, "stream_options": STREAM_OPTIONS_SCHEMA})
+                         extra={"stop": STOP_SCHEMA, "stream_options": STREAM_OPTIONS_SCHEMA,
+                                "logprobs": CHAT_LOGPROBS.schema(), "top_logprobs": TOP_LOGPROBS.schema(),
+                                "response_format": RESPONSE_FORMAT_SCHEMA, "tools": TOOLS_SCHEMA,
+                                "tool_choice": TOOL_CHOICE_SCHEMA,
+                                "parallel_tool_calls": PARALLEL_TOOL_CALLS_SCHEMA})
 
 
 def completion_schema() -> dict[str, Any]:
     return object_schema(GENERATION_FIELDS, {"prompt": PROMPT_SCHEMA},
-                         extra={"stop": STOP_SCHEMA, "stream_options": STREAM_OPTIONS_SCHEMA})
+                         extra={"stop": STOP_SCHEMA, "stream_options": STREAM_OPTIONS_SCHEMA,
+                                "logprobs": COMPLETION_LOGPROBS.schema(),
+                                "top_logprobs": NO_TOP_LOGPROBS.schema(),
+                                "response_format": RESPONSE_FORMAT_SCHEMA})
 
 
 def embedding_schema() -> dict[str, Any]:
@@ -169,7 +213,9 @@ def parse_stop(body: dict[str, Any]) -> tuple[str, ...]:
 def parse_sampling(body: dict[str, Any]) -> SamplingParams:
     seed = SEED.read(body)
     return SamplingParams(temperature=TEMPERATURE.read(body), top_k=max(TOP_K.read(body) or 0, 0),
-                          top_p=TOP_P.read(body), seed=None if seed is None else seed % 2**64)
+                          top_p=TOP_P.read(body), seed=None if seed is None else seed % 2**64,
+                          presence_penalty=PRESENCE_PENALTY.read(body),
+                          frequency_penalty=FREQUENCY_PENALTY.read(body))
 
 
 def check_noop_fields(body: dict[str, Any]) -> None:
@@ -200,12 +246,16 @@ class GenerationCall:
     ignore_eos: bool = False
     model: str | None = None
     prompt_chars: int = 0  # the text to tokenize, checked against the context before tokenizing
+    plan: StructuredPlan = StructuredPlan()  # response_format / tools (device/serve/structured.py)
+    logprobs: int | None = None  # None: off; k: logprobs with the k likeliest tokens
+    n: int = 1  # choices
 
 
 def parse_generation(body: Any, chat: bool) -> GenerationCall:
     body = require_object(body)
     check_noop_fields(body)
-    tokenize, chars = _chat_prompt(body) if chat else _completion_prompt(body)
+    plan = parse_structured(body, chat)
+    tokenize, chars = _chat_prompt(body, plan) if chat else _completion_prompt(body)
     max_tokens = MAX_COMPLETION_TOKENS.read(body)
     max_tokens = MAX_TOKENS_FIELD.read(body) or max_tokens or (None if chat else 16)
     stream = STREAM.read(body)
@@ -217,7 +267,20 @@ def parse_generation(body: Any, chat: bool) -> GenerationCall:
     include_usage = INCLUDE_USAGE.read(options or {})
     USER.read(body)  # not used, but a string when given
     return GenerationCall(chat, tokenize, max_tokens, parse_sampling(body), parse_stop(body),
-                          stream, include_usage, IGNORE_EOS.read(body), MODEL.read(body), chars)
+                          stream, include_usage, IGNORE_EOS.read(body), MODEL.read(body), chars, plan,
+                          parse_logprobs(body, chat), N.read(body) or 1)
+
+
+def parse_logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    if not chat:
+        NO_TOP_LOGPROBS.check(body)
+        return COMPLETION_LOGPROBS.read(body)
+    top = TOP_LOGPROBS.read(body)
+    if not CHAT_LOGPROBS.read(body):
+        if top:
+            raise bad("top_logprobs", "needs logprobs: true")
+        return None
+    return top or 0
 
 
 def _message_text(i: int, content: Any) -> str:
@@ -236,7 +299,37 @@ def _message_text(i: int, content: Any) -> str:
     raise bad(f"messages[{i}].content", f"expected a string or a list of parts, got {type(content).__name__}")
 
 
-def _chat_prompt(body: dict[str, Any]) -> tuple[Callable[[BundleTokenizer], list[int]], int]:
+def _tool_calls(i: int, m: dict[str, Any]) -> list[dict[str, Any]]:
+    """An assistant turn's earlier tool calls, as the client sends them back."""
+    calls = m.get("tool_calls")
+    if calls is None:
+        return []
+    ok = isinstance(calls, list) and len(calls) <= MAX_PARTS and all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict)
+        and isinstance(c["function"].get("name"), str) and isinstance(c["function"].get("arguments"), str)
+        for c in calls)
+    if not ok:
+        raise bad(f"messages[{i}].tool_calls", "expected a list of {function: {name, arguments}} objects")
+    return [{"id": c.get("id") if isinstance(c.get("id"), str) else "", "type": "function",
+             "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
+            for c in calls]
+
+
+def _calls_as_text(calls: list[dict[str, Any]]) -> str:
+    """Earlier tool calls for a template that does not render tool_calls: the JSON shape the
+    model was told to answer in (structured.tools_system_prompt)."""
+    out = []
+    for c in calls:
+        try:
+            args = json.loads(c["function"]["arguments"])
+        except ValueError:
+            args = c["function"]["arguments"]
+        out.append(json.dumps({"name": c["function"]["name"], "arguments": args}))
+    return "\n".join(out)
+
+
+def _chat_prompt(body: dict[str, Any],
+                 plan: StructuredPlan) -> tuple[Callable[[BundleTokenizer], list[int]], int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "expected a non-empty list of {role, content} objects")
@@ -249,14 +342,26 @@ def _chat_prompt(body: dict[str, Any]) -> tuple[Callable[[BundleTokenizer], list
             raise bad(f"messages[{i}]", f"expected an object with a string 'role' (at most "
                                         f"{MAX_STRING} characters)")
         text = _message_text(i, m.get("content"))
-        chars += len(text) + len(m["role"])
-        clean.append({"role": m["role"], "content": text})
+        turn: dict[str, Any] = {"role": m["role"], "content": text}
+        calls = _tool_calls(i, m)
+        if calls:
+            turn["tool_calls"] = calls
+        if isinstance(m.get("tool_call_id"), str):
+            turn["tool_call_id"] = m["tool_call_id"][:MAX_STRING]
+        chars += len(text) + len(m["role"]) + sum(len(c["function"]["arguments"]) for c in calls)
+        clean.append(turn)
+    chars += sum(len(json.dumps(t)) for t in plan.tool_json)
 
     def tokenize(tokenizer: BundleTokenizer) -> list[int]:
         from jinja2 import TemplateError
 
+        messages, tools = clean, None
+        if plan.tools and tokenizer.renders_tools:
+            tools = plan.tool_json
+        elif plan.tools or any("tool_calls" in t for t in clean):
+            messages = _without_tools_template(clean, plan)
         try:
-            return tokenizer.encode_chat(clean)
+            return tokenizer.encode_chat(messages, tools)
         except ToolkitError as e:  # no template, or the template's raise_exception
             raise HTTPError(400, e.message + (f" ({e.hint})" if e.hint else ""),
                             "chat_template", "messages") from e
@@ -266,6 +371,21 @@ def _chat_prompt(body: dict[str, Any]) -> tuple[Callable[[BundleTokenizer], list
                             "chat_template", "messages") from e
 
     return tokenize, chars
+
+
+def _without_tools_template(clean: list[dict[str, Any]], plan: StructuredPlan) -> list[dict[str, Any]]:
+    """The conversation for a template that ignores tools: earlier calls as their JSON text,
+    the tools as (the start of) the system message."""
+    out = [{"role": t["role"], "content": (t["content"] + ("\n" if t["content"] else "")
+                                           + _calls_as_text(t["tool_calls"])) if "tool_calls" in t
+            else t["content"]} for t in clean]
+    if plan.tools and plan.tool_choice != "none":
+        prompt = tools_system_prompt(plan.tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
 
 
 def _completion_prompt(body: dict[str, Any]) -> tuple[Callable[[BundleTokenizer], list[int]], int]:
@@ -328,77 +448,162 @@ class Reply:
 def serve_generation(h: Handler, engine: Any, tokenizer: BundleTokenizer, model: str,
                      call: GenerationCall) -> None:
     check_prompt_chars(call.prompt_chars, engine.max_seq, "messages" if call.chat else "prompt")
-    with engine.reserve() as ticket:  # 503 before any tokenizing when the daemon is full
+    if call.n > engine.slots:
+        raise bad("n", f"at most {engine.slots} on this daemon (the choices run side by side, one "
+                       f"KV slot each; got {call.n})")
+    with ExitStack() as places:  # n places, 503 before any tokenizing when the daemon is full
+        tickets = [places.enter_context(engine.reserve()) for _ in range(call.n)]
         prompt = call.tokenize(tokenizer)
         room = engine.check_prompt(len(prompt), "messages" if call.chat else "prompt")
         max_tokens = min(call.max_tokens or room, room)
-        handle = engine.submit(ticket, GenerationRequest(prompt, max_tokens, call.params, call.stop,
-                                                         call.ignore_eos))
+        handles = []
+        for i, ticket in enumerate(tickets):
+            constraint = compile_constraint(call.plan, engine.grammar)  # 400 on a schema it refuses
+            params = call.params if call.params.seed is None else replace(  # choices differ, reproducibly
+                call.params, seed=(call.params.seed + i) % 2**64)
+            handles.append(engine.submit(ticket, GenerationRequest(
+                prompt, max_tokens, params, call.stop, call.ignore_eos, constraint, call.logprobs)))
     reply = Reply.new("chatcmpl" if call.chat else "cmpl", model)
+    fmts = [LogprobFormatter(tokenizer, call.chat) if call.logprobs is not None else None
+            for _ in handles]
     try:
         if call.stream:
-            _stream(h, handle, reply, call)
+            _stream(h, handles, reply, call, fmts)
         else:
-            _collect(h, handle, reply, call)
+            _collect(h, handles, reply, call, fmts)
     finally:
-        handle.cancel()  # no-op when it finished; frees the slot when we leave early
+        for handle in handles:
+            handle.cancel()  # no-op when it finished; frees the slot when we leave early
 
 
-def _collect(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCall) -> None:
-    text = []
-    while True:
-        event = next_event(h, handle)
-        if isinstance(event, TextDelta):
-            text.append(event.text)
-        elif isinstance(event, Failed):
-            raise RequestRejected(event.status, event.code, event.message)
-        elif isinstance(event, Finished):
-            break
-    content = "".join(text)
-    choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": content}}
-                              if call.chat else {"index": 0, "text": content})
-    choice.update(logprobs=None, finish_reason=event.finish_reason, stop_reason=event.stop_reason)
+def _choice(call: GenerationCall, index: int, text: str, event: Finished,
+            entries: list[TokenLogprob], fmt: LogprobFormatter | None) -> dict[str, Any]:
+    answer = call.plan.read(text)
+    finish = "tool_calls" if answer.tool_calls else event.finish_reason
+    message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+    if answer.tool_calls:
+        message["tool_calls"] = answer.tool_calls
+    choice: dict[str, Any] = ({"index": index, "message": message} if call.chat
+                              else {"index": index, "text": answer.content})
+    choice.update(logprobs=fmt.render(entries) if fmt else None, finish_reason=finish,
+                  stop_reason=event.stop_reason)
+    return choice
+
+
+def _usage(events: list[Finished]) -> dict[str, int]:
+    """One prompt, n completions: OpenAI counts the prompt once."""
+    prompt, completion = events[0].usage.prompt_tokens, sum(e.usage.completion_tokens for e in events)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _collect(h: Handler, handles: list[RequestHandle], reply: Reply, call: GenerationCall,
+             fmts: list[LogprobFormatter | None]) -> None:
+    choices, finished = [], []
+    for i, handle in enumerate(handles):  # they run side by side; read them in turn
+        text = []
+        entries: list[TokenLogprob] = []
+        while True:
+            event = next_event(h, handle)
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+                entries += event.logprobs
+            elif isinstance(event, Failed):
+                raise RequestRejected(event.status, event.code, event.message)
+            elif isinstance(event, Finished):
+                break
+        entries += event.logprobs
+        choices.append(_choice(call, i, "".join(text), event, entries, fmts[i]))
+        finished.append(event)
     h.send_json(200, {"id": reply.id, "object": "chat.completion" if call.chat else "text_completion",
-                      "created": reply.created, "model": reply.model, "choices": [choice],
-                      "usage": event.usage.to_json(), "timings": event.timings.to_json()})
+                      "created": reply.created, "model": reply.model, "choices": choices,
+                      "usage": _usage(finished), "timings": finished[0].timings.to_json()})
 
 
-def _stream(h: Handler, handle: RequestHandle, reply: Reply, call: GenerationCall) -> None:
+def _next_of_any(h: Handler, handles: list[RequestHandle], live: set[int],
+                 sse: SSEStream) -> tuple[int, Event]:
+    """The next event of any live choice; one choice waits as next_event does, several are
+    polled in turn (a choice's events stay in order)."""
+    if len(live) == 1:
+        (i,) = live
+        return i, next_event(h, handles[i], sse)
+    while True:
+        for i in sorted(live):
+            event = handles[i].next_event(MULTI_POLL_S)
+            if event is not None:
+                return i, event
+        if h.client_gone():
+            raise ClientGone()
+        if time.monotonic() - sse.last_write > PING_S:
+            sse.ping()
+
+
+def _stream(h: Handler, handles: list[RequestHandle], reply: Reply, call: GenerationCall,
+            fmts: list[LogprobFormatter | None]) -> None:
     obj = "chat.completion.chunk" if call.chat else "text_completion"
+    pending: list[list[TokenLogprob]] = [[] for _ in handles]  # tokens not yet sent, per choice
 
-    def chunk(delta: str | None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
-        choice: dict[str, Any] = ({"index": 0, "delta": {} if delta is None else {"content": delta}}
-                                  if call.chat else {"index": 0, "text": delta or ""})
-        choice.update(logprobs=None, finish_reason=finish, **extra)
+    def chunk(i: int, delta: str | None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        choice: dict[str, Any] = ({"index": i, "delta": {} if delta is None else {"content": delta}}
+                                  if call.chat else {"index": i, "text": delta or ""})
+        logprobs = None
+        fmt = fmts[i]
+        if fmt is not None and pending[i]:
+            logprobs = fmt.render(pending[i])
+            pending[i].clear()
+        choice.update(logprobs=logprobs, finish_reason=finish, **extra)
         out = {"id": reply.id, "object": obj, "created": reply.created, "model": reply.model,
                "choices": [choice]}
         if call.include_usage:
             out["usage"] = None
         return out
 
-    sse, event = _open_stream(h, handle)
+    sse, event = open_stream(h, handles[0])
     if call.chat:
-        first = chunk(None)
-        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        sse.send(first)
+        for i in range(len(handles)):
+            first = chunk(i, None)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            sse.send(first)
+    # a tool call is sent whole: its text is held back until the choice ends
+    held: list[list[str] | None] = [[] if call.plan.calls_tools else None for _ in handles]
+    live, finished, i = set(range(len(handles))), [], 0
     while True:
+        if isinstance(event, (TextDelta, Finished)):
+            pending[i].extend(event.logprobs)
+        hold = held[i]
         if isinstance(event, TextDelta):
-            sse.send(chunk(event.text))
+            if hold is None:
+                sse.send(chunk(i, event.text))
+            else:
+                hold.append(event.text)
         elif isinstance(event, Failed):  # mid-stream: the status is sent, so an error event
             sse.send(openai_error(event.status, event.message, event.code))
             break
         elif isinstance(event, Finished):
-            sse.send(chunk(None, event.finish_reason, stop_reason=event.stop_reason))
-            if call.include_usage:
-                sse.send({"id": reply.id, "object": obj, "created": reply.created,
-                          "model": reply.model, "choices": [], "usage": event.usage.to_json(),
-                          "timings": event.timings.to_json()})
-            break
-        event = next_event(h, handle, sse)
+            finish = event.finish_reason
+            if hold is not None:
+                answer = call.plan.read("".join(hold))
+                if answer.tool_calls:
+                    finish = "tool_calls"
+                    part = chunk(i, None)
+                    part["choices"][0]["delta"] = {"tool_calls": [
+                        {"index": k, **c} for k, c in enumerate(answer.tool_calls)]}
+                    sse.send(part)
+                elif answer.content:
+                    sse.send(chunk(i, answer.content))
+            sse.send(chunk(i, None, finish, stop_reason=event.stop_reason))
+            live.discard(i)
+            finished.append(event)
+            if not live:
+                if call.include_usage:
+                    sse.send({"id": reply.id, "object": obj, "created": reply.created,
+                              "model": reply.model, "choices": [], "usage": _usage(finished),
+                              "timings": finished[0].timings.to_json()})
+                break
+        i, event = _next_of_any(h, handles, live, sse)
     sse.done()
 
 
-def _open_stream(h: Handler, handle: RequestHandle) -> tuple[SSEStream, Event]:
+def open_stream(h: Handler, handle: RequestHandle) -> tuple[SSEStream, Event]:
     """Headers wait for the first event, so a request refused while queued (at drain) still
     gets a real status code; a long wait in the queue starts the stream and pings instead."""
     started = time.monotonic()

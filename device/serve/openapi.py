@@ -20,6 +20,7 @@ from typing import Any
 
 from bundle import __version__
 from device.serve import bench_route, kserve, openai_api
+from device.serve.kserve_generate import generate_schema
 
 OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "code"], "properties": {
@@ -71,8 +72,8 @@ def _path_param(name: str, pattern: str | None = None) -> dict[str, Any]:
 
 
 def _v2_model_paths() -> dict[str, Any]:
-    """/v2/models/{name}[/versions/{version}][/ready|/infer]: the version segment is optional
-    (protocols.md §1b), so every route appears twice."""
+    """/v2/models/{name}[/versions/{version}][/ready|/infer|/generate[_stream]]: the version
+    segment is optional (protocols.md §1b), so every route appears twice."""
     out: dict[str, Any] = {}
     for base, params in (("/v2/models/{name}", [_path_param("name", r"^[^/]+$")]),
                          ("/v2/models/{name}/versions/{version}",
@@ -86,6 +87,13 @@ def _v2_model_paths() -> dict[str, Any]:
         out[base + "/infer"] = {"post": _op("encoder bundles: texts (BYTES) -> embeddings (FP32)",
                                             _responses("outputs", "KServeError"), kserve.infer_schema(),
                                             params=params, tag="kserve")}
+        out[base + "/generate"] = {"post": _op(
+            "decoder bundles: Triton's generate extension, text_input -> text_output",
+            _responses("text_output", "KServeError"), generate_schema(), params=params, tag="kserve")}
+        out[base + "/generate_stream"] = {"post": _op(
+            "decoder bundles: generate as server-sent events, one per text delta",
+            _responses("events", "KServeError", "text/event-stream"), generate_schema(),
+            params=params, tag="kserve")}
     return out
 
 
@@ -129,6 +137,9 @@ def document() -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/v1/models": {"get": _op("the served model's card", _responses("model list", "OpenAIError",
                                                                          codes=("503",)))},
+        "/v1/models/{model}": {"get": _op("one model's card (OpenAI's retrieve); 404 for another id",
+                                          _responses("model", "OpenAIError", codes=("404", "503")),
+                                          params=[_path_param("model", r"^[^/]+$")])},
         "/v1/completions": {"post": _op("text completion (SSE with stream: true)",
                                         _responses("completion", "OpenAIError"),
                                         openai_api.completion_schema())},

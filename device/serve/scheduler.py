@@ -10,7 +10,10 @@
 One engine thread owns the backend. Each loop iteration
   1. admits waiting requests into free slots, one prefill at a time (B=1),
   2. runs ONE decode step for all active slots together,
-  3. samples each row with its request's own seeded generator and streams the text.
+  3. samples each row with its request's own seeded generator and streams the text. A row
+     with a grammar (response_format, a required tool call) is masked first, and a row with
+     presence/frequency penalties penalized first: both touch only that row's logits [V], so
+     constrained, penalized and free requests share one batched step.
 A request that finishes, fails or is cancelled frees its slot in the same iteration.
 
 Why results do not depend on what else is running (checked, not assumed): ONNX Runtime's CPU
@@ -41,6 +44,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +52,8 @@ import numpy as np
 from bundle.errors import ToolkitError
 from device.runtime.backend import DecoderBackend
 from device.runtime.generate import prefill
-from device.runtime.sampling import SamplingParams, sample
+from device.runtime.grammar import LazyCompiler, TokenConstraint
+from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, sample, token_logprob
 from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
 from device.serve.config import DECODE_MODES
@@ -78,6 +83,10 @@ class GenerationRequest:
     params: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
+    # the request's grammar state (device/runtime/grammar.py), compiled on the HTTP thread; the
+    # engine thread alone masks and advances it. The output ends when the grammar is complete.
+    constraint: TokenConstraint | None = None
+    logprobs: int | None = None  # None: off; k: each token's logprob and its k likeliest peers
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,7 @@ class Timings:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind this text and any held back before
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,7 @@ class Finished:
     stop_reason: str | int | None  # the stop string or stop token id, when finish_reason="stop"
     usage: Usage
     timings: Timings
+    logprobs: tuple[TokenLogprob, ...] = ()  # tokens whose text had not been sent yet
 
 
 @dataclass(frozen=True)
@@ -309,6 +320,9 @@ class _Slot:
     first_token: float = 0.0
     generated: int = 0
     params: SamplingParams = field(default_factory=SamplingParams)
+    constraint: TokenConstraint | None = None
+    counts: np.ndarray | None = None  # [V] int32 times each token was generated (penalties only)
+    logprobs: list[TokenLogprob] | None = None  # not yet sent with a TextDelta (logprobs only)
 
 
 def smoke_test(backend: DecoderBackend) -> None:
@@ -357,6 +371,10 @@ class Scheduler(QueuedEngine):
         self.backend, self.tokenizer = backend, tokenizer
         self.slots, self.max_seq = backend.slots, backend.max_seq
         self.stop_ids = frozenset(tokenizer.stop_ids)
+        # response_format / tool calls: the grammar engine's view of the vocabulary, built on the
+        # first request that needs one (device/runtime/grammar.py)
+        self.grammar = LazyCompiler(str(Path(tokenizer.folder) / "tokenizer.json"),
+                                    backend.vocab_size, sorted(self.stop_ids))
         self.metrics = metrics or ServingMetrics()
         self._init_queue(Admission(self.slots, queue_limit), "engine")
         smoke_test(backend)
@@ -453,7 +471,11 @@ class Scheduler(QueuedEngine):
         state = _Slot(handle, slot, np.random.default_rng(request.params.seed),
                       StreamDecoder(self.tokenizer), StopMatcher(request.stop),
                       budget=min(request.max_tokens, self.max_seq - len(request.prompt_ids)),
-                      pos=len(request.prompt_ids), admitted=now, params=request.params)
+                      pos=len(request.prompt_ids), admitted=now, params=request.params,
+                      constraint=request.constraint,
+                      counts=(np.zeros(self.backend.vocab_size, np.int32)
+                              if request.params.penalized else None),
+                      logprobs=[] if request.logprobs is not None else None)
         self._active[slot] = state
         try:
             logits = prefill(self.backend, request.prompt_ids, slot)
@@ -497,6 +519,11 @@ class Scheduler(QueuedEngine):
 
     def _accept(self, state: _Slot, logits: np.ndarray) -> None:
         """Sample the next token from logits [V]; stream it, finish, or queue its decode."""
+        raw = logits  # logprobs are the model's own, before penalties and mask
+        if state.counts is not None:  # OpenAI's penalties, over the tokens generated so far
+            logits = penalize(logits, state.counts, state.params)
+        if state.constraint is not None:
+            logits = state.constraint.mask(logits)
         token = sample(logits, state.params, state.rng)
         state.generated += 1
         now = time.monotonic()
@@ -506,11 +533,19 @@ class Scheduler(QueuedEngine):
         self.metrics.generation_tokens.inc()
         if token in self.stop_ids and not state.handle.request.ignore_eos:
             return self._finish(state, "stop", token)
+        if state.logprobs is not None:
+            state.logprobs.append(token_logprob(raw, token, state.handle.request.logprobs or 0))
+        if state.constraint is not None:
+            state.constraint.advance(token)
+        if state.counts is not None:
+            state.counts[token] += 1
         update = state.stops.push(state.decoder.push(token))
         if update.text:
-            state.handle.put(TextDelta(update.text))
+            state.handle.put(TextDelta(update.text, self._take_logprobs(state)))
         if update.stopped is not None:
             return self._finish(state, "stop", update.stopped)
+        if state.constraint is not None and state.constraint.finished:
+            return self._finish(state, "stop", None)  # the JSON is whole: nothing may follow
         if state.generated >= state.budget:
             return self._finish(state, "length", None)
         self._ids[state.slot, 0] = token
@@ -518,7 +553,7 @@ class Scheduler(QueuedEngine):
         state.pos += 1
 
     def _finish(self, state: _Slot, reason: str, stop_reason: str | int | None) -> None:
-        if reason != "stop" or isinstance(stop_reason, int):
+        if reason != "stop" or not isinstance(stop_reason, str):
             # the rest of the text: bytes the stream decoder held back, then any held-back
             # prefix of a stop string (which may now complete one)
             update = state.stops.push(state.decoder.flush())
@@ -526,7 +561,7 @@ class Scheduler(QueuedEngine):
             if update.stopped:
                 reason, stop_reason = "stop", update.stopped
             if tail:
-                state.handle.put(TextDelta(tail))
+                state.handle.put(TextDelta(tail, self._take_logprobs(state)))
         now = time.monotonic()
         prompt_n = len(state.handle.request.prompt_ids)
         timings = Timings(queue_s=state.admitted - state.handle.arrival,
@@ -538,8 +573,17 @@ class Scheduler(QueuedEngine):
         if state.generated > 1:
             self.metrics.tpot.observe(timings.decode_s / (state.generated - 1))
         self.metrics.success.inc(finished_reason=reason)
-        state.handle.put(Finished(reason, stop_reason, Usage(prompt_n, state.generated), timings))
+        state.handle.put(Finished(reason, stop_reason, Usage(prompt_n, state.generated), timings,
+                                  self._take_logprobs(state)))
         self._free_slot(state)
+
+    @staticmethod
+    def _take_logprobs(state: _Slot) -> tuple[TokenLogprob, ...]:
+        if not state.logprobs:
+            return ()
+        out = tuple(state.logprobs)
+        state.logprobs.clear()
+        return out
 
     def _fail(self, state: _Slot, status: int, code: str, message: str) -> None:
         self.metrics.failure.inc(reason=code)

@@ -13,8 +13,9 @@ Lifecycle (protocols.md §1e, §2.3), one `lifespan`-like function (`serve`) own
              --drain-timeout seconds, whatever still runs then ends with finish_reason "abort"
   stopped    engine and runtime closed; exit 0
 
-Routes: OpenAI (/v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings), KServe v2
-(/v2, /v2/health/{live,ready}, /v2/models/{m}[/versions/{v}][/ready|/infer]), /metrics,
+Routes: OpenAI (/v1/models[/{id}], /v1/completions, /v1/chat/completions, /v1/embeddings), KServe v2
+(/v2, /v2/health/{live,ready}, /v2/models/{m}[/versions/{v}][/ready|/infer|/generate|
+/generate_stream]; v is "1" or the bundle id, 404 otherwise), /metrics,
 /v1/status, and llama.cpp-style /health. Error bodies are OpenAI's nested shape everywhere but
 under /v2, where they are KServe's flat {"error": "..."} (401 excepted: OpenAI-shaped on every
 route). Over TCP every route, health included, needs the bearer token.
@@ -106,6 +107,7 @@ class Daemon:
         self._responses_lock = threading.Condition()
         self.routes: list[tuple[str, re.Pattern[str], Route]] = [
             ("GET", re.compile(r"/v1/models"), self.models),
+            ("GET", re.compile(r"/v1/models/(?P<model>[^/]+)"), self.model_card),
             ("POST", re.compile(r"/v1/completions"), self.completions),
             ("POST", re.compile(r"/v1/chat/completions"), self.chat_completions),
             ("POST", re.compile(r"/v1/embeddings"), self.embeddings),
@@ -122,6 +124,11 @@ class Daemon:
              self.model_ready),
             ("POST", re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"),
              self.infer),
+            ("POST", re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/generate"),
+             lambda h, name, version: self.generate(h, name, version, stream=False)),
+            ("POST", re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+                                r"/generate_stream"),
+             lambda h, name, version: self.generate(h, name, version, stream=True)),
         ]
         self.deploy: Any = None  # device.serve.deploy.DeployService with --store
         if config.store is not None:
@@ -413,7 +420,7 @@ class Daemon:
             m = pattern.fullmatch(path)
             if m:
                 if verb == method or (verb == "GET" and method == "HEAD"):
-                    return route, {k: v for k, v in m.groupdict().items() if k != "version"}
+                    return route, m.groupdict()
                 allowed.append(verb)
         if allowed:
             raise HTTPError(405, f"{method} is not allowed on {path} (use {', '.join(allowed)})",
@@ -473,6 +480,15 @@ class Daemon:
     # -- OpenAI routes --
 
     def models(self, h: Handler) -> None:
+        h.send_json(200, {"object": "list", "data": [self._card()]})
+
+    def model_card(self, h: Handler, model: str) -> None:
+        """OpenAI's retrieve-model: the card of the model served, 404 for any other id."""
+        self._require_ready()
+        self._check_model(model)
+        h.send_json(200, self._card())
+
+    def _card(self) -> dict[str, Any]:
         self._require_ready()
         m = self.runner.manifest
         card = {"id": self.model_id, "object": "model", "created": int(self.started),
@@ -481,7 +497,7 @@ class Daemon:
                          "source_sha256": m.source.sha256, "manifest_sha256": self.manifest_sha256,
                          "defaults": {"temperature": 1.0, "top_p": 1.0, "top_k": 0,
                                       "max_tokens": {"completions": 16, "chat": "room left in the cache"}}}}
-        h.send_json(200, {"object": "list", "data": [card]})
+        return card
 
     def _generation(self, h: Handler, chat: bool) -> None:
         call = openai_api.parse_generation(h.read_json(), chat)
@@ -525,36 +541,64 @@ class Daemon:
         h.send_json(503, {"error": self.state}, {"Retry-After": "2"})
 
     def server_metadata(self, h: Handler) -> None:
-        h.send_json(200, {"name": "toolkit", "version": __version__, "extensions": []})
+        h.send_json(200, {"name": "toolkit", "version": __version__,
+                          "extensions": ["binary_tensor_data", "generate"]})
 
-    def _v2_model(self, name: str) -> None:
+    @property
+    def bundle_id(self) -> str:
+        """The served bundle's version name besides "1": its manifest's SHA-256, 12 hex digits."""
+        return self.manifest_sha256[:12]
+
+    def _v2_model(self, name: str, version: str | None = None) -> str:
+        """The version to answer with; 404 for another model or another version."""
         if self.runner is None:
             raise HTTPError(503, f"the daemon is {self.state}")
         if name != self.model_id:
             raise HTTPError(404, f"model {name!r} is not served here; this daemon serves {self.model_id!r}")
+        if version is not None and version not in ("1", self.bundle_id):
+            raise HTTPError(404, f"model {name!r} has no version {version[:64]!r}; it has '1' (also "
+                                 f"named {self.bundle_id!r}, its bundle id)")
+        return version or "1"
 
-    def model_metadata(self, h: Handler, name: str) -> None:
-        self._v2_model(name)
+    def model_metadata(self, h: Handler, name: str, version: str | None = None) -> None:
+        self._v2_model(name, version)
         arch = self.runner.manifest.architecture
         h.send_json(200, kserve.model_metadata(self.model_id, self.runner.manifest.kind,
-                                               arch.dims.hidden if arch else None))
+                                               arch.dims.hidden if arch else None,
+                                               self.runner.backend.kind, ["1", self.bundle_id]))
 
-    def model_ready(self, h: Handler, name: str) -> None:
-        self._v2_model(name)
+    def model_ready(self, h: Handler, name: str, version: str | None = None) -> None:
+        self._v2_model(name, version)
         h.send_empty(200 if self.state == "ready" else 503)
 
-    def infer(self, h: Handler, name: str) -> None:
-        body = h.read_json()
-        self._v2_model(name)
+    def infer(self, h: Handler, name: str, version: str | None = None) -> None:
+        from device.serve.kserve_binary import HEADER_LENGTH, binary_response, split_body
+
+        body, tail = split_body(h.read_body(), h.headers.get(HEADER_LENGTH))
+        version = self._v2_model(name, version)
         if self.runner.is_decoder:
             raise HTTPError(400, f"{name} is a text-generation model: /infer serves embedding models; "
-                                 "use /v1/completions or /v1/chat/completions")
+                                 f"use /v2/models/{name}/generate or /v1/completions")
         engine, tokenizer, max_len = self._encoder(), self.runner.tokenizer, self._encoder_max_len()
         # counts, shapes and lengths against the model's declared input, before any allocation
-        call = kserve.parse_infer(body, max_len)
+        call = kserve.parse_infer(body, max_len, tail)
         result = openai_api.run_embedding(
             h, engine, lambda: openai_api.tokenize_texts(list(call.texts), tokenizer, max_len, "text"))
-        h.send_json(200, kserve.infer_response(self.model_id, call, result.embeddings))
+        reply = kserve.infer_response(self.model_id, call, result.embeddings, version)
+        if not call.binary:
+            return h.send_json(200, reply)
+        raw, head = binary_response(reply, {kserve.OUTPUT_NAME: result.embeddings})
+        h.send_bytes(200, raw, "application/octet-stream", {HEADER_LENGTH: str(head)})
+
+    def generate(self, h: Handler, name: str, version: str | None, stream: bool) -> None:
+        from device.serve.kserve_generate import serve_generate
+
+        body = h.read_json()
+        version = self._v2_model(name, version)
+        if not self.runner.is_decoder:
+            raise HTTPError(400, f"{name} is an embedding model: use /v2/models/{name}/infer")
+        engine = self._decoder()
+        serve_generate(h, engine, self.runner.tokenizer, self.model_id, version, body, stream)
 
     # -- status and metrics --
 
