@@ -112,6 +112,9 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
             manifest = _manifest(src, spec.model_type, spec.family, dims, exported, tgt, seq, batch,
                                  parity, tok_info, pooling)
             manifest.plan = plan.record() if plan else None
+            from convert.trt_check import record_or_refuse
+
+            record_or_refuse(exported.model_path, manifest, force)  # Jetson: the TensorRT parser's rules
             (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
             finalize(staging, manifest)
     return ConvertResult(out, manifest, parity, dir_size(out), dict(steps.timings))
