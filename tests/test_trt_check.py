@@ -20,12 +20,12 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).parent))
 
 from quantize_fixtures import LOOSE, q_bundle, q_fp32_bundle  # noqa: E402,F401  (fixtures)
-from tiny_models import DECODER_CONFIGS  # noqa: E402
 
 from bundle.errors import ToolkitError  # noqa: E402
 from bundle.manifest import read_manifest  # noqa: E402
 from convert import trt_check  # noqa: E402
 from convert.trt_check import check_model, known_versions, load_rules, major_minor  # noqa: E402
+from models import REGISTRY  # noqa: E402
 
 ORIN, THOR = "jetson-orin-nano-8gb", "jetson-thor"
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
@@ -178,7 +178,7 @@ def check_cli(bundle: Path, *args: str) -> Any:
     return CliRunner().invoke(check, [str(bundle), *args])
 
 
-@pytest.mark.parametrize("arch", [*sorted(DECODER_CONFIGS), "bert"])
+@pytest.mark.parametrize("arch", sorted(REGISTRY))  # every architecture the converter supports
 def test_converted_jetson_bundles_pass(tiny_bundle: Any, arch: str) -> None:
     bundle = tiny_bundle(arch, ORIN)
     rec = read_manifest(bundle).trt_check
