@@ -66,7 +66,7 @@ class Rules:
     type_names: dict[str, str]  # ONNX element type name -> the matrix's name
 
     def describe(self) -> str:
-        return f"tensorrt-{self.tensorrt}.toml ({self.source} {self.read_at})"
+        return f"tensorrt-{self.tensorrt}.toml: {self.source} at {self.read_at}"
 
 
 @dataclass(frozen=True)

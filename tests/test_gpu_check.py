@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,47 +99,108 @@ def test_a_check_that_raises_is_recorded_and_the_rest_run(fake: types.ModuleType
     assert result["checks"]["kv_writes_float32"]["ok"]
 
 
+def sdist(folder: Path) -> Path:
+    """A stand-in pycuda sdist: a tarball with a setup.py in its top folder."""
+    import io
+    import tarfile
+
+    path = folder / "pycuda-2026.1.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        data = b"# setup.py\n"
+        info = tarfile.TarInfo("pycuda-2026.1/setup.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def test_build_commands_use_only_the_carried_files(tmp_path: Path) -> None:
-    (tmp_path / "pycuda-2026.1.tar.gz").write_bytes(b"")
-    venv = tmp_path / "venv"
-    cmds = gpu_check.build_commands("/usr/bin/python3.12", venv, tmp_path)
+    venv, src = tmp_path / "venv", tmp_path / "src" / "pycuda-2026.1"
+    cmds = gpu_check.build_commands("/usr/bin/python3.12", venv, tmp_path, src)
     assert cmds[0] == ["/usr/bin/python3.12", "-m", "venv", "--system-site-packages", str(venv)]
     for cmd in cmds[1:]:
         assert cmd[:3] == [str(venv / "bin" / "python"), "-m", "pip"]
         assert "--no-index" in cmd and cmd[cmd.index("--find-links") + 1] == str(tmp_path)
-    assert cmds[-1][-2:] == ["--no-build-isolation", str(tmp_path / "pycuda-2026.1.tar.gz")]
+    assert cmds[-1][-2:] == ["--no-build-isolation", str(src)]
     with pytest.raises(gpu_check.CheckError, match="fetch_gpu_deps.py"):
-        gpu_check.build_commands("python", venv, tmp_path / "empty")
+        gpu_check.find_sdist(tmp_path / "empty")
 
 
-def fake_nvcc(root: Path) -> Path:
+def fake_nvcc(root: Path, top: Path | None = None) -> Path:
+    """cuda/bin/nvcc; with `top`, a wrapper whose -dryrun names another CUDA root."""
     bin_dir = root / "cuda" / "bin"
     bin_dir.mkdir(parents=True)
     nvcc = bin_dir / "nvcc"
-    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0'\n")
+    dry = f"echo '#$ TOP={top}/bin/..'" if top else "echo 'Cuda compilation tools, release 13.0'"
+    nvcc.write_text(f"#!/bin/sh\n{dry}\n")
     nvcc.chmod(0o755)
     return bin_dir
 
 
-def test_cuda_root_is_where_nvcc_lives(tmp_path: Path) -> None:
+def test_cuda_root_is_where_nvcc_says_or_lives(tmp_path: Path) -> None:
     assert gpu_check.find_cuda_root(str(fake_nvcc(tmp_path))) == (tmp_path / "cuda").resolve()
+    real = tmp_path / "real" / "cuda-13.0"
+    (real / "bin").mkdir(parents=True)
+    wrapped = fake_nvcc(tmp_path / "wrapper", top=real)
+    assert gpu_check.find_cuda_root(str(wrapped)) == real.resolve()
     with pytest.raises(gpu_check.CheckError, match="nvcc is not on PATH"):
-        gpu_check.find_cuda_root(str(tmp_path))
+        gpu_check.find_cuda_root(str(tmp_path / "real"))
+
+
+def test_libcuda_is_found_or_linked(tmp_path: Path) -> None:
+    plain = "\tlibcuda.so (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so\n"
+    versioned = "\tlibcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1\n"
+    other = "\tlibcudart.so.13 (libc6,x86-64) => /usr/local/cuda/lib64/libcudart.so.13\n"
+    assert gpu_check.libcuda_dirs(tmp_path, plain + versioned) == ["/usr/lib/x86_64-linux-gnu"]
+    (linked,) = gpu_check.libcuda_dirs(tmp_path, versioned + other)
+    assert os.readlink(Path(linked) / "libcuda.so") == "/usr/lib/x86_64-linux-gnu/libcuda.so.1"
+    assert gpu_check.libcuda_dirs(tmp_path / "x", other) == []
+
+
+def test_siteconf_names_cuda_and_enables_curand_only_where_it_exists(tmp_path: Path) -> None:
+    conf: dict[str, Any] = {}
+    exec(gpu_check.siteconf(tmp_path, ["/drv"]), conf)
+    assert conf["CUDA_ROOT"] == str(tmp_path) and conf["CUDA_INC_DIR"] == [str(tmp_path / "include")]
+    assert conf["CUDADRV_LIB_DIR"] == [str(tmp_path / "lib64"), str(tmp_path / "lib64" / "stubs"), "/drv"]
+    assert conf["CUDA_ENABLE_CURAND"] is False
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "libcurand.so").write_bytes(b"")
+    exec(gpu_check.siteconf(tmp_path, []), conf)
+    assert conf["CUDA_ENABLE_CURAND"] is True
+
+
+def build_runner(seen: list[list[str]], rc: Callable[[list[str]], int]) -> Callable[..., Any]:
+    def run(cmd: list[str], **kw: Any) -> Any:
+        if "-dryrun" in cmd:  # find_cuda_root asking nvcc
+            return types.SimpleNamespace(returncode=0, stdout="", stderr="")
+        seen.append(cmd)
+        return types.SimpleNamespace(returncode=rc(cmd), stdout="", stderr="no setuptools wheel")
+
+    return run
 
 
 def test_build_stops_at_the_first_failing_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", f"{fake_nvcc(tmp_path)}{os.pathsep}{os.environ['PATH']}")
-    (tmp_path / "pycuda-2026.1.tar.gz").write_bytes(b"")
+    sdist(tmp_path)
     seen: list[list[str]] = []
-
-    def run(cmd: list[str], **kw: Any) -> Any:
-        seen.append(cmd)
-        assert kw["env"]["CUDA_ROOT"] == str((tmp_path / "cuda").resolve())
-        return types.SimpleNamespace(returncode=len(seen) - 1, stdout="", stderr="no setuptools wheel")
-
+    run = build_runner(seen, lambda cmd: len(seen) - 1)  # the second command fails
     record = gpu_check.build_pycuda(tmp_path / "work", tmp_path, run=run)
     assert len(seen) == 2 and not record["ok"] and record["python"] is None
     assert record["steps"][-1]["rc"] == 1 and record["steps"][-1]["tail"] == "no setuptools wheel"
+    conf = (tmp_path / "work" / "src" / "pycuda-2026.1" / "siteconf.py").read_text()
+    assert conf == record["siteconf"] and f"CUDA_ROOT = {str((tmp_path / 'cuda').resolve())!r}" in conf
+
+
+def test_a_venv_without_ensurepip_falls_back_to_the_systems_pip(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", f"{fake_nvcc(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    sdist(tmp_path)
+    seen: list[list[str]] = []
+    # ensurepip is missing: only a venv --without-pip can be made
+    run = build_runner(seen, lambda cmd: int(cmd[2] == "venv" and "--without-pip" not in cmd))
+    record = gpu_check.build_pycuda(tmp_path / "work", tmp_path, run=run)
+    assert record["ok"] and record["python"] == str(tmp_path / "work" / "venv" / "bin" / "python")
+    assert [s["rc"] for s in record["steps"]] == [1, 0, 0, 0, 0]
+    assert "--without-pip" in seen[1] and seen[-1][-1] == str(tmp_path / "work" / "src" / "pycuda-2026.1")
 
 
 def test_main_records_a_build_that_cannot_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,3 +240,12 @@ def test_every_check_passes_on_a_real_gpu(tmp_path: Path) -> None:
         pytest.skip("no pycuda or no CUDA GPU here (tools/gpu_check.py runs these on one)")
     result = gpu_check.run_phase(tmp_path, {"ok": True, "why": "test"}, cuda=cuda)
     assert result["passed"], {k: v for k, v in result["checks"].items() if not v["ok"]}
+
+
+def test_main_runs_the_checks_when_pycuda_imports(fake: types.ModuleType, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpu_check.main([str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"ok   {name} (" in printed for name in CHECKS) and printed.rstrip().endswith("passed")
+    saved = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert saved["build"] == {"ok": True, "why": "pycuda was already importable"}

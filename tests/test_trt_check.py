@@ -219,7 +219,9 @@ def test_cpu_bundle_fails_one_line_per_offending_node(tiny_bundle: Any) -> None:
         assert len(named) == len(set(named))  # one line per node
         assert set(microsoft) <= set(named)
         assert all(ln.endswith(("[custom_domain]", "[unsupported_op]")) for ln in mine), mine
-    assert f"failed: {len(lines)} offending nodes" in result.output
+    counts = ", ".join(f"{sum(ln.startswith(f'TensorRT {v}: ') for ln in lines)} for TensorRT {v}"
+                       for v in known_versions())
+    assert f"failed: offending nodes: {counts}" in result.output
 
 
 def test_convert_refuses_a_failing_jetson_graph_unless_forced(tiny_dir: Any, tmp_path: Path,

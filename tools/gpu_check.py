@@ -88,12 +88,23 @@ class CheckError(Exception):
 
 
 # --- build phase -------------------------------------------------------------------------------
-def find_cuda_root(path: str | None = None) -> Path:
-    """The CUDA installation nvcc belongs to (pycuda's setup.py derives CUDA_ROOT the same way)."""
+def find_cuda_root(path: str | None = None, run: Callable[..., Any] = subprocess.run) -> Path:
+    """The CUDA installation nvcc belongs to. nvcc may be a wrapper script elsewhere (this
+    project's CI has /usr/local/bin/nvcc -> exec /usr/local/cuda-13.0/bin/nvcc), so ask nvcc:
+    its -dryrun prints TOP=<root>; the folder above nvcc's is the fallback (pycuda's guess)."""
     nvcc = shutil.which("nvcc", path=path)
     if nvcc is None:
         raise CheckError("nvcc is not on PATH", hint="add CUDA's bin folder (e.g. /usr/local/cuda/bin) "
                                                       "to PATH: pycuda compiles against it")
+    try:
+        p = run([nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                capture_output=True, text=True, timeout=60)
+        out = p.stdout + p.stderr
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    for line in out.splitlines():
+        if line.startswith("#$ TOP="):
+            return Path(line.split("=", 1)[1].strip()).resolve()
     return Path(nvcc).resolve().parent.parent
 
 
@@ -106,32 +117,85 @@ def find_sdist(deps: Path) -> Path:
     return found[-1]
 
 
-def build_commands(python: str, venv: Path, deps: Path) -> list[list[str]]:
+def libcuda_dirs(work: Path, ldconfig: str | None = None) -> list[str]:
+    """Where the linker finds the driver's libcuda.so. A driver install may have only
+    libcuda.so.1 (the loader's name): then a folder under `work` gets a libcuda.so link to it."""
+    if ldconfig is None:
+        ldconfig = _cmd(["ldconfig", "-p"]) or ""
+    found = [line.rsplit("=>", 1)[1].strip() for line in ldconfig.splitlines()
+             if "=>" in line and line.strip().startswith("libcuda.so")]
+    if plain := [f for f in found if f.endswith("libcuda.so")]:
+        return [str(Path(plain[0]).parent)]
+    if versioned := [f for f in found if f.endswith("libcuda.so.1")]:
+        link_dir = work / "libcuda"
+        link_dir.mkdir(parents=True, exist_ok=True)
+        link = link_dir / "libcuda.so"
+        if not link.exists():
+            link.symlink_to(versioned[0])
+        return [str(link_dir)]
+    return []
+
+
+def siteconf(cuda_root: Path, extra_lib_dirs: Sequence[str]) -> str:
+    """pycuda's build configuration (aksetup reads siteconf.py beside setup.py; the environment
+    does not set CUDA_ROOT, nvcc's folder does): CUDA's headers and libraries, the driver's
+    libcuda, and CURAND only where the toolkit has it (pycuda.curandom is not used here)."""
+    lib_dirs = [str(cuda_root / "lib64"), str(cuda_root / "lib64" / "stubs"), *extra_lib_dirs]
+    curand = any((Path(d) / "libcurand.so").exists() for d in lib_dirs)
+    return "\n".join([f"CUDA_ROOT = {str(cuda_root)!r}",
+                      f"CUDA_INC_DIR = {[str(cuda_root / 'include')]!r}",
+                      *(f"{name}_LIB_DIR = {lib_dirs!r}" for name in ("CUDADRV", "CUDART", "CURAND")),
+                      f"CUDA_ENABLE_CURAND = {curand!r}", ""])
+
+
+def unpack_sdist(sdist: Path, work: Path, conf: str) -> Path:
+    """The sdist unpacked under `work`, with siteconf.py written beside its setup.py."""
+    import tarfile
+
+    dest = work / "src"
+    with tarfile.open(sdist) as tar:
+        tar.extractall(dest, filter="data")
+    (src,) = [p for p in dest.iterdir() if (p / "setup.py").is_file()]
+    (src / "siteconf.py").write_text(conf, encoding="utf-8")
+    return src
+
+
+def build_commands(python: str, venv: Path, deps: Path, source: Path) -> list[list[str]]:
     """venv (seeing the system's numpy and torch) -> setuptools, wheel -> pycuda's pure
-    dependencies -> pycuda from its sdist, all from `deps` only."""
+    dependencies -> pycuda from its unpacked sdist, all from `deps` only."""
     vpy = str(venv / "bin" / "python")
     local = ["-m", "pip", "install", "--no-index", "--find-links", str(deps), "--no-deps"]
     return [[python, "-m", "venv", "--system-site-packages", str(venv)],
             [vpy, *local, "setuptools", "wheel"],
             [vpy, *local, "pytools", "platformdirs", "typing_extensions"],
-            [vpy, *local, "--no-build-isolation", str(find_sdist(deps))]]
+            [vpy, *local, "--no-build-isolation", str(source)]]
 
 
 def build_pycuda(work: Path, deps: Path, run: Callable[..., Any] = subprocess.run) -> dict[str, Any]:
     """Run build_commands; the record keeps each command's exit code, seconds and output tail."""
-    cuda_root = find_cuda_root()
-    env = {**os.environ, "CUDA_ROOT": str(cuda_root)}
+    cuda_root = find_cuda_root(run=run)
+    conf = siteconf(cuda_root, libcuda_dirs(work))
+    source = unpack_sdist(find_sdist(deps), work, conf)
     steps: list[dict[str, Any]] = []
-    for cmd in build_commands(sys.executable, work / "venv", deps):
+
+    def step(cmd: list[str]) -> int:
         t0 = time.perf_counter()
-        p = run(cmd, capture_output=True, text=True, env=env)
+        p = run(cmd, capture_output=True, text=True)
         steps.append({"command": " ".join(cmd), "rc": p.returncode,
                       "seconds": round(time.perf_counter() - t0, 1),
                       "tail": (p.stdout + p.stderr)[-2000:]})
-        if p.returncode:
+        return int(p.returncode)
+
+    venv_cmd, *installs = build_commands(sys.executable, work / "venv", deps, source)
+    # a Python without ensurepip (Debian's, without python3-venv) makes venvs only without pip;
+    # the system's pip, seen through --system-site-packages, then installs into the venv
+    rc = step(venv_cmd) and step([*venv_cmd[:-1], "--without-pip", venv_cmd[-1]])
+    for cmd in installs:
+        if rc:
             break
-    ok = all(s["rc"] == 0 for s in steps)
-    return {"cuda_root": str(cuda_root), "ok": ok, "steps": steps,
+        rc = step(cmd)
+    ok = rc == 0
+    return {"cuda_root": str(cuda_root), "siteconf": conf, "ok": ok, "steps": steps,
             "python": str(work / "venv" / "bin" / "python") if ok else None}
 
 
@@ -396,11 +460,16 @@ def write_result(out: Path, result: dict[str, Any]) -> Path:
 
 def run_phase(out: Path, build: dict[str, Any], cuda: ModuleType | None = None) -> dict[str, Any]:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    checks: dict[str, dict[str, Any]] = {}
     if cuda is None:
-        import pycuda.driver as real
+        try:
+            import pycuda.driver as real
 
-        cuda = real
-    checks = run_checks(cuda, torch_mem_get_info())
+            cuda = real
+        except Exception as e:  # built but not loadable (no driver, a CUDA mismatch): say so
+            checks["import_pycuda"] = {"ok": False, "seconds": 0.0, "error": f"{type(e).__name__}: {e}"}
+    if cuda is not None:
+        checks = run_checks(cuda, torch_mem_get_info())
     result = {"schema": SCHEMA, "started": started, "host": platform.node(), "env": environment(),
               "build": build, "layout": dict(zip(("num_layers", "kv_heads", "max_seq", "head_dim"), LAYOUT)),
               "slots": SLOTS, "checks": checks, "passed": all(c["ok"] for c in checks.values())}

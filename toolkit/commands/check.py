@@ -33,5 +33,6 @@ def check(bundle: Path, tensorrt: str | None) -> None:
         click.echo(f"ok: TensorRT {versions}'s ONNX parser rules accept {report.model.name} "
                    f"({'; '.join(report.rules)})")
         return
-    click.echo(f"failed: {len(report.lines())} offending nodes for TensorRT {versions}", err=True)
+    counts = ", ".join(f"{len(found)} for TensorRT {v}" for v, found in report.results.items())
+    click.echo(f"failed: offending nodes: {counts}", err=True)
     sys.exit(1)
