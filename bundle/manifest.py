@@ -646,3 +646,11 @@ class TrtCheck:
     violations: list[str] = field(default_factory=list)
     violation_count: int = 0
     forced: bool = False
+
+    def summary(self) -> str:
+        """One line for report.md."""
+        verdict = ("passed" if self.passed else
+                   f"FAILED, {self.violation_count} offending node line(s)"
+                   + (" (written with --force)" if self.forced else ""))
+        return (f"TensorRT {', '.join(self.tensorrt)} ONNX parser check (offline, `toolkit check`): "
+                f"{verdict}")

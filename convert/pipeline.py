@@ -278,7 +278,9 @@ def render_report(m: Manifest) -> str:
                   f"vocab {d.vocab_size}",
                   f"- static KV cache: max_seq {m.max_seq}, {m.batch} slot(s), "
                   f"{kv.bytes_for(m.batch) / 2**20:.1f} MiB"]
-    lines += [f"- engine: {m.target.engine.status} — {m.target.engine.why}", "", "## Parity", ""]
+    lines += [f"- engine: {m.target.engine.status} — {m.target.engine.why}"]
+    lines += [f"- {m.trt_check.summary()}"] if m.trt_check else []
+    lines += ["", "## Parity", ""]
     parity = m.parity or Parity(passed=True)
     for c in parity.checks:
         lines.append(f"- [{'x' if c.ok else ' '}] {c.name}: {c.detail}")

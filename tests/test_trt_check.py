@@ -183,6 +183,7 @@ def test_converted_jetson_bundles_pass(tiny_bundle: Any, arch: str) -> None:
     bundle = tiny_bundle(arch, ORIN)
     rec = read_manifest(bundle).trt_check
     assert rec is not None and rec.passed and rec.tensorrt == ["10.3"] and not rec.forced
+    assert f"- {rec.summary()}" in (bundle / "report.md").read_text()
     result = check_cli(bundle)
     assert result.exit_code == 0, result.output
     assert result.output.startswith("ok: TensorRT 10.3's ONNX parser rules accept model.onnx")
@@ -193,6 +194,7 @@ def test_quantized_jetson_bundles_pass(q_bundle: Any, precision: str) -> None:  
     bundle = q_bundle("llama", ORIN, precision)
     rec = read_manifest(bundle).trt_check
     assert rec is not None and rec.passed, rec
+    assert f"- {rec.summary()}" in (bundle / "report.md").read_text()
     for version in ("10.3", "10.13"):
         result = check_cli(bundle, "--tensorrt", version)
         assert result.exit_code == 0, result.output
@@ -245,3 +247,6 @@ def test_convert_refuses_a_failing_jetson_graph_unless_forced(tiny_dir: Any, tmp
     assert rec is not None and not rec.passed and rec.forced
     assert rec.violation_count == len(rec.violations) > 0
     assert all(v.endswith("[unsupported_op]") for v in rec.violations)
+    forced = f"FAILED, {rec.violation_count} offending node line(s) (written with --force)"
+    assert rec.summary().endswith(forced)
+    assert rec.summary() in (out / "report.md").read_text()
