@@ -360,6 +360,7 @@ class Manifest:
     parity: Parity | None = None
     quantization: Quantization | None = None
     plan: PlanRecord | None = None
+    trt_check: TrtCheck | None = None  # Jetson bundles: the offline TensorRT parser check
     files: dict[str, FileEntry] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     toolkit_version: str = __version__
@@ -631,3 +632,26 @@ def check_intact(bundle: Path, manifest: Manifest, block: int = 1 << 20,
         raise ToolkitError(f"bundle {bundle} failed verification:\n  - {listed}",
                            hint="the bundle was changed after it was written; convert it again "
                                 "or deploy a fresh copy")
+
+
+# --- the offline TensorRT parser check (convert/trt_check.py) ---------------------------------
+@dataclass(frozen=True)
+class TrtCheck:
+    """The graph against the ONNX parser rules of each TensorRT version its target names
+    (convert/trt_rules/tensorrt-<version>.toml): passed, or the offending nodes, one line each.
+    forced: written anyway with --force. violations keeps the first 100 lines of violation_count."""
+
+    tensorrt: list[str]
+    passed: bool
+    rules: list[str]
+    violations: list[str] = field(default_factory=list)
+    violation_count: int = 0
+    forced: bool = False
+
+    def summary(self) -> str:
+        """One line for report.md."""
+        verdict = ("passed" if self.passed else
+                   f"FAILED, {self.violation_count} offending node line(s)"
+                   + (" (written with --force)" if self.forced else ""))
+        return (f"TensorRT {', '.join(self.tensorrt)} ONNX parser check (offline, `toolkit check`): "
+                f"{verdict}")

@@ -112,6 +112,9 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
             manifest = _manifest(src, spec.model_type, spec.family, dims, exported, tgt, seq, batch,
                                  parity, tok_info, pooling)
             manifest.plan = plan.record() if plan else None
+            from convert.trt_check import record_or_refuse
+
+            record_or_refuse(exported.model_path, manifest, force)  # Jetson: the TensorRT parser's rules
             (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
             finalize(staging, manifest)
     return ConvertResult(out, manifest, parity, dir_size(out), dict(steps.timings))
@@ -269,7 +272,9 @@ def render_report(m: Manifest) -> str:
                   f"{kv.bytes_for(m.batch) / 2**20:.1f} MiB"]
         if m.architecture.attention:
             lines.append(f"- attention: {m.architecture.attention}")
-    lines += [f"- engine: {m.target.engine.status} — {m.target.engine.why}", "", "## Parity", ""]
+    lines += [f"- engine: {m.target.engine.status} — {m.target.engine.why}"]
+    lines += [f"- {m.trt_check.summary()}"] if m.trt_check else []
+    lines += ["", "## Parity", ""]
     parity = m.parity or Parity(passed=True)
     for c in parity.checks:
         lines.append(f"- [{'x' if c.ok else ' '}] {c.name}: {c.detail}")

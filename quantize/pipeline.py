@@ -140,7 +140,10 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
             assert manifest.quantization is not None
             manifest.quantization.gate = gate.record()
             manifest.quantization.forced = bool(force and not gate.passed)
+            from convert.trt_check import record_or_refuse
             from quantize.report import render
+
+            record_or_refuse(model_path, manifest, force)  # Jetson: the TensorRT parser's rules
 
             (staging / "report.md").write_text(render(manifest), encoding="utf-8")
             finalize(staging, manifest)
@@ -255,9 +258,11 @@ def _manifest(src: Manifest, precision: str, fmt: Format, produced: FormatOutput
     if fmt.runtime == "tensorrt":
         m.quantization.tensorrt = {
             "build": "STRONGLY_TYPED (the graph carries its own types and Q/DQ scales)",
-            "opset": opset, "opset_note": ("opset 21 INT4 block DequantizeLinear: TensorRT 10.3 "
-                                           "acceptance UNVERIFIED (tensorrt_jetson.md §2.2)")
-            if opset and opset >= 21 else "within TensorRT 10.3's opsets 9-20"}
+            "opset": opset, "opset_note": ("opset 21 INT4 block DequantizeLinear: the 10.x parser has no "
+                                           "upper opset check and infers blocks from the scale's "
+                                           "shape (convert/trt_rules/tensorrt-10.3.toml); the "
+                                           "engine build is unverified on a board")
+            if opset and opset >= 21 else "within TensorRT 10.3's documented opsets 9-20"}
     return m
 
 

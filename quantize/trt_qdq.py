@@ -31,9 +31,11 @@ Q/DQ placement for one linear layer, x [.., K] @ W [K, N]:
     W_q INT4 [K,N] ──DQ(s_w[K/b, N], block_size=b, axis=0)──┘
 
 Opsets: fp16 keeps the export's 17; int8 and fp8 need 19 (fp16 scales, FLOAT8); int4 needs 21
-(INT4 and block_size). TensorRT 10.3's operator table lists opsets 9-20; opset 21 block DQ is the
-standard ONNX form and the one TensorRT 10.x's INT4 support is written for, but its acceptance by
-10.3 is UNVERIFIED (§2.2): the manifest says so.
+(INT4 and block_size). TensorRT 10.3's operator table lists opsets 9-20, but that range is
+documented, not enforced: onnx-tensorrt's ModelImporter only warns below opset 7, and its
+DequantizeLinear importer infers the blocks from the scale's shape without reading block_size
+(file and line in convert/trt_rules/tensorrt-10.3.toml), so opset 21 parses; convert/trt_check.py
+checks every bundle against that table. Whether 10.3 builds the engine is unverified on a board.
 """
 
 from __future__ import annotations

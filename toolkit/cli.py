@@ -26,6 +26,7 @@ COMMANDS = [
     "toolkit.commands.convert:convert",
     "toolkit.commands.quantize:quantize",
     "toolkit.commands.compile:compile",
+    "toolkit.commands.check:check",
     "toolkit.commands.targets:targets",
     "toolkit.commands.plan:plan",
     "toolkit.commands.serve:serve",
