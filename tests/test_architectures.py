@@ -40,8 +40,9 @@ def test_family_converts_with_parity_on_both_targets(case, target, tiny_bundle):
     if target == "cpu":  # the fused attention wherever its kernel takes the head size
         gqa = any(n.op_type == "GroupQueryAttention" for n in graph.graph.node)
         assert gqa == (m.dims.head_dim % 16 == 0)
-    else:  # the Jetson graph is plain ONNX: TensorRT's parser knows no contrib domain
+    else:  # plain ONNX that TensorRT 10.3's parser reads (convert/trt_check.py, run by convert)
         assert domains <= {"", "ai.onnx"}, domains
+        assert m.trt_check is not None and m.trt_check.passed and "10.3" in m.trt_check.tensorrt
     attention = m.architecture.attention or ""
     settings = DECODER_CONFIGS[case][1]
     if settings.get("sliding_window"):  # the prompt and the greedy run go past the window
@@ -253,4 +254,6 @@ def test_family_quantizes_to_int4_with_awq_saying_what_it_folded(case, target, t
     if awq:  # the plain grids; the offset grid (exact for Q4_1 sources) takes no AWQ
         assert sum(awq["not_rescaled"].values()) == awq["skipped_inputs"]
         assert awq["scaled_inputs"] + awq["plain_inputs"] > 0, awq  # every family folds somewhere
-    load_verified(r.bundle)
+    m = load_verified(r.bundle)
+    if target != "cpu":  # the int4 Q/DQ graph of every family passes the offline parser check
+        assert m.trt_check is not None and m.trt_check.passed, m.trt_check
