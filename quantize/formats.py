@@ -173,7 +173,7 @@ def _run_awq(job: FormatJob, grid: str, exclude: set[str]) -> Prepared:
     if sens.units:
         top = sens.units[0]
         job.steps.say(f"    sensitivity: {len(sens.units)} weight units, the most sensitive "
-                      f"{'+'.join(top.weights)} ({top.error:.2%} output error at 4 bits)")
+                      f"{' + '.join(top.layers)} ({top.error:.2%} output error at 4 bits)")
     return Prepared(record, stats.importance, sens)
 
 
@@ -188,6 +188,7 @@ def _widened(details: dict[str, Any], prepared: Prepared | None, fraction: float
     units = prepared.sensitivity.widest(fraction)
     details["int8_weights"] = {
         "fraction": fraction, "units": len(units), "of": len(prepared.sensitivity.units),
+        "layers": [name for u in units for name in u.layers],
         "weights": [w for u in units for w in u.weights],
         "elements": sum(u.elements for u in units),
         "rule": "the most sensitive ceil(fraction x units) at 8 bits, the rest at 4"}

@@ -8,6 +8,8 @@ from typing import Any
 from bundle.manifest import GateRecord, Manifest, Quantization
 from convert.summary import mib
 
+SHOWN = 6  # 8-bit matrices named in the printed summary (report.md names them all)
+
 
 def render(m: Manifest) -> str:
     """The convert report (convert.pipeline.render_report) with a Quantization section."""
@@ -64,11 +66,11 @@ def sensitivity_lines(q: Quantization) -> list[str]:
     if not sens:
         return []
     lines = [f"- sensitivity ({sens['proxy']}; {sens['units']} weight units, the most sensitive):"]
-    lines += [f"  - {100 * u['error']:.3f} % {' + '.join(u['weights'])}" for u in sens["top"][:5]]
+    lines += [f"  - {100 * u['error']:.3f} % {' + '.join(u['layers'])}" for u in sens["top"][:5]]
     if wide and wide["units"]:
         cost = mixed_cost(q)
         lines.append(f"- at 8 bits: the {wide['units']} of {wide['of']} most sensitive weight units "
-                     f"({len(wide['weights'])} weights: {', '.join(wide['weights'])})"
+                     f"({len(wide['layers'])} matrices: {', '.join(wide['layers'])})"
                      + (f"; {cost}" if cost else ""))
     return lines
 
@@ -122,8 +124,9 @@ def summary(result: Any) -> str:
         wide = details.get("int8_weights")
         if wide and wide["units"]:
             cost = mixed_cost(q)
+            shown = ", ".join(wide["layers"][:SHOWN]) + (", ..." if len(wide["layers"]) > SHOWN else "")
             lines.append(f"  8-bit      the {wide['units']} of {wide['of']} most sensitive weight "
-                         f"units ({len(wide['weights'])} weights)" + (f", {cost}" if cost else ""))
+                         f"units ({len(wide['layers'])} matrices: {shown})" + (f", {cost}" if cost else ""))
     if m.kind == "decoder":
         lines.append(f"  kv cache   {m.contract.kv_dtype}, max_seq {m.max_seq}")
     lines.append("")

@@ -35,12 +35,14 @@ TOP = 10  # units listed in the manifest (most sensitive first)
 @dataclass(frozen=True)
 class Unit:
     input: str  # the activation tensor its weights read
-    weights: tuple[str, ...]  # in graph order
+    weights: tuple[str, ...]  # initializer names, in graph order
+    layers: tuple[str, ...]  # their MatMul nodes, for people ("layers.3/mlp/down_proj")
     error: float  # relative output error at 4 bits (module docstring)
     elements: int  # weight elements: what 8 bits instead of 4 costs is elements / 2 bytes
 
     def to_json(self) -> dict[str, Any]:
-        return {"weights": list(self.weights), "error": round(self.error, 6),
+        return {"layers": list(self.layers), "weights": list(self.weights),
+                "error": round(self.error, 6),
                 "elements": self.elements}
 
 
@@ -91,7 +93,12 @@ def measure(model: onnx.ModelProto, rows: dict[str, Rows], scales: dict[str, np.
             y = X @ w
             num += float(np.square(y - X @ quantizer(w, h)).sum())
             den += float(np.square(y).sum())
-        units.append(Unit(x, tuple(m.weight for m in distinct), num / den if den > 0 else 0.0,
-                          sum(m.K * m.N for m in distinct)))
+        units.append(Unit(x, tuple(m.weight for m in distinct), tuple(_label(m) for m in distinct),
+                          num / den if den > 0 else 0.0, sum(m.K * m.N for m in distinct)))
     units.sort(key=lambda u: -u.error)
     return Sensitivity(grid, block, n, tuple(units))
+
+
+def _label(m: g.WeightMatMul) -> str:
+    """"/layers.3/mlp/down_proj/MatMul" -> "layers.3/mlp/down_proj"; the weight when unnamed."""
+    return m.node.name.removesuffix("/MatMul").lstrip("/") or m.weight

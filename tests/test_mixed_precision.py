@@ -53,7 +53,7 @@ def test_sensitivity_ranks_the_outlier_matrix_first():
     weights["hard"][::32] *= 1000.0  # one huge row per block of 32: every block's scale blows up
     model, rows = _matmuls(weights)
     sens = measure(model, rows, {}, _quantizer, {}, set(), "symmetric", 32)
-    assert [u.weights for u in sens.units][0] == ("hard",)
+    assert [u.weights for u in sens.units][0] == ("hard",) and sens.units[0].layers == ("mm_hard",)
     assert sens.units[0].error > 10 * sens.units[1].error  # the others round within a few %
     assert sens.units[1].error < 0.05
     assert [u.weights for u in sens.widest(0.25)] == [("hard",)]  # ceil(0.25 x 4) = 1
@@ -132,6 +132,8 @@ def test_cpu_mixed_step_kept_when_the_pure_grid_fails(q_fp32_bundle, tmp_path, m
     wide, sens = q.details["int8_weights"], q.details["sensitivity"]
     assert wide["units"] == 1 and wide["of"] == sens["units"] == 8  # 2 layers x 4 inputs
     assert wide["weights"] == sens["top"][0]["weights"]  # the most sensitive unit
+    assert wide["layers"] == sens["top"][0]["layers"] and all(
+        name.startswith("layers.") and name.endswith("_proj") for name in wide["layers"])
     errors = [u["error"] for u in sens["top"]]
     assert errors == sorted(errors, reverse=True)
     # exactly those weights have 8-bit codes (the tied head is 8-bit anyway: 64-wide blocks)
@@ -147,7 +149,8 @@ def test_cpu_mixed_step_kept_when_the_pure_grid_fails(q_fp32_bundle, tmp_path, m
     assert tried[1]["model_bytes"] > tried[0]["model_bytes"]
     report = (out / "report.md").read_text()
     assert "at 8 bits: the 1 of 8 most sensitive weight units" in report
-    assert "over the all-4-bit graph" in summary(result)
+    printed = summary(result)
+    assert "over the all-4-bit graph" in printed and wide["layers"][0] in printed
 
 
 def test_jetson_mixed_step_writes_int8_weight_only_dq(q_fp32_bundle, tmp_path, monkeypatch):  # noqa: F811
