@@ -97,9 +97,9 @@ class Format:
 
 # The mixed steps after the fastest grid fails: its most sensitive 1/8, 1/4, 1/2 of the weight
 # units at 8 bits. Doubling keeps the gate runs to three and the chosen set within 2x of the
-# smallest that passes; past half, a mix costs most of int8's size (1/2 of the units at 8 bits
-# is ~3/4 of int8's weight bytes) while MatMulNBits runs the 8-bit half no faster, so the ladder
-# goes on to the slower exact grids instead.
+# smallest that passes; past half, a mix costs most of int8's size (half the units at 8 bits is
+# about 3/4 of int8's weight bytes), so the ladder goes on to the exact grids instead. Fractions
+# of the unit count, not of bytes: the ranking is per unit, and the bytes are recorded per step.
 MIXED_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
 
 
