@@ -108,6 +108,7 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
     cal = _calibration(src, needed, text, tok, samples, seq_len, steps)  # 2.
     t0 = time.perf_counter()
     tried: list[dict[str, Any]] = []  # gate figures of each int4 grid tried
+    ranked: dict[str, Any] | None = None  # the last sensitivity ranking a tried step measured
     memo: dict[Any, Any] = {}  # what one ladder step leaves for the next (FormatJob.memo)
     with staged_bundle(out, force) as staging:
         for i, opts in enumerate(tries):
@@ -131,6 +132,9 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
                             "the next only when the gate rejects it",
                     "ladder": [[t.int4_grid, t.block_size, t.int8_fraction] for t in tries],
                     "tried": list(tried)}
+                ranked = produced.details.get("sensitivity", ranked)
+                if ranked and "sensitivity" not in produced.details:  # kept grid not ranked
+                    manifest.quantization.grid_choice["sensitivity"] = ranked
             if gate.passed:
                 break
             if i + 1 < len(tries):

@@ -62,10 +62,13 @@ def section(precision: str, q: Quantization) -> list[str]:
 
 def sensitivity_lines(q: Quantization) -> list[str]:
     """The most sensitive weight units and the 8-bit set of a mixed int4 step."""
-    sens, wide = q.details.get("sensitivity"), q.details.get("int8_weights")
+    # the kept graph's own ranking, or (an exact grid kept) the last ranking the ladder measured
+    sens = q.details.get("sensitivity") or (q.grid_choice or {}).get("sensitivity")
+    wide = q.details.get("int8_weights")
     if not sens:
         return []
-    lines = [f"- sensitivity ({sens['proxy']}; {sens['units']} weight units, the most sensitive):"]
+    lines = [f"- sensitivity on the {sens['grid']} grid in blocks of {sens['block_size']} "
+             f"({sens['proxy']}; {sens['units']} weight units, the most sensitive):"]
     lines += [f"  - {100 * u['error']:.3f} % {' + '.join(u['layers'])}" for u in sens["top"][:5]]
     if wide and wide["units"]:
         cost = mixed_cost(q)
