@@ -174,8 +174,10 @@ def _tries(precision: str, options: QuantOptions, fmt: Format) -> list[QuantOpti
 
 
 def _grid(opts: QuantOptions) -> str:
-    mixed = (f" with the most sensitive {opts.int8_fraction:.3g} of the weights at 8 bits"
-             if opts.int8_fraction else "")
+    from fractions import Fraction
+
+    share = Fraction(opts.int8_fraction).limit_denominator(64)  # 0.125 -> 1/8
+    mixed = f", the most sensitive {share} of the weights at 8 bits" if opts.int8_fraction else ""
     return f"{opts.int4_grid} grid in blocks of {opts.block_size}{mixed}"
 
 
