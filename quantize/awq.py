@@ -56,6 +56,8 @@ class AwqStats:
     error_ratio: float = 1.0  # sum of err(chosen a) / sum of err(a = 0), over the inputs searched
     # weight -> E[x_k^2] of its (rescaled) input [K]: the grid's rounding weights (not in to_json)
     importance: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # input tensor -> s [K] its weights were multiplied by (a > 0 only; the input is now x / s)
+    scales: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"scaled_inputs": self.scaled, "plain_inputs": self.plain,
@@ -83,6 +85,7 @@ def awq(model: onnx.ModelProto, rows: dict[str, Rows], quantizer: Quantizer,
         by_x.setdefault(m.node.input[0], []).append(m)
     alphas: dict[str, float] = {}
     importance: dict[str, np.ndarray] = {}
+    scales: dict[str, np.ndarray] = {}
     why_not: dict[str, str] = {}
     err_best = err_plain = 0.0
     for x, users in by_x.items():
@@ -107,9 +110,10 @@ def awq(model: onnx.ModelProto, rows: dict[str, Rows], quantizer: Quantizer,
         for m, w in zip(users, weights):
             _store(inits[m.weight], w * s[:, None])
         divide(inits, fold, s)
+        scales[x] = s
     scaled = sum(1 for a in alphas.values() if a > 0)
     return AwqStats(scaled, len(alphas) - scaled, len(why_not), why_not, alphas,
-                    err_best / err_plain if err_plain > 0 else 1.0, importance)
+                    err_best / err_plain if err_plain > 0 else 1.0, importance, scales)
 
 
 def _why_not(graph: onnx.GraphProto, x: str, users: list[g.WeightMatMul], exclude: set[str],

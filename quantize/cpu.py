@@ -51,6 +51,10 @@ class NBitsConfig:
     # a small decoder faster (int4 decode 0.95x -> 1.03x genai int4, A/B)
     head_block: int = 64
     fuse: bool = True  # one MatMulNBits for the projections that share an input (q/k/v, gate/up)
+    # int4 layers kept at 8 bits (a mixed step of the ladder: quantize/sensitivity.py), symmetric
+    # codes (uint8, zero point 128 implied) in the same blocks; a fused group follows its first
+    # weight (the sensitivity units are whole groups)
+    eight_bit: frozenset[str] = frozenset()
 
     def to_json(self) -> dict[str, Any]:
         return {"bits": self.bits, "block_size": self.block, "grid": self.grid,
@@ -147,7 +151,7 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,
             importance[name] = importance[first.weight]
         fused = g.WeightMatMul(first.node, name, first.K, sum(m.N for m in group))
         joined = g.unique_name(graph, f"{first.node.output[0]}_fused")
-        nodes = _matmul(fused, joined)
+        nodes = _matmul(fused, joined, wide=first.weight in cfg.eight_bit)
         sizes = g.add_initializer(graph, np.array([m.N for m in group], np.int64),
                                   g.unique_name(graph, f"{name}_split"))
         nodes.append(helper.make_node("Split", [joined, sizes], [m.node.output[0] for m in group],
@@ -155,9 +159,9 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,
         stats["fused_groups"] = stats.get("fused_groups", 0) + 1
         return nodes
 
-    def _matmul(m: g.WeightMatMul, out: str | None = None) -> list[onnx.NodeProto]:
+    def _matmul(m: g.WeightMatMul, out: str | None = None, wide: bool = False) -> list[onnx.NodeProto]:
         head = m.weight in tied
-        bits = cfg.head_bits if head else cfg.bits
+        bits = cfg.head_bits if head else 8 if wide or m.weight in cfg.eight_bit else cfg.bits
         grid = cfg.grid if not head and bits == 4 and m.K % cfg.block == 0 else "symmetric"
         block = _head_block(cfg, m.K) if head else cfg.block
         inputs, bw = quantized(m.weight, bits, grid, block)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -19,6 +19,9 @@ from bundle.errors import ToolkitError
 from bundle.progress import QUIET, Steps
 from quantize.calibration import CalibrationSet
 from targets import Target
+
+if TYPE_CHECKING:
+    from quantize.sensitivity import Sensitivity
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class QuantOptions:
     # perplexity), so the ladder's first, fastest graph is usually the one kept. The offset grid
     # (exact on Q4_1 blocks) never takes it.
     awq: bool = True
+    # mixed int4 (a step of the ladder, after the same grid alone failed the gate): the most
+    # sensitive ceil(fraction * units) weight units (quantize/sensitivity.py) at 8 bits
+    int8_fraction: float = 0.0
     accuracy_level: int = 4  # MatMulNBits: int8 compute (the fast CPU path)
     head_bits: int = 8  # CPU: the (tied) LM head / embedding table
     head_block: int = 64  # CPU: their block size where it divides K (quantize/cpu.py NBitsConfig)
@@ -59,6 +65,9 @@ class FormatJob:
     calibration: CalibrationSet | None = None
     steps: Steps = QUIET
     threads: int | None = None
+    # kept across the ladder's steps by the pipeline: AWQ's rescaled model, its record and the
+    # sensitivity are the same for every mixed step of one (grid, block), so made once
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,14 +85,27 @@ class Format:
     calibrated: bool  # needs activation statistics from the calibration text
     summary: str
     apply: Callable[[FormatJob], FormatOutput]
-    # int4 (grid, block size) in the order the gate tries them: the fastest graph first, the
-    # next only when the gate rejects it; block None: the options' block_size
-    ladder: tuple[tuple[str, int | None], ...] = ()
+    # int4 (grid, block size, 8-bit fraction) in the order the gate tries them: the fastest
+    # graph first, the next only when the gate rejects it; block None: the options' block_size
+    ladder: tuple[tuple[str, int | None, float], ...] = ()
 
     @property
     def grids(self) -> tuple[str, ...]:
         """The int4 grids it writes (what --int4-grid may name)."""
-        return tuple(dict.fromkeys(grid for grid, _ in self.ladder))
+        return tuple(dict.fromkeys(grid for grid, _, _ in self.ladder))
+
+
+# The mixed steps after the fastest grid fails: its most sensitive 1/8, 1/4, 1/2 of the weight
+# units at 8 bits. Doubling keeps the gate runs to three and the chosen set within 2x of the
+# smallest that passes; past half, a mix costs most of int8's size (half the units at 8 bits is
+# about 3/4 of int8's weight bytes), so the ladder goes on to the exact grids instead. Fractions
+# of the unit count, not of bytes: the ranking is per unit, and the bytes are recorded per step.
+MIXED_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
+
+
+def _mixed(grid: str, block: int | None) -> tuple[tuple[str, int | None, float], ...]:
+    """`grid` alone, then with the MIXED_FRACTIONS at 8 bits."""
+    return tuple((grid, block, f) for f in (0.0, *MIXED_FRACTIONS))
 
 
 AWQ_GRIDS = ("symmetric", "zero-point")  # the offset grid is exact on Q4_1 blocks: no AWQ
@@ -94,12 +116,38 @@ def uses_awq(precision: str, options: QuantOptions) -> bool:
     return options.awq and precision == "int4" and (options.int4_grid or "symmetric") in AWQ_GRIDS
 
 
-def _awq(job: FormatJob, grid: str, exclude: set[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Run AWQ on job.model in place for `grid`'s rounding: (the manifest's record of it, the
-    rounding importance per weight for the grid to use)."""
+@dataclass(frozen=True)
+class Prepared:
+    """AWQ's outcome for one (grid, block): what the grid and the mixed steps read."""
+
+    record: dict[str, Any]  # the manifest's AWQ record
+    importance: dict[str, np.ndarray]  # weight -> row weights [K] of the rounding
+    sensitivity: Sensitivity
+
+
+def _awq(job: FormatJob, grid: str, exclude: set[str]) -> Prepared:
+    """job.model rescaled by AWQ for `grid`'s rounding (replaced by the rescaled copy when an
+    earlier ladder step of the same grid and block made it), and the units ranked by
+    sensitivity on the same calibration rows."""
+    import copy
+
+    key = ("awq", grid, job.options.block_size)
+    if key not in job.memo:
+        job.memo.clear()  # the ladder visits one grid's steps together: one model held at a time
+        prepared = _run_awq(job, grid, exclude)
+        job.memo[key] = (copy.deepcopy(job.model), prepared)
+        return prepared
+    model, prepared = job.memo[key]
+    job.model = copy.deepcopy(model)  # the format rewrites it in place
+    job.steps.say(f"    AWQ and sensitivity for the {grid} grid: from the previous step")
+    return prepared
+
+
+def _run_awq(job: FormatJob, grid: str, exclude: set[str]) -> Prepared:
     from quantize import activations
     from quantize.awq import awq, awq_inputs
     from quantize.blockwise import quantize_symmetric, quantize_zero_point
+    from quantize.sensitivity import measure
 
     if job.calibration is None:
         raise ToolkitError("AWQ needs calibration data")  # a caller bug: the pipeline makes it
@@ -111,13 +159,40 @@ def _awq(job: FormatJob, grid: str, exclude: set[str]) -> tuple[dict[str, Any], 
                                     threads=job.threads)
     fn = quantize_symmetric if grid == "symmetric" else quantize_zero_point
     block = job.options.block_size
-    stats = awq(job.model, rows, lambda w, h: fn(w, 4, block, importance=h).dequantize(), exclude)
+
+    def quantizer(w: np.ndarray, h: np.ndarray) -> np.ndarray:
+        return fn(w, 4, block, importance=h).dequantize()
+
+    stats = awq(job.model, rows, quantizer, exclude)
     job.steps.say(f"    AWQ: {stats.scaled} inputs rescaled, {stats.plain} kept (plain rounding "
                   f"was best), {stats.skipped} not rescaled; output error "
                   f"{stats.error_ratio:.2f}x plain rounding's on the calibration rows")
     record = {"grid": grid, "rows_per_input": AWQ_ROWS, **stats.to_json(),
               "rounding": "each block rounded by output error (row weights E[x^2])"}
-    return record, stats.importance
+    sens = measure(job.model, rows, stats.scales, quantizer, stats.importance, exclude, grid, block)
+    if sens.units:
+        top = sens.units[0]
+        job.steps.say(f"    sensitivity: {len(sens.units)} weight units, the most sensitive "
+                      f"{' + '.join(top.layers)} ({top.error:.2%} output error at 4 bits)")
+    return Prepared(record, stats.importance, sens)
+
+
+def _widened(details: dict[str, Any], prepared: Prepared | None, fraction: float) -> frozenset[str]:
+    """The weights the mixed step keeps at 8 bits; records the sensitivity and the set."""
+    if prepared is None:
+        if fraction > 0:  # a caller bug: _tries adds mixed steps only beside AWQ
+            raise ToolkitError("a mixed 4/8-bit step needs AWQ's calibration rows")
+        return frozenset()
+    details["awq"] = prepared.record
+    details["sensitivity"] = prepared.sensitivity.to_json()
+    units = prepared.sensitivity.widest(fraction)
+    details["int8_weights"] = {
+        "fraction": fraction, "units": len(units), "of": len(prepared.sensitivity.units),
+        "layers": [name for u in units for name in u.layers],
+        "weights": [w for u in units for w in u.weights],
+        "elements": sum(u.elements for u in units),
+        "rule": "the most sensitive ceil(fraction x units) at 8 bits, the rest at 4"}
+    return frozenset(w for u in units for w in u.weights)
 
 
 def _nbits(job: FormatJob) -> FormatOutput:
@@ -126,15 +201,14 @@ def _nbits(job: FormatJob) -> FormatOutput:
     o = job.options
     bits = 4 if job.precision == "int4" else 8
     grid = (o.int4_grid or "symmetric") if bits == 4 else "symmetric"  # int8: symmetric codes
-    awq_record, importance = (_awq(job, grid, tied_tables(job.model.graph))
-                              if uses_awq(job.precision, o) else (None, None))
+    prepared = _awq(job, grid, tied_tables(job.model.graph)) if uses_awq(job.precision, o) else None
+    details: dict[str, Any] = {}
+    wide = _widened(details, prepared, o.int8_fraction)
     cfg = NBitsConfig(bits=bits, block=o.block_size, grid=grid,
                       accuracy_level=o.accuracy_level, head_bits=max(o.head_bits, bits),
-                      head_block=o.head_block)
-    r = matmul_nbits(job.model, cfg, importance)
-    if awq_record:
-        r.details["awq"] = awq_record
-    return FormatOutput(r.model, r.details)
+                      head_block=o.head_block, eight_bit=wide)
+    r = matmul_nbits(job.model, cfg, prepared.importance if prepared else None)
+    return FormatOutput(r.model, {**r.details, **details})
 
 
 def _matmul_integer(job: FormatJob) -> FormatOutput:
@@ -193,15 +267,17 @@ def _trt_int4(job: FormatJob) -> FormatOutput:
     from quantize.trt_qdq import int4_weight_only, tied_head_weights
 
     skip = tied_head_weights(job.model)
-    awq_record, importance = (_awq(job, "symmetric", set(skip))
-                              if uses_awq(job.precision, job.options) else (None, None))
+    prepared = (_awq(job, "symmetric", set(skip)) if uses_awq(job.precision, job.options)
+                else None)
+    details: dict[str, Any] = {}
+    wide = _widened(details, prepared, job.options.int8_fraction)
     r = int4_weight_only(job.model, job.options.block_size, job.options.int4_grid == "offsets", skip,
-                         fp16=_fp16(job), importance=importance)
+                         fp16=_fp16(job), importance=prepared.importance if prepared else None,
+                         int8=wide)
     r.details["tied_lm_head"] = ("kept fp16 (shared with the embedding Gather; int4 on it cost "
                                  "the most accuracy)" if skip else "none")
     r.details["grid"] = job.options.int4_grid or "symmetric"
-    if awq_record:
-        r.details["awq"] = awq_record
+    r.details.update(details)
     return FormatOutput(r.model, r.details, kv_dtype=r.details["compute_dtype"])
 
 
@@ -211,7 +287,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            # zero points in blocks of 64 ran 1.09x genai int4 on SmolLM2 (A/B), symmetric in 32s
            # 0.96x; the offsets keep a Q4_1 source's own 32s. Symmetric in 64s is left out:
            # SmolLM2 +22 % perplexity even after AWQ, a failed try that costs a whole AWQ search
-           ladder=(("zero-point", 64), ("symmetric", 32), ("zero-point", 32), ("offsets", 32))),
+           # then zero points in 64s with the most sensitive units at 8 bits (MIXED_FRACTIONS)
+           ladder=(*_mixed("zero-point", 64), ("symmetric", 32, 0.0), ("zero-point", 32, 0.0),
+                   ("offsets", 32, 0.0))),
     Format("ort-matmul-integer", "onnxruntime", ("int8",), False,
            "dynamic int8 MatMulInteger (per-tensor activations at run time)", _matmul_integer),
     Format("trt-fp16", "tensorrt", ("fp16",), False,
@@ -221,7 +299,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "zero points 0, SmoothQuant", _trt_w8a8("int8")),
     Format("qdq-int4-block-weight-only", "tensorrt", ("int4",), False,
            "INT4 weights, DequantizeLinear(block_size) on 2-D constants, zero points 0", _trt_int4,
-           ladder=(("symmetric", None), ("offsets", None))),
+           ladder=(*_mixed("symmetric", None), ("offsets", None, 0.0))),
     Format("qdq-fp8", "tensorrt", ("fp8",), True,
            "static FP8 (E4M3) Q/DQ: per-channel weights, calibrated per-tensor activations",
            _trt_w8a8("fp8")),

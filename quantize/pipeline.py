@@ -108,25 +108,33 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
     cal = _calibration(src, needed, text, tok, samples, seq_len, steps)  # 2.
     t0 = time.perf_counter()
     tried: list[dict[str, Any]] = []  # gate figures of each int4 grid tried
+    ranked: dict[str, Any] | None = None  # the last sensitivity ranking a tried step measured
+    memo: dict[Any, Any] = {}  # what one ladder step leaves for the next (FormatJob.memo)
     with staged_bundle(out, force) as staging:
         for i, opts in enumerate(tries):
             label = "" if len(tries) == 1 else f", {_grid(opts)}"
             with steps.step(f"quantizing to {precision} ({fmt_rec.name}{label})"):  # 3.
-                produced = _apply(bundle, src, fmt_rec, precision, staging, opts, cal, steps, threads)
+                produced = _apply(bundle, src, fmt_rec, precision, staging, opts, cal, steps, threads,
+                                  memo)
                 from convert.export import save_model
 
                 model_path = save_model(produced.model, staging)
                 del produced.model
+                model_bytes = dir_size(staging)  # the graph and its weights: nothing else yet
             manifest = _manifest(src, precision, fmt_rec, produced, opts, cal, text)
             with steps.step("accuracy gate: quantized vs fp32 on held-out text"):  # 4.
                 gate = _gate(bundle, src, model_path, manifest, tok, limits, threads)
             if len(tries) > 1:
-                tried.append(_try_record(opts, gate))
+                tried.append(_try_record(opts, gate, produced.details, model_bytes))
                 assert manifest.quantization is not None
                 manifest.quantization.grid_choice = {
                     "rule": f"{' -> '.join(_grid(t) for t in tries)}: the faster graph first, "
                             "the next only when the gate rejects it",
-                    "ladder": [[t.int4_grid, t.block_size] for t in tries], "tried": list(tried)}
+                    "ladder": [[t.int4_grid, t.block_size, t.int8_fraction] for t in tries],
+                    "tried": list(tried)}
+                ranked = produced.details.get("sensitivity", ranked)
+                if ranked and "sensitivity" not in produced.details:  # kept grid not ranked
+                    manifest.quantization.grid_choice["sensitivity"] = ranked
             if gate.passed:
                 break
             if i + 1 < len(tries):
@@ -162,17 +170,28 @@ def _tries(precision: str, options: QuantOptions, fmt: Format) -> list[QuantOpti
             raise ToolkitError(f"format {fmt.name} has no {options.int4_grid!r} int4 grid",
                                hint=f"choose one of {', '.join(fmt.grids)}")
         return [options]
-    return [replace(options, int4_grid=grid, block_size=block or options.block_size)
-            for grid, block in fmt.ladder]
+    # mixed steps rank the weights on AWQ's calibration rows: without AWQ there are none
+    return [replace(options, int4_grid=grid, block_size=block or options.block_size,
+                    int8_fraction=fraction)
+            for grid, block, fraction in fmt.ladder if not fraction or options.awq]
 
 
 def _grid(opts: QuantOptions) -> str:
-    return f"{opts.int4_grid} grid in blocks of {opts.block_size}"
+    from fractions import Fraction
+
+    share = Fraction(opts.int8_fraction).limit_denominator(64)  # 0.125 -> 1/8
+    mixed = f", the most sensitive {share} of the weights at 8 bits" if opts.int8_fraction else ""
+    return f"{opts.int4_grid} grid in blocks of {opts.block_size}{mixed}"
 
 
-def _try_record(opts: QuantOptions, gate: GateResult) -> dict[str, Any]:
+def _try_record(opts: QuantOptions, gate: GateResult, details: dict[str, Any],
+                model_bytes: int) -> dict[str, Any]:
+    """One ladder step: its grid, the 8-bit units, the bytes of its graph, the gate's figures."""
     figures = gate.to_json()
-    return {"grid": opts.int4_grid, "block_size": opts.block_size, "passed": gate.passed,
+    return {"grid": opts.int4_grid, "block_size": opts.block_size,
+            "int8_fraction": opts.int8_fraction,
+            "int8_units": details.get("int8_weights", {}).get("units", 0),
+            "model_bytes": model_bytes, "passed": gate.passed,
             **{k: figures.get(k) for k in ("ppl_increase", "top1_agreement", "cosine_min")}}
 
 
@@ -215,12 +234,12 @@ def _calibration(src: Manifest, needed: bool, text: Text, tok: Any, samples: int
 
 def _apply(bundle: Path, src: Manifest, fmt: Format, precision: str, staging: Path,
            options: QuantOptions, cal: CalibrationSet | None, steps: Steps,
-           threads: int | None) -> FormatOutput:
+           threads: int | None, memo: dict[Any, Any]) -> FormatOutput:
     from quantize.graph import load_model
 
     path = bundle / src.model_file
     job = FormatJob(load_model(path), path, precision, src.kind, staging, load_target(src.target.name),
-                    options, cal, steps, threads)
+                    options, cal, steps, threads, memo)
     return fmt.apply(job)
 
 

@@ -8,6 +8,8 @@ from typing import Any
 from bundle.manifest import GateRecord, Manifest, Quantization
 from convert.summary import mib
 
+SHOWN = 6  # 8-bit matrices named in the printed summary (report.md names them all)
+
 
 def render(m: Manifest) -> str:
     """The convert report (convert.pipeline.render_report) with a Quantization section."""
@@ -33,7 +35,10 @@ def section(precision: str, q: Quantization) -> list[str]:
         figure = (f"ppl {100 * t['ppl_increase']:+.2f} %, top-1 {t['top1_agreement']:.4f}"
                   if t.get("ppl_increase") is not None else f"cosine min {t.get('cosine_min')}")
         block = f" in blocks of {t['block_size']}" if t.get("block_size") else ""
-        lines.append(f"- int4 grid tried: {t['grid']}{block}: {figure} -> "
+        mixed = (f" + {t['int8_units']} most sensitive weight units at 8 bits"
+                 if t.get("int8_units") else "")
+        size = f", {mib(t['model_bytes'])}" if t.get("model_bytes") else ""
+        lines.append(f"- int4 grid tried: {t['grid']}{block}{mixed}: {figure}{size} -> "
                      f"{'passed' if t['passed'] else 'failed'}")
     cal = q.calibration
     if cal.get("samples"):
@@ -48,10 +53,43 @@ def section(precision: str, q: Quantization) -> list[str]:
                      f"{awq['error_vs_plain_rounding']:.2f}x plain rounding's on the calibration rows")
         for why, n in awq.get("not_rescaled", {}).items():
             lines.append(f"  - {n} not rescaled: {why}")
+    lines += sensitivity_lines(q)
     if q.tensorrt:
         lines.append(f"- TensorRT: {q.tensorrt['build']}; {q.tensorrt['opset_note']}")
     lines += ["", "```json", json.dumps(q.details, indent=1, default=str)[:3000], "```"]
     return lines
+
+
+def sensitivity_lines(q: Quantization) -> list[str]:
+    """The most sensitive weight units and the 8-bit set of a mixed int4 step."""
+    # the kept graph's own ranking, or (an exact grid kept) the last ranking the ladder measured
+    sens = q.details.get("sensitivity") or (q.grid_choice or {}).get("sensitivity")
+    wide = q.details.get("int8_weights")
+    if not sens:
+        return []
+    lines = [f"- sensitivity on the {sens['grid']} grid in blocks of {sens['block_size']} "
+             f"({sens['proxy']}; {sens['units']} weight units, the most sensitive):"]
+    lines += [f"  - {100 * u['error']:.3f} % {' + '.join(u['layers'])}" for u in sens["top"][:5]]
+    if wide and wide["units"]:
+        cost = mixed_cost(q)
+        lines.append(f"- at 8 bits: the {wide['units']} of {wide['of']} most sensitive weight units "
+                     f"({len(wide['layers'])} matrices: {', '.join(wide['layers'])})"
+                     + (f"; {cost}" if cost else ""))
+    return lines
+
+
+def mixed_cost(q: Quantization) -> str:
+    """What the 8-bit units cost against the same grid all at 4 bits, when the ladder tried it."""
+    tried = (q.grid_choice or {}).get("tried", [])
+    if not tried or not tried[-1].get("int8_units"):
+        return ""
+    kept = tried[-1]
+    pure = [t for t in tried if (t["grid"], t["block_size"], t.get("int8_units")) ==
+            (kept["grid"], kept["block_size"], 0) and t.get("model_bytes")]
+    if not pure:
+        return ""
+    extra = kept["model_bytes"] - pure[0]["model_bytes"]
+    return f"+{mib(extra)} ({100 * extra / pure[0]['model_bytes']:+.1f} %) over the all-4-bit graph"
 
 
 def gate_lines(gate: GateRecord) -> list[str]:
@@ -86,6 +124,12 @@ def summary(result: Any) -> str:
         awq = details.get("awq")
         lines.append(f"  int4 grid  {details['grid']} in blocks of {details.get('block_size')}"
                      + (f" after AWQ ({awq['scaled_inputs']} layer inputs rescaled)" if awq else ""))
+        wide = details.get("int8_weights")
+        if wide and wide["units"]:
+            cost = mixed_cost(q)
+            shown = ", ".join(wide["layers"][:SHOWN]) + (", ..." if len(wide["layers"]) > SHOWN else "")
+            lines.append(f"  8-bit      the {wide['units']} of {wide['of']} most sensitive weight "
+                         f"units ({len(wide['layers'])} matrices: {shown})" + (f", {cost}" if cost else ""))
     if m.kind == "decoder":
         lines.append(f"  kv cache   {m.contract.kv_dtype}, max_seq {m.max_seq}")
     lines.append("")

@@ -282,24 +282,31 @@ def pack_int4(values: np.ndarray) -> bytes:
 # --- int4 weight-only -----------------------------------------------------------------------
 def int4_weight_only(model: onnx.ModelProto, block: int = 32, offsets: bool = True,
                      skip: tuple[str, ...] = (), fp16: bool = True,
-                     importance: dict[str, np.ndarray] | None = None) -> TrtResult:
+                     importance: dict[str, np.ndarray] | None = None,
+                     int8: frozenset[str] = frozenset()) -> TrtResult:
     """INT4 [K, N] weights with DequantizeLinear(axis=0, block_size=block), zero points omitted
     (0); with `offsets`, each block's [min, max] is fitted and the per-block offset is added by
     a small separate MatMul (quantize/offsets.py), otherwise the grid is symmetric (its blocks
-    rounded by `importance`, weight -> row weights [K], where AWQ gave them)."""
+    rounded by `importance`, weight -> row weights [K], where AWQ gave them). The weights in
+    `int8` (a mixed step: quantize/sensitivity.py) are INT8 weight-only instead: per-channel
+    DequantizeLinear(axis=1), zero point 0, the form W8A8 already gives TensorRT."""
     importance = importance or {}
     model = g.upgrade_opset(model, OPSET_INT4)
     graph = model.graph
     mms = {m.node.output[0]: m for m in g.weight_matmuls(graph) if m.weight not in skip}
     terms = OffsetTerms(graph, block)
     done: dict[str, tuple[str, np.ndarray | None]] = {}  # weight -> (DQ output, offsets)
-    stats: dict[str, Any] = {"layers": 0, "weights": 0, "offset_terms": 0, "skipped": list(skip)}
+    stats: dict[str, Any] = {"layers": 0, "weights": 0, "offset_terms": 0, "int8_weights": 0,
+                             "skipped": list(skip)}
 
     def replace(node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         m = mms.get(node.output[0])
         if m is None:
             return None
         new: list[onnx.NodeProto] = []
+        if m.weight in int8 and m.weight not in done:
+            done[m.weight] = (_int8_weight(graph, m.weight, new), None)
+            stats["int8_weights"] += 1
         if m.weight not in done:
             w = g.to_array(graph, m.weight).astype(np.float32)
             use_offsets = offsets and m.K % block == 0
@@ -331,3 +338,16 @@ def int4_weight_only(model: onnx.ModelProto, block: int = 32, offsets: bool = Tr
     return TrtResult(out, {**stats, "block_size": block, "axis": 0, "zero_points": "omitted (0)",
                            "offsets": offsets, "qtype": "INT4", "opset": g.opset(out),
                            "compute_dtype": _dtype(fp16)})
+
+
+def _int8_weight(graph: onnx.GraphProto, weight: str, new: list[onnx.NodeProto]) -> str:
+    """INT8 [K, N] codes -> DequantizeLinear(scale [N], zero point 0 [N], axis=1): appends the
+    node to `new`, returns its output."""
+    q, scale = per_channel_int8(g.to_array(graph, weight).astype(np.float32))
+    qname = g.add_initializer(graph, q, g.unique_name(graph, f"{weight}_int8"))
+    sname = g.add_initializer(graph, scale, g.unique_name(graph, f"{weight}_int8_scale"))
+    zero = _zero(graph, "int8", [q.shape[1]], f"{weight}_int8_zp")
+    dq = g.unique_name(graph, f"{weight}_int8_dq")
+    new.append(helper.make_node("DequantizeLinear", [qname, sname, zero], [dq], axis=1,
+                                name=f"{dq}_node"))
+    return dq

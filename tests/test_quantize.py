@@ -404,13 +404,22 @@ def test_gate_failure_with_force_records_it(q_fp32_bundle, tmp_path):  # noqa: F
     q = load_verified(out).quantization
     assert q.gate.passed is False and q.forced is True
     assert any("top-1" in f for f in q.gate.failures)
-    # int4: the first step of the ladder failed, so the others were tried (and failed too)
-    assert [(t["grid"], t["block_size"], t["passed"]) for t in q.grid_choice["tried"]] == [
-        ("zero-point", 64, False), ("symmetric", 32, False), ("zero-point", 32, False),
-        ("offsets", 32, False)]
-    assert q.grid_choice["ladder"] == [["zero-point", 64], ["symmetric", 32], ["zero-point", 32],
-                                          ["offsets", 32]]
+    # int4: the first step of the ladder failed, so the others were tried (and failed too): its
+    # grid with the most sensitive 1/8, 1/4, 1/2 of the weight units at 8 bits, then the others
+    mixed = [("zero-point", 64, f, False) for f in (0.0, 0.125, 0.25, 0.5)]
+    assert [(t["grid"], t["block_size"], t["int8_fraction"], t["passed"])
+            for t in q.grid_choice["tried"]] == [*mixed, ("symmetric", 32, 0.0, False),
+                                                 ("zero-point", 32, 0.0, False),
+                                                 ("offsets", 32, 0.0, False)]
+    assert [t["int8_units"] for t in q.grid_choice["tried"]] == [0, 1, 2, 4, 0, 0, 0]  # of 8
+    assert q.grid_choice["ladder"] == [*[list(t[:3]) for t in mixed], ["symmetric", 32, 0.0],
+                                       ["zero-point", 32, 0.0], ["offsets", 32, 0.0]]
     assert "int4 grid tried: zero-point in blocks of 64" in (out / "report.md").read_text()
+    # the exact grid kept has no ranking of its own: the last one measured (zero-point/32) is kept
+    assert "sensitivity" not in q.details
+    assert (q.grid_choice["sensitivity"]["grid"], q.grid_choice["sensitivity"]["block_size"]) == (
+        "zero-point", 32)
+    assert "sensitivity on the zero-point grid in blocks of 32" in (out / "report.md").read_text()
     assert "FAILED (written with --force)" in (out / "report.md").read_text()
 
 

@@ -38,7 +38,8 @@ PRECISIONS = ["fp16", "fp8", "int8", "int4"]
               help="Gate (encoders): smallest embedding cosine similarity to fp32.")
 @click.option("--int4-grid", type=click.Choice(["symmetric", "zero-point", "offsets"]), default=None,
               help="int4 block grid, in blocks of 32. Default: the gate walks the format's ladder "
-                   "of (grid, block size), fastest first (cpu: zero-point/64, symmetric/32, "
+                   "of (grid, block size), fastest first (cpu: zero-point/64, then zero-point/64 "
+                   "with the most sensitive 1/8, 1/4, 1/2 of the weights at 8 bits, symmetric/32, "
                    "zero-point/32, offsets/32), and keeps the first that passes.")
 @click.option("--awq/--no-awq", default=None,
               help="int4: AWQ before the symmetric and zero-point grids (rescales each weight's "

@@ -1,0 +1,188 @@
+"""Mixed 4/8-bit int4: sensitivity ranking (quantize/sensitivity.py), the mixed steps of the int4
+ladder on CPU (MatMulNBits bits=8) and Jetson (INT8 weight-only DQ), and the int4 defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from quantize_fixtures import LOOSE, q_fp32_bundle  # noqa: F401  (fixtures)
+
+from bundle.manifest import load_verified
+
+
+def _attr(node: onnx.NodeProto, name: str) -> Any:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def _matmuls(weights: dict[str, np.ndarray], n: int = 256, seed: int = 0) -> tuple[onnx.ModelProto, dict]:
+    """One MatMul per weight, each reading its own input x_<name> [n, K]; the calibration Rows."""
+    from quantize.activations import Rows
+
+    rng = np.random.default_rng(seed)
+    nodes, inputs, outputs, inits, rows = [], [], [], [], {}
+    for name, w in weights.items():
+        x = f"x_{name}"
+        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, w.shape[0]]))
+        outputs.append(helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, None))
+        inits.append(numpy_helper.from_array(w.astype(np.float32), name))
+        nodes.append(helper.make_node("MatMul", [x, name], [f"y_{name}"], name=f"mm_{name}"))
+        X = rng.standard_normal((n, w.shape[0])).astype(np.float32)
+        if name == "hard":  # its outlier rows meet near-zero activations (as after AWQ)
+            X[:, ::32] *= 1e-3
+        rows[x] = Rows(X, np.abs(X).mean(0), np.square(X).mean(0))
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits))
+    return model, rows
+
+
+def _quantizer(w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    from quantize.blockwise import quantize_symmetric
+
+    return quantize_symmetric(w, 4, 32, importance=h).dequantize()
+
+
+def test_sensitivity_ranks_the_outlier_matrix_first():
+    from quantize.sensitivity import measure
+
+    rng = np.random.default_rng(1)
+    weights = {name: rng.standard_normal((64, 48)) for name in ("a", "hard", "b", "c")}
+    weights["hard"][::32] *= 1000.0  # one huge row per block of 32: every block's scale blows up
+    model, rows = _matmuls(weights)
+    sens = measure(model, rows, {}, _quantizer, {}, set(), "symmetric", 32)
+    assert [u.weights for u in sens.units][0] == ("hard",) and sens.units[0].layers == ("mm_hard",)
+    assert sens.units[0].error > 10 * sens.units[1].error  # the others round within a few %
+    assert sens.units[1].error < 0.05
+    assert [u.weights for u in sens.widest(0.25)] == [("hard",)]  # ceil(0.25 x 4) = 1
+    assert len(sens.widest(0.3)) == 2 and sens.widest(0.0) == ()
+    # excluded weights (the tied head) are never candidates
+    assert "hard" not in {w for u in measure(model, rows, {}, _quantizer, {}, {"hard"}, "symmetric",
+                                             32).units for w in u.weights}
+
+
+def test_sensitivity_measures_the_rescaled_input():
+    """After AWQ the input is x / s: with the same weights, dividing the outlier channels of X back
+    down by s changes the ranking, so `scales` is really applied."""
+    from quantize.sensitivity import measure
+
+    rng = np.random.default_rng(2)
+    weights = {name: rng.standard_normal((64, 48)) for name in ("a", "hard")}
+    weights["hard"][::32] *= 1000.0
+    model, rows = _matmuls(weights)
+    s = np.ones(64, np.float32)
+    s[::32] = 1e-3  # X / s undoes the 1e-3: the outlier rows now dominate X W as well
+    plain = measure(model, rows, {}, _quantizer, {}, set(), "symmetric", 32)
+    scaled = measure(model, rows, {"x_hard": s}, _quantizer, {}, set(), "symmetric", 32)
+    hard = {u.weights: u.error for u in plain.units}[("hard",)]
+    assert {u.weights: u.error for u in scaled.units}[("hard",)] < hard / 10
+
+
+def _fail_without_8bit(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The real gate, failed on purpose for every step with no 8-bit unit (the tiny random
+    model's figures mean little); returns the list of 8-bit unit counts the gate saw."""
+    from quantize import pipeline
+
+    real = pipeline._gate
+    seen: list[int] = []
+
+    def gate(bundle: Path, src: Any, model_path: Path, manifest: Any, *args: Any) -> Any:
+        result = real(bundle, src, model_path, manifest, *args)
+        units = manifest.quantization.details.get("int8_weights", {}).get("units", 0)
+        seen.append(units)
+        if not units:
+            result.failures.append("failed by the test: no 8-bit unit")
+        return result
+
+    monkeypatch.setattr(pipeline, "_gate", gate)
+    return seen
+
+
+def _awq_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from quantize import formats
+
+    real = formats._run_awq
+    runs: list[str] = []
+
+    def run(job: Any, grid: str, exclude: set[str]) -> Any:
+        runs.append(grid)
+        return real(job, grid, exclude)
+
+    monkeypatch.setattr(formats, "_run_awq", run)
+    return runs
+
+
+def test_cpu_mixed_step_kept_when_the_pure_grid_fails(q_fp32_bundle, tmp_path, monkeypatch):  # noqa: F811
+    from quantize import quantize_bundle
+    from quantize.report import summary
+
+    seen = _fail_without_8bit(monkeypatch)
+    runs = _awq_runs(monkeypatch)
+    out = tmp_path / "mixed"
+    result = quantize_bundle(q_fp32_bundle("llama", "cpu"), "int4", out=out, thresholds=LOOSE,
+                             samples=4, seq_len=32)
+    q = load_verified(out).quantization
+    assert result.passed and seen == [0, 1]  # the ladder stopped at the first step that passed
+    assert [(t["grid"], t["block_size"], t["int8_fraction"], t["passed"])
+            for t in q.grid_choice["tried"]] == [("zero-point", 64, 0.0, False),
+                                                 ("zero-point", 64, 0.125, True)]
+    assert runs == ["zero-point"]  # AWQ and the sensitivity made once for both steps
+    wide, sens = q.details["int8_weights"], q.details["sensitivity"]
+    assert wide["units"] == 1 and wide["of"] == sens["units"] == 8  # 2 layers x 4 inputs
+    assert wide["weights"] == sens["top"][0]["weights"]  # the most sensitive unit
+    assert wide["layers"] == sens["top"][0]["layers"] and all(
+        name.startswith("layers.") and name.endswith("_proj") for name in wide["layers"])
+    errors = [u["error"] for u in sens["top"]]
+    assert errors == sorted(errors, reverse=True)
+    # exactly those weights have 8-bit codes (the tied head is 8-bit anyway: 64-wide blocks)
+    m = onnx.load(str(out / "model.onnx"))
+    head = set(q.details["tied_head"])
+    eight = [n for n in m.graph.node if n.op_type == "MatMulNBits" and _attr(n, "bits") == 8
+             and not any(n.input[1].startswith(h) for h in head)]
+    assert len(eight) == 1 and eight[0].input[1].startswith(wide["weights"][0])
+    assert _attr(eight[0], "block_size") == 64 and len(eight[0].input) == 3  # no zero points
+    four = [n for n in m.graph.node if n.op_type == "MatMulNBits" and _attr(n, "bits") == 4]
+    assert four and not any(n.input[1].startswith(w) for n in four for w in wide["weights"])
+    tried = q.grid_choice["tried"]
+    assert tried[1]["model_bytes"] > tried[0]["model_bytes"]
+    report = (out / "report.md").read_text()
+    assert "at 8 bits: the 1 of 8 most sensitive weight units" in report
+    printed = summary(result)
+    assert "over the all-4-bit graph" in printed and wide["layers"][0] in printed
+
+
+def test_jetson_mixed_step_writes_int8_weight_only_dq(q_fp32_bundle, tmp_path, monkeypatch):  # noqa: F811
+    from quantize import quantize_bundle
+
+    seen = _fail_without_8bit(monkeypatch)
+    out = tmp_path / "mixed"
+    quantize_bundle(q_fp32_bundle("llama", "jetson"), "int4", out=out, thresholds=LOOSE,
+                    samples=4, seq_len=32)
+    q = load_verified(out).quantization
+    assert seen == [0, 1] and q.gate.passed
+    assert [(t["grid"], t["int8_fraction"]) for t in q.grid_choice["tried"]] == [
+        ("symmetric", 0.0), ("symmetric", 0.125)]
+    wide = q.details["int8_weights"]["weights"]
+    assert wide and q.details["int8_weights"]["units"] == 1
+    m = onnx.load(str(out / "model.onnx"))
+    t = {i.name: i for i in m.graph.initializer}
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in t]
+    int8 = [n for n in dq if t[n.input[0]].data_type == TensorProto.INT8]
+    int4 = [n for n in dq if t[n.input[0]].data_type == TensorProto.INT4]
+    assert sorted(n.input[0].removesuffix("_int8") for n in int8) == sorted(wide)
+    for n in int8:  # per-channel along N, zero point 0
+        K, N = t[n.input[0]].dims
+        assert _attr(n, "axis") == 1 and _attr(n, "block_size") in (None, 0)
+        assert list(t[n.input[1]].dims) == [N] and not numpy_helper.to_array(t[n.input[2]]).any()
+    assert int4 and not any(n.input[0].startswith(w) for n in int4 for w in wide)
+
+
+def test_int4_default_budget():
+    from quantize.gate import thresholds_for
+
+    t = thresholds_for("int4")
+    assert (t.max_ppl_increase, t.min_top1) == (0.05, 0.90)
+    assert thresholds_for("int4", max_ppl_increase=0.2).max_ppl_increase == 0.2
+    assert (thresholds_for("int8").max_ppl_increase, thresholds_for("int8").min_top1) == (0.10, 0.80)
