@@ -177,6 +177,9 @@ def test_jetson_mixed_step_writes_int8_weight_only_dq(q_fp32_bundle, tmp_path, m
         assert _attr(n, "axis") == 1 and _attr(n, "block_size") in (None, 0)
         assert list(t[n.input[1]].dims) == [N] and not numpy_helper.to_array(t[n.input[2]]).any()
     assert int4 and not any(n.input[0].startswith(w) for n in int4 for w in wide)
+    # INT4 blocked DQ and INT8 per-channel DQ side by side pass the offline parser check
+    check = load_verified(out).trt_check
+    assert check is not None and check.passed, check
 
 
 def test_int4_default_budget():
