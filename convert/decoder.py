@@ -474,7 +474,9 @@ class StaticKVDecoder(nn.Module):
         # (a plain Gather + MatMul(W^T) would make the exporter fold a second, transposed copy).
         self.lm_head_t = nn.Parameter(torch.empty(dims.hidden, dims.vocab_size))
         self.lm_head_bias = nn.Parameter(torch.zeros(dims.vocab_size)) if lay.lm_head_bias else None
-        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the RoPE kinds the layers use ("global", "local"); their tables are the buffers
+        # rope_<kind>_cos / _sin that set_rope registers
+        self.rope_kinds = sorted({layer.rope for layer in self.p.layers if layer.rope})
 
     @classmethod
     def from_hf(cls, spec: ArchSpec, dims: ModelDims, hf_model: Any, max_seq: int,
@@ -501,17 +503,15 @@ class StaticKVDecoder(nn.Module):
         """cos/sin rows [S,R] for positions [0, max_seq) from the model's own rotary modules,
         so every RoPE variant transformers implements (llama3, linear, longrope, yarn, partial,
         attention scaling) is reproduced exactly; Gemma 3's sliding layers have their own."""
-        kinds = {layer.rope for layer in self.p.layers} - {None}
         modules = {"global": "rotary_emb", "local": self.p.spec.local_rotary}
         pos = torch.arange(max_seq)[None]
         probe = torch.zeros(1, dtype=torch.float32)
         body = getattr(hf_model, self.p.spec.layout.body)
-        for kind in sorted(k for k in kinds if k):
+        for kind in self.rope_kinds:
             with torch.no_grad():
                 cos, sin = getattr(body, modules[kind] or "rotary_emb")(probe, pos)  # [1,S,R]
-            self.tables[kind] = (cos[0].float(), sin[0].float())
-            self.register_buffer(f"rope_{kind}_cos", self.tables[kind][0], persistent=False)
-            self.register_buffer(f"rope_{kind}_sin", self.tables[kind][1], persistent=False)
+            self.register_buffer(f"rope_{kind}_cos", cos[0].float(), persistent=False)
+            self.register_buffer(f"rope_{kind}_sin", sin[0].float(), persistent=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.dims.tie_embeddings:  # gather columns of the shared [C,V] matrix
@@ -524,7 +524,7 @@ class StaticKVDecoder(nn.Module):
 
     def step_context(self, position_ids: torch.Tensor) -> Step:
         tables = {k: (getattr(self, f"rope_{k}_cos"), getattr(self, f"rope_{k}_sin"))
-                  for k in self.tables}
+                  for k in self.rope_kinds}
         step = Step(position_ids, gqa=self.attention == "gqa", max_seq=self.max_seq, tables=tables)
         if step.gqa:
             last = position_ids[:, -1]  # [B]: total length - 1 per row
