@@ -71,6 +71,12 @@ class Target:
         """True when the memory is the host's own (memory_gb unset: the cpu target)."""
         return self.memory_gb is None
 
+    def max_seq_for(self, positions: int, rope_limit: int | None = None) -> int:
+        """The max_seq a convert or plan uses when none is asked: the target's default, capped
+        by the model's positions and by where its RoPE tables stop being static (models/params.py
+        static_rope_limit)."""
+        return min(self.default_max_seq, positions, rope_limit or positions)
+
     def memory_total_bytes(self) -> int:
         """The target's memory; for memory_gb None, the host's MemTotal (psutil)."""
         if self.memory_gb is not None:

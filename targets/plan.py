@@ -555,7 +555,7 @@ def plan_from_model(model_arg: str, target_name: str, precision: str | None = No
                     prefill_chunk: int | None = None) -> PlanResult:
     """Plan from a MODEL argument: a Hugging Face folder (weights not needed: a folder with
     only config.json, or the config.json itself, is enough), a .gguf file or a packaged name.
-    max_seq None: the target's default_max_seq, capped by the model's positions."""
+    max_seq None: Target.max_seq_for (the default, capped by positions and the RoPE limit)."""
     from models.dims import dims_from_config
     from models.params import static_rope_limit
     from models.registry import DECODER, get_spec
@@ -569,8 +569,8 @@ def plan_from_model(model_arg: str, target_name: str, precision: str | None = No
                            hint="an encoder's memory is about its weights: "
                                 "parameters x bytes per parameter")
     dims = dims_from_config(spec, config)
-    limit = static_rope_limit(config) or dims.max_positions  # longrope/dynamic: static below it
-    seq = max_seq if max_seq is not None else min(target.default_max_seq, dims.max_positions, limit)
+    seq = max_seq if max_seq is not None else target.max_seq_for(dims.max_positions,
+                                                                  static_rope_limit(config))
     return plan_fit(dims, target, precision, seq, batch, prefill_chunk=prefill_chunk,
                     model_name=name)
 
