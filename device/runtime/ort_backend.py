@@ -34,6 +34,11 @@ def session_options(threads: int | None) -> Any:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    # The workers spin between the kernels of one run (the latency win) but block when a run
+    # ends: between decode steps the daemon's engine thread samples and its HTTP threads write
+    # the streams, and a worker spinning through that gap takes one of a small board's cores
+    # from them (costs one worker wake-up per run, ~10 us).
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 

@@ -49,6 +49,13 @@ def penalize(logits: np.ndarray, counts: np.ndarray, params: SamplingParams) -> 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """logits [V] float32 -> token id."""
+    if params.greedy:
+        # argmax of the float32 row: float64 preserves the order, so this is the token the
+        # float64 path below picks, without its [V] copy (per row of every decode step).
+        # argmax returns the first NaN when there is one: only then is the slow path needed.
+        best = int(np.argmax(logits))
+        if not np.isnan(logits[best]):
+            return best
     z = logits.astype(np.float64)
     if not np.isfinite(z).all():
         z = np.nan_to_num(z, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
