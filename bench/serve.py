@@ -732,6 +732,8 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="*", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--no-extras", action="store_true", help="Skip the prefix/chunk/drafting rows.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    ap.add_argument("--no-build", action="store_true",
+                    help="Use llama.cpp only if bench/peers.py has built it already.")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -742,7 +744,7 @@ def main() -> None:
     s = (Settings(args.threads, 1, 32, 16) if args.quick else
          Settings(args.threads, args.rounds, 128, 48))
     tok = tokenizer()
-    lc = llama_cpp()
+    lc = llama_cpp(build=not args.no_build)
     bindings = lc if isinstance(lc, Skipped) else llama_cpp_python(lc)
     peers = {p: gather_peers(p, s.threads, lc, bindings) for p in args.precisions}
     tables = {p: {v: Cells() for v in VARIANTS} for p in args.precisions}

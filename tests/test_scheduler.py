@@ -289,3 +289,23 @@ def test_constrained_and_free_rows_share_a_batch(engine: Scheduler, runner: Any)
     assert text == tok.decode(forced) and fin.finish_reason == "stop" and fin.usage.completion_tokens == 5
     for (text_a, fin_a), (text_b, fin_b) in zip(alone, results[:3]):
         assert text_a == text_b and fin_a.usage == fin_b.usage
+
+
+def test_greedy_fast_path_picks_what_the_float64_path_picks() -> None:
+    """sample()'s greedy shortcut (argmax of the float32 row) against the full float64 path,
+    on rows with ties, infinities and NaNs."""
+    from device.runtime import sampling
+
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal(64).astype(np.float32) for _ in range(4)]
+    rows[1][[5, 9]] = rows[1].max() + 1  # a tie: the first wins
+    rows[2][[3, 7]] = np.inf
+    rows[3][:] = -np.inf
+    nan_row = rng.standard_normal(64).astype(np.float32)
+    nan_row[[2, 40]] = np.nan
+    rows.append(nan_row)
+    greedy = SamplingParams()
+    for row in rows:
+        z = np.nan_to_num(row.astype(np.float64), nan=-np.inf, posinf=np.finfo(np.float64).max)
+        want = 0 if not np.isfinite(z).any() else int(np.argmax(z))
+        assert sampling.sample(row, greedy, np.random.default_rng(1)) == want

@@ -1,0 +1,81 @@
+"""bench/serve.py's pure parts: percentiles, same-round ratios, aggregates, flag detection and the
+table (the measurements themselves belong to the bench, not the suite)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.serve import (
+    CONCURRENCY,
+    VARIANTS,
+    Cells,
+    Concurrent,
+    Extra,
+    Report,
+    Settings,
+    Stream,
+    aggregate,
+    has_flag,
+    median_ratio,
+    pad,
+    percentile,
+    render,
+)
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 95) == pytest.approx(4.0 + 0.8 * 6.0)
+    assert percentile([7.0], 95) == 7.0
+    assert percentile([], 50) == 0.0
+
+
+def test_median_ratio_pairs_rounds_and_skips_missing_ones() -> None:
+    assert median_ratio([2.0, 3.0, 10.0], [1.0, 3.0, 2.0]) == 2.0  # ratios 2, 1, 5
+    assert median_ratio([2.0, None, 4.0], [1.0, 1.0, None]) == 2.0
+    assert median_ratio([None], [1.0]) is None
+
+
+def test_aggregate_counts_decode_tokens_over_the_shared_span_and_pools_gaps() -> None:
+    a = Stream(0.0, (1.0, 1.1, 1.2, 1.3), 4, "")
+    b = Stream(0.0, (1.5, 1.6, 2.0), 3, "")
+    agg = aggregate([a, b])
+    assert agg.agg_tok_s == pytest.approx((3 + 2) / (2.0 - 1.0))
+    assert agg.p50_tpot == pytest.approx(0.1)
+    assert agg.p95_tpot == pytest.approx(0.1 + 0.8 * 0.3)  # the 0.4 s stall shows at p95
+    assert a.ttft == 1.0 and a.tok_s == pytest.approx(3 / 0.3)
+
+
+def test_flag_detection_reads_options_not_substrings() -> None:
+    text = ("  --prefix-cache-mb INTEGER  Memory for cached prompt prefixes.\n"
+            "  --speculate [off|ngram]     Prompt-lookup drafting.\n"
+            "  --slots INTEGER             see also --prefill-chunk-size\n")
+    assert has_flag(text, "--prefix-cache-mb")
+    assert has_flag(text, "--speculate")
+    assert not has_flag(text, "--prefill-chunk")
+
+
+def test_render_shows_ratios_notes_and_na_rows() -> None:
+    tables = {}
+    for p, speed in (("fp32", 1.0), ("int4", 2.0)):
+        t = {v: Cells() for v in VARIANTS}
+        for r in range(2):
+            t["daemon"].tok_s.append(50.0 * speed)
+            t["in-process"].tok_s.append(50.0 * speed / (0.95 if r else 1.05))
+            t["daemon"].ttft.append(0.1)
+            for c in CONCURRENCY:
+                t["daemon"].conc.setdefault(c, []).append(Concurrent(40.0 * speed * c ** 0.5, 0.02, 0.03))
+        t["llama-server"].note = "llama.cpp is not built yet"
+        for v in VARIANTS:
+            pad(t[v], 2)
+        tables[p] = t
+    rep = Report(Settings(2, 2, 128, 48), tables, {"fp32": {"ours": 9.5, "llama.cpp": "n/a"}},
+                 [Extra("prefix cache: TTFT hit / cold", note="n/a (daemon has no --prefix-cache-mb)")],
+                 {"fp32": "F32 gguf", "int4": "Q4_1 gguf"})
+    text = render(rep)
+    assert "daemon / in-process" in text and "1.00x" in text  # median of 0.95 and 1.05... per round
+    assert "2.83x" in text  # c=8 / c=1 = sqrt(8)
+    assert "9.50 / n/a" in text
+    assert "n/a (daemon has no --prefix-cache-mb)" in text
+    assert "note: fp32 llama-server: llama.cpp is not built yet" in text
