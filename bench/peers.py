@@ -204,12 +204,14 @@ runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_
 
 def genai_missing() -> Skipped | None:
     """None when onnxruntime_genai imports (installed from PyPI when it is missing)."""
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "onnxruntime-genai"],
-                           capture_output=True, text=True)
-        importlib.invalidate_caches()
-        if r.returncode or importlib.util.find_spec("onnxruntime_genai") is None:
-            return Skipped("onnxruntime_genai is not importable and pip install onnxruntime-genai failed")
+    # onnx_ir: the model builder's own dependency, which the onnxruntime-genai wheel does not pull
+    for module, package in (("onnxruntime_genai", "onnxruntime-genai"), ("onnx_ir", "onnx-ir")):
+        if importlib.util.find_spec(module) is None:
+            r = subprocess.run([sys.executable, "-m", "pip", "install", package], capture_output=True,
+                               text=True)
+            importlib.invalidate_caches()
+            if r.returncode or importlib.util.find_spec(module) is None:
+                return Skipped(f"{module} is not importable and pip install {package} failed")
     return None
 
 

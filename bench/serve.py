@@ -167,7 +167,7 @@ class Server:
             try:
                 if ready():
                     return
-            except (OSError, http.client.HTTPException):
+            except Exception:  # noqa: BLE001 - not listening yet (DaemonError, OSError, ...)
                 pass
             time.sleep(0.2)
         self.close()
