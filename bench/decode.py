@@ -1,6 +1,7 @@
-"""Decode benchmark: SmolLM2-135M fp32, one request, greedy, on the CPU.
+"""Decode benchmark: SmolLM2-135M (fp32 by default), one request, greedy, on the CPU.
 
-    python bench/decode.py [--bundle BUNDLE] [--threads 2] [--prompt-tokens 128] [--new-tokens 128]
+    python bench/decode.py [--bundle BUNDLE | --precision fp32|int8|int4] [--threads 2]
+                           [--prompt-tokens 128] [--new-tokens 128]
 
 Measures time to first token (TTFT), decode tokens/s (tokens after the first, over the time
 they took) and peak RSS for
@@ -232,12 +233,13 @@ def run_transformers(bundle: Path, ids: list[int], n: int, threads: int) -> Resu
 
 
 class GenaiRunner:
-    """onnxruntime-genai's generator on its own export of the same weights."""
+    """onnxruntime-genai's generator on its own export of the same weights, at the bundle's
+    precision (fp32, int8 or int4)."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, precision: str = "fp32") -> None:
         import onnxruntime_genai as og
 
-        model = genai_model("fp32", threads)
+        model = genai_model(precision, threads)
         if isinstance(model, Skipped):
             raise RuntimeError(model.reason)
         self.og = og
@@ -268,7 +270,7 @@ def run_ort_genai(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
     missing = genai_missing()
     if missing:
         return Result("ort-genai", note=missing)
-    genai = GenaiRunner(threads)
+    genai = GenaiRunner(threads, _precision(bundle))
     genai.generate(ids[:16], 4)  # warm-up
     return best("ort-genai", [genai.generate(ids, n) for _ in range(REPEAT)], peak_rss_self())
 
@@ -305,7 +307,7 @@ def run_paired_genai(bundle: Path, ids: list[int], n: int, threads: int) -> Resu
     missing = genai_missing()
     if missing:
         return Result("paired-genai", note=missing)
-    return _paired_peer("paired-genai", GenaiRunner(threads), bundle, ids, n, threads)
+    return _paired_peer("paired-genai", GenaiRunner(threads, _precision(bundle)), bundle, ids, n, threads)
 
 
 def run_paired_torch(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
@@ -330,15 +332,34 @@ def prompt_ids(bundle: Path, n: int) -> list[int]:
     return ids[:n]
 
 
-def ensure_bundle(bundle: Path | None) -> Path:
-    if bundle:
-        return bundle
-    out = CACHE / "smollm2-135m-cpu-fp32-default"
-    if not (out / "manifest.json").exists():
+def _precision(bundle: Path) -> str:
+    from bundle.manifest import read_manifest
+
+    return str(read_manifest(bundle).precision)
+
+
+def ensure_bundle(bundle: Path | None, precision: str = "fp32") -> Path:
+    return bundle or default_bundle(precision)
+
+
+def default_bundle(precision: str) -> Path:
+    """The bundle `toolkit convert smollm2-135m [--precision P]` writes (--target cpu and
+    nothing else: the target's default max_seq and batch), made once in CACHE: the fp32 bundle
+    converted (~2 minutes), then quantized as `--precision` does."""
+    fp32 = CACHE / "smollm2-135m-cpu-fp32-default"
+    if not (fp32 / "manifest.json").exists():
         from convert.pipeline import convert_model
 
-        print(f"converting {MODEL} to {out} (the default settings) …", file=sys.stderr)
-        convert_model(MODEL, "cpu", out, force=True)
+        print(f"converting {MODEL} to {fp32} (the default settings) …", file=sys.stderr)
+        convert_model(MODEL, "cpu", fp32, force=True)
+    if precision == "fp32":
+        return fp32
+    out = CACHE / f"smollm2-135m-cpu-{precision}-default"
+    if not (out / "manifest.json").exists():
+        from quantize import quantize_bundle
+
+        print(f"quantizing {fp32.name} to {precision} …", file=sys.stderr)
+        quantize_bundle(fp32, precision, out=out, force=True)
     return out
 
 
@@ -376,11 +397,36 @@ def footprint(bundle: Path, slots: int = 1) -> tuple[int, int]:
     return weights, read_manifest(bundle).kv_layout().bytes_for(slots)
 
 
+HEADLINE = (("daemon", "runner", "daemon / in-process", ">= 0.97x"),
+            ("daemon", "ort-genai", "daemon / onnxruntime-genai", ">= 1.00x"))
+
+
+def same_round(turns: dict[str, list[Result]], a: str, b: str) -> float | None:
+    """The median over rounds of a's decode tok/s / b's in the same round (a round runs every
+    variant once, one after another: other load on the machine hits both alike)."""
+    import statistics
+
+    ratios = [x.decode_tps / y.decode_tps for x, y in zip(turns[a], turns[b])
+              if x.decode_tps and y.decode_tps]
+    return statistics.median(ratios) if ratios else None
+
+
+def headline(turns: dict[str, list[Result]], bundle: Path) -> str:
+    """The row users are judged by: the default bundle through the daemon, as same-round ratios."""
+    lines = [f"headline: {bundle.name} through the daemon, decode tok/s, median of same-round ratios"]
+    for a, b, label, wanted in HEADLINE:
+        r = same_round(turns, a, b)
+        met = "-" if r is None else ("yes" if _met(r, wanted) else "NO")
+        lines.append(f"  {label:<30}{'-' if r is None else f'{r:.2f}x':>8}  {wanted:<10}{met}")
+    return "\n".join(lines + [""])
+
+
 def report(results: dict[str, Result], bundle: Path, args: argparse.Namespace) -> str:
     def f(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    lines = [f"SmolLM2-135M fp32, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+    lines = [f"SmolLM2-135M {_precision(bundle)}, {args.prompt_tokens}-token prompt, "
+             f"{args.new_tokens} new tokens, "
              f"{args.threads} threads, greedy, best of {args.rounds * args.repeat} runs", "",
              f"{'variant':<14}{'TTFT ms':>10}{'decode tok/s':>14}{'tokens':>8}{'peak RSS MiB':>14}  note"]
     for r in (results[v] for v in VARIANTS):
@@ -428,6 +474,8 @@ def _met(ratio: float, wanted: str) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=None, help="A SmolLM2-135M cpu bundle.")
+    p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="fp32",
+                   help="Without --bundle: the default bundle of this precision.")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -446,7 +494,7 @@ def main() -> None:
         result = RUNNERS[args.variant](args.bundle, ids, args.new_tokens, args.threads)
         print(json.dumps(asdict(result)), flush=True)
         return
-    bundle = ensure_bundle(args.bundle)
+    bundle = ensure_bundle(args.bundle, args.precision)
     turns: dict[str, list[Result]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         ids_file = Path(tmp) / "ids.json"
@@ -462,7 +510,7 @@ def main() -> None:
             if args.pairs and needs <= set(chosen):
                 results[pair] = run_variant(pair, bundle, ids_file, args)
                 print(f"{pair}: {results[pair]}", file=sys.stderr)
-    text = report(results, bundle, args)
+    text = headline(turns, bundle) + report(results, bundle, args)
     print(text)
     if args.json:
         args.json.write_text(json.dumps({k: asdict(v) for k, v in results.items()}, indent=2))

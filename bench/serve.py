@@ -49,8 +49,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.decode import default_bundle  # noqa: E402
 from bench.peers import (  # noqa: E402
-    CACHE,
     MATCHED,
     LlamaCpp,
     Skipped,
@@ -311,26 +311,6 @@ def prompt_ids(tok: Any, n: int, variant: int = 0) -> list[int]:
         text += PROMPT_TEXT
         ids = tok.encode(text, add_special_tokens=False)
     return ids[:n]
-
-
-def default_bundle(precision: str) -> Path:
-    """The bundle `toolkit convert smollm2-135m [--precision P]` writes (cpu target defaults),
-    converted or quantized once into the cache (as bench/decode.py does)."""
-    fp32 = CACHE / "smollm2-135m-cpu-fp32-default"
-    if not (fp32 / "manifest.json").exists():
-        from convert.pipeline import convert_model
-
-        print(f"converting smollm2-135m to {fp32} (the default settings) ...", file=sys.stderr)
-        convert_model("smollm2-135m", "cpu", fp32, force=True)
-    if precision == "fp32":
-        return fp32
-    out = CACHE / f"smollm2-135m-cpu-{precision}-default"
-    if not (out / "manifest.json").exists():
-        from quantize import quantize_bundle
-
-        print(f"quantizing {fp32.name} to {precision} ...", file=sys.stderr)
-        quantize_bundle(fp32, precision, out=out, force=True)
-    return out
 
 
 # --- children: in-process runner, onnxruntime-genai, perplexity --------------------------------
