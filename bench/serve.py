@@ -8,9 +8,9 @@ its matched llama.cpp GGUF (bench/peers.py MATCHED: F32, Q8_0, Q4_1, all from th
   single stream   a 128-token prompt, 128 greedy tokens (EOS ignored): decode tok/s and TTFT of
                   the daemon, of this runtime in-process, of onnxruntime-genai and llama-server
   concurrency c   c = 1, 2, 4, 8 streams at once, each its own prompt: aggregate decode tok/s
-                  (all tokens after each stream's first, over the span from the first first token
-                  to the last token) and p50/p95 time per output token (the gaps between tokens
-                  of every stream, pooled: a stall shows)
+                  (the tokens of all streams while all of them decode, over that window) and
+                  p50/p95 time per output token (the gaps between tokens of every stream,
+                  pooled: a stall, such as another request's prefill, shows)
 The servers run with --threads / -t THREADS and 8 slots (`toolkit serve --slots 8`,
 `llama-server -np 8 -c 8*2048 --cont-batching`); c streams use c of them. Each server is its own
 process, started fresh every round; rounds interleave the variants (rotating order) and every
@@ -116,9 +116,18 @@ class Concurrent:
 
 
 def aggregate(streams: Sequence[Stream]) -> Concurrent:
-    """Σ(tokens - 1) over the span from the earliest first token to the latest last token."""
-    span = max(s.stamps[-1] for s in streams) - min(s.stamps[0] for s in streams)
-    decoded = sum(s.tokens - 1 for s in streams)
+    """Aggregate decode tokens/s while every stream decodes: the tokens that arrive after the
+    last stream's first token and up to the first stream's last one, over that window (the
+    prefills of the c prompts before it are prefill, not decode). When the window is empty
+    (streams that barely overlap), the whole span from the first first token to the last token.
+    TPOT percentiles pool the gaps between tokens of every stream, stalls included."""
+    lo, hi = max(s.stamps[0] for s in streams), min(s.stamps[-1] for s in streams)
+    if hi > lo:
+        decoded = sum(1 for s in streams for t in s.stamps if lo < t <= hi)
+        span = hi - lo
+    else:
+        span = max(s.stamps[-1] for s in streams) - min(s.stamps[0] for s in streams)
+        decoded = sum(s.tokens - 1 for s in streams)
     gaps = sorted(g for s in streams for g in s.gaps())
     return Concurrent(decoded / span if span > 0 else 0.0, percentile(gaps, 50), percentile(gaps, 95))
 
@@ -722,7 +731,7 @@ def main() -> None:
         print(json.dumps(CHILDREN[kind](path, ids, int(n), int(threads))), flush=True)
         return
     s = (Settings(args.threads, 1, 32, 16) if args.quick else
-         Settings(args.threads, args.rounds, 128, 48))
+         Settings(args.threads, args.rounds, 128, 64))
     tok = tokenizer()
     lc = llama_cpp(build=not args.no_build)
     bindings = lc if isinstance(lc, Skipped) else llama_cpp_python(lc)

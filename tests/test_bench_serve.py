@@ -37,14 +37,19 @@ def test_median_ratio_pairs_rounds_and_skips_missing_ones() -> None:
     assert median_ratio([None], [1.0]) is None
 
 
-def test_aggregate_counts_decode_tokens_over_the_shared_span_and_pools_gaps() -> None:
-    a = Stream(0.0, (1.0, 1.1, 1.2, 1.3), 4, "")
-    b = Stream(0.0, (1.5, 1.6, 2.0), 3, "")
-    agg = aggregate([a, b])
-    assert agg.agg_tok_s == pytest.approx((3 + 2) / (2.0 - 1.0))
+def test_aggregate_counts_tokens_while_all_streams_decode_and_pools_gaps() -> None:
+    a = Stream(0.0, (1.0, 1.1, 1.2, 1.3, 1.4, 1.5), 6, "")
+    b = Stream(0.0, (1.15, 1.25, 1.35, 1.45, 1.9), 5, "")
+    agg = aggregate([a, b])  # window (1.15, 1.5]: a's 1.2..1.5 and b's 1.25..1.45
+    assert agg.agg_tok_s == pytest.approx(7 / 0.35)
     assert agg.p50_tpot == pytest.approx(0.1)
-    assert agg.p95_tpot == pytest.approx(0.1 + 0.8 * 0.3)  # the 0.4 s stall shows at p95
-    assert a.ttft == 1.0 and a.tok_s == pytest.approx(3 / 0.3)
+    assert agg.p95_tpot > 0.3  # b's 0.45 s stall shows at p95
+    assert a.ttft == 1.0 and a.tok_s == pytest.approx(5 / 0.5)
+
+
+def test_aggregate_falls_back_to_the_whole_span_when_streams_do_not_overlap() -> None:
+    a, b = Stream(0.0, (1.0, 1.5), 2, ""), Stream(0.0, (2.0, 2.5), 2, "")
+    assert aggregate([a, b]).agg_tok_s == pytest.approx(2 / 1.5)
 
 
 def test_flag_detection_reads_options_not_substrings() -> None:
