@@ -151,6 +151,8 @@ def llama_cpp_python(lc: LlamaCpp) -> Skipped | None:
         if r.returncode:
             return Skipped(f"installing the llama-cpp-python bindings failed: "
                            f"{r.stderr.strip().splitlines()[-1:]}")
+    if importlib.util.find_spec("diskcache") is None:  # the bindings' one dependency not here yet
+        subprocess.run([sys.executable, "-m", "pip", "install", "diskcache"], capture_output=True)
     check = subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True, text=True,
                            env=llama_env(lc))
     if check.returncode:
