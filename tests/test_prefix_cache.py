@@ -164,9 +164,36 @@ def test_hits_after_eviction_answer_like_cold_requests(runner: Any) -> None:
         warm.close()
     for a, b in zip(want, got):
         same_answer(a, b)
-    assert st["hits"] == 4 and st["misses"] == 1 and st["evicted"] == 8
+    assert st["hits"] == 4 and st["misses"] == 1 and st["evicted"] >= 8  # 2 own blocks each
     assert st["tokens_reused"] == 4 * 24  # the own blocks were evicted before each came back
     assert st["bytes"] <= 5 * block_bytes and warm.prefix_cache.entries == 0  # close() released
+
+
+def test_the_next_turn_of_a_chat_hits_the_stored_answer_too(runner: Any) -> None:
+    """At finish the prompt and the answer are stored: a prompt that continues them (the next
+    turn) reuses blocks beyond the first prompt's, and answers like a cold request."""
+    first = chat(runner, "cat")  # 29 tokens: 3 whole blocks
+    block_bytes = BLOCK * runner.backend.layout.bytes_per_position
+    warm = Scheduler(runner.backend, runner.tokenizer, prefix_cache_bytes=64 * block_bytes,
+                     prefix_block_tokens=BLOCK)
+    warm.start()
+    try:
+        _, _, lp = run(warm, GenerationRequest(first, 16, logprobs=0, ignore_eos=True))
+        answer = [t.token for t in lp]
+        follow = GenerationRequest(first + answer + runner.tokenizer.encode("dog sun"), 8, logprobs=2)
+        got = run(warm, follow)
+        st = warm.prefix_cache.status()
+    finally:
+        warm.close()
+    cold = Scheduler(runner.backend, runner.tokenizer)
+    cold.start()
+    try:
+        want = run(cold, follow)
+    finally:
+        cold.close()
+    same_answer(got, want)
+    written = len(first) + len(answer) - 1  # the last answer token was never stepped
+    assert st["tokens_reused"] == written // BLOCK * BLOCK > len(first) // BLOCK * BLOCK
 
 
 class RecordingBackend:

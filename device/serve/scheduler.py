@@ -572,6 +572,23 @@ class Scheduler(QueuedEngine):
                           state.handle.id)
         self._accept_row(state, logits)
 
+    def _store_output(self, state: _Slot) -> None:
+        """Put the whole blocks of prompt + output into the prefix cache, so the next turn of a
+        chat (this prompt, this answer, a new question) hits them too. The slot's cache holds
+        positions < state.pos: the prompt and the generated tokens but the last (sampled, never
+        stepped), which the stream decoder still lists (a stop token it never saw)."""
+        prompt = state.handle.request.prompt_ids
+        written = state.pos - len(prompt)
+        out = state.decoder.ids
+        if (not self.prefix_cache.enabled or written < 0 or len(out) < written
+                or len(out) not in (state.generated, state.generated - 1)):
+            return  # not the bookkeeping described above: store nothing rather than guess
+        try:
+            self.prefix_cache.insert([*prompt, *out[:written]],
+                                     lambda lo, hi: self.backend.read_kv(state.slot, lo, hi))
+        except Exception:  # noqa: BLE001 - a cache that cannot store leaves the request unharmed
+            log.exception("storing request %d in the prefix cache failed", state.handle.id)
+
     def _drop_prefills(self, cancelled_only: bool = False) -> None:
         """Free the slots of prefilling requests: the cancelled ones (client gone), or all of
         them (abort: they fail like queued requests, having produced nothing)."""
@@ -677,6 +694,7 @@ class Scheduler(QueuedEngine):
         self.metrics.success.inc(finished_reason=reason)
         state.handle.put(Finished(reason, stop_reason, Usage(prompt_n, state.generated), timings,
                                   self._take_logprobs(state)))
+        self._store_output(state)
         self._free_slot(state)
 
     @staticmethod
