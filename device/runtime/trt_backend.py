@@ -39,6 +39,12 @@ floats, not max_seq x V (400 MB for a 49k vocabulary at 2048). A prefill of seve
 row by row (the prefill profile has batch 1). A decode step (T = 1) always gets logits_index
 [0], as in the ONNX Runtime backend.
 
+Prefix-cache blocks (read_kv / write_kv, device/serve/prefix_cache.py) live in device memory, one
+allocation per block holding each cache buffer's [Hkv, T, D] rows packed; reading is one strided
+Memcpy2D per buffer (block_read_copy), writing the same copy as a step's new rows (slice_copies),
+both on the step's stream, so they are ordered with the steps without a synchronize. Blocks are
+not part of BufferPlan: the prefix cache's byte budget bounds them, and close() frees any left.
+
 Contexts. pycuda retains the device's primary context - the one the CUDA runtime, and so
 TensorRT, uses (§4) - and pushes it around every call, so the backend works from whichever
 thread the daemon calls it on.
