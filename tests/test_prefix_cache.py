@@ -23,7 +23,7 @@ from device.runtime.generate import GREEDY, prefill
 from device.runtime.kvcache import StaticKVCache
 from device.runtime.runner import load_bundle
 from device.runtime.sampling import SamplingParams
-from device.serve.prefill import ChunkSizer
+from device.serve.prefill import CHUNK_SHARE, CHUNK_STEPS, ChunkSizer
 from device.serve.prefix_cache import PrefixCache, block_keys
 from device.serve.scheduler import Finished, GenerationRequest, Scheduler, TextDelta
 
@@ -75,14 +75,24 @@ def test_lru_evicts_the_ends_of_chains_first_and_budget_0_is_off() -> None:
     assert off.insert(a, read) == 0 and off.lookup(a) == [] and not off.enabled
 
 
-def test_time_sized_chunks_converge_to_the_budget() -> None:
+def test_time_sized_chunks_converge_to_the_target_and_are_paced_by_decode_time() -> None:
     sizer = ChunkSizer()
-    sizer.observe_decode(0.020)
-    for _ in range(12):  # a chunk of n tokens takes 2 ms + 0.1 ms a token
+    for _ in range(12):  # decode steps of 20 ms; a chunk of n tokens takes 2 ms + 0.1 ms a token
+        sizer.observe_decode(0.020)
         n = sizer.size(10_000)
         sizer.observe_prefill(n, 0.002 + 0.0001 * n, chunked=True)
-    assert abs(0.002 + 0.0001 * sizer.size(10_000) - 0.010) < 0.001  # CHUNK_SHARE x 20 ms
-    assert ChunkSizer(5).size(3) == 3 and not ChunkSizer(0).enabled
+    assert abs(0.002 + 0.0001 * sizer.size(10_000) - CHUNK_STEPS * 0.020) < 0.002
+    sizer.credit = 0.0
+    ran, decode_time, prefill_time = 0, 0.0, 0.0
+    for _ in range(100):  # one iteration: a chunk when paid for, then a decode step
+        if sizer.ready():
+            ran += 1
+            prefill_time += 0.050  # a chunk dearer than a decode step (a CPU)
+            sizer.observe_prefill(16, 0.050, chunked=True)
+        sizer.observe_decode(0.020)
+        decode_time += 0.020
+    assert 0 < ran < 100 and prefill_time <= CHUNK_SHARE * decode_time + 0.050
+    assert ChunkSizer(5).size(3) == 3 and ChunkSizer(5).ready() and not ChunkSizer(0).enabled
 
 
 # --- the tiny model ---------------------------------------------------------------------------

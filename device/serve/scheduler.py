@@ -12,8 +12,9 @@ One engine thread owns the backend. Each loop iteration
      the prefix cache holds (device/serve/prefix_cache.py) into its slot, and waits to prefill
      the rest,
   2. prefills: while no slot decodes, each waiting prompt in one step (B=1); while others decode,
-     ONE chunk of the oldest waiting prompt (device/serve/prefill.py), so a long prompt delays
-     the others' tokens by a bounded chunk instead of its whole prefill. A prompt read in full
+     at most ONE chunk of the oldest waiting prompt, paced by the decode time (device/serve/
+     prefill.py), so a long prompt delays the others' tokens by bounded chunks instead of its
+     whole prefill. A prompt read in full
      stores its whole blocks in the prefix cache and samples its first token,
   3. runs ONE decode step for all active slots together,
   4. samples each row with its request's own seeded generator and streams the text. A row
@@ -534,7 +535,7 @@ class Scheduler(QueuedEngine):
         decodes, else one chunk of the oldest."""
         while self._prefilling and not self._active:
             self._prefill_step(next(iter(self._prefilling.values())), None)
-        if self._prefilling and self._active:
+        if self._prefilling and self._active and self.chunks.ready():
             job = next(iter(self._prefilling.values()))
             self._prefill_step(job, self.chunks.size(job.remaining) if self.chunks.enabled else None)
 
