@@ -46,8 +46,9 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
                    "computed once, then copied); 0: off.")
 @click.option("--prefill-chunk", default="auto", show_default=True, metavar="auto|off|N",
               help="A prompt arriving while others decode is read in chunks between their steps: "
-                   "auto sizes a chunk to half a decode step's time, N takes N tokens, off reads "
-                   "it at once (the others wait).")
+                   "auto sizes and paces them by measured time (the others' time per token stays "
+                   "under 1.8x), N takes N tokens every step, off reads it at once (the others "
+                   "wait).")
 @click.option("--store", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Serve the active bundle of this store and accept `toolkit deploy` into it "
                    "(instead of BUNDLE).")
