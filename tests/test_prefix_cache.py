@@ -206,6 +206,35 @@ def test_the_next_turn_of_a_chat_hits_the_stored_answer_too(runner: Any) -> None
     assert st["tokens_reused"] == written // BLOCK * BLOCK > len(first) // BLOCK * BLOCK
 
 
+def test_requests_admitted_together_hit_what_the_first_stored(runner: Any) -> None:
+    """A burst of one prompt (as n > 1 choices are): the cache is looked up when a prefill
+    starts, not at admission, so all but the first reuse the first one's blocks."""
+    block_bytes = BLOCK * runner.backend.layout.bytes_per_position
+    engine = Scheduler(runner.backend, runner.tokenizer, prefix_cache_bytes=64 * block_bytes,
+                       prefix_block_tokens=BLOCK)
+    req = GenerationRequest(chat(runner, "cat dog sun"), 6, logprobs=1)
+    handles = []
+    for _ in range(3):  # queued before the engine runs: its first iteration admits all three
+        with engine.reserve() as ticket:
+            handles.append(engine.submit(ticket, req))
+    engine.start()
+    try:
+        out = []
+        for h in handles:
+            events = list(h.events(timeout=60))
+            final = events[-1]
+            assert isinstance(final, Finished)
+            text = "".join(e.text for e in events if isinstance(e, TextDelta))
+            lps = [lp for e in events if isinstance(e, TextDelta) for lp in e.logprobs]
+            out.append((text, final, lps + list(final.logprobs)))
+        st = engine.prefix_cache.status()
+    finally:
+        engine.close()
+    for other in out[1:]:
+        same_answer(out[0], other)
+    assert (st["hits"], st["misses"]) == (2, 1)
+
+
 class RecordingBackend:
     """Delegates to the real backend; records every step's (T, slots) and sleeps `delay` in
     decode steps (a device on which decoding takes time)."""

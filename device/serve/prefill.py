@@ -58,6 +58,7 @@ class PrefillJob:
     prompt: np.ndarray  # [1, n] int64
     done: int  # prompt tokens in the slot's cache (prefix-cache hit + chunks run)
     reused: int = 0  # of which copied from the prefix cache
+    started: bool = False  # the prefix cache was looked up (at the first step)
 
     @classmethod
     def of(cls, state: Any, prompt_ids: Sequence[int], reused: int) -> PrefillJob:

@@ -505,15 +505,11 @@ class Scheduler(QueuedEngine):
                       counts=(np.zeros(self.backend.vocab_size, np.int32)
                               if request.params.penalized else None),
                       logprobs=[] if request.logprobs is not None else None)
-        try:
-            reused = self._reuse_prefix(slot, request.prompt_ids)
-        except Exception:  # noqa: BLE001 - a runtime failure must fail this request, not the daemon
-            log.exception("prefix copy failed (request %d, slot %d)", handle.id, slot)
-            self._active[slot] = state
-            self._fail(state, 500, "internal_error", "the model failed while reading the prompt")
-            return
-        self._prefilling[slot] = PrefillJob.of(state, request.prompt_ids, reused)
-        self._ids[slot, 0], self._pos[slot, 0] = 0, reused  # padding where the next chunk writes
+        # the prefix cache is looked up when its prefill starts (_prefill_step), not here: a
+        # request admitted together with another of the same prompt (n > 1 choices, a burst)
+        # then finds the blocks the first one stored
+        self._prefilling[slot] = PrefillJob.of(state, request.prompt_ids, 0)
+        self._ids[slot, 0], self._pos[slot, 0] = 0, 0  # padding where the next chunk writes
 
     def _reuse_prefix(self, slot: int, prompt: Sequence[int]) -> int:
         """Copy the longest cached prefix of prompt into slot; returns its tokens."""
@@ -542,9 +538,13 @@ class Scheduler(QueuedEngine):
     def _prefill_step(self, job: PrefillJob, n: int | None) -> None:
         """Run n prompt tokens of job (None: all that remain); the last one makes it active."""
         state = job.state
-        ids, pos, last = job.chunk(job.remaining if n is None else n)
         t0 = time.perf_counter()
         try:
+            if not job.started:
+                job.started = True
+                job.done = job.reused = self._reuse_prefix(state.slot, state.handle.request.prompt_ids)
+                self._pos[state.slot, 0] = job.done
+            ids, pos, last = job.chunk(job.remaining if n is None else n)
             logits = self.backend.step(ids, pos, [state.slot], last)[0, -1]
         except Exception:  # noqa: BLE001 - a runtime failure must fail this request, not the daemon
             log.exception("prefill failed (request %d, slot %d)", state.handle.id, state.slot)
