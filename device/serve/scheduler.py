@@ -8,14 +8,14 @@
     for event in handle.events(): ...               # TextDelta ... then Finished | Failed
 
 One engine thread owns the backend. Each loop iteration
-  1. admits waiting requests into free slots: each copies the longest prefix of its prompt that
-     the prefix cache holds (device/serve/prefix_cache.py) into its slot, and waits to prefill
-     the rest,
+  1. admits waiting requests into free slots, where they wait to be prefilled,
   2. prefills: while no slot decodes, each waiting prompt in one step (B=1); while others decode,
      at most ONE chunk of the oldest waiting prompt, paced by the decode time (device/serve/
      prefill.py), so a long prompt delays the others' tokens by bounded chunks instead of its
-     whole prefill. A prompt read in full
-     stores its whole blocks in the prefix cache and samples its first token,
+     whole prefill. A prompt's first step copies the longest prefix of it that the prefix cache
+     holds (device/serve/prefix_cache.py) into its slot and reads only the rest; a prompt read
+     in full stores its whole blocks in the prefix cache and samples its first token (prompt
+     and answer are stored again when it finishes),
   3. runs ONE decode step for all active slots together,
   4. samples each row with its request's own seeded generator and streams the text. A row
      with a grammar (response_format, a required tool call) is masked first, and a row with
