@@ -94,3 +94,19 @@ def test_greedy_chat_equals_transformers_generate(smol_daemon: Daemon,
     choice = reply["choices"][0]
     assert choice["message"]["content"] == text
     assert choice["finish_reason"] == finish
+
+
+def test_a_prefix_cache_hit_still_equals_transformers_generate(smol_daemon: Daemon,
+                                                               expected: tuple[str, int, str]) -> None:
+    """The same chat twice: the second copies the prompt's whole 32-token blocks from the prefix
+    cache (the daemon's default) and still answers with transformers' greedy text."""
+    text, prompt_tokens, _ = expected
+    assert prompt_tokens > 32  # at least one whole block precedes the last prompt token
+    c = smol_daemon.client()
+    before = c.get("/v1/status")["prefix_cache"]
+    body = {"messages": MESSAGES, "max_tokens": NEW_TOKENS, "temperature": 0}
+    answers = [c.post("/v1/chat/completions", body)["choices"][0]["message"]["content"]
+               for _ in range(2)]
+    after = c.get("/v1/status")["prefix_cache"]
+    assert answers == [text, text]
+    assert after["hits"] >= before["hits"] + 1 and after["tokens_reused"] > before["tokens_reused"]

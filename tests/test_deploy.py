@@ -621,11 +621,17 @@ def test_deploy_to_the_daemon_switches_what_it_serves(bundles: dict[str, Path], 
     assert first.install.ok and first.held_at_start == 0 and first.sent_bytes == first.total_bytes
     same_files(bundles["a"], daemon.store / "bundles" / first.install.bundle.dir)
     assert daemon.serving() == "tiny-a"
+    long = {"prompt": "hello world " * 20, "max_tokens": 3, "temperature": 0}
+    answers = [daemon.api().post("/v1/completions", long)["choices"][0]["text"] for _ in range(2)]
+    cache = daemon.api().get("/v1/status")["prefix_cache"]
+    assert answers[0] == answers[1] and cache["hits"] == 1 and cache["entries"] > 0
     again = dp.deploy(bundles["a"], "local")  # the device has it: nothing is sent
     assert again.sent_bytes == 0 and again.install.ok
     second = dp.deploy(bundles["b"], "local")
     assert second.install.ok and second.install.previous and second.install.previous.name == "tiny-a"
     assert daemon.serving() == "tiny-b"
+    cache = daemon.api().get("/v1/status")["prefix_cache"]  # the new bundle's: empty
+    assert cache["hits"] == 0 and cache["entries"] == 0 and cache["bytes"] == 0
     broken = dp.deploy(bundles["broken"], "local")  # loads, fails its smoke test: rolled back
     assert not broken.install.ok and broken.install.rolled_back
     assert broken.install.active and broken.install.active.name == "tiny-b"

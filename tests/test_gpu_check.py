@@ -34,8 +34,9 @@ def load(name: str) -> types.ModuleType:
 
 gpu_check = load("gpu_check")
 fetch = load("fetch_gpu_deps")
-CHECKS = ["context", "allocate_float32", "kv_writes_float32", "allocate_float16", "kv_writes_float16",
-          "events", "mem_get_info", "memory_report", "close_float32", "close_float16", "tegrastats"]
+CHECKS = ["context", "allocate_float32", "kv_writes_float32", "kv_blocks_float32", "allocate_float16",
+          "kv_writes_float16", "kv_blocks_float16", "events", "mem_get_info", "memory_report",
+          "close_float32", "close_float16", "tegrastats"]
 
 
 @pytest.fixture

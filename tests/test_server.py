@@ -323,6 +323,27 @@ def test_metrics_parse_and_count(daemon: Daemon) -> None:
     assert after["toolkit_num_requests_running"] == 0 and after["process_resident_memory_bytes"] > 1e6
 
 
+def test_a_prefix_cache_hit_answers_like_a_cold_request(daemon: Daemon) -> None:
+    """The daemon's default prefix cache (32-token blocks): the same 40-token prompt again reuses
+    its first block; text and logprobs equal the cold answer's. Counted in /v1/status and /metrics."""
+    c = daemon.client()
+    body = {"prompt": "edge device model token stream " * 8 + "cat", "max_tokens": 12,
+            "temperature": 0, "logprobs": 3}
+    before, status_before = scrape(daemon), status(daemon)["prefix_cache"]
+    cold, warm = c.post("/v1/completions", body), c.post("/v1/completions", body)
+    after, cache = scrape(daemon), status(daemon)["prefix_cache"]
+    assert cold["usage"]["prompt_tokens"] > 33
+    assert cold["choices"][0]["text"] == warm["choices"][0]["text"]
+    lp_cold, lp_warm = cold["choices"][0]["logprobs"], warm["choices"][0]["logprobs"]
+    assert lp_cold["tokens"] == lp_warm["tokens"]
+    assert max(abs(a - b) for a, b in zip(lp_cold["token_logprobs"], lp_warm["token_logprobs"])) < 1e-4
+    assert cache["hits"] >= status_before["hits"] + 1 and cache["tokens_reused"] >= 32
+    assert cache["budget_bytes"] == 64 << 20 and 0 < cache["bytes"] <= cache["budget_bytes"]
+    assert after["toolkit_prefix_cache_hits_total"] - before["toolkit_prefix_cache_hits_total"] >= 1
+    assert after["toolkit_prefix_cache_reused_tokens_total"] >= 32
+    assert after["toolkit_prefix_cache_entries"] == cache["entries"] > 0
+
+
 # --- admission, disconnects ------------------------------------------------------------------
 
 def test_queue_overflow_is_refused_at_once_with_503(slow_daemon: Daemon) -> None:

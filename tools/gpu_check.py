@@ -17,6 +17,8 @@ TensorRT, through the backend's own methods (EnginelessBackend below leaves only
                  each scenario compared byte for byte with device/runtime/kvcache.py StaticKVCache;
                  _cache_pointers: a slot run binds in place, any other selection is gathered
                  into staging, compared with StaticKVCache.rows
+  kv_blocks      read_kv / write_kv (the prefix cache's device-to-device block copies) for fp32
+                 and fp16, compared with StaticKVCache.read_block / write_block; release frees
   events         CUDA events around a device-to-device copy: time_till and the copy bandwidth
   mem_get_info   TrtDecoderBackend.memory(), and torch.cuda.mem_get_info for comparison
   memory_report  device/runtime/bench.py gpu_reader + MemorySampler: the GPU half of the report
@@ -78,6 +80,9 @@ SCENARIOS: tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...] = (
 GATHER = (3, 1)  # not a run: gathered into staging
 RUN = (1, 2)  # a run: bound in place at slot 1's row
 COPY_BYTES = 256 << 20  # the event-timed device-to-device copy
+# (slot, lo, hi) read as a block, then written to (slot, lo): a block moved to another slot and
+# position, one at position 0, one ending at the last position
+BLOCK_MOVES = (((1, 5, 13), (2, 40)), ((3, 0, 32), (0, 32)), ((2, 48, 64), (3, 0)))
 
 
 class CheckError(Exception):
@@ -368,6 +373,41 @@ def check_memory_report(cuda: ModuleType, b: EnginelessBackend) -> dict[str, Any
     return {**reports, "ok": ok}
 
 
+def check_kv_blocks(cuda: ModuleType, b: EnginelessBackend) -> dict[str, Any]:
+    """Each BLOCK_MOVES read and write on the device and on a host copy of its cache, then the
+    whole cache compared; every block released returns its memory."""
+    ref = StaticKVCache(b.layout, b.slots)
+    b._cuda_ctx.push()
+    try:
+        for buf, host in zip(b._cache, ref.buffers):
+            host[:] = np.frombuffer(read_device(cuda, int(buf), host), host.dtype).reshape(host.shape)
+        free_before = cuda.mem_get_info()[0]
+    finally:
+        cuda.Context.pop()
+    moves = []
+    for (slot, lo, hi), (to, at) in BLOCK_MOVES:
+        block = b.read_kv(slot, lo, hi)
+        b.write_kv(to, at, block)
+        ref.write_block(to, at, ref.read_block(slot, lo, hi))
+        b._cuda_ctx.push()
+        try:
+            b._stream.synchronize()
+            bad = [i for i, (buf, want) in enumerate(zip(b._cache, ref.buffers))
+                   if read_device(cuda, int(buf), want) != want.tobytes()]
+        finally:
+            cuda.Context.pop()
+        block.release()
+        moves.append({"read": [slot, lo, hi], "write": [to, at], "bytes": block.nbytes,
+                      "mismatch_buffers": bad})
+    b._cuda_ctx.push()
+    try:
+        freed = cuda.mem_get_info()[0] == free_before
+    finally:
+        cuda.Context.pop()
+    return {"moves": moves, "released_all": freed and not b._blocks,
+            "ok": not any(m["mismatch_buffers"] for m in moves) and not b._blocks}
+
+
 def check_close(b: EnginelessBackend) -> dict[str, Any]:
     b.close()
     m = b.memory()
@@ -406,6 +446,7 @@ def run_checks(cuda: ModuleType, torch_info: Callable[[], Any] | None = None) ->
         record(f"allocate_{dtype}", make)
         if dtype in backends:
             record(f"kv_writes_{dtype}", partial(check_kv_writes, cuda, backends[dtype]))
+            record(f"kv_blocks_{dtype}", partial(check_kv_blocks, cuda, backends[dtype]))
     main = backends.get("float32")
     if main is not None:
         record("events", lambda: check_events(cuda, main, COPY_BYTES))

@@ -9,6 +9,13 @@ the static-kv-v1 contract for some slots and writes their new keys/values into t
 
 Row b of the step belongs to slot slot_ids[b]; its tokens sit at position_ids[b, 0] .. +T-1.
 The returned array may be a reused buffer: read it before the next step.
+
+Two copies serve the daemon's prefix cache (device/serve/prefix_cache.py), in the cache's own
+dtype and memory (host arrays for ONNX Runtime, device memory for TensorRT):
+
+    block = backend.read_kv(slot, lo, hi)       # keys/values of positions lo..hi-1 of a slot
+    backend.write_kv(slot, lo, block)           # the same rows into (another) slot at lo
+    block.release()                             # its memory back (device memory on TensorRT)
 """
 
 from __future__ import annotations
@@ -17,6 +24,19 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+
+class KVBlock(Protocol):
+    """Keys and values of `tokens` consecutive positions of one slot, for every layer, copied
+    out of the cache; `nbytes` is the memory it holds."""
+
+    @property
+    def tokens(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def release(self) -> None: ...
 
 
 @runtime_checkable
@@ -28,6 +48,10 @@ class DecoderBackend(Protocol):
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],
              logits_index: np.ndarray | None = None) -> np.ndarray: ...
+
+    def read_kv(self, slot: int, lo: int, hi: int) -> KVBlock: ...
+
+    def write_kv(self, slot: int, lo: int, block: KVBlock) -> None: ...
 
     def kv_cache_bytes(self) -> int: ...
 

@@ -9,10 +9,30 @@ bundle/contract.py), so stale entries beyond it never need clearing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from bundle.contract import KVCacheLayout
+
+
+@dataclass
+class HostKVBlock:
+    """Positions lo..hi-1 of one slot copied out of every buffer: data [2L, Hkv, T, D] in the
+    cache's dtype, buffers in the cache's order (K0, V0, K1, ...). A KVBlock (backend.py)."""
+
+    data: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        return int(self.data.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def release(self) -> None:
+        pass  # host memory: dropping the last reference frees it
 
 
 class StaticKVCache:
@@ -56,3 +76,18 @@ class StaticKVCache:
         for b, (slot, start) in enumerate(zip(slot_ids, starts)):
             for buf, n in zip(self.buffers, new):
                 buf[slot, :, start:start + T, :] = n[b]
+
+    def read_block(self, slot: int, lo: int, hi: int) -> HostKVBlock:
+        """cache[slot, :, lo:hi, :] of every buffer, copied: a strided slice (Hkv rows of
+        (hi-lo)*D contiguous elements each) per buffer into one packed array."""
+        L = self.layout
+        data = np.empty((len(self.buffers), L.kv_heads, hi - lo, L.head_dim), np.dtype(L.dtype))
+        for i, buf in enumerate(self.buffers):
+            data[i] = buf[slot, :, lo:hi, :]
+        return HostKVBlock(data)
+
+    def write_block(self, slot: int, lo: int, block: HostKVBlock) -> None:
+        """The inverse of read_block: cache[slot, :, lo:lo+T, :] = block, every buffer."""
+        T = block.tokens
+        for buf, rows in zip(self.buffers, block.data):
+            buf[slot, :, lo:lo + T, :] = rows

@@ -22,7 +22,8 @@ import numpy as np
 
 from bundle.contract import KVCacheLayout, new_names, past_names, present_names
 from bundle.errors import ToolkitError
-from device.runtime.kvcache import StaticKVCache
+from device.runtime.backend import KVBlock
+from device.runtime.kvcache import HostKVBlock, StaticKVCache
 
 
 def session_options(threads: int | None) -> Any:
@@ -152,6 +153,15 @@ class OrtDecoderBackend:
         pos[:] = position_ids
         self.session.run_with_iobinding(binding)
         return outs[0]
+
+    def read_kv(self, slot: int, lo: int, hi: int) -> HostKVBlock:
+        """Positions lo..hi-1 of a slot, every layer (the prefix cache's block)."""
+        return self.cache.read_block(slot, lo, hi)
+
+    def write_kv(self, slot: int, lo: int, block: KVBlock) -> None:
+        if not isinstance(block, HostKVBlock):
+            raise TypeError(f"a {type(block).__name__} is not this backend's block")
+        self.cache.write_block(slot, lo, block)
 
     def kv_cache_bytes(self) -> int:
         return self.cache.nbytes

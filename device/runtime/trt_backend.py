@@ -39,6 +39,12 @@ floats, not max_seq x V (400 MB for a 49k vocabulary at 2048). A prefill of seve
 row by row (the prefill profile has batch 1). A decode step (T = 1) always gets logits_index
 [0], as in the ONNX Runtime backend.
 
+Prefix-cache blocks (read_kv / write_kv, device/serve/prefix_cache.py) live in device memory, one
+allocation per block holding each cache buffer's [Hkv, T, D] rows packed; reading is one strided
+Memcpy2D per buffer (block_read_copy), writing the same copy as a step's new rows (slice_copies),
+both on the step's stream, so they are ordered with the steps without a synchronize. Blocks are
+not part of BufferPlan: the prefix cache's byte budget bounds them, and close() frees any left.
+
 Contexts. pycuda retains the device's primary context - the one the CUDA runtime, and so
 TensorRT, uses (§4) - and pushes it around every call, so the backend works from whichever
 thread the daemon calls it on.
@@ -58,6 +64,7 @@ import numpy as np
 
 from bundle.contract import KVCacheLayout, new_names, past_names
 from bundle.errors import ToolkitError
+from device.runtime.backend import KVBlock
 from device.runtime.procmem import mem_available
 from device.runtime.trt_build import DECODE, PREFILL, shape_of
 
@@ -167,6 +174,18 @@ def slice_copies(slot_ids: Sequence[int], starts: Sequence[int], seq: int, kv_he
     return copies
 
 
+def block_read_copy(slot: int, lo: int, seq: int, kv_heads: int, max_seq: int, head_dim: int,
+                    itemsize: int) -> Copy2D:
+    """The copy reading cache[slot, :, lo:lo+seq, :] into a packed block [Hkv, seq, D] (the
+    prefix cache's); the write back is slice_copies([slot], [lo], seq, ...), whose source is
+    packed the same way. height = Hkv rows of seq*D*elt bytes; src pitch = S*D*elt."""
+    check_fits(lo, seq, max_seq)
+    width = seq * head_dim * itemsize
+    pitch = max_seq * head_dim * itemsize
+    return Copy2D(slot * kv_heads * pitch + lo * head_dim * itemsize, 0, pitch, width, 0, width,
+                  kv_heads)
+
+
 def check_fits(start: int, seq: int, max_seq: int) -> None:
     if start < 0 or start + seq > max_seq:
         raise ToolkitError(f"tokens {start}..{start + seq - 1} do not fit a cache of {max_seq} "
@@ -223,6 +242,18 @@ def _np_dtype(dtype: trt.DataType) -> np.dtype[Any]:
     return np.dtype(table[dtype])
 
 
+class DeviceKVBlock:
+    """A prefix-cache block in device memory: one allocation holding, for each cache buffer in
+    order (K0, V0, K1, ...), its [Hkv, tokens, D] rows, packed. A KVBlock (backend.py)."""
+
+    def __init__(self, backend: TrtDecoderBackend, alloc: cuda.DeviceAllocation, tokens: int,
+                 nbytes: int) -> None:
+        self.backend, self.alloc, self.tokens, self.nbytes = backend, alloc, tokens, nbytes
+
+    def release(self) -> None:
+        self.backend._release_block(self)
+
+
 class TrtDecoderBackend:
     kind = "tensorrt"
 
@@ -236,6 +267,7 @@ class TrtDecoderBackend:
         self.past, self.new = past_names(layout.num_layers), new_names(layout.num_layers)
         self.last_step_ms: float | None = None
         self._allocs: list[cuda.DeviceAllocation] = []
+        self._blocks: set[DeviceKVBlock] = set()  # prefix-cache blocks alive (freed by close too)
         self._host: list[np.ndarray[Any, Any]] = []
         self._closed = False
         cuda.init()
@@ -458,17 +490,77 @@ class TrtDecoderBackend:
 
     def _write_new(self, slots: list[int], starts: list[int], T: int) -> None:
         """new_X.{i} [B,Hkv,T,D] -> cache X.{i}[slot, :, start:start+T, :], on the step's stream."""
-        L, m = self.layout, self._copier
+        L = self.layout
         copies = slice_copies(slots, starts, T, L.kv_heads, L.max_seq, L.head_dim,
                               self.plan.kv_itemsize)
         for dst, src in zip(self._cache, self._new):
             for c in copies:
-                m.set_src_device(int(src) + c.src_offset)
-                m.src_pitch = c.src_pitch
-                m.set_dst_device(int(dst) + c.dst_offset)
-                m.dst_pitch, m.dst_x_in_bytes = c.dst_pitch, c.dst_x_in_bytes
-                m.width_in_bytes, m.height = c.width_in_bytes, c.height
-                m(self._stream)
+                self._copy2d(int(src), int(dst), c)
+
+    def _copy2d(self, src: int, dst: int, c: Copy2D) -> None:
+        """Enqueue one Memcpy2D on the step's stream (offsets relative to src and dst)."""
+        m = self._copier
+        m.set_src_device(src + c.src_offset)
+        m.src_pitch = c.src_pitch
+        m.set_dst_device(dst + c.dst_offset)
+        m.dst_pitch, m.dst_x_in_bytes = c.dst_pitch, c.dst_x_in_bytes
+        m.width_in_bytes, m.height = c.width_in_bytes, c.height
+        m(self._stream)
+
+    # prefix-cache blocks (device-to-device, on the step's stream: ordered with the steps) ----
+    def _block_part(self, tokens: int) -> int:
+        """Bytes of one buffer's rows in a block: [Hkv, tokens, D]."""
+        L = self.layout
+        return L.kv_heads * tokens * L.head_dim * self.plan.kv_itemsize
+
+    def read_kv(self, slot: int, lo: int, hi: int) -> DeviceKVBlock:
+        """Positions lo..hi-1 of a slot, every buffer, into a new device allocation."""
+        import pycuda.driver as cuda
+
+        if self._closed:
+            raise ToolkitError("the TensorRT backend is closed")
+        L, T = self.layout, hi - lo
+        part = self._block_part(T)
+        c = block_read_copy(slot, lo, T, L.kv_heads, L.max_seq, L.head_dim, self.plan.kv_itemsize)
+        self._cuda_ctx.push()
+        try:
+            alloc = cuda.mem_alloc(max(part * len(self._cache), 1))
+            for i, buf in enumerate(self._cache):
+                self._copy2d(int(buf), int(alloc) + i * part, c)
+        finally:
+            cuda.Context.pop()
+        block = DeviceKVBlock(self, alloc, T, part * len(self._cache))
+        self._blocks.add(block)
+        return block
+
+    def write_kv(self, slot: int, lo: int, block: KVBlock) -> None:
+        """A block from read_kv into a slot at lo: the same strided copy as a step's new rows."""
+        import pycuda.driver as cuda
+
+        if not isinstance(block, DeviceKVBlock) or block not in self._blocks:
+            raise TypeError("the block is not a live block of this backend")
+        L, T = self.layout, block.tokens
+        part = self._block_part(T)
+        (c,) = slice_copies([slot], [lo], T, L.kv_heads, L.max_seq, L.head_dim, self.plan.kv_itemsize)
+        self._cuda_ctx.push()
+        try:
+            for i, buf in enumerate(self._cache):
+                self._copy2d(int(block.alloc) + i * part, int(buf), c)
+        finally:
+            cuda.Context.pop()
+
+    def _release_block(self, block: DeviceKVBlock) -> None:
+        import pycuda.driver as cuda
+
+        if block not in self._blocks:
+            return  # released before, or freed by close()
+        self._blocks.discard(block)
+        self._cuda_ctx.push()
+        try:
+            self._stream.synchronize()  # no copy from or into it may still be queued
+            block.alloc.free()
+        finally:
+            cuda.Context.pop()
 
     # reporting and teardown -----------------------------------------------------------------
     def kv_cache_bytes(self) -> int:
@@ -519,6 +611,9 @@ class TrtDecoderBackend:
         for buf in self._allocs:
             buf.free()
         self._allocs.clear()
+        for block in getattr(self, "_blocks", ()):
+            block.alloc.free()
+        self._blocks = set()
         for arr in self._host:
             base = getattr(arr, "base", None)
             if base is not None and hasattr(base, "free"):

@@ -17,6 +17,28 @@ SWAP_MODES = ("auto", "hot", "cold")  # see device/store/swap.py
 # auto = batched when the backend proves batch-invariant at start, else per-row.
 DECODE_MODES = ("auto", "batched", "per-row")
 
+# The prefix cache's default budget (device/serve/prefix_cache.py): a fixed 64 MiB, not a share
+# of the KV cache, so what it adds to the daemon's memory is known before the bundle is (an 8 GB
+# board's budget is set per process). It holds ~1,450 tokens of SmolLM2-135M's fp32 KV (46 KB a
+# token: two 600-token system prompts), ~2,000 of an fp16 1B Llama's.
+PREFIX_CACHE_MB = 64
+
+
+def parse_prefill_chunk(text: str) -> int | None:
+    """--prefill-chunk: "auto" (None: sized by time, device/serve/prefill.py), "off" (0), or a
+    number of tokens."""
+    if text == "auto":
+        return None
+    if text == "off":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ToolkitError(f"--prefill-chunk {text!r} is not auto, off or a number of tokens")
+    return n
+
 
 @dataclass
 class ServeConfig:
@@ -41,6 +63,8 @@ class ServeConfig:
     tls_key: Path | None = None  # its PEM private key
     max_connections: int = MAX_CONNECTIONS  # per listener; one more is refused at once
     socket_group: str | None = None  # the Unix socket is 0660 for this group (else 0600)
+    prefix_cache_mb: int = PREFIX_CACHE_MB  # KV rows of recent prompt prefixes; 0: off
+    prefill_chunk: int | None = None  # tokens per interleaved prefill chunk; None: auto, 0: off
 
     def __post_init__(self) -> None:
         if self.slots is not None and self.slots < 1:
@@ -68,6 +92,11 @@ class ServeConfig:
             raise ToolkitError("--serial needs --token-file: the serial link authenticates every session "
                                "with the token",
                                hint="write a random token to a file (chmod 600) and pass it")
+        if self.prefix_cache_mb < 0:
+            raise ToolkitError(f"--prefix-cache-mb must be 0 (off) or more (got {self.prefix_cache_mb})")
+        if self.prefill_chunk is not None and self.prefill_chunk < 0:
+            raise ToolkitError(f"--prefill-chunk must be auto, off or a number of tokens "
+                               f"(got {self.prefill_chunk})")
         if self.socket_group is not None:
             self.socket_gid  # noqa: B018 - an unknown group is refused before anything starts
         if self.tcp and not self.token_file:

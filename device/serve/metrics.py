@@ -131,8 +131,17 @@ class ServingMetrics:
         self.generation_tokens = Counter("generation_tokens_total", "Tokens generated.")
         self.success = Counter("request_success_total", "Requests finished, by finished_reason.")
         self.failure = Counter("request_failure_total", "Requests that failed or were refused, by reason.")
+        self.prefix_hits = Counter("prefix_cache_hits_total",
+                                   "Prompts that reused cached KV rows of a prefix.")
+        self.prefix_misses = Counter("prefix_cache_misses_total",
+                                     "Prompts that found no cached prefix (prefix cache on).")
+        self.prefix_tokens = Counter("prefix_cache_reused_tokens_total",
+                                     "Prompt tokens copied from the prefix cache instead of computed.")
+        self.prefill_chunks = Counter("prefill_chunks_total",
+                                      "Prompt chunks prefilled between other requests' decode steps.")
         for m in (self.ttft, self.tpot, self.e2e, self.queue, self.prompt_tokens,
-                  self.generation_tokens, self.success, self.failure):
+                  self.generation_tokens, self.success, self.failure, self.prefix_hits,
+                  self.prefix_misses, self.prefix_tokens, self.prefill_chunks):
             self.registry.add(m)
 
     def add_gauges(self, gauges: Iterable[Gauge]) -> None:

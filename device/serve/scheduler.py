@@ -8,9 +8,16 @@
     for event in handle.events(): ...               # TextDelta ... then Finished | Failed
 
 One engine thread owns the backend. Each loop iteration
-  1. admits waiting requests into free slots, one prefill at a time (B=1),
-  2. runs ONE decode step for all active slots together,
-  3. samples each row with its request's own seeded generator and streams the text. A row
+  1. admits waiting requests into free slots, where they wait to be prefilled,
+  2. prefills: while no slot decodes, each waiting prompt in one step (B=1); while others decode,
+     at most ONE chunk of the oldest waiting prompt, paced by the decode time (device/serve/
+     prefill.py), so a long prompt delays the others' tokens by bounded chunks instead of its
+     whole prefill. A prompt's first step copies the longest prefix of it that the prefix cache
+     holds (device/serve/prefix_cache.py) into its slot and reads only the rest; a prompt read
+     in full stores its whole blocks in the prefix cache and samples its first token (prompt
+     and answer are stored again when it finishes),
+  3. runs ONE decode step for all active slots together,
+  4. samples each row with its request's own seeded generator and streams the text. A row
      with a grammar (response_format, a required tool call) is masked first, and a row with
      presence/frequency penalties penalized first: both touch only that row's logits [V], so
      constrained, penalized and free requests share one batched step.
@@ -29,8 +36,10 @@ The batched step covers the contiguous span of slots lo..hi that holds every act
 slots are handed out lowest first, which keeps the span short). A contiguous span is a view of
 the cache, so the backend neither gathers nor copies; rows of free slots inside the span are
 padding (token 0 at position 0: they write position 0 of a free slot, which the next prefill of
-that slot overwrites). Token ids and positions live in two [slots, 1] arrays allocated here
-once, so a decode step allocates nothing beyond the backend's own preallocated buffers.
+that slot overwrites). A slot still prefilling is padding too, at the position its next chunk
+writes (which that chunk then overwrites), never at a position it already holds. Token ids
+and positions live in two [slots, 1] arrays allocated here once, so a decode step allocates
+nothing beyond the backend's own preallocated buffers.
 """
 
 from __future__ import annotations
@@ -58,6 +67,8 @@ from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
 from device.serve.config import DECODE_MODES
 from device.serve.metrics import ServingMetrics
+from device.serve.prefill import ChunkSizer, PrefillJob
+from device.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
 
 log = logging.getLogger("toolkit.daemon")
 
@@ -365,7 +376,11 @@ class Scheduler(QueuedEngine):
     """Continuous batching over a decoder backend's slots (see the module docstring)."""
 
     def __init__(self, backend: DecoderBackend, tokenizer: BundleTokenizer, queue_limit: int = 16,
-                 metrics: ServingMetrics | None = None, decode_mode: str = "auto") -> None:
+                 metrics: ServingMetrics | None = None, decode_mode: str = "auto",
+                 prefix_cache_bytes: int = 0, prefill_chunk: int | None = None,
+                 prefix_block_tokens: int = BLOCK_TOKENS) -> None:
+        """prefix_cache_bytes: the prefix cache's budget (0: off); prefill_chunk: tokens per
+        interleaved prefill chunk (None: sized by time, 0: off), device/serve/prefill.py."""
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode {decode_mode!r} is not one of {DECODE_MODES}")
         self.backend, self.tokenizer = backend, tokenizer
@@ -386,6 +401,9 @@ class Scheduler(QueuedEngine):
         self._ids = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] next token per slot
         self._pos = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] its position
         self._abort = False
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block_tokens)
+        self.chunks = ChunkSizer(prefill_chunk)
+        self._prefilling: dict[int, PrefillJob] = {}  # slot -> job, oldest first
 
     # -- called from HTTP threads --
 
@@ -411,10 +429,16 @@ class Scheduler(QueuedEngine):
 
     @property
     def running(self) -> int:
-        return len(self._active)
+        return len(self._active) + len(self._prefilling)
 
     def tokens_in_cache(self) -> int:
-        return sum(s.pos for s in list(self._active.values()))
+        return (sum(s.pos for s in list(self._active.values()))
+                + sum(j.done for j in list(self._prefilling.values())))
+
+    def close(self, timeout: float = 10.0) -> None:
+        super().close(timeout)
+        if not self._thread.is_alive():  # the engine thread no longer copies from the blocks
+            self.prefix_cache.clear()
 
     def abort_all(self) -> None:
         """End every request now: running ones finish with "abort", queued ones fail (503)."""
@@ -436,7 +460,8 @@ class Scheduler(QueuedEngine):
         while True:
             with self.admission.lock:
                 self.admission.changed.wait_for(
-                    lambda: self._stop or self._abort or self._waiting or self._active)
+                    lambda: self._stop or self._abort or self._waiting or self._active
+                    or self._prefilling)
                 stop, abort = self._stop, self._abort or self._stop
                 self._abort = False
                 dropped = list(self._waiting) if abort else []
@@ -444,6 +469,7 @@ class Scheduler(QueuedEngine):
                     self._waiting.clear()
                 admit = [] if abort else self._take_admissible()
             if abort:
+                self._drop_prefills()
                 self._abort_now(dropped, "the daemon stopped" if stop else "the daemon is shutting down")
                 if stop:
                     return
@@ -451,8 +477,11 @@ class Scheduler(QueuedEngine):
             for handle in admit:
                 self._admit(handle)
             self._reap_cancelled()
+            self._prefill()
             if self._active:
+                t0 = time.perf_counter()
                 self._decode()
+                self.chunks.observe_decode(time.perf_counter() - t0)
 
     def _take_admissible(self) -> list[RequestHandle]:
         taken: list[RequestHandle] = []
@@ -476,16 +505,107 @@ class Scheduler(QueuedEngine):
                       counts=(np.zeros(self.backend.vocab_size, np.int32)
                               if request.params.penalized else None),
                       logprobs=[] if request.logprobs is not None else None)
-        self._active[slot] = state
+        # the prefix cache is looked up when its prefill starts (_prefill_step), not here: a
+        # request admitted together with another of the same prompt (n > 1 choices, a burst)
+        # then finds the blocks the first one stored
+        self._prefilling[slot] = PrefillJob.of(state, request.prompt_ids, 0)
+        self._ids[slot, 0], self._pos[slot, 0] = 0, 0  # padding where the next chunk writes
+
+    def _reuse_prefix(self, slot: int, prompt: Sequence[int]) -> int:
+        """Copy the longest cached prefix of prompt into slot; returns its tokens."""
+        if not self.prefix_cache.enabled:
+            return 0
+        blocks = self.prefix_cache.lookup(prompt)
+        B = self.prefix_cache.block_tokens
+        for i, block in enumerate(blocks):
+            self.backend.write_kv(slot, i * B, block)
+        if blocks:
+            self.metrics.prefix_hits.inc()
+            self.metrics.prefix_tokens.inc(len(blocks) * B)
+        else:
+            self.metrics.prefix_misses.inc()
+        return len(blocks) * B
+
+    def _prefill(self) -> None:
+        """Step 2 of the module docstring: every waiting prompt in one step while no slot
+        decodes, else one chunk of the oldest."""
+        while self._prefilling and not self._active:
+            self._prefill_step(next(iter(self._prefilling.values())), None)
+        if self._prefilling and self._active and self.chunks.ready():
+            job = next(iter(self._prefilling.values()))
+            self._prefill_step(job, self.chunks.size(job.remaining) if self.chunks.enabled else None)
+
+    def _prefill_step(self, job: PrefillJob, n: int | None) -> None:
+        """Run n prompt tokens of job (None: all that remain); the last one makes it active."""
+        state = job.state
+        t0 = time.perf_counter()
         try:
-            logits = prefill(self.backend, request.prompt_ids, slot)
+            if not job.started:
+                job.started = True
+                job.done = job.reused = self._reuse_prefix(state.slot, state.handle.request.prompt_ids)
+                self._pos[state.slot, 0] = job.done
+            ids, pos, last = job.chunk(job.remaining if n is None else n)
+            logits = self.backend.step(ids, pos, [state.slot], last)[0, -1]
         except Exception:  # noqa: BLE001 - a runtime failure must fail this request, not the daemon
-            log.exception("prefill failed (request %d, slot %d)", handle.id, slot)
+            log.exception("prefill failed (request %d, slot %d)", state.handle.id, state.slot)
+            del self._prefilling[state.slot]
+            self._active[state.slot] = state
             self._fail(state, 500, "internal_error", "the model failed while reading the prompt")
             return
+        self.chunks.observe_prefill(ids.shape[1], time.perf_counter() - t0,
+                                    chunked=ids.shape[1] < job.total - job.reused)
+        job.done += ids.shape[1]
+        self._pos[state.slot, 0] = job.done
+        if n is not None:
+            self.metrics.prefill_chunks.inc()
+        if job.remaining:
+            return
+        del self._prefilling[state.slot]
+        self._active[state.slot] = state
         state.prefilled = time.monotonic()
-        self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+        self.metrics.prompt_tokens.inc(job.total)
+        logits = logits.copy()  # may be the backend's reused buffer
+        try:
+            self.prefix_cache.insert(job.prompt[0].tolist(),
+                                     lambda lo, hi: self.backend.read_kv(state.slot, lo, hi))
+        except Exception:  # noqa: BLE001 - a cache that cannot store leaves the request unharmed
+            log.exception("storing the prompt of request %d in the prefix cache failed",
+                          state.handle.id)
         self._accept_row(state, logits)
+
+    def _store_output(self, state: _Slot) -> None:
+        """Put the whole blocks of prompt + output into the prefix cache, so the next turn of a
+        chat (this prompt, this answer, a new question) hits them too. The slot's cache holds
+        positions < state.pos: the prompt and the generated tokens but the last (sampled, never
+        stepped), which the stream decoder still lists (a stop token it never saw)."""
+        prompt = state.handle.request.prompt_ids
+        written = state.pos - len(prompt)
+        out = state.decoder.ids
+        if (not self.prefix_cache.enabled or written < 0 or len(out) < written
+                or len(out) not in (state.generated, state.generated - 1)):
+            return  # not the bookkeeping described above: store nothing rather than guess
+        try:
+            self.prefix_cache.insert([*prompt, *out[:written]],
+                                     lambda lo, hi: self.backend.read_kv(state.slot, lo, hi))
+        except Exception:  # noqa: BLE001 - a cache that cannot store leaves the request unharmed
+            log.exception("storing request %d in the prefix cache failed", state.handle.id)
+
+    def _drop_prefills(self, cancelled_only: bool = False) -> None:
+        """Free the slots of prefilling requests: the cancelled ones (client gone), or all of
+        them (abort: they fail like queued requests, having produced nothing)."""
+        for job in list(self._prefilling.values()):
+            state = job.state
+            if cancelled_only and not state.handle.cancelled:
+                continue
+            del self._prefilling[state.slot]
+            self._active[state.slot] = state  # _free_slot's bookkeeping expects it there
+            if state.handle.cancelled:
+                log.info("request %d cancelled while prefilling; slot %d freed", state.handle.id,
+                         state.slot)
+                self.metrics.failure.inc(reason="client_disconnect")
+                self._free_slot(state)
+            else:
+                self._fail(state, 503, "draining", "the daemon is shutting down")
 
     def _decode(self) -> None:
         try:
@@ -575,6 +695,7 @@ class Scheduler(QueuedEngine):
         self.metrics.success.inc(finished_reason=reason)
         state.handle.put(Finished(reason, stop_reason, Usage(prompt_n, state.generated), timings,
                                   self._take_logprobs(state)))
+        self._store_output(state)
         self._free_slot(state)
 
     @staticmethod
@@ -598,6 +719,7 @@ class Scheduler(QueuedEngine):
         self.admission.release()
 
     def _reap_cancelled(self) -> None:
+        self._drop_prefills(cancelled_only=True)
         for state in [s for s in self._active.values() if s.handle.cancelled]:
             log.info("request %d cancelled (client gone); slot %d freed", state.handle.id, state.slot)
             self.metrics.failure.inc(reason="client_disconnect")

@@ -206,7 +206,9 @@ class Daemon:
         if runner.is_decoder:
             if runner.tokenizer is None:
                 raise ToolkitError(f"{path} has no tokenizer; the daemon cannot serve text")
-            return Scheduler(runner.backend, runner.tokenizer, cfg.queue, self.metrics, cfg.decode_mode)
+            return Scheduler(runner.backend, runner.tokenizer, cfg.queue, self.metrics, cfg.decode_mode,
+                             prefix_cache_bytes=cfg.prefix_cache_mb << 20,
+                             prefill_chunk=cfg.prefill_chunk)
         if runner.manifest.kind == "encoder":
             return EmbeddingEngine(runner.backend, runner.manifest.pooling, cfg.queue, self.metrics)
         raise ToolkitError(f"{path} is a {runner.manifest.kind} bundle; the daemon serves "
@@ -637,6 +639,9 @@ class Daemon:
         rec["memory"]["kv_cache_bytes"] = kv
         rec["scheduler"] = {"slots": engine.slots, "running": engine.running, "waiting": engine.waiting,
                             "queue_limit": engine.admission.queue_limit, "decode_mode": engine.decode_mode}
+        if runner.is_decoder:
+            rec["scheduler"].update(engine.chunks.describe())
+            rec["prefix_cache"] = engine.prefix_cache.status()
         return rec
 
     def prometheus(self, h: Handler) -> None:
@@ -652,6 +657,7 @@ class Daemon:
             Gauge("kv_slots_total", "KV cache slots.", lambda: engine.slots),
             Gauge("kv_cache_usage_ratio", "Cache positions holding tokens / all positions (0..1).",
                   lambda: engine.tokens_in_cache() / capacity if capacity else 0.0),
+            *self._prefix_gauges(engine),
             Gauge("process_resident_memory_bytes", "Resident set size of the daemon.",
                   lambda: process_rss()[0],
                   prefixed=False),
@@ -660,6 +666,15 @@ class Daemon:
                    "source_sha256": m.source.sha256 or ""}),
         ]
         self.metrics.set_gauges(gauges)
+
+    def _prefix_gauges(self, engine: Any) -> list[Gauge]:
+        if not self.runner.is_decoder:
+            return []
+        cache = engine.prefix_cache  # the served bundle's: a swap brings a new, empty one
+        return [Gauge("prefix_cache_bytes", "Memory held by cached prefix KV rows.", lambda: cache.bytes),
+                Gauge("prefix_cache_budget_bytes", "The prefix cache's budget (--prefix-cache-mb).",
+                      lambda: cache.budget_bytes),
+                Gauge("prefix_cache_entries", "Prefix blocks held.", lambda: cache.entries)]
 
 
 # --- the process -----------------------------------------------------------------------------

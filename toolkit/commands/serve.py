@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from device.serve.config import DECODE_MODES, SWAP_MODES, ServeConfig
+from device.serve.config import DECODE_MODES, SWAP_MODES, ServeConfig, parse_prefill_chunk
 from toolkit.options import threads_option
 
 _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclass
@@ -41,6 +41,14 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
 @click.option("--decode-mode", type=click.Choice(DECODE_MODES), default=_D.decode_mode,
               show_default=True,
               help="auto: batch decode steps when the backend proves batch-invariant at start.")
+@click.option("--prefix-cache-mb", type=int, default=_D.prefix_cache_mb, show_default=True,
+              help="Memory for the KV rows of recent prompt prefixes (a shared system prompt is "
+                   "computed once, then copied); 0: off.")
+@click.option("--prefill-chunk", default="auto", show_default=True, metavar="auto|off|N",
+              help="A prompt arriving while others decode is read in chunks between their steps: "
+                   "auto sizes and paces them by measured time (the others' time per token stays "
+                   "under 1.8x), N takes N tokens every step, off reads it at once (the others "
+                   "wait).")
 @click.option("--store", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Serve the active bundle of this store and accept `toolkit deploy` into it "
                    "(instead of BUNDLE).")
@@ -59,7 +67,7 @@ def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_
           tls_cert: Path | None, tls_key: Path | None, max_connections: int, slots: int | None,
           queue: int, threads: int | None, drain_timeout: float, decode_mode: str, store: Path | None,
           serial: str | None, baud: int, rebuild_on_mismatch: bool, swap: str,
-          socket_group: str | None) -> None:
+          socket_group: str | None, prefix_cache_mb: int, prefill_chunk: str) -> None:
     """Serve BUNDLE (or a store's active bundle) over a Unix socket: OpenAI and KServe v2
     routes, /metrics, /v1/status; with --store also /v1/deploy/* (`toolkit deploy`).
 
@@ -77,5 +85,7 @@ def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_
     config = ServeConfig(bundle, socket_path, tcp, token_file, slots, queue, threads,
                          drain_timeout, decode_mode, store=store, serial=serial, baud=baud,
                          rebuild_on_mismatch=rebuild_on_mismatch, swap=swap, tls_cert=tls_cert,
-                         tls_key=tls_key, max_connections=max_connections, socket_group=socket_group)
+                         tls_key=tls_key, max_connections=max_connections, socket_group=socket_group,
+                         prefix_cache_mb=prefix_cache_mb,
+                         prefill_chunk=parse_prefill_chunk(prefill_chunk))
     sys.exit(run(config))
