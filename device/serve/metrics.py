@@ -131,8 +131,14 @@ class ServingMetrics:
         self.generation_tokens = Counter("generation_tokens_total", "Tokens generated.")
         self.success = Counter("request_success_total", "Requests finished, by finished_reason.")
         self.failure = Counter("request_failure_total", "Requests that failed or were refused, by reason.")
+        # vLLM's spec_decode_num_{draft,accepted}_tokens_total: prompt-lookup drafts
+        self.draft_tokens = Counter("spec_decode_num_draft_tokens_total",
+                                    "Draft tokens (prompt lookup) verified by the model.")
+        self.accepted_tokens = Counter("spec_decode_num_accepted_tokens_total",
+                                       "Draft tokens that the model's own choice equalled.")
         for m in (self.ttft, self.tpot, self.e2e, self.queue, self.prompt_tokens,
-                  self.generation_tokens, self.success, self.failure):
+                  self.generation_tokens, self.success, self.failure, self.draft_tokens,
+                  self.accepted_tokens):
             self.registry.add(m)
 
     def add_gauges(self, gauges: Iterable[Gauge]) -> None:

@@ -206,7 +206,8 @@ class Daemon:
         if runner.is_decoder:
             if runner.tokenizer is None:
                 raise ToolkitError(f"{path} has no tokenizer; the daemon cannot serve text")
-            return Scheduler(runner.backend, runner.tokenizer, cfg.queue, self.metrics, cfg.decode_mode)
+            return Scheduler(runner.backend, runner.tokenizer, cfg.queue, self.metrics, cfg.decode_mode,
+                             cfg.speculate, cfg.draft_tokens)
         if runner.manifest.kind == "encoder":
             return EmbeddingEngine(runner.backend, runner.manifest.pooling, cfg.queue, self.metrics)
         raise ToolkitError(f"{path} is a {runner.manifest.kind} bundle; the daemon serves "
@@ -636,7 +637,8 @@ class Daemon:
         kv = runner.backend.kv_cache_bytes() if runner.is_decoder else 0
         rec["memory"]["kv_cache_bytes"] = kv
         rec["scheduler"] = {"slots": engine.slots, "running": engine.running, "waiting": engine.waiting,
-                            "queue_limit": engine.admission.queue_limit, "decode_mode": engine.decode_mode}
+                            "queue_limit": engine.admission.queue_limit, "decode_mode": engine.decode_mode,
+                            "draft_tokens": engine.draft_tokens}
         return rec
 
     def prometheus(self, h: Handler) -> None:
