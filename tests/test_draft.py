@@ -176,3 +176,27 @@ def test_drafting_rows_and_plain_rows_share_the_engine(engines: Any, runner: Any
         t.join(60)
     for (text_a, _), (text_b, _) in zip(alone, together):
         assert text_a == text_b
+
+
+def test_smollm2_extraction_with_drafts_equals_plain_greedy(smollm2_bundle: Path) -> None:
+    """The real model on a prompt whose answer copies it: most of the answer comes from accepted
+    drafts, and the text is plain greedy's."""
+    r = load_bundle(smollm2_bundle, slots=1, threads=2)
+    on = Scheduler(r.backend, r.tokenizer, speculate="ngram")
+    off = Scheduler(r.backend, r.tokenizer, speculate="off")
+    on.start()
+    off.start()
+    try:
+        text = ("The museum opened its doors at nine, but the queue had started forming an hour "
+                "earlier. Most people had come for the new exhibition of maps: hand-drawn charts of "
+                "coastlines, city plans with streets that were later demolished, and a painted globe.")
+        ids = r.tokenizer.encode_chat([{"role": "user", "content":
+                                        "Repeat the following text exactly:\n\n" + text}])
+        req = GenerationRequest(ids, 60)
+        (text_on, fin_on), (text_off, fin_off) = run(on, req), run(off, req)  # one after the other
+        assert text_on == text_off and fin_on.usage.completion_tokens == fin_off.usage.completion_tokens
+        assert fin_on.usage.accepted_tokens > fin_on.usage.completion_tokens // 3
+    finally:
+        on.close()
+        off.close()
+        r.close()

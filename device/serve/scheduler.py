@@ -338,6 +338,7 @@ class _Slot:
     counts: np.ndarray | None = None  # [V] int32 times each token was generated (penalties only)
     logprobs: list[TokenLogprob] | None = None  # not yet sent with a TextDelta (logprobs only)
     lookup: PromptLookup | None = None  # prompt + output so far, for drafting (greedy rows only)
+    draft_limit: int = 0  # the longest draft its next verify step may take (see _verify)
     drafted: int = 0  # draft tokens verified
     accepted: int = 0  # ... and accepted
 
@@ -564,7 +565,7 @@ class Scheduler(QueuedEngine):
         if state.lookup is None:
             return []
         pos = int(self._pos[state.slot, 0])  # where the pending token goes
-        room = min(self.draft_tokens, state.budget - state.generated - 1, self.max_seq - 1 - pos)
+        room = min(state.draft_limit, state.budget - state.generated - 1, self.max_seq - 1 - pos)
         return state.lookup.draft(room)
 
     def _verify(self, state: _Slot, draft: list[int]) -> None:
@@ -574,11 +575,18 @@ class Scheduler(QueuedEngine):
         logits = self.backend.step(ids, pos, [slot])  # [1, 1+k, V]
         state.drafted += k
         self.metrics.draft_tokens.inc(k)
+        before = state.accepted
         for i in range(1 + k):
             expected = draft[i] if i < k else None
             token = self._accept_row(state, logits[0, i], expected)
             if token is None or token != expected:
-                return  # finished, or the model chose otherwise: that token is now pending
+                break  # finished, or the model chose otherwise: that token is now pending
+        # A wrong draft costs a wider step (1+k tokens instead of 1) for nothing, so the next
+        # draft may be one token longer than this one's accepted run, and doubles (up to
+        # draft_tokens) while drafts are accepted whole: text that copies ramps up in a few
+        # steps, text that does not pays for 1-token drafts only.
+        accepted = state.accepted - before
+        state.draft_limit = min(self.draft_tokens, 2 * k if accepted == k else accepted + 1)
 
     def _accept_row(self, state: _Slot, logits: np.ndarray, expected: int | None = None) -> int | None:
         """_accept, where a failure (a bug in sampling or detokenizing) fails only this request."""
@@ -605,6 +613,7 @@ class Scheduler(QueuedEngine):
             self.metrics.accepted_tokens.inc()
         if state.generated == 1 and self.draft_tokens and self._drafts(state):
             state.lookup = PromptLookup(state.handle.request.prompt_ids)
+            state.draft_limit = self.draft_tokens
         now = time.monotonic()
         if state.generated == 1:
             state.first_token = now
