@@ -200,3 +200,20 @@ def test_smollm2_extraction_with_drafts_equals_plain_greedy(smollm2_bundle: Path
         on.close()
         off.close()
         r.close()
+
+
+def test_verify_steps_reuse_a_binding_and_equal_the_general_path(runner: Any) -> None:
+    """ONNX Runtime: a small multi-token step with logits at every position (a draft's verify
+    step) runs through a cached IO binding, and gives the general path's logits bit for bit."""
+    from device.runtime.generate import prefill
+
+    be = runner.backend
+    ids = prompt(runner, "sun moon star")
+    prefill(be, ids, 3)
+    step_ids = np.array([ids[:3]], np.int64)
+    pos = (len(ids) + np.arange(3, dtype=np.int64))[None]
+    bound = be.step(step_ids, pos, [3]).copy()  # [1, 3, V]
+    assert (3, 1, 3) in be._bound
+    general = be.step(step_ids, pos, [3], np.arange(3, dtype=np.int64))
+    assert bound.shape == general.shape == (1, 3, be.vocab_size)
+    assert np.array_equal(bound, general)
