@@ -20,7 +20,7 @@ DECODE_MODES = ("auto", "batched", "per-row")
 # Prompt-lookup drafting for greedy requests (device/runtime/draft.py, device/serve/scheduler.py):
 # off, or ngram (the default, the last entry): up to DRAFT_TOKENS tokens verified per step.
 SPECULATE_MODES = ("off", "ngram")
-DRAFT_TOKENS = 4
+DRAFT_TOKENS = 8
 
 
 @dataclass

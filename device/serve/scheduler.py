@@ -15,6 +15,12 @@ One engine thread owns the backend. Each loop iteration
      presence/frequency penalties penalized first: both touch only that row's logits [V], so
      constrained, penalized and free requests share one batched step.
 A request that finishes, fails or is cancelled frees its slot in the same iteration.
+Greedy rows may draft (prompt lookup, `speculate="ngram"`): a row whose last tokens occurred
+before in its prompt or output is stepped alone with its pending token plus the tokens that
+followed there, and keeps the run of them the model agrees with (see _verify); only rows without
+a draft share the batched step. Alone, because ONNX Runtime's GroupQueryAttention takes several
+tokens per step only for one row (B=1 when T>1 with a cache), so rows cannot be padded to a
+common draft length; and the others keep their one-token fast path.
 
 Why results do not depend on what else is running (checked, not assumed): ONNX Runtime's CPU
 kernels give bit-identical logits for a row whether it is decoded alone or inside a batch of
@@ -545,7 +551,8 @@ class Scheduler(QueuedEngine):
     # The rejected draft tokens wrote keys/values beyond the row's position; nothing reads a
     # position beyond a row's own, and the next steps overwrite them. A drafting row is stepped
     # alone (B=1): the batched T=1 step keeps its bound fast path for the others, and a row is
-    # not padded to another's draft length.
+    # not padded to another's draft length (ONNX Runtime's GroupQueryAttention refuses B>1 with
+    # T>1 over a cache anyway).
 
     def _verify_drafts(self) -> bool:
         """Step every row that has a draft; True when no active row is left for a plain step."""
