@@ -217,3 +217,18 @@ def test_verify_steps_reuse_a_binding_and_equal_the_general_path(runner: Any) ->
     general = be.step(step_ids, pos, [3], np.arange(3, dtype=np.int64))
     assert bound.shape == general.shape == (1, 3, be.vocab_size)
     assert np.array_equal(bound, general)
+
+
+def test_serve_options_refuse_a_bad_speculate_setting(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bundle.errors import ToolkitError
+    from device.serve.config import ServeConfig
+    from toolkit.commands.serve import serve
+
+    with pytest.raises(ToolkitError, match="--draft-tokens must be at least 1"):
+        ServeConfig(bundle=tmp_path, draft_tokens=0)
+    with pytest.raises(ToolkitError, match="--speculate 'eagle'"):
+        ServeConfig(bundle=tmp_path, speculate="eagle")
+    out = CliRunner().invoke(serve, [str(tmp_path), "--speculate", "eagle"])
+    assert out.exit_code == 2 and "'eagle' is not one of 'off', 'ngram'" in out.output
