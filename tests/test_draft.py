@@ -232,3 +232,21 @@ def test_serve_options_refuse_a_bad_speculate_setting(tmp_path: Path) -> None:
         ServeConfig(bundle=tmp_path, speculate="eagle")
     out = CliRunner().invoke(serve, [str(tmp_path), "--speculate", "eagle"])
     assert out.exit_code == 2 and "'eagle' is not one of 'off', 'ngram'" in out.output
+
+
+def test_drafting_is_refused_where_a_multi_token_step_is_not_single_steps(runner: Any) -> None:
+    """A graph whose multi-token logits differ from single steps' by more than rounding (int8
+    dynamic quantization scales activations over the whole step) would let drafts change the
+    greedy output: the engine turns drafting off at start."""
+    from device.runtime.draft import VERIFY_TOLERANCE, verify_step_deviation
+
+    class Skewed(SlowBackend):
+        def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any) -> np.ndarray:
+            out = super().step(ids, pos, slots, *rest)
+            return out + np.float32(0.5) * (ids.shape[1] > 1)
+
+    assert verify_step_deviation(runner.backend, 4) <= VERIFY_TOLERANCE
+    assert Scheduler(runner.backend, runner.tokenizer).draft_tokens > 0
+    skewed = Skewed(runner.backend, 0.0)
+    assert verify_step_deviation(skewed, 4) > VERIFY_TOLERANCE  # type: ignore[arg-type]
+    assert Scheduler(skewed, runner.tokenizer).draft_tokens == 0  # type: ignore[arg-type]

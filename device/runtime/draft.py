@@ -18,6 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
+from device.runtime.backend import DecoderBackend
+from device.runtime.generate import prefill
+
 MAX_NGRAM = 3  # the longest suffix looked up
 MIN_NGRAM = 2  # the shortest suffix that may propose a draft
 
@@ -58,3 +63,24 @@ class PromptLookup:
                     out.append(out[len(out) - period])
                 return out
         return []
+
+
+# A verify step's logits equal single steps' up to float rounding where the kernels treat each
+# token on its own (fp32 SmolLM2-135M: max |diff| 4e-5 over logits of magnitude ~25). Graphs that
+# quantize activations per tensor over the whole step (int8 dynamic quantization: ~1.0) would let
+# a draft change the greedy output, so drafting is refused for them (probe below).
+VERIFY_TOLERANCE = 1e-3
+
+
+def verify_step_deviation(backend: DecoderBackend, k: int) -> float:
+    """max |logits difference| between k+1 one-token steps and the same tokens as one step of
+    k+1, on slot 0 after a short random prompt (run before serving: writes no request's rows)."""
+    rng = np.random.default_rng(0)
+    k = max(1, min(k, backend.max_seq - 4))
+    n = min(8, backend.max_seq - k - 2)
+    ids = rng.integers(0, backend.vocab_size, n + k + 1).tolist()
+    prefill(backend, ids[:n], 0)
+    single = [backend.step(np.array([[t]], np.int64), np.array([[n + i]], np.int64), [0])[0, -1].copy()
+              for i, t in enumerate(ids[n:])]
+    multi = backend.step(np.array([ids[n:]], np.int64), (n + np.arange(k + 1, dtype=np.int64))[None], [0])
+    return max(float(np.abs(a - b).max()) for a, b in zip(single, multi[0]))

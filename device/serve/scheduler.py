@@ -57,7 +57,7 @@ import numpy as np
 
 from bundle.errors import ToolkitError
 from device.runtime.backend import DecoderBackend
-from device.runtime.draft import PromptLookup
+from device.runtime.draft import VERIFY_TOLERANCE, PromptLookup, verify_step_deviation
 from device.runtime.generate import prefill
 from device.runtime.grammar import LazyCompiler, TokenConstraint
 from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, sample, token_logprob
@@ -407,6 +407,13 @@ class Scheduler(QueuedEngine):
         self.metrics = metrics or ServingMetrics()
         self._init_queue(Admission(self.slots, queue_limit), "engine")
         smoke_test(backend)
+        if self.draft_tokens:
+            deviation = verify_step_deviation(backend, self.draft_tokens)
+            if deviation > VERIFY_TOLERANCE:
+                log.warning("prompt-lookup drafting is off: a %d-token step's logits differ from "
+                            "single steps' by %.3g (> %g), so drafts could change greedy output",
+                            1 + self.draft_tokens, deviation, VERIFY_TOLERANCE)
+                self.draft_tokens = 0
         self.batched = (decode_mode == "batched" or
                         (decode_mode == "auto" and probe_batch_invariance(backend)))
         self.decode_mode = "batched" if self.batched else "per-row"
