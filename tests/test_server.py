@@ -151,6 +151,28 @@ def test_chat_stream_matches_the_non_streaming_answer(daemon: Daemon) -> None:
     assert text == whole["choices"][0]["message"]["content"] and text
 
 
+def test_greedy_drafts_are_reported_in_usage_timings_status_and_metrics(daemon: Daemon) -> None:
+    """Prompt lookup is on by default: a greedy answer that repeats its prompt gets drafts
+    accepted, reported with OpenAI's and llama-server's names and in /metrics."""
+    from device.serve.config import DRAFT_TOKENS
+
+    c = daemon.client()
+    before = scrape(daemon)
+    reply = c.post(CHAT, chat_body("sun moon star sky rain snow wind fire " * 2, max_tokens=30))
+    details, timings = reply["usage"]["completion_tokens_details"], reply["timings"]
+    accepted = details["accepted_prediction_tokens"]
+    assert accepted > 0 and accepted == timings["draft_n_accepted"]
+    assert accepted + details["rejected_prediction_tokens"] == timings["draft_n"]
+    after = scrape(daemon)
+    assert (after["toolkit_spec_decode_num_accepted_tokens_total"]
+            - before["toolkit_spec_decode_num_accepted_tokens_total"]) == accepted
+    assert (after["toolkit_spec_decode_num_draft_tokens_total"]
+            - before["toolkit_spec_decode_num_draft_tokens_total"]) == timings["draft_n"]
+    assert status(daemon)["scheduler"]["draft_tokens"] == DRAFT_TOKENS
+    sampled = c.post(CHAT, chat_body("sun moon star sky rain snow wind fire " * 2, temperature=0.7))
+    assert "completion_tokens_details" not in sampled["usage"] and "draft_n" not in sampled["timings"]
+
+
 def test_completion_stream_with_a_stop_string(daemon: Daemon) -> None:
     c = daemon.client()
     body = {"prompt": "the cat and the dog", "max_tokens": 20, "temperature": 0}

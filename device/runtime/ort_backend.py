@@ -25,6 +25,8 @@ from bundle.errors import ToolkitError
 from device.runtime.backend import KVBlock
 from device.runtime.kvcache import HostKVBlock, StaticKVCache
 
+BOUND_T = 16  # steps of up to this many tokens, logits at each, reuse a cached binding (drafts)
+
 
 def session_options(threads: int | None) -> Any:
     import onnxruntime as ort
@@ -88,7 +90,9 @@ class OrtDecoderBackend:
         # Decode bindings, one per run of slots (first, count) of an in-place graph: bound once to
         # fixed id/position buffers, the cache views and the output buffers, then reused; a step
         # only writes the new ids and positions. (~180 tensors: rebinding cost ~1.5 ms a token.)
-        self._bound: dict[tuple[int, int], tuple[Any, np.ndarray, np.ndarray, list[np.ndarray]]] = {}
+        # Verify steps of drafted tokens (T <= BOUND_T, logits for every position) are bound the
+        # same way, one binding per (first, count, T).
+        self._bound: dict[tuple[int, int, int], tuple[Any, np.ndarray, np.ndarray, list[np.ndarray]]] = {}
         self._decode_out: dict[int, list[np.ndarray]] = {}  # batch -> [logits, new_k0, ...]
 
     def _outputs(self, B: int, T: int, K: int) -> list[np.ndarray]:
@@ -103,7 +107,8 @@ class OrtDecoderBackend:
              logits_index: np.ndarray | None = None) -> np.ndarray:
         """logits_index: which step positions get logits (default: all) -> [B, K, V]."""
         B, T = input_ids.shape
-        if T == 1 and self.in_place and self.cache.is_run(slot_ids):
+        if (self.in_place and self.cache.is_run(slot_ids)
+                and (T == 1 or (T <= BOUND_T and logits_index is None))):
             return self._decode_bound(input_ids, position_ids, slot_ids)
         if T == 1:  # decode: reuse the buffers of this batch size
             index = self._last
@@ -132,16 +137,17 @@ class OrtDecoderBackend:
 
     def _decode_bound(self, input_ids: np.ndarray, position_ids: np.ndarray,
                       slot_ids: Sequence[int]) -> np.ndarray:
-        key = (int(slot_ids[0]), len(slot_ids))
+        B, T = input_ids.shape
+        key = (int(slot_ids[0]), B, T)
         if key not in self._bound:
-            B = len(slot_ids)
-            ids, pos = np.zeros((B, 1), np.int64), np.zeros((B, 1), np.int64)
-            outs = self._outputs(B, 1, 1)
+            ids, pos = np.zeros((B, T), np.int64), np.zeros((B, T), np.int64)
+            index = self._last if T == 1 else np.arange(T, dtype=np.int64)  # T > 1: every position
+            outs = self._outputs(B, T, len(index))
             rows, _ = self.cache.rows(slot_ids)
             binding = self.session.io_binding()
             binding.bind_cpu_input("input_ids", ids)
             binding.bind_cpu_input("position_ids", pos)
-            binding.bind_cpu_input("logits_index", self._last)
+            binding.bind_cpu_input("logits_index", index)
             for past, present, r in zip(self.past, self.present, rows):
                 binding.bind_cpu_input(past, r)
                 binding.bind_output(present, "cpu", 0, r.dtype, list(r.shape), r.ctypes.data)

@@ -48,6 +48,7 @@ class EmbeddingEngine(QueuedEngine):
         self._init_queue(Admission(1, queue_limit), "encoder")
         self.max_batch = max_batch
         self.decode_mode = "n/a"
+        self.draft_tokens = 0  # no drafting: an encoder has no decode steps
         try:  # a bundle that loads but cannot run fails the start (as smoke_test for decoders)
             self.embed([[1, 1]])
         except Exception as e:  # noqa: BLE001 - runtimes raise their own untyped errors

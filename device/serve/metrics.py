@@ -139,9 +139,15 @@ class ServingMetrics:
                                      "Prompt tokens copied from the prefix cache instead of computed.")
         self.prefill_chunks = Counter("prefill_chunks_total",
                                       "Prompt chunks prefilled between other requests' decode steps.")
+        # vLLM's spec_decode_num_{draft,accepted}_tokens_total: prompt-lookup drafts
+        self.draft_tokens = Counter("spec_decode_num_draft_tokens_total",
+                                    "Draft tokens (prompt lookup) verified by the model.")
+        self.accepted_tokens = Counter("spec_decode_num_accepted_tokens_total",
+                                       "Draft tokens that the model's own choice equalled.")
         for m in (self.ttft, self.tpot, self.e2e, self.queue, self.prompt_tokens,
                   self.generation_tokens, self.success, self.failure, self.prefix_hits,
-                  self.prefix_misses, self.prefix_tokens, self.prefill_chunks):
+                  self.prefix_misses, self.prefix_tokens, self.prefill_chunks, self.draft_tokens,
+                  self.accepted_tokens):
             self.registry.add(m)
 
     def add_gauges(self, gauges: Iterable[Gauge]) -> None:

@@ -67,6 +67,7 @@ from device.serve.scheduler import (
     RequestHandle,
     RequestRejected,
     TextDelta,
+    Usage,
 )
 from device.serve.structured import (
     PARALLEL_TOOL_CALLS_SCHEMA,
@@ -490,10 +491,11 @@ def _choice(call: GenerationCall, index: int, text: str, event: Finished,
     return choice
 
 
-def _usage(events: list[Finished]) -> dict[str, int]:
+def _usage(events: list[Finished]) -> dict[str, Any]:
     """One prompt, n completions: OpenAI counts the prompt once."""
-    prompt, completion = events[0].usage.prompt_tokens, sum(e.usage.completion_tokens for e in events)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return Usage(events[0].usage.prompt_tokens, sum(e.usage.completion_tokens for e in events),
+                 sum(e.usage.drafted_tokens for e in events),
+                 sum(e.usage.accepted_tokens for e in events)).to_json()
 
 
 def _collect(h: Handler, handles: list[RequestHandle], reply: Reply, call: GenerationCall,

@@ -22,6 +22,12 @@ One engine thread owns the backend. Each loop iteration
      presence/frequency penalties penalized first: both touch only that row's logits [V], so
      constrained, penalized and free requests share one batched step.
 A request that finishes, fails or is cancelled frees its slot in the same iteration.
+Greedy rows may draft (prompt lookup, `speculate="ngram"`): a row whose last tokens occurred
+before in its prompt or output is stepped alone with its pending token plus the tokens that
+followed there, and keeps the run of them the model agrees with (see _verify); only rows without
+a draft share the batched step. Alone, because ONNX Runtime's GroupQueryAttention takes several
+tokens per step only for one row (B=1 when T>1 with a cache), so rows cannot be padded to a
+common draft length; and the others keep their one-token fast path.
 
 Why results do not depend on what else is running (checked, not assumed): ONNX Runtime's CPU
 kernels give bit-identical logits for a row whether it is decoded alone or inside a batch of
@@ -60,12 +66,13 @@ import numpy as np
 
 from bundle.errors import ToolkitError
 from device.runtime.backend import DecoderBackend
+from device.runtime.draft import VERIFY_TOLERANCE, PromptLookup, verify_step_deviation
 from device.runtime.generate import prefill
 from device.runtime.grammar import LazyCompiler, TokenConstraint
 from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, sample, token_logprob
 from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
-from device.serve.config import DECODE_MODES
+from device.serve.config import DECODE_MODES, DRAFT_TOKENS, SPECULATE_MODES
 from device.serve.metrics import ServingMetrics
 from device.serve.prefill import ChunkSizer, PrefillJob
 from device.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
@@ -104,10 +111,18 @@ class GenerationRequest:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    drafted_tokens: int = 0  # prompt-lookup draft tokens verified (device/runtime/draft.py)
+    accepted_tokens: int = 0  # ... of which the model's own choice equalled the draft
 
-    def to_json(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt_tokens": self.prompt_tokens,
+                               "completion_tokens": self.completion_tokens,
+                               "total_tokens": self.prompt_tokens + self.completion_tokens}
+        if self.drafted_tokens:  # OpenAI's names for predicted outputs
+            out["completion_tokens_details"] = {
+                "accepted_prediction_tokens": self.accepted_tokens,
+                "rejected_prediction_tokens": self.drafted_tokens - self.accepted_tokens}
+        return out
 
 
 @dataclass(frozen=True)
@@ -120,15 +135,20 @@ class Timings:
     decode_s: float  # first token -> last token
     prompt_n: int
     predicted_n: int
+    draft_n: int = 0  # draft tokens verified; llama-server reports both only when it drafted
+    draft_n_accepted: int = 0
 
     def to_json(self) -> dict[str, float]:
         per_tok = self.decode_s / (self.predicted_n - 1) if self.predicted_n > 1 else 0.0
-        return {"queue_ms": self.queue_s * 1e3, "ttft_ms": self.ttft_s * 1e3,
-                "prompt_n": self.prompt_n, "prompt_ms": self.prompt_s * 1e3,
-                "prompt_per_second": self.prompt_n / self.prompt_s if self.prompt_s else 0.0,
-                "predicted_n": self.predicted_n, "predicted_ms": self.decode_s * 1e3,
-                "predicted_per_token_ms": per_tok * 1e3,
-                "predicted_per_second": 1.0 / per_tok if per_tok else 0.0}
+        out = {"queue_ms": self.queue_s * 1e3, "ttft_ms": self.ttft_s * 1e3,
+               "prompt_n": self.prompt_n, "prompt_ms": self.prompt_s * 1e3,
+               "prompt_per_second": self.prompt_n / self.prompt_s if self.prompt_s else 0.0,
+               "predicted_n": self.predicted_n, "predicted_ms": self.decode_s * 1e3,
+               "predicted_per_token_ms": per_tok * 1e3,
+               "predicted_per_second": 1.0 / per_tok if per_tok else 0.0}
+        if self.draft_n:
+            out.update(draft_n=self.draft_n, draft_n_accepted=self.draft_n_accepted)
+        return out
 
 
 @dataclass(frozen=True)
@@ -334,6 +354,10 @@ class _Slot:
     constraint: TokenConstraint | None = None
     counts: np.ndarray | None = None  # [V] int32 times each token was generated (penalties only)
     logprobs: list[TokenLogprob] | None = None  # not yet sent with a TextDelta (logprobs only)
+    lookup: PromptLookup | None = None  # prompt + output so far, for drafting (greedy rows only)
+    draft_limit: int = 0  # the longest draft its next verify step may take (see _verify)
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # ... and accepted
 
 
 def smoke_test(backend: DecoderBackend) -> None:
@@ -378,11 +402,16 @@ class Scheduler(QueuedEngine):
     def __init__(self, backend: DecoderBackend, tokenizer: BundleTokenizer, queue_limit: int = 16,
                  metrics: ServingMetrics | None = None, decode_mode: str = "auto",
                  prefix_cache_bytes: int = 0, prefill_chunk: int | None = None,
-                 prefix_block_tokens: int = BLOCK_TOKENS) -> None:
+                 prefix_block_tokens: int = BLOCK_TOKENS,
+                 speculate: str = SPECULATE_MODES[-1], draft_tokens: int = DRAFT_TOKENS) -> None:
         """prefix_cache_bytes: the prefix cache's budget (0: off); prefill_chunk: tokens per
         interleaved prefill chunk (None: sized by time, 0: off), device/serve/prefill.py."""
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode {decode_mode!r} is not one of {DECODE_MODES}")
+        if speculate not in SPECULATE_MODES:
+            raise ValueError(f"speculate {speculate!r} is not one of {SPECULATE_MODES}")
+        # prompt-lookup drafting: up to draft_tokens per step for greedy rows (see _verify)
+        self.draft_tokens = draft_tokens if speculate == "ngram" else 0
         self.backend, self.tokenizer = backend, tokenizer
         self.slots, self.max_seq = backend.slots, backend.max_seq
         self.stop_ids = frozenset(tokenizer.stop_ids)
@@ -393,6 +422,13 @@ class Scheduler(QueuedEngine):
         self.metrics = metrics or ServingMetrics()
         self._init_queue(Admission(self.slots, queue_limit), "engine")
         smoke_test(backend)
+        if self.draft_tokens:
+            deviation = verify_step_deviation(backend, self.draft_tokens)
+            if deviation > VERIFY_TOLERANCE:
+                log.warning("prompt-lookup drafting is off: a %d-token step's logits differ from "
+                            "single steps' by %.3g (> %g), so drafts could change greedy output",
+                            1 + self.draft_tokens, deviation, VERIFY_TOLERANCE)
+                self.draft_tokens = 0
         self.batched = (decode_mode == "batched" or
                         (decode_mode == "auto" and probe_batch_invariance(backend)))
         self.decode_mode = "batched" if self.batched else "per-row"
@@ -609,6 +645,8 @@ class Scheduler(QueuedEngine):
 
     def _decode(self) -> None:
         try:
+            if self._verify_drafts():
+                return  # every active row was stepped with its draft
             if self.batched:
                 self._decode_batched()
             else:
@@ -629,16 +667,74 @@ class Scheduler(QueuedEngine):
             if state is not None:
                 self._accept_row(state, logits[slot - lo, -1])
 
-    def _accept_row(self, state: _Slot, logits: np.ndarray) -> None:
+    # -- prompt-lookup drafting --------------------------------------------------------------
+    #
+    # A greedy row with a draft d1..dk (device/runtime/draft.py) runs its pending token x0 and
+    # the draft as one step of T = 1+k tokens at positions p..p+k, with logits for each. Row i
+    # of those logits is what a plain step would have given after x0 d1..di, as long as d1..di
+    # were the model's own choices: so each row goes through _accept in turn (stop ids, stop
+    # strings, grammar, logprobs, budget exactly as one token at a time), and the walk ends at
+    # the first row whose choice differs from the draft, that token becoming the pending one.
+    # The rejected draft tokens wrote keys/values beyond the row's position; nothing reads a
+    # position beyond a row's own, and the next steps overwrite them. A drafting row is stepped
+    # alone (B=1): the batched T=1 step keeps its bound fast path for the others, and a row is
+    # not padded to another's draft length (ONNX Runtime's GroupQueryAttention refuses B>1 with
+    # T>1 over a cache anyway).
+
+    def _verify_drafts(self) -> bool:
+        """Step every row that has a draft; True when no active row is left for a plain step."""
+        if not self.draft_tokens:
+            return False
+        plain = False
+        for slot in sorted(self._active):
+            state = self._active[slot]
+            draft = self._draft(state)
+            if draft:
+                self._verify(state, draft)
+            else:
+                plain = True
+        return not plain
+
+    def _draft(self, state: _Slot) -> list[int]:
+        if state.lookup is None:
+            return []
+        pos = int(self._pos[state.slot, 0])  # where the pending token goes
+        room = min(state.draft_limit, state.budget - state.generated - 1, self.max_seq - 1 - pos)
+        return state.lookup.draft(room)
+
+    def _verify(self, state: _Slot, draft: list[int]) -> None:
+        slot, k = state.slot, len(draft)
+        ids = np.array([[self._ids[slot, 0], *draft]], dtype=np.int64)  # [1, 1+k]
+        pos = self._pos[slot, 0] + np.arange(1 + k, dtype=np.int64)[None]  # [1, 1+k]
+        logits = self.backend.step(ids, pos, [slot])  # [1, 1+k, V]
+        state.drafted += k
+        self.metrics.draft_tokens.inc(k)
+        before = state.accepted
+        for i in range(1 + k):
+            expected = draft[i] if i < k else None
+            token = self._accept_row(state, logits[0, i], expected)
+            if token is None or token != expected:
+                break  # finished, or the model chose otherwise: that token is now pending
+        # A wrong draft costs a wider step (1+k tokens instead of 1) for nothing, so the next
+        # draft may be one token longer than this one's accepted run, and doubles (up to
+        # draft_tokens) while drafts are accepted whole: text that copies ramps up in a few
+        # steps, text that does not pays for 1-token drafts only.
+        accepted = state.accepted - before
+        state.draft_limit = min(self.draft_tokens, 2 * k if accepted == k else accepted + 1)
+
+    def _accept_row(self, state: _Slot, logits: np.ndarray, expected: int | None = None) -> int | None:
         """_accept, where a failure (a bug in sampling or detokenizing) fails only this request."""
         try:
-            self._accept(state, logits)
+            return self._accept(state, logits, expected)
         except Exception:  # noqa: BLE001 - logged with its traceback; the other rows go on
             log.exception("request %d failed after its decode step", state.handle.id)
             self._fail(state, 500, "internal_error", "generation failed")
+            return None
 
-    def _accept(self, state: _Slot, logits: np.ndarray) -> None:
-        """Sample the next token from logits [V]; stream it, finish, or queue its decode."""
+    def _accept(self, state: _Slot, logits: np.ndarray, expected: int | None = None) -> int | None:
+        """Sample the next token from logits [V]; stream it, finish, or queue its decode.
+        Returns the token when the request goes on, None when it finished. expected: the draft
+        token these logits verify (counted as accepted when the choice equals it)."""
         raw = logits  # logprobs are the model's own, before penalties and mask
         if state.counts is not None:  # OpenAI's penalties, over the tokens generated so far
             logits = penalize(logits, state.counts, state.params)
@@ -646,13 +742,20 @@ class Scheduler(QueuedEngine):
             logits = state.constraint.mask(logits)
         token = sample(logits, state.params, state.rng)
         state.generated += 1
+        if token == expected:
+            state.accepted += 1
+            self.metrics.accepted_tokens.inc()
+        if state.generated == 1 and self.draft_tokens and self._drafts(state):
+            state.lookup = PromptLookup(state.handle.request.prompt_ids)
+            state.draft_limit = self.draft_tokens
         now = time.monotonic()
         if state.generated == 1:
             state.first_token = now
             self.metrics.ttft.observe(now - state.handle.arrival)
         self.metrics.generation_tokens.inc()
         if token in self.stop_ids and not state.handle.request.ignore_eos:
-            return self._finish(state, "stop", token)
+            self._finish(state, "stop", token)
+            return None
         if state.logprobs is not None:
             state.logprobs.append(token_logprob(raw, token, state.handle.request.logprobs or 0))
         if state.constraint is not None:
@@ -663,14 +766,27 @@ class Scheduler(QueuedEngine):
         if update.text:
             state.handle.put(TextDelta(update.text, self._take_logprobs(state)))
         if update.stopped is not None:
-            return self._finish(state, "stop", update.stopped)
+            self._finish(state, "stop", update.stopped)
+            return None
         if state.constraint is not None and state.constraint.finished:
-            return self._finish(state, "stop", None)  # the JSON is whole: nothing may follow
+            self._finish(state, "stop", None)  # the JSON is whole: nothing may follow
+            return None
         if state.generated >= state.budget:
-            return self._finish(state, "length", None)
+            self._finish(state, "length", None)
+            return None
         self._ids[state.slot, 0] = token
         self._pos[state.slot, 0] = state.pos
         state.pos += 1
+        if state.lookup is not None:
+            state.lookup.push(token)
+        return token
+
+    @staticmethod
+    def _drafts(state: _Slot) -> bool:
+        """Drafting cannot change a greedy row's output (each verified row is the step it
+        replaces). Sampled rows never draft; penalized ones do not either (penalties work
+        against repeating, so drafts would mostly be rejected)."""
+        return state.params.greedy and not state.params.penalized
 
     def _finish(self, state: _Slot, reason: str, stop_reason: str | int | None) -> None:
         if reason != "stop" or not isinstance(stop_reason, str):
@@ -688,13 +804,14 @@ class Scheduler(QueuedEngine):
                           prompt_s=state.prefilled - state.admitted,
                           ttft_s=state.first_token - state.handle.arrival,
                           decode_s=now - state.first_token, prompt_n=prompt_n,
-                          predicted_n=state.generated)
+                          predicted_n=state.generated, draft_n=state.drafted,
+                          draft_n_accepted=state.accepted)
         self.metrics.e2e.observe(now - state.handle.arrival)
         if state.generated > 1:
             self.metrics.tpot.observe(timings.decode_s / (state.generated - 1))
         self.metrics.success.inc(finished_reason=reason)
-        state.handle.put(Finished(reason, stop_reason, Usage(prompt_n, state.generated), timings,
-                                  self._take_logprobs(state)))
+        usage = Usage(prompt_n, state.generated, state.drafted, state.accepted)
+        state.handle.put(Finished(reason, stop_reason, usage, timings, self._take_logprobs(state)))
         self._store_output(state)
         self._free_slot(state)
 

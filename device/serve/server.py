@@ -208,7 +208,8 @@ class Daemon:
                 raise ToolkitError(f"{path} has no tokenizer; the daemon cannot serve text")
             return Scheduler(runner.backend, runner.tokenizer, cfg.queue, self.metrics, cfg.decode_mode,
                              prefix_cache_bytes=cfg.prefix_cache_mb << 20,
-                             prefill_chunk=cfg.prefill_chunk)
+                             prefill_chunk=cfg.prefill_chunk,
+                             speculate=cfg.speculate, draft_tokens=cfg.draft_tokens)
         if runner.manifest.kind == "encoder":
             return EmbeddingEngine(runner.backend, runner.manifest.pooling, cfg.queue, self.metrics)
         raise ToolkitError(f"{path} is a {runner.manifest.kind} bundle; the daemon serves "
@@ -640,6 +641,7 @@ class Daemon:
         rec["scheduler"] = {"slots": engine.slots, "running": engine.running, "waiting": engine.waiting,
                             "queue_limit": engine.admission.queue_limit, "decode_mode": engine.decode_mode}
         if runner.is_decoder:
+            rec["scheduler"]["draft_tokens"] = engine.draft_tokens
             rec["scheduler"].update(engine.chunks.describe())
             rec["prefix_cache"] = engine.prefix_cache.status()
         return rec

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from device.serve.config import DECODE_MODES, SWAP_MODES, ServeConfig, parse_prefill_chunk
+from device.serve.config import DECODE_MODES, SPECULATE_MODES, SWAP_MODES, ServeConfig, parse_prefill_chunk
 from toolkit.options import threads_option
 
 _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclass
@@ -49,6 +49,11 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
                    "auto sizes and paces them by measured time (the others' time per token stays "
                    "under 1.8x), N takes N tokens every step, off reads it at once (the others "
                    "wait).")
+@click.option("--speculate", type=click.Choice(SPECULATE_MODES), default=_D.speculate, show_default=True,
+              help="ngram: greedy requests draft tokens from their prompt and output so far "
+                   "(prompt lookup) and verify them in one step; the output is unchanged.")
+@click.option("--draft-tokens", type=int, default=_D.draft_tokens, show_default=True,
+              help="The most draft tokens verified in one step (--speculate ngram).")
 @click.option("--store", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Serve the active bundle of this store and accept `toolkit deploy` into it "
                    "(instead of BUNDLE).")
@@ -65,7 +70,8 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
                    "503 while loading); auto picks hot when the device's memory allows.")
 def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, max_connections: int, slots: int | None,
-          queue: int, threads: int | None, drain_timeout: float, decode_mode: str, store: Path | None,
+          queue: int, threads: int | None, drain_timeout: float, decode_mode: str, speculate: str,
+          draft_tokens: int, store: Path | None,
           serial: str | None, baud: int, rebuild_on_mismatch: bool, swap: str,
           socket_group: str | None, prefix_cache_mb: int, prefill_chunk: str) -> None:
     """Serve BUNDLE (or a store's active bundle) over a Unix socket: OpenAI and KServe v2
@@ -83,7 +89,8 @@ def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_
     from device.serve.server import serve as run
 
     config = ServeConfig(bundle, socket_path, tcp, token_file, slots, queue, threads,
-                         drain_timeout, decode_mode, store=store, serial=serial, baud=baud,
+                         drain_timeout, decode_mode, speculate, draft_tokens, store=store,
+                         serial=serial, baud=baud,
                          rebuild_on_mismatch=rebuild_on_mismatch, swap=swap, tls_cert=tls_cert,
                          tls_key=tls_key, max_connections=max_connections, socket_group=socket_group,
                          prefix_cache_mb=prefix_cache_mb,
