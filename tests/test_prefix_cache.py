@@ -283,7 +283,7 @@ def test_a_long_prompt_is_read_in_chunks_between_the_others_decode_steps(runner:
     for mode, chunk in (("off", 0), ("chunked", 6)):
         rec = RecordingBackend(runner.backend, delay=0.005)
         engine = Scheduler(rec, runner.tokenizer, decode_mode="batched",  # type: ignore[arg-type]
-                           prefill_chunk=chunk)
+                           prefill_chunk=chunk, speculate="off")  # drafts would be T>1 steps too
         rec.steps.clear()
         engine.start()
         try:
