@@ -147,13 +147,13 @@ def _run_awq(job: FormatJob, grid: str, exclude: set[str]) -> Prepared:
     from quantize import activations
     from quantize.awq import awq, awq_inputs
     from quantize.blockwise import quantize_symmetric, quantize_zero_point
-    from quantize.sensitivity import measure
+    from quantize.sensitivity import measure, window_count
 
     if job.calibration is None:
         raise ToolkitError("AWQ needs calibration data")  # a caller bug: the pipeline makes it
     tensors = awq_inputs(job.model)
-    feeds = (activations.decoder_feeds if job.kind == "decoder" else activations.encoder_feeds)(
-        job.model, job.calibration.windows)
+    make_feeds = activations.decoder_feeds if job.kind == "decoder" else activations.encoder_feeds
+    feeds = make_feeds(job.model, job.calibration.windows)
     rows = activations.collect_rows(job.model, tensors, feeds, job.work_dir, AWQ_ROWS,
                                     samples=len(job.calibration.windows), steps=job.steps,
                                     threads=job.threads)
@@ -169,11 +169,16 @@ def _run_awq(job: FormatJob, grid: str, exclude: set[str]) -> Prepared:
                   f"{stats.error_ratio:.2f}x plain rounding's on the calibration rows")
     record = {"grid": grid, "rows_per_input": AWQ_ROWS, **stats.to_json(),
               "rounding": "each block rounded by output error (row weights E[x^2])"}
-    sens = measure(job.model, rows, stats.scales, quantizer, stats.importance, exclude, grid, block)
+    windows = job.calibration.windows
+    n = window_count(job.calibration.seq_len)
+    picked = [windows[round(i * (len(windows) - 1) / max(n - 1, 1))] for i in range(min(n, len(windows)))]
+    sens = measure(job.model, list(make_feeds(job.model, picked)), quantizer, stats.importance,
+                   exclude, job.kind, grid, block, job.work_dir, job.threads)
     if sens.units:
         top = sens.units[0]
-        job.steps.say(f"    sensitivity: {len(sens.units)} weight units, the most sensitive "
-                      f"{' + '.join(top.layers)} ({top.error:.2%} output error at 4 bits)")
+        job.steps.say(f"    sensitivity: {len(sens.units)} weight units over {sens.tokens} tokens, "
+                      f"the most sensitive {' + '.join(top.layers)} ({top.divergence:.4g} "
+                      f"{'nats/token' if job.kind == 'decoder' else 'relative error'} at 4 bits)")
     return Prepared(record, stats.importance, sens)
 
 
