@@ -1,0 +1,39 @@
+"""bench/pareto.py: the Pareto front, the peer check, same-round ratios and the plot (no model)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.pareto import Point, dominated, paired_ratio, pareto, pareto_table, plot  # noqa: E402
+
+
+def _points() -> list[Point]:
+    return [Point("ours int4", "ours", 90, 27.0, [200.0, 100.0, 210.0]),
+            Point("ours int8", "ours", 150, 26.8, [150.0, 80.0, 160.0]),
+            Point("peer int4", "peer", 85, 35.0, [190.0, 95.0, 200.0]),  # smaller: on the front
+            Point("peer q8", "peer", 260, 26.9, [155.0, 85.0, 150.0]),  # faster than ours int8 ...
+            Point("peer missing", "peer", 10, None, [])]
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios():
+    # best-of would say 210/200 = 1.05; the rounds' own ratios are 2.0, 1.0, 0.5 -> median 1.0
+    assert paired_ratio([200.0, 100.0, 50.0], [100.0, 100.0, 100.0]) == 1.0
+    assert paired_ratio([], [1.0]) is None
+
+
+def test_pareto_front_and_dominated_peers():
+    pts = _points()
+    assert [p.name for p in pareto(pts)] == ["peer int4", "ours int4", "ours int8"]
+    assert dominated(pts) == []  # peer q8 is faster than ours int8 but less accurate
+    pts.append(Point("peer fast", "peer", 300, 26.5, [170.0, 90.0, 170.0]))
+    assert [(p.name, o.name) for p, o in dominated(pts)] == [("peer fast", "ours int8")]
+    table = pareto_table(pts)
+    assert "peer fast beats ours int8" in table and "peer missing" in table
+
+
+def test_plot_writes_a_png(tmp_path):
+    out = plot(_points(), tmp_path / "q.png", "test")
+    assert out is not None and out.read_bytes()[:4] == b"\x89PNG"
