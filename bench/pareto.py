@@ -87,11 +87,11 @@ def plot(points: list[Point], path: Path, title: str) -> Path | None:
     top = max((p.speed or 0.0) for p in done) if done else 1.0
     for side, colour in (("ours", "tab:blue"), ("peer", "tab:orange")):
         sel = [p for p in done if p.side == side]
-        ax.scatter([p.bytes / 2**20 for p in sel], [p.ppl for p in sel],
+        ax.scatter([p.bytes / 2**20 for p in sel], [p.ppl or 0.0 for p in sel],
                    s=[40 + 400 * (p.speed or 0.0) / top for p in sel], c=colour, alpha=0.6,
                    label=side)
         for p in sel:
-            ax.annotate(f"{p.name} ({p.speed:.0f} tok/s)", (p.bytes / 2**20, p.ppl), fontsize=7,
+            ax.annotate(f"{p.name} ({p.speed or 0.0:.0f} tok/s)", (p.bytes / 2**20, p.ppl or 0.0), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("size (MiB)")
     ax.set_ylabel("held-out perplexity (lower is better)")

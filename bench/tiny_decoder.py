@@ -104,7 +104,7 @@ def train(out: Path, steps: int, threads: int) -> dict[str, float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss = float(loss_t.detach())
-        if step % 50 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             print(f"step {step:4d}  loss {loss:.3f}  {time.perf_counter() - t0:.0f} s", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out)
@@ -117,8 +117,8 @@ def train(out: Path, steps: int, threads: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     stats = train(a.out, a.steps, a.threads)
     print(f"{a.out}: {stats['params'] / 1e6:.2f} M parameters, {stats['tokens']:.0f} corpus tokens, "
