@@ -12,6 +12,13 @@ calibration text alone, 2 k tokens, is memorised within a hundred steps). The he
 (quantize/data/heldout.txt) the gate grades on is never trained on. Deterministic: fixed seed,
 fixed corpus order, one thread pool size; about five minutes on 2 (shared) cores. Saved as a Hugging Face
 folder that `toolkit convert DIR` reads.
+
+    python bench/tiny_decoder.py --ladder      # then: every int4 ladder step on it, and the default
+
+--ladder converts it (target cpu, fp32), writes every step of the CPU int4 ladder alone (forced,
+so rejected steps are measured too) and the default int4 (the gate's choice under the default
+budget), and prints each one's size and gate figures: perplexity over fp32, top-1 agreement,
+greedy match on the held-out text.
 """
 
 from __future__ import annotations
@@ -114,12 +121,49 @@ def train(out: Path, steps: int, threads: int) -> dict[str, float]:
             "seconds": time.perf_counter() - t0}
 
 
+def ladder(folder: Path, work: Path) -> list[str]:
+    """The int4 ladder on the trained model: one row per step, then the default's choice."""
+    from convert.pipeline import convert_model
+    from quantize import quantize_bundle
+    from quantize.formats import FORMATS, QuantOptions, format_for
+    from targets import load_target
+
+    fp32 = work / "tiny-llama-cpu-fp32"
+    if not (fp32 / "manifest.json").exists():
+        convert_model(str(folder), "cpu", fp32, None, force=True)
+    cpu = load_target("cpu")
+    steps = [(f"{g}/{b or 32}" + (f" +{f:.3g} 8-bit" if f else ""),
+              QuantOptions(int4_grid=g, block_size=b or 32, int8_fraction=f))
+             for g, b, f in FORMATS[format_for(cpu, "int4").name].ladder]
+    rows = [f"{'int4 step':30} {'MiB':>6} {'+ppl':>8} {'top1':>6} {'greedy':>6}  gate"]
+    for i, (label, options) in enumerate([*steps, ("default (the gate's choice)", QuantOptions())]):
+        r = quantize_bundle(fp32, "int4", out=work / f"tiny-llama-cpu-int4-{i}", force=True,
+                            options=options)
+        g, o = r.gate, r.manifest.quantization.options if r.manifest.quantization else {}
+        kept = (f" -> kept {o.get('int4_grid')}/{o.get('block_size')}"
+                f"{' +' + format(o['int8_fraction'], '.3g') + ' 8-bit' if o.get('int8_fraction') else ''}"
+                if options.int4_grid is None else "")
+        greedy = "" if g.greedy_fraction is None else f"{g.greedy_fraction:6.3f}"
+        rows.append(f"{label:30} {r.bytes / 2**20:6.2f} {100 * (g.ppl_increase or 0):+7.2f}% "
+                    f"{g.top1 or 0:6.3f} {greedy:>6}  {'passed' if g.passed else 'FAILED'}{kept}")
+    fp = r.gate.ppl_fp32
+    rows.append(f"fp32 held-out perplexity {fp:.2f} ({r.source_bytes / 2**20:.2f} MiB)" if fp else "")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ladder", action="store_true",
+                    help="quantize the trained model (trained first when --out has none)")
     a = ap.parse_args()
+    if a.ladder:
+        if not (a.out / "config.json").exists():
+            train(a.out, a.steps, a.threads)
+        print("\n".join(ladder(a.out, a.out.parent / "tiny-llama-bundles")))
+        return
     stats = train(a.out, a.steps, a.threads)
     print(f"{a.out}: {stats['params'] / 1e6:.2f} M parameters, {stats['tokens']:.0f} corpus tokens, "
           f"final training loss {stats['loss']:.3f}, {stats['seconds']:.0f} s")

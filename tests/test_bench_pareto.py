@@ -37,3 +37,28 @@ def test_pareto_front_and_dominated_peers():
 def test_plot_writes_a_png(tmp_path):
     out = plot(_points(), tmp_path / "q.png", "test")
     assert out is not None and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tiny_decoder_corpus_and_training(tmp_path, monkeypatch):
+    """bench/tiny_decoder.py: the never-4-bit decoder's corpus is fixed (calibration text first,
+    never the gate's held-out text) and two steps write a Hugging Face folder with the config."""
+    import json
+
+    import torch
+    import transformers
+
+    from bench import tiny_decoder
+    from quantize.calibration import builtin_text
+
+    monkeypatch.setattr(tiny_decoder, "MODULES", ("textwrap", "no/such_module"))  # a short corpus
+    text = tiny_decoder.corpus()
+    assert text.startswith(builtin_text("calibration.txt").text) and "wrapped paragraph" in text
+    assert builtin_text("heldout.txt").text[:200] not in text
+    stats = tiny_decoder.train(tmp_path / "m", steps=2, threads=1)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["hidden_size"] == tiny_decoder.CONFIG["hidden_size"] and cfg["tie_word_embeddings"]
+    assert cfg["vocab_size"] <= tiny_decoder.TOKENS and stats["params"] > 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert tok.decode(tok("The harbour town woke slowly.")["input_ids"]) == "The harbour town woke slowly."
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
