@@ -173,7 +173,7 @@ def _run_awq(job: FormatJob, grid: str, exclude: set[str]) -> Prepared:
     n = window_count(job.calibration.seq_len)
     picked = [windows[round(i * (len(windows) - 1) / max(n - 1, 1))] for i in range(min(n, len(windows)))]
     sens = measure(job.model, list(make_feeds(job.model, picked)), quantizer, stats.importance,
-                   exclude, job.kind, grid, block, job.work_dir, job.threads)
+                   exclude, job.kind, grid, block, job.work_dir, job.threads, job.steps)
     if sens.units:
         top = sens.units[0]
         job.steps.say(f"    sensitivity: {len(sens.units)} weight units over {sens.tokens} tokens, "

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bundle.progress import QUIET, Steps
 from quantize import graph as g
 from quantize.awq import Quantizer
 
@@ -94,7 +95,7 @@ def units_of(model: onnx.ModelProto, exclude: set[str]) -> dict[str, list[g.Weig
 
 def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], quantizer: Quantizer,
             importance: dict[str, np.ndarray], exclude: set[str], kind: str, grid: str, block: int,
-            work_dir: Path, threads: int | None = None) -> Sensitivity:
+            work_dir: Path, threads: int | None = None, steps: Steps = QUIET) -> Sensitivity:
     """Rank the units of `model` (after AWQ) by the divergence of its outputs over `feeds` (a
     few calibration windows: quantize/activations.py decoder_feeds / encoder_feeds) when only
     that unit's weights are rounded by `quantizer(w, importance[w])`."""
@@ -110,7 +111,9 @@ def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], quantize
         reference = [run(out, feed, {}) for feed in feeds]
         tokens = sum(int(np.prod(r.shape[:-1])) for r in reference)
         ranked = []
-        for x, users in units.items():
+        for i, (x, users) in enumerate(units.items()):
+            if i and i % max(1, len(units) // 4) == 0:
+                steps.say(f"    sensitivity: {i}/{len(units)} weight units measured")
             swapped = {}
             for m in users:
                 w = g.to_array(graph, m.weight).astype(np.float32)  # [K, N]
