@@ -123,13 +123,14 @@ def build_ours(work: Path) -> list[Variant]:
         jobs.append(("int4", None, QuantOptions(int4_grid=grid, block_size=block or 32,
                                                 int8_fraction=fraction),
                      f" step {i + 1} ({grid}-{block or 32}{mixed})"))
+    memo: dict[Any, Any] = {}  # AWQ and the ranking, made once for the ladder steps of one grid
     for precision, fmt, options, label in jobs:
         slug = label.strip(" ()").replace(", ", "-").replace(" ", "-").replace("(", "").replace("+", "")
         dest = work / f"smollm2-135m-cpu-{precision}{'-' + slug if slug else ''}"
         if not _built_with(dest, options):
             log(f"quantizing {precision}{label} ...")
             quantize_bundle(fp32, precision, out=dest, force=True, fmt=fmt,  # force: keep failures
-                            options=options)
+                            options=options, memo=memo if precision == "int4" else None)
         q = read_manifest(dest).quantization
         assert q is not None  # quantize_bundle wrote it
         gate = ({k: getattr(q.gate, k) for k in ("passed", "ppl_increase", "top1_agreement",

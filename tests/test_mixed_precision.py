@@ -154,6 +154,25 @@ def test_cpu_mixed_step_kept_when_the_pure_grid_fails(q_fp32_bundle, tmp_path, m
     assert "over the all-4-bit graph" in printed and wide["layers"][0] in printed
 
 
+def test_a_shared_memo_makes_awq_and_the_ranking_once_across_calls(q_fp32_bundle, tmp_path,  # noqa: F811
+                                                                   monkeypatch):
+    """bench/quantize.py writes each ladder step alone: with one memo, AWQ and the sensitivity
+    ranking of a grid are made by the first call and reused by the next."""
+    from quantize import quantize_bundle
+    from quantize.formats import QuantOptions
+
+    runs = _awq_runs(monkeypatch)
+    memo: dict = {}
+    for i, fraction in enumerate((0.0, 0.25)):
+        q = quantize_bundle(q_fp32_bundle("llama", "cpu"), "int4", out=tmp_path / f"s{i}",
+                            thresholds=LOOSE, samples=4, seq_len=32, force=True, memo=memo,
+                            options=QuantOptions(int4_grid="zero-point", block_size=64,
+                                                 int8_fraction=fraction))
+        assert q.manifest.quantization is not None
+    assert runs == ["zero-point"]
+    assert q.manifest.quantization.details["int8_weights"]["units"] == 2  # ceil(0.25 x 8)
+
+
 def test_jetson_mixed_step_writes_int8_weight_only_dq(q_fp32_bundle, tmp_path, monkeypatch):  # noqa: F811
     from quantize import quantize_bundle
 
