@@ -62,3 +62,17 @@ def test_tiny_decoder_corpus_and_training(tmp_path, monkeypatch):
     assert tok.decode(tok("The harbour town woke slowly.")["input_ids"]) == "The harbour town woke slowly."
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_quantize_bench_report_uses_same_round_ratios_and_gate_figures():
+    from bench.quantize import Variant, report
+
+    gate = {"passed": True, "ppl_increase": 0.031, "top1_agreement": 0.93, "greedy_fraction": 0.5}
+    vs = [Variant("ours int4", "bundle", Path("a"), bytes=90 << 20, ppl=27.4,
+                  tok_s=[300.0, 100.0, 100.0], gate=gate),  # best-of would say 1.5x genai
+          Variant("genai int4", "genai", Path("b"), bytes=86 << 20, ppl=35.9,
+                  tok_s=[200.0, 100.0, 125.0])]
+    text = report(vs, {}, None)
+    assert "int4 decode vs genai int4        1.00x" in text  # ratios 1.5, 1.0, 0.8 -> median 1.0
+    assert "+3.1 % perplexity, top-1 0.930  (goal <= +5 %, >= 0.90: met)" in text
+    assert "peer points both faster and more accurate than one of ours: none" in text
