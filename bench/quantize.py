@@ -1,22 +1,29 @@
 """Quantization benchmark on SmolLM2-135M: size, perplexity, decode speed and peak RSS per variant.
 
-    python bench/quantize.py [--work DIR] [--rounds 3] [--json out.json]
+    python bench/quantize.py [--work DIR] [--rounds 3] [--json out.json] [--plot out.png]
 
 Variants (each measured in a fresh subprocess, so peak RSS is that variant's alone):
-  ours fp32 / int8 / int4      bundles from `toolkit convert` + quantize_bundle (cpu target); int8
-                               also in the other CPU int8 format when the target names another;
-                               int4 as the gate's choice (the default), on the exact offset grid,
-                               and on the symmetric grid without AWQ (which fails the gate)
+  ours fp32 / int8 / int4      the default bundles: what `toolkit convert smollm2-135m --precision P`
+                               writes (target cpu, its default max_seq), i.e. the fp32 convert +
+                               quantize_bundle with default options; int8 also in the other CPU
+                               int8 format when the target names another
+  ours int4 step i             every step of the int4 ladder (FORMATS[...].ladder) written alone
+                               (forced, so failing steps are measured too), with the gate's
+                               figures: perplexity increase, top-1 agreement, greedy match
   genai int8 / int4            onnxruntime-genai's model builder (-e cpu) on the same weights: the
                                GGUF dequantized to an fp32 Hugging Face folder with transformers
                                (its builder takes only fp16/fp32 GGUF); bench/peers.py.
-  llama.cpp Q4_1               llama-cpp-python on the packaged GGUF, llama.cpp built from source
-                               by bench/peers.py (cached). Skipped, with the reason, when it fails.
+  llama.cpp Q4_1 / Q8_0        llama-cpp-python on the packaged Q4_1 GGUF and its Q8_0 requantized
+                               by llama-quantize, llama.cpp built from source by bench/peers.py
+                               (cached). Skipped, with the reason, when it fails.
 
 Decode: a 128-token prompt from the held-out text, then 128 greedy tokens, 2 threads; tokens/s
-over the 127 decode steps after the first token. Several rounds interleave the variants and the
-best round counts (the CPU may be shared; the median is printed too). Perplexity is over the
-held-out text (quantize/data/heldout.txt), per token, each runtime scoring its own logits.
+over the 127 decode steps after the first token. Several rounds interleave the variants; a
+variant's speed is its median round, and a ratio between two variants is the median of their
+same-round ratios (the CPU may be shared: never best-of). Perplexity is over the held-out text
+(quantize/data/heldout.txt), per token, each runtime scoring its own logits. The Pareto table
+(size, perplexity, tok/s) of every point and a size/perplexity/speed plot (bench/pareto.py) end
+the report, with whether any peer point is both faster and more accurate than one of ours.
 Targets are printed as ratios; they are goals to check, not assertions.
 """
 
@@ -38,9 +45,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.pareto import Point, paired_ratio, pareto_table, plot  # noqa: E402
 from bench.peers import (  # noqa: E402
     Skipped,
     genai_model,
+    gguf,
     llama_cpp,
     llama_cpp_python,
     llama_env,
@@ -51,7 +60,6 @@ from bundle.manifest import read_manifest  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS, THREADS = 128, 128, 2
 TOOLKIT = [sys.executable, "-c", "from toolkit.cli import main; main()"]
-MAX_SEQ = 512
 @dataclass
 class Variant:
     name: str
@@ -62,10 +70,15 @@ class Variant:
     ppl: float | None = None
     tok_s: list[float] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)
+    gate: dict[str, Any] = field(default_factory=dict)  # ours: the bundle's gate record
 
     @property
-    def best(self) -> float | None:
-        return max(self.tok_s) if self.tok_s else None
+    def median(self) -> float | None:
+        return statistics.median(self.tok_s) if self.tok_s else None
+
+    def point(self) -> Point:
+        return Point(self.name, "ours" if self.kind == "bundle" else "peer", self.bytes, self.ppl,
+                     list(self.tok_s))
 
 
 # --- building the variants --------------------------------------------------------------------
@@ -87,32 +100,46 @@ def size_of(path: Path) -> int:
 
 def build_ours(work: Path) -> list[Variant]:
     from quantize import quantize_bundle
-    from quantize.formats import QuantOptions
+    from quantize.formats import FORMATS, QuantOptions, format_for
     from targets import load_target
 
     fp32 = work / "smollm2-135m-cpu-fp32"
     if not (fp32 / "manifest.json").exists():
-        log("converting smollm2-135m (cpu, fp32) ...")
-        run([*TOOLKIT, "convert", "smollm2-135m", "--target", "cpu",
-             "--max-seq", str(MAX_SEQ), "-o", str(fp32), "--force"], work / "convert.log")
+        log("converting smollm2-135m (cpu, fp32, the target's default max_seq) ...")
+        run([*TOOLKIT, "convert", "smollm2-135m", "--target", "cpu", "-o", str(fp32), "--force"],
+            work / "convert.log")
     out = [Variant("ours fp32", "bundle", fp32)]
     # (precision, format override, options, label suffix): the first two are what `toolkit
-    # quantize` writes (int4: the grid the gate settles on); the others show the trade-offs
-    jobs = [("int8", None, QuantOptions(), ""), ("int4", None, QuantOptions(), "")]
-    if load_target("cpu").formats.get("int8") != "ort-matmulnbits":
+    # convert --precision P` writes (int4: the ladder step the gate settles on); then every int4
+    # ladder step alone, forced, so the steps the gate rejects are measured as well
+    cpu = load_target("cpu")
+    jobs: list[tuple[str, str | None, QuantOptions, str]] = [
+        ("int8", None, QuantOptions(), ""), ("int4", None, QuantOptions(), "")]
+    if cpu.formats.get("int8") != "ort-matmulnbits":
         jobs.append(("int8", "ort-matmulnbits", QuantOptions(), " (ort-matmulnbits)"))
-    jobs.append(("int4", None, QuantOptions(int4_grid="offsets"), " (exact offsets)"))
-    jobs.append(("int4", None, QuantOptions(int4_grid="symmetric", awq=False), " (symmetric, no AWQ)"))
+    ladder = FORMATS[format_for(cpu, "int4").name].ladder
+    for i, (grid, block, fraction) in enumerate(ladder):
+        mixed = f" +{fraction:.3g} 8-bit" if fraction else ""
+        jobs.append(("int4", None, QuantOptions(int4_grid=grid, block_size=block or 32,
+                                                int8_fraction=fraction),
+                     f" step {i + 1} ({grid}-{block or 32}{mixed})"))
+    memo: dict[Any, Any] = {}  # AWQ and the ranking, made once for the ladder steps of one grid
     for precision, fmt, options, label in jobs:
-        slug = label.strip(" ()").replace(", ", "-").replace(" ", "-")
+        slug = label.strip(" ()").replace(", ", "-").replace(" ", "-").replace("(", "").replace("+", "")
         dest = work / f"smollm2-135m-cpu-{precision}{'-' + slug if slug else ''}"
         if not _built_with(dest, options):
             log(f"quantizing {precision}{label} ...")
             quantize_bundle(fp32, precision, out=dest, force=True, fmt=fmt,  # force: keep failures
-                            options=options)
+                            options=options, memo=memo if precision == "int4" else None)
         q = read_manifest(dest).quantization
-        note = f"{q.format}, gate {'passed' if q.gate and q.gate.passed else 'FAILED'}"
-        out.append(Variant(f"ours {precision}{label}", "bundle", dest, note))
+        assert q is not None  # quantize_bundle wrote it
+        gate = ({k: getattr(q.gate, k) for k in ("passed", "ppl_increase", "top1_agreement",
+                                                 "greedy_fraction")} if q.gate else {})
+        share = q.options.get("int8_fraction") or 0.0
+        kept = (f", kept {q.options.get('int4_grid')}/{q.options.get('block_size')}"
+                f"{f' +{share:.3g} 8-bit' if share else ''}" if precision == "int4" and not label else "")
+        note = f"{q.format}, gate {'passed' if q.gate and q.gate.passed else 'FAILED'}{kept}"
+        out.append(Variant(f"ours {precision}{label}", "bundle", dest, note, gate=gate))
     return out
 
 
@@ -130,10 +157,11 @@ def _built_with(bundle: Path, options: Any) -> bool:
         # today's ladder (the default moves with the code)
         from quantize.formats import FORMATS
 
-        ladder = [[g, b or options.block_size] for g, b in FORMATS[q.format].ladder]
+        ladder = [[g, b or options.block_size, f] for g, b, f in FORMATS[q.format].ladder]
         if q.grid_choice.get("ladder") != ladder:
             return False
         got["int4_grid"], got["block_size"] = None, want["block_size"]
+        got["int8_fraction"] = want["int8_fraction"]
     return bool(got == want)
 
 
@@ -152,10 +180,17 @@ def build_genai() -> list[Variant]:
 def build_llamacpp() -> list[Variant]:
     lc = llama_cpp()
     missing = lc if isinstance(lc, Skipped) else llama_cpp_python(lc)
-    if missing:
-        log(f"llama.cpp skipped: {missing.reason}")
+    if missing or isinstance(lc, Skipped):
+        log(f"llama.cpp skipped: {missing.reason if missing else ''}")
         return []
-    return [Variant("llama.cpp Q4_1", "llamacpp", packaged_gguf(), f"llama-cpp-python {lc.version}")]
+    out = [Variant("llama.cpp Q4_1", "llamacpp", packaged_gguf(), f"llama-cpp-python {lc.version}")]
+    q8 = gguf("int8", lc)
+    if isinstance(q8, Skipped):
+        log(f"llama.cpp Q8_0 skipped: {q8.reason}")
+    else:
+        out.append(Variant("llama.cpp Q8_0", "llamacpp", q8, f"llama-quantize of the Q4_1, "
+                           f"llama-cpp-python {lc.version}"))
+    return out
 
 
 # --- measuring (child process) ----------------------------------------------------------------
@@ -254,7 +289,8 @@ def _llamacpp_run(path: Path, prompt: list[int], ppl_ids: list[int] | None) -> t
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=MAX_SEQ, n_threads=THREADS, n_batch=256, logits_all=True,
+    n_ctx = read_manifest(Path(os.environ["QBENCH_FP32"])).max_seq  # the cache our bundles hold
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=THREADS, n_batch=256, logits_all=True,
                 verbose=False)
     ppl = None
     if ppl_ids:
@@ -267,7 +303,7 @@ def _llamacpp_run(path: Path, prompt: list[int], ppl_ids: list[int] | None) -> t
             nll += [_nll(logits[i], w[i + 1]) for i in range(len(w) - 1)]
         ppl = float(np.exp(np.mean(nll)))
     del llm  # decode timed on an instance without logits_all (that keeps every row's logits)
-    llm = Llama(model_path=str(path), n_ctx=MAX_SEQ, n_threads=THREADS, n_batch=256, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=THREADS, n_batch=256, verbose=False)
     llm.eval(prompt)
     token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     t0 = time.perf_counter()
@@ -309,42 +345,61 @@ def minilm(work: Path) -> dict[str, Any]:
 
 
 # --- report ------------------------------------------------------------------------------------
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}x" if a and b else "n/a"
+def ratio(a: Variant | None, b: Variant | None) -> str:
+    """a's decode speed over b's: the median of their same-round ratios."""
+    r = paired_ratio(a.tok_s, b.tok_s) if a and b else None
+    return f"{r:.2f}x" if r else "n/a"
 
 
-def report(variants: list[Variant], mini: dict[str, Any]) -> str:
+def _gate_cells(v: Variant) -> str:
+    g = v.gate
+    if not g or g.get("ppl_increase") is None:
+        return f"{'':>8} {'':>6} {'':>6}"
+    greedy = g.get("greedy_fraction")
+    return (f"{100 * g['ppl_increase']:+7.1f}% {g['top1_agreement']:6.3f} "
+            f"{'' if greedy is None else format(greedy, '6.3f'):>6}")
+
+
+def report(variants: list[Variant], mini: dict[str, Any], plot_path: Path | None) -> str:
+    rounds = max(len(v.tok_s) for v in variants)
     lines = [f"SmolLM2-135M, decode {NEW_TOKENS} tokens after a {PROMPT_TOKENS}-token prompt, "
-             f"{THREADS} threads, best of {max(len(v.tok_s) for v in variants)} rounds "
-             f"(median in brackets)", "",
-             f"{'variant':34} {'size MiB':>9} {'ppl':>8} {'tok/s':>16} {'peak RSS MiB':>13}  note"]
+             f"{THREADS} threads, median of {rounds} interleaved rounds; gate columns: perplexity "
+             f"increase over fp32, top-1 agreement, greedy match (the bundle's gate record)", "",
+             f"{'variant':44} {'size MiB':>9} {'ppl':>8} {'gate +ppl':>8} {'top1':>6} {'greedy':>6} "
+             f"{'tok/s':>7} {'peak RSS MiB':>13}  note"]
     for v in variants:
-        med = statistics.median(v.tok_s) if v.tok_s else None
-        speed = f"{v.best:.1f} [{med:.1f}]" if v.best else "n/a"
+        speed = f"{v.median:.1f}" if v.median else "n/a"
         rss = f"{min(v.rss_mb):.0f}" if v.rss_mb else "n/a"
         ppl = f"{v.ppl:.3f}" if v.ppl else "n/a"
-        lines.append(f"{v.name:34} {v.bytes / 2**20:9.1f} {ppl:>8} {speed:>16} {rss:>13}  {v.note}")
+        lines.append(f"{v.name:44} {v.bytes / 2**20:9.1f} {ppl:>8} {_gate_cells(v)} {speed:>7} "
+                     f"{rss:>13}  {v.note}")
     by = {v.name: v for v in variants}
-
-    def best(name: str) -> float | None:
-        return by[name].best if name in by else None
-
     i4 = by.get("ours int4")
-    goal = "(goal >= 1.0x)"
-    lines += ["", "targets:",
-              f"  int8 decode vs genai int8        {ratio(best('ours int8'), best('genai int8'))}  {goal}",
-              f"  int4 decode vs genai int4        {ratio(best('ours int4'), best('genai int4'))}  {goal}",
-              f"  int4 decode vs llama.cpp Q4_1    {ratio(best('ours int4'), best('llama.cpp Q4_1'))}"
-              f"  {goal}",
+    g4 = i4.gate if i4 else {}
+    within = (g4.get("ppl_increase") is not None and g4["ppl_increase"] <= 0.05
+              and g4.get("top1_agreement", 0.0) >= 0.90)
+    lines += ["", "targets (decode ratios: median of same-round pairs):",
+              "  int4 accuracy                    "
+              + (f"{100 * g4['ppl_increase']:+.1f} % perplexity, top-1 {g4['top1_agreement']:.3f}"
+                 f"  (goal <= +5 %, >= 0.90: {'met' if within else 'NOT met'})"
+                 if g4.get("ppl_increase") is not None else "n/a"),
+              f"  int8 decode vs genai int8        {ratio(by.get('ours int8'), by.get('genai int8'))}"
+              "  (goal >= 1.0x)",
+              f"  int4 decode vs genai int4        {ratio(i4, by.get('genai int4'))}  (goal >= 1.0x)",
+              f"  int4 decode vs llama.cpp Q4_1    {ratio(i4, by.get('llama.cpp Q4_1'))}  (goal >= 1.2x)",
+              f"  int8 decode vs llama.cpp Q8_0    {ratio(by.get('ours int8'), by.get('llama.cpp Q8_0'))}",
               f"  int4 peak RSS                    {min(i4.rss_mb):.0f} MiB  (goal <= 300 MB)"
               if i4 and i4.rss_mb else "  int4 peak RSS                    n/a"]
     for name in ("ours int8 (ort-matmulnbits)",):
         if name in by:
-            lines.append(f"  {name} vs genai int8  {ratio(best(name), best('genai int8'))}")
+            lines.append(f"  {name} vs genai int8  {ratio(by[name], by.get('genai int8'))}")
     for fmt, r in mini.items():
         lines.append(f"  all-MiniLM-L6-v2 int8 ({fmt}) cosine min {r['cosine_min']:.4f} mean "
                      f"{r['cosine_mean']:.4f}  (goal >= 0.99), {r['bytes'] / 2**20:.1f} MiB vs "
                      f"{r['fp32_bytes'] / 2**20:.1f}")
+    lines += ["", "Pareto (size, perplexity, tok/s):", pareto_table([v.point() for v in variants])]
+    if plot_path:
+        lines.append(f"plot: {plot_path}")
     return "\n".join(lines)
 
 
@@ -353,6 +408,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edge-toolkit-bench" / "quantize")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None,
+                    help="the size/perplexity/speed PNG (default: WORK/quantize-pareto.png)")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--ppl", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -374,7 +431,11 @@ def main() -> None:
             v.rss_mb.append(res["rss_mb"])
             v.ppl = res["ppl"] if r == 0 else v.ppl
     mini = minilm(args.work)
-    text = report(variants, mini)
+    written = plot([v.point() for v in variants], args.plot or args.work / "quantize-pareto.png",
+                   "SmolLM2-135M on CPU: ours (every int4 ladder step) and the peers")
+    if written is None:
+        log("matplotlib missing (pip install -e '.[report]'): no plot")
+    text = report(variants, mini, written)
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"variants": [asdict(v) | {"path": str(v.path)} for v in variants],

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +147,38 @@ def _run(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, n
             del session
     finally:
         del model.graph.output[n_out:]
+
+
+def session_with_inputs(model: onnx.ModelProto, weights: list[str], tmp: Path,
+                        threads: int | None) -> Callable[[str, dict[str, np.ndarray],
+                                                          dict[str, np.ndarray]], np.ndarray]:
+    """An ONNX Runtime session on `model` in which the initializers `weights` are graph inputs
+    too, so a run may override any of them: run(output, feed, overrides) -> that output. The
+    graph is saved under `tmp` (which must outlive the session) and `model` is left as it was."""
+    import onnxruntime as ort
+
+    from device.runtime.ort_backend import providers, session_options
+
+    n_in = len(model.graph.input)
+    inits = {t.name: t for t in model.graph.initializer}
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(w, inits[w].data_type,
+                                                                list(inits[w].dims))
+                             for w in weights)
+    try:
+        path = tmp / "probe.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="probe.onnx.data", size_threshold=1024)
+        onnx.external_data_helper.load_external_data_for_model(model, str(tmp))  # as in _run
+    finally:
+        del model.graph.input[n_in:]
+    options = session_options(threads)
+    options.log_severity_level = 3  # not one "initializer appears in graph inputs" line per weight
+    session = ort.InferenceSession(str(path), options, providers=providers("cpu"))
+
+    def run(output: str, feed: dict[str, np.ndarray], overrides: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(session.run([output], {**feed, **overrides})[0])
+
+    return run
 
 
 def _progress(steps: Steps, i: int, total: int) -> None:

@@ -116,19 +116,22 @@ def uses_awq(precision: str, options: QuantOptions) -> bool:
     return options.awq and precision == "int4" and (options.int4_grid or "symmetric") in AWQ_GRIDS
 
 
-@dataclass(frozen=True)
+@dataclass
 class Prepared:
     """AWQ's outcome for one (grid, block): what the grid and the mixed steps read."""
 
+    grid: str
+    exclude: set[str]  # weights never at 4 bits (the tied head)
     record: dict[str, Any]  # the manifest's AWQ record
     importance: dict[str, np.ndarray]  # weight -> row weights [K] of the rounding
-    sensitivity: Sensitivity
+    # measured by the grid's first mixed step (_ranking) and kept with AWQ's model in the memo:
+    # a grid the ladder has no mixed step for never pays for it
+    sensitivity: Sensitivity | None = None
 
 
 def _awq(job: FormatJob, grid: str, exclude: set[str]) -> Prepared:
     """job.model rescaled by AWQ for `grid`'s rounding (replaced by the rescaled copy when an
-    earlier ladder step of the same grid and block made it), and the units ranked by
-    sensitivity on the same calibration rows."""
+    earlier ladder step of the same grid and block made it)."""
     import copy
 
     key = ("awq", grid, job.options.block_size)
@@ -139,55 +142,87 @@ def _awq(job: FormatJob, grid: str, exclude: set[str]) -> Prepared:
         return prepared
     model, prepared = job.memo[key]
     job.model = copy.deepcopy(model)  # the format rewrites it in place
-    job.steps.say(f"    AWQ and sensitivity for the {grid} grid: from the previous step")
+    job.steps.say(f"    AWQ for the {grid} grid: from the previous step")
     return prepared
 
 
 def _run_awq(job: FormatJob, grid: str, exclude: set[str]) -> Prepared:
     from quantize import activations
     from quantize.awq import awq, awq_inputs
-    from quantize.blockwise import quantize_symmetric, quantize_zero_point
-    from quantize.sensitivity import measure
 
     if job.calibration is None:
         raise ToolkitError("AWQ needs calibration data")  # a caller bug: the pipeline makes it
     tensors = awq_inputs(job.model)
-    feeds = (activations.decoder_feeds if job.kind == "decoder" else activations.encoder_feeds)(
-        job.model, job.calibration.windows)
+    feeds = _feeds(job)(job.model, job.calibration.windows)
     rows = activations.collect_rows(job.model, tensors, feeds, job.work_dir, AWQ_ROWS,
                                     samples=len(job.calibration.windows), steps=job.steps,
                                     threads=job.threads)
-    fn = quantize_symmetric if grid == "symmetric" else quantize_zero_point
-    block = job.options.block_size
-
-    def quantizer(w: np.ndarray, h: np.ndarray) -> np.ndarray:
-        return fn(w, 4, block, importance=h).dequantize()
-
-    stats = awq(job.model, rows, quantizer, exclude)
+    stats = awq(job.model, rows, _quantizer(grid, job.options.block_size), exclude)
     job.steps.say(f"    AWQ: {stats.scaled} inputs rescaled, {stats.plain} kept (plain rounding "
                   f"was best), {stats.skipped} not rescaled; output error "
                   f"{stats.error_ratio:.2f}x plain rounding's on the calibration rows")
     record = {"grid": grid, "rows_per_input": AWQ_ROWS, **stats.to_json(),
               "rounding": "each block rounded by output error (row weights E[x^2])"}
-    sens = measure(job.model, rows, stats.scales, quantizer, stats.importance, exclude, grid, block)
-    if sens.units:
-        top = sens.units[0]
-        job.steps.say(f"    sensitivity: {len(sens.units)} weight units, the most sensitive "
-                      f"{' + '.join(top.layers)} ({top.error:.2%} output error at 4 bits)")
-    return Prepared(record, stats.importance, sens)
+    return Prepared(grid, exclude, record, stats.importance)
 
 
-def _widened(details: dict[str, Any], prepared: Prepared | None, fraction: float) -> frozenset[str]:
-    """The weights the mixed step keeps at 8 bits; records the sensitivity and the set."""
+def _feeds(job: FormatJob) -> Any:
+    from quantize import activations
+
+    return activations.decoder_feeds if job.kind == "decoder" else activations.encoder_feeds
+
+
+def _quantizer(grid: str, block: int) -> Any:
+    """The 4-bit rounding of `grid`: (w [K, N], row importance [K]) -> dequantized w."""
+    from quantize.blockwise import quantize_symmetric, quantize_zero_point
+
+    fn = quantize_symmetric if grid == "symmetric" else quantize_zero_point
+
+    def quantizer(w: np.ndarray, h: np.ndarray) -> np.ndarray:
+        return fn(w, 4, block, importance=h).dequantize()
+
+    return quantizer
+
+
+def _ranking(job: FormatJob, prepared: Prepared) -> Sensitivity:
+    """The units of job.model (AWQ's rescaled graph, not yet quantized) ranked by sensitivity
+    (quantize/sensitivity.py) on a few calibration windows; made once per (grid, block)."""
+    from quantize.sensitivity import measure, window_count
+
+    if prepared.sensitivity is None:
+        assert job.calibration is not None  # AWQ ran on it
+        windows = job.calibration.windows
+        n = min(window_count(job.calibration.seq_len), len(windows))
+        picked = [windows[round(i * (len(windows) - 1) / max(n - 1, 1))] for i in range(n)]
+        sens = measure(job.model, list(_feeds(job)(job.model, picked)),
+                       _quantizer(prepared.grid, job.options.block_size), prepared.importance,
+                       prepared.exclude, job.kind, prepared.grid, job.options.block_size,
+                       job.work_dir, job.threads, job.steps)
+        if sens.units:
+            top = sens.units[0]
+            unit = "nats/token" if job.kind == "decoder" else "relative error"
+            job.steps.say(f"    sensitivity: {len(sens.units)} weight units over {sens.tokens} "
+                          f"tokens, the most sensitive {' + '.join(top.layers)} "
+                          f"({top.divergence:.4g} {unit} at 4 bits)")
+        prepared.sensitivity = sens
+    return prepared.sensitivity
+
+
+def _widened(job: FormatJob, details: dict[str, Any], prepared: Prepared | None,
+             fraction: float) -> frozenset[str]:
+    """The weights the mixed step keeps at 8 bits; records the sensitivity (when measured) and
+    the set. Called before the format rewrites job.model."""
     if prepared is None:
         if fraction > 0:  # a caller bug: _tries adds mixed steps only beside AWQ
             raise ToolkitError("a mixed 4/8-bit step needs AWQ's calibration rows")
         return frozenset()
     details["awq"] = prepared.record
-    details["sensitivity"] = prepared.sensitivity.to_json()
-    units = prepared.sensitivity.widest(fraction)
+    sens = _ranking(job, prepared) if fraction > 0 else prepared.sensitivity
+    if sens is not None:
+        details["sensitivity"] = sens.to_json()
+    units = sens.widest(fraction) if sens else ()
     details["int8_weights"] = {
-        "fraction": fraction, "units": len(units), "of": len(prepared.sensitivity.units),
+        "fraction": fraction, "units": len(units), "of": len(sens.units) if sens else None,
         "layers": [name for u in units for name in u.layers],
         "weights": [w for u in units for w in u.weights],
         "elements": sum(u.elements for u in units),
@@ -203,7 +238,7 @@ def _nbits(job: FormatJob) -> FormatOutput:
     grid = (o.int4_grid or "symmetric") if bits == 4 else "symmetric"  # int8: symmetric codes
     prepared = _awq(job, grid, tied_tables(job.model.graph)) if uses_awq(job.precision, o) else None
     details: dict[str, Any] = {}
-    wide = _widened(details, prepared, o.int8_fraction)
+    wide = _widened(job, details, prepared, o.int8_fraction)
     cfg = NBitsConfig(bits=bits, block=o.block_size, grid=grid,
                       accuracy_level=o.accuracy_level, head_bits=max(o.head_bits, bits),
                       head_block=o.head_block, eight_bit=wide)
@@ -270,7 +305,7 @@ def _trt_int4(job: FormatJob) -> FormatOutput:
     prepared = (_awq(job, "symmetric", set(skip)) if uses_awq(job.precision, job.options)
                 else None)
     details: dict[str, Any] = {}
-    wide = _widened(details, prepared, job.options.int8_fraction)
+    wide = _widened(job, details, prepared, job.options.int8_fraction)
     r = int4_weight_only(job.model, job.options.block_size, job.options.int4_grid == "offsets", skip,
                          fp16=_fp16(job), importance=prepared.importance if prepared else None,
                          int8=wide)

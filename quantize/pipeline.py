@@ -89,9 +89,13 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
                     out: Path | None = None, force: bool = False,
                     thresholds: Thresholds | dict[str, float | None] | None = None,
                     steps: Steps | None = None, options: QuantOptions | None = None,
-                    fmt: str | None = None, threads: int | None = None) -> QuantizeResult:
+                    fmt: str | None = None, threads: int | None = None,
+                    memo: dict[Any, Any] | None = None) -> QuantizeResult:
     """Quantize an fp32 bundle to `precision` in the format its target names (or `fmt`).
-    Raises GateFailure (a ToolkitError) when the gate fails and force is False."""
+    Raises GateFailure (a ToolkitError) when the gate fails and force is False. `memo`: what
+    one ladder step leaves for the next (AWQ's model and the sensitivity ranking); a caller that
+    writes several steps of one bundle and calibration text alone (bench/quantize.py) may pass
+    the same dict to each call."""
     steps = steps or QUIET
     options = options or QuantOptions()
     bundle = Path(bundle)
@@ -109,7 +113,7 @@ def quantize_bundle(bundle: Path, precision: str, *, calibration: Path | None = 
     t0 = time.perf_counter()
     tried: list[dict[str, Any]] = []  # gate figures of each int4 grid tried
     ranked: dict[str, Any] | None = None  # the last sensitivity ranking a tried step measured
-    memo: dict[Any, Any] = {}  # what one ladder step leaves for the next (FormatJob.memo)
+    memo = {} if memo is None else memo  # what one ladder step leaves for the next (FormatJob.memo)
     with staged_bundle(out, force) as staging:
         for i, opts in enumerate(tries):
             label = "" if len(tries) == 1 else f", {_grid(opts)}"

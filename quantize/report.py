@@ -68,8 +68,9 @@ def sensitivity_lines(q: Quantization) -> list[str]:
     if not sens:
         return []
     lines = [f"- sensitivity on the {sens['grid']} grid in blocks of {sens['block_size']} "
-             f"({sens['proxy']}; {sens['units']} weight units, the most sensitive):"]
-    lines += [f"  - {100 * u['error']:.3f} % {' + '.join(u['layers'])}" for u in sens["top"][:5]]
+             f"({sens['proxy']}; over {sens['tokens']} calibration tokens; {sens['units']} "
+             f"weight units, the most sensitive):"]
+    lines += [f"  - {u['divergence']:.4g} {' + '.join(u['layers'])}" for u in sens["top"][:5]]
     if wide and wide["units"]:
         cost = mixed_cost(q)
         lines.append(f"- at 8 bits: the {wide['units']} of {wide['of']} most sensitive weight units "

@@ -3,6 +3,7 @@ ladder on CPU (MatMulNBits bits=8) and Jetson (INT8 weight-only DQ), and the int
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,65 +20,65 @@ def _attr(node: onnx.NodeProto, name: str) -> Any:
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
-def _matmuls(weights: dict[str, np.ndarray], n: int = 256, seed: int = 0) -> tuple[onnx.ModelProto, dict]:
-    """One MatMul per weight, each reading its own input x_<name> [n, K]; the calibration Rows."""
-    from quantize.activations import Rows
+def _tiny_decoder(fp32: Any) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """The tiny Llama's fp32 graph and two prefill feeds of random token ids."""
+    from quantize.activations import decoder_feeds
+    from quantize.graph import load_model
 
-    rng = np.random.default_rng(seed)
-    nodes, inputs, outputs, inits, rows = [], [], [], [], {}
-    for name, w in weights.items():
-        x = f"x_{name}"
-        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, w.shape[0]]))
-        outputs.append(helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, None))
-        inits.append(numpy_helper.from_array(w.astype(np.float32), name))
-        nodes.append(helper.make_node("MatMul", [x, name], [f"y_{name}"], name=f"mm_{name}"))
-        X = rng.standard_normal((n, w.shape[0])).astype(np.float32)
-        if name == "hard":  # its outlier rows meet near-zero activations (as after AWQ)
-            X[:, ::32] *= 1e-3
-        rows[x] = Rows(X, np.abs(X).mean(0), np.square(X).mean(0))
-    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits))
-    return model, rows
+    bundle = fp32("llama", "cpu")
+    model = load_model(bundle / load_verified(bundle).model_file)
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(0, 100, 16).tolist() for _ in range(2)]  # vocab 110
+    return model, list(decoder_feeds(model, windows))
 
 
-def _quantizer(w: np.ndarray, h: np.ndarray) -> np.ndarray:
-    from quantize.blockwise import quantize_symmetric
+def test_sensitivity_ranks_the_unit_whose_rounding_hurts_the_model_first(q_fp32_bundle, tmp_path):  # noqa: F811
+    """A 'quantizer' that leaves every weight alone but wipes one: that unit alone moves the
+    next-token distributions, so it ranks first and the others measure ~0 (the override
+    really replaces one unit's weights, and only them)."""
+    from quantize import graph as g
+    from quantize.cpu import tied_tables
+    from quantize.sensitivity import measure, units_of
 
-    return quantize_symmetric(w, 4, 32, importance=h).dequantize()
+    model, feeds = _tiny_decoder(q_fp32_bundle)
+    before = onnx.helper.printable_graph(model.graph)
+    down = next(m.weight for m in g.weight_matmuls(model.graph) if "down_proj" in m.node.name)
+    shapes = {m.weight: (m.K, m.N) for m in g.weight_matmuls(model.graph)}  # down's is its own
 
+    def quantizer(w: np.ndarray, h: np.ndarray) -> np.ndarray:
+        return w * 0.0 if w.shape == shapes[down] else w
 
-def test_sensitivity_ranks_the_outlier_matrix_first():
-    from quantize.sensitivity import measure
-
-    rng = np.random.default_rng(1)
-    weights = {name: rng.standard_normal((64, 48)) for name in ("a", "hard", "b", "c")}
-    weights["hard"][::32] *= 1000.0  # one huge row per block of 32: every block's scale blows up
-    model, rows = _matmuls(weights)
-    sens = measure(model, rows, {}, _quantizer, {}, set(), "symmetric", 32)
-    assert [u.weights for u in sens.units][0] == ("hard",) and sens.units[0].layers == ("mm_hard",)
-    assert sens.units[0].error > 10 * sens.units[1].error  # the others round within a few %
-    assert sens.units[1].error < 0.05
-    assert [u.weights for u in sens.widest(0.25)] == [("hard",)]  # ceil(0.25 x 4) = 1
-    assert len(sens.widest(0.3)) == 2 and sens.widest(0.0) == ()
+    tied = tied_tables(model.graph)
+    sens = measure(model, feeds, quantizer, {}, tied, "decoder", "symmetric", 32, tmp_path)
+    assert sens.tokens == 32 and len(sens.units) == len(units_of(model, tied))
+    first = [u for u in sens.units if any(shapes[w] == shapes[down] for w in u.weights)]
+    assert {u.weights for u in sens.units[:len(first)]} == {u.weights for u in first}
+    assert sens.units[0].divergence > 1e-3
+    assert all(abs(u.divergence) < 1e-6 for u in sens.units[len(first):])
+    assert "down_proj" in sens.units[0].layers[0]
+    assert onnx.helper.printable_graph(model.graph) == before  # the caller's graph is untouched
     # excluded weights (the tied head) are never candidates
-    assert "hard" not in {w for u in measure(model, rows, {}, _quantizer, {}, {"hard"}, "symmetric",
-                                             32).units for w in u.weights}
+    assert down not in {w for u in measure(model, feeds, quantizer, {}, {down}, "decoder",
+                                           "symmetric", 32, tmp_path).units for w in u.weights}
 
 
-def test_sensitivity_measures_the_rescaled_input():
-    """After AWQ the input is x / s: with the same weights, dividing the outlier channels of X back
-    down by s changes the ranking, so `scales` is really applied."""
-    from quantize.sensitivity import measure
+def test_sensitivity_of_real_rounding_is_positive_and_recorded(q_fp32_bundle, tmp_path):  # noqa: F811
+    from quantize.blockwise import quantize_symmetric
+    from quantize.sensitivity import TOP, measure
 
-    rng = np.random.default_rng(2)
-    weights = {name: rng.standard_normal((64, 48)) for name in ("a", "hard")}
-    weights["hard"][::32] *= 1000.0
-    model, rows = _matmuls(weights)
-    s = np.ones(64, np.float32)
-    s[::32] = 1e-3  # X / s undoes the 1e-3: the outlier rows now dominate X W as well
-    plain = measure(model, rows, {}, _quantizer, {}, set(), "symmetric", 32)
-    scaled = measure(model, rows, {"x_hard": s}, _quantizer, {}, set(), "symmetric", 32)
-    hard = {u.weights: u.error for u in plain.units}[("hard",)]
-    assert {u.weights: u.error for u in scaled.units}[("hard",)] < hard / 10
+    model, feeds = _tiny_decoder(q_fp32_bundle)
+
+    def quantizer(w: np.ndarray, h: np.ndarray) -> np.ndarray:
+        return quantize_symmetric(w, 4, 32, importance=h).dequantize()
+
+    sens = measure(model, feeds, quantizer, {}, set(), "decoder", "symmetric", 32, tmp_path)
+    kls = [u.divergence for u in sens.units]
+    assert kls == sorted(kls, reverse=True) and kls[-1] > 0
+    record = sens.to_json()
+    assert record["tokens"] == 32 and "KL" in record["proxy"]
+    assert len(record["top"]) == min(TOP, len(kls)) and record["top"][0]["divergence"] > 0
+    assert [u.weights for u in sens.widest(0.25)] == [u.weights for u in sens.units[:math.ceil(
+        len(kls) / 4)]] and sens.widest(0.0) == ()
 
 
 def _fail_without_8bit(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -133,8 +134,8 @@ def test_cpu_mixed_step_kept_when_the_pure_grid_fails(q_fp32_bundle, tmp_path, m
     assert wide["units"] == 1 and wide["of"] == sens["units"] == 8  # 2 layers x 4 inputs
     assert wide["weights"] == sens["top"][0]["weights"]  # the most sensitive unit
     assert wide["layers"] == sens["top"][0]["layers"] and all(
-        name.startswith("layers.") and name.endswith("_proj") for name in wide["layers"])
-    errors = [u["error"] for u in sens["top"]]
+        name.startswith("layers.") and name.endswith(("_proj", "_packed")) for name in wide["layers"])
+    errors = [u["divergence"] for u in sens["top"]]
     assert errors == sorted(errors, reverse=True)
     # exactly those weights have 8-bit codes (the tied head is 8-bit anyway: 64-wide blocks)
     m = onnx.load(str(out / "model.onnx"))
@@ -151,6 +152,25 @@ def test_cpu_mixed_step_kept_when_the_pure_grid_fails(q_fp32_bundle, tmp_path, m
     assert "at 8 bits: the 1 of 8 most sensitive weight units" in report
     printed = summary(result)
     assert "over the all-4-bit graph" in printed and wide["layers"][0] in printed
+
+
+def test_a_shared_memo_makes_awq_and_the_ranking_once_across_calls(q_fp32_bundle, tmp_path,  # noqa: F811
+                                                                   monkeypatch):
+    """bench/quantize.py writes each ladder step alone: with one memo, AWQ and the sensitivity
+    ranking of a grid are made by the first call and reused by the next."""
+    from quantize import quantize_bundle
+    from quantize.formats import QuantOptions
+
+    runs = _awq_runs(monkeypatch)
+    memo: dict = {}
+    for i, fraction in enumerate((0.0, 0.25)):
+        q = quantize_bundle(q_fp32_bundle("llama", "cpu"), "int4", out=tmp_path / f"s{i}",
+                            thresholds=LOOSE, samples=4, seq_len=32, force=True, memo=memo,
+                            options=QuantOptions(int4_grid="zero-point", block_size=64,
+                                                 int8_fraction=fraction))
+        assert q.manifest.quantization is not None
+    assert runs == ["zero-point"]
+    assert q.manifest.quantization.details["int8_weights"]["units"] == 2  # ceil(0.25 x 8)
 
 
 def test_jetson_mixed_step_writes_int8_weight_only_dq(q_fp32_bundle, tmp_path, monkeypatch):  # noqa: F811

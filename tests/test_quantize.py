@@ -415,11 +415,12 @@ def test_gate_failure_with_force_records_it(q_fp32_bundle, tmp_path):  # noqa: F
     assert q.grid_choice["ladder"] == [*[list(t[:3]) for t in mixed], ["symmetric", 32, 0.0],
                                        ["zero-point", 32, 0.0], ["offsets", 32, 0.0]]
     assert "int4 grid tried: zero-point in blocks of 64" in (out / "report.md").read_text()
-    # the exact grid kept has no ranking of its own: the last one measured (zero-point/32) is kept
+    # the exact grid kept has no ranking of its own: the last one measured is kept, that of the
+    # mixed steps (zero-point/64); the grids with no mixed step are never ranked
     assert "sensitivity" not in q.details
     assert (q.grid_choice["sensitivity"]["grid"], q.grid_choice["sensitivity"]["block_size"]) == (
-        "zero-point", 32)
-    assert "sensitivity on the zero-point grid in blocks of 32" in (out / "report.md").read_text()
+        "zero-point", 64)
+    assert "sensitivity on the zero-point grid in blocks of 64" in (out / "report.md").read_text()
     assert "FAILED (written with --force)" in (out / "report.md").read_text()
 
 

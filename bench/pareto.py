@@ -1,0 +1,104 @@
+"""Size / perplexity / speed points of the quantization bench: the Pareto table, the peer check,
+same-round speed ratios and the plot (bench/quantize.py prints and writes them).
+
+    pts = [Point("ours int4", "ours", 92e6, 27.1, [210.0, 205.0]), Point("genai int4", "peer", ...)]
+    print(pareto_table(pts)); beaten = dominated(pts); paired_ratio(ours.tok_s, peer.tok_s)
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    side: str  # "ours" | "peer"
+    bytes: int
+    ppl: float | None  # held-out perplexity (lower is more accurate)
+    tok_s: list[float] = field(default_factory=list)  # decode tokens/s, one per round
+
+    @property
+    def speed(self) -> float | None:
+        """The median round (the CPU may be shared: no best-of)."""
+        return statistics.median(self.tok_s) if self.tok_s else None
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float | None:
+    """Median over rounds of a[r] / b[r]: each pair ran in the same round (same CPU weather)."""
+    pairs = [x / y for x, y in zip(a, b) if x and y]
+    return statistics.median(pairs) if pairs else None
+
+
+def _measured(p: Point) -> bool:
+    return p.ppl is not None and p.speed is not None
+
+
+def beats(p: Point, q: Point) -> bool:
+    """p is both faster and more accurate than q (strictly, on both axes)."""
+    return (_measured(p) and _measured(q) and p.speed > q.speed  # type: ignore[operator]
+            and p.ppl < q.ppl)  # type: ignore[operator]
+
+
+def pareto(points: list[Point]) -> list[Point]:
+    """The points no other point beats on size, perplexity and speed together (at least as good
+    on all three and better on one), smallest first."""
+    def better(p: Point, q: Point) -> bool:
+        no_worse = p.bytes <= q.bytes and p.ppl <= q.ppl and p.speed >= q.speed  # type: ignore[operator]
+        return no_worse and (p.bytes, p.ppl, -p.speed) != (q.bytes, q.ppl, -q.speed)  # type: ignore[operator]
+
+    done = [p for p in points if _measured(p)]
+    return sorted((p for p in done if not any(better(q, p) for q in done)), key=lambda p: p.bytes)
+
+
+def dominated(points: list[Point]) -> list[tuple[Point, Point]]:
+    """(peer, ours) for every peer point that is both faster and more accurate than one of ours."""
+    return [(p, o) for p in points if p.side == "peer" for o in points if o.side == "ours" and beats(p, o)]
+
+
+def pareto_table(points: list[Point]) -> str:
+    front = {p.name for p in pareto(points)}
+    lines = [f"{'point':44} {'size MiB':>9} {'ppl':>8} {'tok/s (median)':>15}  Pareto"]
+    for p in sorted(points, key=lambda p: p.bytes):
+        ppl = f"{p.ppl:.3f}" if p.ppl is not None else "n/a"
+        speed = f"{p.speed:.1f}" if p.speed is not None else "n/a"
+        lines.append(f"{p.name:44} {p.bytes / 2**20:9.1f} {ppl:>8} {speed:>15}  "
+                     f"{'yes' if p.name in front else ''}")
+    beaten = dominated(points)
+    lines.append("peer points both faster and more accurate than one of ours: "
+                 + ("; ".join(f"{p.name} beats {o.name}" for p, o in beaten) if beaten else "none"))
+    return "\n".join(lines)
+
+
+def plot(points: list[Point], path: Path, title: str) -> Path | None:
+    """Size (x) against perplexity (y), marker area by decode speed, ours and peers in two
+    colours; None (and nothing written) without matplotlib (the `report` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [p for p in points if _measured(p)]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    top = max((p.speed or 0.0) for p in done) if done else 1.0
+    for side, colour in (("ours", "tab:blue"), ("peer", "tab:orange")):
+        sel = [p for p in done if p.side == side]
+        ax.scatter([p.bytes / 2**20 for p in sel], [p.ppl or 0.0 for p in sel],
+                   s=[40 + 400 * (p.speed or 0.0) / top for p in sel], c=colour, alpha=0.6,
+                   label=side)
+        for p in sel:
+            ax.annotate(f"{p.name} ({p.speed or 0.0:.0f} tok/s)", (p.bytes / 2**20, p.ppl or 0.0), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("size (MiB)")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_title(title + "\nmarker area: decode tokens/s (median round)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
