@@ -19,7 +19,8 @@ machine cancels out. Then, for the daemon alone (fp32 default bundle):
   prefix cache    a 600-token shared system prompt: TTFT of a request that hits the prefix cache
                   over a cold one (--prefix-cache-mb), and whether the answers are identical
   chunked prefill 3 streams decoding while one 1,500-token prompt arrives: the 3's p95 TPOT with
-                  --prefill-chunk 256 and with the whole prompt at once, over their p95 without it
+                  --prefill-chunk auto (the default) and off (the whole prompt at once), over
+                  their p95 without it
   drafting        an extraction prompt whose answer copies it: tok/s with --speculate ngram over
                   --speculate off, identical output, and the same ratio on the plain benchmark
 Those rows print "n/a (daemon has no --flag)" when `toolkit serve --help` lacks the flag.
@@ -548,8 +549,8 @@ def chunk_row(tok: Any, s: Settings, help_text: str) -> Extra:
         return row
     p95: dict[str, list[float]] = {"none": [], "chunked": [], "whole": []}
     for r in range(s.rounds):
-        for label, chunk in (("chunked", 256), ("whole", MAX_SEQ)):
-            daemon = Daemon(default_bundle("fp32"), s.threads, slots=4, flags=[CHUNK_FLAG, str(chunk)])
+        for label, chunk in (("chunked", "auto"), ("whole", "off")):  # the default, and none
+            daemon = Daemon(default_bundle("fp32"), s.threads, slots=4, flags=[CHUNK_FLAG, chunk])
             try:
                 three = [prompt_ids(tok, PROMPT_TOKENS, variant=10 * r + i) for i in range(3)]
                 if label == "chunked":  # the baseline: the same 3 streams, nothing arriving

@@ -138,10 +138,12 @@ def test_fifty_schema_requests_validate_only_when_constrained(smol: Daemon) -> N
     # a constrained and a free request at a time: they share the daemon's batched decode steps
     with ThreadPoolExecutor(2) as pool:
         constrained = list(pool.map(lambda j: run(j, True), jobs))
-        free = list(pool.map(lambda j: run(j, False), jobs))
+        # the free side is only the contrast (printed, not asserted): every fifth job, since
+        # free answers run to max_tokens and the 50 would cost CI minutes
+        free = list(pool.map(lambda j: run(j, False), jobs[::5]))
     bad = [(k, t) for k, ok, t in constrained if not ok]
     n_free = sum(ok for _, ok, _ in free)
-    print(f"\nvalid JSON: constrained {50 - len(bad)}/50, unconstrained {n_free}/50")
+    print(f"\nvalid JSON: constrained {50 - len(bad)}/50, unconstrained {n_free}/{len(free)}")
     assert not bad, bad[:3]
 
 
