@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -105,13 +106,14 @@ class BenchDaemon:
     """`python -m toolkit serve BUNDLE` on a private socket with the daemon's default settings
     (as many slots as the bundle's batch), and a client for it."""
 
-    def __init__(self, bundle: Path, threads: int) -> None:
+    def __init__(self, bundle: Path, threads: int, flags: Sequence[str] = ()) -> None:
+        """flags: more `toolkit serve` options (bench/speculate.py's --speculate ...)."""
         from host.client import DaemonClient, DaemonError, Endpoint
 
         self.dir = Path(tempfile.mkdtemp(prefix="toolkit-bench-", dir="/tmp"))  # AF_UNIX: short path
         sock = self.dir / "d.sock"
         self.proc = subprocess.Popen([sys.executable, "-m", "toolkit", "serve", str(bundle), "--socket",
-                                      str(sock), "--threads", str(threads)], cwd=REPO,
+                                      str(sock), "--threads", str(threads), *flags], cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = DaemonClient(Endpoint.unix(sock))
         deadline = time.monotonic() + 300
@@ -122,7 +124,7 @@ class BenchDaemon:
             except DaemonError:
                 time.sleep(0.1)
         self.close()
-        raise RuntimeError("the daemon did not become ready")
+        raise RuntimeError(f"the daemon did not become ready ({' '.join(flags) or 'default settings'})")
 
     def generate(self, ids: list[int], n: int) -> tuple[float, float, int, dict[str, float]]:
         """(client-side TTFT, decode tok/s, tokens, the server's timings) of one streamed request."""

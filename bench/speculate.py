@@ -22,11 +22,8 @@ smollm2-135m`: max_seq 2048, 1 slot), converted into ~/.cache/toolkit-bench/ whe
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,35 +32,20 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.decode import BenchDaemon  # noqa: E402
+
 HELDOUT = REPO / "quantize" / "data" / "heldout.txt"
 COPY_INSTRUCTION = "Repeat the following text exactly, word for word:\n\n"
 OPEN_QUESTION = "Write a short story about a lighthouse keeper who finds a strange radio."
 
 
-class SpecDaemon:
+class SpecDaemon(BenchDaemon):
     """`python -m toolkit serve BUNDLE --speculate MODE [--draft-tokens K]` on a private socket."""
 
     def __init__(self, bundle: Path, threads: int, speculate: str, draft_tokens: int | None) -> None:
-        from host.client import DaemonClient, DaemonError, Endpoint
-
         self.name = "off" if speculate == "off" else f"ngram k={draft_tokens}"
-        self.dir = Path(tempfile.mkdtemp(prefix="toolkit-spec-", dir="/tmp"))  # AF_UNIX: short path
-        sock = self.dir / "d.sock"
         extra = [] if draft_tokens is None else ["--draft-tokens", str(draft_tokens)]
-        self.proc = subprocess.Popen([sys.executable, "-m", "toolkit", "serve", str(bundle), "--socket",
-                                      str(sock), "--threads", str(threads), "--speculate", speculate,
-                                      *extra], cwd=REPO, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        self.client = DaemonClient(Endpoint.unix(sock))
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if self.client.request("GET", "/v2/health/ready").status == 200:
-                    return
-            except DaemonError:
-                time.sleep(0.2)
-        self.close()
-        raise RuntimeError(f"the daemon ({self.name}) did not become ready")
+        super().__init__(bundle, threads, ["--speculate", speculate, *extra])
 
     def generate(self, path: str, body: dict[str, Any]) -> tuple[float, str, dict[str, Any]]:
         """(decode tok/s, text, usage) of one streamed greedy request."""
@@ -80,11 +62,6 @@ class SpecDaemon:
                     text.append(piece)
         assert usage is not None and len(stamps) > 1
         return (usage["completion_tokens"] - 1) / (stamps[-1] - stamps[0]), "".join(text), usage
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass
