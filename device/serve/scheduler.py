@@ -682,8 +682,16 @@ class Scheduler(QueuedEngine):
     # T>1 over a cache anyway).
 
     def _verify_drafts(self) -> bool:
-        """Step every row that has a draft; True when no active row is left for a plain step."""
-        if not self.draft_tokens:
+        """Step every row that has a draft; True when no active row is left for a plain step.
+
+        In batched mode drafts are verified only while a single row decodes. A verify step takes
+        one row (GroupQueryAttention runs T > 1 over a cache for one row only), so with c rows
+        drafting turns one batched step, which reads the weights once for all of them, into c
+        steps that each read them: measured on SmolLM2-135M fp32 (bench/serve.py, 2 threads),
+        drafting every row took the daemon's aggregate decode from 155 tok/s at c=1 down to
+        104 tok/s at c=8. Per-row mode steps rows alone anyway, so there every greedy row drafts.
+        """
+        if not self.draft_tokens or (self.batched and len(self._active) > 1):
             return False
         plain = False
         for slot in sorted(self._active):
