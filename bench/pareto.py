@@ -8,6 +8,7 @@ same-round speed ratios and the plot (bench/quantize.py prints and writes them).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,9 @@ class Point:
         return statistics.median(self.tok_s) if self.tok_s else None
 
 
-def paired_ratio(a: list[float], b: list[float]) -> float | None:
-    """Median over rounds of a[r] / b[r]: each pair ran in the same round (same CPU weather)."""
+def paired_ratio(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
+    """Median over rounds of a[r] / b[r]: each pair ran in the same round (same CPU weather);
+    rounds where either is missing are skipped."""
     pairs = [x / y for x, y in zip(a, b) if x and y]
     return statistics.median(pairs) if pairs else None
 

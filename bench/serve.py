@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.decode import default_bundle  # noqa: E402
+from bench.pareto import paired_ratio as median_ratio  # noqa: E402
 from bench.peers import (  # noqa: E402
     MATCHED,
     LlamaCpp,
@@ -141,12 +142,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     lo = int(k)
     hi = min(lo + 1, len(values) - 1)
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-def median_ratio(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
-    """The median over rounds of a[r] / b[r], skipping rounds where either is missing."""
-    ratios = [x / y for x, y in zip(a, b) if x and y]
-    return statistics.median(ratios) if ratios else None
 
 
 def has_flag(help_text: str, flag: str) -> bool:
