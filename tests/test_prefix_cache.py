@@ -95,6 +95,47 @@ def test_time_sized_chunks_converge_to_the_target_and_are_paced_by_decode_time()
     assert ChunkSizer(5).size(3) == 3 and ChunkSizer(5).ready() and not ChunkSizer(0).enabled
 
 
+
+def test_chunks_and_pace_scale_with_the_prompts_waiting() -> None:
+    """A burst (7 prompts waiting, 1 decoding) reads ~7x as much per decode step as one long
+    prompt does; one prompt waiting keeps the 1 + CHUNK_SHARE bound."""
+    sizes = {}
+    for waiting in (1, 7):
+        sizer = ChunkSizer()
+        for _ in range(12):  # as above: decode 20 ms, a chunk 2 ms + 0.1 ms a token
+            sizer.observe_decode(0.020, waiting=waiting, decoding=1)
+            n = sizer.size(10_000)
+            sizer.observe_prefill(n, 0.002 + 0.0001 * n, chunked=True)
+        sizes[waiting] = sizer.size(10_000)
+        sizer.credit = 0.0
+        decode_time = prefill_time = 0.0
+        for _ in range(200):
+            if sizer.ready():
+                n = sizer.size(10_000)
+                prefill_time += 0.002 + 0.0001 * n
+                sizer.observe_prefill(n, 0.002 + 0.0001 * n, chunked=True)
+            sizer.observe_decode(0.020, waiting=waiting, decoding=3)
+            decode_time += 0.020
+        assert prefill_time <= CHUNK_SHARE * waiting * decode_time + CHUNK_STEPS * waiting * 0.020
+        assert prefill_time >= 0.5 * CHUNK_SHARE * waiting * decode_time
+    assert 5 * sizes[1] < sizes[7] < 9 * sizes[1]
+
+
+def test_the_kv_cache_is_committed_memory_from_the_start() -> None:
+    """Every page of the static cache is resident once it exists: a step that first touches a
+    slot must not page-fault its rows in (seconds on a board, the first time a batch runs)."""
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    layout = KVCacheLayout(num_layers=4, kv_heads=2, head_dim=64, max_seq=4096, dtype="float32")
+    before = resident()
+    cache = StaticKVCache(layout, slots=4)  # 4 x 2 x 4096 x 64 x 4 B x 8 buffers = 64 MiB
+    grown = resident() - before
+    assert cache.nbytes == 64 << 20
+    assert grown >= 0.9 * cache.nbytes, f"only {grown >> 20} MiB of {cache.nbytes >> 20} resident"
+
+
 # --- the tiny model ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
