@@ -11,6 +11,10 @@ its matched llama.cpp GGUF (bench/peers.py MATCHED: F32, Q8_0, Q4_1, all from th
                   (the tokens of all streams while all of them decode, over that window) and
                   p50/p95 time per output token (the gaps between tokens of every stream,
                   pooled: a stall, such as another request's prefill, shows)
+  drafting off    the daemon again with --speculate off: single stream, c = 1 and c = 8. The
+                  default drafts while one request decodes and not in batched steps (see
+                  device/serve/scheduler.py), so its c=8 / c=1 mixes drafting's gain at c=1 into
+                  batching's; this row is batching alone
 The servers run with --threads / -t THREADS and 8 slots (`toolkit serve --slots 8`,
 `llama-server -np 8 -c 8*2048 --cont-batching`); c streams use c of them. Each server is its own
 process, started fresh every round; rounds interleave the variants (rotating order) and every
@@ -428,16 +432,19 @@ class Cells:
     note: str = ""
 
 
-VARIANTS = ("daemon", "in-process", "genai", "llama-server")
+VARIANTS = ("daemon", "in-process", "genai", "llama-server", "daemon-plain")
+PLAIN_FLAGS = ("--speculate", "off")  # daemon-plain: the default daemon but drafting
+PLAIN_CONCURRENCY = (1, 8)
 
 
-def measure_server(server: Server, tok: Any, cells: Cells, s: Settings) -> None:
+def measure_server(server: Server, tok: Any, cells: Cells, s: Settings,
+                   concurrency: Sequence[int] = CONCURRENCY) -> None:
     ids = prompt_ids(tok, PROMPT_TOKENS)
     server.stream(ids[:16], 4)  # warm-up
     one = server.stream(ids, s.new_tokens)
     cells.ttft.append(one.ttft)
     cells.tok_s.append(one.tok_s)
-    for c in CONCURRENCY:
+    for c in concurrency:
         prompts = [prompt_ids(tok, PROMPT_TOKENS, variant=i + 1) for i in range(c)]
         cells.conc.setdefault(c, []).append(aggregate(run_concurrent(server, prompts, s.conc_tokens)))
 
@@ -452,11 +459,12 @@ def measure_round(precision: str, order: Sequence[str], tok: Any, table: dict[st
         try:
             if isinstance(peer, Skipped):
                 cells.note = peer.reason
-            elif variant in ("daemon", "llama-server"):
-                server: Server = (Daemon(bundle, s.threads) if variant == "daemon" else
-                                  LlamaServer(peers["lc"], peer, s.threads))
+            elif variant in ("daemon", "daemon-plain", "llama-server"):
+                plain = variant == "daemon-plain"
+                server: Server = (LlamaServer(peers["lc"], peer, s.threads) if variant == "llama-server"
+                                  else Daemon(bundle, s.threads, flags=PLAIN_FLAGS if plain else ()))
                 try:
-                    measure_server(server, tok, cells, s)
+                    measure_server(server, tok, cells, s, PLAIN_CONCURRENCY if plain else CONCURRENCY)
                 finally:
                     server.close()
             else:
@@ -654,9 +662,11 @@ def render(rep: Report) -> str:
     lines.append("single stream: TTFT ms")
     for v in VARIANTS:
         row(f"  {v}", lambda t, v=v: _f(_scale(_med(t[v].ttft), 1e3), ".0f"))
-    for label, v in (("daemon", "daemon"), ("llama-server", "llama-server")):
+    for label, v, cs in (("daemon", "daemon", CONCURRENCY),
+                         ("daemon, drafting off (--speculate off)", "daemon-plain", PLAIN_CONCURRENCY),
+                         ("llama-server", "llama-server", CONCURRENCY)):
         lines.append(f"{label}: aggregate decode tok/s, p50/p95 TPOT ms")
-        for c in CONCURRENCY:
+        for c in cs:
             row(f"  c={c}", lambda t, c=c, v=v: _conc(t[v].conc.get(c, [])))
         row("  c=8 / c=1", lambda t, v=v: _f(median_ratio(_agg(t[v], 8), _agg(t[v], 1)), ".2f", "x"))
     row("daemon / llama-server at c=8",
@@ -727,7 +737,9 @@ def main() -> None:
         print(json.dumps(CHILDREN[kind](path, ids, int(n), int(threads))), flush=True)
         return
     s = (Settings(args.threads, 1, 32, 16) if args.quick else
-         Settings(args.threads, args.rounds, 128, 64))
+         # 128 tokens a stream at concurrency too: 8 prompts arriving together are read over
+         # ~2-4 s on 2 cores, and with 64 tokens the first streams finished before the last began
+         Settings(args.threads, args.rounds, 128, 128))
     tok = tokenizer()
     lc = llama_cpp(build=not args.no_build)
     bindings = lc if isinstance(lc, Skipped) else llama_cpp_python(lc)
