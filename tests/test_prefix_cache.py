@@ -134,6 +134,9 @@ def test_the_kv_cache_is_committed_memory_from_the_start() -> None:
     grown = resident() - before
     assert cache.nbytes == 64 << 20
     assert grown >= 0.9 * cache.nbytes, f"only {grown >> 20} MiB of {cache.nbytes >> 20} resident"
+    before = resident()
+    single = StaticKVCache(layout, slots=1)  # one slot: lazy, resident as positions are used
+    assert resident() - before < 0.5 * single.nbytes
 
 
 # --- the tiny model ---------------------------------------------------------------------------

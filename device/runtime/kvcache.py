@@ -41,16 +41,20 @@ class StaticKVCache:
         self.slots = slots
         shape = (slots, layout.kv_heads, layout.max_seq, layout.head_dim)
         dtype = np.dtype(layout.dtype)
-        # past_key.0, past_value.0, past_key.1, ... as the graph orders them. Written once here
-        # so every page is committed at load: np.zeros maps untouched pages lazily, and the
-        # first step that touched a slot's rows then page-faulted its whole row in (SmolLM2 fp32,
-        # 94 MB a slot at max_seq 2048: 0.2-2 s stalls, measured on 2 cores, the first time each
-        # batch of slots decoded). Committed up front, the memory the daemon reports is what it
-        # holds, and a board short of it fails at start rather than at the eighth request.
+        # past_key.0, past_value.0, past_key.1, ... as the graph orders them. np.zeros maps
+        # pages lazily; with several slots they are written once here, so every page is
+        # committed at load: the first batched step over slots not used before page-faulted
+        # their whole rows in (SmolLM2 fp32, 94 MB a slot at max_seq 2048: 0.2-2 s stalls on 2
+        # cores, the first time each batch of slots decoded), and a board short of the memory
+        # fails at start rather than at the eighth request. One slot stays lazy: its steps
+        # touch only the positions they use (measured: +16 MB for a 256-token request), so a
+        # single-stream runtime holds what its context uses (SmolLM2 int4, max_seq 2048: peak
+        # RSS 284 MB, 357 committed).
         self.buffers: list[np.ndarray] = []
         for _ in range(2 * layout.num_layers):
-            buf = np.empty(shape, dtype)
-            buf.fill(0)
+            buf = np.zeros(shape, dtype)
+            if slots > 1:
+                buf.fill(0)
             self.buffers.append(buf)
 
     @property
