@@ -70,7 +70,9 @@ class Runner:
 
 def load_bundle(path: Path, slots: int | None = None, threads: int | None = None,
                 device: str = "cpu", rebuild_on_mismatch: bool = False,
-                progress: Any = None) -> Runner:
+                progress: Any = None, spin_between_runs: bool = True) -> Runner:
+    """spin_between_runs=False: ONNX Runtime's workers stop spinning when a step ends (a
+    process with other threads to run between steps: the daemon; ort_backend.session_options)."""
     path = Path(path)
     manifest = load_verified(path)  # hashes first: nothing unverified reaches a runtime
     check_target(manifest)
@@ -91,7 +93,8 @@ def load_bundle(path: Path, slots: int | None = None, threads: int | None = None
 
         backend = OrtDecoderBackend(model, manifest.kv_layout(), manifest.dims.vocab_size,
                                     slots=slots or manifest.batch,
-                                    threads=threads, device=device)
+                                    threads=threads, device=device,
+                                    spin_between_runs=spin_between_runs)
     return Runner(path, manifest, backend, tokenizer)
 
 

@@ -156,7 +156,8 @@ class Daemon:
             from device.runtime.runner import load_bundle
 
             self._install(load_bundle(path, slots=cfg.slots, threads=cfg.threads,
-                                      rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info), path)
+                                      rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info,
+                                      spin_between_runs=False), path)
             return
         runner, reason = self._load(path)
         if runner is not None:
@@ -193,7 +194,8 @@ class Daemon:
         cfg = self.config
         try:
             return load_bundle(path, slots=cfg.slots, threads=cfg.threads,
-                               rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info), ""
+                               rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info,
+                               spin_between_runs=False), ""  # HTTP threads share the cores
         except Exception as e:  # noqa: BLE001 - whatever it is, the bundle cannot serve
             log.debug("loading %s failed", path, exc_info=True)
             return None, _one_line(e)
