@@ -435,7 +435,7 @@ class Cells:
 
 
 VARIANTS = ("daemon", "in-process", "genai", "llama-server", "daemon-plain")
-PLAIN_FLAGS = ("--speculate", "off")  # daemon-plain: the default daemon but drafting
+PLAIN_FLAGS = ("--speculate", "off")  # daemon-plain: the default daemon without drafting
 PLAIN_CONCURRENCY = (1, 8)
 
 

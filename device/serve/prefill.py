@@ -31,14 +31,15 @@ depending on its position). A chunk in every gap would at least double every gap
 gaps that hold a chunk are as long, but they are fewer. On a GPU, where a chunk of tens of
 tokens costs about a decode step, the same rules give a chunk about every other step.
 
-Both scale with demand: with P prompts waiting to be read and D requests decoding, the share
-and the chunk's target time are multiplied by max(1, P / D). One long prompt arriving while
-others decode (P <= D) keeps the bound above. A burst of prompts arriving together (8 requests
-at once: the first decodes while 7 wait) would otherwise be read at 0.8x one decoder's pace, one
-after another: measured on SmolLM2-135M fp32, 2 cores, 8 x 128-token prompts, the last stream's
-first token came at 5.0 s against 2.1 s with chunking off, and the 8 streams barely overlapped.
-Scaled, each request, waiting or decoding, gets about the same share of the engine while the
-burst is read, and the decoders' gaps grow only while prompts outnumber them.
+Both scale with the prompts waiting: with P prompts not fully read, the share and the chunk's
+target time are multiplied by max(1, P), so each waiting prompt is read at the pace one long
+prompt alone gets, and the others' time per output token is at most (1 + CHUNK_SHARE * P) times
+what it is without them. One long prompt arriving (P = 1) keeps the bound above. A burst of
+prompts arriving together (8 requests at once: the first decodes while 7 wait) was otherwise
+read at one prompt's pace, one after another: measured in-process on SmolLM2-135M fp32, 2 cores,
+8 x 128-token prompts, the last stream's first token came at 5.8 s (3.6 s scaled; 2.1 s with
+chunking off, which stalls the decoders for every prompt), and the first streams had finished
+before the last began.
 
 A fixed `--prefill-chunk N` takes N tokens in every iteration (no pace); 0 turns chunking off
 (the prompt is read in one step, the others wait).
@@ -99,14 +100,14 @@ class ChunkSizer:
         self.token_s: float | None = None  # running estimate of prefill seconds per token (chunks)
         self.full_token_s: float | None = None  # the same for prompts read in one step
         self.credit = 0.0  # seconds of prefill the decode steps have paid for (<= 0: owed)
-        self.demand = 1.0  # max(1, waiting prompts / decoding rows) at the last decode step
+        self.demand = 1.0  # max(1, prompts waiting) at the last decode step
 
     @property
     def enabled(self) -> bool:
         return self.fixed != 0
 
-    def observe_decode(self, seconds: float, waiting: int = 1, decoding: int = 1) -> None:
-        """A decode step of `decoding` rows took `seconds` while `waiting` prompts wait."""
+    def observe_decode(self, seconds: float, waiting: int = 1) -> None:
+        """A decode step took `seconds` while `waiting` prompts were not fully read."""
         self.decode_s = _ema(self.decode_s, seconds)
         self.demand = float(max(1, waiting))
         share = CHUNK_SHARE * self.demand

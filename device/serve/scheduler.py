@@ -515,9 +515,9 @@ class Scheduler(QueuedEngine):
             self._reap_cancelled()
             self._prefill()
             if self._active:
-                t0, rows = time.perf_counter(), len(self._active)
+                t0 = time.perf_counter()
                 self._decode()
-                self.chunks.observe_decode(time.perf_counter() - t0, len(self._prefilling), rows)
+                self.chunks.observe_decode(time.perf_counter() - t0, len(self._prefilling))
 
     def _take_admissible(self) -> list[RequestHandle]:
         taken: list[RequestHandle] = []
