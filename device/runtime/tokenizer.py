@@ -81,22 +81,37 @@ def _token_str(value: Any) -> str:
 
 class StreamDecoder:
     """Turns a growing list of token ids into text deltas, holding back an incomplete UTF-8
-    sequence (decoded as U+FFFD) until the next token completes it."""
+    sequence (decoded as U+FFFD) until the next token completes it.
+
+    Each push decodes a short window, not the whole output (that was O(n^2) over a stream: a
+    2,048-token answer decoded ~2 million ids on the scheduler's thread). The window is the
+    incremental detokenization of TGI and vLLM: `prefix` is where the last emitted window
+    began and `read` where it ended, so decode(ids[prefix:]) minus decode(ids[prefix:read]) is the
+    new text, with the same context on both sides (a SentencePiece decoder strips the leading
+    space of a window's first token from both alike). Written here rather than with
+    tokenizers.decoders.DecodeStream because that holds an incomplete character back with no
+    way to flush it when the stream ends."""
 
     def __init__(self, tokenizer: BundleTokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded text already emitted
+        self.prefix = 0  # start of the window: the previous emission's start
+        self.read = 0  # the ids up to here are emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[self.sent:], len(text)
-        return delta
+        done, text = self._window()
+        if len(text) <= len(done) or text.endswith("\ufffd"):
+            return ""  # nothing new yet, or a character cut in half: wait for the next token
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        delta, self.sent = text[self.sent:], len(text)
-        return delta
+        """Whatever is held back (an incomplete character comes out as U+FFFD)."""
+        done, text = self._window()
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):]
+
+    def _window(self) -> tuple[str, str]:
+        decode = self.tokenizer.decode
+        return decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
