@@ -34,7 +34,8 @@ def _trained(kind: str) -> Tokenizer:
     # vocabulary (what byte_fallback reads), as in Llama 2's tokenizer.json
     learner = Tokenizer(models.BPE(unk_token="<unk>"))
     learner.pre_tokenizer = pre_tokenizers.Metaspace()
-    learner.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|end|>"]))
+    learner.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300,
+                                                            special_tokens=["<unk>", "<|end|>"]))
     learned = json.loads(learner.to_str())["model"]
     vocab = dict(learned["vocab"])
     for b in range(256):
