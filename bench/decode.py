@@ -46,6 +46,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.pareto import paired_ratio  # noqa: E402
 from bench.peers import CACHE, Skipped, genai_model  # noqa: E402
 from bench.peers import genai_missing as peers_genai_missing  # noqa: E402
 
@@ -143,8 +144,13 @@ class BenchDaemon:
         return stamps[0] - t0, (tokens - 1) / (stamps[-1] - stamps[0]), tokens, usage["timings"]
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -406,11 +412,7 @@ HEADLINE = (("daemon", "runner", "daemon / in-process", ">= 0.97x"),
 def same_round(turns: dict[str, list[Result]], a: str, b: str) -> float | None:
     """The median over rounds of a's decode tok/s / b's in the same round (a round runs every
     variant once, one after another: other load on the machine hits both alike)."""
-    import statistics
-
-    ratios = [x.decode_tps / y.decode_tps for x, y in zip(turns[a], turns[b])
-              if x.decode_tps and y.decode_tps]
-    return statistics.median(ratios) if ratios else None
+    return paired_ratio([x.decode_tps for x in turns[a]], [y.decode_tps for y in turns[b]])
 
 
 def headline(turns: dict[str, list[Result]], bundle: Path) -> str:

@@ -38,7 +38,6 @@ import argparse
 import http.client
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -54,7 +53,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.decode import default_bundle  # noqa: E402
+from bench.decode import BenchDaemon, default_bundle  # noqa: E402
 from bench.pareto import paired_ratio as median_ratio  # noqa: E402
 from bench.peers import (  # noqa: E402
     MATCHED,
@@ -194,21 +193,14 @@ class Server:
 
 
 class Daemon(Server):
-    """`toolkit serve BUNDLE` on a private Unix socket."""
+    """`toolkit serve BUNDLE` on a private Unix socket (bench/decode.py's launcher)."""
 
     name = "daemon"
 
     def __init__(self, bundle: Path, threads: int, slots: int | None = SLOTS,
                  flags: Sequence[str] = ()) -> None:
-        from host.client import DaemonClient, Endpoint
-
-        self.dir = Path(tempfile.mkdtemp(prefix="toolkit-serve-", dir="/tmp"))  # AF_UNIX: short path
-        sock = self.dir / "d.sock"
-        cmd = [sys.executable, "-m", "toolkit", "serve", str(bundle), "--socket", str(sock),
-               "--threads", str(threads), *(["--slots", str(slots)] if slots else []), *flags]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = DaemonClient(Endpoint.unix(sock))
-        self._wait(lambda: self.client.request("GET", "/v2/health/ready").status == 200)
+        self.daemon = BenchDaemon(bundle, threads, [*(["--slots", str(slots)] if slots else []), *flags])
+        self.proc, self.client = self.daemon.proc, self.daemon.client
 
     def stream(self, ids: list[int], n: int, ignore_eos: bool = True) -> Stream:
         body = {"prompt": ids, "max_tokens": n, "temperature": 0, "ignore_eos": ignore_eos,
@@ -223,8 +215,7 @@ class Daemon(Server):
         return Stream(t0, tuple(stamps), tokens, "".join(text))
 
     def close(self) -> None:
-        super().close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.daemon.close()
 
 
 class LlamaServer(Server):
@@ -552,26 +543,24 @@ def chunk_row(tok: Any, s: Settings, help_text: str) -> Extra:
     if not has_flag(help_text, CHUNK_FLAG):
         row.note = f"n/a (daemon has no {CHUNK_FLAG})"
         return row
-    p95: dict[str, list[float]] = {"none": [], "chunked": [], "whole": []}
-    stall: dict[str, list[float]] = {"none": [], "chunked": [], "whole": []}  # longest gap
+    # the 3 decoding streams, per case and round: p95 and the longest gap are read from these
+    seen: dict[str, list[Concurrent]] = {"none": [], "chunked": [], "whole": []}
     for r in range(s.rounds):
         for label, chunk in (("chunked", "auto"), ("whole", "off")):  # the default, and none
             daemon = Daemon(default_bundle("fp32"), s.threads, slots=4, flags=[CHUNK_FLAG, chunk])
             try:
                 three = [prompt_ids(tok, PROMPT_TOKENS, variant=10 * r + i) for i in range(3)]
                 if label == "chunked":  # the baseline: the same 3 streams, nothing arriving
-                    base = aggregate(run_concurrent(daemon, three, s.conc_tokens))
-                    p95["none"].append(base.p95_tpot)
-                    stall["none"].append(base.max_gap)
+                    seen["none"].append(aggregate(run_concurrent(daemon, three, s.conc_tokens)))
                 long = prompt_ids(tok, 1500, variant=10 * r + 5)
                 # the long prompt arrives once the 3 are decoding (after their prefills)
                 arrive = 0.5 + 3 * 0.2
                 streams = run_concurrent(daemon, [*three, long], s.conc_tokens, starts=[0, 0, 0, arrive])
-                seen = aggregate(streams[:3])
-                p95[label].append(seen.p95_tpot)
-                stall[label].append(seen.max_gap)
+                seen[label].append(aggregate(streams[:3]))
             finally:
                 daemon.close()
+    p95 = {k: [c.p95_tpot for c in v] for k, v in seen.items()}
+    stall = {k: [c.max_gap for c in v] for k, v in seen.items()}
     chunked, whole = median_ratio(p95["chunked"], p95["none"]), median_ratio(p95["whole"], p95["none"])
     row.figure = chunked
     # p95 hides the one long stall of a whole-prompt read among 3 x 128 gaps: the longest gap

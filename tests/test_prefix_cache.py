@@ -95,7 +95,6 @@ def test_time_sized_chunks_converge_to_the_target_and_are_paced_by_decode_time()
     assert ChunkSizer(5).size(3) == 3 and ChunkSizer(5).ready() and not ChunkSizer(0).enabled
 
 
-
 def test_chunks_and_pace_scale_with_the_prompts_waiting() -> None:
     """A burst (7 prompts waiting) reads ~7x as much per decode step as one long prompt
     does, within the 1 + CHUNK_SHARE * waiting bound; one prompt waiting keeps 1 + CHUNK_SHARE."""
