@@ -16,7 +16,7 @@ from test_scheduler import OnlyTokens, SlowBackend, prompt, run
 from device.runtime.draft import PromptLookup
 from device.runtime.runner import load_bundle
 from device.runtime.sampling import SamplingParams
-from device.serve.scheduler import GenerationRequest, Scheduler
+from device.serve.scheduler import GenerationRequest, Scheduler, TextDelta
 
 # --- the index -------------------------------------------------------------------------------
 
@@ -250,3 +250,83 @@ def test_drafting_is_refused_where_a_multi_token_step_is_not_single_steps(runner
     skewed = Skewed(runner.backend, 0.0)
     assert verify_step_deviation(skewed, 4) > VERIFY_TOLERANCE  # type: ignore[arg-type]
     assert Scheduler(skewed, runner.tokenizer).draft_tokens == 0  # type: ignore[arg-type]
+
+
+# --- which rows verify when several decode (device/serve/draft_plan.py) ----------------------
+
+
+def test_the_plan_verifies_rows_only_where_that_raises_tokens_per_second() -> None:
+    from device.serve.draft_plan import Candidate, StepCosts, candidates, choose_verifies
+
+    # SmolLM2-135M fp32 on 2 cores, text that copies: a verify step of 1+4 tokens ~25 ms gives ~4
+    rows = [Candidate(slot, 4.0, 0.025) for slot in range(8)]
+    assert choose_verifies(2, 0.026, rows[:2]) == [0, 1]  # 160 tok/s a row against 77 plain
+    assert choose_verifies(8, 0.044, rows) == []  # 182 tok/s plain: batching wins
+    assert choose_verifies(2, None, rows[:2]) == []  # the plain step was never timed
+    # best first, and only while each row beats the plan so far
+    mixed = [Candidate(0, 1.2, 0.025), Candidate(1, 5.0, 0.025), Candidate(2, 2.0, 0.025)]
+    assert choose_verifies(3, 0.03, mixed) == [1]
+    costs = StepCosts()
+    assert candidates({0: [5, 6, 7, 8]}, {}, costs) == []  # nothing timed yet
+    costs.observe(2, 1, 0.026)
+    assert candidates({0: [5, 6, 7, 8]}, {}, costs) == [Candidate(0, 3.0, 0.026)]  # guesses
+    costs.observe(1, 5, 0.1)
+    costs.observe(1, 5, 0.2)  # a moving average of what the steps took
+    assert candidates({0: [5, 6, 7, 8]}, {0: 1.5}, costs) == [Candidate(0, 1.5, 0.125)]
+
+
+class ShapedDelay(SlowBackend):
+    """A device whose step time depends on the step's shape: delay_of(rows, tokens)."""
+
+    def __init__(self, backend: Any, delay_of: Any) -> None:
+        super().__init__(backend, 0.0)
+        self.delay_of = delay_of
+
+    def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any) -> np.ndarray:
+        import time
+
+        time.sleep(self.delay_of(*ids.shape))
+        return super().step(ids, pos, slots, *rest)
+
+
+def _two_copying_at_once(runner: Any, delay_of: Any) -> tuple[list[tuple[str, Any]], int]:
+    """Two greedy requests that copy their prompt, decoding together in batched mode (both are
+    queued before the engine starts): their results and the number of verify steps (one row,
+    2..5 tokens, past the prompt) they took."""
+    device = ShapedDelay(runner.backend, delay_of)
+    engine = Scheduler(device, runner.tokenizer, decode_mode="batched",  # type: ignore[arg-type]
+                       speculate="ngram", draft_tokens=4)
+    device.calls.clear()  # the start-up probes
+    ids = copying_prompt(runner)
+    handles = []
+    for req in (GenerationRequest(ids, 40, ignore_eos=True), GenerationRequest(ids[1:], 40, ignore_eos=True)):
+        with engine.reserve() as ticket:
+            handles.append(engine.submit(ticket, req))
+    engine.start()
+    out = []
+    try:
+        for handle in handles:
+            events = list(handle.events(timeout=60))
+            out.append(("".join(e.text for e in events if isinstance(e, TextDelta)), events[-1]))
+    finally:
+        engine.close()
+    verifies = sum(1 for ids_, pos, _ in device.calls
+                   if ids_.shape[0] == 1 and 1 < ids_.shape[1] <= 5 and pos[0, 0] >= len(ids) - 1)
+    return out, verifies
+
+
+def test_rows_decoding_together_draft_where_verify_steps_cost_what_plain_ones_do(
+        engines: Any, runner: Any) -> None:
+    """A memory-bound device (every step ~10 ms, whatever its shape): two rows copying text
+    verify their drafts; a device where a verify step costs 3x a token more than a plain step
+    soon stops verifying while both decode. Both give plain greedy's text."""
+    _, off, _ = engines
+    flat, flat_verifies = _two_copying_at_once(runner, lambda rows, tokens: 0.01)
+    steep, steep_verifies = _two_copying_at_once(runner, lambda rows, tokens: 0.01 * (1 if tokens == 1
+                                                                                       else 3 * tokens))
+    alone = [run(off, GenerationRequest(ids, 40, ignore_eos=True))
+             for ids in (copying_prompt(runner), copying_prompt(runner)[1:])]
+    for got in (flat, steep):
+        assert [text for text, _ in got] == [text for text, _ in alone]
+    assert all(fin.usage.accepted_tokens > 0 for _, fin in flat)
+    assert flat_verifies >= 6 and steep_verifies <= flat_verifies // 2, (flat_verifies, steep_verifies)

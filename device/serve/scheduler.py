@@ -24,10 +24,12 @@ One engine thread owns the backend. Each loop iteration
 A request that finishes, fails or is cancelled frees its slot in the same iteration.
 Greedy rows may draft (prompt lookup, `speculate="ngram"`): a row whose last tokens occurred
 before in its prompt or output is stepped alone with its pending token plus the tokens that
-followed there, and keeps the run of them the model agrees with (see _verify); only rows without
-a draft share the batched step. Alone, because ONNX Runtime's GroupQueryAttention takes several
-tokens per step only for one row (B=1 when T>1 with a cache), so rows cannot be padded to a
-common draft length; and the others keep their one-token fast path.
+followed there, and keeps the run of them the model agrees with (see _verify). Alone, because
+ONNX Runtime's GroupQueryAttention takes several tokens per step only for one row (B=1 when T>1
+with a cache), so rows cannot be padded to a common draft length. With several rows decoding, a
+row verifies its draft only where the measured step times and its acceptance so far say that
+raises tokens per second (device/serve/draft_plan.py); the batched step runs as before unless
+every row verified.
 
 Why results do not depend on what else is running (checked, not assumed): ONNX Runtime's CPU
 kernels give bit-identical logits for a row whether it is decoded alone or inside a batch of
@@ -73,6 +75,7 @@ from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, samp
 from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
 from device.serve.config import DECODE_MODES, DRAFT_TOKENS, SPECULATE_MODES
+from device.serve.draft_plan import StepCosts, candidates, choose_verifies, updated_gain
 from device.serve.metrics import ServingMetrics
 from device.serve.prefill import ChunkSizer, PrefillJob
 from device.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
@@ -358,6 +361,7 @@ class _Slot:
     draft_limit: int = 0  # the longest draft its next verify step may take (see _verify)
     drafted: int = 0  # draft tokens verified
     accepted: int = 0  # ... and accepted
+    verify_gain: float | None = None  # tokens its verify steps give, averaged (draft_plan.py)
 
 
 def smoke_test(backend: DecoderBackend) -> None:
@@ -412,6 +416,7 @@ class Scheduler(QueuedEngine):
             raise ValueError(f"speculate {speculate!r} is not one of {SPECULATE_MODES}")
         # prompt-lookup drafting: up to draft_tokens per step for greedy rows (see _verify)
         self.draft_tokens = draft_tokens if speculate == "ngram" else 0
+        self.costs = StepCosts()  # the decode and verify steps' times, for _verify_drafts
         self.backend, self.tokenizer = backend, tokenizer
         self.slots, self.max_seq = backend.slots, backend.max_seq
         self.stop_ids = frozenset(tokenizer.stop_ids)
@@ -652,7 +657,7 @@ class Scheduler(QueuedEngine):
             else:
                 for slot in sorted(self._active):
                     state = self._active[slot]
-                    logits = self.backend.step(self._ids[slot:slot + 1], self._pos[slot:slot + 1], [slot])
+                    logits = self._step(self._ids[slot:slot + 1], self._pos[slot:slot + 1], [slot])
                     self._accept_row(state, logits[0, -1])
         except Exception:  # noqa: BLE001 - fail the requests in this step; the daemon keeps serving
             log.exception("decode step failed for slots %s", sorted(self._active))
@@ -661,11 +666,18 @@ class Scheduler(QueuedEngine):
 
     def _decode_batched(self) -> None:
         lo, hi = min(self._active), max(self._active)
-        logits = self.backend.step(self._ids[lo:hi + 1], self._pos[lo:hi + 1], range(lo, hi + 1))
+        logits = self._step(self._ids[lo:hi + 1], self._pos[lo:hi + 1], range(lo, hi + 1))
         for slot in range(lo, hi + 1):  # [B, 1, V]: row slot - lo belongs to slot
             state = self._active.get(slot)
             if state is not None:
                 self._accept_row(state, logits[slot - lo, -1])
+
+    def _step(self, ids: np.ndarray, pos: np.ndarray, slots: Sequence[int]) -> np.ndarray:
+        """backend.step, its time kept by (rows, tokens per row) for the drafting plan."""
+        t0 = time.perf_counter()
+        logits = self.backend.step(ids, pos, slots)
+        self.costs.observe(ids.shape[0], ids.shape[1], time.perf_counter() - t0)
+        return logits
 
     # -- prompt-lookup drafting --------------------------------------------------------------
     #
@@ -682,26 +694,35 @@ class Scheduler(QueuedEngine):
     # T>1 over a cache anyway).
 
     def _verify_drafts(self) -> bool:
-        """Step every row that has a draft; True when no active row is left for a plain step.
+        """Step the rows whose drafts are worth a step of their own; True when every active row
+        was stepped so (no plain step left to run).
 
-        In batched mode drafts are verified only while a single row decodes. A verify step takes
-        one row (GroupQueryAttention runs T > 1 over a cache for one row only), so with c rows
-        drafting turns one batched step, which reads the weights once for all of them, into c
-        steps that each read them: measured on SmolLM2-135M fp32 (bench/serve.py, 2 threads),
-        drafting every row took the daemon's aggregate decode from 155 tok/s at c=1 down to
-        104 tok/s at c=8. Per-row mode steps rows alone anyway, so there every greedy row drafts.
+        Per-row mode steps rows alone anyway, so there every row with a draft verifies it. In
+        batched mode a verify step takes one row (GroupQueryAttention runs T > 1 over a cache
+        for one row only), so with c rows drafting turns one batched step, which reads the
+        weights once for all of them, into c steps that each read them: drafting every row took
+        SmolLM2-135M fp32's aggregate decode from 155 tok/s at c=1 down to 104 tok/s at c=8
+        (bench/serve.py, 2 threads). So rows verify only where the measured step times and
+        their acceptance say it raises tokens per second (device/serve/draft_plan.py): a lone
+        row always (its plain step is the same B=1 step with one token), a few rows copying
+        text yes, eight rows of any text no.
         """
-        if not self.draft_tokens or (self.batched and len(self._active) > 1):
+        if not self.draft_tokens:
             return False
-        plain = False
-        for slot in sorted(self._active):
-            state = self._active[slot]
-            draft = self._draft(state)
-            if draft:
-                self._verify(state, draft)
-            else:
-                plain = True
-        return not plain
+        active = sorted(self._active)
+        drafts = {slot: d for slot in active if (d := self._draft(self._active[slot]))}
+        if not drafts:
+            return False
+        if self.batched and len(active) > 1:
+            width = active[-1] - active[0] + 1  # the plain step runs the rows lo..hi
+            gains = {slot: self._active[slot].verify_gain for slot in drafts}
+            chosen = choose_verifies(len(active), self.costs.get(width, 1),
+                                     candidates(drafts, gains, self.costs))
+        else:
+            chosen = list(drafts)
+        for slot in chosen:
+            self._verify(self._active[slot], drafts[slot])
+        return len(chosen) == len(active)
 
     def _draft(self, state: _Slot) -> list[int]:
         if state.lookup is None:
@@ -714,8 +735,9 @@ class Scheduler(QueuedEngine):
         slot, k = state.slot, len(draft)
         ids = np.array([[self._ids[slot, 0], *draft]], dtype=np.int64)  # [1, 1+k]
         pos = self._pos[slot, 0] + np.arange(1 + k, dtype=np.int64)[None]  # [1, 1+k]
-        logits = self.backend.step(ids, pos, [slot])  # [1, 1+k, V]
+        logits = self._step(ids, pos, [slot])  # [1, 1+k, V]
         state.drafted += k
+        generated = state.generated
         self.metrics.draft_tokens.inc(k)
         before = state.accepted
         for i in range(1 + k):
@@ -729,6 +751,7 @@ class Scheduler(QueuedEngine):
         # steps, text that does not pays for 1-token drafts only.
         accepted = state.accepted - before
         state.draft_limit = min(self.draft_tokens, 2 * k if accepted == k else accepted + 1)
+        state.verify_gain = updated_gain(state.verify_gain, state.generated - generated)
 
     def _accept_row(self, state: _Slot, logits: np.ndarray, expected: int | None = None) -> int | None:
         """_accept, where a failure (a bug in sampling or detokenizing) fails only this request."""
