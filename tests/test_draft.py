@@ -317,9 +317,9 @@ def _two_copying_at_once(runner: Any, delay_of: Any) -> tuple[list[tuple[str, An
 
 def test_rows_decoding_together_draft_where_verify_steps_cost_what_plain_ones_do(
         engines: Any, runner: Any) -> None:
-    """A memory-bound device (every step ~10 ms, whatever its shape): two rows copying text
-    verify their drafts; a device where a verify step costs 3x a token more than a plain step
-    soon stops verifying while both decode. Both give plain greedy's text."""
+    """A memory-bound device (every step 10 ms, whatever its shape): two rows copying text
+    verify their drafts. A compute-bound one (a step of T > 1 tokens a row costs 30 ms a token):
+    after a try or two, they batch while both decode. Both give plain greedy's text."""
     _, off, _ = engines
     flat, flat_verifies = _two_copying_at_once(runner, lambda rows, tokens: 0.01)
     steep, steep_verifies = _two_copying_at_once(runner, lambda rows, tokens: 0.01 * (1 if tokens == 1
