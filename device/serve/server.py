@@ -153,11 +153,7 @@ class Daemon:
             return
         path = Path(path)
         if self.deploy is None:  # `toolkit serve BUNDLE`: nothing to fall back to; its error stops us
-            from device.runtime.runner import load_bundle
-
-            self._install(load_bundle(path, slots=cfg.slots, threads=cfg.threads,
-                                      rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info,
-                                      spin_between_runs=False), path)
+            self._install(self._open(path), path)
             return
         runner, reason = self._load(path)
         if runner is not None:
@@ -189,16 +185,20 @@ class Daemon:
     def _load(self, path: Path) -> tuple[Any, str]:
         """(runner, "") or (None, a one-line reason): any exception while loading is a reason
         (ONNX Runtime's errors are not ToolkitErrors); its traceback goes to the debug log."""
-        from device.runtime.runner import load_bundle
-
-        cfg = self.config
         try:
-            return load_bundle(path, slots=cfg.slots, threads=cfg.threads,
-                               rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info,
-                               spin_between_runs=False), ""  # HTTP threads share the cores
+            return self._open(path), ""
         except Exception as e:  # noqa: BLE001 - whatever it is, the bundle cannot serve
             log.debug("loading %s failed", path, exc_info=True)
             return None, _one_line(e)
+
+    def _open(self, path: Path) -> Any:
+        """The bundle's runner with the daemon's settings (raises what load_bundle raises)."""
+        from device.runtime.runner import load_bundle
+
+        cfg = self.config
+        return load_bundle(path, slots=cfg.slots, threads=cfg.threads,
+                           rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info,
+                           spin_between_runs=False)  # HTTP threads share the cores
 
     def _engine(self, runner: Any, path: Path) -> Any:
         from device.serve.embedder import EmbeddingEngine
