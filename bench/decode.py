@@ -144,14 +144,19 @@ class BenchDaemon:
         return stamps[0] - t0, (tokens - 1) / (stamps[-1] - stamps[0]), tokens, usage["timings"]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM a server process, SIGKILL it if it has not exited within a minute."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run_daemon(bundle: Path, ids: list[int], n: int, threads: int) -> Result:

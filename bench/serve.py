@@ -53,7 +53,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.decode import BenchDaemon, default_bundle  # noqa: E402
+from bench.decode import BenchDaemon, default_bundle, stop  # noqa: E402
 from bench.pareto import paired_ratio as median_ratio  # noqa: E402
 from bench.peers import (  # noqa: E402
     MATCHED,
@@ -184,12 +184,7 @@ class Server:
         raise RuntimeError(f"{self.name} did not become ready")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop(self.proc)
 
 
 class Daemon(Server):
