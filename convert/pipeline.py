@@ -130,7 +130,7 @@ def _quiet_transformers() -> None:
 
 
 def _choose_max_seq(dims: ModelDims, tgt: Target, asked: int | None, rope_limit: int | None) -> int:
-    seq = asked or tgt.max_seq_for(dims.max_positions, rope_limit)
+    seq = tgt.max_seq_for(dims.max_positions, rope_limit) if asked is None else asked
     if rope_limit and seq > rope_limit:
         raise ToolkitError(f"--max-seq {seq}: this model's RoPE scaling changes past {rope_limit} "
                            "positions and cannot be baked into a static cache longer than that",

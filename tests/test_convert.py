@@ -193,6 +193,14 @@ def test_max_seq_beyond_model_limit(tiny_dir, tmp_path):
     _no_bundle_left(tmp_path, "out")
 
 
+@pytest.mark.parametrize("max_seq", [0, -5, 15])
+def test_max_seq_below_the_minimum(tiny_dir, tmp_path, max_seq):
+    # 0 once read as "not given" and converted at the target's default
+    with pytest.raises(ToolkitError, match=f"--max-seq {max_seq} is too small"):
+        convert_model(str(tiny_dir("llama")), out=tmp_path / "out", max_seq=max_seq)
+    _no_bundle_left(tmp_path, "out")
+
+
 def test_existing_output_needs_force_and_is_replaced_whole(tiny_dir, tmp_path):
     out = tmp_path / "out"
     convert_model(str(tiny_dir("llama")), out=out, max_seq=32)
