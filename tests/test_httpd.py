@@ -398,3 +398,11 @@ def test_bad_tls_addresses_are_refused(uri: str, error: str, tmp_path: Path,
     monkeypatch.setenv("TOOLKIT_CONFIG_DIR", str(tmp_path))
     with pytest.raises(ToolkitError, match=error):
         add_device("x", uri)
+
+
+@pytest.mark.parametrize("where", ["missing/folder/d.sock", "x" * 120 + ".sock"])
+def test_a_socket_path_that_cannot_be_bound_is_a_user_error(tmp_path: Path, where: str) -> None:
+    # both used to end `toolkit serve` with an OSError traceback
+    with pytest.raises(ToolkitError, match="cannot listen on") as e:
+        UnixServer(tmp_path / where, RecordingApp())
+    assert "--socket" in (e.value.hint or "")

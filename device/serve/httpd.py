@@ -218,7 +218,12 @@ class UnixServer(_Server, socketserver.UnixStreamServer):
         self.inode: int | None = None
         self._limit_init(max_connections)
         claim_socket_path(self.path)
-        super().__init__(str(self.path), Handler)
+        try:
+            super().__init__(str(self.path), Handler)
+        except OSError as e:  # no such folder, not ours to write, a path over AF_UNIX's 107 bytes
+            raise ToolkitError(f"cannot listen on {self.path}: {e.strerror or e}",
+                               hint="pass --socket with a path in an existing folder this user "
+                                    "can write (at most 107 bytes long)") from e
 
     def server_bind(self) -> None:
         old = os.umask(0o177)  # the node is born 0600: no window where others could connect
