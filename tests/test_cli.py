@@ -169,6 +169,15 @@ def _option(command: click.Command, flag: str) -> click.Option | None:
     return next((p for p in command.params if isinstance(p, click.Option) and flag in p.opts), None)
 
 
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_threads_below_one_is_a_usage_error(value: str) -> None:
+    # -3 once reached ONNX Runtime's session options as it was (serve and bench then ran)
+    commands = _commands(main)
+    for name in ("quickstart", "convert", "quantize", "serve", "bench"):
+        res = CliRunner().invoke(commands[name], ["--threads", value, "x"])
+        assert res.exit_code == 2 and "not in the range x>=1" in res.output, (name, res.output)
+
+
 def test_shared_options_have_one_spelling_type_and_default() -> None:
     commands = _commands(main)
     seen: dict[str, list[str]] = {}

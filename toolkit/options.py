@@ -60,7 +60,7 @@ def device_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def threads_option(help: str) -> Decorator:
     """--threads N (None: the library's default); the help says what the threads run."""
-    return click.option("--threads", type=int, default=None, help=help)
+    return click.option("--threads", type=click.IntRange(min=1), default=None, help=help)
 
 
 def shape_options(f: Callable[..., Any]) -> Callable[..., Any]:
