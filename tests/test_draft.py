@@ -272,7 +272,25 @@ def test_the_plan_verifies_rows_only_where_that_raises_tokens_per_second() -> No
     assert candidates({0: [5, 6, 7, 8]}, {}, costs) == [Candidate(0, 3.0, 0.026)]  # guesses
     costs.observe(1, 5, 0.1)
     costs.observe(1, 5, 0.2)  # a moving average of what the steps took
-    assert candidates({0: [5, 6, 7, 8]}, {0: 1.5}, costs) == [Candidate(0, 1.5, 0.125)]
+    assert candidates({0: [5, 6, 7, 8]}, {0: (1.5, 0)}, costs) == [Candidate(0, 1.5, 0.125)]
+
+
+def test_a_row_whose_drafts_failed_is_tried_again_after_a_while() -> None:
+    """A measured gain goes stale as the row decodes plainly: it relaxes back towards the prior,
+    so a row whose text did not copy at first verifies again once that could pay."""
+    from device.serve.draft_plan import STALE_TOKENS, Candidate, choose_verifies, current_gain
+
+    assert current_gain(None, 4, 0) == 3.0  # the prior: the pending token and half the draft
+    assert current_gain(1.0, 4, 0) == 1.0
+    assert current_gain(1.0, 4, STALE_TOKENS) == 2.0  # halfway back
+    assert current_gain(5.0, 4, STALE_TOKENS) == 4.0  # a good one fades towards the prior too
+    assert 2.9 < current_gain(1.0, 4, 8 * STALE_TOKENS) < 3.0
+
+    # two rows, a plain step of both 26 ms, a verify step 25 ms (SmolLM2 fp32 on 2 cores)
+    def chosen(since: int) -> list[int]:
+        return choose_verifies(2, 0.026, [Candidate(0, current_gain(1.0, 4, since), 0.025)])
+    assert chosen(0) == [] and chosen(STALE_TOKENS // 2) == []  # 40 tok/s < 77: batch
+    assert chosen(2 * STALE_TOKENS) == [0]  # 2.5 expected: 100 tok/s, worth a try
 
 
 class ShapedDelay(SlowBackend):

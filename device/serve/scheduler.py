@@ -362,6 +362,7 @@ class _Slot:
     drafted: int = 0  # draft tokens verified
     accepted: int = 0  # ... and accepted
     verify_gain: float | None = None  # tokens its verify steps give, averaged (draft_plan.py)
+    verified_at: int = 0  # `generated` after its last verify step (how stale verify_gain is)
 
 
 def smoke_test(backend: DecoderBackend) -> None:
@@ -715,7 +716,8 @@ class Scheduler(QueuedEngine):
             return False
         if self.batched and len(active) > 1:
             width = active[-1] - active[0] + 1  # the plain step runs the rows lo..hi
-            gains = {slot: self._active[slot].verify_gain for slot in drafts}
+            rows = {slot: self._active[slot] for slot in drafts}
+            gains = {slot: (r.verify_gain, r.generated - r.verified_at) for slot, r in rows.items()}
             chosen = choose_verifies(len(active), self.costs.get(width, 1),
                                      candidates(drafts, gains, self.costs))
         else:
@@ -752,6 +754,7 @@ class Scheduler(QueuedEngine):
         accepted = state.accepted - before
         state.draft_limit = min(self.draft_tokens, 2 * k if accepted == k else accepted + 1)
         state.verify_gain = updated_gain(state.verify_gain, state.generated - generated)
+        state.verified_at = state.generated
 
     def _accept_row(self, state: _Slot, logits: np.ndarray, expected: int | None = None) -> int | None:
         """_accept, where a failure (a bug in sampling or detokenizing) fails only this request."""
