@@ -275,6 +275,30 @@ def test_the_plan_verifies_rows_only_where_that_raises_tokens_per_second() -> No
     assert candidates({0: [5, 6, 7, 8]}, {0: (1.5, 0)}, costs) == [Candidate(0, 1.5, 0.125)]
 
 
+def test_a_draft_is_as_long_as_its_acceptance_and_the_measured_step_times_make_worth_it() -> None:
+    from device.serve.draft_plan import StepCosts, acceptance, draft_length
+
+    costs = StepCosts()
+    assert draft_length(0.9, 7, costs) == 7  # nothing timed: all of it
+    costs.observe(4, 1, 0.020)  # t(1, 1) never timed: the cheapest one-token step stands in
+    assert costs.verify(1) == 0.020 and costs.verify(16) == 0.020  # past the longest: no dearer
+    # SmolLM2-135M fp32 on 2 cores: one-row steps of 1, 5, 8, 16 tokens
+    for tokens, seconds in ((1, 0.023), (5, 0.026), (8, 0.030), (16, 0.039)):
+        costs.observe(1, tokens, seconds)
+    assert abs(costs.verify(12) - 0.0345) < 1e-12  # the straight line between 8 and 16
+    assert draft_length(acceptance(240, 9), 15, costs) == 15  # text that copies
+    assert draft_length(acceptance(51, 72), 15, costs) == 3  # text that does not (p 0.42)
+    assert draft_length(0.5, 15, costs) == 4
+    assert draft_length(0.02, 15, costs) == 0  # not worth a draft at all
+    assert acceptance(0, 0) == 0.5
+    # a device whose steps grow with their tokens (30 ms a token): one try, then no drafts
+    steep = StepCosts()
+    steep.observe(2, 1, 0.010)
+    steep.observe(1, 5, 0.150)
+    assert 0.010 < steep.verify(2) < steep.verify(4) < 0.150
+    assert draft_length(0.9, 4, steep) == 0
+
+
 def test_a_row_whose_drafts_failed_is_tried_again_after_a_while() -> None:
     """A measured gain goes stale as the row decodes plainly: it relaxes back towards the prior,
     so a row whose text did not copy at first verifies again once that could pay."""

@@ -75,7 +75,14 @@ from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, samp
 from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
 from device.serve.config import DECODE_MODES, DRAFT_TOKENS, SPECULATE_MODES
-from device.serve.draft_plan import StepCosts, candidates, choose_verifies, updated_gain
+from device.serve.draft_plan import (
+    StepCosts,
+    acceptance,
+    candidates,
+    choose_verifies,
+    draft_length,
+    updated_gain,
+)
 from device.serve.metrics import ServingMetrics
 from device.serve.prefill import ChunkSizer, PrefillJob
 from device.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
@@ -361,6 +368,7 @@ class _Slot:
     draft_limit: int = 0  # the longest draft its next verify step may take (see _verify)
     drafted: int = 0  # draft tokens verified
     accepted: int = 0  # ... and accepted
+    missed: int = 0  # verify steps that stopped short of their draft's end
     verify_gain: float | None = None  # tokens its verify steps give, averaged (draft_plan.py)
     verified_at: int = 0  # `generated` after its last verify step (how stale verify_gain is)
 
@@ -731,7 +739,13 @@ class Scheduler(QueuedEngine):
             return []
         pos = int(self._pos[state.slot, 0])  # where the pending token goes
         room = min(state.draft_limit, state.budget - state.generated - 1, self.max_seq - 1 - pos)
-        return state.lookup.draft(room)
+        draft = state.lookup.draft(room)
+        if not draft:
+            return draft
+        # as long as it pays by the measured step times (a verify step's cost grows with its
+        # tokens: SmolLM2 fp32 16 tokens ~1.7x one) and the row's acceptance so far
+        k = draft_length(acceptance(state.accepted, state.missed), len(draft), self.costs)
+        return draft[:k]
 
     def _verify(self, state: _Slot, draft: list[int]) -> None:
         slot, k = state.slot, len(draft)
@@ -746,7 +760,9 @@ class Scheduler(QueuedEngine):
             expected = draft[i] if i < k else None
             token = self._accept_row(state, logits[0, i], expected)
             if token is None or token != expected:
-                break  # finished, or the model chose otherwise: that token is now pending
+                # finished, or the model chose otherwise: that token is now pending
+                state.missed += token is not None and i < k
+                break
         # A wrong draft costs a wider step (1+k tokens instead of 1) for nothing, so the next
         # draft may be one token longer than this one's accepted run, and doubles (up to
         # draft_tokens) while drafts are accepted whole: text that copies ramps up in a few
