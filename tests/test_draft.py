@@ -223,11 +223,14 @@ def test_serve_options_refuse_a_bad_speculate_setting(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from bundle.errors import ToolkitError
-    from device.serve.config import ServeConfig
+    from device.runtime.ort_backend import BOUND_T
+    from device.serve.config import DRAFT_TOKENS, ServeConfig
     from toolkit.commands.serve import serve
 
-    with pytest.raises(ToolkitError, match="--draft-tokens must be at least 1"):
-        ServeConfig(bundle=tmp_path, draft_tokens=0)
+    assert DRAFT_TOKENS + 1 <= BOUND_T  # the default's longest verify step stays on the bound path
+    for bad in (0, 65, 5000):
+        with pytest.raises(ToolkitError, match=f"--draft-tokens must be 1 to 64 \\(got {bad}\\)"):
+            ServeConfig(bundle=tmp_path, draft_tokens=bad)
     with pytest.raises(ToolkitError, match="--speculate 'eagle'"):
         ServeConfig(bundle=tmp_path, speculate="eagle")
     out = CliRunner().invoke(serve, [str(tmp_path), "--speculate", "eagle"])

@@ -146,7 +146,10 @@ def test_chat_stream_matches_the_non_streaming_answer(daemon: Daemon) -> None:
     assert len([e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]) > 3
     final, usage = events[-2], events[-1]
     assert final["choices"][0]["finish_reason"] == "length"
-    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    # the draft counts (completion_tokens_details) depend on the step times the engine measured
+    def counts(u: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in u.items() if k != "completion_tokens_details"}
+    assert usage["choices"] == [] and counts(usage["usage"]) == counts(whole["usage"])
     assert whole["usage"]["completion_tokens"] == 20
     assert text == whole["choices"][0]["message"]["content"] and text
 

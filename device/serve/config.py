@@ -18,11 +18,18 @@ SWAP_MODES = ("auto", "hot", "cold")  # see device/store/swap.py
 DECODE_MODES = ("auto", "batched", "per-row")
 
 # Prompt-lookup drafting for greedy requests (device/runtime/draft.py, device/serve/scheduler.py):
-# off, or ngram (the default, the last entry): up to DRAFT_TOKENS tokens verified per step.
-# 4, measured (bench/speculate.py, SmolLM2-135M): 8 gains more on text that copies (3.75x vs 3.2x)
-# but its wider wrong drafts lose on text that does not (0.98x vs 1.33x).
+# off, or ngram (the default, the last entry): up to DRAFT_TOKENS tokens verified per step, each
+# draft as long as the row's acceptance and the measured step times make worth it
+# (device/serve/draft_plan.py: draft_length). 15: the longest verify step that stays on ONNX
+# Runtime's bound fast path (ort_backend.BOUND_T = 16 tokens). Against 4, on SmolLM2-135M fp32
+# through the daemon (bench/speculate.py, 3 rounds, ratios to --speculate off): copy 5.88x vs
+# 3.40x, plain 4.11x vs 2.76x, open 1.17x vs 1.04x, output identical. (Before draft lengths
+# were costed, 8 had lost to 4 on text that does not copy: 0.98x vs 1.33x.)
 SPECULATE_MODES = ("off", "ngram")
-DRAFT_TOKENS = 4
+DRAFT_TOKENS = 15
+# The most a user may ask for: 5,000 was taken, the start-up probe (draft.verify_step_deviation)
+# then ran a 2,045-token step whose float sums differ from single steps', and drafting went off.
+MAX_DRAFT_TOKENS = 64
 
 
 # The prefix cache's default budget (device/serve/prefix_cache.py): a fixed 64 MiB, not a share
@@ -87,8 +94,8 @@ class ServeConfig:
             raise ToolkitError(f"--decode-mode {self.decode_mode!r} is not one of {', '.join(DECODE_MODES)}")
         if self.speculate not in SPECULATE_MODES:
             raise ToolkitError(f"--speculate {self.speculate!r} is not one of {', '.join(SPECULATE_MODES)}")
-        if self.draft_tokens < 1:
-            raise ToolkitError(f"--draft-tokens must be at least 1 (got {self.draft_tokens})",
+        if not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ToolkitError(f"--draft-tokens must be 1 to {MAX_DRAFT_TOKENS} (got {self.draft_tokens})",
                                hint="--speculate off turns drafting off")
         if (self.bundle is None) == (self.store is None):
             raise ToolkitError("give a BUNDLE to serve, or --store DIR to serve the bundles deployed "
