@@ -334,17 +334,20 @@ class ShapedDelay(SlowBackend):
         return super().step(ids, pos, slots, *rest)
 
 
-def _two_copying_at_once(runner: Any, delay_of: Any) -> tuple[list[tuple[str, Any]], int]:
+def _two_copying_at_once(runner: Any, delay_of: Any, draft_tokens: int = 4,
+                         calls: list[Any] | None = None,
+                         budgets: tuple[int, int] = (40, 40)) -> tuple[list[tuple[str, Any]], int]:
     """Two greedy requests that copy their prompt, decoding together in batched mode (both are
     queued before the engine starts): their results and the number of verify steps (one row,
-    2..5 tokens, past the prompt) they took."""
+    2..5 tokens, past the prompt) they took. calls: gets the device's steps."""
     device = ShapedDelay(runner.backend, delay_of)
     engine = Scheduler(device, runner.tokenizer, decode_mode="batched",  # type: ignore[arg-type]
-                       speculate="ngram", draft_tokens=4)
+                       speculate="ngram", draft_tokens=draft_tokens)
     device.calls.clear()  # the start-up probes
     ids = copying_prompt(runner)
     handles = []
-    for req in (GenerationRequest(ids, 40, ignore_eos=True), GenerationRequest(ids[1:], 40, ignore_eos=True)):
+    for req in (GenerationRequest(ids, budgets[0], ignore_eos=True),
+                GenerationRequest(ids[1:], budgets[1], ignore_eos=True)):
         with engine.reserve() as ticket:
             handles.append(engine.submit(ticket, req))
     engine.start()
@@ -357,7 +360,27 @@ def _two_copying_at_once(runner: Any, delay_of: Any) -> tuple[list[tuple[str, An
         engine.close()
     verifies = sum(1 for ids_, pos, _ in device.calls
                    if ids_.shape[0] == 1 and 1 < ids_.shape[1] <= 5 and pos[0, 0] >= len(ids) - 1)
+    if calls is not None:
+        calls.extend(device.calls)
     return out, verifies
+
+
+def test_rows_decoding_together_take_short_drafts_and_a_lone_row_long_ones(runner: Any) -> None:
+    """A verify step takes one row and the others wait for it, so while two rows decode their
+    drafts stay within SHARED_DRAFT_TOKENS; the row left alone drafts up to --draft-tokens."""
+    from device.serve.config import SHARED_DRAFT_TOKENS
+
+    calls: list[Any] = []
+    _two_copying_at_once(runner, lambda rows, tokens: 0.01, draft_tokens=15, calls=calls,
+                         budgets=(24, 64))
+    last = {slot: i for i, (_, _, slots) in enumerate(calls) for slot in slots}
+    prompt_len = len(copying_prompt(runner))
+    verify = [(i, ids.shape[1]) for i, (ids, pos, _) in enumerate(calls)
+              if ids.shape[0] == 1 and ids.shape[1] > 1 and pos[0, 0] >= prompt_len - 1]
+    together = [t for i, t in verify if i < min(last.values())]
+    alone = [t for i, t in verify if i > min(last.values())]
+    assert together and max(together) <= 1 + SHARED_DRAFT_TOKENS, together
+    assert alone and max(alone) > 1 + SHARED_DRAFT_TOKENS, alone
 
 
 def test_rows_decoding_together_draft_where_verify_steps_cost_what_plain_ones_do(

@@ -74,7 +74,7 @@ from device.runtime.grammar import LazyCompiler, TokenConstraint
 from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, sample, token_logprob
 from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
-from device.serve.config import DECODE_MODES, DRAFT_TOKENS, SPECULATE_MODES
+from device.serve.config import DECODE_MODES, DRAFT_TOKENS, SHARED_DRAFT_TOKENS, SPECULATE_MODES
 from device.serve.draft_plan import (
     StepCosts,
     acceptance,
@@ -739,6 +739,8 @@ class Scheduler(QueuedEngine):
             return []
         pos = int(self._pos[state.slot, 0])  # where the pending token goes
         room = min(state.draft_limit, state.budget - state.generated - 1, self.max_seq - 1 - pos)
+        if len(self._active) > 1:  # the others wait for its verify step (config.py)
+            room = min(room, SHARED_DRAFT_TOKENS)
         draft = state.lookup.draft(room)
         if not draft:
             return draft
