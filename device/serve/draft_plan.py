@@ -14,11 +14,11 @@ towards the prior by half every STALE_TOKENS tokens, and the row gets tried agai
 taken best first while each one's rate beats the plan's so far, so a row is verified only when
 that raises tokens per second. SmolLM2-135M fp32 on 2 cores, text that copies: a 4-token draft
 (g ~ 4, t(1, 5) ~ 25 ms) gives 160 tok/s a row, against 77 tok/s for a plain step of 2 rows
-(26 ms) and 180 for 8 rows (44 ms), so at c=2 both rows draft and at c=8 none does; a 15-token
-draft (g ~ 11, t(1, 16) ~ 39 ms, ~280 tok/s) beats even the 8-row step.
+(26 ms) and 180 for 8 rows (44 ms), so at c=2 both rows draft and at c=8 none does.
 
 How long each row's draft is (draft_length) is chosen before this, from the row's acceptance
-and the same step times.
+and the same step times; while other rows decode it is at most config.SHARED_DRAFT_TOKENS (4),
+since the others wait for each verify step (a lone row takes up to 15).
 """
 
 from __future__ import annotations
