@@ -293,6 +293,7 @@ def test_a_draft_is_as_long_as_its_acceptance_and_the_measured_step_times_make_w
     assert draft_length(acceptance(51, 72), 15, costs) == 3  # text that does not (p 0.42)
     assert draft_length(0.5, 15, costs) == 4
     assert draft_length(0.02, 15, costs) == 0  # not worth a draft at all
+    assert draft_length(0.02, 15, costs, tried=False) == 1  # ... but a row's first one is made
     assert acceptance(0, 0) == 0.5
     # a device whose steps grow with their tokens (30 ms a token): one try, then no drafts
     steep = StepCosts()
@@ -300,6 +301,7 @@ def test_a_draft_is_as_long_as_its_acceptance_and_the_measured_step_times_make_w
     steep.observe(1, 5, 0.150)
     assert 0.010 < steep.verify(2) < steep.verify(4) < 0.150
     assert draft_length(0.9, 4, steep) == 0
+    assert draft_length(0.5, 4, steep, tried=False) == 1
 
 
 def test_a_row_whose_drafts_failed_is_tried_again_after_a_while() -> None:

@@ -95,20 +95,23 @@ def acceptance(accepted: int, missed: int) -> float:
     return (accepted + 1) / (accepted + missed + 2)
 
 
-def draft_length(p: float, room: int, costs: StepCosts) -> int:
+def draft_length(p: float, room: int, costs: StepCosts, tried: bool = True) -> int:
     """How many of `room` draft tokens to verify: the k with the most expected tokens per second.
     Each token is right with probability p given the ones before, so a step of 1 + k tokens gives
     1 + p + ... + p^k of them and costs t(1, 1 + k). SmolLM2-135M fp32 on 2 cores: t = 23, 26,
     30, 39 ms for 1, 5, 8, 16 tokens, so text that copies (p ~ 0.96) takes 15 (~11 tokens a
     step, ~290 tok/s against ~170 at k = 4) and text that does not (p ~ 0.4) takes 2 or 3.
-    0: not worth a draft at all. Nothing timed yet: all of room."""
+    0: not worth a draft at all, which only a row that has verified drafts (`tried`) may be
+    told: the step times of drafts are measured only when drafts run, so one noisy slow verify
+    step once kept every later request of an engine from drafting (CI, under load). Nothing
+    timed yet: all of room."""
     best, best_rate, expected = room, 0.0, 0.0
     for k in range(room + 1):
         expected += p ** k
         cost = costs.verify(1 + k)
         if cost is None:
             return room
-        if expected / cost > best_rate:
+        if (k > 0 or tried) and expected / cost > best_rate:
             best, best_rate = k, expected / cost
     return best
 

@@ -746,7 +746,8 @@ class Scheduler(QueuedEngine):
             return draft
         # as long as it pays by the measured step times (a verify step's cost grows with its
         # tokens: SmolLM2 fp32 16 tokens ~1.7x one) and the row's acceptance so far
-        k = draft_length(acceptance(state.accepted, state.missed), len(draft), self.costs)
+        k = draft_length(acceptance(state.accepted, state.missed), len(draft), self.costs,
+                         tried=state.drafted > 0)
         return draft[:k]
 
     def _verify(self, state: _Slot, draft: list[int]) -> None:
