@@ -258,68 +258,88 @@ def test_drafting_is_refused_where_a_multi_token_step_is_not_single_steps(runner
 # --- which rows verify when several decode (device/serve/draft_plan.py) ----------------------
 
 
-def test_the_plan_verifies_rows_only_where_that_raises_tokens_per_second() -> None:
-    from device.serve.draft_plan import Candidate, StepCosts, candidates, choose_verifies
+def smollm2_curve() -> Any:
+    """SmolLM2-135M fp32 on 2 cores: one-row steps of 1, 5, 8, 16 tokens took 23, 26, 30, 39 ms."""
+    from device.serve.draft_plan import StepCosts
 
-    # SmolLM2-135M fp32 on 2 cores, text that copies: a verify step of 1+4 tokens ~25 ms gives ~4
-    rows = [Candidate(slot, 4.0, 0.025) for slot in range(8)]
-    assert choose_verifies(2, 0.026, rows[:2]) == [0, 1]  # 160 tok/s a row against 77 plain
-    assert choose_verifies(8, 0.044, rows) == []  # 182 tok/s plain: batching wins
-    assert choose_verifies(2, None, rows[:2]) == []  # the plain step was never timed
-    # best first, and only while each row beats the plan so far
-    mixed = [Candidate(0, 1.2, 0.025), Candidate(1, 5.0, 0.025), Candidate(2, 2.0, 0.025)]
-    assert choose_verifies(3, 0.03, mixed) == [1]
     costs = StepCosts()
-    assert candidates({0: [5, 6, 7, 8]}, {}, costs) == []  # nothing timed yet
-    costs.observe(2, 1, 0.026)
-    assert candidates({0: [5, 6, 7, 8]}, {}, costs) == [Candidate(0, 3.0, 0.026)]  # guesses
-    costs.observe(1, 5, 0.1)
-    costs.observe(1, 5, 0.2)  # a moving average of what the steps took
-    assert candidates({0: [5, 6, 7, 8]}, {0: (1.5, 0)}, costs) == [Candidate(0, 1.5, 0.125)]
+    for tokens, seconds in ((1, 0.023), (5, 0.026), (8, 0.030), (16, 0.039)):
+        costs.observe(1, tokens, seconds)
+    return costs.curve()
+
+
+def test_the_plan_verifies_rows_only_where_that_raises_tokens_per_second() -> None:
+    from device.serve.draft_plan import Row, expected_tokens, plan
+
+    curve = smollm2_curve()
+    copying = [Row(slot, 0.98, 15) for slot in range(8)]
+    # two rows that copy beside a 26 ms plain step of both: both verify, all of their drafts
+    assert plan(copying[:2], 2, 0.026, curve) == {0: 15, 1: 15}
+    # eight of them beside a 44 ms plain step (182 tok/s): still worth it, ~14 tokens in 39 ms
+    assert len(plan(copying, 8, 0.044, curve)) == 8
+    # eight rows at the prior (p 0.5: ~2 tokens a verify step): batching wins
+    assert plan([Row(slot, 0.5, 4) for slot in range(8)], 8, 0.044, curve) == {}
+    assert plan(copying[:2], 2, None, curve) == {}  # the plain step was never timed
+    # best first, each while it raises the plan's rate: the row that copies, not the others
+    mixed = [Row(0, 0.3, 4), Row(1, 0.99, 15), Row(2, 0.6, 4)]
+    assert plan(mixed, 3, 0.03, curve) == {1: 15}
+    # a lone row plans alone (active 1: no plain step to beat but its own one-token step)
+    assert plan([Row(0, 0.5, 15)], 1, None, curve) == {0: 4}
+    assert plan([Row(0, 0.02, 15)], 1, None, curve) == {}
+    assert plan([Row(0, 0.02, 15, tried=False)], 1, None, curve) == {0: 1}  # a first draft is made
+    assert expected_tokens(0.5, 2) == 1.75 and expected_tokens(1.0, 15) == 16.0
 
 
 def test_a_draft_is_as_long_as_its_acceptance_and_the_measured_step_times_make_worth_it() -> None:
-    from device.serve.draft_plan import StepCosts, acceptance, draft_length
+    from device.serve.draft_plan import Acceptance, StepCosts, draft_length
 
     costs = StepCosts()
-    assert draft_length(0.9, 7, costs) == 7  # nothing timed: all of it
+    assert costs.curve() is None and draft_length(0.9, 7, None) == 7  # nothing timed: all of it
     costs.observe(4, 1, 0.020)  # t(1, 1) never timed: the cheapest one-token step stands in
-    assert costs.verify(1) == 0.020 and costs.verify(16) == 0.020  # past the longest: no dearer
-    # SmolLM2-135M fp32 on 2 cores: one-row steps of 1, 5, 8, 16 tokens
-    for tokens, seconds in ((1, 0.023), (5, 0.026), (8, 0.030), (16, 0.039)):
-        costs.observe(1, tokens, seconds)
-    assert abs(costs.verify(12) - 0.0345) < 1e-12  # the straight line between 8 and 16
-    assert draft_length(acceptance(240, 9), 15, costs) == 15  # text that copies
-    assert draft_length(acceptance(51, 72), 15, costs) == 3  # text that does not (p 0.42)
-    assert draft_length(0.5, 15, costs) == 4
-    assert draft_length(0.02, 15, costs) == 0  # not worth a draft at all
-    assert draft_length(0.02, 15, costs, tried=False) == 1  # ... but a row's first one is made
-    assert acceptance(0, 0) == 0.5
+    flat = costs.curve()
+    assert flat is not None and flat.at(1) == 0.020 and flat.at(16) == 0.020  # past the longest: no dearer
+    curve = smollm2_curve()
+    assert abs(curve.at(12) - 0.0345) < 1e-12  # the straight line between 8 and 16
+    assert draft_length(0.97, 15, curve) == 15  # text that copies
+    assert draft_length(0.42, 15, curve) == 3  # text that does not
+    assert draft_length(0.5, 15, curve) == 4
+    assert draft_length(0.02, 15, curve) == 0  # not worth a draft at all
+    assert draft_length(0.02, 15, curve, tried=False) == 1  # ... but a row's first one is made
+    # beside a plan of 8 rows in 44 ms a shorter draft is not worth its step
+    assert draft_length(0.5, 15, curve, base=(8.0, 0.044)) == 0
+    assert draft_length(0.98, 15, curve, base=(8.0, 0.044)) == 15
     # a device whose steps grow with their tokens (30 ms a token): one try, then no drafts
     steep = StepCosts()
     steep.observe(2, 1, 0.010)
     steep.observe(1, 5, 0.150)
-    assert 0.010 < steep.verify(2) < steep.verify(4) < 0.150
-    assert draft_length(0.9, 4, steep) == 0
-    assert draft_length(0.5, 4, steep, tried=False) == 1
+    steep_curve = steep.curve()
+    assert steep_curve is not None and 0.010 < steep_curve.at(2) < steep_curve.at(4) < 0.150
+    assert draft_length(0.9, 4, steep_curve) == 0
+    assert draft_length(0.5, 4, steep_curve, tried=False) == 1
+    costs.observe(1, 5, 0.1)
+    costs.observe(1, 5, 0.2)  # a moving average of what the steps took
+    assert costs.get(1, 5) == 0.125
+    assert Acceptance().p == 0.5
 
 
-def test_a_row_whose_drafts_failed_is_tried_again_after_a_while() -> None:
-    """A measured gain goes stale as the row decodes plainly: it relaxes back towards the prior,
-    so a row whose text did not copy at first verifies again once that could pay."""
-    from device.serve.draft_plan import STALE_TOKENS, Candidate, choose_verifies, current_gain
+def test_acceptance_follows_the_recent_draft_tokens() -> None:
+    """Text that starts copying after thirty tokens of its own is seen to within a window's worth
+    (a lifetime count needed hundreds of right tokens), and text that stops copying too."""
+    from device.serve.draft_plan import WINDOW, Acceptance, draft_length
 
-    assert current_gain(None, 4, 0) == 3.0  # the prior: the pending token and half the draft
-    assert current_gain(1.0, 4, 0) == 1.0
-    assert current_gain(1.0, 4, STALE_TOKENS) == 2.0  # halfway back
-    assert current_gain(5.0, 4, STALE_TOKENS) == 4.0  # a good one fades towards the prior too
-    assert 2.9 < current_gain(1.0, 4, 8 * STALE_TOKENS) < 3.0
-
-    # two rows, a plain step of both 26 ms, a verify step 25 ms (SmolLM2 fp32 on 2 cores)
-    def chosen(since: int) -> list[int]:
-        return choose_verifies(2, 0.026, [Candidate(0, current_gain(1.0, 4, since), 0.025)])
-    assert chosen(0) == [] and chosen(STALE_TOKENS // 2) == []  # 40 tok/s < 77: batch
-    assert chosen(2 * STALE_TOKENS) == [0]  # 2.5 expected: 100 tok/s, worth a try
+    a = Acceptance()
+    for _ in range(30):
+        a.observe(False)
+    assert a.p < 0.1
+    for _ in range(WINDOW):
+        a.observe(True)
+    assert a.p > 0.7, a.p
+    for _ in range(2 * WINDOW):
+        a.observe(True)
+    assert a.p > 0.9 and draft_length(a.p, 15, smollm2_curve(), base=(8.0, 0.044)) == 15
+    for _ in range(WINDOW):
+        a.observe(False)
+    assert a.p < 0.4
 
 
 class ShapedDelay(SlowBackend):
@@ -367,22 +387,26 @@ def _two_copying_at_once(runner: Any, delay_of: Any, draft_tokens: int = 4,
     return out, verifies
 
 
-def test_rows_decoding_together_take_short_drafts_and_a_lone_row_long_ones(runner: Any) -> None:
-    """A verify step takes one row and the others wait for it, so while two rows decode their
-    drafts stay within SHARED_DRAFT_TOKENS; the row left alone drafts up to --draft-tokens."""
-    from device.serve.config import SHARED_DRAFT_TOKENS
+def test_rows_decoding_together_learn_their_acceptance_from_plain_steps(runner: Any,
+                                                                         monkeypatch: Any) -> None:
+    """Where verify steps do not pay (each draft token costs a plain step's time), rows that copy
+    still have their acceptance measured: each plain step's token is checked against the first
+    token of the draft the row was offered, for free. Without that a row that never verified
+    would stay at the prior (0.5) for good and could not start drafting when it would pay."""
+    import device.serve.scheduler as scheduler
 
-    calls: list[Any] = []
-    _two_copying_at_once(runner, lambda rows, tokens: 0.01, draft_tokens=15, calls=calls,
-                         budgets=(24, 64))
-    last = {slot: i for i, (_, _, slots) in enumerate(calls) for slot in slots}
-    prompt_len = len(copying_prompt(runner))
-    verify = [(i, ids.shape[1]) for i, (ids, pos, _) in enumerate(calls)
-              if ids.shape[0] == 1 and ids.shape[1] > 1 and pos[0, 0] >= prompt_len - 1]
-    together = [t for i, t in verify if i < min(last.values())]
-    alone = [t for i, t in verify if i > min(last.values())]
-    assert together and max(together) <= 1 + SHARED_DRAFT_TOKENS, together
-    assert alone and max(alone) > 1 + SHARED_DRAFT_TOKENS, alone
+    seen: list[float] = []
+
+    def plan(rows: Any, *rest: Any) -> Any:
+        seen.extend(r.p for r in rows)
+        return real(rows, *rest)
+
+    real = scheduler.plan
+    monkeypatch.setattr(scheduler, "plan", plan)
+    out, verifies = _two_copying_at_once(runner, lambda rows, tokens: 0.01 * (1 if tokens == 1
+                                                                                else 3 * tokens))
+    assert seen and max(seen) > 0.9, seen
+    assert verifies <= 4
 
 
 def test_rows_decoding_together_draft_where_verify_steps_cost_what_plain_ones_do(

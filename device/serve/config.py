@@ -27,11 +27,6 @@ DECODE_MODES = ("auto", "batched", "per-row")
 # were costed, 8 had lost to 4 on text that does not copy: 0.98x vs 1.33x.)
 SPECULATE_MODES = ("off", "ngram")
 DRAFT_TOKENS = 15
-# ... while other rows decode too, at most this many (a verify step takes one row, and the others
-# wait for it): at c=8 through the daemon, 15 gave 161, 242 and 26 tok/s in three rounds against
-# 241, 194 and 191 for 4 (and 220, 209, 182 without drafts): one row copying 15 tokens a step ran
-# ahead while the rest stalled behind its steps.
-SHARED_DRAFT_TOKENS = 4
 # The most a user may ask for: 5,000 was taken, the start-up probe (draft.verify_step_deviation)
 # then ran a 2,045-token step whose float sums differ from single steps', and drafting went off.
 MAX_DRAFT_TOKENS = 64

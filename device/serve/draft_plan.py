@@ -1,34 +1,64 @@
-"""Which rows of a batch verify their drafts this step: a cost model from measured step times.
+"""How many draft tokens each row verifies this step: a cost model from measured step times.
 
-A verify step takes one row (ONNX Runtime's GroupQueryAttention runs T > 1 tokens over a cache
-for B = 1 only), so drafting c rows turns one batched step, which reads the weights once for
-all of them, into c steps that each read them. Whether that pays depends on the sizes:
+One model, used for a lone row and for a batch alike. A row's drafted token is right with
+probability p given the ones before it were (its acceptance so far), so a verify step with its
+pending token and k drafted ones gives
 
-    plain:   every active row, one token each, in one step of B rows   n tokens / t(B, 1)
-    verify:  row i alone with its pending token and k_i drafted ones   g_i tokens / t(1, 1 + k_i)
+    E(p, k) = 1 + p + ... + p^k  tokens  in  t(1, 1 + k)  seconds
 
-g_i is what row i's verify steps have produced so far (its accepted run + 1, averaged), t the
-engine's own step times. A row's g_i goes stale while it decodes in plain steps (its text may
-start copying: an answer that quotes the prompt after a sentence of its own), so it relaxes back
-towards the prior by half every STALE_TOKENS tokens, and the row gets tried again. Rows are
-taken best first while each one's rate beats the plan's so far, so a row is verified only when
-that raises tokens per second. SmolLM2-135M fp32 on 2 cores, text that copies: a 4-token draft
-(g ~ 4, t(1, 5) ~ 25 ms) gives 160 tok/s a row, against 77 tok/s for a plain step of 2 rows
-(26 ms) and 180 for 8 rows (44 ms), so at c=2 both rows draft and at c=8 none does.
+(t: the engine's own step times, by rows and tokens per row). A verify step takes one row
+(ONNX Runtime's GroupQueryAttention runs T > 1 tokens over a cache for B = 1 only), so in a
+batch of n rows it is paid on top of the plain step, which gives n tokens in t(n, 1) and reads
+the weights once for all of them. The step's plan is the set of (row, k) with the most tokens
+per second:
 
-How long each row's draft is (draft_length) is chosen before this, from the row's acceptance
-and the same step times; while other rows decode it is at most config.SHARED_DRAFT_TOKENS (4),
-since the others wait for each verify step (a lone row takes up to 15).
+    (n + sum of E(p_i, k_i)) / (t(n, 1) + sum of t(1, 1 + k_i))      (k_i = 0: row i rides along)
+
+chosen greedily, best row first, each k the one that raises that ratio most (draft_length with
+the plan so far as `base`). A lone row is the case n = 0 of it: its plain step is the same B = 1
+step with no draft. SmolLM2-135M fp32 on 2 cores, t(1, 1 + k) = 23, 26, 30, 39 ms for k = 0, 4,
+7, 15: text that copies (p ~ 0.99) takes k = 15 alone (~15 tokens a step) and in a batch of
+three (t(3, 1) ~ 30 ms: 3 + 3 x 15 tokens in 150 ms against 3 in 30); text that does not
+(p ~ 0.4) takes 2 or 3 alone and none beside eight plain rows (t(8, 1) ~ 44 ms, 180 tok/s).
+
+What the model does not know it learns from the tokens as they come (Acceptance): p is measured
+over a row's last ~WINDOW draft tokens, those its verify steps took and, for free, the first
+token of each draft it was offered while it rode a plain step (the plain step's token either is
+that token or is not). So a row whose text starts copying after a sentence of its own is seen
+to, without a verify step to find out, and one whose text stopped copying is seen to as well.
+Step times are measured only for the steps that run; lengths never run are interpolated between
+timed ones (Curve), and a lone row's first draft is made whatever the costs say (`tried`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 COST_EMA = 0.25  # weight of the newest step time (steps are noisy on a shared 2-core board)
-GAIN_EMA = 0.5  # weight of a row's newest verify outcome (a text switches from copying fast)
-STALE_TOKENS = 32  # a gain measured this many plain tokens ago counts half (see current_gain)
+WINDOW = 32  # draft tokens an acceptance is measured over (older ones fade by 1/e per WINDOW)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """t(1, tokens), the time of a one-row step, for this step's plan: the timed lengths, sorted.
+    Built once per step (StepCosts.curve) and read once per row and candidate length."""
+
+    points: tuple[tuple[int, float], ...]  # (tokens, seconds), tokens ascending, 1 always present
+
+    def at(self, tokens: int) -> float:
+        """Between two timed lengths, the straight line; past the longest, what that one took
+        (a guess on the low side, so the longer step gets tried and its time replaces the guess).
+        Trying each length once instead cost a device whose step time grows with its tokens a
+        wasted verify step per length and row."""
+        lo = self.points[0]
+        for hi in self.points:
+            if hi[0] == tokens:
+                return hi[1]
+            if hi[0] > tokens:
+                return lo[1] + (hi[1] - lo[1]) * (tokens - lo[0]) / (hi[0] - lo[0])
+            lo = hi
+        return lo[1]
 
 
 @dataclass
@@ -45,106 +75,96 @@ class StepCosts:
     def get(self, rows: int, tokens: int) -> float | None:
         return self.seconds.get((rows, tokens))
 
-    def verify(self, tokens: int) -> float | None:
-        """t(1, tokens). Never measured: the straight line between the one-row steps timed on
-        either side (t(1, 1) never timed: the cheapest one-token step of any rows stands in, a
-        memory-bound step costing about the same for a few more rows); past the longest, what
-        that one took (a guess on the low side, so the longer step gets tried and its time
-        replaces the guess). Trying each length once instead cost a device whose step time
-        grows with its tokens a wasted verify step per length and row."""
+    def curve(self) -> Curve | None:
+        """The one-row steps timed so far; None before any one-token step was. t(1, 1) never
+        timed (a batch decoding from the start): the cheapest one-token step of any rows stands
+        in, a memory-bound step costing about the same for a few more rows."""
         ones = [s for (_, t), s in self.seconds.items() if t == 1]
         if not ones:
             return None
         one_row = {t: s for (rows, t), s in self.seconds.items() if rows == 1}
         one_row.setdefault(1, min(ones))
-        if tokens in one_row:
-            return one_row[tokens]
-        below = sorted((t, s) for t, s in one_row.items() if t < tokens)
-        above = sorted((t, s) for t, s in one_row.items() if t > tokens)
-        if above:
-            (t0, s0), (t1, s1) = below[-1], above[0]
-            return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
-        return max(s for _, s in below)
+        return Curve(tuple(sorted(one_row.items())))
 
 
-def prior_gain(draft_len: int) -> float:
-    """Tokens a row's first verify step is expected to give: the pending one and half the draft."""
-    return 1.0 + draft_len / 2
+@dataclass
+class Acceptance:
+    """A row's p: the share of its draft tokens that were right (each given the ones before it
+    were), over its last ~WINDOW of them, Laplace-smoothed (0.5 before any). Recent ones count:
+    text switches between copying and not within a few dozen tokens, and a lifetime count took
+    hundreds of right tokens to forget thirty wrong ones."""
+
+    right: float = 0.0  # decayed counts
+    wrong: float = 0.0
+
+    def observe(self, right: bool) -> None:
+        self.right -= self.right / WINDOW
+        self.wrong -= self.wrong / WINDOW
+        if right:
+            self.right += 1.0
+        else:
+            self.wrong += 1.0
+
+    @property
+    def p(self) -> float:
+        return (self.right + 1.0) / (self.right + self.wrong + 2.0)
 
 
-def updated_gain(old: float | None, produced: int) -> float:
-    return float(produced) if old is None else old + GAIN_EMA * (produced - old)
+def expected_tokens(p: float, k: int) -> float:
+    """E(p, k) = 1 + p + ... + p^k: the pending token, then each draft token while all before it held."""
+    return float(k + 1) if p >= 1.0 else (1.0 - p ** (k + 1)) / (1.0 - p)
 
 
-def current_gain(measured: float | None, draft_len: int, since: int) -> float:
-    """What a row's next verify step is expected to give: its measured gain, `since` plain
-    tokens after its last verify step, relaxed towards the prior (halfway per STALE_TOKENS).
-    Without it a row that once copied badly never verified again while others decoded; a
-    re-try costs one single-row step (SmolLM2 fp32: ~25 ms, against ~5 ms a row batched at c=8),
-    once per STALE_TOKENS or so while its drafts keep failing."""
-    prior = prior_gain(draft_len)
-    if measured is None:
-        return prior
-    return prior + (measured - prior) * 0.5 ** (since / STALE_TOKENS)
-
-
-def acceptance(accepted: int, missed: int) -> float:
-    """A row's chance that a draft token is right given the ones before it were: its accepted
-    tokens over those and its misses (one per verify step that stopped short), Laplace-smoothed
-    (0.5 before any verify)."""
-    return (accepted + 1) / (accepted + missed + 2)
-
-
-def draft_length(p: float, room: int, costs: StepCosts, tried: bool = True) -> int:
-    """How many of `room` draft tokens to verify: the k with the most expected tokens per second.
-    Each token is right with probability p given the ones before, so a step of 1 + k tokens gives
-    1 + p + ... + p^k of them and costs t(1, 1 + k). SmolLM2-135M fp32 on 2 cores: t = 23, 26,
-    30, 39 ms for 1, 5, 8, 16 tokens, so text that copies (p ~ 0.96) takes 15 (~11 tokens a
-    step, ~290 tok/s against ~170 at k = 4) and text that does not (p ~ 0.4) takes 2 or 3.
-    0: not worth a draft at all, which only a row that has verified drafts (`tried`) may be
-    told: the step times of drafts are measured only when drafts run, so one noisy slow verify
-    step once kept every later request of an engine from drafting (CI, under load). Nothing
-    timed yet: all of room."""
-    best, best_rate, expected = room, 0.0, 0.0
-    for k in range(room + 1):
-        expected += p ** k
-        cost = costs.verify(1 + k)
-        if cost is None:
-            return room
-        if (k > 0 or tried) and expected / cost > best_rate:
-            best, best_rate = k, expected / cost
+def draft_length(p: float, room: int, curve: Curve | None, base: tuple[float, float] = (0.0, 0.0),
+                 tried: bool = True) -> int:
+    """How many of `room` draft tokens to verify: the k with the most tokens per second for the
+    plan `base` = (tokens, seconds) plus this row's verify step (a lone row: nothing else).
+    0: the verify step does not pay (the row rides the plain step, or a lone row steps one
+    token), which only a row that has verified drafts (`tried`) may be told: the step times of
+    drafts are measured only when drafts run, so one noisy slow verify step once kept every
+    later request of an engine from drafting (CI, under load). Nothing timed yet: all of room."""
+    if curve is None:
+        return room
+    tokens, seconds = base
+    # k = 0: the plan without this row's verify step (a lone row: its plain one-token step)
+    best, best_rate = 0, (tokens / seconds if tokens else 1.0 / curve.at(1))
+    if not tried:  # the first draft is made whatever it costs; at least 1 token
+        best, best_rate = 1, float("-inf")
+    for k in range(1, room + 1):
+        rate = (tokens + expected_tokens(p, k)) / (seconds + curve.at(1 + k))
+        if rate > best_rate:
+            best, best_rate = k, rate
     return best
 
 
 @dataclass(frozen=True)
-class Candidate:
+class Row:
+    """A row with a draft on offer this step."""
+
     slot: int
-    gain: float  # expected tokens from its verify step
-    cost: float  # seconds of its verify step
+    p: float  # its Acceptance.p
+    room: int  # draft tokens on offer
+    tried: bool = True  # it has verified a draft before (read for a lone row only)
 
 
-def choose_verifies(active: int, plain_cost: float | None, candidates: list[Candidate]) -> list[int]:
-    """Slots to verify before (or instead of) the plain step of `active` rows costing plain_cost.
-    None: that step size was never timed, so nothing drafts and the plain step measures it."""
-    if plain_cost is None or plain_cost <= 0:
-        return []
-    tokens, seconds = float(active), plain_cost
-    chosen: list[int] = []
-    for c in sorted(candidates, key=lambda c: c.gain / c.cost, reverse=True):
-        if c.gain / c.cost <= tokens / seconds:
-            break
-        chosen.append(c.slot)
-        tokens, seconds = tokens + c.gain, seconds + c.cost
+def plan(rows: Sequence[Row], active: int, plain_seconds: float | None,
+         curve: Curve | None) -> dict[int, int]:
+    """slot -> draft tokens its verify step takes this step; rows left out ride the plain step
+    of all `active` rows, which takes plain_seconds (None: that step size was never timed, so
+    nothing drafts and the plain step gets measured)."""
+    if active <= 1:
+        return {r.slot: k for r in rows if (k := draft_length(r.p, r.room, curve, tried=r.tried))}
+    if curve is None or plain_seconds is None:
+        return {}
+    chosen: dict[int, int] = {}
+    tokens, seconds = float(active), plain_seconds
+
+    def alone(r: Row) -> float:  # its best rate on its own: the order rows are offered in
+        k = max(1, draft_length(r.p, r.room, curve))
+        return expected_tokens(r.p, k) / curve.at(1 + k)
+
+    for r in sorted(rows, key=alone, reverse=True):
+        if k := draft_length(r.p, r.room, curve, base=(tokens, seconds)):
+            chosen[r.slot] = k
+            tokens, seconds = tokens + expected_tokens(r.p, k), seconds + curve.at(1 + k)
     return chosen
-
-
-def candidates(drafts: Mapping[int, list[int]], gains: Mapping[int, tuple[float | None, int]],
-               costs: StepCosts) -> list[Candidate]:
-    """gains: slot -> (its measured gain or None, plain tokens since its last verify step)."""
-    out = []
-    for slot, draft in drafts.items():
-        cost = costs.verify(1 + len(draft))
-        if cost:
-            measured, since = gains.get(slot, (None, 0))
-            out.append(Candidate(slot, current_gain(measured, len(draft), since), cost))
-    return out

@@ -74,15 +74,8 @@ from device.runtime.grammar import LazyCompiler, TokenConstraint
 from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, sample, token_logprob
 from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
-from device.serve.config import DECODE_MODES, DRAFT_TOKENS, SHARED_DRAFT_TOKENS, SPECULATE_MODES
-from device.serve.draft_plan import (
-    StepCosts,
-    acceptance,
-    candidates,
-    choose_verifies,
-    draft_length,
-    updated_gain,
-)
+from device.serve.config import DECODE_MODES, DRAFT_TOKENS, SPECULATE_MODES
+from device.serve.draft_plan import Acceptance, Row, StepCosts, plan
 from device.serve.metrics import ServingMetrics
 from device.serve.prefill import ChunkSizer, PrefillJob
 from device.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
@@ -368,9 +361,8 @@ class _Slot:
     draft_limit: int = 0  # the longest draft its next verify step may take (see _verify)
     drafted: int = 0  # draft tokens verified
     accepted: int = 0  # ... and accepted
-    missed: int = 0  # verify steps that stopped short of their draft's end
-    verify_gain: float | None = None  # tokens its verify steps give, averaged (draft_plan.py)
-    verified_at: int = 0  # `generated` after its last verify step (how stale verify_gain is)
+    acceptance: Acceptance = field(default_factory=Acceptance)  # its recent draft tokens' p
+    offered: int | None = None  # the first draft token it was offered and did not verify
 
 
 def smoke_test(backend: DecoderBackend) -> None:
@@ -706,49 +698,43 @@ class Scheduler(QueuedEngine):
         """Step the rows whose drafts are worth a step of their own; True when every active row
         was stepped so (no plain step left to run).
 
-        Per-row mode steps rows alone anyway, so there every row with a draft verifies it. In
-        batched mode a verify step takes one row (GroupQueryAttention runs T > 1 over a cache
+        In batched mode a verify step takes one row (GroupQueryAttention runs T > 1 over a cache
         for one row only), so with c rows drafting turns one batched step, which reads the
         weights once for all of them, into c steps that each read them: drafting every row took
         SmolLM2-135M fp32's aggregate decode from 155 tok/s at c=1 down to 104 tok/s at c=8
-        (bench/serve.py, 2 threads). So rows verify only where the measured step times and
-        their acceptance say it raises tokens per second (device/serve/draft_plan.py): a lone
-        row always (its plain step is the same B=1 step with one token), a few rows copying
-        text yes, eight rows of any text no.
+        (bench/serve.py, 2 threads). So the rows that verify, and how many draft tokens each,
+        are what the measured step times and each row's acceptance say raises tokens per second
+        (device/serve/draft_plan.py): a lone row nearly always, rows of text that copies yes,
+        even eight, eight rows of text that does not no. Per-row mode steps rows alone anyway,
+        so there each row plans as a lone row.
         """
         if not self.draft_tokens:
             return False
-        active = sorted(self._active)
-        drafts = {slot: d for slot in active if (d := self._draft(self._active[slot]))}
+        drafts = {slot: d for slot, state in self._active.items() if (d := self._draft(state))}
         if not drafts:
             return False
+        rows = [Row(slot, state.acceptance.p, len(drafts[slot]), state.drafted > 0)
+                for slot, state in self._active.items() if slot in drafts]
+        active = sorted(self._active)
         if self.batched and len(active) > 1:
             width = active[-1] - active[0] + 1  # the plain step runs the rows lo..hi
-            rows = {slot: self._active[slot] for slot in drafts}
-            gains = {slot: (r.verify_gain, r.generated - r.verified_at) for slot, r in rows.items()}
-            chosen = choose_verifies(len(active), self.costs.get(width, 1),
-                                     candidates(drafts, gains, self.costs))
-        else:
-            chosen = list(drafts)
-        for slot in chosen:
-            self._verify(self._active[slot], drafts[slot])
-        return len(chosen) == len(active)
+            lengths = plan(rows, len(active), self.costs.get(width, 1), self.costs.curve())
+        else:  # each row steps alone anyway: each plans as a lone row
+            lengths = plan(rows, 1, None, self.costs.curve())
+        for slot, draft in drafts.items():  # a draft not verified is checked against the plain step
+            self._active[slot].offered = None if slot in lengths else draft[0]
+        for slot, k in sorted(lengths.items()):
+            self._verify(self._active[slot], drafts[slot][:k])
+        return len(lengths) == len(active)
 
     def _draft(self, state: _Slot) -> list[int]:
+        """The draft on offer: what prompt lookup finds, up to the row's ramp (see _verify), its
+        budget and the cache's end. How much of it is verified is the plan's choice."""
         if state.lookup is None:
             return []
         pos = int(self._pos[state.slot, 0])  # where the pending token goes
-        room = min(state.draft_limit, state.budget - state.generated - 1, self.max_seq - 1 - pos)
-        if len(self._active) > 1:  # the others wait for its verify step (config.py)
-            room = min(room, SHARED_DRAFT_TOKENS)
-        draft = state.lookup.draft(room)
-        if not draft:
-            return draft
-        # as long as it pays by the measured step times (a verify step's cost grows with its
-        # tokens: SmolLM2 fp32 16 tokens ~1.7x one) and the row's acceptance so far
-        k = draft_length(acceptance(state.accepted, state.missed), len(draft), self.costs,
-                         tried=state.drafted > 0)
-        return draft[:k]
+        return state.lookup.draft(min(state.draft_limit, state.budget - state.generated - 1,
+                                      self.max_seq - 1 - pos))
 
     def _verify(self, state: _Slot, draft: list[int]) -> None:
         slot, k = state.slot, len(draft)
@@ -756,7 +742,6 @@ class Scheduler(QueuedEngine):
         pos = self._pos[slot, 0] + np.arange(1 + k, dtype=np.int64)[None]  # [1, 1+k]
         logits = self._step(ids, pos, [slot])  # [1, 1+k, V]
         state.drafted += k
-        generated = state.generated
         self.metrics.draft_tokens.inc(k)
         before = state.accepted
         for i in range(1 + k):
@@ -764,16 +749,17 @@ class Scheduler(QueuedEngine):
             token = self._accept_row(state, logits[0, i], expected)
             if token is None or token != expected:
                 # finished, or the model chose otherwise: that token is now pending
-                state.missed += token is not None and i < k
+                if token is not None and i < k:
+                    state.acceptance.observe(False)
                 break
         # A wrong draft costs a wider step (1+k tokens instead of 1) for nothing, so the next
-        # draft may be one token longer than this one's accepted run, and doubles (up to
+        # draft offered may be one token longer than this one's accepted run, and doubles (up to
         # draft_tokens) while drafts are accepted whole: text that copies ramps up in a few
-        # steps, text that does not pays for 1-token drafts only.
+        # steps, text that stopped copying offers short drafts at once (its acceptance, a
+        # lifetime figure, follows more slowly). A whole draft the plan cut short keeps the offer.
         accepted = state.accepted - before
-        state.draft_limit = min(self.draft_tokens, 2 * k if accepted == k else accepted + 1)
-        state.verify_gain = updated_gain(state.verify_gain, state.generated - generated)
-        state.verified_at = state.generated
+        state.draft_limit = min(self.draft_tokens, max(state.draft_limit, 2 * k) if accepted == k
+                                else accepted + 1)
 
     def _accept_row(self, state: _Slot, logits: np.ndarray, expected: int | None = None) -> int | None:
         """_accept, where a failure (a bug in sampling or detokenizing) fails only this request."""
@@ -797,7 +783,11 @@ class Scheduler(QueuedEngine):
         state.generated += 1
         if token == expected:
             state.accepted += 1
+            state.acceptance.observe(True)
             self.metrics.accepted_tokens.inc()
+        elif state.offered is not None:  # a plain step's token: would its draft have held?
+            state.acceptance.observe(token == state.offered)
+            state.offered = None
         if state.generated == 1 and self.draft_tokens and self._drafts(state):
             state.lookup = PromptLookup(state.handle.request.prompt_ids)
             state.draft_limit = self.draft_tokens
