@@ -291,7 +291,7 @@ def test_the_plan_verifies_rows_only_where_that_raises_tokens_per_second() -> No
 
 
 def test_a_draft_is_as_long_as_its_acceptance_and_the_measured_step_times_make_worth_it() -> None:
-    from device.serve.draft_plan import Acceptance, StepCosts, draft_length
+    from device.serve.draft_plan import STALE_STEPS, Acceptance, StepCosts, draft_length
 
     costs = StepCosts()
     assert costs.curve() is None and draft_length(0.9, 7, None) == 7  # nothing timed: all of it
@@ -319,6 +319,18 @@ def test_a_draft_is_as_long_as_its_acceptance_and_the_measured_step_times_make_w
     costs.observe(1, 5, 0.1)
     costs.observe(1, 5, 0.2)  # a moving average of what the steps took
     assert costs.get(1, 5) == 0.125
+    # a verify length timed high once (a passing load) is guessed again after STALE_STEPS steps
+    # of others, from the lengths still timed: low, so it is tried and timed anew
+    spike = StepCosts()
+    spike.observe(1, 1, 0.023)
+    spike.observe(1, 16, 0.400)
+    curve_then = spike.curve()
+    assert curve_then is not None and draft_length(0.98, 15, curve_then, base=(8.0, 0.044)) == 0
+    for _ in range(STALE_STEPS):
+        spike.observe(8, 1, 0.044)
+    curve_now = spike.curve()
+    assert curve_now is not None and curve_now.at(16) == 0.023
+    assert draft_length(0.98, 15, curve_now, base=(8.0, 0.044)) == 15
     assert Acceptance().p == 0.5
 
 

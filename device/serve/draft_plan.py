@@ -1,7 +1,7 @@
 """How many draft tokens each row verifies this step: a cost model from measured step times.
 
 One model, used for a lone row and for a batch alike. A row's drafted token is right with
-probability p given the ones before it were (its acceptance so far), so a verify step with its
+probability p given the ones before it were (its recent acceptance), so a verify step with its
 pending token and k drafted ones gives
 
     E(p, k) = 1 + p + ... + p^k  tokens  in  t(1, 1 + k)  seconds
@@ -26,8 +26,9 @@ over a row's last ~WINDOW draft tokens, those its verify steps took and, for fre
 token of each draft it was offered while it rode a plain step (the plain step's token either is
 that token or is not). So a row whose text starts copying after a sentence of its own is seen
 to, without a verify step to find out, and one whose text stopped copying is seen to as well.
-Step times are measured only for the steps that run; lengths never run are interpolated between
-timed ones (Curve), and a lone row's first draft is made whatever the costs say (`tried`).
+Step times are measured only for the steps that run; lengths never run, or not for STALE_STEPS
+steps, are interpolated between timed ones (Curve), and a lone row's first draft is made
+whatever the costs say (`tried`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 
 COST_EMA = 0.25  # weight of the newest step time (steps are noisy on a shared 2-core board)
 WINDOW = 32  # draft tokens an acceptance is measured over (older ones fade by 1/e per WINDOW)
+STALE_STEPS = 500  # steps after which a verify length's time is measured again (~20 s at c=8)
 
 
 @dataclass(frozen=True)
@@ -63,26 +65,35 @@ class Curve:
 
 @dataclass
 class StepCosts:
-    """Seconds per backend step by (rows, tokens per row): a moving average of those run."""
+    """Seconds per backend step by (rows, tokens per row): a moving average of those run, and
+    the step count at which each was last run (`ran`)."""
 
     seconds: dict[tuple[int, int], float] = field(default_factory=dict)
+    ran: dict[tuple[int, int], int] = field(default_factory=dict)
+    steps: int = 0
 
     def observe(self, rows: int, tokens: int, seconds: float) -> None:
         key = (rows, tokens)
         old = self.seconds.get(key)
         self.seconds[key] = seconds if old is None else old + COST_EMA * (seconds - old)
+        self.steps += 1
+        self.ran[key] = self.steps
 
     def get(self, rows: int, tokens: int) -> float | None:
         return self.seconds.get((rows, tokens))
 
     def curve(self) -> Curve | None:
-        """The one-row steps timed so far; None before any one-token step was. t(1, 1) never
+        """The one-row steps timed so far; None before any one-token step was. A verify length
+        not run for STALE_STEPS steps is left out (guessed again from the others, on the low
+        side, so it is tried and re-timed): a time measured under a passing load would otherwise
+        keep a batch from ever verifying that long a draft again. t(1, 1) never
         timed (a batch decoding from the start): the cheapest one-token step of any rows stands
         in, a memory-bound step costing about the same for a few more rows."""
         ones = [s for (_, t), s in self.seconds.items() if t == 1]
         if not ones:
             return None
-        one_row = {t: s for (rows, t), s in self.seconds.items() if rows == 1}
+        one_row = {t: s for (rows, t), s in self.seconds.items()
+                   if rows == 1 and (t == 1 or self.steps - self.ran[rows, t] < STALE_STEPS)}
         one_row.setdefault(1, min(ones))
         return Curve(tuple(sorted(one_row.items())))
 

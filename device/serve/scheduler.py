@@ -755,8 +755,8 @@ class Scheduler(QueuedEngine):
         # A wrong draft costs a wider step (1+k tokens instead of 1) for nothing, so the next
         # draft offered may be one token longer than this one's accepted run, and doubles (up to
         # draft_tokens) while drafts are accepted whole: text that copies ramps up in a few
-        # steps, text that stopped copying offers short drafts at once (its acceptance, a
-        # lifetime figure, follows more slowly). A whole draft the plan cut short keeps the offer.
+        # steps, text that stopped copying offers short drafts at once (its acceptance, over
+        # ~32 tokens, follows more slowly). A whole draft the plan cut short keeps the offer.
         accepted = state.accepted - before
         state.draft_limit = min(self.draft_tokens, max(state.draft_limit, 2 * k) if accepted == k
                                 else accepted + 1)
