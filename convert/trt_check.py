@@ -95,6 +95,22 @@ class CheckReport:
     def lines(self) -> list[str]:
         return [f"TensorRT {v}: {x.line()}" for v, found in self.results.items() for x in found]
 
+    def grouped(self, named: int = 3) -> list[str]:
+        """One line per version and kind of offence (rule, operator, message), with how many
+        nodes and the first `named` of them: a CPU bundle's 120 MatMulNBits are one line, not
+        120 (`toolkit check --all` prints lines())."""
+        out = []
+        for v, found in self.results.items():
+            kinds: dict[tuple[str, str, str], list[str]] = {}
+            for x in found:
+                kinds.setdefault((x.rule, x.op, x.message), []).append(x.node)
+            for (rule, op, message), nodes in kinds.items():
+                more = f", ... {len(nodes) - named} more" if len(nodes) > named else ""
+                count = f"{len(nodes)} nodes" if len(nodes) > 1 else "1 node"
+                out.append(f"TensorRT {v}: {count} ({op}): {message} [{rule}]: "
+                           f"{', '.join(nodes[:named])}{more}")
+        return out
+
     def record(self, forced: bool = False) -> TrtCheck:
         lines = self.lines()
         return TrtCheck(tensorrt=list(self.results), passed=self.passed, rules=list(self.rules),

@@ -205,16 +205,16 @@ def test_thor_fp8_bundle_passes_10_13(q_bundle: Any) -> None:  # noqa: F811
     assert rec is not None and rec.passed and rec.tensorrt == ["10.13"], rec
 
 
-def test_cpu_bundle_fails_one_line_per_offending_node(tiny_bundle: Any) -> None:
+def test_cpu_bundle_fails_one_line_per_kind_of_offence_and_all_lines_on_asking(tiny_bundle: Any) -> None:
     bundle = tiny_bundle("llama", "cpu")
     m = read_manifest(bundle)
     assert m.trt_check is None  # only TensorRT targets are checked at convert time
-    result = check_cli(bundle)
-    assert result.exit_code == 1
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("TensorRT ")]
     graph = onnx.load(str(bundle / m.model_file), load_external_data=False)
     microsoft = [n.name for n in graph.graph.node if n.domain == "com.microsoft"]
     assert microsoft
+    result = check_cli(bundle, "--all")
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("TensorRT ")]
     for version in known_versions():
         mine = [ln for ln in lines if ln.startswith(f"TensorRT {version}: ")]
         named = [ln.split(": ", 1)[1].split(" (")[0] for ln in mine]
@@ -224,6 +224,17 @@ def test_cpu_bundle_fails_one_line_per_offending_node(tiny_bundle: Any) -> None:
     counts = ", ".join(f"{sum(ln.startswith(f'TensorRT {v}: ') for ln in lines)} for TensorRT {v}"
                        for v in known_versions())
     assert f"failed: offending nodes: {counts}" in result.output
+    assert "note: this bundle is for target cpu" in result.output
+    # by default one line per (version, rule, operator, message), with its count
+    short = check_cli(bundle)
+    assert short.exit_code == 1 and f"failed: offending nodes: {counts}" in short.output
+    grouped = [ln for ln in short.output.splitlines() if ln.startswith("TensorRT ")]
+    assert len(grouped) < len(lines)
+    kinds = {(ln.split(": ", 1)[0], ln.split(" (", 1)[1].split(")")[0], ln.rsplit("[", 1)[1])
+             for ln in lines}
+    assert len(grouped) == len(kinds)
+    total = sum(int(ln.split(": ", 1)[1].split(" node")[0]) for ln in grouped)
+    assert total == len(lines)
 
 
 def test_convert_refuses_a_failing_jetson_graph_unless_forced(tiny_dir: Any, tmp_path: Path,
