@@ -37,7 +37,6 @@ from models import DECODER, ModelDims, ModelSource, dims_from_config, get_spec, 
 from models.params import static_rope_limit
 from targets import Target, load_target
 
-MIN_MAX_SEQ = 16
 PARITY_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
@@ -77,7 +76,8 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
     spec = get_spec(src.model_type())
     config = src.load_config()
     dims = dims_from_config(spec, config)
-    seq = _choose_max_seq(dims, tgt, max_seq, static_rope_limit(config)) if spec.task == DECODER else 0
+    decoder = spec.task == DECODER
+    seq = tgt.max_seq_for(dims.max_positions, static_rope_limit(config), max_seq) if decoder else 0
     plan = None
     if spec.task == DECODER:
         plan = _check_fit(dims, tgt, precision, seq, batch, src.name, force)
@@ -127,20 +127,6 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own tqdm bar
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def _choose_max_seq(dims: ModelDims, tgt: Target, asked: int | None, rope_limit: int | None) -> int:
-    seq = tgt.max_seq_for(dims.max_positions, rope_limit) if asked is None else asked
-    if rope_limit and seq > rope_limit:
-        raise ToolkitError(f"--max-seq {seq}: this model's RoPE scaling changes past {rope_limit} "
-                           "positions and cannot be baked into a static cache longer than that",
-                           hint=f"use --max-seq {rope_limit} or less")
-    if seq > dims.max_positions:
-        raise ToolkitError(f"--max-seq {seq} is beyond the model's limit of {dims.max_positions} "
-                           "positions", hint=f"use --max-seq {dims.max_positions} or less")
-    if seq < MIN_MAX_SEQ:
-        raise ToolkitError(f"--max-seq {seq} is too small (at least {MIN_MAX_SEQ})")
-    return seq
 
 
 def _check_fit(dims: ModelDims, tgt: Target, precision: str, seq: int, batch: int, name: str,

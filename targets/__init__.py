@@ -19,6 +19,7 @@ from bundle.manifest import EngineRecord, TargetRecord
 
 TARGET_DIR = Path(__file__).parent
 DEFAULT_TARGET = "cpu"
+MIN_MAX_SEQ = 16  # the shortest static cache convert builds (and plan sizes)
 
 # Every precision a target file may name, most accurate first (a target lists a subset, in order).
 PRECISIONS = ("fp32", "fp16", "fp8", "int8", "int4")
@@ -71,11 +72,26 @@ class Target:
         """True when the memory is the host's own (memory_gb unset: the cpu target)."""
         return self.memory_gb is None
 
-    def max_seq_for(self, positions: int, rope_limit: int | None = None) -> int:
-        """The max_seq a convert or plan uses when none is asked: the target's default, capped
-        by the model's positions and by where its RoPE tables stop being static (models/params.py
-        static_rope_limit)."""
-        return min(self.default_max_seq, positions, rope_limit or positions)
+    def max_seq_for(self, positions: int, rope_limit: int | None = None,
+                    asked: int | None = None) -> int:
+        """The max_seq a convert or plan uses: `asked`, checked against the model, or when none
+        is asked the target's default, capped by the model's positions and by where its RoPE
+        tables stop being static (models/params.py static_rope_limit). Convert and plan both
+        call it, so a plan is never made for a cache convert would refuse."""
+        if asked is None:
+            return min(self.default_max_seq, positions, rope_limit or positions)
+        if rope_limit and asked > rope_limit:
+            raise ToolkitError(f"--max-seq {asked}: this model's RoPE scaling changes past "
+                               f"{rope_limit} positions and cannot be baked into a static cache "
+                               "longer than that",
+                               hint=f"use --max-seq {rope_limit} or less")
+        if asked > positions:
+            raise ToolkitError(f"--max-seq {asked} is beyond the model's limit of {positions} "
+                               "positions", hint=f"use --max-seq {positions} or less")
+        if asked < MIN_MAX_SEQ:
+            raise ToolkitError(f"--max-seq {asked} is too small (at least {MIN_MAX_SEQ})",
+                               hint=f"use --max-seq {MIN_MAX_SEQ} or more")
+        return asked
 
     def memory_total_bytes(self) -> int:
         """The target's memory; for memory_gb None, the host's MemTotal (psutil)."""

@@ -569,8 +569,7 @@ def plan_from_model(model_arg: str, target_name: str, precision: str | None = No
                            hint="an encoder's memory is about its weights: "
                                 "parameters x bytes per parameter")
     dims = dims_from_config(spec, config)
-    seq = max_seq if max_seq is not None else target.max_seq_for(dims.max_positions,
-                                                                  static_rope_limit(config))
+    seq = target.max_seq_for(dims.max_positions, static_rope_limit(config), max_seq)
     return plan_fit(dims, target, precision, seq, batch, prefill_chunk=prefill_chunk,
                     model_name=name)
 

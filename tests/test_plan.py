@@ -203,6 +203,16 @@ def test_plan_from_a_config_only_folder(tmp_path):
     assert plan_from_model(str(folder / "config.json"), NANO, "int4").max_seq_fit == 768
 
 
+def test_plan_refuses_the_caches_convert_refuses(tmp_path):
+    """Plan and convert read --max-seq through the same Target.max_seq_for: no plan is made for
+    a cache convert would not build."""
+    folder = write_config(tmp_path / "m", SMOLLM2_135M)
+    for bad, why in ((4, "too small"), (0, "too small"), (-5, "too small"), (10**6, "beyond the model")):
+        with pytest.raises(ToolkitError, match=why):
+            plan_from_model(str(folder), "cpu", max_seq=bad)
+    assert plan_from_model(str(folder), "cpu", max_seq=16).max_seq == 16
+
+
 def test_unknown_target_error(tmp_path):
     folder = write_config(tmp_path / "m", SMOLLM2_135M)
     with pytest.raises(ToolkitError) as e:
