@@ -59,6 +59,10 @@ from host.transfer import (
 )
 
 RETRY_CODES = ("gap", "unknown_upload", "bad_crc")  # answered by beginning again
+# ... and, for a chunk only, "busy": the device still holds the file open for a connection that
+# just dropped (its handler has not yet read the EOF; seen under load in CI), so the resumed
+# upload is refused for a moment. A commit's "busy" (another install running) is not retried.
+CHUNK_RETRY_CODES = (*RETRY_CODES, "busy")
 
 Progress = Callable[[int, int], None]  # (bytes the device holds, bundle bytes)
 
@@ -157,12 +161,14 @@ def _upload(client: DeployClient, device: Device, bundle: Path, manifest: Manife
     t0 = time.perf_counter()
     while True:
         before = counter.bytes
+        retry_codes = CHUNK_RETRY_CODES
         try:
             state = client.begin(manifest_bytes)
             held.append(state.held_bytes)
             if held_at_start is None:
                 held_at_start = state.held_bytes
             _send_missing(client, bundle, state, chunk, crcs, counter, progress)
+            retry_codes = RETRY_CODES
             upload_s = time.perf_counter() - t0
             install = client.commit(state.upload_id, on_phase)
             return DeployResult(device, bundle, state.upload_id, state.total_bytes, held_at_start,
@@ -170,7 +176,7 @@ def _upload(client: DeployClient, device: Device, bundle: Path, manifest: Manife
         except (LinkDown, RemoteError) as e:
             if isinstance(e, RemoteError) and e.code == "no_space":
                 raise no_space_error(device, e) from e
-            if isinstance(e, RemoteError) and e.code not in RETRY_CODES:
+            if isinstance(e, RemoteError) and e.code not in retry_codes:
                 raise ToolkitError(f"device {device.name!r} refused the bundle: {e.message}",
                                    hint=e.hint) from e
             failures = 1 if counter.bytes > before else failures + 1  # progress resets the count

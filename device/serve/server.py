@@ -168,13 +168,13 @@ class Daemon:
         log.error("the active bundle %s failed to load (%s); %s", path.name, reason,
                   f"rolling back to {previous.dir}" if previous else "there is no previous bundle")
         if previous is not None and store.path_of(previous).is_dir():
+            fell_back = BundleFailure(path.name, reason, previous.dir)
             try:
-                back = self.deploy.rollback()
+                back = store.rollback(lambda p: self.activate(p, fell_back))
             except ToolkitError as e:
                 back = None
                 log.error("rolling back failed: %s", e.message)
             if back is not None and back.ok:
-                self.failure = BundleFailure(path.name, reason, previous.dir)
                 return
             why = back.smoke.detail if back is not None and back.smoke else "the rollback was refused"
             reason += f"; the previous bundle {previous.dir} did not load either ({why})"
@@ -232,24 +232,28 @@ class Daemon:
         self._add_gauges()
         self.state = "ready"
 
-    def activate(self, path: Path) -> Any:
+    def activate(self, path: Path, fell_back: BundleFailure | None = None) -> Any:
         """The store's activate callback (device/store/store.py): load the bundle, smoke-test it and
         serve it, hot or cold (device/store/swap.py). Hot: loaded beside the one being served, then
         swapped; the old engine drains in the background. Cold: the old one is drained and
         unloaded first. Returns a SmokeResult; a failure (any exception) leaves the old bundle
-        serving, and is recorded for status."""
+        serving, and is recorded for status. fell_back: the start-up failure this activation
+        falls back from, recorded before the bundle serves (status never shows the fallback
+        serving without the reason; a test once read it in between)."""
         from device.store.store import SmokeResult
 
         t0 = time.monotonic()
         if self.state not in ("ready", "empty", "loading", "failed"):
             return SmokeResult(False, f"the daemon is {self.state}")
+        if fell_back is not None:
+            self.failure = fell_back
         try:
             result = self._activate(Path(path), t0)
         except Exception as e:  # noqa: BLE001 - a bug here must not leave the store switched
             log.debug("activating %s failed", path, exc_info=True)
             result = SmokeResult(False, _one_line(e), time.monotonic() - t0)
         if result.ok:
-            self.failure = None
+            self.failure = fell_back
         else:
             self.failure = BundleFailure(Path(path).name, result.detail,
                                          self.config.bundle.name if self.runner is not None
