@@ -161,7 +161,7 @@ def _upload(client: DeployClient, device: Device, bundle: Path, manifest: Manife
     t0 = time.perf_counter()
     while True:
         before = counter.bytes
-        retry_codes = CHUNK_RETRY_CODES
+        retry_codes: tuple[str, ...] = CHUNK_RETRY_CODES
         try:
             state = client.begin(manifest_bytes)
             held.append(state.held_bytes)
