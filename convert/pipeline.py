@@ -79,7 +79,7 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
     decoder = spec.task == DECODER
     seq = tgt.max_seq_for(dims.max_positions, static_rope_limit(config), max_seq) if decoder else 0
     plan = None
-    if spec.task == DECODER:
+    if decoder:
         plan = _check_fit(dims, tgt, precision, seq, batch, src.name, force)
 
     with steps.step(f"loading {src.kind} model {src.name}"):

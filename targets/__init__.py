@@ -74,24 +74,23 @@ class Target:
 
     def max_seq_for(self, positions: int, rope_limit: int | None = None,
                     asked: int | None = None) -> int:
-        """The max_seq a convert or plan uses: `asked`, checked against the model, or when none
-        is asked the target's default, capped by the model's positions and by where its RoPE
-        tables stop being static (models/params.py static_rope_limit). Convert and plan both
-        call it, so a plan is never made for a cache convert would refuse."""
-        if asked is None:
-            return min(self.default_max_seq, positions, rope_limit or positions)
-        if rope_limit and asked > rope_limit:
-            raise ToolkitError(f"--max-seq {asked}: this model's RoPE scaling changes past "
+        """The max_seq a convert or plan uses: `asked`, or when none is asked the target's
+        default, capped by the model's positions and by where its RoPE tables stop being static
+        (models/params.py static_rope_limit); either checked against the model and MIN_MAX_SEQ.
+        Convert and plan both call it, so a plan is never made for a cache convert would refuse."""
+        seq = min(self.default_max_seq, positions, rope_limit or positions) if asked is None else asked
+        if rope_limit and seq > rope_limit:
+            raise ToolkitError(f"--max-seq {seq}: this model's RoPE scaling changes past "
                                f"{rope_limit} positions and cannot be baked into a static cache "
                                "longer than that",
                                hint=f"use --max-seq {rope_limit} or less")
-        if asked > positions:
-            raise ToolkitError(f"--max-seq {asked} is beyond the model's limit of {positions} "
+        if seq > positions:
+            raise ToolkitError(f"--max-seq {seq} is beyond the model's limit of {positions} "
                                "positions", hint=f"use --max-seq {positions} or less")
-        if asked < MIN_MAX_SEQ:
-            raise ToolkitError(f"--max-seq {asked} is too small (at least {MIN_MAX_SEQ})",
+        if seq < MIN_MAX_SEQ:
+            raise ToolkitError(f"--max-seq {seq} is too small (at least {MIN_MAX_SEQ})",
                                hint=f"use --max-seq {MIN_MAX_SEQ} or more")
-        return asked
+        return seq
 
     def memory_total_bytes(self) -> int:
         """The target's memory; for memory_gb None, the host's MemTotal (psutil)."""
