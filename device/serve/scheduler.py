@@ -748,10 +748,7 @@ class Scheduler(QueuedEngine):
             expected = draft[i] if i < k else None
             token = self._accept_row(state, logits[0, i], expected)
             if token is None or token != expected:
-                # finished, or the model chose otherwise: that token is now pending
-                if token is not None and i < k:
-                    state.acceptance.observe(False)
-                break
+                break  # finished, or the model chose otherwise: that token is now pending
         # A wrong draft costs a wider step (1+k tokens instead of 1) for nothing, so the next
         # draft offered may be one token longer than this one's accepted run, and doubles (up to
         # draft_tokens) while drafts are accepted whole: text that copies ramps up in a few
@@ -783,11 +780,13 @@ class Scheduler(QueuedEngine):
         state.generated += 1
         if token == expected:
             state.accepted += 1
-            state.acceptance.observe(True)
             self.metrics.accepted_tokens.inc()
-        elif state.offered is not None:  # a plain step's token: would its draft have held?
-            state.acceptance.observe(token == state.offered)
-            state.offered = None
+        # the row's acceptance: a draft token it verified, or a plain step's token against the
+        # first token of the draft it was offered (would that draft have held?)
+        judged = expected if expected is not None else state.offered
+        if judged is not None:
+            state.acceptance.observe(token == judged)
+        state.offered = None
         if state.generated == 1 and self.draft_tokens and self._drafts(state):
             state.lookup = PromptLookup(state.handle.request.prompt_ids)
             state.draft_limit = self.draft_tokens
