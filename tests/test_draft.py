@@ -368,20 +368,18 @@ class ShapedDelay(SlowBackend):
         return super().step(ids, pos, slots, *rest)
 
 
-def _two_copying_at_once(runner: Any, delay_of: Any, draft_tokens: int = 4,
-                         calls: list[Any] | None = None,
-                         budgets: tuple[int, int] = (40, 40)) -> tuple[list[tuple[str, Any]], int]:
+def _two_copying_at_once(runner: Any, delay_of: Any) -> tuple[list[tuple[str, Any]], int]:
     """Two greedy requests that copy their prompt, decoding together in batched mode (both are
     queued before the engine starts): their results and the number of verify steps (one row,
-    2..5 tokens, past the prompt) they took. calls: gets the device's steps."""
+    2..5 tokens, past the prompt) they took."""
     device = ShapedDelay(runner.backend, delay_of)
     engine = Scheduler(device, runner.tokenizer, decode_mode="batched",  # type: ignore[arg-type]
-                       speculate="ngram", draft_tokens=draft_tokens)
+                       speculate="ngram", draft_tokens=4)
     device.calls.clear()  # the start-up probes
     ids = copying_prompt(runner)
     handles = []
-    for req in (GenerationRequest(ids, budgets[0], ignore_eos=True),
-                GenerationRequest(ids[1:], budgets[1], ignore_eos=True)):
+    for req in (GenerationRequest(ids, 40, ignore_eos=True),
+                GenerationRequest(ids[1:], 40, ignore_eos=True)):
         with engine.reserve() as ticket:
             handles.append(engine.submit(ticket, req))
     engine.start()
@@ -394,8 +392,6 @@ def _two_copying_at_once(runner: Any, delay_of: Any, draft_tokens: int = 4,
         engine.close()
     verifies = sum(1 for ids_, pos, _ in device.calls
                    if ids_.shape[0] == 1 and 1 < ids_.shape[1] <= 5 and pos[0, 0] >= len(ids) - 1)
-    if calls is not None:
-        calls.extend(device.calls)
     return out, verifies
 
 
@@ -415,7 +411,7 @@ def test_rows_decoding_together_learn_their_acceptance_from_plain_steps(runner: 
 
     real = scheduler.plan
     monkeypatch.setattr(scheduler, "plan", plan)
-    out, verifies = _two_copying_at_once(runner, lambda rows, tokens: 0.01 * (1 if tokens == 1
+    _, verifies = _two_copying_at_once(runner, lambda rows, tokens: 0.01 * (1 if tokens == 1
                                                                                 else 3 * tokens))
     assert seen and max(seen) > 0.9, seen
     assert verifies <= 4
