@@ -215,7 +215,7 @@ def test_main_records_a_build_that_cannot_start(tmp_path: Path, monkeypatch: pyt
 
 def test_fetch_downloads_the_sdist_and_pinned_pure_wheels(tmp_path: Path) -> None:
     sdist, wheels = fetch.download_commands(tmp_path, "python")
-    assert sdist[-1] == fetch.PYCUDA and "--no-binary" in sdist and "--no-build-isolation" in sdist
+    assert sdist[-1] == fetch.PYCUDA and sdist[sdist.index("--no-binary") + 1] == "pycuda"
     assert wheels[wheels.index("--platform") + 1] == "any"
     assert wheels[wheels.index("--python-version") + 1] == "3.12"
     assert all("==" in w for w in fetch.WHEELS) and set(fetch.WHEELS) <= set(wheels)

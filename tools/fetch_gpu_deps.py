@@ -28,11 +28,13 @@ PYTHON = "3.12"  # the GPU machine's Python
 
 
 def download_commands(dest: Path, python: str = sys.executable) -> list[list[str]]:
-    """The pip calls, in order: the sdist (no build isolation, so pip reads its metadata with
-    this machine's setuptools instead of fetching build dependencies), then the wheels for
-    Python 3.12 on any platform (pure Python only)."""
+    """The pip calls, in order: the sdist (`--no-binary pycuda`, not `:all:`: pip prepares the
+    sdist's metadata in an isolated build environment, whose setuptools and wheel come as wheels;
+    with `:all:` it would try to build numpy from source for that, and without isolation it needs
+    `wheel` in this interpreter), then the wheels for Python 3.12 on any platform (pure Python
+    only)."""
     pip = [python, "-m", "pip", "download", "--no-deps", "-d", str(dest)]
-    return [[*pip, "--no-binary", ":all:", "--no-build-isolation", PYCUDA],
+    return [[*pip, "--no-binary", "pycuda", PYCUDA],
             [*pip, "--only-binary", ":all:", "--python-version", PYTHON, "--implementation", "py",
              "--platform", "any", *WHEELS]]
 
