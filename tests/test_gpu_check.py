@@ -67,6 +67,18 @@ def test_every_check_passes_on_the_simulated_driver(fake: types.ModuleType, tmp_
     assert saved["checks"]["tegrastats"]["ran"] is False
 
 
+def test_a_simulated_driver_is_not_held_to_a_real_cards_memory(fake: types.ModuleType, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # on the GPU machine torch sees the H200 (141 GiB) while the simulated driver has its own
+    # capacity: only a driver module loaded from a file is compared with torch
+    monkeypatch.setattr(gpu_check, "torch_mem_get_info", lambda: lambda: (1 << 40, 1 << 41))
+    assert gpu_check.run_phase(tmp_path, {"ok": True}, cuda=fake)["passed"]
+    assert gpu_check.main([str(tmp_path / "out")]) == 0
+    monkeypatch.setattr(fake, "__file__", "/site-packages/pycuda/_driver.so", raising=False)
+    checks = gpu_check.run_phase(tmp_path, {"ok": True}, cuda=fake)["checks"]
+    assert not checks["mem_get_info"]["ok"] and checks["mem_get_info"]["torch_total_bytes"] == 1 << 41
+
+
 def test_a_wrong_strided_copy_is_caught_byte_for_byte(fake: types.ModuleType, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     real = trt_backend.slice_copies
@@ -124,6 +136,16 @@ def test_build_commands_use_only_the_carried_files(tmp_path: Path) -> None:
     assert cmds[-1][-2:] == ["--no-build-isolation", str(src)]
     with pytest.raises(gpu_check.CheckError, match="fetch_gpu_deps.py"):
         gpu_check.find_sdist(tmp_path / "empty")
+
+
+def test_a_venv_made_from_a_venv_sees_the_outer_venvs_packages(tmp_path: Path) -> None:
+    own = tmp_path / "venv" / "lib" / "python3.12" / "site-packages"
+    own.mkdir(parents=True)
+    assert gpu_check.see_outer_venv(tmp_path / "venv", "/usr", "/usr") is None  # a plain Python
+    pth = gpu_check.see_outer_venv(tmp_path / "venv", "/opt/torch/.venv", "/usr",
+                                   ["/opt/torch/.venv/lib/python3.12/site-packages"])
+    assert pth == own / "outer_venv.pth"
+    assert pth.read_text().splitlines() == ["/opt/torch/.venv/lib/python3.12/site-packages"]
 
 
 def fake_nvcc(root: Path, top: Path | None = None) -> Path:

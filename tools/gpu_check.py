@@ -176,6 +176,24 @@ def build_commands(python: str, venv: Path, deps: Path, source: Path) -> list[li
             [vpy, *local, "--no-build-isolation", str(source)]]
 
 
+def see_outer_venv(venv: Path, prefix: str = sys.prefix, base_prefix: str = sys.base_prefix,
+                   outer: Sequence[str] | None = None) -> Path | None:
+    """Where this interpreter is itself a venv (the H200 machine's python3 is
+    /opt/torch/.venv/bin/python3, its numpy and torch in that venv), a venv made from it with
+    --system-site-packages sees the *base* interpreter's packages, not this venv's: pycuda's
+    setup.py then finds no numpy. A .pth file in the new venv lists this interpreter's
+    site-packages (after the new venv's own, so pycuda installs and imports from there)."""
+    own = sorted(venv.glob("lib/python*/site-packages"))
+    if prefix == base_prefix or not own:
+        return None
+    import site
+
+    dirs = list(outer if outer is not None else site.getsitepackages())
+    pth = own[0] / "outer_venv.pth"
+    pth.write_text("".join(f"{d}\n" for d in dirs), encoding="utf-8")
+    return pth
+
+
 def build_pycuda(work: Path, deps: Path, run: Callable[..., Any] = subprocess.run) -> dict[str, Any]:
     """Run build_commands; the record keeps each command's exit code, seconds and output tail."""
     cuda_root = find_cuda_root(run=run)
@@ -195,6 +213,8 @@ def build_pycuda(work: Path, deps: Path, run: Callable[..., Any] = subprocess.ru
     # a Python without ensurepip (Debian's, without python3-venv) makes venvs only without pip;
     # the system's pip, seen through --system-site-packages, then installs into the venv
     rc = step(venv_cmd) and step([*venv_cmd[:-1], "--without-pip", venv_cmd[-1]])
+    if rc == 0:
+        see_outer_venv(work / "venv")
     for cmd in installs:
         if rc:
             break
@@ -510,7 +530,9 @@ def run_phase(out: Path, build: dict[str, Any], cuda: ModuleType | None = None) 
         except Exception as e:  # built but not loadable (no driver, a CUDA mismatch): say so
             checks["import_pycuda"] = {"ok": False, "seconds": 0.0, "error": f"{type(e).__name__}: {e}"}
     if cuda is not None:
-        checks = run_checks(cuda, torch_mem_get_info())
+        # torch's view of the GPU is compared only with a real driver's (a module loaded from a
+        # file): a simulated one (the tests) on a machine with a GPU would be held to the card's
+        checks = run_checks(cuda, torch_mem_get_info() if getattr(cuda, "__file__", None) else None)
     result = {"schema": SCHEMA, "started": started, "host": platform.node(), "env": environment(),
               "build": build, "layout": dict(zip(("num_layers", "kv_heads", "max_seq", "head_dim"), LAYOUT)),
               "slots": SLOTS, "checks": checks, "passed": all(c["ok"] for c in checks.values())}
