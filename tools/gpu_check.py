@@ -34,6 +34,7 @@ and, where pycuda and a GPU exist, against the real one.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -494,7 +495,8 @@ def environment() -> dict[str, Any]:
                                                "--format=csv,noheader"])}
     for mod in ("torch", "onnxruntime", "pycuda", "tensorrt"):
         try:
-            env[mod] = __import__(mod).__version__
+            # pycuda has no __version__ (VERSION_TEXT); its distribution's metadata has
+            env[mod] = getattr(__import__(mod), "__version__", None) or importlib.metadata.version(mod)
         except Exception as e:  # absent (tensorrt, by design) or broken: say which
             env[mod] = f"not importable: {type(e).__name__}: {e}"[:300]
     return env
