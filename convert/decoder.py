@@ -147,9 +147,18 @@ class GroupQueryAttention(torch.autograd.Function):
             extra["softcap_f"] = s.softcap
         if s.window is not None:
             extra["local_window_size_i"] = s.window
-        return g.op("com.microsoft::GroupQueryAttention", *inputs, num_heads_i=s.heads,
-                    kv_num_heads_i=s.kv_heads, do_rotary_i=int(rotary), scale_f=s.scale,
-                    **extra, outputs=3)
+        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", *inputs,
+                                         num_heads_i=s.heads, kv_num_heads_i=s.kv_heads,
+                                         do_rotary_i=int(rotary), scale_f=s.scale, **extra,
+                                         outputs=3)
+        # the exporter's shape inference has no rule for a contrib op: without these types it
+        # warns once per node on stderr (90 lines for SmolLM2) and leaves the outputs untyped
+        present_k.setType(past_k.type())
+        present_v.setType(past_v.type())
+        sizes = q.type().varyingSizes()  # [B, T, H*D] (packed: [B, T, (H+2Hkv)*D])
+        if sizes:  # a traced q always has its rank; an untyped one leaves out untyped
+            out.setType(q.type().with_sizes([*sizes[:-1], s.heads * s.head_dim]))
+        return out, present_k, present_v
 
 
 def gqa_supported(dims: ModelDims) -> bool:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -124,9 +125,18 @@ def _quiet_transformers() -> None:
     """transformers' progress bars and advisory warnings drown our own progress lines."""
     from transformers.utils import logging as hf_logging
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own tqdm bar
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # the GGUF loader's own tqdm bar ignores both; TQDM_DISABLE works only if set before tqdm is
+    # first imported (tqdm reads its TQDM_* variables then), which torch or a caller may have done
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_loader
+    except ImportError:  # a transformers without the GGUF loader: no bar to silence
+        return
+    bar = getattr(gguf_loader, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_loader.tqdm = functools.partial(bar, disable=True)
 
 
 def _check_fit(dims: ModelDims, tgt: Target, precision: str, seq: int, batch: int, name: str,

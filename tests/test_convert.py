@@ -79,6 +79,35 @@ def test_cpu_bundle_uses_ort_fusions(tiny_bundle):
     assert any(n.domain == "com.microsoft" for n in model.graph.node)
 
 
+def test_a_cpu_export_prints_only_our_progress(tiny_dir, tmp_path, capfd):
+    # GroupQueryAttention's outputs are typed in its symbolic function: the exporter otherwise
+    # warned on stderr, from C++, once per layer (90 lines for SmolLM2)
+    convert_model(str(tiny_dir("llama")), "cpu", tmp_path / "b", max_seq=32, batch=1)
+    out, err = capfd.readouterr()
+    assert "shape inference" not in err and "Warning" not in err, err[-2000:]
+    g = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False).graph
+    typed = {v.name: v for v in g.value_info}
+    gqa = next(n for n in g.node if n.op_type == "GroupQueryAttention")
+    dims = typed[gqa.output[0]].type.tensor_type.shape.dim
+    assert len(dims) == 3 and dims[2].dim_value == 64  # [B, T, H*D] of the tiny llama
+
+
+def test_the_gguf_loaders_bar_is_silenced_after_tqdm_was_imported(monkeypatch):
+    import functools
+
+    import tqdm.auto  # noqa: F401  (imported first, as torch or a caller may have done)
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+
+    from convert.pipeline import _quiet_transformers
+
+    monkeypatch.setattr(gguf_loader, "tqdm", tqdm.auto.tqdm)
+    _quiet_transformers()
+    _quiet_transformers()  # twice: wrapped once
+    bar = gguf_loader.tqdm
+    assert isinstance(bar, functools.partial) and bar.keywords == {"disable": True}
+    assert bar.func is tqdm.auto.tqdm
+
+
 def test_manifest_hashes_detect_a_modified_file(tiny_bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle("llama"), copy)
