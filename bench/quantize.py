@@ -99,19 +99,39 @@ def size_of(path: Path) -> int:
 
 
 def build_ours(work: Path) -> list[Variant]:
-    from quantize import quantize_bundle
-    from quantize.formats import FORMATS, QuantOptions, format_for
-    from targets import load_target
-
     fp32 = work / "smollm2-135m-cpu-fp32"
     if not (fp32 / "manifest.json").exists():
         log("converting smollm2-135m (cpu, fp32, the target's default max_seq) ...")
         run([*TOOLKIT, "convert", "smollm2-135m", "--target", "cpu", "-o", str(fp32), "--force"],
             work / "convert.log")
     out = [Variant("ours fp32", "bundle", fp32)]
-    # (precision, format override, options, label suffix): the first two are what `toolkit
-    # convert --precision P` writes (int4: the ladder step the gate settles on); then every int4
-    # ladder step alone, forced, so the steps the gate rejects are measured as well
+    for precision, label, dest in quantize_jobs(fp32, work / "smollm2-135m-cpu"):
+        q = read_manifest(dest).quantization
+        assert q is not None  # quantize_bundle wrote it
+        gate = ({k: getattr(q.gate, k) for k in ("passed", "ppl_increase", "top1_agreement",
+                                                 "greedy_fraction")} if q.gate else {})
+        kept = f", {kept_step(q)}" if precision == "int4" and not label else ""
+        note = f"{q.format}, gate {'passed' if q.gate and q.gate.passed else 'FAILED'}{kept}"
+        out.append(Variant(f"ours {precision}{label}", "bundle", dest, note, gate=gate))
+    return out
+
+
+def kept_step(q: Any) -> str:
+    """The int4 ladder step a default bundle's gate kept: 'kept GRID/BLOCK[ +SHARE 8-bit]'."""
+    share = q.options.get("int8_fraction") or 0.0
+    return (f"kept {q.options.get('int4_grid')}/{q.options.get('block_size')}"
+            f"{f' +{share:.3g} 8-bit' if share else ''}")
+
+
+def quantize_jobs(fp32: Path, prefix: Path) -> list[tuple[str, str, Path]]:
+    """Every quantized variant of `fp32` this bench measures, written (or found cached) as
+    PREFIX-PRECISION[-STEP]: (precision, label suffix, bundle). The first two are what `toolkit
+    convert --precision P` writes (int4: the ladder step the gate settles on); then every int4
+    ladder step alone, forced, so the steps the gate rejects are measured as well."""
+    from quantize import quantize_bundle
+    from quantize.formats import FORMATS, QuantOptions, format_for
+    from targets import load_target
+
     cpu = load_target("cpu")
     jobs: list[tuple[str, str | None, QuantOptions, str]] = [
         ("int8", None, QuantOptions(), ""), ("int4", None, QuantOptions(), "")]
@@ -124,22 +144,15 @@ def build_ours(work: Path) -> list[Variant]:
                                                 int8_fraction=fraction),
                      f" step {i + 1} ({grid}-{block or 32}{mixed})"))
     memo: dict[Any, Any] = {}  # AWQ and the ranking, made once for the ladder steps of one grid
+    out = []
     for precision, fmt, options, label in jobs:
         slug = label.strip(" ()").replace(", ", "-").replace(" ", "-").replace("(", "").replace("+", "")
-        dest = work / f"smollm2-135m-cpu-{precision}{'-' + slug if slug else ''}"
+        dest = prefix.with_name(f"{prefix.name}-{precision}{'-' + slug if slug else ''}")
         if not _built_with(dest, options):
-            log(f"quantizing {precision}{label} ...")
+            log(f"quantizing {fp32.name} to {precision}{label} ...")
             quantize_bundle(fp32, precision, out=dest, force=True, fmt=fmt,  # force: keep failures
                             options=options, memo=memo if precision == "int4" else None)
-        q = read_manifest(dest).quantization
-        assert q is not None  # quantize_bundle wrote it
-        gate = ({k: getattr(q.gate, k) for k in ("passed", "ppl_increase", "top1_agreement",
-                                                 "greedy_fraction")} if q.gate else {})
-        share = q.options.get("int8_fraction") or 0.0
-        kept = (f", kept {q.options.get('int4_grid')}/{q.options.get('block_size')}"
-                f"{f' +{share:.3g} 8-bit' if share else ''}" if precision == "int4" and not label else "")
-        note = f"{q.format}, gate {'passed' if q.gate and q.gate.passed else 'FAILED'}{kept}"
-        out.append(Variant(f"ours {precision}{label}", "bundle", dest, note, gate=gate))
+        out.append((precision, label, dest))
     return out
 
 
@@ -327,21 +340,37 @@ def child(kind: str, path: Path, fp32: Path, with_ppl: bool) -> dict[str, Any]:
 
 # --- MiniLM ------------------------------------------------------------------------------------
 def minilm(work: Path) -> dict[str, Any]:
-    from quantize import quantize_bundle
-
+    """all-MiniLM-L6-v2, the one model here with real float weights that were never 4-bit:
+    the same variants as SmolLM2's (int8, the default int4, every int4 ladder step forced),
+    each with the gate's embedding cosine to fp32 on held-out sentences and its size."""
     fp32 = work / "all-minilm-l6-v2-cpu-fp32"
     if not (fp32 / "manifest.json").exists():
         run([*TOOLKIT, "convert", "all-minilm-l6-v2", "-o", str(fp32),
              "--force"], work / "convert-minilm.log")
     out = {}
-    for fmt in (None, "ort-matmulnbits"):
-        dest = work / f"all-minilm-l6-v2-cpu-int8{'-' + fmt if fmt else ''}"
-        if not (dest / "manifest.json").exists():
-            quantize_bundle(fp32, "int8", out=dest, force=True, fmt=fmt)
+    for precision, label, dest in quantize_jobs(fp32, work / "all-minilm-l6-v2-cpu"):
         q = read_manifest(dest).quantization
-        out[q.format] = {"cosine_min": q.gate.cosine_min, "cosine_mean": q.gate.cosine_mean,
-                            "bytes": size_of(dest), "fp32_bytes": size_of(fp32)}
+        assert q is not None and q.gate is not None  # quantize_bundle wrote both
+        kept = kept_step(q) if precision == "int4" and not label else ""
+        out[f"{precision}{label}"] = {"format": q.format, "cosine_min": q.gate.cosine_min,
+                                      "cosine_mean": q.gate.cosine_mean, "passed": q.gate.passed,
+                                      "min_cosine": q.gate.thresholds.get("min_cosine"), "kept": kept,
+                                      "bytes": size_of(dest), "fp32_bytes": size_of(fp32)}
     return out
+
+
+def minilm_report(mini: dict[str, Any]) -> list[str]:
+    if not mini:
+        return []
+    fp32_mib = next(iter(mini.values()))["fp32_bytes"] / 2**20
+    lines = ["", f"all-MiniLM-L6-v2 (real float weights, never 4-bit; fp32 {fp32_mib:.1f} MiB): "
+             "embedding cosine to fp32 over the gate's held-out sentences",
+             f"  {'variant':42} {'size MiB':>9} {'cos min':>8} {'cos mean':>8}  gate"]
+    for name, r in mini.items():
+        gate = f"{'passed' if r['passed'] else 'FAILED'} (min >= {r['min_cosine']})"
+        lines.append(f"  {name:42} {r['bytes'] / 2**20:9.1f} {r['cosine_min']:8.4f} "
+                     f"{r['cosine_mean']:8.4f}  {gate}{', ' + r['kept'] if r['kept'] else ''}")
+    return lines
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -393,10 +422,10 @@ def report(variants: list[Variant], mini: dict[str, Any], plot_path: Path | None
     for name in ("ours int8 (ort-matmulnbits)",):
         if name in by:
             lines.append(f"  {name} vs genai int8  {ratio(by[name], by.get('genai int8'))}")
-    for fmt, r in mini.items():
-        lines.append(f"  all-MiniLM-L6-v2 int8 ({fmt}) cosine min {r['cosine_min']:.4f} mean "
-                     f"{r['cosine_mean']:.4f}  (goal >= 0.99), {r['bytes'] / 2**20:.1f} MiB vs "
-                     f"{r['fp32_bytes'] / 2**20:.1f}")
+    if "int8" in mini:
+        r = mini["int8"]
+        lines.append(f"  all-MiniLM-L6-v2 int8 cosine min  {r['cosine_min']:.4f}  (goal >= 0.99)")
+    lines += minilm_report(mini)
     lines += ["", "Pareto (size, perplexity, tok/s):", pareto_table([v.point() for v in variants])]
     if plot_path:
         lines.append(f"plot: {plot_path}")
@@ -412,6 +441,8 @@ def main() -> None:
                     help="the size/perplexity/speed PNG (default: WORK/quantize-pareto.png)")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--ppl", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--minilm-only", action="store_true",
+                    help="only MiniLM's variants and their cosine (about a minute; no peers)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(measure(args.child[0], Path(args.child[1]), args.ppl)))
@@ -419,6 +450,9 @@ def main() -> None:
     import models  # noqa: F401  (before onnxruntime.transformers: see quantize/graph.py)
 
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.minilm_only:
+        print("\n".join(minilm_report(minilm(args.work))[1:]))
+        return
     variants = build_ours(args.work) + build_genai() + build_llamacpp()
     fp32 = variants[0].path
     for v in variants:

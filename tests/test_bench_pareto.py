@@ -76,3 +76,27 @@ def test_quantize_bench_report_uses_same_round_ratios_and_gate_figures():
     assert "int4 decode vs genai int4        1.00x" in text  # ratios 1.5, 1.0, 0.8 -> median 1.0
     assert "+3.1 % perplexity, top-1 0.930  (goal <= +5 %, >= 0.90: met)" in text
     assert "peer points both faster and more accurate than one of ours: none" in text
+
+
+
+def test_quantize_bench_reports_minilms_ladder_with_its_cosine_and_the_kept_step():
+    from bench.quantize import Variant, minilm_report, report
+
+    def row(cos: float, passed: bool, kept: str = "", limit: float = 0.97) -> dict:
+        return {"format": "ort-matmulnbits", "cosine_min": cos, "cosine_mean": cos + 0.005,
+                "passed": passed, "min_cosine": limit, "kept": kept, "bytes": 20 << 20,
+                "fp32_bytes": 87 << 20}
+
+    mini = {"int8": row(0.9994, True, limit=0.99),
+            "int4": row(0.979, True, "kept zero-point/64 +0.25 8-bit"),
+            "int4 step 1 (zero-point-64)": row(0.958, False)}
+    lines = minilm_report(mini)
+    assert "never 4-bit; fp32 87.0 MiB" in lines[1]
+    assert lines[-1].split() == ["int4", "step", "1", "(zero-point-64)", "20.0", "0.9580", "0.9630",
+                                 "FAILED", "(min", ">=", "0.97)"]
+    kept = "0.9790   0.9840  passed (min >= 0.97), kept zero-point/64 +0.25 8-bit"
+    assert lines[-2].rstrip().endswith(kept)
+    assert minilm_report({}) == []
+    text = report([Variant("ours int4", "bundle", Path("a"), tok_s=[1.0])], mini, None)
+    assert "all-MiniLM-L6-v2 int8 cosine min  0.9994  (goal >= 0.99)" in text
+    assert "\n".join(lines) in text
