@@ -80,7 +80,7 @@ def target_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def json_option(help: str) -> Decorator:
     """--json, passed on as `as_json`; the help says what the JSON holds."""
-    return click.option("--json", "as_json", is_flag=True, help=help)
+    return click.option("--json", "as_json", is_flag=True, default=False, help=help)
 
 
 def int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
