@@ -290,6 +290,26 @@ def test_the_plan_verifies_rows_only_where_that_raises_tokens_per_second() -> No
     assert expected_tokens(0.5, 2) == 1.75 and expected_tokens(1.0, 15) == 16.0
 
 
+def test_rows_that_ride_wait_at_most_one_more_plain_step_for_the_others_drafts() -> None:
+    from device.serve.draft_plan import RIDER_SHARE, Row, plan
+
+    curve = smollm2_curve()
+    assert curve is not None
+    copying = [Row(slot, 0.98, 15) for slot in range(7)]
+    # seven rows that copy and one that has no draft, beside a 44 ms plain step of all eight:
+    # the most tokens per second would verify all seven (the rider: 44 + 7 x 39 = 317 ms a
+    # token); bounded, the verify steps add at most 2 x 44 ms: two 15-token drafts (78 ms)
+    assert RIDER_SHARE == 2.0 and plan(copying, 8, 0.044, curve) == {0: 15, 1: 15}
+    lengths = plan(copying + [Row(7, 0.3, 2)], 8, 0.044, curve)  # the eighth's draft is poor
+    assert lengths and sum(curve.at(1 + k) for k in lengths.values()) <= RIDER_SHARE * 0.044
+    # every row verifies (none rides): unbounded, as before
+    assert len(plan(copying + [Row(7, 0.98, 15)], 8, 0.044, curve)) == 8
+    # beside a 15 ms plain step a draft is cut to what fits in 30 ms (7 tokens: 30 ms)
+    assert plan(copying[:1] + [Row(1, 0.2, 4)], 2, 0.015, curve) == {0: 7}
+    # a plain step cheaper than any verify step's half: none is made
+    assert plan(copying[:1] + [Row(1, 0.2, 4)], 2, 0.010, curve) == {}
+
+
 def test_a_draft_is_as_long_as_its_acceptance_and_the_measured_step_times_make_worth_it() -> None:
     from device.serve.draft_plan import STALE_STEPS, Acceptance, StepCosts, draft_length
 

@@ -39,6 +39,11 @@ from dataclasses import dataclass, field
 COST_EMA = 0.25  # weight of the newest step time (steps are noisy on a shared 2-core board)
 WINDOW = 32  # draft tokens an acceptance is measured over (older ones fade by 1/e per WINDOW)
 STALE_STEPS = 500  # steps after which a verify length's time is measured again (~20 s at c=8)
+# verify time a step may add beside rows that ride it, per plain step's time: riders' gaps
+# stay within 3x. 1.0 (2x, chunked prefill's bound) cost 8 greedy streams of the bench's
+# prompts ~20 % of their tokens/s in an A/B; 2.0 kept them (same-round median 1.08x) and cut
+# the p95 gap to 0.90x, and a rider's beside 7 copying streams to 0.80x
+RIDER_SHARE = 2.0
 
 
 @dataclass(frozen=True)
@@ -162,11 +167,30 @@ def plan(rows: Sequence[Row], active: int, plain_seconds: float | None,
          curve: Curve | None) -> dict[int, int]:
     """slot -> draft tokens its verify step takes this step; rows left out ride the plain step
     of all `active` rows, which takes plain_seconds (None: that step size was never timed, so
-    nothing drafts and the plain step gets measured)."""
+    nothing drafts and the plain step gets measured).
+
+    Rows that ride wait for the verify steps as well as the plain one: the plan with the most
+    tokens per second may give seven rows that copy 15 tokens a step each while the one that
+    does not waits ~7 verify steps per token (SmolLM2 fp32, 2 cores: 317 ms a token against
+    44 ms). So where some row rides, the verify steps together may take at most RIDER_SHARE
+    times the plain step (drafts are cut to fit, best rows first): a rider's time per output
+    token stays within 1 + RIDER_SHARE of what it is without drafting. Where every row
+    verifies, none waits on another's draft more than on its own, and the plan is not
+    bounded."""
     if active <= 1:
         return {r.slot: k for r in rows if (k := draft_length(r.p, r.room, curve, tried=r.tried))}
     if curve is None or plain_seconds is None:
         return {}
+    chosen = _greedy(rows, active, plain_seconds, curve, float("inf"))
+    if len(chosen) == active:
+        return chosen
+    return _greedy(rows, active, plain_seconds, curve, RIDER_SHARE * plain_seconds)
+
+
+def _greedy(rows: Sequence[Row], active: int, plain_seconds: float, curve: Curve,
+            budget: float) -> dict[int, int]:
+    """Best row first, each with the k that raises the plan's rate most, the verify steps
+    together within `budget` seconds."""
     chosen: dict[int, int] = {}
     tokens, seconds = float(active), plain_seconds
 
@@ -175,7 +199,11 @@ def plan(rows: Sequence[Row], active: int, plain_seconds: float | None,
         return expected_tokens(r.p, k) / curve.at(1 + k)
 
     for r in sorted(rows, key=alone, reverse=True):
-        if k := draft_length(r.p, r.room, curve, base=(tokens, seconds)):
+        room = r.room
+        while room and curve.at(1 + room) > budget:  # the longest draft that fits
+            room -= 1
+        if room and (k := draft_length(r.p, room, curve, base=(tokens, seconds))):
             chosen[r.slot] = k
             tokens, seconds = tokens + expected_tokens(r.p, k), seconds + curve.at(1 + k)
+            budget -= curve.at(1 + k)
     return chosen
