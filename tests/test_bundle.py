@@ -4,6 +4,7 @@ layers' import rules (the host-device contract imports nothing else; the device 
 from __future__ import annotations
 
 import ast
+import io
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from bundle.manifest import (
     parse_manifest,
     read_manifest,
 )
+from bundle.progress import Steps
 from bundle.schema import manifest_schema, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,3 +222,33 @@ def test_the_import_graph_has_no_cycle():
     for mod in sorted(graph):
         if mod not in state:
             visit(mod, [])
+
+
+# --- bundle/progress.py: one line per step, what a step says in between on lines of its own
+def test_a_progress_step_is_one_line_and_what_it_says_gets_lines_of_its_own() -> None:
+    out = io.StringIO()
+    steps = Steps(3, out=out)
+    with steps.step("loading"):
+        pass
+    with steps.step("quantizing"):
+        steps.say("    calibration 8/32 samples")
+        with steps.step("accuracy gate"):  # a step inside a step
+            pass
+    with pytest.raises(ValueError), steps.step("writing"):
+        raise ValueError("disk full")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[1/3] loading … ") and lines[0].endswith("s")
+    assert lines[1] == "[2/3] quantizing …"
+    assert lines[2] == "    calibration 8/32 samples"
+    assert lines[3].startswith("[3/3] accuracy gate … ") and lines[3].endswith("s")
+    assert lines[4].startswith("  … ") and lines[4].endswith("s")
+    assert lines[5] == "[4/3] writing … failed"
+    assert set(steps.timings) == {"loading", "quantizing", "accuracy gate"}
+
+
+def test_quiet_progress_steps_print_nothing_and_still_time() -> None:
+    out = io.StringIO()
+    steps = Steps(out=out, quiet=True)
+    with steps.step("exporting"):
+        steps.say("hidden")
+    assert out.getvalue() == "" and "exporting" in steps.timings
