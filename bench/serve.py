@@ -8,8 +8,7 @@ its matched llama.cpp GGUF (bench/peers.py MATCHED: F32, Q8_0, Q4_1, all from th
   single stream   a 128-token prompt, 128 greedy tokens (EOS ignored): decode tok/s and TTFT of
                   the daemon, of this runtime in-process, of onnxruntime-genai and llama-server
   concurrency c   c = 1, 2, 4, 8 streams at once, each its own prompt: aggregate decode tok/s
-                  (every stream's tokens after its first, from the first first token to the
-                  last token) and
+                  (the tokens after the last stream's first token, up to the last token) and
                   p50/p95 time per output token (the gaps between tokens of every stream,
                   pooled: a stall, such as another request's prefill, shows)
   drafting off    the daemon again with --speculate off: single stream, c = 1 and c = 8. The
@@ -123,15 +122,21 @@ class Concurrent:
 
 
 def aggregate(streams: Sequence[Stream]) -> Concurrent:
-    """Aggregate decode tokens/s: every stream's tokens after its first, over the time from the
-    first stream's first token to the last stream's last token (what c requests at once get
-    done; the first prefill is not in it, the others' are, as a server pays for them).
-    The window in which every stream decodes, used before, holds a handful of tokens where
-    drafting streams arrive in runs and finish at different times: one round of 4 drafting
-    streams measured 30.9 tok/s in it against 151 the round before (2026-12-04).
-    TPOT percentiles pool the gaps between tokens of every stream, stalls included."""
-    span = max(s.stamps[-1] for s in streams) - min(s.stamps[0] for s in streams)
-    decoded = sum(s.tokens - 1 for s in streams)
+    """Aggregate decode tokens/s once every stream decodes: the tokens that arrive after the
+    last stream's first token (the c prompts' prefills are behind), up to the last token of
+    all, over that span. It ended at the first stream's last token before (the window in which
+    all decode), which holds a handful of tokens where drafting streams arrive in runs and end
+    at different times: one round of 4 drafting streams measured 30.9 tok/s in it against 151
+    the round before (2026-12-04); the tail where fewer streams remain is counted instead.
+    When a stream ends before the last one starts (no moment when all decode), the whole span
+    from the first first token to the last token. TPOT percentiles pool the gaps between tokens
+    of every stream, stalls included."""
+    lo, hi = max(s.stamps[0] for s in streams), max(s.stamps[-1] for s in streams)
+    decoded = sum(1 for s in streams for t in s.stamps if t > lo)
+    span = hi - lo
+    if min(s.stamps[-1] for s in streams) <= lo or span <= 0:
+        span = hi - min(s.stamps[0] for s in streams)
+        decoded = sum(s.tokens - 1 for s in streams)
     gaps = sorted(g for s in streams for g in s.gaps())
     return Concurrent(decoded / span if span > 0 else 0.0, percentile(gaps, 50), percentile(gaps, 95),
                       gaps[-1] if gaps else 0.0)

@@ -37,11 +37,11 @@ def test_median_ratio_pairs_rounds_and_skips_missing_ones() -> None:
     assert median_ratio([None], [1.0]) is None
 
 
-def test_aggregate_counts_every_decoded_token_from_the_first_to_the_last_and_pools_gaps() -> None:
+def test_aggregate_counts_tokens_once_every_stream_decodes_and_pools_gaps() -> None:
     a = Stream(0.0, (1.0, 1.1, 1.2, 1.3, 1.4, 1.5), 6, "")
     b = Stream(0.0, (1.15, 1.25, 1.35, 1.45, 1.9), 5, "")
-    agg = aggregate([a, b])  # 5 + 4 tokens after each first one, from 1.0 to 1.9
-    assert agg.agg_tok_s == pytest.approx(9 / 0.9)
+    agg = aggregate([a, b])  # after 1.15 (b's first): a's 1.2..1.5, b's 1.25..1.9; up to 1.9
+    assert agg.agg_tok_s == pytest.approx(8 / 0.75)
     assert agg.p50_tpot == pytest.approx(0.1)
     assert agg.p95_tpot > 0.3  # b's 0.45 s stall shows at p95
     assert a.ttft == 1.0 and a.tok_s == pytest.approx(5 / 0.5)
@@ -49,10 +49,10 @@ def test_aggregate_counts_every_decoded_token_from_the_first_to_the_last_and_poo
 
 def test_aggregate_of_streams_arriving_in_runs_is_not_a_window_between_runs() -> None:
     # drafting streams: tokens in runs. The window in which both decode, (0.6, 1.4], holds
-    # none of a's runs and b's last two tokens: 2.5 tok/s; every token over the span: 12 / 1.5
+    # none of a's runs and b's last two tokens: 2.5 tok/s; up to the last token: 6 / 0.9
     a = Stream(0.0, (0.0, 0.5, 0.5, 0.5, 0.5, 1.5, 1.5, 1.5, 1.5), 9, "")
     b = Stream(0.0, (0.6, 0.6, 0.6, 1.4, 1.4), 5, "")
-    assert aggregate([a, b]).agg_tok_s == pytest.approx(12 / 1.5)
+    assert aggregate([a, b]).agg_tok_s == pytest.approx(6 / 0.9)
     a, b = Stream(0.0, (1.0, 1.5), 2, ""), Stream(0.0, (2.0, 2.5), 2, "")  # no overlap at all
     assert aggregate([a, b]).agg_tok_s == pytest.approx(2 / 1.5)
 
