@@ -347,7 +347,7 @@ def minilm(work: Path) -> dict[str, Any]:
     if not (fp32 / "manifest.json").exists():
         run([*TOOLKIT, "convert", "all-minilm-l6-v2", "-o", str(fp32),
              "--force"], work / "convert-minilm.log")
-    out = {}
+    out, fp32_bytes = {}, size_of(fp32)
     for precision, label, dest in quantize_jobs(fp32, work / "all-minilm-l6-v2-cpu"):
         q = read_manifest(dest).quantization
         assert q is not None and q.gate is not None  # quantize_bundle wrote both
@@ -355,7 +355,7 @@ def minilm(work: Path) -> dict[str, Any]:
         out[f"{precision}{label}"] = {"format": q.format, "cosine_min": q.gate.cosine_min,
                                       "cosine_mean": q.gate.cosine_mean, "passed": q.gate.passed,
                                       "min_cosine": q.gate.thresholds.get("min_cosine"), "kept": kept,
-                                      "bytes": size_of(dest), "fp32_bytes": size_of(fp32)}
+                                      "bytes": size_of(dest), "fp32_bytes": fp32_bytes}
     return out
 
 

@@ -78,7 +78,6 @@ def test_quantize_bench_report_uses_same_round_ratios_and_gate_figures():
     assert "peer points both faster and more accurate than one of ours: none" in text
 
 
-
 def test_quantize_bench_reports_minilms_ladder_with_its_cosine_and_the_kept_step():
     from bench.quantize import Variant, minilm_report, report
 

@@ -290,7 +290,7 @@ def test_the_plan_verifies_rows_only_where_that_raises_tokens_per_second() -> No
     assert expected_tokens(0.5, 2) == 1.75 and expected_tokens(1.0, 15) == 16.0
 
 
-def test_rows_that_ride_wait_at_most_one_more_plain_step_for_the_others_drafts() -> None:
+def test_rows_that_ride_wait_at_most_two_more_plain_steps_for_the_others_drafts() -> None:
     from device.serve.draft_plan import RIDER_SHARE, Row, plan
 
     curve = smollm2_curve()

@@ -40,7 +40,7 @@ COST_EMA = 0.25  # weight of the newest step time (steps are noisy on a shared 2
 WINDOW = 32  # draft tokens an acceptance is measured over (older ones fade by 1/e per WINDOW)
 STALE_STEPS = 500  # steps after which a verify length's time is measured again (~20 s at c=8)
 # verify time a step may add beside rows that ride it, per plain step's time: riders' gaps
-# stay within 3x. 1.0 (2x, chunked prefill's bound) cost 8 greedy streams of the bench's
+# stay within 3x. 1.0 (2x, near chunked prefill's 1.8x) cost 8 greedy streams of the bench's
 # prompts ~20 % of their tokens/s in an A/B; 2.0 kept them (same-round median 1.08x) and cut
 # the p95 gap to 0.90x, and a rider's beside 7 copying streams to 0.80x
 RIDER_SHARE = 2.0
