@@ -34,6 +34,9 @@ present_key.{i}. The runtime binds present_key.{i} to the very buffer it passes 
 the kernel then updates the cache in place (its share-buffer mode), so there is nothing to write
 from the host. (When the runtime had to gather non-adjacent slots into a copy, it copies those
 rows back.) tests/test_convert.py shows both forms give the same cache and logits.
+In-place graphs written since 2026-12-04 also take `spare_token` (int32 scalar, 0 or 1): with
+1, a step of batch 1 computes each token exactly as a step of several tokens would
+(convert/spare_token.py); the runtime feeds 1 where it runs one slot, 0 elsewhere.
 
 Why new slices and not an in-place update on TensorRT: TensorRT 10.3 (JetPack 6) defines no aliasing between
 an input and an output of a plain engine (tensorrt_jetson.md §3.4, option A); writing the slice
@@ -55,6 +58,7 @@ from dataclasses import dataclass
 from typing import Final
 
 DECODER_CONTRACT: Final = "static-kv-v1"
+SPARE_TOKEN: Final = "spare_token"  # in-place graphs (above); absent from older bundles
 ENCODER_CONTRACT: Final = "encoder-v1"
 GENERIC_CONTRACT: Final = "onnx-passthrough-v1"
 

@@ -16,6 +16,9 @@ nodes fewer per decoder layer, which matters where a decode step is ~400 small k
 
     s = Add(a, b); y = SimplifiedLayerNormalization(s, gamma)
       ->  y, _, _, s = SkipSimplifiedLayerNormalization(a, b, gamma)
+
+Last, in-place decoders get a spare token for steps of batch 1 (convert/spare_token.py), which
+makes a one-token step compute exactly what a longer step computes for the same token.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import onnx
 from onnx import helper
 
 from convert.export import DATA_FILE, MODEL_FILE, save_model
+from convert.spare_token import add_spare_token
 
 MS_DOMAIN = "com.microsoft"
 
@@ -48,6 +52,7 @@ def optimize_for_cpu(model_dir: Path) -> Path:
         model = onnx.load(str(opt))
         fuse_skip_rms_norm(model)
         strip_default_attributes(model)
+        add_spare_token(model)  # after ORT's pass, which would only see a Pad to keep
         (Path(model_dir) / DATA_FILE).unlink(missing_ok=True)
         return save_model(model, model_dir)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from bundle.contract import SPARE_TOKEN
 from bundle.progress import QUIET, Steps
 
 METHODS = ("max", "percentile")
@@ -200,7 +201,8 @@ def decoder_feeds(model: onnx.ModelProto, windows: list[list[int]]) -> Iterator[
         T = len(ids)
         feed = {"input_ids": np.asarray([ids], np.int64),
                 "position_ids": np.arange(T, dtype=np.int64)[None],
-                "logits_index": np.arange(T, dtype=np.int64), **caches}
+                "logits_index": np.arange(T, dtype=np.int64), SPARE_TOKEN: np.array(0, np.int32),
+                **caches}
         yield {k: v for k, v in feed.items() if k in names}
 
 
