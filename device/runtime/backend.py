@@ -10,6 +10,10 @@ the static-kv-v1 contract for some slots and writes their new keys/values into t
 Row b of the step belongs to slot slot_ids[b]; its tokens sit at position_ids[b, 0] .. +T-1.
 The returned array may be a reused buffer: read it before the next step.
 
+`spare_token`: while True, a step of batch 1 also runs one spare token after its last (where
+the graph takes one: convert/spare_token.py), so that a one-token step computes each value
+exactly as a longer step does; backends whose graphs take none ignore it.
+
 Two copies serve the daemon's prefix cache (device/serve/prefix_cache.py), in the cache's own
 dtype and memory (host arrays for ONNX Runtime, device memory for TensorRT):
 
@@ -45,6 +49,7 @@ class DecoderBackend(Protocol):
     slots: int
     max_seq: int
     vocab_size: int
+    spare_token: bool
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],
              logits_index: np.ndarray | None = None) -> np.ndarray: ...

@@ -66,9 +66,11 @@ class PromptLookup:
 
 
 # A verify step's logits equal single steps' up to float rounding where the kernels treat each
-# token on its own (fp32 SmolLM2-135M: max |diff| 4e-5 over logits of magnitude ~25). Graphs that
-# quantize activations per tensor over the whole step (int8 dynamic quantization: ~1.0) would let
-# a draft change the greedy output, so drafting is refused for them (probe below).
+# token on its own (fp32 SmolLM2-135M: max |diff| 4e-5 over logits of magnitude ~25), and exactly
+# where the backend runs one-token steps with a spare token (convert/spare_token.py). Graphs where
+# rounding grows (int8/int4 MatMulNBits without the spare: ~0.8) or that quantize activations
+# per tensor over the whole step (int8 dynamic quantization: ~1.0) would let a draft change the
+# greedy output, so drafting is refused for them (probe below).
 VERIFY_TOLERANCE = 1e-3
 
 

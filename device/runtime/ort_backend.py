@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bundle.contract import KVCacheLayout, new_names, past_names, present_names
+from bundle.contract import SPARE_TOKEN, KVCacheLayout, new_names, past_names, present_names
 from bundle.errors import ToolkitError
 from device.runtime.backend import KVBlock
 from device.runtime.kvcache import HostKVBlock, StaticKVCache
@@ -93,6 +93,14 @@ class OrtDecoderBackend:
         self.present = present_names(layout.num_layers)
         self.in_place = set(self.present) <= outputs
         self._last = np.zeros(1, dtype=np.int64)  # logits_index for decode: position 0 of 1
+        # spare_token (convert/spare_token.py): while True, a step of batch 1 takes a spare
+        # token, which makes a one-token step's logits equal, bit for bit, to those of the same
+        # token inside a longer step (a verified draft, a prefill chunk). The daemon's one-slot
+        # engine sets it for greedy rows (device/serve/scheduler.py); graphs written before it
+        # have no such input and ignore it. Bound once: a step writes the value into _spare.
+        self.spare_token = False
+        inputs = {i.name for i in self.session.get_inputs()}
+        self._spare = np.zeros((), np.int32) if SPARE_TOKEN in inputs else None
         # Decode bindings, one per run of slots (first, count) of an in-place graph: bound once to
         # fixed id/position buffers, the cache views and the output buffers, then reused; a step
         # only writes the new ids and positions. (~180 tensors: rebinding cost ~1.5 ms a token.)
@@ -113,6 +121,8 @@ class OrtDecoderBackend:
              logits_index: np.ndarray | None = None) -> np.ndarray:
         """logits_index: which step positions get logits (default: all) -> [B, K, V]."""
         B, T = input_ids.shape
+        if self._spare is not None:
+            self._spare[()] = self.spare_token
         if (self.in_place and self.cache.is_run(slot_ids)
                 and (T == 1 or (T <= BOUND_T and logits_index is None))):
             return self._decode_bound(input_ids, position_ids, slot_ids)
@@ -126,6 +136,8 @@ class OrtDecoderBackend:
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
         binding.bind_cpu_input("logits_index", np.ascontiguousarray(index, np.int64))
+        if self._spare is not None:
+            binding.bind_cpu_input(SPARE_TOKEN, self._spare)
         rows, is_view = self.cache.rows(slot_ids)
         for name, r in zip(self.past, rows):
             binding.bind_cpu_input(name, r)
@@ -154,6 +166,8 @@ class OrtDecoderBackend:
             binding.bind_cpu_input("input_ids", ids)
             binding.bind_cpu_input("position_ids", pos)
             binding.bind_cpu_input("logits_index", index)
+            if self._spare is not None:
+                binding.bind_cpu_input(SPARE_TOKEN, self._spare)
             for past, present, r in zip(self.past, self.present, rows):
                 binding.bind_cpu_input(past, r)
                 binding.bind_output(present, "cpu", 0, r.dtype, list(r.shape), r.ctypes.data)

@@ -256,6 +256,7 @@ class DeviceKVBlock:
 
 class TrtDecoderBackend:
     kind = "tensorrt"
+    spare_token = False  # static-attention graphs take none (convert/spare_token.py)
 
     def __init__(self, plan_path: Path, layout: KVCacheLayout, vocab_size: int, slots: int = 1,
                  max_prefill_tokens: int | None = None) -> None:

@@ -429,7 +429,14 @@ class Scheduler(QueuedEngine):
         self.metrics = metrics or ServingMetrics()
         self._init_queue(Admission(self.slots, queue_limit), "engine")
         smoke_test(backend)
+        # One slot: greedy rows and prompts step with the spare token (backend.spare_token,
+        # convert/spare_token.py), so a drafted run verified in one step is exactly the single
+        # steps it replaces at every precision, and prompt keys equal decoded ones (prefix cache).
+        # Sampled rows, which never draft, keep the cheaper one-token step (int4 SmolLM2: ~13 %).
+        # Several slots: never (batched steps cannot take it; a row alone must equal it batched).
+        self.exact_steps = self.slots == 1
         if self.draft_tokens:
+            backend.spare_token = self.exact_steps
             deviation = verify_step_deviation(backend, self.draft_tokens)
             if deviation > VERIFY_TOLERANCE:
                 log.warning("prompt-lookup drafting is off: a %d-token step's logits differ from "
@@ -588,6 +595,7 @@ class Scheduler(QueuedEngine):
                 job.done = job.reused = self._reuse_prefix(state.slot, state.handle.request.prompt_ids)
                 self._pos[state.slot, 0] = job.done
             ids, pos, last = job.chunk(job.remaining if n is None else n)
+            self.backend.spare_token = self.exact_steps
             logits = self.backend.step(ids, pos, [state.slot], last)[0, -1]
         except Exception:  # noqa: BLE001 - a runtime failure must fail this request, not the daemon
             log.exception("prefill failed (request %d, slot %d)", state.handle.id, state.slot)
@@ -676,6 +684,8 @@ class Scheduler(QueuedEngine):
 
     def _step(self, ids: np.ndarray, pos: np.ndarray, slots: Sequence[int]) -> np.ndarray:
         """backend.step, its time kept by (rows, tokens per row) for the drafting plan."""
+        if self.exact_steps:  # one slot, one row (see __init__)
+            self.backend.spare_token = all(self._drafts(self._active[s]) for s in slots if s in self._active)
         t0 = time.perf_counter()
         logits = self.backend.step(ids, pos, slots)
         self.costs.observe(ids.shape[0], ids.shape[1], time.perf_counter() - t0)

@@ -1,0 +1,130 @@
+"""The spare token of batch-1 steps (convert/spare_token.py): with one slot, a one-token step
+gives exactly the logits the same token gets inside a longer step, at fp32, int8 and int4, so
+drafting stays on and cannot change greedy output; several slots keep batched decode as it was."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from quantize_fixtures import MAX_SEQ, q_bundle, q_fp32_bundle  # noqa: F401  (fixtures)
+
+from bundle.contract import SPARE_TOKEN
+from device.runtime.draft import VERIFY_TOLERANCE, verify_step_deviation
+from device.runtime.generate import prefill
+from device.runtime.runner import load_bundle
+
+
+def bundle(q_bundle: Callable[..., Path], q_fp32_bundle: Callable[..., Path],  # noqa: F811
+           precision: str) -> Path:
+    return q_fp32_bundle("llama", "cpu") if precision == "fp32" else q_bundle("llama", "cpu", precision)
+
+
+def test_in_place_graphs_take_the_spare_token_and_others_do_not(q_fp32_bundle) -> None:  # noqa: F811
+    model = onnx.load(str(q_fp32_bundle("llama", "cpu") / "model.onnx"), load_external_data=False)
+    spare = next(i for i in model.graph.input if i.name == SPARE_TOKEN)
+    assert spare.type.tensor_type.elem_type == onnx.TensorProto.INT32
+    assert not spare.type.tensor_type.shape.dim
+    readers = [n for n in model.graph.node if {"input_ids", "position_ids"} & set(n.input)]
+    assert all(n.name.startswith("spare_token/") for n in readers)  # the rest read the padded ones
+    jetson = onnx.load(str(q_fp32_bundle("llama", "jetson-orin-nano-8gb") / "model.onnx"),
+                       load_external_data=False)
+    assert SPARE_TOKEN not in {i.name for i in jetson.graph.input}  # host-written cache: none
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_with_a_spare_one_token_steps_equal_longer_steps_bit_for_bit(q_bundle, q_fp32_bundle,  # noqa: F811
+                                                                    precision) -> None:
+    backend = load_bundle(bundle(q_bundle, q_fp32_bundle, precision), slots=1, threads=2).backend
+    backend.spare_token = True
+    for k in (1, 4, 15):
+        assert verify_step_deviation(backend, k) == 0.0
+    if platform.machine() in ("x86_64", "AMD64") and precision == "fp32":
+        # without it MLAS's one-row kernels round differently: what it is for
+        backend.spare_token = False
+        assert 0.0 < verify_step_deviation(backend, 4) <= VERIFY_TOLERANCE
+
+
+def test_the_last_cache_position_and_a_full_prefill_run_without_a_spare(q_fp32_bundle) -> None:  # noqa: F811
+    backend = load_bundle(q_fp32_bundle("llama", "cpu"), slots=1, threads=2).backend
+    ids = np.random.default_rng(0).integers(0, backend.vocab_size, MAX_SEQ).tolist()
+    last = []
+    for spare in (True, False):  # the last step writes the cache's last position: no room
+        backend.spare_token = spare
+        prefill(backend, ids[:MAX_SEQ - 1], 0)
+        last.append(backend.step(np.array([[ids[-1]]], np.int64), np.array([[MAX_SEQ - 1]], np.int64),
+                                 [0])[0, -1].copy())
+    np.testing.assert_array_equal(last[0], last[1])  # the same one-token step both times
+    backend.spare_token = True
+    whole = backend.step(np.array([ids], np.int64), np.arange(MAX_SEQ, dtype=np.int64)[None], [0])
+    np.testing.assert_allclose(whole[0, -1], last[0], atol=1e-4)
+
+
+def test_a_batch_of_rows_never_takes_a_spare(q_fp32_bundle) -> None:  # noqa: F811
+    """Asked for one with batch > 1 (which the engine never does), the graph still runs: the
+    attention kernel refuses several tokens per row over a cache for batch > 1."""
+    two = load_bundle(q_fp32_bundle("llama", "cpu"), slots=2, threads=2).backend
+    two.spare_token = True
+    rng = np.random.default_rng(1)
+    for s in (0, 1):
+        prefill(two, rng.integers(0, two.vocab_size, 5 + s).tolist(), s)
+    out = two.step(rng.integers(0, two.vocab_size, (2, 1)), np.array([[5], [6]], np.int64), [0, 1])
+    assert out.shape == (2, 1, two.vocab_size) and np.isfinite(out).all()
+
+
+class Watching:
+    """The real backend, recording spare_token at every step of T tokens."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.seen = inner, []
+        self.kind, self.slots = "onnxruntime", 1
+        self.max_seq, self.vocab_size = inner.max_seq, inner.vocab_size
+
+    @property
+    def spare_token(self) -> bool:
+        return bool(self.inner.spare_token)
+
+    @spare_token.setter
+    def spare_token(self, on: bool) -> None:
+        self.inner.spare_token = on
+
+    def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any) -> np.ndarray:
+        self.seen.append((ids.shape[1], self.inner.spare_token))
+        return self.inner.step(ids, pos, slots, *rest)
+
+
+def test_int4_drafts_in_a_one_slot_engine_and_only_greedy_rows_pay_for_it(q_bundle) -> None:  # noqa: F811
+    from device.runtime.sampling import SamplingParams
+    from device.serve.scheduler import GenerationRequest, Scheduler, TextDelta
+
+    runner = load_bundle(q_bundle("llama", "cpu", "int4"), slots=1, threads=2)
+    watch = Watching(runner.backend)
+    on = Scheduler(watch, runner.tokenizer, speculate="ngram")  # type: ignore[arg-type]
+    assert on.draft_tokens > 0  # the probe found verify steps exact: drafting stays on
+    off = Scheduler(runner.backend, runner.tokenizer, speculate="off")
+    ids = list(range(3, 13)) * 2  # text that repeats: drafts on offer
+    outs = []
+    for engine in (on, off):  # one after the other: both share the backend's one slot
+        engine.start()
+        try:
+            with engine.reserve() as ticket:
+                handle = engine.submit(ticket, GenerationRequest(ids, 24))
+            events = list(handle.events(timeout=60))
+            outs.append(("".join(e.text for e in events if isinstance(e, TextDelta)), events[-1]))
+            if engine is on:
+                watch.seen.clear()
+                with engine.reserve() as ticket:
+                    sampled = engine.submit(ticket, GenerationRequest(ids, 8, params=SamplingParams(
+                        temperature=0.8, seed=1)))
+                list(sampled.events(timeout=60))
+        finally:
+            engine.close()
+    assert outs[0][0] == outs[1][0]  # drafted int4 output is plain greedy's, token for token
+    assert outs[0][1].usage.drafted_tokens > 0 and outs[1][1].usage.drafted_tokens == 0
+    decode = [spare for width, spare in watch.seen if width == 1]
+    assert decode and not any(decode)  # the sampled row's one-token steps took no spare
