@@ -16,7 +16,10 @@ its matched llama.cpp GGUF (bench/peers.py MATCHED: F32, Q8_0, Q4_1, all from th
                   device/serve/scheduler.py), so its c=8 / c=1 mixes drafting's gain at c=1 into
                   batching's; this row is batching alone
 The servers run with --threads / -t THREADS and 8 slots (`toolkit serve --slots 8`,
-`llama-server -np 8 -c 8*2048 --cont-batching`); c streams use c of them. Each server is its own
+`llama-server -np 8 -c 8*2048 --cont-batching`); c streams use c of them. The daemon's single
+stream alone runs on the daemon as `toolkit serve BUNDLE` starts it: the bundle's one slot
+(a one-slot engine steps greedy rows with a spare token and drafts at every precision:
+convert/spare_token.py; with 8 slots the int8/int4 engines do not draft). Each server is its own
 process, started fresh every round; rounds interleave the variants (rotating order) and every
 ratio is the median over rounds of that round's ratio, so load from other work on a shared
 machine cancels out. Then, for the daemon alone (fp32 default bundle):
@@ -429,12 +432,14 @@ PLAIN_CONCURRENCY = (1, 8)
 
 
 def measure_server(server: Server, tok: Any, cells: Cells, s: Settings,
-                   concurrency: Sequence[int] = CONCURRENCY) -> None:
+                   concurrency: Sequence[int] = CONCURRENCY, single: bool = True) -> None:
+    """The single stream (unless `single` is False), then each concurrency in turn."""
     ids = prompt_ids(tok, PROMPT_TOKENS)
     server.stream(ids[:16], 4)  # warm-up
-    one = server.stream(ids, s.new_tokens)
-    cells.ttft.append(one.ttft)
-    cells.tok_s.append(one.tok_s)
+    if single:
+        one = server.stream(ids, s.new_tokens)
+        cells.ttft.append(one.ttft)
+        cells.tok_s.append(one.tok_s)
     for c in concurrency:
         prompts = [prompt_ids(tok, PROMPT_TOKENS, variant=i + 1) for i in range(c)]
         cells.conc.setdefault(c, []).append(aggregate(run_concurrent(server, prompts, s.conc_tokens)))
@@ -452,10 +457,17 @@ def measure_round(precision: str, order: Sequence[str], tok: Any, table: dict[st
                 cells.note = peer.reason
             elif variant in ("daemon", "daemon-plain", "llama-server"):
                 plain = variant == "daemon-plain"
+                if variant == "daemon":  # the single stream on the default daemon (one slot)
+                    default = Daemon(bundle, s.threads, slots=None)
+                    try:
+                        measure_server(default, tok, cells, s, ())
+                    finally:
+                        default.close()
                 server: Server = (LlamaServer(peers["lc"], peer, s.threads) if variant == "llama-server"
                                   else Daemon(bundle, s.threads, flags=PLAIN_FLAGS if plain else ()))
                 try:
-                    measure_server(server, tok, cells, s, PLAIN_CONCURRENCY if plain else CONCURRENCY)
+                    measure_server(server, tok, cells, s, PLAIN_CONCURRENCY if plain else CONCURRENCY,
+                                   single=variant != "daemon")
                 finally:
                     server.close()
             else:
@@ -649,7 +661,7 @@ def render(rep: Report) -> str:
 
     row("matched llama.cpp GGUF", lambda t: MATCHED[_key(rep, t)])
     row("perplexity ours / llama.cpp", lambda t: _ppl(rep.ppl.get(_key(rep, t), {})))
-    lines.append("single stream: decode tok/s")
+    lines.append("single stream: decode tok/s (daemon: the default, one slot; daemon-plain: 8 slots)")
     for v in VARIANTS:
         row(f"  {v}", lambda t, v=v: tps(t, v))
     row("  daemon / in-process", ratio("daemon", "in-process", lambda c: c.tok_s))
