@@ -186,11 +186,36 @@ def test_decode_steps_use_preallocated_views_of_one_contiguous_span(runner: Any)
 
 
 class NoisyBackend(SlowBackend):
-    """A backend whose batched rows differ in the last bit from the same row alone."""
+    """A backend whose rows differ in the last bits with the batch size (so neither a lone row
+    alone nor one paired with a padding row equals it batched)."""
 
     def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any) -> np.ndarray:
         out = super().step(ids, pos, slots, *rest)
-        return out + np.float32(1e-6) * (ids.shape[0] > 1)
+        return out + np.float32(1e-6) * (ids.shape[0] - 1)
+
+
+class OneRowKernel(SlowBackend):
+    """A backend whose one-row steps alone round differently (as 4-bit MatMulNBits does)."""
+
+    def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any) -> np.ndarray:
+        out = super().step(ids, pos, slots, *rest)
+        return out + np.float32(1e-6) * (ids.shape[0] == 1)
+
+
+def test_a_lone_row_steps_paired_where_only_one_row_steps_differ(runner: Any) -> None:
+    odd = OneRowKernel(runner.backend, 0.0)
+    assert probe_batch_invariance(odd) == "paired"  # type: ignore[arg-type]
+    s = Scheduler(odd, runner.tokenizer, speculate="off")  # type: ignore[arg-type]
+    assert s.decode_mode == "batched" and s.pair_lone
+    s.start()
+    try:
+        odd.calls.clear()
+        text, fin = run(s, requests(runner)[0])
+        assert fin.usage.completion_tokens == 24 and text
+    finally:
+        s.close()
+    decode = [len(slots) for ids, _, slots in odd.calls if ids.shape[1] == 1]
+    assert decode and min(decode) == 2  # every decode step of the lone row had two rows
 
 
 def test_probe_falls_back_to_per_row_steps_when_batches_differ(runner: Any) -> None:

@@ -128,3 +128,31 @@ def test_int4_drafts_in_a_one_slot_engine_and_only_greedy_rows_pay_for_it(q_bund
     assert outs[0][1].usage.drafted_tokens > 0 and outs[1][1].usage.drafted_tokens == 0
     decode = [spare for width, spare in watch.seen if width == 1]
     assert decode and not any(decode)  # the sampled row's one-token steps took no spare
+
+
+def test_int4_batches_with_a_lone_row_paired(q_bundle) -> None:  # noqa: F811
+    """ONNX Runtime 1.32's 4-bit MatMulNBits sums one row apart from two or more, so an int4
+    engine with several slots steps a lone row beside a padding row: its output is then the
+    same alone as batched, and batching stays on."""
+    from device.serve.scheduler import GenerationRequest, Scheduler, TextDelta, probe_batch_invariance
+
+    runner = load_bundle(q_bundle("llama", "cpu", "int4"), slots=4, threads=2)
+    assert probe_batch_invariance(runner.backend) in ("alone", "paired")
+    engine = Scheduler(runner.backend, runner.tokenizer, speculate="off")
+    assert engine.decode_mode == "batched"
+    engine.start()
+    prompts = [list(range(3 + i, 20 + i)) for i in range(3)]
+    try:
+        def text(handle: Any) -> str:
+            return "".join(e.text for e in handle.events(timeout=60) if isinstance(e, TextDelta))
+
+        with engine.reserve() as ticket:
+            alone = text(engine.submit(ticket, GenerationRequest(prompts[0], 16)))
+        handles = []
+        for ids in prompts:
+            with engine.reserve() as ticket:
+                handles.append(engine.submit(ticket, GenerationRequest(ids, 16)))
+        together = [text(h) for h in handles]
+    finally:
+        engine.close()
+    assert together[0] == alone
