@@ -574,3 +574,23 @@ def test_report_compare_plot_draws_every_report_of_a_fleet(cli_run, tmp_path):
     doubled = [2 * c["decode_tokens_per_s"] for c in cells[1:]]
     assert plotted["decode_tokens_per_s"]["thor-01"] == [None, *doubled]
     assert plotted["ttft_p50_ms"]["orin-01"][0] == pytest.approx(cells[0]["ttft_s"]["p50"] * 1e3)
+
+
+def test_the_bench_measures_plain_steps_whatever_the_engine_left_set(runner) -> None:
+    """A daemon's one-slot engine leaves backend.spare_token as its last step had it; the
+    bench's report is of plain one-token steps either way."""
+    seen: list[bool] = []
+    inner = runner.backend.step
+
+    def step(*args, **kwargs):
+        seen.append(bool(runner.backend.spare_token))
+        return inner(*args, **kwargs)
+
+    runner.backend.spare_token = True
+    runner.backend.step = step
+    try:
+        run_bench(runner, BenchConfig(prompt_lens=(8,), gen_len=4, concurrency=(1,), runs=1),
+                  power_source=(None, "off in tests"))
+    finally:
+        del runner.backend.step
+    assert seen and not any(seen)

@@ -426,6 +426,9 @@ def run_bench(runner: Any, config: BenchConfig, progress: Progress | None = None
     what open_power_source() finds (tests; None = detect, unless config.power is off)."""
     backend = runner.backend
     config.check_fits(backend.slots, backend.max_seq)
+    # plain one-token steps, as in-process generate runs them: the daemon's one-slot engine
+    # leaves spare_token as its last step had it (it sets it before every step of its own)
+    backend.spare_token = False
     emit = _Emitter(progress)
     origin = time.perf_counter()
 
