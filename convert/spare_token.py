@@ -30,7 +30,8 @@ attention kernel refuses several tokens per row over a cache for B > 1), and a r
 must stay equal to the same row in a batch, so then it feeds 0; `B == 1` in the graph keeps a
 wrong feed harmless. Only in-place (GroupQueryAttention) graphs get it: in the others the host
 writes the step's new keys itself, one per token it asked for.
-Cost: a one-token step does the work of two (measured in README, "Serving").
+Cost: a one-token step does the work of two (SmolLM2: +4 % fp32, +21 % int8, +24 % int4;
+README, "Prompt-lookup drafting").
 """
 
 from __future__ import annotations
