@@ -3,10 +3,16 @@
     python bench/quantize.py [--work DIR] [--rounds 3] [--json out.json] [--plot out.png]
 
 Variants (each measured in a fresh subprocess, so peak RSS is that variant's alone):
-  ours fp32 / int8 / int4      the default bundles: what `toolkit convert smollm2-135m --precision P`
-                               writes (target cpu, its default max_seq), i.e. the fp32 convert +
-                               quantize_bundle with default options; int8 also in the other CPU
-                               int8 format when the target names another
+  ours P (daemon)              the headline rows: the default bundles (what `toolkit convert
+                               smollm2-135m --precision P` writes: target cpu, its default max_seq;
+                               made once in ~/.cache/toolkit-bench/ and shared with bench/decode.py
+                               and bench/serve.py) served by `toolkit serve BUNDLE` with the
+                               daemon's defaults (one slot; prompt-lookup drafting on, output
+                               identical to plain greedy), one streamed request; peak RSS is the
+                               daemon process's
+  ours fp32 / int8 / int4      the same bundles in-process (`generate`, one token a step): the
+                               kernels alone, no drafting; int8 also in the other CPU int8 format
+                               when the target names another
   ours int4 step i             every step of the int4 ladder (FORMATS[...].ladder) written alone
                                (forced, so failing steps are measured too), with the gate's
                                figures: perplexity increase, top-1 agreement, greedy match
@@ -38,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,10 +67,11 @@ from bundle.manifest import read_manifest  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS, THREADS = 128, 128, 2
 TOOLKIT = [sys.executable, "-c", "from toolkit.cli import main; main()"]
+OURS = ("daemon", "bundle")  # variant kinds that are this project's
 @dataclass
 class Variant:
     name: str
-    kind: str  # "bundle" | "genai" | "llamacpp"
+    kind: str  # "daemon" | "bundle" | "genai" | "llamacpp"
     path: Path
     note: str = ""
     bytes: int = 0
@@ -77,7 +85,7 @@ class Variant:
         return statistics.median(self.tok_s) if self.tok_s else None
 
     def point(self) -> Point:
-        return Point(self.name, "ours" if self.kind == "bundle" else "peer", self.bytes, self.ppl,
+        return Point(self.name, "ours" if self.kind in OURS else "peer", self.bytes, self.ppl,
                      list(self.tok_s))
 
 
@@ -99,21 +107,24 @@ def size_of(path: Path) -> int:
 
 
 def build_ours(work: Path) -> list[Variant]:
-    fp32 = work / "smollm2-135m-cpu-fp32"
-    if not (fp32 / "manifest.json").exists():
-        log("converting smollm2-135m (cpu, fp32, the target's default max_seq) ...")
-        run([*TOOLKIT, "convert", "smollm2-135m", "--target", "cpu", "-o", str(fp32), "--force"],
-            work / "convert.log")
-    out = [Variant("ours fp32", "bundle", fp32)]
-    for precision, label, dest in quantize_jobs(fp32, work / "smollm2-135m-cpu"):
+    """The default bundles through the daemon (the headline), the same in-process, then the
+    ladder steps. The defaults are bench/decode.py's (one cache for every bench): the fp32 one
+    is also the ladder's source."""
+    from bench.decode import default_bundle
+
+    fp32 = default_bundle("fp32")
+    inproc = [Variant("ours fp32", "bundle", fp32)]
+    for precision, label, dest in quantize_jobs(fp32, work / "smollm2-135m-cpu", default_bundle):
         q = read_manifest(dest).quantization
         assert q is not None  # quantize_bundle wrote it
         gate = ({k: getattr(q.gate, k) for k in ("passed", "ppl_increase", "top1_agreement",
                                                  "greedy_fraction")} if q.gate else {})
         kept = f", {kept_step(q)}" if precision == "int4" and not label else ""
         note = f"{q.format}, gate {'passed' if q.gate and q.gate.passed else 'FAILED'}{kept}"
-        out.append(Variant(f"ours {precision}{label}", "bundle", dest, note, gate=gate))
-    return out
+        inproc.append(Variant(f"ours {precision}{label}", "bundle", dest, note, gate=gate))
+    served = [Variant(f"{v.name} (daemon)", "daemon", v.path, "toolkit serve BUNDLE (its defaults)",
+                      gate=v.gate) for v in inproc if v.name in ("ours fp32", "ours int8", "ours int4")]
+    return served + inproc
 
 
 def kept_step(q: Any) -> str:
@@ -123,11 +134,13 @@ def kept_step(q: Any) -> str:
             f"{f' +{share:.3g} 8-bit' if share else ''}")
 
 
-def quantize_jobs(fp32: Path, prefix: Path) -> list[tuple[str, str, Path]]:
+def quantize_jobs(fp32: Path, prefix: Path,
+                  defaults: Callable[[str], Path] | None = None) -> list[tuple[str, str, Path]]:
     """Every quantized variant of `fp32` this bench measures, written (or found cached) as
     PREFIX-PRECISION[-STEP]: (precision, label suffix, bundle). The first two are what `toolkit
-    convert --precision P` writes (int4: the ladder step the gate settles on); then every int4
-    ladder step alone, forced, so the steps the gate rejects are measured as well."""
+    convert --precision P` writes (int4: the ladder step the gate settles on; `defaults(P)`
+    gives them where another bench keeps them); then every int4 ladder step alone, forced, so
+    the steps the gate rejects are measured as well."""
     from quantize import quantize_bundle
     from quantize.formats import FORMATS, QuantOptions, format_for
     from targets import load_target
@@ -146,6 +159,9 @@ def quantize_jobs(fp32: Path, prefix: Path) -> list[tuple[str, str, Path]]:
     memo: dict[Any, Any] = {}  # AWQ and the ranking, made once for the ladder steps of one grid
     out = []
     for precision, fmt, options, label in jobs:
+        if defaults and not label:
+            out.append((precision, label, defaults(precision)))
+            continue
         slug = label.strip(" ()").replace(", ", "-").replace(" ", "-").replace("(", "").replace("+", "")
         dest = prefix.with_name(f"{prefix.name}-{precision}{'-' + slug if slug else ''}")
         if not _built_with(dest, options):
@@ -231,9 +247,27 @@ def peak_rss_mb() -> float:
 def measure(kind: str, path: Path, with_ppl: bool) -> dict[str, Any]:
     ids = heldout_ids()
     prompt = (ids * 2)[:PROMPT_TOKENS]
+    if kind == "daemon":  # perplexity: the in-process row of the same bundle has it
+        return _daemon_run(path, prompt, ids[-16:])
     fn = {"bundle": _bundle_run, "genai": _genai_run, "llamacpp": _llamacpp_run}[kind]
     tok_s, ppl = fn(path, prompt, ids if with_ppl else None)
     return {"tok_s": tok_s, "ppl": ppl, "rss_mb": peak_rss_mb()}
+
+
+def _daemon_run(path: Path, prompt: list[int], warm: list[int]) -> dict[str, Any]:
+    """`toolkit serve BUNDLE` with its defaults, one streamed request after a 4-token warm-up
+    (a prompt from the end of the text: no prefix it could reuse); the daemon's peak RSS."""
+    from bench.decode import BenchDaemon, _vm_hwm
+
+    daemon = BenchDaemon(path, THREADS)
+    try:
+        daemon.generate(warm, 4)
+        _, tok_s, tokens, _ = daemon.generate(prompt, NEW_TOKENS)
+        assert tokens == NEW_TOKENS, tokens  # ignore_eos: every request runs to max_tokens
+        hwm = _vm_hwm(daemon.proc.pid)
+    finally:
+        daemon.close()
+    return {"tok_s": tok_s, "ppl": None, "rss_mb": hwm / 2**20 if hwm else None}
 
 
 def _nll(logits: Any, target: int) -> float:
@@ -407,18 +441,26 @@ def report(variants: list[Variant], mini: dict[str, Any], plot_path: Path | None
     g4 = i4.gate if i4 else {}
     within = (g4.get("ppl_increase") is not None and g4["ppl_increase"] <= 0.05
               and g4.get("top1_agreement", 0.0) >= 0.90)
-    lines += ["", "targets (decode ratios: median of same-round pairs):",
+
+    def vs(ours: str, peer: str, goal: str) -> str:
+        """ours over the peer: through the daemon (the headline), and in-process"""
+        served, alone = by.get(f"ours {ours} (daemon)"), by.get(f"ours {ours}")
+        return (f"  {ours} decode vs {peer:18} daemon {ratio(served, by.get(peer)):>6}  "
+                f"in-process {ratio(alone, by.get(peer)):>6}{f'  (goal {goal})' if goal else ''}")
+
+    i4d = by.get("ours int4 (daemon)")
+    rss = [v for v in (i4d, i4) if v and v.rss_mb]
+    lines += ["", "targets (decode ratios: median of same-round pairs; daemon: the default bundle "
+              "served by `toolkit serve`, in-process: the same bundle's one-token steps):",
               "  int4 accuracy                    "
               + (f"{100 * g4['ppl_increase']:+.1f} % perplexity, top-1 {g4['top1_agreement']:.3f}"
                  f"  (goal <= +5 %, >= 0.90: {'met' if within else 'NOT met'})"
                  if g4.get("ppl_increase") is not None else "n/a"),
-              f"  int8 decode vs genai int8        {ratio(by.get('ours int8'), by.get('genai int8'))}"
-              "  (goal >= 1.0x)",
-              f"  int4 decode vs genai int4        {ratio(i4, by.get('genai int4'))}  (goal >= 1.0x)",
-              f"  int4 decode vs llama.cpp Q4_1    {ratio(i4, by.get('llama.cpp Q4_1'))}  (goal >= 1.2x)",
-              f"  int8 decode vs llama.cpp Q8_0    {ratio(by.get('ours int8'), by.get('llama.cpp Q8_0'))}",
-              f"  int4 peak RSS                    {min(i4.rss_mb):.0f} MiB  (goal <= 300 MB)"
-              if i4 and i4.rss_mb else "  int4 peak RSS                    n/a"]
+              vs("int8", "genai int8", ">= 1.0x"), vs("int4", "genai int4", ">= 1.0x"),
+              vs("int4", "llama.cpp Q4_1", ">= 1.2x"), vs("int8", "llama.cpp Q8_0", ""),
+              "  int4 peak RSS                    " + (", ".join(
+                  f"{'daemon' if v.kind == 'daemon' else 'in-process'} {min(v.rss_mb):.0f} MiB"
+                  for v in rss) + "  (goal <= 300 MB)" if rss else "n/a")]
     for name in ("ours int8 (ort-matmulnbits)",):
         if name in by:
             lines.append(f"  {name} vs genai int8  {ratio(by[name], by.get('genai int8'))}")
@@ -462,8 +504,12 @@ def main() -> None:
             log(f"round {r + 1}/{args.rounds}: {v.name}")
             res = child(v.kind, v.path, fp32, with_ppl=(r == 0))
             v.tok_s.append(res["tok_s"])
-            v.rss_mb.append(res["rss_mb"])
+            if res["rss_mb"] is not None:
+                v.rss_mb.append(res["rss_mb"])
             v.ppl = res["ppl"] if r == 0 else v.ppl
+    for v in variants:  # a daemon row's perplexity: its bundle's, scored in-process
+        if v.kind == "daemon":
+            v.ppl = next((w.ppl for w in variants if w.kind == "bundle" and w.path == v.path), None)
     mini = minilm(args.work)
     written = plot([v.point() for v in variants], args.plot or args.work / "quantize-pareto.png",
                    "SmolLM2-135M on CPU: ours (every int4 ladder step) and the peers")

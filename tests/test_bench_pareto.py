@@ -68,13 +68,18 @@ def test_quantize_bench_report_uses_same_round_ratios_and_gate_figures():
     from bench.quantize import Variant, report
 
     gate = {"passed": True, "ppl_increase": 0.031, "top1_agreement": 0.93, "greedy_fraction": 0.5}
-    vs = [Variant("ours int4", "bundle", Path("a"), bytes=90 << 20, ppl=27.4,
-                  tok_s=[300.0, 100.0, 100.0], gate=gate),  # best-of would say 1.5x genai
+    vs = [Variant("ours int4 (daemon)", "daemon", Path("a"), bytes=90 << 20, ppl=27.4,
+                  tok_s=[400.0, 150.0, 250.0], rss_mb=[310.0], gate=gate),
+          Variant("ours int4", "bundle", Path("a"), bytes=90 << 20, ppl=27.4,
+                  tok_s=[300.0, 100.0, 100.0], rss_mb=[280.0], gate=gate),  # best-of: 1.5x genai
           Variant("genai int4", "genai", Path("b"), bytes=86 << 20, ppl=35.9,
                   tok_s=[200.0, 100.0, 125.0])]
     text = report(vs, {}, None)
-    assert "int4 decode vs genai int4        1.00x" in text  # ratios 1.5, 1.0, 0.8 -> median 1.0
+    # same-round ratios: daemon 2.0, 1.5, 2.0 -> 2.0; in-process 1.5, 1.0, 0.8 -> 1.0
+    assert "int4 decode vs genai int4         daemon  2.00x  in-process  1.00x  (goal >= 1.0x)" in text
+    assert "int4 decode vs llama.cpp Q4_1     daemon    n/a  in-process    n/a" in text
     assert "+3.1 % perplexity, top-1 0.930  (goal <= +5 %, >= 0.90: met)" in text
+    assert "int4 peak RSS                    daemon 310 MiB, in-process 280 MiB" in text
     assert "peer points both faster and more accurate than one of ours: none" in text
 
 
