@@ -85,16 +85,28 @@ def plot(points: list[Point], path: Path, title: str) -> Path | None:
     import matplotlib.pyplot as plt
 
     done = [p for p in points if _measured(p)]
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(12, 6), gridspec_kw={"width_ratios": [3, 1.4]})
     top = max((p.speed or 0.0) for p in done) if done else 1.0
     for side, colour in (("ours", "tab:blue"), ("peer", "tab:orange")):
         sel = [p for p in done if p.side == side]
         ax.scatter([p.bytes / 2**20 for p in sel], [p.ppl or 0.0 for p in sel],
                    s=[40 + 400 * (p.speed or 0.0) / top for p in sel], c=colour, alpha=0.6,
                    label=side)
-        for p in sel:
-            ax.annotate(f"{p.name} ({p.speed or 0.0:.0f} tok/s)", (p.bytes / 2**20, p.ppl or 0.0), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+    # Points are numbered and named in the key beside the plot: names written at the markers
+    # overlap where several points share a size and perplexity (a bundle in-process and
+    # through the daemon, the kept ladder step and the default).
+    spots: dict[tuple[float, float], list[int]] = {}
+    for i, p in enumerate(done, 1):
+        spots.setdefault((round(p.bytes / 2**20), round(p.ppl or 0.0, 1)), []).append(i)
+    for i, p in enumerate(done, 1):
+        numbers = spots[(round(p.bytes / 2**20), round(p.ppl or 0.0, 1))]
+        if numbers[0] == i:
+            ax.annotate(",".join(map(str, numbers)), (p.bytes / 2**20, p.ppl or 0.0), fontsize=7,
+                        xytext=(5, 4), textcoords="offset points")
+    key.axis("off")
+    key.text(0, 1, "\n".join(f"{i:>2}  {p.name}  {p.speed or 0.0:.0f} tok/s"
+                             for i, p in enumerate(done, 1)),
+             va="top", ha="left", fontsize=7, family="monospace", transform=key.transAxes)
     ax.set_xlabel("size (MiB)")
     ax.set_ylabel("held-out perplexity (lower is better)")
     ax.set_title(title + "\nmarker area: decode tokens/s (median round)")
