@@ -185,6 +185,45 @@ def test_decode_steps_use_preallocated_views_of_one_contiguous_span(runner: Any)
         s.close()
 
 
+def _burst(runner: Any, burst_tokens: int | None, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Three requests queued before the engine starts (one burst), run to the end: the
+    (rows, tokens) of every engine step, in order."""
+    import device.serve.scheduler as sched
+
+    if burst_tokens is not None:
+        monkeypatch.setattr(sched, "BURST_TOKENS", burst_tokens)
+    slow = SlowBackend(runner.backend, 0.0)
+    s = Scheduler(slow, runner.tokenizer, decode_mode="batched", prefill_chunk=0,  # type: ignore[arg-type]
+                  speculate="off")
+    slow.calls.clear()  # the start-up smoke test and probe
+    handles = []
+    for w in WORDS[:3]:
+        with s.reserve() as t:
+            handles.append(s.submit(t, GenerationRequest(prompt(runner, w), 6)))
+    s.start()
+    try:
+        for h in handles:
+            assert isinstance(list(h.events(timeout=30))[-1], Finished)
+    finally:
+        s.close()
+    return [(ids.shape[0], ids.shape[1]) for ids, _, _ in slow.calls]
+
+
+def test_a_burst_is_prefilled_before_its_first_decode_step(runner: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests that reach an idle engine together start decoding together (full batches from
+    the first step), instead of one prefill between each decode step."""
+    steps = _burst(runner, None, monkeypatch)
+    assert [rows for rows, _ in steps[:3]] == [1, 1, 1] and all(t > 1 for _, t in steps[:3])
+    assert all(rows == 3 and t == 1 for rows, t in steps[3:])  # every decode step holds all three
+    # a budget of one token: the burst ends after the first prompt, the others are read between
+    # decode steps (the behaviour for prompts that arrive while others decode)
+    steps = _burst(runner, 1, monkeypatch)
+    prefills = [i for i, (_, t) in enumerate(steps) if t > 1]
+    first_decode = next(i for i, (_, t) in enumerate(steps) if t == 1)
+    assert len(prefills) == 3 and first_decode < prefills[-1]
+
+
 class NoisyBackend(SlowBackend):
     """A backend whose rows differ in the last bits with the batch size (so neither a lone row
     alone nor one paired with a padding row equals it batched)."""
