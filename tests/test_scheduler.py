@@ -218,10 +218,12 @@ def test_a_burst_is_prefilled_before_its_first_decode_step(runner: Any,
     assert all(rows == 3 and t == 1 for rows, t in steps[3:])  # every decode step holds all three
     # a budget of one token: the burst ends after the first prompt, the others are read between
     # decode steps (the behaviour for prompts that arrive while others decode)
-    steps = _burst(runner, 1, monkeypatch)
-    prefills = [i for i, (_, t) in enumerate(steps) if t > 1]
-    first_decode = next(i for i, (_, t) in enumerate(steps) if t == 1)
-    assert len(prefills) == 3 and first_decode < prefills[-1]
+    for budget, together in ((1, 1), (sum(len(prompt(runner, w)) for w in WORDS[:2]), 2)):
+        steps = _burst(runner, budget, monkeypatch)
+        prefills = [i for i, (_, t) in enumerate(steps) if t > 1]
+        first_decode = next(i for i, (_, t) in enumerate(steps) if t == 1)
+        assert len(prefills) == 3 and prefills[:together] == list(range(together))
+        assert first_decode == together  # the prompts that fit, then decoding begins
 
 
 class NoisyBackend(SlowBackend):

@@ -9,15 +9,16 @@
 
 One engine thread owns the backend. Each loop iteration
   1. admits waiting requests into free slots, where they wait to be prefilled,
-  2. prefills: while no slot decodes, every waiting prompt, each in one step (B=1), up to
-     BURST_TOKENS prompt tokens in all (at least one prompt), so requests that arrive together
-     start decoding together, in full batches (a first token is streamed as soon as its own
-     prompt is read); while others decode, at most ONE chunk of the oldest waiting prompt,
-     paced by the decode time (device/serve/prefill.py), so a long prompt delays the others'
-     tokens by bounded chunks instead of its whole prefill. A prompt's first step copies the
-     longest prefix of it that the prefix cache holds (device/serve/prefix_cache.py) into its
-     slot and reads only the rest; a prompt read in full stores its whole blocks in the prefix
-     cache and samples its first token (prompt and answer are stored again when it finishes),
+  2. prefills: while no slot decodes, the waiting prompts, each in one step (B=1), oldest
+     first while they fit in BURST_TOKENS prompt tokens together (the first always), so
+     requests that arrive together start decoding together, in full batches (a first token is
+     streamed as soon as its own prompt is read); while others decode, at most ONE chunk of
+     the oldest waiting prompt, paced by the decode time (device/serve/prefill.py), so a long
+     prompt delays the others' tokens by bounded chunks instead of its whole prefill. A
+     prompt's first step copies the longest prefix of it that the prefix cache holds
+     (device/serve/prefix_cache.py) into its slot and reads only the rest; a prompt read in
+     full stores its whole blocks in the prefix cache and samples its first token (prompt and
+     answer are stored again when it finishes),
   3. runs ONE decode step for all active slots together,
   4. samples each row with its request's own seeded generator and streams the text. A row
      with a grammar (response_format, a required tool call) is masked first, and a row with
@@ -609,15 +610,19 @@ class Scheduler(QueuedEngine):
 
     def _prefill(self) -> None:
         """Step 2 of the module docstring: while no slot decodes, the waiting prompts one step
-        each, up to BURST_TOKENS tokens (at least one prompt); else one chunk of the oldest."""
+        each, oldest first, as long as they fit in BURST_TOKENS together (the first always);
+        else (or once such a burst is read: the rest waits for the next iteration) one chunk of
+        the oldest."""
         idle, read = not self._active, 0
-        while self._prefilling and (not self._active or idle and read < BURST_TOKENS):
-            job = next(iter(self._prefilling.values()))
+        while self._prefilling:
+            job = next(iter(self._prefilling.values()))  # the oldest: a burst keeps its order
+            if self._active and not (idle and read + job.remaining <= BURST_TOKENS):
+                break
             read += job.remaining
             self._prefill_step(job, None)
             if idle:  # requests of the same burst that arrived during this prefill join it
                 self._admit_arrivals()
-        if self._prefilling and self._active and self.chunks.ready():
+        if not read and self._prefilling and self._active and self.chunks.ready():
             job = next(iter(self._prefilling.values()))
             self._prefill_step(job, self.chunks.size(job.remaining) if self.chunks.enabled else None)
 
