@@ -27,7 +27,8 @@ machine cancels out. Then, for the daemon alone (fp32 default bundle):
                   over a cold one (--prefix-cache-mb), and whether the answers are identical
   chunked prefill 3 streams decoding while one 1,500-token prompt arrives: the 3's p95 TPOT with
                   --prefill-chunk auto (the default) and off (the whole prompt at once), over
-                  their p95 without it
+                  their p95 without it, and the longest gap; with the defaults (the 3 draft)
+                  and again with --speculate off (plain decode steps between the chunks)
   drafting        an extraction prompt whose answer copies it: tok/s with --speculate ngram over
                   --speculate off, identical output, and the same ratio on the plain benchmark
 Those rows print "n/a (daemon has no --flag)" when `toolkit serve --help` lacks the flag.
@@ -553,32 +554,45 @@ def chunk_row(tok: Any, s: Settings, help_text: str) -> Extra:
     if not has_flag(help_text, CHUNK_FLAG):
         row.note = f"n/a (daemon has no {CHUNK_FLAG})"
         return row
-    # the 3 decoding streams, per case and round: p95 and the longest gap are read from these
-    seen: dict[str, list[Concurrent]] = {"none": [], "chunked": [], "whole": []}
+    # the 3 decoding streams, per case and round: p95 and the longest gap are read from these.
+    # Twice: with the daemon's defaults (the 3 greedy streams draft, so their gaps without the
+    # long prompt are already a drafting plan's rounds of verify steps), and with drafting off,
+    # where the gaps are the plain decode steps the chunks are paced against.
+    cases = {"": [], "plain ": [*PLAIN_FLAGS]}
+    seen: dict[str, list[Concurrent]] = {f"{c}{k}": [] for c in cases for k in ("none", "chunked", "whole")}
     for r in range(s.rounds):
-        for label, chunk in (("chunked", "auto"), ("whole", "off")):  # the default, and none
-            daemon = Daemon(default_bundle("fp32"), s.threads, slots=4, flags=[CHUNK_FLAG, chunk])
-            try:
-                three = [prompt_ids(tok, PROMPT_TOKENS, variant=10 * r + i) for i in range(3)]
-                if label == "chunked":  # the baseline: the same 3 streams, nothing arriving
-                    seen["none"].append(aggregate(run_concurrent(daemon, three, s.conc_tokens)))
-                long = prompt_ids(tok, 1500, variant=10 * r + 5)
-                # the long prompt arrives once the 3 are decoding (after their prefills)
-                arrive = 0.5 + 3 * 0.2
-                streams = run_concurrent(daemon, [*three, long], s.conc_tokens, starts=[0, 0, 0, arrive])
-                seen[label].append(aggregate(streams[:3]))
-            finally:
-                daemon.close()
+        for case, flags in cases.items():
+            for label, chunk in (("chunked", "auto"), ("whole", "off")):  # the default, and none
+                daemon = Daemon(default_bundle("fp32"), s.threads, slots=4,
+                                flags=[CHUNK_FLAG, chunk, *flags])
+                try:
+                    three = [prompt_ids(tok, PROMPT_TOKENS, variant=10 * r + i) for i in range(3)]
+                    if label == "chunked":  # the baseline: the same 3 streams, nothing arriving
+                        seen[f"{case}none"].append(aggregate(run_concurrent(daemon, three, s.conc_tokens)))
+                    long = prompt_ids(tok, 1500, variant=10 * r + 5)
+                    # the long prompt arrives once the 3 are decoding (after their prefills)
+                    arrive = 0.5 + 3 * 0.2
+                    streams = run_concurrent(daemon, [*three, long], s.conc_tokens,
+                                             starts=[0, 0, 0, arrive])
+                    seen[f"{case}{label}"].append(aggregate(streams[:3]))
+                finally:
+                    daemon.close()
     p95 = {k: [c.p95_tpot for c in v] for k, v in seen.items()}
     stall = {k: [c.max_gap for c in v] for k, v in seen.items()}
-    chunked, whole = median_ratio(p95["chunked"], p95["none"]), median_ratio(p95["whole"], p95["none"])
-    row.figure = chunked
+
+    def detail(case: str) -> str:
+        whole = median_ratio(p95[f"{case}whole"], p95[f"{case}none"])
+        return (f"whole prompt at once: {whole:.2f}x; p95 none/chunked/whole "
+                f"{'/'.join(_ms(p95[case + k]) for k in ('none', 'chunked', 'whole'))} ms, longest gap "
+                f"{'/'.join(_ms(stall[case + k]) for k in ('none', 'chunked', 'whole'))} ms"
+                if whole else "")
+
+    row.figure = median_ratio(p95["chunked"], p95["none"])
+    plain = median_ratio(p95["plain chunked"], p95["plain none"])
     # p95 hides the one long stall of a whole-prompt read among 3 x 128 gaps: the longest gap
     # shows it
-    row.detail = (f"whole prompt at once: {whole:.2f}x; p95 none/chunked/whole "
-                  f"{_ms(p95['none'])}/{_ms(p95['chunked'])}/{_ms(p95['whole'])} ms, longest gap "
-                  f"{_ms(stall['none'])}/{_ms(stall['chunked'])}/{_ms(stall['whole'])} ms (goal <= 2x)"
-                  if whole else "")
+    row.detail = (f"{detail('')}; drafting off (--speculate off): chunked "
+                  f"{plain:.2f}x, {detail('plain ')} (goal <= 2x)" if plain else detail(""))
     return row
 
 
