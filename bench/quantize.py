@@ -68,6 +68,8 @@ from bundle.manifest import read_manifest  # noqa: E402
 PROMPT_TOKENS, NEW_TOKENS, THREADS = 128, 128, 2
 TOOLKIT = [sys.executable, "-c", "from toolkit.cli import main; main()"]
 OURS = ("daemon", "bundle")  # variant kinds that are this project's
+
+
 @dataclass
 class Variant:
     name: str
