@@ -161,11 +161,11 @@ def quantize_jobs(fp32: Path, prefix: Path,
     memo: dict[Any, Any] = {}  # AWQ and the ranking, made once for the ladder steps of one grid
     out = []
     for precision, fmt, options, label in jobs:
-        if defaults and not label:
-            out.append((precision, label, defaults(precision)))
-            continue
-        slug = label.strip(" ()").replace(", ", "-").replace(" ", "-").replace("(", "").replace("+", "")
-        dest = prefix.with_name(f"{prefix.name}-{precision}{'-' + slug if slug else ''}")
+        if defaults and not label:  # made there when missing; remade here when stale
+            dest = defaults(precision)
+        else:
+            slug = label.strip(" ()").replace(", ", "-").replace(" ", "-").replace("(", "").replace("+", "")
+            dest = prefix.with_name(f"{prefix.name}-{precision}{'-' + slug if slug else ''}")
         if not _built_with(dest, options):
             log(f"quantizing {fp32.name} to {precision}{label} ...")
             quantize_bundle(fp32, precision, out=dest, force=True, fmt=fmt,  # force: keep failures
