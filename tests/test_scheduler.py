@@ -216,8 +216,9 @@ def test_a_burst_is_prefilled_before_its_first_decode_step(runner: Any,
     steps = _burst(runner, None, monkeypatch)
     assert [rows for rows, _ in steps[:3]] == [1, 1, 1] and all(t > 1 for _, t in steps[:3])
     assert all(rows == 3 and t == 1 for rows, t in steps[3:])  # every decode step holds all three
-    # a budget of one token: the burst ends after the first prompt, the others are read between
-    # decode steps (the behaviour for prompts that arrive while others decode)
+    # budgets that hold one prompt (the first is read whatever the budget) and two: the burst
+    # ends there, and the rest are read between decode steps (as prompts arriving while others
+    # decode are)
     for budget, together in ((1, 1), (sum(len(prompt(runner, w)) for w in WORDS[:2]), 2)):
         steps = _burst(runner, budget, monkeypatch)
         prefills = [i for i, (_, t) in enumerate(steps) if t > 1]
