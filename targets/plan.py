@@ -76,6 +76,7 @@ class WeightFormat:
     scale_bytes: int
     block_size: int = 32
     offset_bytes: int = 0  # per group, 4-bit only: the per-block offset term (quantize/offsets.py)
+    zero_point_bytes: int = 0  # per group, 8-bit layers only (not the shared head): a uint8 zero point
     # The tied LM head is stored ONCE at this many bits (same grouping) and the embedding Gather
     # reads that copy (GatherBlockQuantized): no float table. None: the head is quantized like
     # the other matmuls and the Gather keeps a float copy.
@@ -85,10 +86,10 @@ class WeightFormat:
         return self.bits if self.bits is not None else int(precision.removeprefix("int"))
 
     def bytes_per_param(self, in_features: int, precision: str = "",
-                        bits: int | None = None) -> float:
+                        bits: int | None = None, head: bool = False) -> float:
         b = bits if bits is not None else self.bits_for(precision)
         per_group = {"block": self.block_size, "channel": in_features, "tensor": math.inf}
-        extra = self.offset_bytes if b == 4 else 0
+        extra = 0 if head else self.offset_bytes if b == 4 else self.zero_point_bytes if b == 8 else 0
         return b / 8 + (self.scale_bytes + extra) / per_group[self.group]
 
 
@@ -96,10 +97,12 @@ class WeightFormat:
 WEIGHT_FORMATS = {
     # ONNX Runtime CPU: block-32 with fp32 scales. MatMulNBits serves int8 and int4 (the bits come
     # from the precision); as quantize/cpu.py writes it, int4 adds one fp32 offset per block
-    # (0.5 + 4/32 + 4/32 = 0.75 B/param; int8 is symmetric: 1.125 B/param) and the tied head is
-    # one int8 copy shared with the embedding's GatherBlockQuantized.
+    # (0.5 + 4/32 + 4/32 = 0.75 B/param; int8 adds a uint8 zero point per block: 1 + 4/32 + 1/32
+    # = 1.156 B/param) and the tied head is one symmetric int8 copy shared with the embedding's
+    # GatherBlockQuantized (1.125 B/param).
     "ort-matmul-integer": WeightFormat(8, "block", 4),
-    "ort-matmulnbits": WeightFormat(None, "block", 4, offset_bytes=4, shared_head_bits=8),
+    "ort-matmulnbits": WeightFormat(None, "block", 4, offset_bytes=4, zero_point_bytes=1,
+                                    shared_head_bits=8),
     # TensorRT: block quantization is INT4-only (tensorrt_jetson.md §2.2, [S18]), so int8 weights
     # carry per-channel scales; scales are fp16 because DequantizeLinear's output type is its
     # scale's type and the engine computes in fp16 (fp32 scales would add 0.06 B/param at int4).
@@ -315,7 +318,7 @@ def weight_bytes(dims: ModelDims, target: Target, precision: str) -> WeightBytes
     if dims.tie_embeddings and fmt is not None and fmt.shared_head_bits is not None:
         # one quantized copy of the tied table serves the head and the Gather
         head = _embedding_params(dims)
-        head_bpp = fmt.bytes_per_param(dims.hidden, bits=fmt.shared_head_bits)
+        head_bpp = fmt.bytes_per_param(dims.hidden, bits=fmt.shared_head_bits, head=True)
         mm_bytes = math.ceil((mm - head) * bpp + head * head_bpp)
         return WeightBytes(matmul_params=mm, matmul_bytes=mm_bytes, embedding_bytes=0,
                            bytes_per_param=mm_bytes / mm,

@@ -143,7 +143,8 @@ def test_cpu_mixed_step_kept_when_the_pure_grid_fails(q_fp32_bundle, tmp_path, m
     eight = [n for n in m.graph.node if n.op_type == "MatMulNBits" and _attr(n, "bits") == 8
              and not any(n.input[1].startswith(h) for h in head)]
     assert len(eight) == 1 and eight[0].input[1].startswith(wide["weights"][0])
-    assert _attr(eight[0], "block_size") == 64 and len(eight[0].input) == 3  # no zero points
+    # in the int8 bundles' grid (QuantOptions.int8_grid): an integer zero point per block
+    assert _attr(eight[0], "block_size") == 64 and len(eight[0].input) == 4
     four = [n for n in m.graph.node if n.op_type == "MatMulNBits" and _attr(n, "bits") == 4]
     assert four and not any(n.input[1].startswith(w) for n in four for w in wide["weights"])
     tried = q.grid_choice["tried"]

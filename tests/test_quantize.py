@@ -83,20 +83,30 @@ def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
     layer_bits = {attr(n, "bits") for n in mm}
     assert layer_bits == ({4, 8} if bits == 4 else {8})  # int4 layers, int8 tied head
     assert {attr(n, "accuracy_level") for n in mm} == {4}
-    # the tied table: one quantized copy read by both the LM head and the embedding, in blocks
-    # of 64 (hidden 64 divides by it), except beside the exact offset grid; the layers in 32
+    # the tied table: one quantized copy read by both the LM head and the embedding, in the
+    # layers' blocks of 32 beside the exact offset grid and in int8 bundles (64 only beside the
+    # int4 plain grids: test_cpu_int4_first_ladder_step_when_it_passes), symmetric codes
     (gbq,) = nodes(m, "GatherBlockQuantized")
     head = [n for n in mm if n.input[1] == gbq.input[0]]
-    assert len(head) == 1 and attr(head[0], "bits") == 8
-    assert attr(head[0], "block_size") == attr(gbq, "block_size") == (32 if bits == 4 else 64)
+    assert len(head) == 1 and attr(head[0], "bits") == 8 and len(head[0].input) == 3
+    assert attr(head[0], "block_size") == attr(gbq, "block_size") == 32
     assert {attr(n, "block_size") for n in mm if n is not head[0]} == {32}
+    # int8 layers carry an integer zero point per block (MatMulNBits' fourth input, uint8, one a
+    # block of each column); the int4 offset grid has none (its offsets ride as rows)
+    for n in mm:
+        if n is not head[0]:
+            assert len(n.input) == (4 if bits == 8 else 3), n.name
+            if bits == 8:
+                zp = numpy_helper.to_array(inits(m)[n.input[3]])
+                assert zp.dtype == np.uint8 and zp.size == attr(n, "N") * attr(n, "K") // 32
     assert not [t for t in m.graph.initializer if t.data_type == TensorProto.FLOAT
                 and np.prod(t.dims) >= 8 * 128 and not t.name.endswith("_scales")
                 and not t.name.startswith("block_sums")]  # no float copy of the table
     manifest = load_verified(bundle)
     q = manifest.quantization
     assert manifest.precision == precision and q.format == "ort-matmulnbits"
-    assert q.details["grid"] == ("offsets" if bits == 4 else "symmetric")
+    assert q.details["grid"] == ("offsets" if bits == 4 else "zero-point")
+    assert q.details["int8_grid"] == "zero-point" and q.options["int8_grid"] == "zero-point"
     assert None not in (q.gate.ppl_fp32, q.gate.ppl_quantized, q.gate.top1_agreement, q.gate.greedy)
     # projections that read the same input (gate/up, q/k/v if not fused at export) are fused
     layer_inputs = [n.input[0] for n in mm if n.input[1] != gbq.input[0]]
