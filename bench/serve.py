@@ -558,8 +558,9 @@ def chunk_row(tok: Any, s: Settings, help_text: str) -> Extra:
     # Twice: with the daemon's defaults (the 3 greedy streams draft, so their gaps without the
     # long prompt are already a drafting plan's rounds of verify steps), and with drafting off,
     # where the gaps are the plain decode steps the chunks are paced against.
-    cases = {"": [], "plain ": [*PLAIN_FLAGS]}
-    seen: dict[str, list[Concurrent]] = {f"{c}{k}": [] for c in cases for k in ("none", "chunked", "whole")}
+    cases = {"defaults": [], "plain": [*PLAIN_FLAGS]}
+    kinds = ("none", "chunked", "whole")  # nothing arriving; the long prompt chunked; read whole
+    seen: dict[tuple[str, str], list[Concurrent]] = {(c, k): [] for c in cases for k in kinds}
     for r in range(s.rounds):
         for case, flags in cases.items():
             for label, chunk in (("chunked", "auto"), ("whole", "off")):  # the default, and none
@@ -568,31 +569,30 @@ def chunk_row(tok: Any, s: Settings, help_text: str) -> Extra:
                 try:
                     three = [prompt_ids(tok, PROMPT_TOKENS, variant=10 * r + i) for i in range(3)]
                     if label == "chunked":  # the baseline: the same 3 streams, nothing arriving
-                        seen[f"{case}none"].append(aggregate(run_concurrent(daemon, three, s.conc_tokens)))
+                        seen[case, "none"].append(aggregate(run_concurrent(daemon, three, s.conc_tokens)))
                     long = prompt_ids(tok, 1500, variant=10 * r + 5)
                     # the long prompt arrives once the 3 are decoding (after their prefills)
                     arrive = 0.5 + 3 * 0.2
                     streams = run_concurrent(daemon, [*three, long], s.conc_tokens,
                                              starts=[0, 0, 0, arrive])
-                    seen[f"{case}{label}"].append(aggregate(streams[:3]))
+                    seen[case, label].append(aggregate(streams[:3]))
                 finally:
                     daemon.close()
     p95 = {k: [c.p95_tpot for c in v] for k, v in seen.items()}
     stall = {k: [c.max_gap for c in v] for k, v in seen.items()}
 
     def detail(case: str) -> str:
-        whole = median_ratio(p95[f"{case}whole"], p95[f"{case}none"])
+        whole = median_ratio(p95[case, "whole"], p95[case, "none"])
         return (f"whole prompt at once: {whole:.2f}x; p95 none/chunked/whole "
-                f"{'/'.join(_ms(p95[case + k]) for k in ('none', 'chunked', 'whole'))} ms, longest gap "
-                f"{'/'.join(_ms(stall[case + k]) for k in ('none', 'chunked', 'whole'))} ms"
-                if whole else "")
+                f"{'/'.join(_ms(p95[case, k]) for k in kinds)} ms, longest gap "
+                f"{'/'.join(_ms(stall[case, k]) for k in kinds)} ms" if whole else "")
 
-    row.figure = median_ratio(p95["chunked"], p95["none"])
-    plain = median_ratio(p95["plain chunked"], p95["plain none"])
+    row.figure = median_ratio(p95["defaults", "chunked"], p95["defaults", "none"])
+    plain = median_ratio(p95["plain", "chunked"], p95["plain", "none"])
     # p95 hides the one long stall of a whole-prompt read among 3 x 128 gaps: the longest gap
     # shows it
-    row.detail = (f"{detail('')}; drafting off (--speculate off): chunked "
-                  f"{plain:.2f}x, {detail('plain ')} (goal <= 2x)" if plain else detail(""))
+    row.detail = (f"{detail('defaults')}; drafting off (--speculate off): chunked "
+                  f"{plain:.2f}x, {detail('plain')} (goal <= 2x)" if plain else detail("defaults"))
     return row
 
 

@@ -1,5 +1,6 @@
 """bench/serve.py's pure parts: percentiles, same-round ratios, aggregates, flag detection and the
-table (the measurements themselves belong to the bench, not the suite)."""
+table, and the chunked-prefill row over fake daemons (the measurements themselves belong to the
+bench, not the suite)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,36 @@ def test_render_shows_ratios_notes_and_na_rows() -> None:
     assert "9.50 / n/a" in text
     assert "n/a (daemon has no --prefix-cache-mb)" in text
     assert "note: fp32 llama-server: llama.cpp is not built yet" in text
+
+
+def test_chunk_row_pairs_each_case_with_its_own_baseline(monkeypatch) -> None:
+    """The chunked-prefill row: with the defaults and with drafting off, each case's chunked and
+    whole p95 over that same case's streams with nothing arriving (fake daemons, fixed gaps)."""
+    import bench.serve as serve
+
+    # the 3 streams' gap (s) by (drafting off?, chunk flag, long prompt arriving?)
+    gap = {(False, "auto", False): 0.100, (False, "auto", True): 0.100, (False, "off", True): 0.080,
+           (True, "auto", False): 0.025, (True, "auto", True): 0.060, (True, "off", True): 0.030}
+
+    class FakeDaemon:
+        def __init__(self, bundle, threads, slots=None, flags=()) -> None:
+            self.plain = serve.SPEC_FLAG in flags
+            self.chunk = flags[list(flags).index(serve.CHUNK_FLAG) + 1]
+
+        def close(self) -> None:
+            pass
+
+    def fake_run(daemon, prompts, n, starts=None):
+        g = gap[daemon.plain, daemon.chunk, len(prompts) == 4]
+        return [Stream(0.0, tuple(0.1 + g * i for i in range(n)), n, "") for _ in prompts]
+
+    monkeypatch.setattr(serve, "Daemon", FakeDaemon)
+    monkeypatch.setattr(serve, "run_concurrent", fake_run)
+    monkeypatch.setattr(serve, "default_bundle", lambda precision: precision)
+    monkeypatch.setattr(serve, "prompt_ids", lambda tok, n, variant=0: [variant] * 4)
+    row = serve.chunk_row(None, Settings(threads=2, rounds=2, new_tokens=8, conc_tokens=8),
+                          f"  {serve.CHUNK_FLAG} [auto|off|N]")
+    assert row.figure == pytest.approx(1.0)  # defaults: 100 ms with and without the long prompt
+    assert "drafting off (--speculate off): chunked 2.40x" in row.detail  # 60 / 25 ms
+    assert "p95 none/chunked/whole 100/100/80 ms" in row.detail
+    assert "p95 none/chunked/whole 25/60/30 ms" in row.detail
