@@ -636,7 +636,8 @@ class Scheduler(QueuedEngine):
                 job.done = job.reused = self._reuse_prefix(state.slot, state.handle.request.prompt_ids)
                 self._pos[state.slot, 0] = job.done
             ids, pos, last = job.chunk(job.remaining if n is None else n)
-            self.backend.spare_token = self.exact_steps
+            if self.exact_steps:  # a decode step may have cleared it; several slots never set it
+                self.backend.spare_token = True
             logits = self.backend.step(ids, pos, [state.slot], last)[0, -1]
         except Exception:  # noqa: BLE001 - a runtime failure must fail this request, not the daemon
             log.exception("prefill failed (request %d, slot %d)", state.handle.id, state.slot)
