@@ -154,6 +154,9 @@ def test_smollm2_135m_on_cpu_fits(smollm2):
     # params) read by both MatMulNBits and GatherBlockQuantized, so no float Gather table
     assert rows["int4"].weights.matmul_bytes == 106_168_320 * 0.75 + 28_311_552 * 1.125
     assert rows["int4"].weights.embedding_bytes == 0
+    # int8: 1 B of weights + 4/32 B of scale + 1/32 B of uint8 zero point = 1.15625 B/param for
+    # the layers; the shared head keeps symmetric codes, no zero points (1.125 B/param)
+    assert rows["int8"].weights.matmul_bytes == 106_168_320 * 1.15625 + 28_311_552 * 1.125
     # KV: 30 layers * 2 * 3 heads * 64 * 4 B = 46,080 B per position (the note's 46 kB)
     assert rows["fp32"].components.kv_cache == 46_080 * 2048
     # decode at fp32: 30 GB/s over weights + the whole 2048-position cache ~ 47 tokens/s

@@ -113,6 +113,21 @@ def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
     assert len(layer_inputs) == len(set(layer_inputs)) and nodes(m, "Split")
 
 
+def test_cpu_int8_symmetric_grid_on_request(q_fp32_bundle, tmp_path):  # noqa: F811
+    """QuantOptions.int8_grid="symmetric": the int8 layers without zero points (MatMulNBits' three
+    inputs), the head in blocks of 32 as with the default grid; the manifest says which."""
+    from quantize import quantize_bundle
+    from quantize.formats import QuantOptions
+
+    out = tmp_path / "int8-symmetric"
+    quantize_bundle(q_fp32_bundle("llama", "cpu"), "int8", out=out, thresholds=LOOSE, samples=4,
+                    seq_len=32, options=QuantOptions(int8_grid="symmetric"))
+    mm = nodes(graph(out), "MatMulNBits")
+    assert mm and all(len(n.input) == 3 and attr(n, "block_size") == 32 for n in mm)
+    q = load_verified(out).quantization
+    assert q.details["grid"] == q.details["int8_grid"] == q.options["int8_grid"] == "symmetric"
+
+
 def test_cpu_int4_first_ladder_step_when_it_passes(q_bundle):  # noqa: F811
     """With limits the first step of the ladder meets, the gate keeps it: zero points in blocks of
     64 after AWQ (no offset rows), the head at 8 bits in 64s too."""
