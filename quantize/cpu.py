@@ -44,12 +44,15 @@ EMBEDDING_MIN = 1 << 16  # untied tables smaller than this (position, token-type
 class NBitsConfig:
     bits: int = 4
     block: int = 32
-    grid: str = "offsets"  # int4 layers: "symmetric" | "zero-point" | "offsets" (formats.QuantOptions)
+    # the bundle's grid: int4 layers "symmetric" | "zero-point" | "offsets"; in int8 bundles the
+    # 8-bit layers' grid (= grid8) (formats.QuantOptions)
+    grid: str = "offsets"
     accuracy_level: int = 4  # int8 compute inside MatMulNBits
     head_bits: int = 8  # the (tied) LM head and embedding tables
-    # their block size along K (see _head_block): at 8 bits a scale per 64 costs nothing
-    # measurable (SmolLM2 int4: perplexity +12.34 -> +12.43 %) and runs the largest matrix of
-    # a small decoder faster (int4 decode 0.95x -> 1.03x genai int4, A/B)
+    # their block size along K beside the int4 plain grids (see _head_block): there a scale per
+    # 64 cost nothing measurable (SmolLM2 int4: perplexity +12.34 -> +12.43 %), and an A/B gave
+    # int4 decode 0.95x -> 1.03x genai int4 (the head's kernel alone saves ~1 % of a step,
+    # 2026-12-05: that A/B was mostly this VM's noise)
     head_block: int = 64
     fuse: bool = True  # one MatMulNBits for the projections that share an input (q/k/v, gate/up)
     # int4 layers kept at 8 bits (a mixed step of the ladder: quantize/sensitivity.py), in the
