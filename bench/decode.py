@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -49,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from bench.pareto import paired_ratio  # noqa: E402
 from bench.peers import CACHE, Skipped, genai_model  # noqa: E402
 from bench.peers import genai_missing as peers_genai_missing  # noqa: E402
+from device.runtime.procmem import peak_rss  # noqa: E402
 
 MODEL = "smollm2-135m"
 VARIANTS = ("runner", "daemon", "transformers", "ort-genai")
@@ -69,14 +69,6 @@ class Result:
     new_tokens: int = 0
     peak_rss_bytes: int | None = None
     note: str = ""
-
-
-def peak_rss_self() -> int:
-    """This process's peak RSS: VmHWM, which belongs to the process's own memory map. Not
-    getrusage's ru_maxrss: Linux carries that across fork + exec, so a child of a parent that
-    converted the bundle first (torch, ~3.4 GB) reported the parent's peak as its own."""
-    hwm = _vm_hwm(os.getpid())
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def best(variant: str, runs: list[tuple[float, float, int]], rss: int | None, note: str = "") -> Result:
@@ -100,7 +92,7 @@ def run_runner(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
 
     runner = load_bundle(bundle, slots=1, threads=threads)
     local_generate(runner.backend, ids[:16], 4)  # warm-up
-    return best("runner", [local_generate(runner.backend, ids, n) for _ in range(REPEAT)], peak_rss_self())
+    return best("runner", [local_generate(runner.backend, ids, n) for _ in range(REPEAT)], peak_rss())
 
 
 class BenchDaemon:
@@ -167,7 +159,7 @@ def run_daemon(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
         server = [r[3] for r in runs]
         note = (f"server-side: TTFT {min(t['ttft_ms'] for t in server):.0f} ms, "
                 f"{max(t['predicted_per_second'] for t in server):.1f} tok/s")
-        return best("daemon", [r[:3] for r in runs], _vm_hwm(daemon.proc.pid), note)
+        return best("daemon", [r[:3] for r in runs], peak_rss(daemon.proc.pid) or None, note)
     finally:
         daemon.close()
 
@@ -192,13 +184,6 @@ def run_paired(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
         daemon.close()
     return Result("paired", None, statistics.median(ratios), n, None,
                   f"{len(ratios)} pairs; ratios {min(ratios):.2f}..{max(ratios):.2f}")
-
-
-def _vm_hwm(pid: int) -> int | None:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return None
 
 
 class TorchRunner:
@@ -241,7 +226,7 @@ class TorchRunner:
 def run_transformers(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
     hf = TorchRunner(threads)
     hf.generate(ids[:16], 4)  # warm-up
-    return best("transformers", [hf.generate(ids, n) for _ in range(REPEAT)], peak_rss_self(),
+    return best("transformers", [hf.generate(ids, n) for _ in range(REPEAT)], peak_rss(),
                 "peak RSS includes the GGUF dequantisation at load")
 
 
@@ -285,7 +270,7 @@ def run_ort_genai(bundle: Path, ids: list[int], n: int, threads: int) -> Result:
         return Result("ort-genai", note=missing)
     genai = GenaiRunner(threads, _precision(bundle))
     genai.generate(ids[:16], 4)  # warm-up
-    return best("ort-genai", [genai.generate(ids, n) for _ in range(REPEAT)], peak_rss_self())
+    return best("ort-genai", [genai.generate(ids, n) for _ in range(REPEAT)], peak_rss())
 
 
 def local_generate(backend: Any, ids: list[int], n: int) -> tuple[float, float, int]:

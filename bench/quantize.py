@@ -39,7 +39,6 @@ import argparse
 import importlib.metadata as md
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from bench.peers import (  # noqa: E402
 )
 from bundle.errors import ToolkitError  # noqa: E402
 from bundle.manifest import read_manifest  # noqa: E402
+from device.runtime.procmem import peak_rss  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS, THREADS = 128, 128, 2
 TOOLKIT = [sys.executable, "-c", "from toolkit.cli import main; main()"]
@@ -237,15 +237,6 @@ def heldout_ids() -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
-def peak_rss_mb() -> float:
-    """VmHWM of this process: unlike getrusage's ru_maxrss it starts afresh at exec, so the
-    parent's (multi-GB, quantizing) peak does not leak into the child's figure."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(kind: str, path: Path, with_ppl: bool) -> dict[str, Any]:
     ids = heldout_ids()
     prompt = (ids * 2)[:PROMPT_TOKENS]
@@ -253,20 +244,20 @@ def measure(kind: str, path: Path, with_ppl: bool) -> dict[str, Any]:
         return _daemon_run(path, prompt, ids[-16:])
     fn = {"bundle": _bundle_run, "genai": _genai_run, "llamacpp": _llamacpp_run}[kind]
     tok_s, ppl = fn(path, prompt, ids if with_ppl else None)
-    return {"tok_s": tok_s, "ppl": ppl, "rss_mb": peak_rss_mb()}
+    return {"tok_s": tok_s, "ppl": ppl, "rss_mb": peak_rss() / 2**20}
 
 
 def _daemon_run(path: Path, prompt: list[int], warm: list[int]) -> dict[str, Any]:
     """`toolkit serve BUNDLE` with its defaults, one streamed request after a 4-token warm-up
     (a prompt from the end of the text: no prefix it could reuse); the daemon's peak RSS."""
-    from bench.decode import BenchDaemon, _vm_hwm
+    from bench.decode import BenchDaemon
 
     daemon = BenchDaemon(path, THREADS)
     try:
         daemon.generate(warm, 4)
         _, tok_s, tokens, _ = daemon.generate(prompt, NEW_TOKENS)
         assert tokens == NEW_TOKENS, tokens  # ignore_eos: every request runs to max_tokens
-        hwm = _vm_hwm(daemon.proc.pid)
+        hwm = peak_rss(daemon.proc.pid)
     finally:
         daemon.close()
     return {"tok_s": tok_s, "ppl": None, "rss_mb": hwm / 2**20 if hwm else None}

@@ -301,6 +301,27 @@ def test_mem_available(tmp_path: Path) -> None:
     assert mem_available(tmp_path / "missing") is None
 
 
+def test_peak_rss_of_this_and_another_process() -> None:
+    """VmHWM of this process (what the benches' children report) and of a child by pid (the
+    daemon rows); 0 for a pid that does not exist."""
+    import os
+    import subprocess
+    import sys
+
+    from device.runtime.procmem import peak_rss, process_rss
+
+    rss, hwm = process_rss()
+    assert 0 < rss <= hwm <= peak_rss() == peak_rss(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import sys; print(1, flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline()  # exec'd: its own memory map
+        assert 0 < peak_rss(child.pid) < peak_rss()  # a bare interpreter, not this test run
+    finally:
+        child.communicate(b"")
+    assert peak_rss(2**22 + 1) == 0  # above Linux's pid_max ceiling: no such process
+
+
 # --- identity --------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", sorted(NV_TEGRA))
 def test_parse_nv_tegra_release(version: str) -> None:

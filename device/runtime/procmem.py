@@ -31,6 +31,21 @@ def mem_available(meminfo: Path = MEMINFO) -> int | None:
     return proc_kib(meminfo, ("MemAvailable",)).get("MemAvailable")
 
 
+def peak_rss(pid: int | None = None) -> int:
+    """VmHWM in bytes of process `pid` (None: this one), the peak of its own memory map: unlike
+    getrusage's ru_maxrss, which Linux carries across fork + exec, it starts afresh at exec, so
+    a child of a parent that peaked higher (a bench that quantized first) reports its own. Falls
+    back to ru_maxrss for this process where /proc is missing; 0 for another process there."""
+    got = proc_kib(SELF_STATUS if pid is None else Path(f"/proc/{pid}/status"), ("VmHWM",))
+    if "VmHWM" in got:
+        return got["VmHWM"]
+    if pid is not None:
+        return 0
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def process_rss() -> tuple[int, int]:
     """(current RSS, peak RSS = VmHWM) of this process in bytes; psutil and getrusage where
     /proc is missing."""
