@@ -131,6 +131,10 @@ def summary(result: Any) -> str:
             shown = ", ".join(wide["layers"][:SHOWN]) + (", ..." if len(wide["layers"]) > SHOWN else "")
             lines.append(f"  8-bit      the {wide['units']} of {wide['of']} most sensitive weight "
                          f"units ({len(wide['layers'])} matrices: {shown})" + (f", {cost}" if cost else ""))
+    elif m.precision == "int8" and details.get("int8_grid"):  # CPU MatMulNBits
+        head = (f", the tied head symmetric in blocks of {details.get('head_block_size')}"
+                if details.get("tied_head") else "")
+        lines.append(f"  int8 grid  {details['int8_grid']} in blocks of {details.get('block_size')}{head}")
     if m.kind == "decoder":
         lines.append(f"  kv cache   {m.contract.kv_dtype}, max_seq {m.max_seq}")
     lines.append("")

@@ -118,10 +118,12 @@ def test_cpu_int8_symmetric_grid_on_request(q_fp32_bundle, tmp_path):  # noqa: F
     inputs), the head in blocks of 32 as with the default grid; the manifest says which."""
     from quantize import quantize_bundle
     from quantize.formats import QuantOptions
+    from quantize.report import summary
 
     out = tmp_path / "int8-symmetric"
-    quantize_bundle(q_fp32_bundle("llama", "cpu"), "int8", out=out, thresholds=LOOSE, samples=4,
-                    seq_len=32, options=QuantOptions(int8_grid="symmetric"))
+    result = quantize_bundle(q_fp32_bundle("llama", "cpu"), "int8", out=out, thresholds=LOOSE,
+                             samples=4, seq_len=32, options=QuantOptions(int8_grid="symmetric"))
+    assert "int8 grid  symmetric in blocks of 32, the tied head symmetric in blocks of 32" in summary(result)
     mm = nodes(graph(out), "MatMulNBits")
     assert mm and all(len(n.input) == 3 and attr(n, "block_size") == 32 for n in mm)
     q = load_verified(out).quantization
