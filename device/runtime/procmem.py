@@ -52,9 +52,6 @@ def process_rss() -> tuple[int, int]:
     got = proc_kib(SELF_STATUS, ("VmRSS", "VmHWM"))
     if "VmRSS" in got and "VmHWM" in got:
         return got["VmRSS"], got["VmHWM"]
-    import resource
-
     import psutil  # type: ignore[import-untyped]  # (no stubs; not a TensorRT-path dependency)
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return int(psutil.Process().memory_info().rss), peak
+    return int(psutil.Process().memory_info().rss), peak_rss()  # peak: getrusage's, as there
