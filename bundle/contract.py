@@ -33,7 +33,7 @@ GroupQueryAttention, which reads only the valid prefix of each row and writes th
 present_key.{i}. The runtime binds present_key.{i} to the very buffer it passes as past_key.{i};
 the kernel then updates the cache in place (its share-buffer mode), so there is nothing to write
 from the host. (When the runtime had to gather non-adjacent slots into a copy, it copies those
-rows back.) tests/test_convert.py shows both forms give the same cache and logits.
+rows back.) tests/convert/test_convert.py shows both forms give the same cache and logits.
 In-place graphs written since 2026-12-04 also take `spare_token` (int32 scalar, 0 or 1): with
 1, a step of batch 1 computes each token exactly as a step of several tokens would
 (convert/spare_token.py); the runtime feeds 1 where it runs one slot, 0 elsewhere.

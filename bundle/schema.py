@@ -1,6 +1,6 @@
 """The manifest's JSON Schema, generated from its records (bundle/manifest.py).
 
-    python -m bundle.schema > docs/manifest.schema.json     # tests/test_bundle.py checks it is current
+    python -m bundle.schema > docs/manifest.schema.json     # tests/bundle/test_bundle.py checks it is current
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ MatMulNBits rounds activations to int8 (accuracy_level 4), a last-bit difference
 moves one across a rounding edge, and 30 layers later the logits differ by up to ~0.8, so a
 verified draft could change greedy output and the daemon refused to draft there. Steps of two
 or more rows take the general kernels, and their common rows agree exactly (measured on ORT
-1.32 for every op of these graphs: tests/test_spare_token.py).
+1.32 for every op of these graphs: tests/convert/test_spare_token.py).
 
 What. A step of batch 1 gets p = 0 or 1 spare tokens after its last one, at the next position:
 

@@ -103,7 +103,7 @@ register(ArchSpec("bert", ENCODER, "bert", names=BERT_NAMES, positions="learned"
 
 
 def supported_markdown() -> str:
-    """The README's table of architectures (tests/test_architectures.py keeps them equal)."""
+    """The README's table of architectures (tests/models/test_architectures.py keeps them equal)."""
     rows = ["| `model_type` | family | examples | what the record says |", "|---|---|---|---|"]
     rows += [f"| `{s.model_type}` | {s.family} | {', '.join(s.examples)} | {traits(s)} |"
              for s in sorted(REGISTRY.values(), key=lambda s: s.model_type)]

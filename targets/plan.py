@@ -54,7 +54,7 @@ MAX_BATCH_SEARCH = 1024
 #     + the Python host process with pycuda ~0.1 GiB. On Jetson all of it comes out of the same
 #     unified pool. ollama uses a 1 GiB minimum CUDA overhead for the same reason (ollama#2114).
 #     An estimate: measure it on the board (RSS + tegrastats RAM) and correct it here.
-#   Re-measured against the daemon (tests/test_plan_memory.py, SmolLM2-135M, 2 slots, ORT 1.32):
+#   Re-measured against the daemon (tests/targets/test_plan_memory.py, SmolLM2-135M, 2 slots, ORT 1.32):
 #     peak RSS (VmHWM) - weights - KV cache - activations is ~175-180 MiB at int8/int4 and ~210 MiB
 #     at fp32, so 0.17 GiB (174 MiB); the 0.25 above over-counted by ~80 MiB (+20-25 % at int8/int4).
 RUNTIME_OVERHEAD_GIB = {"onnxruntime": 0.17, "tensorrt": 1.0}
@@ -355,7 +355,7 @@ def activation_bytes(dims: ModelDims, target: Target, precision: str, max_seq: i
         target.compute_dtype]
     logits = B * dims.vocab_size * 4
     if target.runtime == "onnxruntime":
-        # ORT CPU, as the daemon runs it (measured: tests/test_plan_memory.py, SmolLM2-135M peak
+        # ORT CPU, as the daemon runs it (measured: tests/targets/test_plan_memory.py, SmolLM2-135M peak
         # RSS within 15 %): the scheduler and bench prefill ONE slot at a time
         # (device/generate.prefill, B=1), ORT's arena grows only to what a step uses, and the
         # cpu graph's fused GroupQueryAttention (convert/decoder.py) writes the new K/V straight

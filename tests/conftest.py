@@ -1,6 +1,7 @@
 """Shared fixtures: tiny model folders and bundles, built once per test session.
 
-Helpers that build models live in tests/tiny_models.py so other fixture modules can reuse them.
+Helpers (model builders, daemon and deploy fixtures, paths) live in tests/support/, which is put
+on sys.path here; the tests themselves sit in folders that mirror the packages they test.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from tiny_models import make_decoder, make_encoder  # noqa: E402
+
+# the deploy tests' fixtures (bundle variants, store daemons), for tests/host and tests/device/store
+pytest_plugins = ["deploy_fixtures"]
 
 
 @pytest.fixture(scope="session")

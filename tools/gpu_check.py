@@ -27,8 +27,8 @@ TensorRT, through the backend's own methods (EnginelessBackend below leaves only
 
 Every check is recorded, failed or not (its error's last lines included), with the environment
 and the build's log tail, in one JSON file (schema gpu-check-v1). Exit 0 when every check passed.
-tests/test_gpu_check.py runs the same checks in CI against a simulated driver (tests/fake_pycuda.py)
-and, where pycuda and a GPU exist, against the real one.
+tests/tools/test_gpu_check.py runs the same checks in CI against a simulated driver
+(tests/support/fake_pycuda.py) and, where pycuda and a GPU exist, against the real one.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Typed field specs: each reads one optional field of a request object and describes it as
 JSON Schema, so the request parsers (openai_api.py, kserve.py, bench_route.py) and the OpenAPI
 document (openapi.py) take their bounds from the same objects and cannot drift
-(tests/test_validation.py probes every field through both).
+(tests/device/serve/test_validation.py probes every field through both).
 
     TEMPERATURE.read(body)      # the value, its default, or HTTPError 400 "invalid_value"
     TEMPERATURE.schema()        # {"anyOf": [...], "description": ...}

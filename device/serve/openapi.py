@@ -4,7 +4,7 @@ here are the bounds enforced.
 
     GET /openapi.json                       the document (the daemon serves this exact text)
     python -m device.serve.openapi          print it; docs/openapi.json is this output, and
-                                            tests/test_validation.py checks it is current
+                                            tests/device/serve/test_validation.py checks it is current
 
 One document for every daemon: the served model's id and context are not in it (`{name}` is any
 string; max_tokens has its static cap and is cut to the room left in the cache at run time), so
