@@ -362,7 +362,8 @@ class Store:
         self._lock = threading.RLock()
         self._uploads: dict[str, _Upload] = {}
         self._open: tuple[str, str, int] | None = None  # (upload id, rel, fd) of the file being written
-        self._streams: set[tuple[str, str]] = set()  # (upload id, rel) with a chunk arriving now
+        # (upload id, rel) -> where the chunk arriving now on some connection began
+        self._streams: dict[tuple[str, str], int] = {}
         self._lock_fd: int | None = None
         self._job: InstallJob | None = None  # the running (or last) commit/rollback
 
@@ -640,6 +641,10 @@ class Store:
             if held > entry.bytes:  # longer than declared: cannot be right, start it again
                 _cut(staging, upload.parts[rel], 0)
                 held = 0
+            # a chunk still arriving on another connection (one the host gave up on, whose
+            # handler has not seen the EOF yet) is cut back to where it began if it ends short:
+            # report only what will stay, so a resume does not start past it into a gap
+            held = min(held, self._streams.get((upload.upload_id, rel), held))
             files[rel] = FileProgress(entry.bytes, held)
         return UploadState(upload.upload_id, upload.manifest.name, files)
 
@@ -720,7 +725,7 @@ class Store:
             except BaseException:
                 os.close(fd)
                 raise
-            self._streams.add(key)
+            self._streams[key] = offset
         kept = False
         try:
             pos, end, crc, buf = offset, offset + length, 0, _piece_buffer()
@@ -743,7 +748,7 @@ class Store:
             os.close(fd)
             with self._lock:
                 marker.unlink(missing_ok=True)
-                self._streams.discard(key)
+                self._streams.pop(key, None)
         return ChunkAck(rel, offset + length, entry.bytes)
 
     # -- chunks in flight --

@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,55 @@ def test_store_receive_chunk_writes_as_it_arrives_and_keeps_nothing_bad(base_bun
     ack = store.receive_chunk(uid, "f.bin", 200_000, 100_000, crc, feeder(rest))
     assert ack is not None and ack.complete and staged.read_bytes() == data
     assert not list((tmp_path / "s" / "staging").glob(".*.inflight"))  # markers last one chunk
+    store.close()
+
+
+def test_begin_reports_only_what_an_arriving_chunk_cannot_take_back(base_bundle: Path,
+                                                                    tmp_path: Path) -> None:
+    """While a chunk is still arriving on a connection the host gave up on (its handler has not
+    seen the EOF yet), begin reports where that chunk began, not its bytes already in the file:
+    if the body ends short they are cut off, and a resume from past them would meet a gap."""
+    store = Store.open(tmp_path / "s")
+    data = os.urandom(300_000)
+    mb = manifest_bytes({"f.bin": (len(data), hashlib.sha256(data).hexdigest())}, base_bundle)
+    uid = store.begin(mb).upload_id
+    staged = tmp_path / "s" / "staging" / uid / "f.bin"
+    first = memoryview(data[:100_000])
+
+    def whole(view: memoryview) -> int:
+        view[:len(first)] = first
+        return len(first)
+    assert store.receive_chunk(uid, "f.bin", 0, 100_000, zlib.crc32(first), whole) is not None
+    arrived, cut = threading.Event(), threading.Event()
+
+    def stalls(view: memoryview) -> int:  # 50 kB of the next chunk, then the line goes dead
+        if not arrived.is_set():
+            view[:50_000] = data[100_000:150_000]
+            arrived.set()
+            return 50_000
+        cut.wait(30)
+        return 0
+    errors: list[StoreError] = []
+
+    def receive() -> None:
+        try:
+            store.receive_chunk(uid, "f.bin", 100_000, 100_000, zlib.crc32(data[100_000:200_000]), stalls)
+        except StoreError as e:
+            errors.append(e)
+    thread = threading.Thread(target=receive)
+    thread.start()
+    try:
+        assert arrived.wait(30)
+        deadline = time.monotonic() + 30  # the piece is written after read_into returns it
+        while staged.stat().st_size < 150_000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert staged.stat().st_size == 150_000  # its bytes are in the file, unchecked
+        assert store.begin(mb).files["f.bin"].held == 100_000
+    finally:
+        cut.set()
+        thread.join(30)
+    assert [e.code for e in errors] == ["short_body"] and staged.stat().st_size == 100_000
+    assert store.begin(mb).files["f.bin"].held == 100_000
     store.close()
 
 
