@@ -18,7 +18,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from tiny_models import make_decoder, make_encoder  # noqa: E402
 
-# the deploy tests' fixtures (bundle variants, store daemons), for tests/host and tests/device/store
+# the deploy tests' fixtures (bundle variants, store daemons, a private config folder)
 pytest_plugins = ["deploy_fixtures"]
 
 

@@ -152,13 +152,6 @@ class Board:
 
 
 @pytest.fixture
-def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("TOOLKIT_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("TOOLKIT_TOKEN", raising=False)
-    return tmp_path / "config"
-
-
-@pytest.fixture
 def handled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The ops the device's serial handler was given, in order."""
     seen: list[str] = []
