@@ -378,6 +378,14 @@ def check_report(data: Any, where: str = "report") -> None:
             f"{SCHEMA_VERSION}", hint="upgrade the toolkit on this machine to read it")
     if missing := [k for k in REQUIRED_KEYS if k not in data]:
         raise ToolkitError(f"{where} is a damaged bench report: it lacks {', '.join(missing)}")
+    wrong = [k for k in ("config", "environment") if not isinstance(data[k], dict)]
+    wrong += [k for k in ("memory", "power") if not isinstance(data[k], (dict, type(None)))]
+    wrong += [k for k in ("cells", "rounds")
+              if not isinstance(data[k], list) or not all(isinstance(c, dict) for c in data[k])]
+    if wrong:
+        raise ToolkitError(f"{where} is a damaged bench report: {', '.join(wrong)} "
+                           f"{'is' if len(wrong) == 1 else 'are'} not what `toolkit bench` writes",
+                           hint="run the bench again, or restore the file")
 
 
 def report_from_events(events: Iterable[Mapping[str, Any]],

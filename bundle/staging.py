@@ -28,6 +28,9 @@ from bundle.manifest import MANIFEST, Manifest, hash_tree
 def check_output(out: Path, force: bool) -> None:
     """Refuse an output path we must not replace; called before any expensive work."""
     out = Path(out)
+    above = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ToolkitError(f"output {out}: {above} is a file, not a folder", hint="choose another -o")
     if out.exists() and not force:
         raise ToolkitError(f"output {out} already exists",
                            hint="pass --force to replace it, or -o to choose another folder")

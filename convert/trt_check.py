@@ -352,7 +352,11 @@ def versions_for(manifest: Manifest, asked: str | None = None) -> list[str]:
 
 def check_file(model_path: Path, versions: list[str], *, max_seq: int | None = None,
                batch: int | None = None) -> CheckReport:
-    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # a missing file, protobuf's DecodeError: a damaged bundle
+        raise ToolkitError(f"cannot read {model_path} as ONNX ({type(e).__name__}: {e})",
+                           hint="the bundle is damaged; convert it again or copy a fresh one") from e
     tables = [load_rules(v) for v in versions]
     results = {r.tensorrt: check_model(model, r, base_dir=model_path.parent, max_seq=max_seq,
                                        batch=batch) for r in tables}

@@ -22,18 +22,37 @@ def dims_from_config(spec: ArchSpec, config: Any) -> ModelDims:
                                     f"{spec.model_type} config")
         return value
 
-    hidden, heads = int(need(n.hidden)), int(need(n.heads))
+    def count(attr: str, value: Any) -> int:
+        """A dimension: a positive whole number (1024 or 1024.0), else a ToolkitError naming it."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1 \
+                or value != int(value):
+            raise ToolkitError(f"{spec.model_type} config: {attr} is {value!r}; it must be a "
+                               "positive whole number",
+                               hint="the model's config.json is damaged or not a "
+                                    f"{spec.model_type} config")
+        return int(value)
+
+    def number(attr: str) -> float:
+        value = need(attr)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ToolkitError(f"{spec.model_type} config: {attr} is {value!r}; it must be a "
+                               "number of 0 or more", hint="the model's config.json is damaged")
+        return float(value)
+
+    hidden, heads = count(n.hidden, need(n.hidden)), count(n.heads, need(n.heads))
     kv = getattr(config, n.kv_heads, None) if n.kv_heads else None
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    head_dim = count("head_dim", getattr(config, "head_dim", None) or hidden // heads)
     inter = getattr(config, n.intermediate, None) or 4 * hidden  # gpt2: n_inner None = 4 * n_embd
-    num_layers = int(need(n.num_layers))
-    window = resolve(spec, config, num_layers, int(head_dim)).window if spec.task == DECODER else None
+    num_layers = count(n.num_layers, need(n.num_layers))
+    window = resolve(spec, config, num_layers, head_dim).window if spec.task == DECODER else None
     return ModelDims(
         model_type=spec.model_type,
         num_layers=num_layers, hidden=hidden, heads=heads,
-        kv_heads=int(kv or heads), head_dim=int(head_dim), intermediate=int(inter),
-        vocab_size=int(need(n.vocab)), max_positions=int(need(n.max_positions)),
-        norm_eps=float(need(n.norm_eps)),
+        kv_heads=count(n.kv_heads or n.heads, kv or heads), head_dim=head_dim,
+        intermediate=count(n.intermediate, inter),
+        vocab_size=count(n.vocab, need(n.vocab)),
+        max_positions=count(n.max_positions, need(n.max_positions)),
+        norm_eps=number(n.norm_eps),
         tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
         rope_theta=float(getattr(config, "rope_theta", 10000.0)) if spec.positions == "rope" else None,
         sliding_window=window,

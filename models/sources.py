@@ -109,7 +109,7 @@ class ModelSource:
 
         try:
             return AutoTokenizer.from_pretrained(str(self.model_dir), **self.hf_kwargs)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ToolkitError(f"cannot load a tokenizer for {self.path}: {e}",
                                hint="a Hugging Face folder needs tokenizer.json (or its "
                                     "tokenizer files) beside config.json") from e
@@ -172,6 +172,9 @@ def _check_file(src: ModelSource) -> None:
                                hint="the file is corrupt or not GGUF")
     elif src.kind == "hf":
         try:
-            json.loads((src.path / "config.json").read_text(encoding="utf-8"))
+            config = json.loads((src.path / "config.json").read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ToolkitError(f"{src.path / 'config.json'} is not valid JSON: {e}") from e
+        if not isinstance(config, dict):
+            raise ToolkitError(f"{src.path / 'config.json'} is not a JSON object",
+                               hint="a Hugging Face config.json holds one object of settings")

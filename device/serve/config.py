@@ -5,6 +5,7 @@ Kept free of heavy imports so that `toolkit --help` stays instant.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +89,9 @@ class ServeConfig:
             raise ToolkitError(f"--slots must be at least 1 (got {self.slots})")
         if self.queue < 0:
             raise ToolkitError(f"--queue must be 0 or more (got {self.queue})")
-        if self.drain_timeout < 0:
-            raise ToolkitError(f"--drain-timeout must be 0 or more (got {self.drain_timeout})")
+        if not 0 <= self.drain_timeout < math.inf:  # NaN too
+            raise ToolkitError(f"--drain-timeout must be a finite number of seconds, 0 or more "
+                               f"(got {self.drain_timeout})")
         if self.decode_mode not in DECODE_MODES:
             raise ToolkitError(f"--decode-mode {self.decode_mode!r} is not one of {', '.join(DECODE_MODES)}")
         if self.speculate not in SPECULATE_MODES:

@@ -106,6 +106,9 @@ def claim_socket_path(path: Path) -> None:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
+    except NotADirectoryError as e:  # a file where the socket's folder should be
+        raise ToolkitError(f"cannot listen on {path}: {e.strerror}",
+                           hint="pass --socket with a path in an existing folder") from e
     if not stat.S_ISSOCK(mode):
         raise ToolkitError(f"{path} exists and is not a socket; refusing to replace it",
                            hint="pass another --socket path, or remove that file yourself")
@@ -492,7 +495,20 @@ class Handler(BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":  # an unparsable version: answer with a status
             self.request_version = "HTTP/1.0"  # line anyway (no 0.9 client exists to serve)
         self.close_connection = True
-        super().send_error(code, message, explain)
+        try:
+            super().send_error(code, message, explain)
+        except OSError as e:  # the client hung up before the error went out: nothing to answer
+            log.info("could not send %d (%s): %s", code, message, e)
+
+    def parse_request(self) -> bool:
+        """http.server's parse, minus HTTP/0.9: a request line without a version would be
+        answered without a status line or headers, which the routes cannot write."""
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(400, "a request line needs a version (HTTP/1.0 or HTTP/1.1)")
+            return False
+        return True
 
     def _settle_body(self) -> None:
         """The body the route did not read must not become the next request: read and drop a

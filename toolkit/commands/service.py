@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from bundle.errors import ToolkitError
 from device.serve.unit import UnitOptions
 
 _D = UnitOptions()
@@ -63,5 +64,9 @@ def unit(venv: str, user: str, name: str, store: str | None, socket_path: str | 
     if output is None:
         click.echo(text, nl=False)
     else:
-        output.write_text(text, encoding="utf-8")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise ToolkitError(f"cannot write {output}: {e.strerror or e}",
+                               hint="pass -o with a path in an existing folder this user can write") from e
         click.echo(f"wrote {output}", err=True)

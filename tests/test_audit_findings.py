@@ -1,0 +1,191 @@
+"""Bad input found by an audit of the CLI and the daemon: each case used to end in a traceback,
+a silent success or a 500 path; now it is one line with a hint, or a 4xx."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from bundle.errors import ToolkitError
+from device.serve import httpd
+from toolkit.cli import main
+
+
+def run(*args: str) -> Any:
+    result = CliRunner().invoke(main, list(args))
+    assert not isinstance(result.exception, (AssertionError, AttributeError, TypeError, ValueError,
+                                             OSError)), result.output
+    return result
+
+
+# --- toolkit check on a damaged bundle ---------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_check_names_a_missing_or_corrupt_model_file(tiny_bundle: Any, tmp_path: Path, damage: str) -> None:
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle(), bundle)
+    if damage == "missing":
+        (bundle / "model.onnx").unlink()
+    else:
+        (bundle / "model.onnx").write_bytes((bundle / "model.onnx").read_bytes()[:1000])
+    result = run("check", str(bundle))
+    assert result.exit_code == 1
+    assert "cannot read" in result.output and "hint:" in result.output
+
+
+# --- model folders: config.json and tokenizer ----------------------------------------------------
+
+def hf_folder(tmp_path: Path, tiny_dir: Any, **config: Any) -> Path:
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_dir("llama"), folder)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return folder
+
+
+def test_a_config_json_that_is_not_an_object_is_refused(tmp_path: Path, tiny_dir: Any) -> None:
+    from models.sources import resolve
+
+    folder = hf_folder(tmp_path, tiny_dir)
+    (folder / "config.json").write_text("[1]")
+    with pytest.raises(ToolkitError, match="is not a JSON object"):
+        resolve(str(folder))
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", "x"), ("num_hidden_layers", -1),
+                                         ("num_attention_heads", 0), ("vocab_size", 64.5),
+                                         ("rms_norm_eps", "abc")])
+def test_config_dimensions_that_are_not_counts_are_refused(tmp_path: Path, tiny_dir: Any, field: str,
+                                                           value: Any) -> None:
+    folder = hf_folder(tmp_path, tiny_dir, **{field: value})
+    result = run("plan", str(folder))
+    assert result.exit_code == 1, result.output  # plan used to print a negative tokens/s
+    assert f"{field} is {value!r}" in result.output and "hint:" in result.output
+
+
+def test_a_model_folder_without_tokenizer_files_is_one_line(tmp_path: Path, tiny_dir: Any) -> None:
+    from models.sources import resolve
+
+    folder = hf_folder(tmp_path, tiny_dir)
+    for p in folder.glob("tokenizer*"):
+        p.unlink()
+    with pytest.raises(ToolkitError, match="cannot load a tokenizer"):
+        resolve(str(folder)).load_tokenizer()
+
+
+# --- output paths ----------------------------------------------------------------------------------
+
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    from bundle.staging import check_output
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ToolkitError, match="is a file, not a folder"):
+        check_output(tmp_path / "f" / "a" / "bundle", force=False)
+    check_output(tmp_path / "new" / "bundle", force=False)  # a folder still to be made is fine
+
+
+def test_service_unit_output_under_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    result = run("service", "unit", "-o", str(tmp_path / "f" / "toolkit.service"))
+    assert result.exit_code == 1 and "cannot write" in result.output
+
+
+# --- bench reports -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value", [("cells", "x"), ("cells", [1]), ("config", None),
+                                       ("environment", []), ("rounds", {}), ("power", 5)])
+def test_a_report_with_wrong_types_is_damaged_not_a_traceback(key: str, value: Any) -> None:
+    from bundle.benchreport import REQUIRED_KEYS, SCHEMA, SCHEMA_VERSION, check_report
+
+    report: dict[str, Any] = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+                              **{k: None for k in REQUIRED_KEYS},
+                              "config": {}, "environment": {}, "cells": [], "rounds": []}
+    check_report(report)
+    with pytest.raises(ToolkitError, match=f"damaged bench report: {key}"):
+        check_report({**report, key: value})
+
+
+# --- daemon and unit settings --------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,error", [(["--tcp", "nope"], "is not HOST:PORT"),
+                                        (["--tcp", "0.0.0.0:99999"], "is not HOST:PORT"),
+                                        (["--drain-timeout", "nan"], "--drain-timeout must be"),
+                                        (["--drain-timeout", "-1"], "--drain-timeout must be"),
+                                        (["--drain-timeout", "inf"], "--drain-timeout must be")])
+def test_service_unit_refuses_what_the_daemon_would_refuse(args: list[str], error: str) -> None:
+    result = run("service", "unit", *args)
+    assert result.exit_code == 1 and error in result.output
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_serve_refuses_a_drain_timeout_that_is_not_a_number_of_seconds(value: float) -> None:
+    from device.serve.config import ServeConfig
+
+    with pytest.raises(ToolkitError, match="--drain-timeout"):
+        ServeConfig(bundle=Path("b"), drain_timeout=value)
+
+
+def test_a_socket_path_under_a_file_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ToolkitError, match="cannot listen on"):
+        httpd.claim_socket_path(tmp_path / "f" / "toolkit.sock")
+
+
+# --- the HTTP layer ------------------------------------------------------------------------------
+
+class StatusApp:
+    def dispatch(self, h: httpd.Handler) -> None:
+        h.send_json(200, {"ok": True})
+
+
+@pytest.fixture
+def unix_server() -> Iterator[httpd.UnixServer]:
+    folder = Path(tempfile.mkdtemp(prefix="tka-", dir="/tmp"))
+    srv = httpd.UnixServer(folder / "s.sock", StatusApp())
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def exchange(srv: httpd.UnixServer, raw: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(srv.path))
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data and b"Connection: close" not in data:
+                break
+        return data
+
+
+def test_an_http_0_9_request_gets_400_with_a_status_line(unix_server: httpd.UnixServer) -> None:
+    """`GET /path` without a version reached the routes, whose answer needs headers http.server
+    does not keep for 0.9: the App's 500 path, a traceback in the log, and nothing sent."""
+    assert exchange(unix_server, b"GET /v1/status\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert b" 200 " in exchange(unix_server, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+def test_a_client_gone_before_an_error_leaves_no_traceback(unix_server: httpd.UnixServer,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    def gone(self: Any, data: bytes) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with monkeypatch.context() as m:
+        m.setattr(httpd._Writer, "write", gone)
+        assert exchange(unix_server, b"NONSENSE\r\n\r\n") == b""
+    assert b" 200 " in exchange(unix_server, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert "Traceback" not in capfd.readouterr().err
