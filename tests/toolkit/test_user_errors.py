@@ -1,14 +1,11 @@
-"""Bad input found by an audit of the CLI and the daemon: each case used to end in a traceback,
-a silent success or a 500 path; now it is one line with a hint, or a 4xx."""
+"""Bad input through the `toolkit` commands (found by an audit of the CLI): each case used to end
+in a traceback or a silent success; now it is one line with a hint and a non-zero exit.
+(The daemon's HTTP layer: tests/device/serve/test_httpd_bad_input.py.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
-import socket
-import tempfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 
 from bundle.errors import ToolkitError
-from device.serve import httpd
 from toolkit.cli import main
 
 
@@ -132,60 +128,3 @@ def test_serve_refuses_a_drain_timeout_that_is_not_a_number_of_seconds(value: fl
 
     with pytest.raises(ToolkitError, match="--drain-timeout"):
         ServeConfig(bundle=Path("b"), drain_timeout=value)
-
-
-def test_a_socket_path_under_a_file_is_a_user_error(tmp_path: Path) -> None:
-    (tmp_path / "f").write_text("x")
-    with pytest.raises(ToolkitError, match="cannot listen on"):
-        httpd.claim_socket_path(tmp_path / "f" / "toolkit.sock")
-
-
-# --- the HTTP layer ------------------------------------------------------------------------------
-
-class StatusApp:
-    def dispatch(self, h: httpd.Handler) -> None:
-        h.send_json(200, {"ok": True})
-
-
-@pytest.fixture
-def unix_server() -> Iterator[httpd.UnixServer]:
-    folder = Path(tempfile.mkdtemp(prefix="tka-", dir="/tmp"))
-    srv = httpd.UnixServer(folder / "s.sock", StatusApp())
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def exchange(srv: httpd.UnixServer, raw: bytes) -> bytes:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(srv.path))
-        s.sendall(raw)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-            if b"\r\n\r\n" in data and b"Connection: close" not in data:
-                break
-        return data
-
-
-def test_an_http_0_9_request_gets_400_with_a_status_line(unix_server: httpd.UnixServer) -> None:
-    """`GET /path` without a version reached the routes, whose answer needs headers http.server
-    does not keep for 0.9: the App's 500 path, a traceback in the log, and nothing sent."""
-    assert exchange(unix_server, b"GET /v1/status\r\n\r\n").startswith(b"HTTP/1.1 400")
-    assert b" 200 " in exchange(unix_server, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
-
-
-def test_a_client_gone_before_an_error_leaves_no_traceback(unix_server: httpd.UnixServer,
-                                                           monkeypatch: pytest.MonkeyPatch,
-                                                           capfd: pytest.CaptureFixture[str]) -> None:
-    def gone(self: Any, data: bytes) -> int:
-        raise BrokenPipeError(32, "Broken pipe")
-
-    with monkeypatch.context() as m:
-        m.setattr(httpd._Writer, "write", gone)
-        assert exchange(unix_server, b"NONSENSE\r\n\r\n") == b""
-    assert b" 200 " in exchange(unix_server, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert "Traceback" not in capfd.readouterr().err
