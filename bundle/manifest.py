@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -67,6 +68,21 @@ class ModelDims:
     rope_theta: float | None = None
     sliding_window: int | None = None  # of the layers that slide (models/params.py says which)
     mlp_matrices: int = 3  # 3: gated (gate, up, down); 2: plain (fc1, fc2)
+
+    COUNTS = ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab_size",
+              "max_positions", "mlp_matrices")
+
+    def __post_init__(self) -> None:
+        # A damaged manifest (the file itself is not hashed) must fail here, in one line, not as
+        # a negative-sized array or an allocation of terabytes in a runtime later on.
+        for name in self.COUNTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecordError(f"dims.{name} is {value!r}; it must be a whole number of 1 or more",
+                                  hint="the manifest is damaged; convert the model again")
+        if not 0 <= self.norm_eps < math.inf:
+            raise RecordError(f"dims.norm_eps is {self.norm_eps!r}; it must be a finite number, 0 or "
+                              "more", hint="the manifest is damaged; convert the model again")
 
     @property
     def params(self) -> int:
@@ -367,6 +383,18 @@ class Manifest:
     created_at: str = ""
 
     def __post_init__(self) -> None:
+        if isinstance(self.batch, bool) or self.batch < 1:
+            raise RecordError(f"manifest.batch is {self.batch!r}; a bundle has at least 1 slot",
+                              hint="the manifest is damaged; convert the model again")
+        if self.kind == "decoder":  # its cache holds 1 to max_positions tokens (convert caps it)
+            top = self.architecture.dims.max_positions if self.architecture is not None else None
+            if not 1 <= self.max_seq <= (top or self.max_seq):
+                raise RecordError(f"manifest.max_seq is {self.max_seq!r}; this decoder's cache holds "
+                                  f"{f'1 to {top}' if top else '1 or more'} tokens",
+                                  hint="the manifest is damaged; convert the model again")
+        elif self.max_seq < 0:
+            raise RecordError(f"manifest.max_seq is {self.max_seq!r}; it cannot be negative",
+                              hint="the manifest is damaged; convert the model again")
         named = [*self.bundle_paths(), *(("files", rel) for rel in self.files)]
         for where, rel in named:
             if problem := relpath_problem(rel):

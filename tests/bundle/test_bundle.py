@@ -94,6 +94,13 @@ def _base(tiny_bundle) -> dict:
     (lambda d: d["files"].update({"../x": {"sha256": "0" * 64, "bytes": 1}}), "manifest.files '../x' leaves"),
     (lambda d: d.update(schema_version=SCHEMA_VERSION + 1), "upgrade the toolkit"),
     (lambda d: d.update(schema_version=0), "re-convert"),
+    # impossible numbers: refused here, not as a terabyte allocation or a graph error later on
+    (lambda d: d.update(max_seq=10 ** 12), "max_seq is 1000000000000; this decoder's cache holds 1 to"),
+    (lambda d: d.update(max_seq=0), "manifest.max_seq is 0"),
+    (lambda d: d.update(batch=0), "manifest.batch is 0"),
+    (lambda d: d["architecture"]["dims"].update(num_layers=-2), "dims.num_layers is -2"),
+    (lambda d: d["architecture"]["dims"].update(vocab_size=0), "dims.vocab_size is 0"),
+    (lambda d: d["architecture"]["dims"].update(norm_eps=-1.0), "dims.norm_eps is -1.0"),
 ])
 def test_a_bad_manifest_is_one_clear_error(tiny_bundle, change, message):
     data = _base(tiny_bundle)
