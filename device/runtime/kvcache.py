@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bundle.contract import KVCacheLayout
+from device.runtime.procmem import check_fits
 
 
 @dataclass
@@ -50,6 +51,10 @@ class StaticKVCache:
         # touch only the positions they use (measured: +16 MB for a 256-token request), so a
         # single-stream runtime holds what its context uses (SmolLM2 int4, max_seq 2048: peak
         # RSS 284 MB, 357 committed).
+        if slots > 1:  # committed now (below), all of it
+            need = 2 * layout.num_layers * int(np.prod(shape)) * dtype.itemsize
+            check_fits(need, f"the KV cache of {slots} slots of {layout.max_seq} tokens",
+                       "serve fewer slots (--slots), or convert with a smaller --max-seq")
         self.buffers: list[np.ndarray] = []
         for _ in range(2 * layout.num_layers):
             buf = np.zeros(shape, dtype)

@@ -31,6 +31,18 @@ def mem_available(meminfo: Path = MEMINFO) -> int | None:
     return proc_kib(meminfo, ("MemAvailable",)).get("MemAvailable")
 
 
+def check_fits(need: int, what: str, hint: str, meminfo: Path = MEMINFO) -> None:
+    """Refuse, in one line, to take `need` bytes that MemAvailable says this machine does not
+    have (nothing to check without /proc/meminfo): what the kernel would otherwise answer with
+    its OOM killer, the daemon gone without a word."""
+    available = mem_available(meminfo)
+    if available is not None and need > available:
+        from bundle.errors import ToolkitError
+
+        raise ToolkitError(f"{what} needs {need / 2**20:,.0f} MiB; this machine has "
+                           f"{available / 2**20:,.0f} MiB available", hint=hint)
+
+
 def peak_rss(pid: int | None = None) -> int:
     """VmHWM in bytes of process `pid` (None: this one), the peak of its own memory map: unlike
     getrusage's ru_maxrss, which Linux carries across fork + exec, it starts afresh at exec, so

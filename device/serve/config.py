@@ -33,6 +33,12 @@ DRAFT_TOKENS = 15
 MAX_DRAFT_TOKENS = 64
 
 
+# The most KV slots a daemon takes: past this, a step reads more rows than any board (or this
+# project's CPUs) decodes at once, and 100,000 asked for once ran the start-up probes for hours
+# (then the kernel's OOM killer ended it). Memory is checked too, when the cache is allocated
+# (kvcache.StaticKVCache).
+MAX_SLOTS = 256
+
 # The prefix cache's default budget (device/serve/prefix_cache.py): a fixed 64 MiB, not a share
 # of the KV cache, so what it adds to the daemon's memory is known before the bundle is (an 8 GB
 # board's budget is set per process). It holds ~1,450 tokens of SmolLM2-135M's fp32 KV (46 KB a
@@ -85,8 +91,8 @@ class ServeConfig:
     prefill_chunk: int | None = None  # tokens per interleaved prefill chunk; None: auto, 0: off
 
     def __post_init__(self) -> None:
-        if self.slots is not None and self.slots < 1:
-            raise ToolkitError(f"--slots must be at least 1 (got {self.slots})")
+        if self.slots is not None and not 1 <= self.slots <= MAX_SLOTS:
+            raise ToolkitError(f"--slots must be 1 to {MAX_SLOTS} (got {self.slots})")
         if self.queue < 0:
             raise ToolkitError(f"--queue must be 0 or more (got {self.queue})")
         if not 0 <= self.drain_timeout < math.inf:  # NaN too

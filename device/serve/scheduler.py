@@ -75,6 +75,7 @@ from device.runtime.backend import DecoderBackend
 from device.runtime.draft import VERIFY_TOLERANCE, PromptLookup, verify_step_deviation
 from device.runtime.generate import prefill
 from device.runtime.grammar import LazyCompiler, TokenConstraint
+from device.runtime.procmem import check_fits
 from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, sample, token_logprob
 from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
@@ -394,7 +395,7 @@ def smoke_test(backend: DecoderBackend) -> None:
 
 def probe_batch_invariance(backend: DecoderBackend) -> str | None:
     """How a lone row must step for every row of a batched decode step to equal, bit for bit,
-    the same row stepped so, for every batch size 2..slots, with rows at different positions:
+    the same row stepped so, for batch sizes 2..slots (below), with rows at different positions:
     "alone" (a step of one row), "paired" (beside another slot's padding row), or None
     (neither: decode per row). "paired" is for graphs with a one-row kernel of their own:
     ONNX Runtime 1.32's 4-bit MatMulNBits sums one row in another order than two or more, so an
@@ -409,7 +410,10 @@ def probe_batch_invariance(backend: DecoderBackend) -> str | None:
         prefill(backend, rng.integers(0, backend.vocab_size, n).tolist(), s)
     ids = rng.integers(0, backend.vocab_size, (slots, 1)).astype(np.int64)
     pos = np.array([[n] for n in lengths], dtype=np.int64)
-    batched = [backend.step(ids[:b], pos[:b], list(range(b)))[:, -1].copy() for b in range(2, slots + 1)]
+    # every batch size up to 16 (kernels tile rows by 4 or 8), then powers of two and `slots`:
+    # all of them would be O(slots^2) rows of steps at start-up
+    sizes = sorted({*range(2, min(slots, 16) + 1), *(1 << k for k in range(5, slots.bit_length())), slots})
+    batched = [backend.step(ids[:b], pos[:b], list(range(b)))[:, -1].copy() for b in sizes]
 
     def lone(s: int, paired: bool) -> np.ndarray:
         lo = (s if s + 1 < slots else s - 1) if paired else s
@@ -475,6 +479,9 @@ class Scheduler(QueuedEngine):
         self._ids = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] next token per slot
         self._pos = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] its position
         self._abort = False
+        # a budget, filled as prompts come: one the machine cannot hold is refused now
+        check_fits(prefix_cache_bytes, f"a prefix cache of {prefix_cache_bytes >> 20} MiB",
+                   "pass a smaller --prefix-cache-mb (0 turns it off)")
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block_tokens)
         self.chunks = ChunkSizer(prefill_chunk)
         self._prefilling: dict[int, PrefillJob] = {}  # slot -> job, oldest first
