@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from bundle.errors import ToolkitError
+
 MEMINFO = Path("/proc/meminfo")
 SELF_STATUS = Path("/proc/self/status")
 
@@ -37,8 +39,6 @@ def check_fits(need: int, what: str, hint: str, meminfo: Path = MEMINFO) -> None
     its OOM killer, the daemon gone without a word."""
     available = mem_available(meminfo)
     if available is not None and need > available:
-        from bundle.errors import ToolkitError
-
         raise ToolkitError(f"{what} needs {need / 2**20:,.0f} MiB; this machine has "
                            f"{available / 2**20:,.0f} MiB available", hint=hint)
 

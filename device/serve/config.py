@@ -34,8 +34,8 @@ MAX_DRAFT_TOKENS = 64
 
 
 # The most KV slots a daemon takes: past this, a step reads more rows than any board (or this
-# project's CPUs) decodes at once, and 100,000 asked for once ran the start-up probes for hours
-# (then the kernel's OOM killer ended it). Memory is checked too, when the cache is allocated
+# project's CPUs) decodes at once. --slots 100000 on a tiny bundle once ended in the kernel's OOM
+# killer (exit 137, nothing said). Memory is checked too, when the cache is allocated
 # (kvcache.StaticKVCache).
 MAX_SLOTS = 256
 
