@@ -130,7 +130,7 @@ def test_serve_refuses_a_drain_timeout_that_is_not_a_number_of_seconds(value: fl
         ServeConfig(bundle=Path("b"), drain_timeout=value)
 
 
-# --- toolkit quantize: the gate's limits -------------------------------------------------------
+# --- toolkit quantize: the gate's limits and the calibration file ------------------------------
 
 @pytest.mark.parametrize("option,value", [("--min-top1", "5"), ("--min-top1", "-0.1"),
                                           ("--min-greedy", "nan"), ("--min-cosine", "nan"),
@@ -159,3 +159,11 @@ def test_the_gate_refuses_a_nan_limit() -> None:
         thresholds_for("int8", min_top1=float("nan"))
     assert thresholds_for("int8", min_top1=0.5).min_top1 == 0.5
 
+
+def test_quantize_calibration_folder_says_it_is_a_folder(tiny_bundle: Any, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    result = run("quantize", str(tiny_bundle()), "-p", "int8", "-o", str(out), "--calibration",
+                 str(tmp_path))
+    assert result.exit_code == 1 and "is a folder" in result.output
+    assert "a file of UTF-8 text" in result.output and "does not exist" not in result.output
+    assert not out.exists()
