@@ -58,6 +58,11 @@ def read_text(path: Path | None) -> Text:
     if path is None:
         return builtin_text(BUILTIN_CALIBRATION)
     path = Path(path)
+    if path.is_dir():
+        raise ToolkitError(f"the calibration text {path} is a folder; calibration needs a file of "
+                           "UTF-8 text",
+                           hint="pass a UTF-8 text file with --calibration (e.g. one file from that "
+                                "folder), or leave the option out to use the toolkit's own text")
     if not path.is_file():
         raise ToolkitError(f"calibration file {path} does not exist",
                            hint="pass a UTF-8 text file with --calibration, or leave the option "

@@ -32,6 +32,7 @@ the model. --min-greedy turns it into a gate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from bundle.contract import KVCacheLayout
+from bundle.errors import ToolkitError
 from bundle.manifest import GateRecord, Pooling
 from bundle.records import decode
 from quantize.calibration import Text, builtin_text, heldout_sentences
@@ -55,6 +57,13 @@ class Thresholds:
     min_top1: float
     min_greedy: float  # fraction of greedy tokens matched before the first divergence
     min_cosine: float
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if math.isnan(value):  # every comparison with NaN is False: the gate would pass
+                raise ToolkitError(f"the accuracy gate's limit {name} is NaN, which every result "
+                                   "would pass", hint="give it a number, or leave it out for the "
+                                                      "precision's default")
 
     def to_json(self) -> dict[str, float]:
         return asdict(self)

@@ -12,6 +12,7 @@ Nothing here imports more than click: `toolkit --help` stays instant.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,22 @@ def device_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def threads_option(help: str) -> Decorator:
     """--threads N (None: the library's default); the help says what the threads run."""
     return click.option("--threads", type=click.IntRange(min=1), default=None, help=help)
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan passes every bound check)."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+FRACTION = FiniteFloat(0.0, 1.0)  # the accuracy gate's minimums: top-1, greedy, cosine
+PERCENT = FiniteFloat(min=0.0)  # the accuracy gate's largest perplexity increase
 
 
 def shape_options(f: Callable[..., Any]) -> Callable[..., Any]:

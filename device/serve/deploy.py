@@ -363,11 +363,7 @@ class DeployService:
         if "chunked" in h.headers.get("Transfer-Encoding", "").lower():
             h.close_connection = True
             raise HTTPError(411, "send chunks with Content-Length, not chunked encoding")
-        try:
-            n = int(h.headers.get("Content-Length") or 0)
-        except ValueError as e:
-            h.close_connection = True
-            raise HTTPError(400, "Content-Length is not a number") from e
+        n = h.content_length()  # a 400 (and the connection closed) when not one number
         limit = self.store.limits.max_chunk_bytes
         if not 0 <= n <= limit:
             h.close_connection = True  # the unread body would be parsed as the next request

@@ -467,10 +467,9 @@ class Handler(BaseHTTPRequestHandler):
     # BaseHTTPRequestHandler calls do_<METHOD> once the request line and headers are read
     def do_GET(self) -> None:
         try:
-            self.body_length = max(0, int(self.headers.get("Content-Length") or 0))
-        except ValueError:
-            self.body_length = 0  # read_body answers 400; _settle_body closes the connection
-            self.close_connection = True
+            self.body_length = max(0, self.content_length())
+        except HTTPError:
+            self.body_length = 0  # read_body answers 400; the connection closes after it
         self._body_start = self.rfile.delivered
         self.raw.deadline = time.monotonic() + BODY_GRACE_S + self.body_length / BODY_MIN_RATE
         try:
@@ -558,13 +557,24 @@ class Handler(BaseHTTPRequestHandler):
             ok |= hmac.compare_digest(value_b, token)
         return ok
 
+    def content_length(self) -> int:
+        """The request's Content-Length, 0 when absent: the one reading of it (body_length, the
+        body readers). Not a number, or sent twice with different values (RFC 9112 §6.3: where
+        the body ends is unknown), is a 400 and the connection closes; a repeated value is one."""
+        try:
+            lengths = {int(v or 0) for v in self.headers.get_all("Content-Length") or []}
+        except ValueError as e:
+            self.close_connection = True
+            raise HTTPError(400, "Content-Length is not a number") from e
+        if len(lengths) > 1:
+            self.close_connection = True
+            raise HTTPError(400, "Content-Length is sent more than once with different values; send one")
+        return lengths.pop() if lengths else 0
+
     def read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise HTTPError(411, "chunked request bodies are not supported; send Content-Length")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError as e:
-            raise HTTPError(400, "Content-Length is not a number") from e
+        length = self.content_length()
         if length > MAX_BODY:
             self.close_connection = True  # the unread body would be parsed as the next request
             raise HTTPError(413, f"request body of {length} bytes exceeds the {MAX_BODY}-byte limit")

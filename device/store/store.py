@@ -370,7 +370,12 @@ class Store:
     @classmethod
     def open(cls, root: Path, limits: StoreLimits | None = None) -> Store:
         """Create the layout if needed, take the store's lock and run crash recovery. Limits
-        not given come from <store>/limits.json when it exists (any StoreLimits field)."""
+        not given come from <store>/limits.json when it exists (any StoreLimits field). A folder
+        that holds manifest.json but no bundles/ (every store has one) is a bundle: refused."""
+        if (Path(root) / MANIFEST).is_file() and not (Path(root) / "bundles").is_dir():
+            raise ToolkitError(f"{root} is a bundle (it holds {MANIFEST}), not a store",
+                               hint=f"serve it as the positional argument (`toolkit serve {root}`), "
+                                    "or give --store an empty or new folder")
         store = cls(root, limits or read_limits(Path(root) / "limits.json"))
         for d in (store.root, store.bundles, store.staging):
             d.mkdir(parents=True, exist_ok=True)

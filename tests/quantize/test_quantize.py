@@ -414,7 +414,7 @@ def test_gate_failure_exits_non_zero_and_writes_nothing(q_fp32_bundle, tmp_path)
 
     out = tmp_path / "never"
     result = CliRunner().invoke(main, ["quantize", str(q_fp32_bundle("llama", "cpu")), "-p", "int4",
-                                       "-o", str(out), "--min-top1", "1.01"])
+                                       "-o", str(out), "--min-top1", "1"])
     assert result.exit_code != 0
     assert "failed the accuracy gate" in result.output and "top-1" in result.output
     assert not out.exists()
@@ -426,7 +426,7 @@ def test_gate_failure_with_force_records_it(q_fp32_bundle, tmp_path):  # noqa: F
 
     out = tmp_path / "forced"
     result = CliRunner().invoke(main, ["quantize", str(q_fp32_bundle("llama", "cpu")), "-p", "int4",
-                                       "-o", str(out), "--min-top1", "1.01", "--force"])
+                                       "-o", str(out), "--min-top1", "1", "--force"])
     assert result.exit_code == 0, result.output
     q = load_verified(out).quantization
     assert q.gate.passed is False and q.forced is True

@@ -128,3 +128,42 @@ def test_serve_refuses_a_drain_timeout_that_is_not_a_number_of_seconds(value: fl
 
     with pytest.raises(ToolkitError, match="--drain-timeout"):
         ServeConfig(bundle=Path("b"), drain_timeout=value)
+
+
+# --- toolkit quantize: the gate's limits and the calibration file ------------------------------
+
+@pytest.mark.parametrize("option,value", [("--min-top1", "5"), ("--min-top1", "-0.1"),
+                                          ("--min-greedy", "nan"), ("--min-cosine", "nan"),
+                                          ("--min-cosine", "1.5"), ("--max-ppl-increase", "-5"),
+                                          ("--max-ppl-increase", "nan"), ("--max-ppl-increase", "inf")])
+def test_quantize_refuses_gate_limits_out_of_range_before_any_work(tiny_bundle: Any, tmp_path: Path,
+                                                                  option: str, value: str) -> None:
+    out = tmp_path / "q"
+    result = run("quantize", str(tiny_bundle()), "-p", "int8", "-o", str(out), option, value)
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option,value", [("--min-top1", "1"), ("--min-greedy", "0"),
+                                          ("--min-cosine", "0.995"), ("--max-ppl-increase", "0"),
+                                          ("--max-ppl-increase", "1000")])
+def test_quantize_takes_gate_limits_in_range(tmp_path: Path, option: str, value: str) -> None:
+    result = run("quantize", str(tmp_path / "none"), "-p", "int8", option, value)
+    assert result.exit_code == 1 and "is not a bundle" in result.output  # past the option
+
+
+def test_the_gate_refuses_a_nan_limit() -> None:
+    from quantize.gate import thresholds_for
+
+    with pytest.raises(ToolkitError, match="min_top1 is NaN"):
+        thresholds_for("int8", min_top1=float("nan"))
+    assert thresholds_for("int8", min_top1=0.5).min_top1 == 0.5
+
+
+def test_quantize_calibration_folder_says_it_is_a_folder(tiny_bundle: Any, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    result = run("quantize", str(tiny_bundle()), "-p", "int8", "-o", str(out), "--calibration",
+                 str(tmp_path))
+    assert result.exit_code == 1 and "is a folder" in result.output
+    assert "a file of UTF-8 text" in result.output and "does not exist" not in result.output
+    assert not out.exists()

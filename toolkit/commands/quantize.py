@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from quantize.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
-from toolkit.options import threads_option
+from toolkit.options import FRACTION, PERCENT, threads_option
 
 PRECISIONS = ["fp16", "fp8", "int8", "int4"]
 
@@ -28,13 +28,13 @@ PRECISIONS = ["fp16", "fp8", "int8", "int4"]
 @click.option("--force", is_flag=True,
               help="Replace an existing output, and write the bundle even when the gate fails "
                    "(the manifest records the failure).")
-@click.option("--max-ppl-increase", type=float, default=None, metavar="PCT",
+@click.option("--max-ppl-increase", type=PERCENT, default=None, metavar="PCT",
               help="Gate: largest perplexity increase over fp32, in percent (default per precision).")
-@click.option("--min-top1", type=float, default=None, metavar="FRACTION",
-              help="Gate: smallest top-1 next-token agreement with fp32 (0..1).")
-@click.option("--min-greedy", type=float, default=None, metavar="FRACTION",
+@click.option("--min-top1", type=FRACTION, default=None, metavar="FRACTION",
+              help="Gate: smallest top-1 next-token agreement with fp32.")
+@click.option("--min-greedy", type=FRACTION, default=None, metavar="FRACTION",
               help="Gate: smallest fraction of greedy tokens matching fp32 before divergence.")
-@click.option("--min-cosine", type=float, default=None, metavar="COS",
+@click.option("--min-cosine", type=FRACTION, default=None, metavar="COS",
               help="Gate (encoders): smallest embedding cosine similarity to fp32.")
 @click.option("--int4-grid", type=click.Choice(["symmetric", "zero-point", "offsets"]), default=None,
               help="int4 block grid, in blocks of 32. Default: the gate walks the format's ladder "

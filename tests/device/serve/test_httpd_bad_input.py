@@ -1,5 +1,6 @@
 """The HTTP layer (device/serve/httpd.py) under requests and clients that break the rules:
-HTTP/0.9 request lines, clients gone before an error is sent, a socket path under a file.
+HTTP/0.9 request lines, Content-Length sent twice with different values, clients gone before an
+error is sent, a socket path under a file.
 (The routes' own refusals: test_validation.py and test_fuzz.py.)"""
 
 from __future__ import annotations
@@ -29,15 +30,29 @@ class StatusApp:
         h.send_json(200, {"ok": True})
 
 
-@pytest.fixture
-def unix_server() -> Iterator[httpd.UnixServer]:
+class EchoApp:
+    """Answers with the body's length, or the error read_body raised."""
+
+    def dispatch(self, h: httpd.Handler) -> None:
+        try:
+            h.send_json(200, {"read": len(h.read_body())})
+        except httpd.HTTPError as e:
+            h.send_json(e.status, {"error": {"message": e.message, "code": e.code}})
+
+
+def serving(app: Any) -> Iterator[httpd.UnixServer]:
     folder = Path(tempfile.mkdtemp(prefix="tka-", dir="/tmp"))
-    srv = httpd.UnixServer(folder / "s.sock", StatusApp())
+    srv = httpd.UnixServer(folder / "s.sock", app)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield srv
     srv.shutdown()
     srv.server_close()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def unix_server() -> Iterator[httpd.UnixServer]:
+    yield from serving(StatusApp())
 
 
 def exchange(srv: httpd.UnixServer, raw: bytes) -> bytes:
@@ -73,3 +88,39 @@ def test_a_client_gone_before_an_error_leaves_no_traceback(unix_server: httpd.Un
     assert "Traceback" not in capfd.readouterr().err
 
 
+
+
+@pytest.fixture
+def echo_server() -> Iterator[httpd.UnixServer]:
+    yield from serving(EchoApp())
+
+
+def test_two_differing_content_lengths_are_a_400_and_a_close(echo_server: httpd.UnixServer) -> None:
+    """RFC 9112 §6.3: which one frames the body is unknowable (request smuggling); the first one
+    was used, and the rest of the body was parsed as the next request."""
+    post = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: %s\r\n\r\nabcGET /"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(echo_server.path))
+        s.sendall(post % b"5")
+        reply = b""
+        while chunk := s.recv(65536):  # to EOF: the daemon hangs up after the 400
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400") and b"different values" in reply
+    assert reply.count(b"HTTP/1.1") == 1  # nothing after it was read as a next request
+    reply = exchange(echo_server, post[:-5] % b"3")  # the same value repeated counts once
+    assert reply.startswith(b"HTTP/1.1 200") and b'{"read": 3}' in reply
+
+
+def test_a_deploy_chunk_with_differing_content_lengths_is_a_400(tmp_path: Path) -> None:
+    from device.serve.deploy import DeployApp, DeployService
+    from device.store.store import Store, smoke_test
+
+    store = Store.open(tmp_path / "store")
+    try:
+        for srv in serving(DeployApp(DeployService(store, smoke_test))):
+            reply = exchange(srv, b"PUT /v1/deploy/uploads/" + b"0" * 64 + b"?path=a&offset=0&crc32=0 "
+                             b"HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab")
+            assert reply.startswith(b"HTTP/1.1 400") and b"different values" in reply
+    finally:
+        store.close()

@@ -340,3 +340,15 @@ def test_store_install_smoke_failure_rollback_and_recovery(bundles: dict[str, Pa
     store.close()
 
 
+
+
+def test_store_refuses_a_bundle_folder_and_writes_nothing(base_bundle: Path, tmp_path: Path) -> None:
+    root = tmp_path / "bundle"
+    root.mkdir()
+    (root / MANIFEST).write_bytes((base_bundle / MANIFEST).read_bytes())
+    with pytest.raises(ToolkitError, match="is a bundle") as e:
+        Store.open(root)
+    assert e.value.hint and f"toolkit serve {root}" in e.value.hint
+    assert sorted(p.name for p in root.iterdir()) == [MANIFEST]  # no bundles/, staging/ or lock
+    (root / "bundles").mkdir()  # a store (its bundles/ folder) that happens to hold a manifest.json
+    Store.open(root).close()
