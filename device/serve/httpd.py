@@ -605,6 +605,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
+            if self.close_connection and "Connection" not in (headers or {}):
+                # decided before this reply (a 400/413 whose body cannot be framed or is left
+                # unread): say so, or an HTTP/1.1 client sends its next request into the hang-up
+                self.send_header("Connection", "close")
             if self.command != "HEAD" and body:
                 # end_headers() and the body in ONE send: two small sends per reply were ~5 % of
                 # a deploy's receiving thread (each chunk is answered)

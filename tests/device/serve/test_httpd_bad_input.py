@@ -107,6 +107,7 @@ def test_two_differing_content_lengths_are_a_400_and_a_close(echo_server: httpd.
         while chunk := s.recv(65536):  # to EOF: the daemon hangs up after the 400
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 400") and b"different values" in reply
+    assert b"\r\nConnection: close\r\n" in reply.split(b"\r\n\r\n")[0] + b"\r\n"
     assert reply.count(b"HTTP/1.1") == 1  # nothing after it was read as a next request
     reply = exchange(echo_server, post[:-5] % b"3")  # the same value repeated counts once
     assert reply.startswith(b"HTTP/1.1 200") and b'{"read": 3}' in reply
