@@ -410,8 +410,8 @@ def probe_batch_invariance(backend: DecoderBackend) -> str | None:
         prefill(backend, rng.integers(0, backend.vocab_size, n).tolist(), s)
     ids = rng.integers(0, backend.vocab_size, (slots, 1)).astype(np.int64)
     pos = np.array([[n] for n in lengths], dtype=np.int64)
-    # every batch size up to 16 (kernels tile rows by 4 or 8), then powers of two and `slots`:
-    # all of them would be O(slots^2) rows of steps at start-up
+    # every batch size up to 16 (where a kernel's row blocking differs most from size to size),
+    # then powers of two and `slots`: every size up to 256 would be O(slots^2) rows of steps
     sizes = sorted({*range(2, min(slots, 16) + 1), *(1 << k for k in range(5, slots.bit_length())), slots})
     batched = [backend.step(ids[:b], pos[:b], list(range(b)))[:, -1].copy() for b in sizes]
 
