@@ -46,6 +46,14 @@ MAX_SLOTS = 256
 PREFIX_CACHE_MB = 64
 
 
+def check_drain_timeout(seconds: float) -> None:
+    """--drain-timeout, for the daemon and the service unit that starts it: finite and 0 or more
+    (NaN fails the comparison too)."""
+    if not 0 <= seconds < math.inf:
+        raise ToolkitError(f"--drain-timeout must be a finite number of seconds, 0 or more "
+                           f"(got {seconds:g})")
+
+
 def parse_prefill_chunk(text: str) -> int | None:
     """--prefill-chunk: "auto" (None: sized by time, device/serve/prefill.py), "off" (0), or a
     number of tokens."""
@@ -95,9 +103,7 @@ class ServeConfig:
             raise ToolkitError(f"--slots must be 1 to {MAX_SLOTS} (got {self.slots})")
         if self.queue < 0:
             raise ToolkitError(f"--queue must be 0 or more (got {self.queue})")
-        if not 0 <= self.drain_timeout < math.inf:  # NaN too
-            raise ToolkitError(f"--drain-timeout must be a finite number of seconds, 0 or more "
-                               f"(got {self.drain_timeout})")
+        check_drain_timeout(self.drain_timeout)
         if self.decode_mode not in DECODE_MODES:
             raise ToolkitError(f"--decode-mode {self.decode_mode!r} is not one of {', '.join(DECODE_MODES)}")
         if self.speculate not in SPECULATE_MODES:

@@ -11,13 +11,13 @@ read; the daemon reads its copy in $CREDENTIALS_DIRECTORY, the unit's %d).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import PurePosixPath
 
 from bundle.errors import ToolkitError
+from device.serve.config import check_drain_timeout
 from device.serve.httpd import parse_tcp
 
 TEMPLATE = "toolkit.service.in"
@@ -129,9 +129,7 @@ def _check(o: UnitOptions) -> None:
         raise ToolkitError(f"--tcp {o.tcp!r} is not HOST:PORT", hint="e.g. --tcp 0.0.0.0:8443")
     if o.tcp:
         parse_tcp(o.tcp)  # the port the daemon would refuse at start, refused here
-    if not 0 <= o.drain_timeout < math.inf:
-        raise ToolkitError(f"--drain-timeout must be a finite number of seconds, 0 or more "
-                           f"(got {o.drain_timeout:g})")
+    check_drain_timeout(o.drain_timeout)
     if (o.tls_cert is None) != (o.tls_key is None):
         raise ToolkitError("--tls-cert and --tls-key go together")
     if o.tls_cert and not o.tcp:
