@@ -40,8 +40,8 @@ class QuantOptions:
     # integer zero point per block: the block's own [min, max] in 256 levels; SmolLM2 int8:
     # layers' relative RMS error 5.4e-3 -> 4.7e-3; with the head in blocks of 32, KL from fp32
     # over 12.6 k tokens 0.0071 -> 0.0047, decode speed 0.96-1.00x in A/Bs; README) or
-    # "symmetric". TensorRT's INT8 DQ
-    # takes zero point 0 only: the Jetson formats stay symmetric whatever this says.
+    # "symmetric". TensorRT's INT8 DQ takes zero point 0 only: the Jetson formats stay symmetric
+    # whatever this says.
     int8_grid: str = "zero-point"
     # AWQ (quantize/awq.py) before the plain int4 grids (symmetric, zero-point), from the
     # calibration text: what lets the plain grids pass the gate (SmolLM2: symmetric +26 % -> +12 %
