@@ -38,21 +38,29 @@ def _measured(p: Point) -> bool:
     return p.ppl is not None and p.speed is not None
 
 
+def speed_ratio(p: Point, q: Point) -> float:
+    """p's decode speed over q's: the median of their same-round ratios, as every ratio of the
+    benches (this VM's load moves by tens of percent between rounds, and every point of a round
+    ran in it); the ratio of their median rounds where they share no round."""
+    return paired_ratio(p.tok_s, q.tok_s) or p.speed / q.speed  # type: ignore[operator]
+
+
 def beats(p: Point, q: Point) -> bool:
-    """p is both faster and more accurate than q (strictly, on both axes)."""
-    return (_measured(p) and _measured(q) and p.speed > q.speed  # type: ignore[operator]
-            and p.ppl < q.ppl)  # type: ignore[operator]
+    """p is both faster (same-round ratio > 1) and more accurate than q (strictly, on both)."""
+    return _measured(p) and _measured(q) and p.ppl < q.ppl and speed_ratio(p, q) > 1  # type: ignore[operator]
 
 
 def pareto(points: list[Point]) -> list[Point]:
     """The points no other point beats on size, perplexity and speed together (at least as good
-    on all three and better on one), smallest first."""
+    on all three and better on one; speed by same-round ratio), smallest first."""
     def better(p: Point, q: Point) -> bool:
-        no_worse = p.bytes <= q.bytes and p.ppl <= q.ppl and p.speed >= q.speed  # type: ignore[operator]
-        return no_worse and (p.bytes, p.ppl, -p.speed) != (q.bytes, q.ppl, -q.speed)  # type: ignore[operator]
+        r = speed_ratio(p, q)
+        no_worse = p.bytes <= q.bytes and p.ppl <= q.ppl and r >= 1  # type: ignore[operator]
+        return no_worse and (p.bytes < q.bytes or p.ppl < q.ppl or r > 1)  # type: ignore[operator]
 
     done = [p for p in points if _measured(p)]
-    return sorted((p for p in done if not any(better(q, p) for q in done)), key=lambda p: p.bytes)
+    return sorted((p for p in done if not any(better(q, p) for q in done if q is not p)),
+                  key=lambda p: p.bytes)
 
 
 def dominated(points: list[Point]) -> list[tuple[Point, Point]]:
@@ -69,8 +77,10 @@ def pareto_table(points: list[Point]) -> str:
         lines.append(f"{p.name:44} {p.bytes / 2**20:9.1f} {ppl:>8} {speed:>15}  "
                      f"{'yes' if p.name in front else ''}")
     beaten = dominated(points)
-    lines.append("peer points both faster and more accurate than one of ours: "
-                 + ("; ".join(f"{p.name} beats {o.name}" for p, o in beaten) if beaten else "none"))
+    lines.append("peer points both faster (median of same-round ratios) and more accurate than "
+                 "one of ours: " + ("; ".join(f"{p.name} beats {o.name} ({speed_ratio(p, o):.2f}x, "
+                                             f"ppl {p.ppl:.3f} < {o.ppl:.3f})" for p, o in beaten)
+                                   if beaten else "none"))
     return "\n".join(lines)
 
 

@@ -23,12 +23,25 @@ def test_paired_ratio_is_the_median_of_same_round_ratios():
 
 def test_pareto_front_and_dominated_peers():
     pts = _points()
-    assert [p.name for p in pareto(pts)] == ["peer int4", "ours int4", "ours int8"]
+    # peer q8 is faster than ours int8 in two rounds of three (1.03x): on the front, less accurate
+    assert [p.name for p in pareto(pts)] == ["peer int4", "ours int4", "ours int8", "peer q8"]
     assert dominated(pts) == []  # peer q8 is faster than ours int8 but less accurate
     pts.append(Point("peer fast", "peer", 300, 26.5, [170.0, 90.0, 170.0]))
     assert [(p.name, o.name) for p, o in dominated(pts)] == [("peer fast", "ours int8")]
     table = pareto_table(pts)
-    assert "peer fast beats ours int8" in table and "peer missing" in table
+    assert "peer fast beats ours int8 (1.12x, ppl 26.500 < 26.800)" in table and "peer missing" in table
+
+
+def test_faster_means_the_median_same_round_ratio():
+    """A peer whose median round is faster (130 > 120 tok/s) but that lost two of the three
+    rounds it shared with ours (ratios 1.3, 0.75, 0.92) is not faster: no point beats ours."""
+    ours = Point("ours", "ours", 90, 27.0, [100.0, 200.0, 120.0])
+    peer = Point("peer", "peer", 95, 26.5, [130.0, 150.0, 110.0])
+    assert peer.speed is not None and ours.speed is not None and peer.speed > ours.speed
+    assert dominated([ours, peer]) == []
+    assert {p.name for p in pareto([ours, peer])} == {"ours", "peer"}
+    faster = Point("peer", "peer", 95, 26.5, [130.0, 210.0, 110.0])  # 1.3, 1.05, 0.92 -> 1.05
+    assert [(p.name, o.name) for p, o in dominated([ours, faster])] == [("peer", "ours")]
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -77,7 +90,8 @@ def test_quantize_bench_report_uses_same_round_ratios_and_gate_figures():
     assert "int4 decode vs llama.cpp Q4_1     daemon    n/a  in-process    n/a" in text
     assert "+3.1 % perplexity, top-1 0.930  (goal <= +5 %, >= 0.90: met)" in text
     assert "int4 peak RSS                    daemon 310 MiB, in-process 280 MiB" in text
-    assert "peer points both faster and more accurate than one of ours: none" in text
+    assert ("peer points both faster (median of same-round ratios) and more accurate than one of "
+            "ours: none") in text
 
 
 def test_quantize_bench_reports_minilms_ladder_with_its_cosine_and_the_kept_step():
