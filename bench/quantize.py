@@ -1,6 +1,6 @@
 """Quantization benchmark on SmolLM2-135M: size, perplexity, decode speed and peak RSS per variant.
 
-    python bench/quantize.py [--work DIR] [--rounds 3] [--json out.json] [--plot out.png]
+    python bench/quantize.py [--work DIR] [--rounds 5] [--json out.json] [--plot out.png]
 
 Variants (each measured in a fresh subprocess, so peak RSS is that variant's alone):
   ours P (daemon)              the headline rows: the default bundles (what `toolkit convert
@@ -29,7 +29,9 @@ variant's speed is its median round, and a ratio between two variants is the med
 same-round ratios (the CPU may be shared: never best-of). Perplexity is over the held-out text
 (quantize/data/heldout.txt), per token, each runtime scoring its own logits. The Pareto table
 (size, perplexity, tok/s) of every point and a size/perplexity/speed plot (bench/pareto.py) end
-the report, with whether any peer point is both faster and more accurate than one of ours.
+the report, with whether any peer point is both faster (the median of same-round ratios) and
+more accurate than one of ours. Five rounds by default: several points of that table differ by
+a few percent in speed, about what one round moves on a shared 2-core machine.
 Targets are printed as ratios; they are goals to check, not assertions.
 """
 
@@ -470,7 +472,7 @@ def report(variants: list[Variant], mini: dict[str, Any], plot_path: Path | None
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edge-toolkit-bench" / "quantize")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None,
                     help="the size/perplexity/speed PNG (default: WORK/quantize-pareto.png)")

@@ -91,14 +91,16 @@ def test_cpu_matmulnbits_structure(q_bundle, precision, bits):  # noqa: F811
     assert len(head) == 1 and attr(head[0], "bits") == 8 and len(head[0].input) == 3
     assert attr(head[0], "block_size") == attr(gbq, "block_size") == 32
     assert {attr(n, "block_size") for n in mm if n is not head[0]} == {32}
-    # int8 layers carry an integer zero point per block (MatMulNBits' fourth input, uint8, one a
-    # block of each column); the int4 offset grid has none (its offsets ride as rows)
+    # every layer carries an integer zero point per block (MatMulNBits' fourth input, uint8, one
+    # a block of each column, two a byte at 4 bits): int8's grid; the int4 offset grid's whole
+    # steps of each offset (the residuals ride as rows)
     for n in mm:
         if n is not head[0]:
-            assert len(n.input) == (4 if bits == 8 else 3), n.name
-            if bits == 8:
-                zp = numpy_helper.to_array(inits(m)[n.input[3]])
-                assert zp.dtype == np.uint8 and zp.size == attr(n, "N") * attr(n, "K") // 32
+            assert len(n.input) == 4, n.name
+            zp = numpy_helper.to_array(inits(m)[n.input[3]])
+            blocks = attr(n, "K") // 32
+            per_column = blocks if bits == 8 else -(-blocks // 2)
+            assert zp.dtype == np.uint8 and zp.size == attr(n, "N") * per_column
     assert not [t for t in m.graph.initializer if t.data_type == TensorProto.FLOAT
                 and np.prod(t.dims) >= 8 * 128 and not t.name.endswith("_scales")
                 and not t.name.startswith("block_sums")]  # no float copy of the table
@@ -176,37 +178,62 @@ def test_cpu_int4_grids_run_close_to_fp32(q_bundle, q_fp32_bundle, grid):  # noq
 
 @pytest.mark.parametrize("K,N", [(64, 24), (96, 40)])
 def test_offset_rows_reproduce_the_offset_form(K, N):
-    """x_aug @ W_aug (one MatMulNBits, fp32 compute) equals x @ W of the offset form, up to the
-    two-digit rounding of the offsets; Q4_1-style weights come back near-exactly."""
+    """x_aug @ W_aug (one MatMulNBits) equals x @ W of the offset form, up to the two-digit
+    rounding of the offsets' residuals (fp32 compute); Q4_1-style weights come back near-exactly.
+    With int8 compute (accuracy_level 4, what bundles run) the kernel rounds x, and that error
+    meets the integer part of the weights: the offsets' whole steps ride in the zero points, so
+    that part is the weight itself within half a step (quantize/cpu.py)."""
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
     from quantize.blockwise import quantize_offset
-    from quantize.cpu import OffsetRows, pack_nbits, with_offset_rows
+    from quantize.cpu import OffsetRows, pack_nbits, pack_zero_points, with_offset_rows
 
     rng = np.random.default_rng(K)
     kb = K // 32
     step = rng.uniform(0.001, 0.02, (kb, N))
-    low = -rng.uniform(0, 0.15, (kb, N))
+    # blocks 6.5-7.5 steps off centre (Q4_1's SmolLM2 blocks: a median 1, up to 7.4)
+    low = -rng.choice([0.5, 14.5], (kb, N)) * step
+    low[:, 0] = 0.2  # and a column of blocks far from zero (whole steps past the zero points')
     w = (np.repeat(step, 32, 0) * rng.integers(0, 16, (K, N)) + np.repeat(low, 32, 0)).astype(np.float32)
     bw = quantize_offset(w, 4, 32)
     aug = with_offset_rows(bw)
-    g = helper.make_graph([], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, K])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    xa, Ka, extra = OffsetRows(g, 32).augmented("x", K)
-    g.initializer.extend([numpy_helper.from_array(pack_nbits(aug), "B"),
-                          numpy_helper.from_array(np.ascontiguousarray(aug.scales.T), "S")])
-    g.node.extend(extra + [helper.make_node("MatMulNBits", [xa, "B", "S"], ["y"], domain="com.microsoft",
-                                            K=Ka, N=N, bits=4, block_size=32, accuracy_level=0)])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
-                                                helper.make_opsetid("com.microsoft", 1)])
-    x = rng.standard_normal((2, 3, K)).astype(np.float32) + 0.3
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x})[0]
+    assert aug.zero_points is not None and aug.offsets is None
+    assert bw.offsets is not None
+    residual = bw.offsets - bw.scales * (8 - aug.zero_points[:kb].astype(np.float32))
+    ratio = bw.offsets / bw.scales
+    near = (ratio > -7.5) & (ratio <= 8.5)  # the zero points reach: 8 - round(c / s) in 0..15
+    assert near[:, 1:].mean() > 0.75 and not near[:, 0].any()
+    assert (np.abs(residual[near]) <= 0.5 * bw.scales[near] + 1e-7).all()
+    assert (np.abs(residual) <= np.abs(bw.offsets) + 1e-7).all()  # clamped: still nearer
+    assert np.abs(aug.zero_points[:kb].astype(int) - 8).max() > 2  # the test's offsets need them
+    assert (aug.zero_points[kb:] == 8).all()  # the residual digits are symmetric
+
+    def run(level: int, x: np.ndarray) -> np.ndarray:
+        g = helper.make_graph([], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        xa, Ka, extra = OffsetRows(g, 32).augmented("x", K)
+        assert Ka == K + 2 * 32
+        g.initializer.extend([numpy_helper.from_array(pack_nbits(aug), "B"),
+                              numpy_helper.from_array(np.ascontiguousarray(aug.scales.T), "S"),
+                              numpy_helper.from_array(pack_zero_points(aug), "Z")])
+        g.node.extend(extra + [helper.make_node("MatMulNBits", [xa, "B", "S", "Z"], ["y"],
+                                                domain="com.microsoft", K=Ka, N=N, bits=4,
+                                                block_size=32, accuracy_level=level)])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+        return ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    x = rng.standard_normal((2, 3, K)).astype(np.float32) + 3.0  # block sums ~100
     ref = x @ bw.dequantize()
-    assert Ka == K + 2 * 32
-    assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max()
+    assert np.abs(run(0, x) - ref).max() < 2e-3 * np.abs(ref).max()
     assert np.abs(ref - x @ w).max() < 0.03 * np.abs(x @ w).max()
+    # int8 compute: the int8 rounding of x times the weights (as on the plain grids), not times
+    # weights shifted by whole offsets (relative RMS error 0.8e-3 here; 1.9e-3 and 2.4e-3 when
+    # the zero points were all 8 and the rows carried the offsets whole)
+    err = run(4, x)[..., 1:] - ref[..., 1:]
+    assert np.sqrt((err ** 2).mean() / (ref[..., 1:] ** 2).mean()) < 1.2e-3
 
 
 def test_zero_point_grid_matches_the_kernel():
