@@ -4,8 +4,9 @@
                       accuracy_level 4 (ORT quantizes the activations to int8 per block inside
                       the kernel and runs int8 dot products: the fast path on x86 and arm64).
                       int4: the grid the gate settles on (symmetric, integer zero points, or
-                      per-block offsets carried as extra rows: see OffsetRows below); the plain
-                      grids after AWQ (quantize/awq.py), each block rounded by output error;
+                      per-block offsets: their whole steps in the zero points, the rest carried
+                      as extra rows, see OffsetRows below); the plain grids after AWQ
+                      (quantize/awq.py), each block rounded by output error;
                       int8 (and the 8-bit layers of a mixed int4 step): an integer zero point
                       per block (`grid8`); the head keeps symmetric codes (see _head_block).
   ort-matmul-integer  dynamic int8: MatMulInteger with per-tensor activations quantized at run
