@@ -117,7 +117,8 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,
 
     def quantized(name: str, bits: int, grid: str, block: int) -> tuple[list[str], BlockWeights]:
         """The initializers MatMulNBits reads ([B, scales] or [B, scales, zero_points]) and the
-        codes of one weight, made once. The offset grid's B and scales carry the offset rows."""
+        codes of one weight, made once. The offset grid's B, scales and zero points carry the offset
+        rows and the offsets' whole steps."""
         key = (name, bits, grid, block)
         if key not in packed:
             w = g.to_array(graph, name).astype(np.float32)

@@ -1,9 +1,10 @@
 """The per-block offset term of the TensorRT int4 Q/DQ format, as separate graph nodes.
 
-(The CPU format carries the same offsets as extra rows of one MatMulNBits instead: see
+(The CPU format carries the same offsets in the zero points and extra rows of one MatMulNBits: see
 quantize/cpu.py, OffsetRows. TensorRT's INT4 DQ has no such trick, so it gets these nodes.)
 
-Both runtimes only take zero-point-free ("symmetric") block weights in their fast paths, yet a
+Both runtimes take zero-point-free ("symmetric") block weights in their fastest paths (TensorRT's
+INT4 DQ only those; ONNX Runtime's one-row CPU kernel for blocks of 32), yet a
 block of 32 weights is rarely centred on zero, and a symmetric 4-bit grid then spends half its 16
 levels on values the block never has. The offset form (quantize/blockwise.py) fits each block's
 [min, max] and splits the weight into an integer part and one float per block:
