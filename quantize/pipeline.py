@@ -209,11 +209,18 @@ def _check(src: Manifest, precision: str, fmt: str | None,
                            hint="pass the fp32 bundle `toolkit convert` wrote")
     target = load_target(src.target.name)
     fmt_rec = format_for(target, precision, fmt)
+    return fmt_rec, gate_limits(fmt_rec, precision, thresholds)
+
+
+def gate_limits(fmt: Format, precision: str,
+                thresholds: Thresholds | dict[str, float | None] | None) -> Thresholds:
+    """The gate's limits: the user's (None: not given), then the format's own perplexity budget,
+    then the precision's defaults."""
     if isinstance(thresholds, Thresholds):
-        limits = thresholds
-    else:
-        limits = thresholds_for(precision, **(thresholds or {}))
-    return fmt_rec, limits
+        return thresholds
+    given = {k: v for k, v in (thresholds or {}).items() if v is not None}
+    budget = dict(fmt.max_ppl_increase).get(precision)
+    return thresholds_for(precision, **{"max_ppl_increase": budget, **given})
 
 
 def _tokenizer(bundle: Path, src: Manifest) -> Any:
@@ -298,7 +305,8 @@ def _tool_versions() -> dict[str, str]:
 
 def convert_and_quantize(model: str, target: str, precision: str, out: Path | None,
                          max_seq: int | None, batch: int, force: bool, threads: int | None,
-                         calibration: Path | None) -> str:
+                         calibration: Path | None,
+                         thresholds: dict[str, float | None] | None = None) -> str:
     """`toolkit convert --precision P`: the fp32 bundle is built in a temporary folder beside
     the output (the quantizer's reference), quantized into the output, then deleted. Returns
     the printable summary of both stages."""
@@ -327,7 +335,7 @@ def convert_and_quantize(model: str, target: str, precision: str, out: Path | No
                                                                   "quantizing)")
         try:
             q = quantize_bundle(fp32.bundle, precision, calibration=calibration, out=final,
-                                force=force, threads=threads,
+                                force=force, threads=threads, thresholds=thresholds,
                                 steps=Steps(total=steps_total(precision)))
         except GateFailure as e:
             print(failure_summary(e.gate), file=sys.stderr)

@@ -80,6 +80,29 @@ FRACTION = FiniteFloat(0.0, 1.0)  # the accuracy gate's minimums: top-1, greedy,
 PERCENT = FiniteFloat(min=0.0)  # the accuracy gate's largest perplexity increase
 
 
+def gate_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The accuracy gate's limits (quantize/gate.py), passed on as `limits`: a dict of
+    max_ppl_increase (a fraction), min_top1, min_greedy, min_cosine; None where not given (the
+    format's or the precision's default)."""
+    @click.option("--max-ppl-increase", type=PERCENT, default=None, metavar="PCT",
+                  help="Gate: largest perplexity increase over fp32, in percent (default per "
+                       "precision: fp16 1, int8 1 weight-only (cpu) or 10 with the activations "
+                       "quantized (Jetson W8A8), int4 5).")
+    @click.option("--min-top1", type=FRACTION, default=None, metavar="FRACTION",
+                  help="Gate: smallest top-1 next-token agreement with fp32.")
+    @click.option("--min-greedy", type=FRACTION, default=None, metavar="FRACTION",
+                  help="Gate: smallest fraction of greedy tokens matching fp32 before divergence.")
+    @click.option("--min-cosine", type=FRACTION, default=None, metavar="COS",
+                  help="Gate (encoders): smallest embedding cosine similarity to fp32.")
+    @functools.wraps(f)
+    def wrapper(*args: Any, max_ppl_increase: float | None, min_top1: float | None,
+                min_greedy: float | None, min_cosine: float | None, **kwargs: Any) -> Any:
+        limits = {"max_ppl_increase": None if max_ppl_increase is None else max_ppl_increase / 100.0,
+                  "min_top1": min_top1, "min_greedy": min_greedy, "min_cosine": min_cosine}
+        return f(*args, limits=limits, **kwargs)
+    return wrapper
+
+
 def shape_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--max-seq and --batch: the static KV cache a bundle is converted or planned for."""
     f = click.option("--batch", type=int, default=1, show_default=True,

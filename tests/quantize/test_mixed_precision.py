@@ -210,3 +210,20 @@ def test_int4_default_budget():
     assert (t.max_ppl_increase, t.min_top1) == (0.05, 0.90)
     assert thresholds_for("int4", max_ppl_increase=0.2).max_ppl_increase == 0.2
     assert (thresholds_for("int8").max_ppl_increase, thresholds_for("int8").min_top1) == (0.10, 0.80)
+
+
+def test_weight_only_int8_is_held_to_one_percent():
+    """int8's +10 % is for formats that quantize the activations too (Jetson's W8A8, dynamic
+    MatMulInteger); the CPU's default weight-only MatMulNBits int8 has its own +1 %."""
+    from quantize.formats import FORMATS, format_for
+    from quantize.pipeline import gate_limits
+    from targets import load_target
+
+    cpu, jetson = (format_for(load_target(t), "int8") for t in ("cpu", "jetson-orin-nano-8gb"))
+    assert (cpu.name, jetson.name) == ("ort-matmulnbits", "qdq-int8-symmetric")
+    assert gate_limits(cpu, "int8", None).max_ppl_increase == 0.01
+    assert gate_limits(cpu, "int8", {"max_ppl_increase": None, "min_top1": 0.9}).max_ppl_increase == 0.01
+    assert gate_limits(cpu, "int8", {"max_ppl_increase": 0.05}).max_ppl_increase == 0.05  # the flag wins
+    assert gate_limits(cpu, "int4", None).max_ppl_increase == 0.05
+    assert gate_limits(jetson, "int8", None).max_ppl_increase == 0.10
+    assert gate_limits(FORMATS["ort-matmul-integer"], "int8", None).max_ppl_increase == 0.10

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from toolkit.options import shape_options, target_option, threads_option
+from toolkit.options import gate_options, shape_options, target_option, threads_option
 
 
 @click.command()
@@ -23,15 +23,18 @@ from toolkit.options import shape_options, target_option, threads_option
                    "gate), in the format the target runs.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Calibration text (UTF-8) for --precision; default: text shipped with the toolkit.")
+@gate_options
 def convert(model: str, target: str, max_seq: int | None, batch: int, output: Path | None,
-            force: bool, threads: int | None, precision: str, calibration: Path | None) -> None:
+            force: bool, threads: int | None, precision: str, calibration: Path | None,
+            limits: dict[str, float | None]) -> None:
     """Convert MODEL into a bundle for a target.
 
     MODEL is a Hugging Face folder, a .gguf file, an .onnx file, or a packaged model name
     (smollm2-135m, all-minilm-l6-v2). Every convert checks the exported graph against PyTorch
     (logits and 32 greedy tokens) and writes nothing if it does not match. With --precision
     the fp32 bundle is then quantized, and nothing is written if the accuracy gate fails
-    (--force writes it anyway, with the failure recorded). --force also converts a model the
+    (--force writes it anyway, with the failure recorded; the gate's limits as in `toolkit
+    quantize`). --force also converts a model the
     fit plan says will not fit the target, and replaces an existing bundle.
 
     \b
@@ -52,4 +55,4 @@ def convert(model: str, target: str, max_seq: int | None, batch: int, output: Pa
     from quantize.pipeline import convert_and_quantize
 
     click.echo(convert_and_quantize(model, target, precision, output, max_seq, batch, force,
-                                    threads, calibration))
+                                    threads, calibration, limits))

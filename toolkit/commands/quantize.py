@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from quantize.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
-from toolkit.options import FRACTION, PERCENT, threads_option
+from toolkit.options import gate_options, threads_option
 
 PRECISIONS = ["fp16", "fp8", "int8", "int4"]
 
@@ -28,14 +28,7 @@ PRECISIONS = ["fp16", "fp8", "int8", "int4"]
 @click.option("--force", is_flag=True,
               help="Replace an existing output, and write the bundle even when the gate fails "
                    "(the manifest records the failure).")
-@click.option("--max-ppl-increase", type=PERCENT, default=None, metavar="PCT",
-              help="Gate: largest perplexity increase over fp32, in percent (default per precision).")
-@click.option("--min-top1", type=FRACTION, default=None, metavar="FRACTION",
-              help="Gate: smallest top-1 next-token agreement with fp32.")
-@click.option("--min-greedy", type=FRACTION, default=None, metavar="FRACTION",
-              help="Gate: smallest fraction of greedy tokens matching fp32 before divergence.")
-@click.option("--min-cosine", type=FRACTION, default=None, metavar="COS",
-              help="Gate (encoders): smallest embedding cosine similarity to fp32.")
+@gate_options
 @click.option("--int4-grid", type=click.Choice(["symmetric", "zero-point", "offsets"]), default=None,
               help="int4 block grid, in blocks of 32. Default: the gate walks the format's ladder "
                    "of (grid, block size), fastest first (cpu: zero-point/64, then zero-point/64 "
@@ -50,8 +43,7 @@ PRECISIONS = ["fp16", "fp8", "int8", "int4"]
               help="Override the target's format for this precision (experiments and benchmarks; "
                    "e.g. ort-matmulnbits or ort-matmul-integer for cpu int8).")
 def quantize(bundle: Path, precision: str, calibration: Path | None, samples: int, seq_len: int,
-             output: Path | None, force: bool, max_ppl_increase: float | None, min_top1: float | None,
-             min_greedy: float | None, min_cosine: float | None, int4_grid: str | None,
+             output: Path | None, force: bool, limits: dict[str, float | None], int4_grid: str | None,
              awq: bool | None, threads: int | None, fmt: str | None) -> None:
     """Quantize an fp32 BUNDLE to a lower precision for the same target.
 
@@ -71,8 +63,6 @@ def quantize(bundle: Path, precision: str, calibration: Path | None, samples: in
     from quantize.pipeline import GateFailure, quantize_bundle, steps_total
     from quantize.report import failure_summary, summary
 
-    limits = {"max_ppl_increase": None if max_ppl_increase is None else max_ppl_increase / 100.0,
-              "min_top1": min_top1, "min_greedy": min_greedy, "min_cosine": min_cosine}
     _check_int4_flags(precision, int4_grid, awq)
     options = QuantOptions(int4_grid=int4_grid, awq=awq is not False)
     try:
