@@ -24,10 +24,10 @@ Why these: fp16 rounding should be invisible; 8 bits lose a few per cent of perp
 135M-parameter model with the activations quantized too (SmolLM2's W8A8 with SmoothQuant for
 Jetson: +4.9 % on 2026-12-05, one scale per tensor), while the CPU's weight-only int8 rounds
 them only per block of 32 inside the kernel and loses next to nothing (SmolLM2 -0.05 %), so it
-is held to +1 %, as fp16 is; 4 bits lose more, but
-int4 should still mean the model (llama.cpp's Q4_K_M stays within a few per cent): +5 % and 90 %
-top-1, which the int4 ladder meets by keeping the most sensitive weights at 8 bits
-(quantize/sensitivity.py) before it falls back to slower grids. Greedy agreement is reported but
+is held to +1 %, as fp16 is; 4 bits lose more, but int4 should still mean the model (llama.cpp's
+Q4_K_M stays within a few per cent): +5 % and 90 % top-1, which the int4 ladder meets by keeping
+the most sensitive weights at 8 bits (quantize/sensitivity.py) before it falls back to slower
+grids. Greedy agreement is reported but
 not gated by default: it is the most fragile figure (one near-tie flips every later token;
 SmolLM2 int8 W8A8 with +4 % perplexity and 86 % top-1 agreement matched 14 of 96 tokens,
 weight-only int4 with +0.5 % matched 29), so it says more about where the prompts end than about

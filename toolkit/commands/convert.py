@@ -34,8 +34,8 @@ def convert(model: str, target: str, max_seq: int | None, batch: int, output: Pa
     (logits and 32 greedy tokens) and writes nothing if it does not match. With --precision
     the fp32 bundle is then quantized, and nothing is written if the accuracy gate fails
     (--force writes it anyway, with the failure recorded; the gate's limits as in `toolkit
-    quantize`). --force also converts a model the
-    fit plan says will not fit the target, and replaces an existing bundle.
+    quantize`). --force also converts a model the fit plan says will not fit the target, and
+    replaces an existing bundle.
 
     \b
     Examples:
