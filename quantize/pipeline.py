@@ -55,9 +55,10 @@ class GateFailure(ToolkitError):
     def __init__(self, gate: GateResult, precision: str, fmt: str) -> None:
         reasons = "; ".join(gate.failures)
         super().__init__(f"{precision} ({fmt}) failed the accuracy gate: {reasons}; no bundle written",
-                         hint="try another precision, loosen the threshold that failed (see "
-                              "`toolkit quantize --help`), or pass --force to write the bundle "
-                              "anyway with the failure recorded in its manifest")
+                         hint="try another precision, loosen the limit that failed (--max-ppl-"
+                              "increase, --min-top1, --min-greedy, --min-cosine on `toolkit "
+                              "quantize` or `toolkit convert`), or pass --force to write the "
+                              "bundle anyway with the failure recorded in its manifest")
         self.gate = gate
 
 

@@ -87,7 +87,7 @@ def gate_options(f: Callable[..., Any]) -> Callable[..., Any]:
     @click.option("--max-ppl-increase", type=PERCENT, default=None, metavar="PCT",
                   help="Gate: largest perplexity increase over fp32, in percent (default per "
                        "precision: fp16 1, int8 1 weight-only (cpu) or 10 with the activations "
-                       "quantized (Jetson W8A8), int4 5).")
+                       "quantized (Jetson W8A8), fp8 10, int4 5).")
     @click.option("--min-top1", type=FRACTION, default=None, metavar="FRACTION",
                   help="Gate: smallest top-1 next-token agreement with fp32.")
     @click.option("--min-greedy", type=FRACTION, default=None, metavar="FRACTION",
