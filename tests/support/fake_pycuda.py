@@ -5,11 +5,13 @@ backend's buffer code run end to end here. What only a GPU proves (the real Memc
 mem_get_info) is what tools/gpu_check.py reports from a real one.
 
     sys.modules["pycuda.driver"] = fake_pycuda.driver()   # a fresh device each time
+    drv = fake_pycuda.install(monkeypatch)                 # the same, undone after the test
 """
 
 from __future__ import annotations
 
 import bisect
+import sys
 import time
 import types
 from typing import Any
@@ -69,6 +71,17 @@ class _Memory:
         if off + n > len(block):
             raise Error(f"{n} bytes at {ptr:#x} run past its allocation ({len(block)} bytes)")
         return memoryview(block)[off:off + n]
+
+
+def install(monkeypatch: Any) -> types.ModuleType:
+    """A fresh driver() as `pycuda` / `pycuda.driver` in sys.modules for one test (a pytest
+    MonkeyPatch undoes it), wherever the code under test imports it; returns the driver."""
+    drv = driver()
+    pkg = types.ModuleType("pycuda")
+    pkg.driver = drv  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pycuda", pkg)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
+    return drv
 
 
 def driver() -> types.ModuleType:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -38,11 +37,7 @@ CHECKS = ["context", "allocate_float32", "kv_writes_float32", "kv_blocks_float32
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     """A fresh simulated pycuda.driver wherever the backend imports it; a 1 MiB timed copy."""
-    drv = fake_pycuda.driver()
-    pkg = types.ModuleType("pycuda")
-    pkg.driver = drv  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pycuda", pkg)
-    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
+    drv = fake_pycuda.install(monkeypatch)
     monkeypatch.setattr(gpu_check, "COPY_BYTES", 1 << 20)
     return drv
 

@@ -5,7 +5,6 @@ the simulated driver) write what they read."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import types
@@ -381,12 +380,7 @@ def test_a_request_cancelled_while_prefilling_frees_its_slot(runner: Any) -> Non
 
 @pytest.fixture
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    drv = fake_pycuda.driver()
-    pkg = types.ModuleType("pycuda")
-    pkg.driver = drv  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pycuda", pkg)
-    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
-    return drv
+    return fake_pycuda.install(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
