@@ -356,7 +356,7 @@ def test_unit_exec_start_sends_ready_after_the_bundle_loads_and_feeds_the_watchd
         tcp = DaemonClient(Endpoint.tcp("127.0.0.1", port, token=token), timeout=10)
         assert tcp.request("GET", "/v2/health/ready").status == 200  # the credential's token
         listener.wait_for("WATCHDOG=1", after=ready, timeout=30)
-        assert unit.stop() == 0
+        assert unit.stop() == 0, unit.log.read_text()[-4000:]  # the daemon's own account of its stop
     finally:
         if unit.proc is not None and unit.proc.poll() is None:
             unit.proc.kill()
