@@ -525,6 +525,7 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
     servers: list[Any] = []
     ports: list[Any] = []
     threads: list[threading.Thread] = []
+    started = False
     try:
         if socket_path:
             servers.append(UnixServer(socket_path, app))
@@ -542,13 +543,15 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
                                                   [t.encode() for t in tokens])))
         for t in threads:
             t.start()
+        started = True
         if ready:
             ready()
         stop.wait()
     finally:
         stop.set()
         for s in servers:
-            s.shutdown()
+            if started:  # shutdown() waits for serve_forever: forever for one never started
+                s.shutdown()
             s.server_close()
             if hasattr(s, "remove"):
                 s.remove()
@@ -564,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     """python -m device.serve.deploy --store DIR [--socket P] [--tcp H:P [--tls-cert C --tls-key K]]
     [--serial PORT] --token-file F"""
     import argparse
-    import signal
+
+    from device.serve.stop_signal import StopOnSignal
 
     ap = argparse.ArgumentParser(prog="python -m device.serve.deploy", description=main.__doc__)
     ap.add_argument("--store", type=Path, required=True)
@@ -579,12 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
-        return serve_store(args.store, args.socket, args.tcp, args.token_file, args.serial, args.baud,
-                           args.memory_bytes, stop=stop, ready=lambda: print("ready", flush=True),
-                           tls_cert=args.tls_cert, tls_key=args.tls_key)
+        with StopOnSignal(stop):
+            return serve_store(args.store, args.socket, args.tcp, args.token_file, args.serial, args.baud,
+                               args.memory_bytes, stop=stop, ready=lambda: print("ready", flush=True),
+                               tls_cert=args.tls_cert, tls_key=args.tls_key)
     except ToolkitError as e:
         print(f"error: {e}", flush=True)
         return 1

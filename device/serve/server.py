@@ -35,7 +35,6 @@ import hashlib
 import logging
 import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -63,6 +62,7 @@ from device.serve.httpd import (
 )
 from device.serve.metrics import Gauge, ServingMetrics
 from device.serve.scheduler import RequestRejected
+from device.serve.stop_signal import StopOnSignal
 
 log = logging.getLogger("toolkit.daemon")
 
@@ -710,8 +710,10 @@ def serve(config: ServeConfig) -> int:
     daemon = Daemon(config)
     unix = UnixServer(config.socket_path, daemon, config.max_connections, config.socket_gid)
     servers: list[Any] = [unix]
+    serving: list[Any] = []  # the servers whose serve_forever thread started
     listeners: list[threading.Thread] = []
     stop = threading.Event()
+    signals = StopOnSignal(stop)
     try:
         if config.tcp:
             host, port = parse_tcp(config.tcp)
@@ -719,12 +721,12 @@ def serve(config: ServeConfig) -> int:
             if config.tls_cert:
                 log.info("TLS certificate %s: pin it with %s", config.tls_cert,
                          cert_fingerprint(config.tls_cert))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+        signals.install()  # SIGTERM/SIGINT set `stop` (restored after the drain below)
         for s in servers:
             listeners.append(threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2},
                                               name=f"listen-{type(s).__name__}", daemon=True))
             listeners[-1].start()
+            serving.append(s)
         if config.serial:
             from device.serve.serial_link import open_port
             from device.serve.serial_link import serve as serve_serial
@@ -757,13 +759,18 @@ def serve(config: ServeConfig) -> int:
         daemon.begin_drain()
     except BaseException:
         daemon.state = "failed"
+        signals.restore()
         raise
     finally:
         for s in servers:  # stop accepting: new connections are refused from here on
-            s.shutdown()
+            if s in serving:  # shutdown() waits for serve_forever, forever for one never started
+                s.shutdown()  # (a --tcp port in use failed here before the listeners started)
             s.server_close()
         unix.remove()
-    daemon.drain(config.drain_timeout)
+    try:
+        daemon.drain(config.drain_timeout)
+    finally:
+        signals.restore()
     log.info("stopped")
     return 0
 

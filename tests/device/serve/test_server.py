@@ -458,6 +458,34 @@ def test_tcp_without_a_token_file_is_refused(llama_bundle: Path, socket_dir: Pat
     assert out.returncode == 1 and "--token-file" in out.stderr
 
 
+def test_a_tcp_port_in_use_is_refused_at_once(llama_bundle: Path, socket_dir: Path) -> None:  # noqa: F811
+    """The TCP listener fails after the Unix one exists: both daemons used to hang for good there
+    (socketserver's shutdown() waits for a serve_forever that never started)."""
+    import secrets
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    token = socket_dir / "token"
+    token.write_text(secrets.token_urlsafe(32) + "\n")
+    token.chmod(0o600)
+    port = busy.getsockname()[1]
+    try:
+        for argv in (["-m", "toolkit", "serve", str(llama_bundle)],
+                     ["-m", "device.serve.deploy", "--store", str(socket_dir / "store")]):
+            sock = socket_dir / "d.sock"
+            try:
+                out = subprocess.run([sys.executable, *argv, "--socket", str(sock), "--tcp",
+                                      f"127.0.0.1:{port}", "--token-file", str(token)],
+                                     capture_output=True, text=True, timeout=60, cwd=REPO)
+            except subprocess.TimeoutExpired as e:
+                pytest.fail(f"{argv[1]} hung on a --tcp port in use: {e.stderr!r}")
+            text = out.stderr + out.stdout  # the store daemon prints its error to stdout
+            assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in text, text
+            assert "Traceback" not in text and not sock.exists()
+    finally:
+        busy.close()
+
+
 # --- encoders --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
