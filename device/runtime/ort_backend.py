@@ -22,7 +22,7 @@ import numpy as np
 
 from bundle.contract import SPARE_TOKEN, KVCacheLayout, new_names, past_names, present_names
 from bundle.errors import ToolkitError
-from device.runtime.backend import KVBlock
+from device.runtime.backend import KVBlock, check_threads
 from device.runtime.kvcache import HostKVBlock, StaticKVCache
 
 BOUND_T = 16  # steps of up to this many tokens, logits at each, reuse a cached binding (drafts)
@@ -31,6 +31,7 @@ BOUND_T = 16  # steps of up to this many tokens, logits at each, reuse a cached 
 def session_options(threads: int | None, spin_between_runs: bool = True) -> Any:
     import onnxruntime as ort
 
+    check_threads(threads)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads or (os.cpu_count() or 1)

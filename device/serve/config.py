@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundle.errors import ToolkitError
+from device.runtime.backend import check_threads
 from device.serve.httpd import MAX_CONNECTIONS, default_socket_path
 
 SWAP_MODES = ("auto", "hot", "cold")  # see device/store/swap.py
@@ -104,6 +105,7 @@ class ServeConfig:
         if self.queue < 0:
             raise ToolkitError(f"--queue must be 0 or more (got {self.queue})")
         check_drain_timeout(self.drain_timeout)
+        check_threads(self.threads)
         if self.decode_mode not in DECODE_MODES:
             raise ToolkitError(f"--decode-mode {self.decode_mode!r} is not one of {', '.join(DECODE_MODES)}")
         if self.speculate not in SPECULATE_MODES:
