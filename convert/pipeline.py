@@ -34,6 +34,7 @@ from convert.export import (
     graph_outputs,
 )
 from convert.parity import decoder_parity, encoder_parity
+from device.runtime.backend import check_threads
 from models import DECODER, ModelDims, ModelSource, dims_from_config, get_spec, resolve
 from models.params import static_rope_limit
 from targets import Target, load_target
@@ -66,6 +67,7 @@ def convert_model(model: str, target: str = "cpu", out: Path | None = None,
     tgt.check_precision(precision)
     if batch < 1:
         raise ToolkitError(f"--batch must be at least 1 (got {batch})")
+    check_threads(threads)  # before the export, not after it at the parity run
     src = resolve(model)
     out = Path(out) if out else default_output(src.name, tgt.name)
     from bundle.staging import check_output

@@ -128,8 +128,8 @@ def bench_remote(endpoint: Endpoint, config: BenchConfig, progress: Progress = _
             progress(event)
     except DaemonError as e:
         if not events:
-            raise ToolkitError(str(e), hint=e.hint) from e
-        stopped = f"the daemon stopped answering mid-run ({e})"
+            raise ToolkitError(e.message, hint=e.hint) from e
+        stopped = f"the daemon stopped answering mid-run ({e.message})"
     return report_from_events(events, stopped_because=stopped)
 
 

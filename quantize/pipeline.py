@@ -322,7 +322,8 @@ def convert_and_quantize(model: str, target: str, precision: str, out: Path | No
     from quantize.report import summary as summary_of
 
     tgt = load_target(target)
-    tgt.check_precision(precision)  # before an expensive convert
+    tgt.check_precision(precision)  # before an expensive convert, like the calibration file
+    read_text(calibration)
     src = resolve(model)
     final = Path(out) if out else default_output(src.name, tgt.name, precision)
     check_output(final, force)

@@ -167,3 +167,44 @@ def test_quantize_calibration_folder_says_it_is_a_folder(tiny_bundle: Any, tmp_p
     assert result.exit_code == 1 and "is a folder" in result.output
     assert "a file of UTF-8 text" in result.output and "does not exist" not in result.output
     assert not out.exists()
+
+
+# --- found by a sweep of every command's flags with bad values (2026-12-05) ---------------------
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe not utf-8"])
+def test_a_bad_calibration_file_is_refused_before_the_export(tmp_path: Path, tiny_dir: Any, content: bytes,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to be read after the fp32 export and parity (a minute on SmolLM2)."""
+    import convert.pipeline
+
+    def export(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("exported before reading the calibration file")
+
+    monkeypatch.setattr(convert.pipeline, "convert_model", export)
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_bytes(content)
+    result = run("convert", str(tiny_dir("llama")), "--precision", "int8", "--calibration", str(calibration),
+                 "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "calibration file" in result.output and "hint:" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_threads_beyond_the_cores_are_refused_before_the_export(tmp_path: Path, tiny_dir: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import convert.pipeline
+
+    def resolve(*args: Any) -> Any:
+        raise AssertionError("read the model before checking --threads")
+
+    monkeypatch.setattr(convert.pipeline, "resolve", resolve)
+    result = run("convert", str(tiny_dir("llama")), "--threads", str((os.cpu_count() or 1) + 1),
+                 "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "--threads must be 1 to" in result.output
+
+
+def test_bench_without_a_daemon_gives_its_hint_once(tmp_path: Path) -> None:
+    result = run("bench", "--socket", str(tmp_path / "none.sock"))
+    assert result.exit_code == 1 and "no daemon is listening" in result.output
+    assert result.output.count("hint:") == 1, result.output
