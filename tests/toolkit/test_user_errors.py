@@ -208,3 +208,8 @@ def test_bench_without_a_daemon_gives_its_hint_once(tmp_path: Path) -> None:
     result = run("bench", "--socket", str(tmp_path / "none.sock"))
     assert result.exit_code == 1 and "no daemon is listening" in result.output
     assert result.output.count("hint:") == 1, result.output
+
+
+def test_deploy_retries_below_zero_are_refused(tiny_bundle: Any) -> None:
+    result = run("deploy", str(tiny_bundle()), "--device", "nowhere", "--retries", "-1")
+    assert result.exit_code == 2 and "--retries" in result.output

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @device_option
-@click.option("--retries", type=int, default=3, show_default=True,
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
               help="Reconnect and resume this many times in a row when the connection drops.")
 @json_option("One JSON record (no progress): bytes sent, what the device already held, the "
              "install result, and `changed` (false when the device already served the bundle).")
