@@ -111,15 +111,18 @@ def render_unit(o: UnitOptions) -> str:
 
 
 def _check(o: UnitOptions) -> None:
-    for what, value in [("--venv", o.venv), ("--store", o.store), ("--socket", o.socket),
-                        ("--token-file", o.token_file), ("--tls-cert", o.tls_cert),
-                        ("--tls-key", o.tls_key), ("--serial", o.serial)]:
+    for what, value, example in [("--venv", o.venv, "/opt/toolkit/venv"),
+                                 ("--store", o.store, "/var/lib/toolkit/store"),
+                                 ("--socket", o.socket, "/run/toolkit/toolkit.sock"),
+                                 ("--token-file", o.token_file, "/etc/toolkit/token"),
+                                 ("--tls-cert", o.tls_cert, "/etc/toolkit/cert.pem"),
+                                 ("--tls-key", o.tls_key, "/etc/toolkit/key.pem"),
+                                 ("--serial", o.serial, "/dev/ttyGS0")]:
         if value is None:
             continue
         if not value.startswith("/") or not _SAFE.fullmatch(value):
             raise ToolkitError(f"{what} {value!r}: the unit needs an absolute path of plain "
-                               "characters (no spaces, quotes, % or $)",
-                               hint="e.g. /var/lib/toolkit/store")
+                               "characters (no spaces, quotes, % or $)", hint=f"e.g. {what} {example}")
     for what, value in [("--user", o.user), ("--name", o.name), ("--socket-group", o.socket_group),
                         *[("--group", g) for g in o.extra_groups]]:
         if value is not None and not _NAME.fullmatch(value):

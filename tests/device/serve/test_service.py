@@ -103,6 +103,8 @@ def test_service_unit_command_prints_the_unit_and_refuses_bad_paths() -> None:
     assert "--socket-group robots" in done.output and "robots" in done.output.split("SupplementaryGroups=")[1]
     bad = runner.invoke(main, ["service", "unit", "--store", "/var/lib/my store"])
     assert bad.exit_code != 0 and "absolute path of plain characters" in bad.output
+    venv = runner.invoke(main, ["service", "unit", "--venv", "venv"])  # each path's own example
+    assert venv.exit_code != 0 and "hint: e.g. --venv /opt/toolkit/venv" in venv.output
     with pytest.raises(ToolkitError, match="go together"):
         render_unit(UnitOptions(tcp="0.0.0.0:1", tls_cert="/etc/c.pem"))
 
