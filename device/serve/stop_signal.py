@@ -28,7 +28,7 @@ import threading
 from types import TracebackType
 from typing import Any
 
-_STOP_WATCHER = 0  # the byte `close` writes to end the watcher thread (no signal has number 0)
+_STOP_WATCHER = 0  # the byte `restore` writes to end the watcher thread (no signal has number 0)
 
 
 class StopOnSignal:
