@@ -87,9 +87,10 @@ class DaemonClient:
             conn.close()
             raise DaemonError(f"no daemon is listening at {self.endpoint}",
                               hint="start one with `toolkit serve BUNDLE`, or pass --socket/--device") from e
-        except OSError as e:  # timeouts, resets, http.client's own errors
+        except (OSError, http.client.HTTPException) as e:  # timeouts, resets, replies not HTTP
             conn.close()
-            raise DaemonError(f"talking to the daemon at {self.endpoint} failed: {e}") from e
+            raise DaemonError(f"talking to the daemon at {self.endpoint} failed: {e or type(e).__name__}",
+                              hint=self.endpoint.failure_hint(e)) from e
 
     def request(self, method: str, path: str, body: Any = None) -> Reply:
         conn, resp = self._send(method, path, body)

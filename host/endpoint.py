@@ -124,6 +124,19 @@ class Endpoint:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'https' if self.kind == 'tls' else 'tcp'}://{host}:{self.port}"
 
+    def failure_hint(self, e: BaseException) -> str | None:
+        """What to do about a connection that failed with `e`, where the address itself is the
+        likely mistake: a self-signed board certificate without a pin, or plain tcp:// to a
+        daemon that speaks TLS (it drops the connection, or answers bytes that are not HTTP)."""
+        if self.kind == "tls" and isinstance(e, ssl.SSLCertVerificationError) and self.trust \
+                and not (self.trust.pin or self.trust.ca_file):
+            return ("a board's certificate is usually self-signed: pin it, https://HOST:PORT?pin=sha256:... "
+                    "(the daemon logs 'pin it with ...' when it starts), or give ?ca=FILE")
+        if self.kind == "tcp" and isinstance(e, (ConnectionResetError, http.client.BadStatusLine)):
+            return ("a daemon started with --tls-cert speaks TLS: address it as "
+                    "https://HOST:PORT?pin=sha256:... instead of tcp://")
+        return None
+
     def connection(self, timeout: float | None) -> http.client.HTTPConnection:
         """A fresh http.client connection (it connects on its first request)."""
         if self.kind == "unix":

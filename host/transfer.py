@@ -258,7 +258,8 @@ class HttpDeployClient(DeployClient):
             if isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
                 raise LinkDown(f"no daemon is listening at {self.uri}",
                                hint="start it on the device (`toolkit serve ... --store DIR`)") from e
-            raise LinkDown(f"the connection to {self.uri} failed: {e or type(e).__name__}") from e
+            raise LinkDown(f"the connection to {self.uri} failed: {e or type(e).__name__}",
+                           hint=self.endpoint.failure_hint(e)) from e
         if resp.will_close:
             self.reconnect()
         try:

@@ -351,6 +351,27 @@ def test_tls_with_a_pin_or_a_ca_and_nothing_sent_to_an_impostor(listen: Any, cer
     assert reply.status == 200  # and the listener is still serving
 
 
+def test_an_address_of_the_wrong_form_gets_a_hint(listen: Any, certs: dict[str, Path]) -> None:
+    """https:// without a pin to a self-signed board, and tcp:// to a TLS listener: both fail
+    (nothing reaches the app) and the error says which address would work, for the daemon's
+    client and the deploy client alike."""
+    from host.transfer import HttpDeployClient, LinkDown
+
+    srv, app = listen(tls=tls_context(certs["board"], certs["board.key"]))
+    host, port = srv.server_address[:2]
+    for endpoint, hint in ((Endpoint.tls(host, port, TOKEN, Trust()), "pin it, https://HOST:PORT?pin=sha256:"),
+                           (Endpoint.tcp(host, port, TOKEN), "speaks TLS: address it as https://")):
+        with pytest.raises(DaemonError) as e:
+            DaemonClient(endpoint, timeout=10).request("GET", "/ok")
+        assert hint in (e.value.hint or ""), e.value
+        with pytest.raises(LinkDown) as link:
+            HttpDeployClient(endpoint).hello()
+        assert hint in (link.value.hint or ""), link.value
+    assert app.seen == []
+    assert Endpoint.tls(host, port, TOKEN, Trust(pin=cert_fingerprint(certs["board"]))).failure_hint(
+        ConnectionResetError()) is None  # a pinned https:// address is not the mistake
+
+
 def test_a_deploy_over_tls_with_a_generated_token(listen: Any, certs: dict[str, Path], tiny_bundle: Any,
                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`toolkit devices add --new-token` + a pinned https:// address: the whole deploy path
