@@ -34,7 +34,7 @@ from convert.export import (
     graph_outputs,
 )
 from convert.parity import decoder_parity, encoder_parity
-from device.runtime.backend import check_threads
+from device.runtime.threads import check_threads
 from models import DECODER, ModelDims, ModelSource, dims_from_config, get_spec, resolve
 from models.params import static_rope_limit
 from targets import Target, load_target

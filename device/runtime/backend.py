@@ -24,23 +24,10 @@ dtype and memory (host arrays for ONNX Runtime, device memory for TensorRT):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
-from bundle.errors import ToolkitError
-
-
-def check_threads(threads: int | None) -> None:
-    """--threads: None (all cores) or 1 to this machine's cores. More threads than cores only
-    contend (ONNX Runtime's workers spin), and a mistyped 10000 had the daemon start 10,000
-    threads while loading the bundle, deaf to SIGTERM until it was killed."""
-    cores = os.cpu_count() or 1
-    if threads is not None and not 1 <= threads <= cores:
-        raise ToolkitError(f"--threads must be 1 to {cores}, the cores of this machine (got {threads})",
-                           hint="leave --threads (and TOOLKIT_THREADS) out to use all of them")
 
 
 class KVBlock(Protocol):

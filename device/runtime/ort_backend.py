@@ -22,8 +22,9 @@ import numpy as np
 
 from bundle.contract import SPARE_TOKEN, KVCacheLayout, new_names, past_names, present_names
 from bundle.errors import ToolkitError
-from device.runtime.backend import KVBlock, check_threads
+from device.runtime.backend import KVBlock
 from device.runtime.kvcache import HostKVBlock, StaticKVCache
+from device.runtime.threads import check_threads
 
 BOUND_T = 16  # steps of up to this many tokens, logits at each, reuse a cached binding (drafts)
 

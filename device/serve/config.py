@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundle.errors import ToolkitError
-from device.runtime.backend import check_threads
+from device.runtime.threads import check_threads
 from device.serve.httpd import MAX_CONNECTIONS, default_socket_path
 
 SWAP_MODES = ("auto", "hot", "cold")  # see device/store/swap.py

@@ -1,4 +1,4 @@
-"""--threads beyond the machine's cores is refused in one line (device/runtime/backend.check_threads):
+"""--threads beyond the machine's cores is refused in one line (device/runtime/threads.check_threads):
 the daemon once started 10,000 threads while loading, deaf to SIGTERM, on a mistyped value."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bundle.errors import ToolkitError
-from device.runtime.backend import check_threads
+from device.runtime.threads import check_threads
 from device.serve.config import ServeConfig
 
 
