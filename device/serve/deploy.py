@@ -507,7 +507,7 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
                 limits: StoreLimits | None = None, http_chunk: int = HTTP_CHUNK,
                 tls_cert: Path | None = None, tls_key: Path | None = None) -> int:
     """Run a store-only daemon until `stop` (or SIGTERM/SIGINT when run as a program)."""
-    from device.serve.httpd import TCPServer, UnixServer, parse_tcp, read_tokens, tls_context
+    from device.serve.httpd import TCPServer, UnixServer, parse_tcp, read_tokens, stop_listening, tls_context
     from device.serve.serial_link import serve as serve_serial
     from device.store.store import smoke_test
 
@@ -525,7 +525,6 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
     servers: list[Any] = []
     ports: list[Any] = []
     threads: list[threading.Thread] = []
-    started = False
     try:
         if socket_path:
             servers.append(UnixServer(socket_path, app))
@@ -543,18 +542,12 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
                                                   [t.encode() for t in tokens])))
         for t in threads:
             t.start()
-        started = True
         if ready:
             ready()
         stop.wait()
     finally:
         stop.set()
-        for s in servers:
-            if started:  # shutdown() waits for serve_forever: forever for one never started
-                s.shutdown()
-            s.server_close()
-            if hasattr(s, "remove"):
-                s.remove()
+        stop_listening(servers, threads)  # threads[i] serves servers[i], the serial one last
         for t in threads:
             t.join(timeout=5.0)
         for port in ports:

@@ -51,6 +51,7 @@ import ssl
 import stat
 import threading
 import time
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Protocol
@@ -272,6 +273,19 @@ class TCPServer(_Server, socketserver.TCPServer):
             hint = "pick another port" if e.errno == errno.EADDRINUSE else None
             raise ToolkitError(f"cannot listen on {host}:{port}: {e.strerror}", hint=hint) from e
 
+
+
+def stop_listening(servers: Sequence[socketserver.BaseServer], threads: Sequence[threading.Thread]) -> None:
+    """Stop and close the daemon's listeners (servers[i]'s serve_forever runs in threads[i]) and
+    remove their Unix socket files. Only the started ones are shut down: socketserver's
+    shutdown() waits for serve_forever to end, forever for one that never started (a --tcp port
+    in use fails after the Unix listener exists)."""
+    for i, s in enumerate(servers):
+        if i < len(threads) and threads[i].ident is not None:  # ident: set once started
+            s.shutdown()
+        s.server_close()
+        if isinstance(s, UnixServer):
+            s.remove()
 
 def parse_tcp(value: str) -> tuple[str, int]:
     """'8080', ':8080' or 'HOST:PORT' ('[::1]:8080' for IPv6); the host defaults to loopback."""

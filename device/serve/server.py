@@ -58,6 +58,7 @@ from device.serve.httpd import (
     cert_fingerprint,
     parse_tcp,
     read_tokens,
+    stop_listening,
     tls_context,
 )
 from device.serve.metrics import Gauge, ServingMetrics
@@ -710,7 +711,6 @@ def serve(config: ServeConfig) -> int:
     daemon = Daemon(config)
     unix = UnixServer(config.socket_path, daemon, config.max_connections, config.socket_gid)
     servers: list[Any] = [unix]
-    serving: list[Any] = []  # the servers whose serve_forever thread started
     listeners: list[threading.Thread] = []
     stop = threading.Event()
     signals = StopOnSignal(stop)
@@ -726,7 +726,6 @@ def serve(config: ServeConfig) -> int:
             listeners.append(threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2},
                                               name=f"listen-{type(s).__name__}", daemon=True))
             listeners[-1].start()
-            serving.append(s)
         if config.serial:
             from device.serve.serial_link import open_port
             from device.serve.serial_link import serve as serve_serial
@@ -762,11 +761,7 @@ def serve(config: ServeConfig) -> int:
         signals.restore()
         raise
     finally:
-        for s in servers:  # stop accepting: new connections are refused from here on
-            if s in serving:  # shutdown() waits for serve_forever, forever for one never started
-                s.shutdown()  # (a --tcp port in use failed here before the listeners started)
-            s.server_close()
-        unix.remove()
+        stop_listening(servers, listeners)  # new connections are refused from here on
     try:
         daemon.drain(config.drain_timeout)
     finally:

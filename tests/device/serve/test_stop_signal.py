@@ -11,8 +11,7 @@ import sys
 import textwrap
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from daemon_fixtures import REPO
 
 # The main loop of serve() (Event.wait with a timeout, over and over), made to hold the Event's
 # lock most of the time (the Event stays set, so every wait returns at once), while a signal
@@ -35,7 +34,7 @@ print("restored", signal.getsignal(signal.SIGALRM) is signal.SIG_DFL, signal.set
 
 
 def _child(code: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
         return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                               timeout=timeout, env=env)
