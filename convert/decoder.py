@@ -363,6 +363,7 @@ class MLP(nn.Module):
         lay = p.spec.layout
         self.gated, self.act = lay.gated, ACT[p.act]
         self.in_names, self.out_name = lay.mlp_in, lay.mlp_out
+        self.intermediate = d.intermediate
         width = 2 * d.intermediate if lay.gated and len(lay.mlp_in) == 1 else d.intermediate
         for name in lay.mlp_in:
             self.add_module(name, make_linear(p, d.hidden, width, p.mlp_bias))
@@ -373,7 +374,9 @@ class MLP(nn.Module):
         if not self.gated:
             return down(self.act(getattr(self, self.in_names[0])(x)))
         if len(self.in_names) == 1:
-            gate, up = getattr(self, self.in_names[0])(x).chunk(2, dim=-1)
+            # a constant split (one Split node); chunk(2) exported the halves' bounds as
+            # Shape/Gather/Div ops computed every step
+            gate, up = getattr(self, self.in_names[0])(x).split(self.intermediate, dim=-1)
         else:
             gate, up = (getattr(self, n)(x) for n in self.in_names)
         return down(self.act(gate) * up)

@@ -10,7 +10,8 @@ y = x @ W the per-input-channel factor s leaves y unchanged,
 and the division by s is folded into the op that makes x, so the graph gains no node:
   * x = RMSNorm(h) * gamma       -> gamma_j /= s_j            (q/k/v, gate/up inputs; the
                                     decomposed Mul, or ORT's fused (Skip)SimplifiedLayerNorm)
-  * x = silu(gate) * (h @ W_up)  -> W_up[:, j] /= s_j          (down_proj input)
+  * x = silu(gate) * (h @ W_up)  -> W_up[:, j] /= s_j          (down_proj input; also where
+                                    gate and up are one packed matrix split in two: its up columns)
 Other producers (the attention output into o_proj) are left as they are.
 Reference: Xiao et al., "SmoothQuant", ICML 2023 (arXiv:2211.10438).
 """
@@ -27,6 +28,17 @@ from quantize import graph as g
 from quantize.activations import Range
 
 DEFAULT_ALPHA = 0.5
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Where x / s goes: into the producer's gamma ("vector"), gamma and beta ("affine"), or
+    columns lo:hi of the matrix whose product x is multiplied by ("columns", W_up)."""
+
+    kind: str
+    names: tuple[str, ...]
+    lo: int = 0
+    hi: int | None = None  # None: to the last column
 
 
 @dataclass(frozen=True)
@@ -79,10 +91,11 @@ FUSED_NORMS = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalizat
 
 def fold_target(graph: onnx.GraphProto, x: str, inits: dict[str, onnx.TensorProto],
                 cons: dict[str, list[onnx.NodeProto]], mm_outputs: set[str],
-                unshare: bool = False) -> tuple[str, ...] | None:
+                unshare: bool = False) -> Fold | None:
     """("vector", gamma), ("affine", gamma, beta) of a LayerNormalization (phi, stablelm, gpt2:
-    y / s = x_hat * gamma / s + beta / s) or ("columns", W_up) that x's producer multiplies by,
-    else None (OLMo 2's q/k/v and up/gate read the residual stream itself: nothing to fold into).
+    y / s = x_hat * gamma / s + beta / s) or ("columns", W_up) that x's producer multiplies by
+    (W_up's product alone, or one part of a packed [gate; up] product's Split), else None
+    (OLMo 2's q/k/v and up/gate read the residual stream itself: nothing to fold into).
     unshare: a gamma that other nodes read too (an exporter merges identical initializers, e.g.
     norms still at their all-ones init) gets a private copy first."""
     p = g.producer(graph, x)
@@ -91,22 +104,48 @@ def fold_target(graph: onnx.GraphProto, x: str, inits: dict[str, onnx.TensorProt
     if p is not None and p.op_type == "LayerNormalization" and len(p.input) == 3:
         gamma = _gamma(graph, p, 1, inits, cons, unshare)
         beta = _gamma(graph, p, 2, inits, cons, unshare)
-        return ("affine", gamma[1], beta[1]) if gamma and beta else None
+        return Fold("affine", gamma.names + beta.names) if gamma and beta else None
     if p is None or p.op_type != "Mul":
         return None
     for i, name in enumerate(p.input):
         if name in inits or (unshare and _identity_of_initializer(graph, name, inits)):
             return _gamma(graph, p, i, inits, cons, unshare)
-        if name in mm_outputs and len(cons.get(name, [])) == 1:
-            up = g.producer(graph, name)
+        if len(cons.get(name, [])) != 1:
+            continue
+        lo, hi, product = 0, None, name
+        part = g.producer(graph, name)
+        if part is not None and part.op_type == "Split":  # one half of a packed [gate; up]
+            columns = _split_columns(graph, part, name, inits)
+            if columns is None or len(cons.get(part.input[0], [])) != 1:
+                continue
+            (lo, hi), product = columns, part.input[0]
+        if product in mm_outputs:
+            up = g.producer(graph, product)
             w = up.input[1] if up is not None else None
             if w in inits and len(cons.get(w, [])) == 1:
-                return "columns", w
+                return Fold("columns", (w,), lo, hi)
     return None
 
 
+def _split_columns(graph: onnx.GraphProto, split: onnx.NodeProto, part: str,
+                   inits: dict[str, onnx.TensorProto]) -> tuple[int, int] | None:
+    """The columns [lo, hi) of the split product that output `part` holds: a Split along the
+    last axis with constant sizes (convert/decoder.py's packed gate/up); else None."""
+    if g.attr(split, "axis") != -1 or len(split.input) < 2:
+        return None
+    sizes = inits.get(split.input[1])
+    const = g.producer(graph, split.input[1]) if sizes is None else None
+    if const is not None and const.op_type == "Constant":
+        sizes = next((a.t for a in const.attribute if a.name == "value"), None)
+    if sizes is None:
+        return None
+    ends = np.cumsum(numpy_helper.to_array(sizes)).tolist()
+    j = list(split.output).index(part)
+    return (ends[j - 1] if j else 0), ends[j]
+
+
 def _gamma(graph: onnx.GraphProto, p: onnx.NodeProto, i: int, inits: dict[str, onnx.TensorProto],
-           cons: dict[str, list[onnx.NodeProto]], unshare: bool) -> tuple[str, str] | None:
+           cons: dict[str, list[onnx.NodeProto]], unshare: bool) -> Fold | None:
     """("vector", the 1-D initializer p.input[i]) if p alone reads it (or after unsharing;
     torch's exporter also hands out a merged initializer as Identity copies of it)."""
     t = inits.get(p.input[i])
@@ -120,7 +159,7 @@ def _gamma(graph: onnx.GraphProto, p: onnx.NodeProto, i: int, inits: dict[str, o
         p.input[i] = g.add_initializer(graph, numpy_helper.to_array(t).copy(),
                                        g.unique_name(graph, f"{t.name}_unshared"))
         inits[p.input[i]] = graph.initializer[-1]
-    return "vector", p.input[i]
+    return Fold("vector", (p.input[i],))
 
 
 def _identity_of_initializer(graph: onnx.GraphProto, name: str,
@@ -129,12 +168,16 @@ def _identity_of_initializer(graph: onnx.GraphProto, name: str,
     return inits.get(src.input[0]) if src is not None and src.op_type == "Identity" else None
 
 
-def divide(inits: dict[str, onnx.TensorProto], fold: tuple[str, ...], s: np.ndarray) -> None:
-    """Fold x / s into x's producer: gamma / s (and beta / s), or W_up[:, j] / s_j."""
-    kind, *names = fold
-    for name in names:
+def divide(inits: dict[str, onnx.TensorProto], fold: Fold, s: np.ndarray) -> None:
+    """Fold x / s into x's producer: gamma / s (and beta / s), or W_up[:, lo + j] / s_j."""
+    for name in fold.names:
         t = _array(inits[name])
-        _store(inits[name], t / s[None, :] if kind == "columns" else t / s)
+        if fold.kind == "columns":
+            t = t.copy()
+            t[:, fold.lo:fold.hi] /= s[None, :]
+            _store(inits[name], t)
+        else:
+            _store(inits[name], t / s)
 
 
 def _array(t: onnx.TensorProto) -> np.ndarray:

@@ -543,6 +543,37 @@ def test_awq_rescales_where_it_helps_and_folds_exactly(q_fp32_bundle, tmp_path):
     assert set(stats.importance) == {m.weight for m in g.weight_matmuls(model.graph)}
 
 
+def test_a_packed_gate_up_takes_the_down_proj_fold_in_its_up_columns(tiny_bundle, tmp_path):
+    """Phi-3's gate and up are one matrix, split in two: 1/s of the down_proj input goes into
+    the up half's columns (AWQ and SmoothQuant used to leave that input unscaled), and the
+    fp32 outputs do not move."""
+    from quantize import graph as g
+    from quantize.smooth import divide, fold_target
+
+    bundle = tiny_bundle("phi3", "cpu")
+    model = g.load_model(bundle / load_verified(bundle).model_file)
+    graph_ = model.graph
+    inits, cons = g.initializers(graph_), g.consumers(graph_)
+    mms = g.weight_matmuls(graph_)
+    downs = [m for m in mms if "/mlp/" in m.node.name and m.node.name.endswith("down_proj/MatMul")]
+    assert downs
+    ids = list(range(3, 27))
+    before = _prefill_logits(model, ids, tmp_path)
+    rng = np.random.default_rng(0)
+    for down in downs:
+        fold = fold_target(graph_, down.node.input[0], inits, cons, {m.node.output[0] for m in mms})
+        assert fold is not None and fold.kind == "columns"
+        packed = numpy_helper.to_array(inits[fold.names[0]])
+        assert (fold.lo, fold.hi) == (down.K, 2 * down.K) == (packed.shape[1] // 2, packed.shape[1])
+        s = rng.uniform(0.5, 2.0, down.K).astype(np.float32)
+        divide(inits, fold, s)
+        w = numpy_helper.to_array(inits[down.weight])
+        inits[down.weight].CopyFrom(numpy_helper.from_array(w * s[:, None], down.weight))
+        gate = numpy_helper.to_array(inits[fold.names[0]])[:, :fold.lo]
+        np.testing.assert_array_equal(gate, packed[:, :fold.lo])  # the gate half is untouched
+    np.testing.assert_allclose(_prefill_logits(model, ids, tmp_path), before, rtol=1e-4, atol=1e-4)
+
+
 def test_awq_bundles_cpu_and_jetson(q_fp32_bundle, tmp_path):  # noqa: F811
     from quantize import quantize_bundle
     from quantize.formats import QuantOptions
