@@ -274,7 +274,6 @@ class TCPServer(_Server, socketserver.TCPServer):
             raise ToolkitError(f"cannot listen on {host}:{port}: {e.strerror}", hint=hint) from e
 
 
-
 def stop_listening(servers: Sequence[socketserver.BaseServer], threads: Sequence[threading.Thread]) -> None:
     """Stop and close the daemon's listeners (servers[i]'s serve_forever runs in threads[i]) and
     remove their Unix socket files. Only the started ones are shut down: socketserver's
@@ -286,6 +285,7 @@ def stop_listening(servers: Sequence[socketserver.BaseServer], threads: Sequence
         s.server_close()
         if isinstance(s, UnixServer):
             s.remove()
+
 
 def parse_tcp(value: str) -> tuple[str, int]:
     """'8080', ':8080' or 'HOST:PORT' ('[::1]:8080' for IPv6); the host defaults to loopback."""
