@@ -466,12 +466,16 @@ class Store:
                     _remove(entry)
                     done.append(f"removed the stray entry bundles/{entry.name}")
             active = self.active
-            if active is not None and not self.path_of(active).is_dir():
+            # an `active` file that does not parse names no bundle: read as absent, the daemon
+            # would serve nothing ("no bundle yet") while `previous` could serve, so it falls
+            # back like a record naming a missing folder (and the garbage is replaced)
+            garbled = active is None and (self.root / "active").exists()
+            if garbled or (active is not None and not self.path_of(active).is_dir()):
                 prev = self.previous
                 self._write_ref("active", prev if prev and self.path_of(prev).is_dir() else None)
                 self._write_ref("previous", None)
-                done.append(f"active bundle {active.dir} is missing; fell back to "
-                            f"{prev.dir if prev else 'none'}")
+                what = "record is unreadable" if garbled else f"bundle {active.dir} is missing"
+                done.append(f"active {what}; fell back to {prev.dir if prev else 'none'}")
         for line in done:
             log.warning("store recovery: %s", line)
         return done

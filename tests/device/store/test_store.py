@@ -342,6 +342,21 @@ def test_store_install_smoke_failure_rollback_and_recovery(bundles: dict[str, Pa
 
 
 
+def test_an_unreadable_active_record_falls_back_to_the_previous_bundle(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    Store.open(root).close()
+    prev = {"dir": "old-000000000000", "name": "old", "manifest_sha256": "0" * 64}
+    (root / "bundles" / prev["dir"]).mkdir()
+    (root / "previous").write_text(json.dumps(prev))
+    (root / "active").write_text("garbage{")  # a disk fault, or a hand edit
+    store = Store.open(root)
+    # as for a record naming a missing folder: the previous bundle serves, not "no bundle yet"
+    assert store.active is not None and store.active.dir == prev["dir"]
+    assert store.previous is None
+    assert json.loads((root / "active").read_text())["dir"] == prev["dir"]  # the garbage is gone
+    store.close()
+
+
 def test_store_refuses_a_bundle_folder_and_writes_nothing(base_bundle: Path, tmp_path: Path) -> None:
     root = tmp_path / "bundle"
     root.mkdir()
