@@ -212,7 +212,7 @@ def token_of(device: Device) -> str | None:
         path = Path(device.token_file).expanduser()
         try:
             return path.read_text(encoding="utf-8").split()[0]
-        except (OSError, IndexError) as e:
+        except (OSError, UnicodeDecodeError, IndexError) as e:  # absent, unreadable, binary, empty
             raise ToolkitError(f"device {device.name!r}: cannot read its token file {path}",
                                hint="check the path and permissions, or re-add the device") from e
     return os.environ.get("TOOLKIT_TOKEN")

@@ -75,6 +75,18 @@ def test_status_prints_the_status_route(daemon: Daemon) -> None:
     assert json.loads(raw.stdout)["scheduler"]["slots"] == 4
 
 
+def test_a_token_file_that_is_not_text_is_a_clear_error(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOOLKIT_CONFIG_DIR", str(tmp_path))
+    token = tmp_path / "token"
+    token.write_bytes(b"\xda\xff\x00binary")  # e.g. a key file given by mistake
+    (tmp_path / "devices.json").write_text(json.dumps(
+        {"lab": {"uri": "tcp://127.0.0.1:9", "token_file": str(token)}}))
+    result = CliRunner().invoke(main, ["devices", "ping", "lab"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # not a traceback
+    assert "cannot read its token file" in result.output and "Traceback" not in result.output
+
+
 def test_cli_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOOLKIT_CONFIG_DIR", str(tmp_path))
     result = CliRunner().invoke(main, ["generate", "--device", "nano", "hi"])
