@@ -254,7 +254,7 @@ def rollback(name: str, on_phase: OnPhase | None = None) -> InstallResult:
         try:
             return client.rollback(on_phase)
         except RemoteError as e:
-            raise ToolkitError(f"device {name!r} refused the rollback: {e.message}") from e
+            raise ToolkitError(f"device {name!r} refused the rollback: {e.message}", hint=e.hint) from e
     finally:
         client.close()
 

@@ -68,8 +68,9 @@ class RemoteError(ToolkitError):
     """The device refused a request; `code` says why (see the module docstring), `extra` holds
     the error's other fields (507 "no_space": needed_bytes, free_bytes)."""
 
-    def __init__(self, message: str, status: int, code: str, extra: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, status: int, code: str, extra: dict[str, Any] | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint)
         self.status, self.code = status, code
         self.extra = extra or {}
 
@@ -176,8 +177,9 @@ class DeployClient:
                 err = dict(rec.get("error") or {})
                 message, status, code = (str(err.pop("message", "the install failed")),
                                          int(err.pop("status", 500)), str(err.pop("code", "internal_error")))
-                err.pop("hint", None)
-                raise RemoteError(message, status, code, err)
+                # the device's hint says what to do ("deploy a bundle instead"): keep it
+                hint = err.pop("hint", None)
+                raise RemoteError(message, status, code, err, str(hint) if hint else None)
             if time.monotonic() > deadline:
                 raise ToolkitError(f"the device is still installing ({phase.phase}, "
                                    f"{phase.elapsed_s:.0f} s) after {limit_s:.0f} s",

@@ -405,6 +405,19 @@ def test_cli_devices_deploy_rollback(bundles: dict[str, Path], config: Path, sta
     assert r.exit_code == 1 and "unknown" in r.output
 
 
+def test_a_refused_install_says_what_to_do(config: Path, start: Any, tmp_path: Path) -> None:
+    from toolkit.cli import main
+
+    sock = tmp_path / "d.sock"
+    start(socket_path=sock)
+    runner = CliRunner()
+    assert runner.invoke(main, ["devices", "add", "local", f"unix://{sock}"]).exit_code == 0
+    # the install job's error carries the device's hint; the host used to drop it
+    r = runner.invoke(main, ["rollback", "--device", "local"])
+    assert r.exit_code == 1 and "no previous bundle" in r.output
+    assert "hint: deploy a bundle instead" in r.output
+
+
 def test_chunks_follow_the_grid_from_an_off_grid_resume_point(tmp_path):
     """A resume point off the chunk grid (the device held bytes sent in other-sized chunks)
     first sends the piece up to the next grid line; every CRC32, taken from the verification
