@@ -115,9 +115,9 @@ def parse_uri(uri: str) -> tuple[str, str | None]:
 
 def load_devices() -> dict[str, Device]:
     path = registry_path()
-    if not path.is_file():
+    if not path.exists():
         return {}
-    try:
+    try:  # a folder or a file we may not read is an error, not an empty registry
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ToolkitError(f"cannot read the devices registry {path}: {e}",
@@ -140,7 +140,6 @@ def load_devices() -> dict[str, Device]:
 def save_devices(devices: dict[str, Device]) -> Path:
     """Write the registry by rename (readers never see half a file), mode 0600."""
     path = registry_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {}
     if path.is_file():  # keep entries other tools wrote in forms we do not model
         try:
@@ -149,7 +148,13 @@ def save_devices(devices: dict[str, Device]) -> Path:
             data = {}
     data = {k: v for k, v in data.items() if k in devices}
     data.update({name: d.to_json() for name, d in devices.items()})
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
+    try:  # a read-only or root-owned config folder (an earlier `sudo toolkit`) must not be a traceback
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
+    except OSError as e:
+        raise ToolkitError(f"cannot write the devices registry {path}: {e.strerror or e}",
+                           hint="check that the folder is writable by you and that the path is a file "
+                                "(or set $TOOLKIT_CONFIG_DIR to another folder)") from e
     return path
 
 
@@ -176,6 +181,7 @@ def add_device(name: str, uri: str, replace: bool = False, new_token: bool = Fal
         token = secrets.token_urlsafe(32)
         path = config_dir() / "tokens" / f"{name}.token"
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, (token + "\n").encode(), mode=0o600)
         token_file = str(path)
     devices[name] = Device(name, stored, token_file)

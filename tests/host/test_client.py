@@ -87,6 +87,18 @@ def test_a_token_file_that_is_not_text_is_a_clear_error(tmp_path: Path,
     assert "cannot read its token file" in result.output and "Traceback" not in result.output
 
 
+def test_a_registry_that_cannot_be_read_or_written_is_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOOLKIT_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "devices.json").mkdir()  # stands for any path we cannot replace (read-only, root-owned)
+    r = CliRunner().invoke(main, ["devices", "list"])
+    assert r.exit_code == 1 and "cannot read the devices registry" in r.output  # not "no devices"
+    r = CliRunner().invoke(main, ["devices", "add", "x", "unix:///tmp/x.sock"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)  # not a traceback
+    assert "devices registry" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["devices.json"]  # no temp file left
+
+
 def test_cli_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOOLKIT_CONFIG_DIR", str(tmp_path))
     result = CliRunner().invoke(main, ["generate", "--device", "nano", "hi"])
