@@ -418,6 +418,17 @@ def test_a_refused_install_says_what_to_do(config: Path, start: Any, tmp_path: P
     assert "hint: deploy a bundle instead" in r.output
 
 
+def test_rollback_from_a_folder_that_is_not_a_bundle_is_a_clear_error(config: Path, tmp_path: Path) -> None:
+    from toolkit.cli import main
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["devices", "add", "local", f"unix://{tmp_path}/d.sock"]).exit_code == 0
+    (tmp_path / "notabundle").mkdir()
+    r = runner.invoke(main, ["rollback", "--device", "local", "--from", str(tmp_path / "notabundle")])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)  # not a FileNotFoundError
+    assert "is not a bundle" in r.output
+
+
 def test_chunks_follow_the_grid_from_an_off_grid_resume_point(tmp_path):
     """A resume point off the chunk grid (the device held bytes sent in other-sized chunks)
     first sends the piece up to the next grid line; every CRC32, taken from the verification

@@ -100,7 +100,10 @@ def rollback(device_name: str, from_bundle: Path | None, as_json: bool) -> None:
     from host.deploy import rollback as run
 
     if from_bundle is not None:
-        sha = hashlib.sha256((from_bundle / "manifest.json").read_bytes()).hexdigest()
+        from bundle.manifest import MANIFEST, read_manifest
+
+        read_manifest(from_bundle)  # a folder that is not a bundle: its ToolkitError, not a traceback
+        sha = hashlib.sha256((from_bundle / MANIFEST).read_bytes()).hexdigest()
         active = ping(device_name).hello.active
         if not active or active.get("manifest_sha256") != sha:
             serving = active.get("dir") if active else "nothing"
