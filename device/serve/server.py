@@ -739,7 +739,9 @@ def serve(config: ServeConfig) -> int:
                  f" and serial {config.serial}" if config.serial else "", config.bundle or config.store)
         notifier.send(f"STATUS=loading {config.bundle or config.store}")
         daemon.load()
-        if daemon.runner is None:
+        if daemon.runner is None and daemon.failure is not None:  # bundles there, none would load
+            log.warning("up, serving nothing (%s); waiting for a deploy", daemon.failure.reason)
+        elif daemon.runner is None:
             log.info("ready: the store %s holds no bundle yet; waiting for a deploy", config.store)
         else:
             log.info("ready: %s (%s, %d slot(s), decode %s)", daemon.model_id,

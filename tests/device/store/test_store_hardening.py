@@ -157,6 +157,7 @@ def test_when_nothing_loads_the_daemon_stays_up_not_ready(bundles: dict[str, Pat
     assert status["failure"]["serving"] is None and "Neg" in status["failure"]["reason"]
     assert api.request("GET", "/health").status == 503
     assert daemon.proc.poll() is None  # up, not a crash loop
+    assert "holds no bundle yet" not in daemon.text()  # it holds one; it did not load
     dp.add_device("local", f"unix://{daemon.socket}")  # and a deploy still fixes it
     assert dp.deploy(bundles["a"], "local").install.ok
     assert daemon.serving() == "tiny-a" and "failure" not in api.get("/v1/status")
