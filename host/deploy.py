@@ -70,7 +70,13 @@ Progress = Callable[[int, int], None]  # (bytes the device holds, bundle bytes)
 def open_client(device: Device) -> DeployClient:
     parts = urlsplit(device.uri)
     if parts.scheme == "serial":
-        baud = int(parse_qs(parts.query).get("baud", [str(DEFAULT_BAUD)])[0])
+        baud_text = parse_qs(parts.query).get("baud", [str(DEFAULT_BAUD)])[0]
+        if not baud_text.isdigit() or int(baud_text) <= 0:  # `devices add` checks it; a hand edit did not
+            raise ToolkitError(f"device {device.name!r}: baud {baud_text!r} in {registry_path()} is not "
+                               "a number",
+                               hint=f"re-add it: toolkit devices add {device.name} "
+                                    f"serial://{parts.path}?baud=921600&token-file=F --replace")
+        baud = int(baud_text)
         token = token_of(device)
         if not token:
             raise ToolkitError(f"device {device.name!r} has no token for its serial link",

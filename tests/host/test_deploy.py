@@ -429,6 +429,14 @@ def test_rollback_from_a_folder_that_is_not_a_bundle_is_a_clear_error(config: Pa
     assert "is not a bundle" in r.output
 
 
+def test_a_hand_edited_serial_baud_is_a_clear_error(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config.mkdir(parents=True)
+    (config / "devices.json").write_text(json.dumps({"board": "serial:///dev/ttyUSB0?baud=fast"}))
+    monkeypatch.setenv("TOOLKIT_TOKEN", "s3cret-token-for-tests-0123456789")
+    with pytest.raises(ToolkitError, match="baud 'fast'"):  # was a ValueError traceback
+        dp.ping("board")
+
+
 def test_chunks_follow_the_grid_from_an_off_grid_resume_point(tmp_path):
     """A resume point off the chunk grid (the device held bytes sent in other-sized chunks)
     first sends the piece up to the next grid line; every CRC32, taken from the verification
