@@ -298,10 +298,10 @@ class DeployService:
         if op == "begin":
             return to_json(self.begin(payload))
         if op == "chunk":
-            return to_json(self.chunk(str(h["id"]), str(h["path"]), int(h["offset"]), int(h["crc32"]),
-                                      payload))
+            return to_json(self.chunk(_field(h, "id", str), _field(h, "path", str), _field(h, "offset", int),
+                                      _field(h, "crc32", int), payload))
         if op == "commit":
-            return self.start_commit(str(h["id"]))
+            return self.start_commit(_field(h, "id", str))
         if op == "rollback":
             return self.start_rollback()
         if op == "uploads":
@@ -438,6 +438,16 @@ class _as_http_error:
             err = HTTPError(exc.status, str(exc), exc.code)
             err.extra = dict(exc.extra)  # type: ignore[attr-defined]  # e.g. 507's byte counts
             raise err from exc
+
+
+def _field(h: dict[str, Any], name: str, kind: type) -> Any:
+    """A header field an op needs, converted: a missing or malformed one is the peer's mistake,
+    a 400 that names it (not a 500 with a KeyError traceback in the daemon's log)."""
+    try:
+        return kind(h[name])
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"the {h.get('op')!r} message needs a valid {name!r} field",
+                         code="invalid_request") from e
 
 
 def _rid(message: bytes) -> Any:

@@ -380,6 +380,19 @@ def test_the_serial_messages_carry_uploads_commit_and_507_figures(bundles: dict[
     service.store.close()
 
 
+def test_a_serial_message_missing_a_field_is_a_400_that_names_it(tmp_path: Path) -> None:
+    from device.serve.deploy import DeployService, pack, unpack
+
+    service = DeployService(Store.open(tmp_path / "store"), lambda p: SmokeResult(True, "ok"))
+    for header in ({"op": "commit"}, {"op": "chunk", "id": "0" * 64, "path": "f", "crc32": 0},
+                   {"op": "chunk", "id": "0" * 64, "path": "f", "offset": "x", "crc32": 0}):
+        reply, _ = unpack(service.handle_message(pack({**header, "rid": 1})))
+        assert reply["ok"] is False and reply["status"] == 400, reply  # was 500 internal_error
+        assert reply["error"]["code"] == "invalid_request"
+    assert service.store.install is None  # nothing was claimed
+    service.store.close()
+
+
 # --- the install runs outside the store lock -------------------------------------------------------
 
 def test_status_and_chunks_answer_while_a_slow_install_runs(bundles: dict[str, Path], config: Path,  # noqa: F811
