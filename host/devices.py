@@ -148,14 +148,20 @@ def save_devices(devices: dict[str, Device]) -> Path:
             data = {}
     data = {k: v for k, v in data.items() if k in devices}
     data.update({name: d.to_json() for name, d in devices.items()})
-    try:  # a read-only or root-owned config folder (an earlier `sudo toolkit`) must not be a traceback
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
+    _write_config(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), "the devices registry")
+    return path
+
+
+def _write_config(path: Path, data: bytes, what: str) -> None:
+    """Write one of our config files by rename, mode 0600, in a folder only we may enter (0700).
+    A read-only or root-owned config folder (an earlier `sudo toolkit`) must not be a traceback."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(path, data, mode=0o600)
     except OSError as e:
-        raise ToolkitError(f"cannot write the devices registry {path}: {e.strerror or e}",
+        raise ToolkitError(f"cannot write {what} {path}: {e.strerror or e}",
                            hint="check that the folder is writable by you and that the path is a file "
                                 "(or set $TOOLKIT_CONFIG_DIR to another folder)") from e
-    return path
 
 
 def add_device(name: str, uri: str, replace: bool = False, new_token: bool = False) -> Added:
@@ -180,9 +186,7 @@ def add_device(name: str, uri: str, replace: bool = False, new_token: bool = Fal
     if new_token:
         token = secrets.token_urlsafe(32)
         path = config_dir() / "tokens" / f"{name}.token"
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, (token + "\n").encode(), mode=0o600)
+        _write_config(path, (token + "\n").encode(), "the token file")
         token_file = str(path)
     devices[name] = Device(name, stored, token_file)
     save_devices(devices)
