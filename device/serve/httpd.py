@@ -454,6 +454,7 @@ class Handler(BaseHTTPRequestHandler):
     requests_served = 0
     body_length = 0  # this request's Content-Length (0 when absent or invalid)
     _body_start = 0  # rfile.delivered when the body began
+    gone_checked_at = 0.0  # time.monotonic() of the last client_gone() look while events flow
 
     def setup(self) -> None:
         self.connection = self.request

@@ -426,6 +426,14 @@ def next_event(h: Handler, handle: RequestHandle, sse: SSEStream | None = None) 
     while True:
         event = handle.next_event(EVENT_POLL_S)
         if event is not None:
+            # tokens that keep arriving must not hide a disconnect: a non-streaming reply (or a
+            # held tool call) writes nothing until the end, so look at the socket every
+            # EVENT_POLL_S even while events flow, or a gone client holds its slot to the end
+            now = time.monotonic()
+            if now - h.gone_checked_at >= EVENT_POLL_S:
+                h.gone_checked_at = now
+                if h.client_gone():
+                    raise ClientGone()
             return event
         if h.client_gone():
             raise ClientGone()

@@ -389,6 +389,23 @@ def test_client_disconnect_frees_the_slot(slow_daemon: Daemon) -> None:
     assert reply["usage"]["completion_tokens"] == 2
 
 
+def test_a_non_streaming_client_that_leaves_frees_its_slot_while_tokens_flow(slow_daemon: Daemon) -> None:
+    """Tokens arrive every 50 ms, more often than the poll that looks for a gone client: the
+    disconnect must still be noticed before the 50 tokens (2.5 s) are done."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(slow_daemon.socket_path))
+    payload = json.dumps({"messages": [{"role": "user", "content": "hello dog"}], "max_tokens": 50,
+                          "temperature": 1.0, "seed": 1}).encode()  # sampled: no drafts, one token a step
+    s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+              + payload)
+    assert wait_for(lambda: status(slow_daemon)["scheduler"]["running"] == 1, 5.0)
+    time.sleep(0.2)  # some tokens are out
+    s.close()
+    assert wait_for(lambda: status(slow_daemon)["scheduler"]["running"] == 0, 1.5)
+    reply = slow_daemon.client().post("/v1/completions", {"prompt": "cat", "max_tokens": 2, "temperature": 0})
+    assert reply["usage"]["completion_tokens"] == 2
+
+
 # --- lifecycle -------------------------------------------------------------------------------
 
 def test_sigterm_drains_the_inflight_stream_then_exits_0(llama_bundle: Path, daemons: list[Daemon]) -> None:  # noqa: F811
