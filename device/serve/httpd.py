@@ -509,10 +509,16 @@ class Handler(BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":  # an unparsable version: answer with a status
             self.request_version = "HTTP/1.0"  # line anyway (no 0.9 client exists to serve)
         self.close_connection = True
+        # JSON like every other error the daemon sends, not http.server's HTML page (whose
+        # template would also not escape quotes echoed from the request line)
+        text = message or self.responses.get(code, ("bad request",))[0]
+        body = json.dumps({"error": {"message": text, "type": "invalid_request_error", "param": None,
+                                     "code": "bad_request"}}).encode()
+        log.debug("%s: answered %d: %s", self.address_string(), code, text)
         try:
-            super().send_error(code, message, explain)
-        except OSError as e:  # the client hung up before the error went out: nothing to answer
-            log.info("could not send %d (%s): %s", code, message, e)
+            self.send_bytes(code, body, "application/json")
+        except (ClientGone, OSError) as e:  # the client hung up before the error went out
+            log.info("could not send %d (%s): %s", code, message, e.__cause__ or e)
 
     def parse_request(self) -> bool:
         """http.server's parse, minus HTTP/0.9: a request line without a version would be

@@ -5,6 +5,7 @@ error is sent, a socket path under a file.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import tempfile
@@ -73,6 +74,22 @@ def test_an_http_0_9_request_gets_400_with_a_status_line(unix_server: httpd.Unix
     does not keep for 0.9: the App's 500 path, a traceback in the log, and nothing sent."""
     assert exchange(unix_server, b"GET /v1/status\r\n\r\n").startswith(b"HTTP/1.1 400")
     assert b" 200 " in exchange(unix_server, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+@pytest.mark.parametrize("raw", [
+    b'GARBAGE "quoted" \\ line\r\n\r\n',  # a bad request line, quotes and a backslash echoed back
+    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",  # 414
+    b"GET /v1/status HTTP/1.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n",  # 431: too many headers
+    b"GET /v1/status HTTP/2.0\r\n\r\n",  # a version it does not speak
+], ids=["request-line", "uri-too-long", "too-many-headers", "http-2.0"])
+def test_http_servers_own_errors_are_json(unix_server: httpd.UnixServer, raw: bytes) -> None:
+    """http.server's own refusals (before any route runs) were an HTML page: every error the
+    daemon sends is a JSON body saying what was wrong."""
+    head, _, body = exchange(unix_server, raw).partition(b"\r\n\r\n")
+    assert head.split(b" ")[1].startswith(b"4"), head
+    assert b"Content-Type: application/json" in head, head
+    error = json.loads(body)["error"]
+    assert error["message"] and error["type"] == "invalid_request_error", error
 
 
 def test_a_client_gone_before_an_error_leaves_no_traceback(unix_server: httpd.UnixServer,
