@@ -399,15 +399,16 @@ def _completion_prompt(body: dict[str, Any]) -> tuple[Callable[[BundleTokenizer]
         if len(prompt) > MAX_PROMPT_IDS:
             raise bad("prompt", f"at most {MAX_PROMPT_IDS} token ids (got {len(prompt)})")
         ids = [int(t) for t in prompt]
-        return (lambda tokenizer: _check_ids(ids, tokenizer)), 0
+        return (lambda tokenizer: _check_ids(ids, tokenizer, "prompt")), 0
     raise bad("prompt", "expected a string or a list of token ids (one prompt per request)")
 
 
-def _check_ids(ids: list[int], tokenizer: BundleTokenizer) -> list[int]:
+def _check_ids(ids: list[int], tokenizer: BundleTokenizer, param: str) -> list[int]:
+    """The ids themselves, or 400 naming `param` (the field the client sent them in)."""
     vocab = tokenizer.tok.get_vocab_size()
     bad_ids = [t for t in ids if not 0 <= t < vocab]
     if bad_ids:
-        raise bad("prompt", f"token ids must be in [0, {vocab}); got {[short(t) for t in bad_ids[:5]]}")
+        raise bad(param, f"token ids must be in [0, {vocab}); got {[short(t) for t in bad_ids[:5]]}")
     return ids
 
 
@@ -677,7 +678,7 @@ def tokenize_texts(inputs: list[str | list[int]], tokenizer: BundleTokenizer, ma
     out = []
     for i, item in enumerate(inputs):
         ids = (tokenizer.encode(item) if isinstance(item, str)
-               else _check_ids([int(t) for t in item], tokenizer))
+               else _check_ids([int(t) for t in item], tokenizer, f"{param}[{i}]"))
         if len(ids) > max_len:
             raise HTTPError(400, f"{param}[{i}] has {len(ids)} tokens; this model reads at most "
                                  f"{max_len}", "context_length_exceeded", param)

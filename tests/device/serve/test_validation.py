@@ -288,6 +288,15 @@ def test_embeddings_holes_are_4xx(encoder: Daemon) -> None:
     assert encoder_ok(encoder, model_id(encoder))
 
 
+
+def test_an_embedding_token_id_out_of_the_vocabulary_names_the_input(encoder: Daemon) -> None:
+    """The id check is shared with /v1/completions and said 'prompt', a field /v1/embeddings
+    does not have."""
+    status, reply = post(encoder, "/v1/embeddings", {"input": ["hello", [5, -3]]})
+    error = openai_4xx(status, reply, 400, "invalid_value")
+    assert error["param"] == "input[1]" and "'input[1]'" in error["message"], error
+    assert "prompt" not in error["message"], error
+
 # --- the OpenAPI document -----------------------------------------------------------------------
 
 def test_docs_openapi_is_generated_from_the_code() -> None:
