@@ -198,7 +198,13 @@ def compile_constraint(plan: StructuredPlan,
     if plan.schema is None:
         return None
     try:
-        return compiler.get().json_schema(plan.schema)
+        engine = compiler.get()
+    except Exception as e:  # noqa: BLE001 - the engine cannot read this model's tokenizer.json
+        # not the schema's fault: no schema would do, so say what is missing, as for no engine
+        raise HTTPError(400, f"'{plan.param}' needs constrained decoding, which cannot use this "
+                             f"model's tokenizer: {e}", "structured_output_unavailable", plan.param) from e
+    try:
+        return engine.json_schema(plan.schema)
     except Exception as e:  # noqa: BLE001 - GrammarError, or whatever the engine raises on a schema
         raise HTTPError(400, f"'{plan.param}': the schema cannot be used for constrained decoding: {e}",
                         "invalid_schema", plan.param) from e

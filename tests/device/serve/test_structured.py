@@ -61,6 +61,22 @@ def test_without_the_engine_a_constraint_is_a_400_naming_the_extra(monkeypatch: 
     assert call.plan.schema is None and call.plan.tool_choice == "auto"
 
 
+
+def test_a_tokenizer_the_grammar_engine_cannot_read_is_not_blamed_on_the_schema() -> None:
+    """llguidance refuses some tokenizers (a WordPiece decoder: "can't determine decoder
+    type"); every response_format was then a 400 "the schema cannot be used", code
+    invalid_schema, whatever the schema: the client was told to fix what was not wrong."""
+    class Unreadable:
+        def get(self) -> Any:
+            raise ValueError("can't determine decoder type")
+
+    plan = structured.StructuredPlan({"type": "object"}, "response_format")
+    with pytest.raises(HTTPError) as e:
+        structured.compile_constraint(plan, Unreadable())  # type: ignore[arg-type]
+    assert e.value.status == 400 and e.value.code == "structured_output_unavailable", e.value.message
+    assert e.value.param == "response_format" and "tokenizer" in e.value.message
+    assert "schema cannot be used" not in e.value.message
+
 def test_what_each_choice_constrains() -> None:
     plan = structured.parse_structured({"response_format": {"type": "json_object"}}, chat=True)
     assert plan.schema == {"type": "object"}
