@@ -667,29 +667,39 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def start_sse(self) -> SSEStream:
+        # HTTP/1.0 has no chunked coding (RFC 9112 §7.1): its stream is the bare events, ended
+        # by closing the connection
+        chunked = self.request_version != "HTTP/1.0"
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.close_connection = True
+                self.send_header("Connection", "close")
             self.send_header("X-Accel-Buffering", "no")  # proxies must not buffer the stream
             self.end_headers()
         except (BrokenPipeError, ConnectionResetError) as e:
             raise ClientGone() from e
-        return SSEStream(self)
+        return SSEStream(self, chunked)
 
 
 class SSEStream:
-    """Server-sent events over chunked transfer: one chunk per event, written at once."""
+    """Server-sent events over chunked transfer: one chunk per event, written at once (bare
+    events, not chunks, for an HTTP/1.0 client; the connection's close ends them)."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, chunked: bool = True) -> None:
         self.handler = handler
+        self.chunked = chunked
         self.last_write = time.monotonic()
         self.closed = False
 
     def _chunk(self, payload: bytes) -> None:
         try:
-            self.handler.wfile.write(b"%X\r\n%s\r\n" % (len(payload), payload))
+            self.handler.wfile.write(b"%X\r\n%s\r\n" % (len(payload), payload) if self.chunked
+                                     else payload)
         except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError) as e:
             raise ClientGone() from e
         self.last_write = time.monotonic()
@@ -707,9 +717,12 @@ class SSEStream:
         self.close()
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            try:
-                self.handler.wfile.write(b"0\r\n\r\n")
-            except OSError as e:
-                raise ClientGone() from e
+        if self.closed:
+            return
+        self.closed = True
+        if not self.chunked:
+            return  # the handler closes the connection: that ends a 1.0 stream
+        try:
+            self.handler.wfile.write(b"0\r\n\r\n")
+        except OSError as e:
+            raise ClientGone() from e

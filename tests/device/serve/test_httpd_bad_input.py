@@ -107,6 +107,41 @@ def test_a_client_gone_before_an_error_leaves_no_traceback(unix_server: httpd.Un
 
 
 
+
+class StreamApp:
+    """One server-sent event, then [DONE], as the streaming routes send them."""
+
+    def dispatch(self, h: httpd.Handler) -> None:
+        sse = h.start_sse()
+        sse.send({"n": 1})
+        sse.done()
+
+
+def _to_eof(srv: httpd.UnixServer, raw: bytes) -> bytes:
+    """Send `raw`, read until the server closes the connection."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(srv.path))
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+
+def test_an_http_1_0_client_gets_its_stream_unchunked_ending_at_the_close() -> None:
+    """HTTP/1.0 has no chunked transfer coding (RFC 9112 §7.1: not to be sent to a 1.0
+    client): the hex sizes and the 0-chunk ended up inside the client's event stream. A 1.0
+    stream is the raw events, its end the closed connection; 1.1 stays chunked."""
+    for srv in serving(StreamApp()):
+        head, _, body = _to_eof(srv, b"POST /v1/completions HTTP/1.0\r\nContent-Length: 0\r\n\r\n"
+                                ).partition(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower(), head
+        assert body == b'data: {"n": 1}\n\ndata: [DONE]\n\n', body
+        chunked = _to_eof(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                               b"Content-Length: 0\r\n\r\n")
+        assert b"Transfer-Encoding: chunked" in chunked and chunked.endswith(b"0\r\n\r\n"), chunked
+
 @pytest.fixture
 def echo_server() -> Iterator[httpd.UnixServer]:
     yield from serving(EchoApp())
