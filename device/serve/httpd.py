@@ -582,11 +582,14 @@ class Handler(BaseHTTPRequestHandler):
         """The request's Content-Length, 0 when absent: the one reading of it (body_length, the
         body readers). Not a number, or sent twice with different values (RFC 9112 §6.3: where
         the body ends is unknown), is a 400 and the connection closes; a repeated value is one."""
-        try:
-            lengths = {int(v or 0) for v in self.headers.get_all("Content-Length") or []}
-        except ValueError as e:
+        values = [v.strip() for v in self.headers.get_all("Content-Length") or []]
+        # 1*DIGIT (RFC 9110 §8.6): int() also takes -5 (read as no body, the rest then parsed
+        # as the next request), +3 and 3_0
+        if not all(v.isascii() and v.isdigit() for v in values if v):
             self.close_connection = True
-            raise HTTPError(400, "Content-Length is not a number") from e
+            raise HTTPError(400, "Content-Length is not a byte count (digits only); send the body's "
+                                 "length in bytes")
+        lengths = {int(v or 0) for v in values}
         if len(lengths) > 1:
             self.close_connection = True
             raise HTTPError(400, "Content-Length is sent more than once with different values; send one")

@@ -165,6 +165,18 @@ def test_two_differing_content_lengths_are_a_400_and_a_close(echo_server: httpd.
     assert reply.startswith(b"HTTP/1.1 200") and b'{"read": 3}' in reply
 
 
+
+@pytest.mark.parametrize("value", [b"-5", b"+3", b" 3_0"])
+def test_a_content_length_that_is_not_a_digit_string_is_a_400(echo_server: httpd.UnixServer,
+                                                               value: bytes) -> None:
+    """RFC 9110 §8.6: Content-Length is 1*DIGIT. int() took -5 (read as no body, so the route
+    answered "not valid JSON: Expecting value", and the body that followed became the next
+    request), +3 and 3_0."""
+    raw = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\nabc" % value
+    reply = _to_eof(echo_server, raw)
+    assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length" in reply, reply
+    assert reply.count(b"HTTP/1.1") == 1, reply
+
 def test_a_deploy_chunk_with_differing_content_lengths_is_a_400(tmp_path: Path) -> None:
     from device.serve.deploy import DeployApp, DeployService
     from device.store.store import Store, smoke_test
