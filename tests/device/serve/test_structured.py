@@ -5,6 +5,7 @@ reading a tool call back, OpenAI's penalties, and the binary tensor data codec."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,7 +62,6 @@ def test_without_the_engine_a_constraint_is_a_400_naming_the_extra(monkeypatch: 
     assert call.plan.schema is None and call.plan.tool_choice == "auto"
 
 
-
 def test_a_tokenizer_the_grammar_engine_cannot_read_is_not_blamed_on_the_schema() -> None:
     """llguidance refuses some tokenizers (a WordPiece decoder: "can't determine decoder
     type"); every response_format was then a 400 "the schema cannot be used", code
@@ -76,6 +76,21 @@ def test_a_tokenizer_the_grammar_engine_cannot_read_is_not_blamed_on_the_schema(
     assert e.value.status == 400 and e.value.code == "structured_output_unavailable", e.value.message
     assert e.value.param == "response_format" and "tokenizer" in e.value.message
     assert "schema cannot be used" not in e.value.message
+
+
+def test_a_tokenizer_the_engine_refused_is_not_read_again(tmp_path: Path) -> None:
+    """The failure is kept: a served bundle's tokenizer.json does not change, and every later
+    response_format request would otherwise read and parse it again under the lock."""
+    path = tmp_path / "tokenizer.json"
+    path.write_text("{not json")
+    compiler = grammar.LazyCompiler(str(path), 8, [0])
+    with pytest.raises(Exception) as first:
+        compiler.get()
+    path.unlink()  # a second read would now be a FileNotFoundError
+    with pytest.raises(Exception) as second:
+        compiler.get()
+    assert second.value is first.value
+
 
 def test_what_each_choice_constrains() -> None:
     plan = structured.parse_structured({"response_format": {"type": "json_object"}}, chat=True)
