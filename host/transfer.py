@@ -397,8 +397,11 @@ def _remote_error(obj: Any, status: int, where: str) -> RemoteError:
         message, code = str(err or obj), str(status)
     if status == 401:
         message += " (check the device's token file: `toolkit devices add NAME tcp://...?token-file=F`)"
-    elif status == 404 and code in ("not_found", "404"):
+    elif status == 404 and code == "not_found":  # the daemon's own answer: it serves no store
         message = f"{where} has no deploy routes (is the daemon started with --store?)"
+    elif status == 404:  # not our daemon's error shape: something else answers at that address
+        message = (f"{where} answered 404 without a daemon's error ({message[:80]!r}): is it a toolkit "
+                   "daemon (`toolkit serve --store`), and the device's address right?")
     return RemoteError(message, status, code, extra)
 
 

@@ -515,3 +515,16 @@ def test_tcp_replies_do_not_wait_for_delayed_acks(start: Any, tmp_path: Path) ->
         took[name] = time.perf_counter() - t0
         client.close()
     assert took["tcp"] < 8 * took["unix"] + 0.05, took
+
+
+def test_a_404_names_a_store_less_daemon_only_when_the_daemon_said_it() -> None:
+    """The daemon's own 404 (its JSON error, code not_found) means it serves no store; a 404 from
+    anything else at that address (another web server, a proxy) must not blame --store."""
+    from host.transfer import _remote_error
+
+    ours = _remote_error({"error": {"message": "no route POST /v1/deploy/begin", "code": "not_found"}},
+                         404, "tcp://board:8443")
+    assert "--store" in ours.message and ours.code == "not_found"
+    other = _remote_error("<html>Not Found</html>", 404, "tcp://board:8443")
+    assert "--store?" not in other.message and "404" in other.message, other.message
+    assert "address" in other.message
