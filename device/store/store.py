@@ -133,7 +133,12 @@ class BundleRef:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BundleRef:
-        return cls(str(data["dir"]), str(data["name"]), str(data["manifest_sha256"]),
+        folder = str(data["dir"])
+        # one folder name under bundles/: an absolute path or "../x" would make path_of (a join)
+        # point outside the store
+        if not folder or folder in (".", "..") or "/" in folder or "\\" in folder:
+            raise ValueError(f"dir {folder!r} is not a folder name under bundles/")
+        return cls(folder, str(data["name"]), str(data["manifest_sha256"]),
                    str(data.get("installed_at", "")))
 
 
@@ -476,6 +481,10 @@ class Store:
                 self._write_ref("previous", None)
                 what = "record is unreadable" if garbled else f"bundle {active.dir} is missing"
                 done.append(f"active {what}; fell back to {prev.dir if prev else 'none'}")
+            elif self.previous is None and (self.root / "previous").exists():
+                # read as absent, and logged as an error on every read until something replaced it
+                self._write_ref("previous", None)
+                done.append("removed the unreadable previous record")
         for line in done:
             log.warning("store recovery: %s", line)
         return done

@@ -357,6 +357,30 @@ def test_an_unreadable_active_record_falls_back_to_the_previous_bundle(tmp_path:
     store.close()
 
 
+def test_an_unreadable_previous_record_is_removed_at_start(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    Store.open(root).close()
+    (root / "previous").write_text("garbage{")  # read as absent, but logged on every read
+    store = Store.open(root)
+    assert store.previous is None and not (root / "previous").exists()
+    store.close()
+
+
+@pytest.mark.parametrize("folder", ["/etc", "../elsewhere", "a/b", ".."])
+def test_a_record_naming_a_folder_outside_bundles_is_unreadable(tmp_path: Path, folder: str) -> None:
+    """path_of joins the record's dir under bundles/: an absolute or climbing one would point
+    the daemon outside its store; it reads as a broken record and the store falls back."""
+    root = tmp_path / "s"
+    Store.open(root).close()
+    prev = {"dir": "old-000000000000", "name": "old", "manifest_sha256": "0" * 64}
+    (root / "bundles" / prev["dir"]).mkdir()
+    (root / "previous").write_text(json.dumps(prev))
+    (root / "active").write_text(json.dumps({**prev, "dir": folder}))
+    store = Store.open(root)
+    assert store.active is not None and store.active.dir == prev["dir"]
+    store.close()
+
+
 def test_store_refuses_a_bundle_folder_and_writes_nothing(base_bundle: Path, tmp_path: Path) -> None:
     root = tmp_path / "bundle"
     root.mkdir()
