@@ -116,7 +116,9 @@ def read_limits(path: Path) -> StoreLimits:
         raise ToolkitError(f"cannot use the store limits {path}: {e}",
                            hint=f"fix it (fields: {fields}) or remove it") from e
     if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 for v in asdict(limits).values()):
-        raise ToolkitError(f"the store limits in {path} must be positive numbers")
+        raise ToolkitError(f"the store limits in {path} must be positive numbers",
+                           hint=f"set each to a number of bytes or files, e.g. {{\"max_bundle_bytes\": "
+                                f"{StoreLimits().max_bundle_bytes}}}, or remove the file for the defaults")
     return limits
 
 

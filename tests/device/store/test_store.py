@@ -28,6 +28,7 @@ from device.store.store import (
     StoreError,
     StoreLimits,
     check_relpath,
+    read_limits,
     smoke_test,
 )
 
@@ -391,3 +392,12 @@ def test_store_refuses_a_bundle_folder_and_writes_nothing(base_bundle: Path, tmp
     assert sorted(p.name for p in root.iterdir()) == [MANIFEST]  # no bundles/, staging/ or lock
     (root / "bundles").mkdir()  # a store (its bundles/ folder) that happens to hold a manifest.json
     Store.open(root).close()
+
+
+@pytest.mark.parametrize("text", ['{"max_bundle_bytes": "x"}', '{"max_files": 0}', '{"nope": 1}', "[1"])
+def test_store_limits_that_cannot_be_used_say_how_to_fix_them(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "limits.json"
+    path.write_text(text)
+    with pytest.raises(ToolkitError) as e:
+        read_limits(path)
+    assert str(path) in e.value.message and e.value.hint and "remove" in e.value.hint
