@@ -83,7 +83,8 @@ class ModelSource:
 
         try:
             return AutoConfig.from_pretrained(str(self.model_dir), **self.hf_kwargs)
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        # IndexError: the gguf reader on a file that ends inside its key/value table
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as e:
             raise ToolkitError(f"cannot read the model config of {self.path}: {e}",
                                hint="check that the file is complete (a truncated download?)") from e
 

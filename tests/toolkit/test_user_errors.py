@@ -213,3 +213,18 @@ def test_bench_without_a_daemon_gives_its_hint_once(tmp_path: Path) -> None:
 def test_deploy_retries_below_zero_are_refused(tiny_bundle: Any) -> None:
     result = run("deploy", str(tiny_bundle()), "--device", "nowhere", "--retries", "-1")
     assert result.exit_code == 2 and "--retries" in result.output
+
+
+# --- found by a bad-input sweep of the host commands --------------------------------------------
+
+@pytest.mark.parametrize("command", ["plan", "convert"])
+def test_a_gguf_cut_off_after_its_header_is_one_line(tmp_path: Path, command: str) -> None:
+    """The gguf reader raises IndexError on a file that ends inside its key/value table (most
+    truncated downloads); that was a traceback."""
+    import struct
+
+    model = tmp_path / "cut.gguf"  # magic, version 3, 5 tensors, 3 keys, then half a key
+    model.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 5, 3) + struct.pack("<Q", 5) + b"gen")
+    result = run(command, str(model), *(["-o", str(tmp_path / "out")] if command == "convert" else []))
+    assert result.exit_code == 1 and "cannot read the model config" in result.output, result.output
+    assert "hint:" in result.output and not (tmp_path / "out").exists()
