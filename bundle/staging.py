@@ -31,6 +31,9 @@ def check_output(out: Path, force: bool) -> None:
     above = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise ToolkitError(f"output {out}: {above} is a file, not a folder", hint="choose another -o")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):  # the staging folder goes there
+        raise ToolkitError(f"output {out}: cannot write in {above} (permission denied)",
+                           hint="choose another -o, in a folder you can write")
     if out.exists() and not force:
         raise ToolkitError(f"output {out} already exists",
                            hint="pass --force to replace it, or -o to choose another folder")
@@ -46,8 +49,12 @@ def check_output(out: Path, force: bool) -> None:
 def staged_bundle(out: Path, force: bool = False) -> Iterator[Path]:
     out = Path(out).absolute()
     check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:  # what check_output cannot see: a read-only mount, /proc, a full disk
+        raise ToolkitError(f"cannot write the bundle {out}: {e.strerror or e}",
+                           hint="choose another -o, in a folder you can write") from e
     try:
         yield staging
         if not (staging / MANIFEST).exists():

@@ -228,3 +228,22 @@ def test_a_gguf_cut_off_after_its_header_is_one_line(tmp_path: Path, command: st
     result = run(command, str(model), *(["-o", str(tmp_path / "out")] if command == "convert" else []))
     assert result.exit_code == 1 and "cannot read the model config" in result.output, result.output
     assert "hint:" in result.output and not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tiny_bundle: Any) -> None:
+    """/proc takes no new folders, even from root (where a chmod'ed folder would not stop us)."""
+    result = run("quantize", str(tiny_bundle()), "-p", "int8", "-o", "/proc/toolkit-test-out")
+    assert result.exit_code == 1 and "cannot write the bundle" in result.output, result.output
+    assert "hint:" in result.output
+
+
+def test_an_output_under_a_folder_we_may_not_write_is_refused_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from bundle.staging import check_output
+
+    # as root a chmod 555 folder is still writable; say it is not, as it is for a user
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ToolkitError, match="cannot write"):
+        check_output(tmp_path / "new" / "bundle", force=False)
