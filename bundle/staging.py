@@ -49,10 +49,12 @@ def check_output(out: Path, force: bool) -> None:
 def staged_bundle(out: Path, force: bool = False) -> Iterator[Path]:
     out = Path(out).absolute()
     check_output(out, force)
+    made = _missing_parents(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:  # what check_output cannot see: a read-only mount, /proc, a full disk
+        _remove_empty(made)
         raise ToolkitError(f"cannot write the bundle {out}: {e.strerror or e}",
                            hint="choose another -o, in a folder you can write") from e
     try:
@@ -62,7 +64,22 @@ def staged_bundle(out: Path, force: bool = False) -> Iterator[Path]:
         _swap_in(staging, out, force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(made)  # a failed or interrupted convert leaves no trace
         raise
+
+
+def _missing_parents(out: Path) -> list[Path]:
+    """The folders above `out` that do not exist yet (deepest first): made for it, removed again
+    if the bundle is not written."""
+    return [p for p in out.parents if not p.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # never made, or something else was put there meanwhile: keep it
+            continue
 
 
 def finalize(staging: Path, manifest: Manifest) -> Manifest:

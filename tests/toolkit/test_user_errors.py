@@ -247,3 +247,15 @@ def test_an_output_under_a_folder_we_may_not_write_is_refused_before_any_work(
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(ToolkitError, match="cannot write"):
         check_output(tmp_path / "new" / "bundle", force=False)
+
+
+def test_an_interrupted_convert_leaves_no_folders_it_made(tmp_path: Path) -> None:
+    """Ctrl-C during the export removed the staging folder but left the parents made for -o."""
+    from bundle.staging import staged_bundle
+
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "sub" / "out"
+    with pytest.raises(KeyboardInterrupt), staged_bundle(out) as staging:
+        (staging / "model.onnx").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
