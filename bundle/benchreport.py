@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -341,11 +342,29 @@ class BenchReport:
         return save_report(self.to_json(), path)
 
 
+def check_report_path(path: Path) -> None:
+    """Refuse a report path that cannot be written, before the bench spends minutes measuring."""
+    path = Path(path)
+    above = next((p for p in Path(os.path.abspath(path)).parents if p.exists()), None)
+    if path.is_dir():
+        raise ToolkitError(f"output {path} is a folder; the report is a .json file",
+                           hint=f"choose another -o, e.g. {path / 'report.json'}")
+    if above is not None and not above.is_dir():
+        raise ToolkitError(f"output {path}: {above} is a file, not a folder", hint="choose another -o")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):
+        raise ToolkitError(f"output {path}: cannot write in {above} (permission denied)",
+                           hint="choose another -o, in a folder you can write")
+
+
 def save_report(data: Mapping[str, Any], path: Path) -> Path:
     """Write atomically (a temporary file renamed), so a crash never leaves half a report."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    except OSError as e:  # what check_report_path cannot see: a read-only mount, a full disk
+        raise ToolkitError(f"cannot write the report {path}: {e.strerror or e}",
+                           hint="choose another -o, in a folder you can write") from e
     return path
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bundle.benchreport import BenchConfig
+from bundle.benchreport import BenchConfig, check_report_path
 from bundle.errors import ToolkitError
 from host.report import fmt
 
@@ -79,6 +79,8 @@ def bench(bundle: Path | None, endpoint: Endpoint | None, config: BenchConfig, t
           log: Log = _quiet) -> BenchRun:
     """Bench BUNDLE here, or the daemon at `endpoint` (one of the two), and write the report to
     `output` (default ./bench-<bundle>-<time>.json) with its HTML page and plots beside it."""
+    if output is not None:
+        check_report_path(output)  # before the measurement, which would be lost
     if endpoint is not None:
         if bundle is not None:
             raise ToolkitError("give either BUNDLE (bench here) or --device/--socket (bench in "

@@ -259,3 +259,30 @@ def test_an_interrupted_convert_leaves_no_folders_it_made(tmp_path: Path) -> Non
         (staging / "model.onnx").write_bytes(b"half")
         raise KeyboardInterrupt
     assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+
+
+BENCH = ["--prompt-lens", "8", "--gen-len", "2", "--concurrency", "1", "--runs", "1", "--warmup", "0",
+         "--no-power", "--threads", "1", "--no-html"]
+
+
+@pytest.mark.parametrize("where", ["folder", "under a file"])
+def test_bench_refuses_an_output_it_cannot_write_before_measuring(tiny_bundle: Any, tmp_path: Path,
+                                                                  where: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """-o naming a folder was an IsADirectoryError traceback after the whole bench."""
+    import host.bench
+
+    def bench_local(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("measured before checking -o")
+
+    monkeypatch.setattr(host.bench, "bench_local", bench_local)
+    (tmp_path / "f").write_text("x")
+    out = tmp_path if where == "folder" else tmp_path / "f" / "r.json"
+    result = run("bench", str(tiny_bundle()), *BENCH, "-o", str(out))
+    assert result.exit_code == 1 and "hint: choose another -o" in result.output, result.output
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_bench_output_that_cannot_be_written_is_one_line(tiny_bundle: Any) -> None:
+    result = run("bench", str(tiny_bundle()), *BENCH, "-o", "/proc/toolkit-test-r.json")
+    assert result.exit_code == 1 and "cannot write" in result.output, result.output
