@@ -65,12 +65,13 @@ class BenchConfig:
     sample_interval_s: float = 0.05  # memory sampling
 
     def __post_init__(self) -> None:
-        for name in ("prompt_lens", "concurrency"):
+        for name, example in (("prompt_lens", "128,512"), ("concurrency", "1,4")):
             values = tuple(int(v) for v in getattr(self, name))
             object.__setattr__(self, name, values)
+            flag = name.replace('_', '-')
             if not values or min(values) < 1 or len(set(values)) != len(values):
-                raise ToolkitError(f"{name.replace('_', '-')} must be distinct positive integers "
-                                   f"(got {list(values)})", hint="e.g. --prompt-lens 128,512")
+                raise ToolkitError(f"{flag} must be distinct positive integers (got {list(values)})",
+                                   hint=f"e.g. --{flag} {example}")
         for name in ("gen_len", "runs"):
             if getattr(self, name) < 1:
                 raise ToolkitError(f"{name.replace('_', '-')} must be at least 1 "

@@ -286,3 +286,8 @@ def test_bench_refuses_an_output_it_cannot_write_before_measuring(tiny_bundle: A
 def test_bench_output_that_cannot_be_written_is_one_line(tiny_bundle: Any) -> None:
     result = run("bench", str(tiny_bundle()), *BENCH, "-o", "/proc/toolkit-test-r.json")
     assert result.exit_code == 1 and "cannot write" in result.output, result.output
+
+
+def test_a_bad_concurrency_list_gets_a_hint_for_concurrency() -> None:
+    result = run("bench", "b", "--concurrency", "0")  # the hint used to show --prompt-lens
+    assert result.exit_code == 1 and "hint: e.g. --concurrency 1,4" in result.output, result.output
