@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bundle.benchreport import save_report
+from bundle.errors import ToolkitError
 from host.report import CELL_HEADER, cell_row, fmt, headline, memory_line, power_line
 
 PNG_DATA_KEY = "edge-toolkit-data"
@@ -52,6 +53,16 @@ def write_report_files(report: Mapping[str, Any], json_path: Path,
     return write_html_files(report, json_path)
 
 
+def write_output(path: Path, data: bytes) -> Path:
+    """Write one output file (page, plot, table); an OSError is the user's path, so one line."""
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise ToolkitError(f"cannot write {path}: {e.strerror or e}",
+                           hint="choose another path, in a folder you can write") from e
+    return path
+
+
 def write_html_files(report: Mapping[str, Any], json_path: Path) -> ReportFiles:
     """<stem>.html and <stem>-<plot>.png beside json_path (which is not touched); without
     matplotlib the page alone, and plots_missing says so."""
@@ -64,11 +75,9 @@ def write_html_files(report: Mapping[str, Any], json_path: Path) -> ReportFiles:
         plots, missing = {}, "matplotlib"
     pngs = []
     for suffix, png in plots.items():
-        path = json_path.with_name(f"{json_path.stem}-{suffix}.png")
-        path.write_bytes(png)
-        pngs.append(path)
-    page = json_path.with_suffix(".html")
-    page.write_text(render_html(report, plots, plots_missing=missing), encoding="utf-8")
+        pngs.append(write_output(json_path.with_name(f"{json_path.stem}-{suffix}.png"), png))
+    page = write_output(json_path.with_suffix(".html"),
+                        render_html(report, plots, plots_missing=missing).encode("utf-8"))
     return ReportFiles(json_path, page, tuple(pngs), missing)
 
 
@@ -227,7 +236,7 @@ def write_compare_plot(reports: Sequence[Mapping[str, Any]], labels: Sequence[st
     plt = _pyplot()
     fig, data = compare_figure(plt, reports, labels)
     try:
-        path.write_bytes(_png(fig, data))
+        write_output(path, _png(fig, data))
     finally:
         plt.close(fig)
     return path

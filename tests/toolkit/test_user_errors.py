@@ -291,3 +291,15 @@ def test_bench_output_that_cannot_be_written_is_one_line(tiny_bundle: Any) -> No
 def test_a_bad_concurrency_list_gets_a_hint_for_concurrency() -> None:
     result = run("bench", "b", "--concurrency", "0")  # the hint used to show --prompt-lens
     assert result.exit_code == 1 and "hint: e.g. --concurrency 1,4" in result.output, result.output
+
+
+def test_report_outputs_that_cannot_be_written_are_one_line(tiny_bundle: Any, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    assert run("bench", str(tiny_bundle()), *BENCH, "-o", str(report)).exit_code == 0
+    (tmp_path / "r.html").mkdir()  # where `report html` writes the page
+    for args in (["html", str(report)],
+                 ["compare", str(report), str(report), "-o", "/proc/toolkit-test.txt"],
+                 ["compare", str(report), str(report), "--plot", "/proc/toolkit-test.png"]):
+        result = run("report", *args)
+        assert result.exit_code == 1 and "cannot write" in result.output, (args, result.output)
+        assert "hint:" in result.output

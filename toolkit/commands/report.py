@@ -52,6 +52,7 @@ def compare(files: tuple[Path, ...], names: bool, output: Path | None, plot: Pat
     from bundle.benchreport import load_report
     from bundle.errors import ToolkitError
     from host.report import compare_reports
+    from host.report_html import write_output
 
     if len(files) < 2:
         raise ToolkitError("compare needs at least two report files",
@@ -60,7 +61,7 @@ def compare(files: tuple[Path, ...], names: bool, output: Path | None, plot: Pat
     reports = [(str(f), load_report(f)) for f in files]
     table = compare_reports(reports, labels)
     if output is not None:
-        output.write_text(table + "\n", encoding="utf-8")
+        write_output(output, (table + "\n").encode("utf-8"))
     click.echo(table)
     if plot is not None:
         from host.report import column_labels
