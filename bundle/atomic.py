@@ -3,6 +3,7 @@
     write_atomic(path, data)        # readers see the old bytes or the new, never half of them
     fsync_tree(folder)              # every file and folder under it on disk (before a rename)
     fsync_dir(folder)               # a rename or a new entry in it survives a power cut
+    check_parent(out)               # before expensive work: can `out` be made where it is named?
 
 A write goes to a temporary file beside the target (same filesystem, so the rename is atomic),
 is fsync'd, renamed over the target, and the folder is fsync'd so the rename itself is durable
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from bundle.errors import ToolkitError
 
 
 def fsync_dir(path: Path) -> None:
@@ -64,3 +67,15 @@ def fsync_tree(root: Path) -> None:
         dirs += [Path(dirpath) / d for d in dirnames]
     for d in reversed(dirs):
         fsync_dir(d)
+
+
+def check_parent(out: Path) -> None:
+    """Refuse an output path whose nearest existing folder above is a file or not writable by us
+    (the temporary file or staging folder goes there); called before any expensive work, which
+    would otherwise be lost to a traceback at the end."""
+    above = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ToolkitError(f"output {out}: {above} is a file, not a folder", hint="choose another -o")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):
+        raise ToolkitError(f"output {out}: cannot write in {above} (permission denied)",
+                           hint="choose another -o, in a folder you can write")

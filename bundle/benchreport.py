@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bundle.atomic import write_atomic
+from bundle.atomic import check_parent, write_atomic
 from bundle.errors import ToolkitError
 
 SCHEMA = "edge-toolkit/bench-report"
@@ -346,15 +345,10 @@ class BenchReport:
 def check_report_path(path: Path) -> None:
     """Refuse a report path that cannot be written, before the bench spends minutes measuring."""
     path = Path(path)
-    above = next((p for p in Path(os.path.abspath(path)).parents if p.exists()), None)
     if path.is_dir():
         raise ToolkitError(f"output {path} is a folder; the report is a .json file",
                            hint=f"choose another -o, e.g. {path / 'report.json'}")
-    if above is not None and not above.is_dir():
-        raise ToolkitError(f"output {path}: {above} is a file, not a folder", hint="choose another -o")
-    if above is not None and not os.access(above, os.W_OK | os.X_OK):
-        raise ToolkitError(f"output {path}: cannot write in {above} (permission denied)",
-                           hint="choose another -o, in a folder you can write")
+    check_parent(path)
 
 
 def save_report(data: Mapping[str, Any], path: Path) -> Path:

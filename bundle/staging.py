@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bundle.atomic import fsync_tree, write_atomic
+from bundle.atomic import check_parent, fsync_tree, write_atomic
 from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, Manifest, hash_tree
 
@@ -28,12 +28,7 @@ from bundle.manifest import MANIFEST, Manifest, hash_tree
 def check_output(out: Path, force: bool) -> None:
     """Refuse an output path we must not replace; called before any expensive work."""
     out = Path(out)
-    above = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ToolkitError(f"output {out}: {above} is a file, not a folder", hint="choose another -o")
-    if above is not None and not os.access(above, os.W_OK | os.X_OK):  # the staging folder goes there
-        raise ToolkitError(f"output {out}: cannot write in {above} (permission denied)",
-                           hint="choose another -o, in a folder you can write")
+    check_parent(out)
     if out.exists() and not force:
         raise ToolkitError(f"output {out} already exists",
                            hint="pass --force to replace it, or -o to choose another folder")
