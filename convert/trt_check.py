@@ -27,7 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from bundle.errors import ToolkitError
-from bundle.manifest import Manifest, TrtCheck, read_manifest
+from bundle.manifest import Manifest, TrtCheck, load_verified
 
 RULES_DIR = Path(__file__).parent / "trt_rules"
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -364,8 +364,9 @@ def check_file(model_path: Path, versions: list[str], *, max_seq: int | None = N
 
 
 def check_bundle(bundle: Path, tensorrt: str | None = None) -> CheckReport:
-    """`toolkit check BUNDLE [--tensorrt V]`."""
-    m = read_manifest(bundle)
+    """`toolkit check BUNDLE [--tensorrt V]`. The files are verified first, as compile and deploy
+    do: a check that passes a bundle they would refuse says nothing true about it."""
+    m = load_verified(bundle)
     return _check_manifest(Path(bundle) / m.model_file, m, versions_for(m, tensorrt))
 
 

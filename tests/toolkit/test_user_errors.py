@@ -25,17 +25,24 @@ def run(*args: str) -> Any:
 
 # --- toolkit check on a damaged bundle ---------------------------------------------------------
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "one byte"])
 def test_check_names_a_missing_or_corrupt_model_file(tiny_bundle: Any, tmp_path: Path, damage: str) -> None:
+    """The files are verified before the graph is read, as compile and deploy do: a flipped
+    byte that still parses must not pass `check` while they refuse the bundle."""
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle(), bundle)
+    model = bundle / "model.onnx"
+    data = model.read_bytes()
     if damage == "missing":
-        (bundle / "model.onnx").unlink()
-    else:
-        (bundle / "model.onnx").write_bytes((bundle / "model.onnx").read_bytes()[:1000])
+        model.unlink()
+    elif damage == "truncated":
+        model.write_bytes(data[:1000])
+    else:  # the last byte of the last initializer: the graph still loads
+        model.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     result = run("check", str(bundle))
     assert result.exit_code == 1
-    assert "cannot read" in result.output and "hint:" in result.output
+    assert "failed verification" in result.output and "model.onnx" in result.output, result.output
+    assert "hint:" in result.output
 
 
 # --- model folders: config.json and tokenizer ----------------------------------------------------
