@@ -613,6 +613,8 @@ def read_manifest(bundle: Path) -> Manifest:
     """Parse manifest.json; a missing, unreadable, malformed or newer-schema manifest is a
     ToolkitError."""
     path = Path(bundle) / MANIFEST
+    if not Path(bundle).exists():
+        raise ToolkitError(f"{bundle} does not exist", hint="pass the folder `toolkit convert` wrote")
     if not path.is_file():
         raise ToolkitError(f"{bundle} is not a bundle: it has no {MANIFEST}",
                            hint="pass the folder `toolkit convert` wrote")

@@ -132,6 +132,9 @@ def packaged_path(name: str) -> Path:
 
 def resolve(arg: str) -> ModelSource:
     """Turn the MODEL argument into a ModelSource, checking only what is cheap to check."""
+    if not arg.strip():  # Path("") is ".", which would be blamed for lacking config.json
+        raise ToolkitError("MODEL is empty", hint="give a Hugging Face folder, a .gguf or .onnx file, "
+                                                  f"or one of: {', '.join(sorted(PACKAGED))}")
     if arg in PACKAGED:
         path = packaged_path(arg)
         kind = "gguf" if path.suffix == ".gguf" else "hf"

@@ -45,6 +45,19 @@ def test_check_names_a_missing_or_corrupt_model_file(tiny_bundle: Any, tmp_path:
     assert "hint:" in result.output
 
 
+@pytest.mark.parametrize("command", [["check"], ["quantize", "-p", "int8"], ["compile"]])
+def test_a_bundle_path_that_does_not_exist_says_so(tmp_path: Path, command: list[str]) -> None:
+    result = run(*command[:1], str(tmp_path / "nope"), *command[1:])
+    assert result.exit_code == 1 and "does not exist" in result.output, result.output
+
+
+@pytest.mark.parametrize("model", ["", "  "])
+def test_an_empty_model_argument_is_named_as_empty(tmp_path: Path, model: str) -> None:
+    result = run("convert", model, "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "MODEL is empty" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 # --- model folders: config.json and tokenizer ----------------------------------------------------
 
 def hf_folder(tmp_path: Path, tiny_dir: Any, **config: Any) -> Path:
@@ -156,7 +169,7 @@ def test_quantize_refuses_gate_limits_out_of_range_before_any_work(tiny_bundle: 
                                           ("--max-ppl-increase", "1000")])
 def test_quantize_takes_gate_limits_in_range(tmp_path: Path, option: str, value: str) -> None:
     result = run("quantize", str(tmp_path / "none"), "-p", "int8", option, value)
-    assert result.exit_code == 1 and "is not a bundle" in result.output  # past the option
+    assert result.exit_code == 1 and "does not exist" in result.output  # past the option
 
 
 def test_the_gate_refuses_a_nan_limit() -> None:
