@@ -472,17 +472,12 @@ class Store:
                 if entry.name.startswith("."):  # a rename target never starts with a dot
                     _remove(entry)
                     done.append(f"removed the stray entry bundles/{entry.name}")
-            active = self.active
-            # an `active` file that does not parse names no bundle: read as absent, the daemon
-            # would serve nothing ("no bundle yet") while `previous` could serve, so it falls
-            # back like a record naming a missing folder (and the garbage is replaced)
-            garbled = active is None and (self.root / "active").exists()
-            if garbled or (active is not None and not self.path_of(active).is_dir()):
+            broken = self._active_broken()
+            if broken is not None:
                 prev = self.previous
                 self._write_ref("active", prev if prev and self.path_of(prev).is_dir() else None)
                 self._write_ref("previous", None)
-                what = "record is unreadable" if garbled else f"bundle {active.dir} is missing"
-                done.append(f"active {what}; fell back to {prev.dir if prev else 'none'}")
+                done.append(f"active {broken}; fell back to {prev.dir if prev else 'none'}")
             elif self.previous is None and (self.root / "previous").exists():
                 # read as absent, and logged as an error on every read until something replaced it
                 self._write_ref("previous", None)
@@ -490,6 +485,15 @@ class Store:
         for line in done:
             log.warning("store recovery: %s", line)
         return done
+
+    def _active_broken(self) -> str | None:
+        """Why the `active` record names nothing servable, or None. A file that does not parse
+        is read as absent: the daemon would serve nothing ("no bundle yet") while `previous`
+        could, so it falls back as for a record naming a missing folder."""
+        active = self.active
+        if active is None:
+            return "record is unreadable" if (self.root / "active").exists() else None
+        return None if self.path_of(active).is_dir() else f"bundle {active.dir} is missing"
 
     def _valid_staging(self, entry: Path) -> bool:
         if not SHA_RE.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
