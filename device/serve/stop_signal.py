@@ -18,10 +18,16 @@ How: `signal.set_wakeup_fd` has the interpreter's C-level handler write the sign
 pipe (no Python code, no lock), the Python handler itself does nothing, and a small thread reads
 the pipe and sets the Event from outside the main thread, where taking its lock is safe. The
 same as asyncio's loop does for its signal handlers.
+
+SIGHUP, SIGUSR1 and SIGUSR2 are caught too, and only logged: their default action ends the process
+at once, so an operator's `kill -HUP` (the habit of reloading nginx or sshd) killed the daemon
+mid-stream, without a drain, and left its socket file behind. The daemon reloads nothing (its
+settings are its flags), so these signals do nothing but say so.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -29,17 +35,23 @@ from types import TracebackType
 from typing import Any
 
 _STOP_WATCHER = 0  # the byte `restore` writes to end the watcher thread (no signal has number 0)
+IGNORED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # logged, not fatal (module docstring)
+
+log = logging.getLogger("toolkit.daemon")
 
 
 class StopOnSignal:
     """Sets `event` when one of `signals` arrives, for as long as the context is open. Only the
     main thread can enter it (as for signal.signal); the previous handlers and wakeup fd come
-    back on exit. `signum` is the last signal that stopped it (0: none)."""
+    back on exit. `signum` is the last signal that stopped it (0: none). `ignored` signals are
+    logged and change nothing."""
 
     def __init__(self, event: threading.Event,
-                 signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+                 signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+                 ignored: tuple[signal.Signals, ...] = IGNORED) -> None:
         self.event = event
         self.signals = signals
+        self.ignored = tuple(s for s in ignored if s not in signals)
         self.signum = 0
         self._previous: dict[signal.Signals, Any] = {}
         self._old_fd = -1
@@ -57,7 +69,7 @@ class StopOnSignal:
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)  # set_wakeup_fd's requirement: a full pipe drops a byte
         self._old_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        for sig in self.signals:
+        for sig in (*self.signals, *self.ignored):
             self._previous[sig] = signal.signal(sig, self._ignore)
         self._watcher = threading.Thread(target=self._watch, name="stop-signal", daemon=True)
         self._watcher.start()
@@ -83,6 +95,7 @@ class StopOnSignal:
 
     def _watch(self) -> None:
         wanted = {int(s) for s in self.signals}
+        ignored = {int(s) for s in self.ignored}
         while True:
             # blocks until a signal arrives (any signal with a Python handler writes its number)
             # or `restore` writes its byte
@@ -92,3 +105,6 @@ class StopOnSignal:
                 if byte in wanted:
                     self.signum = byte
                     self.event.set()
+                elif byte in ignored:
+                    log.warning("ignoring %s: the daemon has nothing to reload (its settings are its "
+                                "flags); SIGTERM drains and stops it", signal.Signals(byte).name)
