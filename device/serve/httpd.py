@@ -304,6 +304,9 @@ def read_tokens(path: Path) -> list[str]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ToolkitError(f"cannot read the token file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:  # a key or other binary file given in its place
+        raise ToolkitError(f"the token file {path} is not UTF-8 text (byte {e.start})",
+                           hint=TOKEN_HINT) from e
     if st.st_mode & 0o077:
         raise ToolkitError(f"the token file {path} is readable by other users "
                            f"(mode {stat.S_IMODE(st.st_mode):o})", hint=f"chmod 600 {path}")

@@ -300,16 +300,19 @@ def test_weak_tokens_are_refused(token: str, ok: bool) -> None:
     assert (token_problem(token) is None) == ok
 
 
-def test_the_daemon_refuses_a_weak_token_file_in_one_line(llama_bundle: Path, tmp_path: Path) -> None:  # noqa: F811
-    token = tmp_path / "token"
-    token.write_text("abc\n")
+@pytest.mark.parametrize("content,message", [(b"abc\n", "at least 22"),
+                                             (b"\x9c\xff binary, not a token\n", "not UTF-8 text")])
+def test_the_daemon_refuses_a_weak_token_file_in_one_line(llama_bundle: Path, tmp_path: Path,  # noqa: F811
+                                                          content: bytes, message: str) -> None:
+    token = tmp_path / "token"  # a binary file (a key given in place of the token) was a traceback
+    token.write_bytes(content)
     token.chmod(0o600)
     run = subprocess.run([sys.executable, "-m", "toolkit", "serve", str(llama_bundle), "--socket",
                           str(tmp_path / "d.sock"), "--tcp", "127.0.0.1:1", "--token-file", str(token)],
                          capture_output=True, text=True, cwd=REPO, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 1
-    assert "at least 22" in run.stderr and "Traceback" not in run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr
 
 
 # --- TLS ----------------------------------------------------------------------------------------
