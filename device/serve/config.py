@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundle.errors import ToolkitError
+from device.runtime.procmem import check_fits
 from device.runtime.threads import check_threads
 from device.serve.httpd import MAX_CONNECTIONS, default_socket_path
 
@@ -140,6 +141,17 @@ class ServeConfig:
         if self.tcp and not self.token_file:
             raise ToolkitError("--tcp needs --token-file: every TCP request must carry a bearer token",
                                hint="write a random token to a file (chmod 600) and pass it")
+
+    def check_machine(self) -> None:
+        """What the flags ask of this machine, checked when the daemon starts and before anything
+        loads. Not in __post_init__: the CLI builds a ServeConfig of defaults when it is imported,
+        which must not fail on (or read) this machine's state.
+
+        The prefix cache's budget against MemAvailable: the scheduler checks it again with the
+        model loaded, but found only there, with --store, the flag's error was blamed on the
+        active bundle, a rollback was tried and the daemon stayed up serving nothing."""
+        check_fits(self.prefix_cache_mb << 20, f"a prefix cache of {self.prefix_cache_mb} MiB",
+                   "pass a smaller --prefix-cache-mb (0 turns it off)")
 
     @property
     def socket_gid(self) -> int | None:

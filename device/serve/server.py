@@ -702,6 +702,7 @@ def serve(config: ServeConfig) -> int:
     listeners and the engine work, STOPPING=1 when the drain begins."""
     from device.serve.notify import Notifier, Watchdog
 
+    config.check_machine()
     _setup_logging()
     notifier = Notifier.from_env()
     watchdog = Watchdog(notifier)

@@ -67,3 +67,18 @@ def test_a_prefix_cache_budget_beyond_the_memory_is_refused(tiny_bundle: Any, mo
         Scheduler(runner.backend, runner.tokenizer, prefix_cache_bytes=64 << 20).close()
     finally:
         runner.close()
+
+
+def test_a_prefix_cache_budget_beyond_the_memory_is_refused_before_loading(tmp_path: Path,
+                                                                           monkeypatch: Any) -> None:
+    """A flag's error, found before any bundle is read (this one does not exist): with --store it
+    used to be found when the engine was made, blamed on the active bundle (a rollback tried,
+    the daemon up serving nothing)."""
+    from device.serve.server import serve
+
+    monkeypatch.setattr(procmem, "mem_available", lambda meminfo=None: 256 << 20)
+    config = ServeConfig(bundle=tmp_path / "no-such-bundle", socket=tmp_path / "d.sock",
+                         prefix_cache_mb=1024)
+    with pytest.raises(ToolkitError, match="prefix cache of 1024 MiB needs 1,024 MiB") as e:
+        serve(config)
+    assert "--prefix-cache-mb" in (e.value.hint or "") and not (tmp_path / "d.sock").exists()
