@@ -9,7 +9,6 @@ compared with this device, *before* any model byte is handed to a runtime.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from bundle.contract import DECODER_CONTRACT, ENCODER_CONTRACT
 from bundle.errors import ToolkitError
 from bundle.manifest import Manifest, load_verified
 from device.runtime.backend import DecoderBackend, EncoderBackend
+from device.runtime.threads import env_threads
 from device.runtime.tokenizer import BundleTokenizer
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
@@ -76,7 +76,7 @@ def load_bundle(path: Path, slots: int | None = None, threads: int | None = None
     path = Path(path)
     manifest = load_verified(path)  # hashes first: nothing unverified reaches a runtime
     check_target(manifest)
-    threads = threads or _env_int("TOOLKIT_THREADS")
+    threads = threads or env_threads()
     model = path / manifest.model_file
     tokenizer = (BundleTokenizer(path / manifest.tokenizer.path, manifest.tokenizer)
                  if manifest.tokenizer else None)
@@ -105,8 +105,3 @@ def _tensorrt_backend(path: Path, manifest: Manifest, slots: int, rebuild: bool,
 
     engine = prepare_engine(path, manifest, rebuild_on_mismatch=rebuild, progress=progress)
     return TrtDecoderBackend(engine, manifest.kv_layout(), manifest.dims.vocab_size, slots=slots)
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None

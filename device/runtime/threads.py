@@ -16,3 +16,16 @@ def check_threads(threads: int | None) -> None:
     if threads is not None and not 1 <= threads <= cores:
         raise ToolkitError(f"--threads must be 1 to {cores}, the cores of this machine (got {threads})",
                            hint="leave --threads (and TOOLKIT_THREADS) out to use all of them")
+
+
+def env_threads() -> int | None:
+    """TOOLKIT_THREADS (None: unset or empty), the default of --threads; a value that is not a
+    whole number is one line here, not a ValueError traceback from deep in the bundle's load."""
+    value = os.environ.get("TOOLKIT_THREADS", "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ToolkitError(f"TOOLKIT_THREADS={value!r} is not a number of threads",
+                           hint="set it to 1 up to the cores of this machine, or unset it") from None

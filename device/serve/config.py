@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bundle.errors import ToolkitError
 from device.runtime.procmem import check_fits
-from device.runtime.threads import check_threads
+from device.runtime.threads import check_threads, env_threads
 from device.serve.httpd import MAX_CONNECTIONS, default_socket_path
 
 SWAP_MODES = ("auto", "hot", "cold")  # see device/store/swap.py
@@ -149,7 +149,11 @@ class ServeConfig:
 
         The prefix cache's budget against MemAvailable: the scheduler checks it again with the
         model loaded, but found only there, with --store, the flag's error was blamed on the
-        active bundle, a rollback was tried and the daemon stayed up serving nothing."""
+        active bundle, a rollback was tried and the daemon stayed up serving nothing. The same
+        for TOOLKIT_THREADS (the default of --threads), which load_bundle read: 'abc' was a
+        ValueError traceback there."""
+        if self.threads is None:
+            check_threads(env_threads())
         check_fits(self.prefix_cache_mb << 20, f"a prefix cache of {self.prefix_cache_mb} MiB",
                    "pass a smaller --prefix-cache-mb (0 turns it off)")
 

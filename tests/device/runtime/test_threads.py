@@ -32,3 +32,18 @@ def test_every_onnx_runtime_session_checks_them(tiny_bundle: Any, monkeypatch: A
     monkeypatch.setenv("TOOLKIT_THREADS", str((os.cpu_count() or 1) + 1))
     with pytest.raises(ToolkitError, match="--threads must be 1 to"):
         load_bundle(tiny_bundle(), slots=1)
+
+
+@pytest.mark.parametrize("value,message", [("abc", "TOOLKIT_THREADS='abc' is not a number"),
+                                           ("10000", "--threads must be 1 to")])
+def test_toolkit_threads_is_checked_before_anything_loads(value: str, message: str, tmp_path: Path,
+                                                          monkeypatch: Any) -> None:
+    """Not when the bundle loads (this one does not exist): 'abc' was a ValueError traceback from
+    load_bundle, and with --store either value was blamed on the active bundle."""
+    from device.serve.server import serve
+
+    monkeypatch.setenv("TOOLKIT_THREADS", value)
+    config = ServeConfig(bundle=tmp_path / "no-such-bundle", socket=tmp_path / "d.sock")
+    with pytest.raises(ToolkitError, match=message):
+        serve(config)
+    ServeConfig(bundle=Path("b"), threads=1).check_machine()  # the flag wins over the variable
