@@ -516,7 +516,7 @@ def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = 
                 stop: threading.Event | None = None, ready: Callable[[], None] | None = None,
                 limits: StoreLimits | None = None, http_chunk: int = HTTP_CHUNK,
                 tls_cert: Path | None = None, tls_key: Path | None = None) -> int:
-    """Run a store-only daemon until `stop` (or SIGTERM/SIGINT when run as a program)."""
+    """Run a store-only daemon until `stop` (or SIGTERM/SIGINT/SIGHUP when run as a program)."""
     from device.serve.httpd import TCPServer, UnixServer, parse_tcp, read_tokens, stop_listening, tls_context
     from device.serve.serial_link import serve as serve_serial
     from device.store.store import smoke_test

@@ -8,7 +8,7 @@ Lifecycle (protocols.md §1e, §2.3), one `lifespan`-like function (`serve`) own
   loading    the sockets listen at once; health/ready answers 503 "loading" while the bundle is
              verified and loaded (hashes first, then the runtime)
   ready      requests are admitted: `slots` run, `queue` wait, the rest get 503
-  draining   on SIGTERM/SIGINT: readiness turns 503 and new requests get 503 first, then the
+  draining   on SIGTERM/SIGINT/SIGHUP: readiness turns 503 and new requests get 503 first, then the
              listeners close and the socket file goes; in-flight requests may finish for
              --drain-timeout seconds, whatever still runs then ends with finish_reason "abort"
   stopped    engine and runtime closed; exit 0
@@ -695,7 +695,7 @@ def _setup_logging() -> None:
 
 
 def serve(config: ServeConfig) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the exit code (0 after a clean drain).
+    """Run the daemon until SIGTERM/SIGINT/SIGHUP; returns the exit code (0 after a clean drain).
 
     Under systemd (Type=notify, device/serve/notify.py): STATUS= says what it is doing, READY=1
     goes once the bundle is loaded (or the empty store is open), WATCHDOG=1 only while the
@@ -722,7 +722,7 @@ def serve(config: ServeConfig) -> int:
             if config.tls_cert:
                 log.info("TLS certificate %s: pin it with %s", config.tls_cert,
                          cert_fingerprint(config.tls_cert))
-        signals.install()  # SIGTERM/SIGINT set `stop` (restored after the drain below)
+        signals.install()  # SIGTERM/SIGINT/SIGHUP set `stop` (restored after the drain below)
         for s in servers:
             listeners.append(threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2},
                                               name=f"listen-{type(s).__name__}", daemon=True))

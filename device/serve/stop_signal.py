@@ -1,4 +1,4 @@
-"""SIGTERM/SIGINT turned into a threading.Event, with no lock taken in the signal handler.
+"""SIGTERM/SIGINT/SIGHUP turned into a threading.Event, with no lock taken in the signal handler.
 
     stop = threading.Event()
     with StopOnSignal(stop):  # or .install() ... .restore()
@@ -19,10 +19,12 @@ pipe (no Python code, no lock), the Python handler itself does nothing, and a sm
 the pipe and sets the Event from outside the main thread, where taking its lock is safe. The
 same as asyncio's loop does for its signal handlers.
 
-SIGHUP, SIGUSR1 and SIGUSR2 are caught too, and only logged: their default action ends the process
-at once, so an operator's `kill -HUP` (the habit of reloading nginx or sshd) killed the daemon
-mid-stream, without a drain, and left its socket file behind. The daemon reloads nothing (its
-settings are its flags), so these signals do nothing but say so.
+SIGHUP, SIGUSR1 and SIGUSR2 ended the process at once (their default action): a closed terminal
+or an operator's `kill -HUP` (the habit of reloading nginx or sshd) killed the daemon mid-stream,
+without a drain, and left its socket file behind. SIGHUP now stops it like SIGTERM, drained: the
+terminal of a foreground daemon is gone (nobody watches it; staying up orphaned would be a
+surprise), and the daemon has nothing to reload (its settings are its flags; `toolkit deploy`
+swaps bundles). SIGUSR1 and SIGUSR2 are only logged.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from types import TracebackType
 from typing import Any
 
 _STOP_WATCHER = 0  # the byte `restore` writes to end the watcher thread (no signal has number 0)
-IGNORED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # logged, not fatal (module docstring)
+STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # drain and stop (module docstring)
+IGNORED = (signal.SIGUSR1, signal.SIGUSR2)  # logged, not fatal
 
 log = logging.getLogger("toolkit.daemon")
 
@@ -47,7 +50,7 @@ class StopOnSignal:
     logged and change nothing."""
 
     def __init__(self, event: threading.Event,
-                 signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+                 signals: tuple[signal.Signals, ...] = STOPPING,
                  ignored: tuple[signal.Signals, ...] = IGNORED) -> None:
         self.event = event
         self.signals = signals
@@ -107,4 +110,4 @@ class StopOnSignal:
                     self.event.set()
                 elif byte in ignored:
                     log.warning("ignoring %s: the daemon has nothing to reload (its settings are its "
-                                "flags); SIGTERM drains and stops it", signal.Signals(byte).name)
+                                "flags); SIGTERM or SIGHUP drains and stops it", signal.Signals(byte).name)
