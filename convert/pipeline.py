@@ -281,7 +281,3 @@ def render_report(m: Manifest) -> str:
     lines += ["", "## IO contract", "", "```json", json.dumps(m.io_json(), indent=1)[:4000], "```", ""]
     return "\n".join(lines)
 
-
-def env_threads() -> int | None:
-    value = os.environ.get("TOOLKIT_THREADS")
-    return int(value) if value else None
