@@ -141,6 +141,10 @@ class ServeConfig:
         if self.tcp and not self.token_file:
             raise ToolkitError("--tcp needs --token-file: every TCP request must carry a bearer token",
                                hint="write a random token to a file (chmod 600) and pass it")
+        if self.token_file and not (self.tcp or self.serial):  # it would guard nothing, silently
+            raise ToolkitError("--token-file guards the --tcp and --serial listeners; the Unix socket "
+                               "takes no token (its file mode guards it: --socket-group)",
+                               hint="drop --token-file, or add --tcp HOST:PORT")
 
     def check_machine(self) -> None:
         """What the flags ask of this machine, checked when the daemon starts and before anything

@@ -142,6 +142,14 @@ def test_service_unit_refuses_what_the_daemon_would_refuse(args: list[str], erro
     assert result.exit_code == 1 and error in result.output
 
 
+def test_serve_refuses_a_token_file_that_would_guard_nothing(tmp_path: Path) -> None:
+    """Without --tcp or --serial it was silently ignored: the Unix socket takes no token."""
+    result = run("serve", str(tmp_path), "--socket", str(tmp_path / "d.sock"),
+                 "--token-file", str(tmp_path / "token"))
+    assert result.exit_code == 1 and "--token-file guards the --tcp and --serial" in result.output
+    assert not (tmp_path / "d.sock").exists()
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
 def test_serve_refuses_a_drain_timeout_that_is_not_a_number_of_seconds(value: float) -> None:
     from device.serve.config import ServeConfig
