@@ -336,7 +336,7 @@ class Attention(nn.Module):
                 k = apply_rope(k.view(B, T, d.kv_heads, d.head_dim).transpose(1, 2), c, s_)
                 q = q.transpose(1, 2).reshape(B, T, -1)
                 k = k.transpose(1, 2).reshape(B, T, -1)
-            settings = GQASettings(d.heads, d.kv_heads, d.head_dim, self.p.attn_scale,
+            settings = GQASettings(d.heads, d.kv_heads, d.head_dim, layer.attn_scale,
                                    self.p.attn_softcap, layer.window)
             out, pk, pv = GroupQueryAttention.apply(q, k, v, past_k, past_v, step.seqlens_k,
                                                     step.total, cos, sin, settings,
@@ -350,7 +350,7 @@ class Attention(nn.Module):
             c, s_ = step.rows(layer.rope)
             qh, kh = apply_rope(qh, c, s_), apply_rope(kh, c, s_)
         out = static_attention(qh, kh, vh, past_k, past_v, step.mask(layer.window),
-                               self.p.attn_scale, self.p.attn_softcap)
+                               layer.attn_scale, self.p.attn_softcap)
         return getattr(self, self.out_name)(out), kh, vh, None, None
 
 

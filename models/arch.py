@@ -136,6 +136,10 @@ class ArchSpec:
     embed_scale: Scalar | None = None  # Gemma: sqrt(hidden); Granite: embedding_multiplier
     residual_scale: Scalar | None = None  # Granite: residual_multiplier on each branch
     attn_scale: Scalar | None = None  # None: 1/sqrt(head_dim)
+    attn_scaled: bool | str = True  # False, or the config flag that is false, where q.k is not scaled
+    #                                 at all (GPT-2's scale_attn_weights)
+    layer_scaled: bool | str = False  # layer i's scores also x 1/(i + 1) (GPT-2's
+    #                                   scale_attn_by_inverse_layer_idx)
     logit_scale: Scalar | None = None  # Granite: 1 / logits_scaling
     attn_softcap: Scalar | None = None  # Gemma 2: cap * tanh(scores / cap)
     final_softcap: Scalar | None = None  # Gemma 2: on the logits

@@ -25,6 +25,7 @@ class LayerPlan:
 
     window: int | None  # sliding window (keys with q - k < window are visible); None: full
     rope: str | None  # "global" | "local" (Gemma 3's sliding layers) | None: NoPE / learned
+    attn_scale: float  # multiplies q.k in this layer (GPT-2 may divide it by the layer's number)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,6 @@ class ArchParams:
     out_bias: bool
     mlp_bias: bool
     parallel: bool
-    attn_scale: float  # multiplies q.k
     embed_scale: float
     residual_scale: float  # multiplies each branch before it joins the residual
     logit_scale: float
@@ -70,19 +70,24 @@ def resolve(spec: ArchSpec, config: Any, num_layers: int, head_dim: int) -> Arch
         spec=spec, act=ACTIVATIONS[act_name],
         qkv_bias=spec.flag(spec.qkv_bias, config), out_bias=spec.flag(spec.out_bias, config),
         mlp_bias=spec.flag(spec.mlp_bias, config), parallel=spec.flag(spec.parallel, config),
-        attn_scale=_scalar(spec.attn_scale, config, 1.0 / math.sqrt(head_dim)),
         embed_scale=_scalar(spec.embed_scale, config, 1.0),
         residual_scale=_scalar(spec.residual_scale, config, 1.0),
         logit_scale=_scalar(spec.logit_scale, config, 1.0),
         attn_softcap=spec.attn_softcap.read(config) if spec.attn_softcap else None,
         final_softcap=spec.final_softcap.read(config) if spec.final_softcap else None,
         rotary_dim=rotary_dim - rotary_dim % 2,
-        layers=_layer_plans(spec, config, num_layers))
+        layers=_layer_plans(spec, config, num_layers, head_dim))
 
 
-def _layer_plans(spec: ArchSpec, config: Any, num_layers: int) -> tuple[LayerPlan, ...]:
+def _layer_plans(spec: ArchSpec, config: Any, num_layers: int,
+                 head_dim: int) -> tuple[LayerPlan, ...]:
     """Per-layer window and RoPE from the config's own per-layer lists (`layer_types`, SmolLM3's
-    `no_rope_layers`); a window with no `layer_types` applies to every layer (Mistral, Phi-3)."""
+    `no_rope_layers`); a window with no `layer_types` applies to every layer (Mistral, Phi-3).
+    The attention scale: the record's (1/sqrt(head_dim) by default), 1 where the config turns
+    scaling off, and divided by i + 1 in layer i where it asks for that (GPT-2's flags)."""
+    scale = _scalar(spec.attn_scale, config, 1.0 / math.sqrt(head_dim))
+    scale = scale if spec.flag(spec.attn_scaled, config) else 1.0
+    by_layer = spec.flag(spec.layer_scaled, config)
     raw = getattr(config, spec.sliding_window, None) if spec.sliding_window else None
     window = int(raw) if raw and getattr(config, "use_sliding_window", True) is not False else None
     types = list(getattr(config, "layer_types", None) or ["sliding_attention"] * num_layers)
@@ -93,7 +98,8 @@ def _layer_plans(spec: ArchSpec, config: Any, num_layers: int) -> tuple[LayerPla
         rope: str | None = None
         if spec.positions == "rope" and (ropes is None or ropes[i]):
             rope = "local" if spec.local_rotary and sliding else "global"
-        plans.append(LayerPlan(window if sliding else None, rope))
+        plans.append(LayerPlan(window if sliding else None, rope,
+                               scale / (i + 1) if by_layer else scale))
     return tuple(plans)
 
 

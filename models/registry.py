@@ -97,7 +97,8 @@ register(ArchSpec("stablelm", DECODER, "stablelm", names=LAYERNORM_NAMES, norm="
                   examples=("StableLM 2 1.6B", "StableLM 3B")))
 register(ArchSpec("gpt2", DECODER, "gpt2", names=GPT2_NAMES, layout=GPT2_LAYOUT, positions="learned",
                   norm="layer", act="activation_function", qkv_bias=True, out_bias=True,
-                  mlp_bias=True, examples=("GPT-2",)))
+                  mlp_bias=True, attn_scaled="scale_attn_weights",
+                  layer_scaled="scale_attn_by_inverse_layer_idx", examples=("GPT-2",)))
 register(ArchSpec("bert", ENCODER, "bert", names=BERT_NAMES, positions="learned",
                   examples=("all-MiniLM-L6-v2", "BERT")))
 

@@ -12,7 +12,7 @@ import shutil
 import onnx
 import pytest
 from paths import REPO
-from tiny_models import DECODER_CONFIGS
+from tiny_models import DECODER_CONFIGS, make_decoder
 
 from bundle.errors import ToolkitError
 from bundle.manifest import load_verified
@@ -92,6 +92,25 @@ def test_longrope_default_max_seq_stays_where_the_tables_are_static(tiny_dir, tm
     max_seq (2048, capped by the model's 128) is capped again at 64."""
     r = convert_model(str(tiny_dir("phi3")), "cpu", tmp_path / "b")
     assert r.manifest.max_seq == 64
+
+
+# --- legal but unusual configs: parity with transformers, or an up-front refusal ----------------
+# name -> (tiny case, config overrides). Each converts for the CPU target with max_seq 64 and
+# passes parity. gpt2's head_dim is 8 (static attention on CPU); n_embd 64 makes it 16 (the fused op).
+UNUSUAL = {
+    "gpt2 scale_attn_weights=false": ("gpt2", dict(scale_attn_weights=False)),
+    "gpt2 scale_attn_by_inverse_layer_idx": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),
+    "gpt2 scale_attn_by_inverse_layer_idx, fused attention": (
+        "gpt2", dict(n_embd=64, scale_attn_by_inverse_layer_idx=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNUSUAL))
+def test_unusual_config_converts_with_parity(name, tmp_path):
+    case, overrides = UNUSUAL[name]
+    folder = make_decoder(tmp_path / "hf", case, **overrides)
+    p = convert_model(str(folder), "cpu", tmp_path / "b", max_seq=64).parity
+    assert p.passed and p.max_abs_logits_diff < 2e-3 and p.greedy_match
 
 
 # --- toolkit plan on real shapes -----------------------------------------------------------
