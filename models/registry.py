@@ -83,8 +83,10 @@ GEMMA2 = register(replace(GEMMA, model_type="gemma2", layout=Layout(norms=SANDWI
                           attn_softcap=Scalar("attn_logit_softcapping"),
                           final_softcap=Scalar("final_logit_softcapping"),
                           examples=("Gemma 2 2B",)))
+# transformers' Gemma 3 keeps attn_logit_softcapping in its config but never applies it
+# (Gemma3Attention passes no softcap, 4.57): the reference parity checks against has no cap
 register(replace(GEMMA2, model_type="gemma3_text", qk_norm="head", local_rotary="rotary_emb_local",
-                 examples=("Gemma 3 270M/1B",)))
+                 attn_softcap=None, examples=("Gemma 3 270M/1B",)))
 register(ArchSpec("phi3", DECODER, "phi", layout=PHI3_LAYOUT, sliding_window="sliding_window",
                   examples=("Phi-3/3.5-mini", "Phi-4-mini")))
 register(ArchSpec("phi", DECODER, "phi", names=LAYERNORM_NAMES, layout=PHI_LAYOUT, norm="layer",

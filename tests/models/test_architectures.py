@@ -102,6 +102,7 @@ UNUSUAL = {
     "gpt2 scale_attn_by_inverse_layer_idx": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),
     "gpt2 scale_attn_by_inverse_layer_idx, fused attention": (
         "gpt2", dict(n_embd=64, scale_attn_by_inverse_layer_idx=True)),
+    "gemma3_text attn_logit_softcapping set": ("gemma3_text", dict(attn_logit_softcapping=30.0)),
 }
 
 
