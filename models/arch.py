@@ -111,10 +111,13 @@ class Scalar:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A config option this toolkit does not export: refused before any work, with why."""
+    """A config option this toolkit does not export: refused before any work, with why.
+    The option is refused when the config sets it to a value outside `allowed` (absent is
+    allowed): a flag that is true, or a factor other than its neutral value."""
 
     attr: str
     why: str
+    allowed: tuple[Any, ...] = (None, False)
 
 
 @dataclass(frozen=True)

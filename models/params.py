@@ -7,6 +7,7 @@ A config option the record cannot express is refused here, before any weight is 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -57,8 +58,10 @@ def _scalar(s: Scalar | None, config: Any, default: float) -> float:
 
 def resolve(spec: ArchSpec, config: Any, num_layers: int, head_dim: int) -> ArchParams:
     for r in spec.refuse:
-        if getattr(config, r.attr, False):
-            raise ToolkitError(f"{spec.model_type} with {r.attr}=true is not supported ({r.why})",
+        value = getattr(config, r.attr, None)
+        if value not in r.allowed:
+            raise ToolkitError(f"{spec.model_type} with {r.attr}={json.dumps(value)} is not "
+                               f"supported ({r.why})",
                                hint="no public checkpoint of the sizes boards run sets it; "
                                     "convert an ONNX export of it instead")
     act_name = getattr(config, spec.act, None) or "silu"

@@ -57,9 +57,15 @@ def get_spec(model_type: str | None) -> ArchSpec:
 # --- the registry ------------------------------------------------------------------------
 # Families that share most of a record derive it with dataclasses.replace: what differs is
 # exactly what the call lists.
+# transformers' Llama- and Gemma-derived attention rotates whole heads: with a partial factor
+# its RoPE tables are narrower than the heads and its own forward fails (a shape error), so there
+# is no reference to match (phi, phi3 and stablelm rotate the leading dims and are exported).
+WHOLE_HEAD_ROPE = Refusal("partial_rotary_factor", "transformers' attention for this family "
+                          "rotates whole heads; its own model fails on a partial factor",
+                          allowed=(None, 1, 1.0))
 LLAMA = register(ArchSpec("llama", DECODER, "llama", qkv_bias="attention_bias",
                           out_bias="attention_bias", mlp_bias="mlp_bias",
-                          examples=("SmolLM2", "Llama 2", "Llama 3.x")))
+                          refuse=(WHOLE_HEAD_ROPE,), examples=("SmolLM2", "Llama 2", "Llama 3.x")))
 register(replace(LLAMA, model_type="mistral", qkv_bias=False, out_bias=False, mlp_bias=False,
                  sliding_window="sliding_window", examples=("Mistral 7B",)))
 register(replace(LLAMA, model_type="smollm3", rope_layers="no_rope_layers",
@@ -76,7 +82,8 @@ register(replace(LLAMA, model_type="olmo2", family="olmo", mlp_bias=False, qk_no
                  layout=Layout(norms=POST_NORMS), examples=("OLMo 2",)))
 GEMMA = register(ArchSpec("gemma", DECODER, "gemma", norm="rms1",
                           embed_scale=Scalar("hidden_size", 0.5), qkv_bias="attention_bias",
-                          out_bias="attention_bias", examples=("Gemma 2B/7B",)))
+                          out_bias="attention_bias", refuse=(WHOLE_HEAD_ROPE,),
+                          examples=("Gemma 2B/7B",)))
 GEMMA2 = register(replace(GEMMA, model_type="gemma2", layout=Layout(norms=SANDWICH_NORMS),
                           act="hidden_activation", attn_scale=Scalar("query_pre_attn_scalar", -0.5),
                           sliding_window="sliding_window",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from types import SimpleNamespace
 
 import onnx
 import pytest
@@ -18,6 +19,7 @@ from bundle.errors import ToolkitError
 from bundle.manifest import load_verified
 from convert.pipeline import convert_model
 from models.arch import DECODER
+from models.dims import dims_from_config
 from models.registry import REGISTRY, supported_markdown
 from targets.plan import plan_from_model
 
@@ -85,6 +87,25 @@ def test_an_option_no_record_covers_is_refused_before_any_work(tiny_dir, tmp_pat
     with pytest.raises(ToolkitError, match="qk_layernorm=true is not supported"):
         convert_model(str(folder), out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral", "smollm3", "granite", "qwen2", "qwen3",
+                                  "olmo2", "gemma", "gemma2", "gemma3_text"])
+def test_partial_rotary_is_refused_where_transformers_rotates_whole_heads(case, tiny_dir, tmp_path):
+    """transformers' own forward fails on these with partial_rotary_factor < 1 (RoPE tables
+    narrower than the heads): refused by name before the weights are read, not a traceback
+    from the parity run. phi, phi3 and stablelm take it (their tiny cases set it)."""
+    folder = tmp_path / case
+    shutil.copytree(tiny_dir(case), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["partial_rotary_factor"] = 0.5
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "model.safetensors").write_bytes(b"not read")
+    with pytest.raises(ToolkitError, match=r"partial_rotary_factor=0\.5 is not supported"):
+        convert_model(str(folder), out=tmp_path / "out")
+    cfg["partial_rotary_factor"] = 1.0  # the neutral value is no partial rotary: still allowed
+    spec = REGISTRY[cfg["model_type"]]
+    dims_from_config(spec, SimpleNamespace(**cfg))
 
 
 def test_longrope_default_max_seq_stays_where_the_tables_are_static(tiny_dir, tmp_path):
