@@ -60,7 +60,7 @@ def resolve(spec: ArchSpec, config: Any, num_layers: int, head_dim: int) -> Arch
     for r in spec.refuse:
         value = getattr(config, r.attr, None)
         if value not in r.allowed:
-            raise ToolkitError(f"{spec.model_type} with {r.attr}={json.dumps(value)} is not "
+            raise ToolkitError(f"{spec.model_type} with {r.attr}={json.dumps(value, default=str)} is not "
                                f"supported ({r.why})",
                                hint="no public checkpoint of the sizes boards run sets it; "
                                     "convert an ONNX export of it instead")
