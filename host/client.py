@@ -124,7 +124,7 @@ class DaemonClient:
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST with stream=true; yields each SSE data object until `data: [DONE]`. An error
-        event inside the stream raises DaemonError."""
+        event inside the stream, or a stream that ends without [DONE], raises DaemonError."""
         conn, resp = self._send("POST", path, {**body, "stream": True})
         try:
             if resp.status >= 400:
@@ -140,6 +140,11 @@ class DaemonClient:
                 if "error" in event:
                     raise self._error(200, data.encode())
                 yield event
+            # every stream the daemon sends ends in [DONE]; one that stops short was cut off
+            # (the daemon died or restarted), and its text must not pass for a whole answer
+            raise DaemonError(f"the stream from {self.endpoint} ended before it finished "
+                              "(the daemon stopped or restarted mid-answer)",
+                              hint="check the daemon's log, then run the request again")
         except (OSError, http.client.HTTPException) as e:
             raise DaemonError(f"the stream from {self.endpoint} broke off: {e}") from e
         finally:

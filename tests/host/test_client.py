@@ -4,12 +4,15 @@ against a real daemon."""
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from daemon_fixtures import Daemon, llama_bundle, start_daemon  # noqa: F401 - fixtures
+from daemon_fixtures import Daemon, llama_bundle, short_socket_dir, start_daemon  # noqa: F401 - fixtures
 
 from bundle.errors import ToolkitError
 from host.client import Endpoint, endpoint_for, resolve_device
@@ -105,3 +108,44 @@ def test_cli_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert result.exit_code == 1 and "device 'nano' is unknown" in result.output
     result = CliRunner().invoke(main, ["status", "--socket", str(tmp_path / "none.sock")])
     assert result.exit_code == 1 and "no daemon is listening" in result.output
+
+
+def _cut_off_daemon(sock_path: Path) -> threading.Thread:
+    """A fake daemon that answers one streamed request with one event and then closes the
+    connection without `data: [DONE]` (and without the chunk that ends the response): a daemon
+    killed mid-answer."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, server:
+            request = b""
+            while b"\r\n\r\n" not in request:  # the headers, then the body they announce
+                request += conn.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += conn.recv(65536)
+            event = b'data: {"choices": [{"index": 0, "text": "half an"}]}\n\n'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n"
+                         + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_generate_cut_off_mid_stream_is_an_error_not_a_short_answer() -> None:
+    folder = short_socket_dir()
+    try:
+        thread = _cut_off_daemon(folder / "d.sock")
+        result = CliRunner().invoke(main, ["generate", "--no-chat", "--socket", str(folder / "d.sock"), "hi"])
+        thread.join(10)
+        assert result.exit_code == 1, result.output
+        assert "half an\n" in result.output and "ended before it finished" in result.output
+        assert "Traceback" not in result.output
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

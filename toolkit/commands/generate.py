@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from bundle.errors import ToolkitError
 from toolkit.options import daemon_options
 
 if TYPE_CHECKING:
@@ -37,12 +38,18 @@ def generate(prompt: str, endpoint: Endpoint, chat: bool, max_tokens: int, tempe
     from host.daemon import generate as run
     from host.daemon import usage_line
 
-    final = None
-    for text, event in run(endpoint, prompt, chat, max_tokens=max_tokens, temperature=temperature,
-                           top_p=top_p, top_k=top_k, seed=seed):
-        if event is not None:
-            final = event
-        click.echo(text, nl=False)
+    final, printed = None, False
+    try:
+        for text, event in run(endpoint, prompt, chat, max_tokens=max_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, seed=seed):
+            if event is not None:
+                final = event
+            click.echo(text, nl=False)
+            printed = printed or bool(text)
+    except ToolkitError:
+        if printed:  # end the partial answer's line, so that the error starts on a line of its own
+            click.echo()
+        raise
     click.echo()
     if final:
         click.secho(usage_line(final), err=True, dim=True)
