@@ -31,6 +31,8 @@ GPU_DEVICES = ("/dev/nvmap", "/dev/nvhost-ctrl", "/dev/nvhost-ctrl-gpu", "/dev/n
                "char-nvmap", "char-nvidia*")
 _SAFE = re.compile(r"[A-Za-z0-9_./:@+,=-]+")  # no quoting, no %-specifiers, no $-expansion
 _NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+# PrivateTmp= and ProtectHome= in the unit: what the daemon writes there nobody else sees
+_HIDDEN = ("/tmp", "/var/tmp", "/home", "/root", "/run/user")
 
 
 @dataclass
@@ -89,10 +91,14 @@ def render_unit(o: UnitOptions) -> str:
         if o.tls_cert and o.tls_key:
             credentials += [f"LoadCredential=tls-cert:{o.tls_cert}", f"LoadCredential=tls-key:{o.tls_key}"]
     state_root = f"/var/lib/{o.name}"
-    # the store inside StateDirectory= needs nothing more under ProtectSystem=strict; one
-    # elsewhere must be named writable (and exist: the role creates it)
-    inside = PurePosixPath(p["store"]).is_relative_to(state_root)
-    read_write = "" if inside else f"ReadWritePaths={p['store']}"
+    # the store inside StateDirectory= and the socket inside RuntimeDirectory= need nothing more
+    # under ProtectSystem=strict; elsewhere each must be named writable (and exist: the role
+    # creates the store; the daemon binds its socket in a folder that is there)
+    writable = [] if PurePosixPath(p["store"]).is_relative_to(state_root) else [p["store"]]
+    socket_dir = str(PurePosixPath(p["socket"]).parent)
+    if not PurePosixPath(socket_dir).is_relative_to(f"/run/{o.name}"):
+        writable.append(socket_dir)
+    read_write = f"ReadWritePaths={' '.join(writable)}" if writable else ""
     devices = [f"DeviceAllow={d} rw" for d in GPU_DEVICES]
     if o.serial:
         devices.append(f"DeviceAllow={o.serial} rw")
@@ -123,6 +129,11 @@ def _check(o: UnitOptions) -> None:
         if not value.startswith("/") or not _SAFE.fullmatch(value):
             raise ToolkitError(f"{what} {value!r}: the unit needs an absolute path of plain "
                                "characters (no spaces, quotes, % or $)", hint=f"e.g. {what} {example}")
+        hidden = next((h for h in _HIDDEN if PurePosixPath(value).is_relative_to(h)), None)
+        if hidden and what in ("--store", "--socket"):
+            raise ToolkitError(f"{what} {value}: the service cannot use a path under {hidden} (the unit's "
+                               "PrivateTmp= and ProtectHome= hide it: the daemon would get a private "
+                               "or empty copy that clients never see)", hint=f"e.g. {what} {example}")
     for what, value in [("--user", o.user), ("--name", o.name), ("--socket-group", o.socket_group),
                         *[("--group", g) for g in o.extra_groups]]:
         if value is not None and not _NAME.fullmatch(value):

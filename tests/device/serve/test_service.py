@@ -109,6 +109,19 @@ def test_service_unit_command_prints_the_unit_and_refuses_bad_paths() -> None:
         render_unit(UnitOptions(tcp="0.0.0.0:1", tls_cert="/etc/c.pem"))
 
 
+
+def test_a_socket_outside_the_runtime_directory_is_writable_and_hidden_paths_are_refused() -> None:
+    # ProtectSystem=strict: a socket folder other than /run/NAME is read-only unless named
+    s = unit_settings(render_unit(UnitOptions(socket="/srv/api/toolkit.sock", store="/srv/store")))
+    assert s["ReadWritePaths"] == ["/srv/store /srv/api"]
+    assert "ReadWritePaths" not in unit_settings(render_unit(UnitOptions()))
+    # PrivateTmp=/ProtectHome=: the daemon's socket or store there would be its private copy
+    for opts in [{"socket": "/tmp/toolkit.sock"}, {"store": "/home/me/store"},
+                 {"socket": "/run/user/1000/t.sock"}]:
+        with pytest.raises(ToolkitError, match="cannot use a path under"):
+            render_unit(UnitOptions(**opts))  # type: ignore[arg-type]
+
+
 # --- sd_notify -----------------------------------------------------------------------------------
 
 class NotifyListener:
