@@ -122,6 +122,27 @@ def test_a_socket_outside_the_runtime_directory_is_writable_and_hidden_paths_are
             render_unit(UnitOptions(**opts))  # type: ignore[arg-type]
 
 
+
+def test_service_unit_o_that_runs_out_of_space_keeps_the_old_unit(tmp_path: Path) -> None:
+    import resource
+
+    unit = tmp_path / "toolkit.service"
+    unit.write_text("[Service]\nExecStart=/opt/old/bin/toolkit serve\n")
+    before = unit.read_text()
+
+    def small_disk() -> None:  # files stop growing at 512 bytes, as on a full disk (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+
+    done = subprocess.run([sys.executable, "-m", "toolkit", "service", "unit", "-o", str(unit)],
+                          capture_output=True, text=True, cwd=str(REPO), preexec_fn=small_disk,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+                          timeout=60)
+    assert done.returncode == 1 and f"cannot write {unit}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert unit.read_text() == before and [p.name for p in tmp_path.iterdir()] == [unit.name]
+
+
 # --- sd_notify -----------------------------------------------------------------------------------
 
 class NotifyListener:
