@@ -29,6 +29,17 @@ __all__ = ["CONNECT_BUSY_S", "DaemonClient", "DaemonError", "Endpoint", "Trust",
            "UnixHTTPConnection", "connect_unix", "endpoint_for", "resolve_device", "stream_text"]
 
 
+# A daemon that is not ready says which state it is in (the 503's error code); what to do about it
+STATE_HINTS = {
+    "empty": "its store has no bundle yet: send one with `toolkit deploy BUNDLE --device NAME`",
+    "loading": "it is loading its bundle: try again in a moment (`toolkit status` says when it is ready)",
+    "switching": "it is switching bundles: try again in a moment (`toolkit status` says when it is ready)",
+    "failed": "its bundle failed to load: `toolkit status` says why; deploy a working bundle",
+    "draining": "it is shutting down: start it again, or wait for systemd to restart it",
+    "benchmarking": "it is running `toolkit bench`: try again when the bench is done",
+}
+
+
 class DaemonError(ToolkitError):
     """The daemon could not be reached, or answered with an error (status is then set)."""
 
@@ -119,8 +130,9 @@ class DaemonClient:
             obj = None
         err = obj.get("error") if isinstance(obj, dict) else None
         message = err.get("message") if isinstance(err, dict) else err
+        code = err.get("code") if isinstance(err, dict) else None
         return DaemonError(f"the daemon answered {status}: {message or body[:200]!r}",
-                           status=status, body=obj)
+                           hint=STATE_HINTS.get(code) if status == 503 else None, status=status, body=obj)
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST with stream=true; yields each SSE data object until `data: [DONE]`. An error

@@ -4,15 +4,19 @@ against a real daemon."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from daemon_fixtures import Daemon, llama_bundle, short_socket_dir, start_daemon  # noqa: F401 - fixtures
+from daemon_fixtures import REPO, Daemon, llama_bundle, short_socket_dir, start_daemon  # noqa: F401
 
 from bundle.errors import ToolkitError
 from host.client import Endpoint, endpoint_for, resolve_device
@@ -148,4 +152,25 @@ def test_generate_cut_off_mid_stream_is_an_error_not_a_short_answer() -> None:
         assert "half an\n" in result.output and "ended before it finished" in result.output
         assert "Traceback" not in result.output
     finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_generate_on_an_empty_store_daemon_says_to_deploy(tmp_path: Path) -> None:
+    folder = short_socket_dir()
+    sock = folder / "d.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit", "serve", "--store", str(tmp_path / "store"),
+                             "--socket", str(sock), "--threads", "1"], cwd=str(REPO),
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while CliRunner().invoke(main, ["status", "--socket", str(sock)]).exit_code != 0:
+            assert time.monotonic() < deadline and proc.poll() is None, "the store daemon did not start"
+            time.sleep(0.2)
+        result = CliRunner().invoke(main, ["generate", "--socket", str(sock), "hi"])
+        assert result.exit_code == 1 and "the daemon is empty" in result.output, result.output
+        assert "hint: its store has no bundle yet: send one with `toolkit deploy" in result.output
+    finally:
+        proc.terminate()
+        proc.wait(30)
         shutil.rmtree(folder, ignore_errors=True)
