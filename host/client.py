@@ -131,7 +131,9 @@ class DaemonClient:
         err = obj.get("error") if isinstance(obj, dict) else None
         message = err.get("message") if isinstance(err, dict) else err
         code = err.get("code") if isinstance(err, dict) else None
-        return DaemonError(f"the daemon answered {status}: {message or body[:200]!r}",
+        # the daemon's message as text (its own "hint:" line included); raw bytes only quoted
+        said = message if isinstance(message, str) and message else repr(body[:200])
+        return DaemonError(f"the daemon answered {status}: {said}",
                            hint=STATE_HINTS.get(code) if status == 503 else None, status=status, body=obj)
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:

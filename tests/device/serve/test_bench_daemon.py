@@ -52,3 +52,14 @@ def test_bench_against_a_daemon_that_dies_reports_the_partial_result(  # noqa: F
     assert any(why in report["stopped_because"] for why in ("ended before the final report",
                                                           "stopped answering"))
     assert report["rounds"], "the rounds that finished before the daemon died are kept"
+
+
+def test_bench_settings_the_daemon_refuses_are_one_clear_error(  # noqa: F811
+        llama_bundle: Path, daemons) -> None:  # noqa: F811
+    d = start_daemon(llama_bundle)
+    daemons.append(d)
+    res = CliRunner().invoke(main, ["bench", "--socket", str(d.socket_path), "--prompt-lens", "100"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    # the daemon's message and its hint read as lines, not as a quoted string with a literal \n
+    assert "answered 400: bad bench settings: prompt 100 + 128" in res.output, res.output
+    assert "\n  hint: use shorter --prompt-lens" in res.output and "\\n" not in res.output
