@@ -85,6 +85,9 @@ def bench(bundle: Path | None, endpoint: Endpoint | None, config: BenchConfig, t
         if bundle is not None:
             raise ToolkitError("give either BUNDLE (bench here) or --device/--socket (bench in "
                                "a daemon), not both")
+        if threads is not None:  # the daemon's engine runs with the threads it was started with
+            raise ToolkitError("--threads sets the threads of a bench here; a daemon benches with its own",
+                               hint="drop --threads, or restart the daemon with `toolkit serve --threads N`")
         report = bench_remote(endpoint, config, progress, log)
     elif bundle is None:
         raise ToolkitError("give the BUNDLE folder to benchmark, or --device/--socket",

@@ -63,3 +63,8 @@ def test_bench_settings_the_daemon_refuses_are_one_clear_error(  # noqa: F811
     # the daemon's message and its hint read as lines, not as a quoted string with a literal \n
     assert "answered 400: bad bench settings: prompt 100 + 128" in res.output, res.output
     assert "\n  hint: use shorter --prompt-lens" in res.output and "\\n" not in res.output
+
+
+def test_bench_threads_with_a_daemon_is_refused_not_ignored(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["bench", "--socket", str(tmp_path / "d.sock"), "--threads", "1"])
+    assert res.exit_code == 1 and "a daemon benches with its own" in res.output, res.output
