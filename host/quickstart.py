@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundle.benchreport import BenchConfig
+from bundle.benchreport import BenchConfig, check_report_path
 from bundle.errors import ToolkitError
 from host.bench import BenchRun, bench_remote, write_report
 
@@ -55,6 +55,7 @@ def quickstart(bundle_dir: Path, output: Path, prompt_lens: tuple[int, ...], gen
     ask, bench inside the daemon (report at `output`), stop the daemon; the bench's result."""
     config = BenchConfig(prompt_lens=prompt_lens, gen_len=gen_len, concurrency=concurrency,
                          runs=2, warmup=1)  # checked before a minutes-long convert
+    check_report_path(output)  # so is the report's path: a bad -o would lose the whole run
     bundle = _converted(bundle_dir, out)
     with tempfile.TemporaryDirectory(prefix="toolkit-quickstart-") as tmp, \
             _private_registry(Path(tmp) / "config"):

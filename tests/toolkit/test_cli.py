@@ -226,6 +226,19 @@ def test_comma_lists_are_checked_before_any_work() -> None:
     assert res.exit_code == 2 and "comma-separated list of integers" in res.output
 
 
+def test_quickstart_checks_its_report_path_before_any_work(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import host.quickstart
+
+    def converted(*_: object) -> Path:  # minutes of convert, deploy and bench would follow
+        raise AssertionError("quickstart started converting")
+
+    monkeypatch.setattr(host.quickstart, "_converted", converted)
+    (tmp_path / "file").write_text("")
+    res = CliRunner().invoke(main, ["quickstart", "-o", str(tmp_path / "file" / "r.json")])
+    assert res.exit_code == 1 and "is a file, not a folder" in res.output, res.output
+
+
 # --- the commands are thin -----------------------------------------------------------------------
 def test_the_library_functions_behind_the_commands_are_callable() -> None:
     from host.bench import BenchRun, bench, progress_line
