@@ -226,6 +226,13 @@ def test_comma_lists_are_checked_before_any_work() -> None:
     assert res.exit_code == 2 and "comma-separated list of integers" in res.output
 
 
+@pytest.mark.parametrize("flag", ["--temperature", "--top-p"])
+def test_generate_refuses_a_sampling_number_that_is_not_finite(flag: str) -> None:
+    # nan reached the daemon as JSON NaN, and its answer named neither the option nor the value
+    res = CliRunner().invoke(main, ["generate", "--socket", "/nonexistent.sock", flag, "nan", "hi"])
+    assert res.exit_code == 2 and f"Invalid value for '{flag}'" in res.output, res.output
+
+
 def test_quickstart_checks_its_report_path_before_any_work(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import host.quickstart

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from bundle.errors import ToolkitError
-from toolkit.options import daemon_options
+from toolkit.options import FiniteFloat, daemon_options
 
 if TYPE_CHECKING:
     from host.client import Endpoint
@@ -20,9 +20,10 @@ if TYPE_CHECKING:
               help="Wrap PROMPT in the model's chat template (else: a plain completion).")
 @click.option("--max-tokens", type=int, default=256, show_default=True,
               help="At most this many new tokens (fewer when the KV cache fills up).")
-@click.option("--temperature", type=float, default=0.0, show_default=True,
+@click.option("--temperature", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
               help="0 = greedy (reproducible); higher = more varied.")
-@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (0, 1].")
+@click.option("--top-p", type=FiniteFloat(0.0, 1.0, min_open=True), default=None,
+              help="Nucleus sampling mass (0, 1].")
 @click.option("--top-k", type=int, default=None, help="Sample among the k likeliest tokens.")
 @click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
 def generate(prompt: str, endpoint: Endpoint, chat: bool, max_tokens: int, temperature: float,
