@@ -344,3 +344,22 @@ def test_report_compare_names_columns_after_files() -> None:
     assert "| orin-01 | thor-01 | thor-01/orin-01 |" in text
     with pytest.raises(ToolkitError, match="one distinct label per report"):
         compare_reports([("a/b.json", report), ("c/b.json", report)], ["b", "b"])
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    ("toolkit_wheel=", "toolkit_wheel must name the toolkit wheel on the controller"),
+    ("toolkit_user=Bad", "--user 'Bad' is not a valid user or group name"),
+], ids=["no-wheel", "bad-user"])
+def test_install_with_a_bad_variable_fails_clearly_before_changing_a_board(
+        extra: str, says: str, tmp_path: Path) -> None:
+    # an empty toolkit_wheel once copied the controller's working folder to the board; a bad
+    # user was created on the board before `toolkit service unit` refused it
+    (tmp_path / "edge_toolkit-0.1.0-py3-none-any.whl").write_bytes(b"")  # exists; never installed
+    root = short_socket_dir()
+    try:
+        fleet = Fleet(root, tmp_path / "edge_toolkit-0.1.0-py3-none-any.whl")
+        done = fleet.playbook("install", "--check", "-e", extra)
+        assert done.returncode != 0 and says in done.stdout, _out(done)
+        assert all(r["failed"] == 1 and r["changed"] == 0 for r in recap(done.stdout).values()), _out(done)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
