@@ -363,3 +363,22 @@ def test_install_with_a_bad_variable_fails_clearly_before_changing_a_board(
         assert all(r["failed"] == 1 and r["changed"] == 0 for r in recap(done.stdout).values()), _out(done)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_bench_playbook_takes_plot_false_as_written_on_the_command_line(tmp_path: Path) -> None:
+    # `-e toolkit_fleet_plot=false` (as bench.yml says) is the string "false", which Jinja takes
+    # as true: the compare still asked for --plot, which fails without matplotlib. A stand-in
+    # toolkit records each command line instead of running it.
+    calls = tmp_path / "calls"
+    fake = tmp_path / "toolkit"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    root = short_socket_dir()
+    try:
+        fleet = Fleet(root, tmp_path / "unused.whl")
+        done = fleet.playbook("bench", "-e", f"toolkit_cli={fake}", "-e", "toolkit_fleet_plot=false")
+        assert done.returncode == 0, _out(done)
+        compare = [line for line in calls.read_text().splitlines() if line.startswith("report compare")]
+        assert len(compare) == 1 and "--plot" not in compare[0], compare
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
