@@ -382,3 +382,21 @@ def test_bench_playbook_takes_plot_false_as_written_on_the_command_line(tmp_path
         assert len(compare) == 1 and "--plot" not in compare[0], compare
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_bench_playbook_refuses_bench_args_given_as_a_string(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    fake = tmp_path / "toolkit"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    root = short_socket_dir()
+    try:
+        fleet = Fleet(root, tmp_path / "unused.whl")
+        done = fleet.playbook("bench", "-e", f"toolkit_cli={fake}",
+                              "-e", "toolkit_bench_args=--prompt-lens 128")
+        assert done.returncode != 0, _out(done)
+        # was: "can only concatenate list (not "_AnsibleTaggedStr") to list", on every board
+        assert "toolkit_bench_args must be a list of `toolkit bench` options" in done.stdout, _out(done)
+        assert not calls.exists() or "bench" not in calls.read_text()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
