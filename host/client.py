@@ -130,7 +130,7 @@ class DaemonClient:
             obj = None
         err = obj.get("error") if isinstance(obj, dict) else None
         message = err.get("message") if isinstance(err, dict) else err
-        code = err.get("code") if isinstance(err, dict) else None
+        code = str(err.get("code")) if isinstance(err, dict) else ""
         # the daemon's message as text (its own "hint:" line included); raw bytes only quoted
         said = message if isinstance(message, str) and message else repr(body[:200])
         return DaemonError(f"the daemon answered {status}: {said}",
