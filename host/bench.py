@@ -135,6 +135,11 @@ def bench_remote(endpoint: Endpoint, config: BenchConfig, progress: Progress = _
         if not events:
             raise ToolkitError(e.message, hint=e.hint) from e
         stopped = f"the daemon stopped answering mid-run ({e.message})"
+    except KeyboardInterrupt:
+        if not events:
+            raise
+        # the rounds measured so far are kept, as a bench here keeps them (exit 130)
+        stopped = "interrupted (Ctrl-C)"
     return report_from_events(events, stopped_because=stopped)
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from daemon_fixtures import daemons, llama_bundle, start_daemon  # noqa: F401, F811 (fixtures)
 
@@ -68,3 +70,27 @@ def test_bench_settings_the_daemon_refuses_are_one_clear_error(  # noqa: F811
 def test_bench_threads_with_a_daemon_is_refused_not_ignored(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["bench", "--socket", str(tmp_path / "d.sock"), "--threads", "1"])
     assert res.exit_code == 1 and "a daemon benches with its own" in res.output, res.output
+
+
+def test_ctrl_c_during_a_daemon_bench_keeps_the_rounds_measured(  # noqa: F811
+        llama_bundle: Path, daemons) -> None:  # noqa: F811
+    from bundle.benchreport import BenchConfig
+    from host.bench import bench_remote
+    from host.client import Endpoint
+
+    d = start_daemon(llama_bundle)
+    daemons.append(d)
+    seen: list[str] = []
+
+    def progress(event: dict[str, Any]) -> None:  # Ctrl-C once two rounds came home
+        seen.append(event["event"])
+        if seen.count("round") == 2:
+            raise KeyboardInterrupt
+
+    config = BenchConfig(prompt_lens=(8,), gen_len=4, concurrency=(1,), runs=5, warmup=0, power=False)
+    try:
+        report = bench_remote(Endpoint.unix(d.socket_path), config, progress=progress)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C lost the rounds the daemon had measured")
+    assert report["complete"] is False and "Ctrl-C" in report["stopped_because"]
+    assert len(report["rounds"]) == 2
