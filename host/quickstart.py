@@ -99,16 +99,31 @@ def _converted(bundle_dir: Path, out: QuickstartOutput) -> Path:
 
     out.step(f"[1/6] converting {MODEL} for the cpu target")
     if (bundle_dir / "manifest.json").exists():
+        _refuse_another_bundle(bundle_dir)
         try:
-            m = load_verified(bundle_dir)
-            if m.source.name == MODEL and m.target.name == "cpu":
-                out.log(f"reusing the intact bundle {bundle_dir}")
-                return bundle_dir
+            load_verified(bundle_dir)
+            out.log(f"reusing the intact bundle {bundle_dir}")
+            return bundle_dir
         except ToolkitError as e:
             out.log(f"{bundle_dir} is not usable ({e.message}); converting again")
     result = convert_model(MODEL, "cpu", bundle_dir, batch=2, force=True, steps=Steps(total=5))
     out.log(convert_summary(result))
     return bundle_dir
+
+
+def _refuse_another_bundle(bundle_dir: Path) -> None:
+    """The convert below replaces bundle_dir (force): only a quickstart bundle of its own may go,
+    never a bundle of another model or target that --bundle happened to name."""
+    from bundle.manifest import read_manifest
+
+    try:
+        m = read_manifest(bundle_dir)
+    except ToolkitError:
+        return  # a manifest that cannot be read names no model: converted again, as before
+    if m.source.name != MODEL or m.target.name != "cpu":
+        raise ToolkitError(f"{bundle_dir} holds a bundle of {m.source.name} for {m.target.name}, which "
+                           f"quickstart would replace with {MODEL} for cpu",
+                           hint=f"pass --bundle with another folder, e.g. bundles/{MODEL}-cpu-fp32")
 
 
 def _start_daemon(work: Path, sock: Path, slots: int, threads: int | None,

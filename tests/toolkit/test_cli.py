@@ -246,6 +246,23 @@ def test_quickstart_checks_its_report_path_before_any_work(tmp_path: Path,
     assert res.exit_code == 1 and "is a file, not a folder" in res.output, res.output
 
 
+
+def test_quickstart_never_replaces_a_bundle_of_another_model(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import convert.pipeline
+
+    def convert_model(*_: object, **__: object) -> None:  # with force=True: the bundle is replaced
+        raise AssertionError("quickstart converted over the bundle")
+
+    monkeypatch.setattr(convert.pipeline, "convert_model", convert_model)
+    mine = shutil.copytree(ROOT / "tests" / "data" / "bundle-v1-llama-cpu", tmp_path / "mine")
+    res = CliRunner().invoke(main, ["quickstart", "--bundle", str(mine), "-o", str(tmp_path / "r.json")])
+    assert res.exit_code == 1 and "holds a bundle of hf-llama for cpu" in res.output, res.output
+    assert (mine / "manifest.json").exists()
+
+
 # --- the commands are thin -----------------------------------------------------------------------
 def test_the_library_functions_behind_the_commands_are_callable() -> None:
     from host.bench import BenchRun, bench, progress_line
