@@ -623,3 +623,8 @@ class TrtDecoderBackend:
         for name in ("_context", "_engine", "_runtime"):  # TensorRT objects, newest first
             if hasattr(self, name):
                 delattr(self, name)
+        # pycuda destroys a Stream/Event in its context only while that context is alive: after
+        # detach() their finalizers skip the cleanup silently (pycuda cuda.hpp), leaking them
+        for name in ("_start", "_end", "_stream"):
+            if hasattr(self, name):
+                delattr(self, name)

@@ -36,6 +36,7 @@ class _Memory:
         self.blocks: dict[int, bytearray] = {}
         self.next = 1 << 20
         self.contexts: list[Any] = []
+        self.live: dict[int, str] = {}  # id -> "stream"/"event": created and not yet destroyed
 
     def need_context(self) -> None:
         if not self.contexts:
@@ -101,11 +102,13 @@ def driver() -> types.ModuleType:
             mem.free(self.ptr)
 
     class Context:
+        valid = True  # pycuda's detach() ends the context: nothing can be cleaned up in it after
+
         def push(self) -> None:
             mem.contexts.append(self)
 
         def detach(self) -> None:
-            pass
+            self.valid = False
 
         @staticmethod
         def pop() -> None:
@@ -131,14 +134,33 @@ def driver() -> types.ModuleType:
         def retain_primary_context(self) -> Context:
             return Context()
 
-    class Stream:
+    class _Owned:
+        """A stream or event: made in the current context and destroyed by its finalizer in that
+        context, as pycuda does; once the context is detached the finalizer cannot activate it,
+        and pycuda silently leaves the object undestroyed (cuda.hpp,
+        CUDAPP_CATCH_CLEANUP_ON_DEAD_CONTEXT) - here it stays in memory.live."""
+
+        kind = ""
+
+        def __init__(self) -> None:
+            mem.need_context()
+            self._owner = mem.contexts[-1]
+            mem.live[id(self)] = self.kind
+
+        def __del__(self) -> None:
+            if self._owner.valid:
+                mem.live.pop(id(self), None)
+
+    class Stream(_Owned):
         handle = 1
+        kind = "stream"
 
         def synchronize(self) -> None:
             mem.need_context()
 
-    class Event:
+    class Event(_Owned):
         t = 0.0
+        kind = "event"
 
         def record(self, stream: Stream | None = None) -> None:
             self.t = time.perf_counter()

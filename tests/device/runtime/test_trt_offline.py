@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import gc
+import importlib.util
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import fake_pycuda
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from paths import REPO
+from paths import REPO, TOOLS
 
 import targets
 from bundle.contract import DECODER_CONTRACT, ENCODER_CONTRACT, KVCacheLayout
@@ -321,6 +325,33 @@ def test_peak_rss_of_this_and_another_process() -> None:
     finally:
         child.communicate(b"")
     assert peak_rss(2**22 + 1) == 0  # above Linux's pid_max ceiling: no such process
+
+
+def engineless_backend_class() -> type:
+    """tools/gpu_check.py's EnginelessBackend: the backend's own buffer, context and teardown
+    code with the TensorRT engine left out (runs on tests/support/fake_pycuda.py)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", TOOLS / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EnginelessBackend  # type: ignore[no-any-return]
+
+
+def test_close_destroys_the_stream_and_events_before_detaching(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """pycuda destroys a Stream/Event in its own context, and after Context.detach() it cannot
+    activate that context any more: the cleanup is skipped silently (pycuda cuda.hpp, ~stream /
+    ~event with CUDAPP_CATCH_CLEANUP_ON_DEAD_CONTEXT). close() must drop them before detach, or
+    every backend closed (each model swap) leaks a CUDA stream and two events."""
+    drv: types.ModuleType = fake_pycuda.install(monkeypatch)
+    layout = KVCacheLayout(num_layers=2, kv_heads=2, max_seq=16, head_dim=4, dtype="float32")
+    b = engineless_backend_class()(tmp_path / "none.plan", layout, 8, slots=2)
+    assert sorted(drv.memory.live.values()) == ["event", "event", "stream"]
+    b.close()
+    del b
+    gc.collect()
+    assert drv.memory.live == {}
+    assert drv.memory.blocks == {}
 
 
 # --- identity --------------------------------------------------------------------------------
