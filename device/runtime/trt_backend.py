@@ -458,8 +458,12 @@ class TrtDecoderBackend:
 
     def _select_profile(self, profile: int) -> None:
         if profile != self._profile:
-            _check(self._context.set_optimization_profile_async(profile, self._stream.handle),
-                   f"set_optimization_profile_async({profile})")
+            # the binding raises RuntimeError instead of returning False (pyCore.cpp, 10.3-10.13)
+            try:
+                ok = self._context.set_optimization_profile_async(profile, self._stream.handle)
+            except RuntimeError:
+                ok = False
+            _check(ok, f"set_optimization_profile_async({profile})")
             self._profile = profile
 
     def _cache_pointers(self, slots: list[int]) -> list[int]:

@@ -354,6 +354,26 @@ def test_close_destroys_the_stream_and_events_before_detaching(
     assert drv.memory.blocks == {}
 
 
+def test_a_refused_profile_switch_is_a_toolkit_error() -> None:
+    """IExecutionContext.set_optimization_profile_async raises RuntimeError ("Error in set
+    optimization profile async.") where the C++ call returns false - the Python binding never
+    returns False (python/src/infer/pyCore.cpp, PY_ASSERT_RUNTIME_ERROR, v10.3.0 and v10.13.0).
+    The backend reports it like its other TensorRT failures, and keeps the profile it had."""
+
+    class Context:
+        def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> bool:
+            raise RuntimeError("Error in set optimization profile async.")
+
+    b = object.__new__(trt_backend.TrtDecoderBackend)
+    b._context = Context()  # type: ignore[assignment]
+    b._stream = types.SimpleNamespace(handle=1)  # type: ignore[assignment]
+    b._profile = PREFILL
+    b._select_profile(PREFILL)  # no switch, no call
+    with pytest.raises(ToolkitError, match="set_optimization_profile_async"):
+        b._select_profile(DECODE)
+    assert b._profile == PREFILL
+
+
 # --- identity --------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", sorted(NV_TEGRA))
 def test_parse_nv_tegra_release(version: str) -> None:
