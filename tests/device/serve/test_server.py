@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from daemon_fixtures import (  # noqa: F401 - fixtures
     REPO,
+    SPECIALS,
     Daemon,
     daemons,
     llama_bundle,
@@ -172,6 +173,28 @@ def test_completion_stream_with_a_stop_string(daemon: Daemon) -> None:
     assert cut["text"] == full[:full.index(stop)]
     streamed, events = collect(c, {**body, "stop": stop}, "/v1/completions")
     assert streamed == cut["text"] and events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_logprob_tokens_join_to_the_text_and_offsets_index_it(daemon: Daemon) -> None:
+    """OpenAI's tokens are the completion's text cut at token boundaries; the word tokenizer's
+    decoder, like SentencePiece's, drops a lone token's leading space ("say", not " say")."""
+    c = daemon.client()
+    body = {"prompt": "the cat", "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    choice = c.post("/v1/completions", body)["choices"][0]
+    lp, text = choice["logprobs"], choice["text"]
+    assert " " in text and "".join(lp["tokens"]) == text
+    assert [text[o:o + len(t)] for o, t in zip(lp["text_offset"], lp["tokens"])] == lp["tokens"]
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+    _, events = collect(c, {**body, "stream": True}, "/v1/completions")
+    streamed = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert [t for s in streamed for t in s["tokens"]] == lp["tokens"]
+    assert [o for s in streamed for o in s["text_offset"]] == lp["text_offset"]
+    reply = c.post(CHAT, chat_body("hello cat", max_tokens=8, logprobs=True, top_logprobs=2))
+    content = reply["choices"][0]["logprobs"]["content"]
+    # special tokens keep their text in logprobs (the random model emits <pad>); content skips them
+    words = [t["token"] for t in content if t["token"].strip() not in SPECIALS]
+    assert "".join(words) == reply["choices"][0]["message"]["content"]
+    assert all(bytes(t["bytes"]).decode() == t["token"] for t in content)
 
 
 def test_eight_concurrent_clients_on_four_slots_each_equal_alone(daemon: Daemon) -> None:
