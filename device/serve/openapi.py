@@ -132,8 +132,12 @@ def _deploy_paths() -> dict[str, Any]:
 def document() -> dict[str, Any]:
     health = {"get": _op("liveness: 200 while the process answers",
                          _responses("alive", "OpenAIError", "none", ()), tag="health")}
+    # server.ready answers 503 with the flat {"error": state} on every readiness route (the
+    # KServeError shape), and 200 with an empty body on /v2/health/ready, as KServe's does
     ready = {"get": _op("readiness: 200 with a loaded bundle, else 503 and why",
-                        _responses("ready", "OpenAIError", codes=("503",)), tag="health")}
+                        _responses("ready", "KServeError", codes=("503",)), tag="health")}
+    v2_ready = {"get": _op("readiness: 200 (empty body) with a loaded bundle, else 503 and why",
+                           _responses("ready", "KServeError", "none", ("503",)), tag="kserve")}
     paths: dict[str, Any] = {
         "/v1/models": {"get": _op("the served model's card", _responses("model list", "OpenAIError",
                                                                          codes=("503",)))},
@@ -160,7 +164,7 @@ def document() -> dict[str, Any]:
                                      tag="status")},
         "/health": ready, "/health/ready": ready, "/health/live": health,
         "/v2/health/live": {"get": {**health["get"], "tags": ["kserve"]}},
-        "/v2/health/ready": {"get": {**ready["get"], "tags": ["kserve"]}},
+        "/v2/health/ready": v2_ready,
         "/v2": {"get": _op("server metadata", _responses("metadata", "KServeError", codes=()),
                            tag="kserve")},
         **_v2_model_paths(),

@@ -9,13 +9,14 @@ tests, so that the daemon-level tests also run (and fail) against the code befor
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from daemon_fixtures import Daemon, llama_bundle, start_daemon  # noqa: F401 - fixtures
+from daemon_fixtures import Daemon, llama_bundle, start_daemon, wait_ready  # noqa: F401 - fixtures
 from paths import REPO
 
 from host.client import UnixHTTPConnection
@@ -356,3 +357,58 @@ def test_published_bounds_are_the_enforced_ones() -> None:
                 assert validator.is_valid(body) == accepted(parse, body), (name, value)
                 checked += 1
     assert checked > 1000
+
+
+READY_ROUTES = ("/health", "/health/ready", "/v2/health/ready")
+
+
+def test_readiness_answers_as_the_openapi_document_says(llama_bundle: Path) -> None:  # noqa: F811
+    """While loading (a slow device stretches the warm-up) and once ready, each readiness
+    route's status, Content-Type and body are the ones its operation documents."""
+    import jsonschema
+
+    doc = json.loads((ROOT / "docs" / "openapi.json").read_text())
+
+    def check(path: str, status: int, ctype: str, body: bytes) -> None:
+        documented = doc["paths"][path]["get"]["responses"][str(status)]
+        content = documented.get("content")
+        if content is None:  # documented without a body
+            assert body == b"", (path, status, body)
+            return
+        assert ctype.split(";")[0] in content, (path, status, ctype, list(content))
+        schema = content[ctype.split(";")[0]].get("schema")
+        if schema is not None:
+            jsonschema.validate(json.loads(body), {**schema, "components": doc["components"]})
+
+    d = start_daemon(llama_bundle, slow_step_s=1.0, wait=False)
+    try:
+        loading = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(loading) < len(READY_ROUTES):
+            for path in READY_ROUTES:
+                try:
+                    status, ctype, body = get_full(d, path)
+                except OSError:  # not listening yet
+                    continue
+                if status == 503:
+                    check(path, status, ctype, body)
+                    loading.add(path)
+            time.sleep(0.05)
+        assert loading == set(READY_ROUTES), d.log()
+        wait_ready(d)
+        for path in (*READY_ROUTES, "/health/live", "/v2/health/live"):
+            status, ctype, body = get_full(d, path)
+            assert status == 200
+            check(path, status, ctype, body)
+    finally:
+        d.stop()
+
+
+def get_full(d: Daemon, path: str) -> tuple[int, str, bytes]:
+    conn = UnixHTTPConnection(d.socket_path, timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type", ""), resp.read()
+    finally:
+        conn.close()
