@@ -53,9 +53,10 @@ class LogprobFormatter:
     def render(self, entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> dict[str, Any]:
         steps = [(e, *self._step(e)) for e in entries]
         if self.chat:
+            # refusal: required (nullable) beside content in OpenAI's chat logprobs object
             return {"content": [{**self._entry(text, e.logprob),
                                  "top_logprobs": [self._entry(t, lp) for t, lp in top]}
-                                for e, text, top in steps]}
+                                for e, text, top in steps], "refusal": None}
         offsets = []
         for _, text, _ in steps:
             offsets.append(self.offset)

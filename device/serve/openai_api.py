@@ -490,7 +490,8 @@ def _choice(call: GenerationCall, index: int, text: str, event: Finished,
             entries: list[TokenLogprob], fmt: LogprobFormatter | None) -> dict[str, Any]:
     answer = call.plan.read(text)
     finish = "tool_calls" if answer.tool_calls else event.finish_reason
-    message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+    # refusal: required (nullable) in OpenAI's ChatCompletionResponseMessage; this daemon never refuses
+    message: dict[str, Any] = {"role": "assistant", "content": answer.content, "refusal": None}
     if answer.tool_calls:
         message["tool_calls"] = answer.tool_calls
     choice: dict[str, Any] = ({"index": index, "message": message} if call.chat

@@ -197,6 +197,15 @@ def test_logprob_tokens_join_to_the_text_and_offsets_index_it(daemon: Daemon) ->
     assert all(bytes(t["bytes"]).decode() == t["token"] for t in content)
 
 
+def test_chat_message_and_logprobs_carry_openais_required_refusal(daemon: Daemon) -> None:
+    """OpenAI's ChatCompletionResponseMessage and chat logprobs object require `refusal`
+    (nullable): strict clients generated from its OpenAPI document reject a reply without it."""
+    reply = daemon.client().post(CHAT, chat_body("hello cat", max_tokens=2, logprobs=True))
+    choice = reply["choices"][0]
+    assert choice["message"]["refusal"] is None and choice["message"]["role"] == "assistant"
+    assert choice["logprobs"]["refusal"] is None and len(choice["logprobs"]["content"]) == 2
+
+
 def test_eight_concurrent_clients_on_four_slots_each_equal_alone(daemon: Daemon) -> None:
     c = daemon.client()
     bodies = [chat_body(" ".join([w] * (i + 1)), seed=i, temperature=0.8 if i % 2 else 0, max_tokens=24)
