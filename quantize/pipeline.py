@@ -235,7 +235,9 @@ def _tokenizer(bundle: Path, src: Manifest) -> Any:
 def _calibration(src: Manifest, needed: bool, text: Text, tok: Any, samples: int, seq_len: int,
                  steps: Steps) -> CalibrationSet | None:
     """The calibration windows, when the format (static activation ranges) or AWQ reads them."""
-    limit = src.max_seq - 1 if src.kind == "decoder" else 512
+    # a decoder's static cache holds max_seq - 1 new tokens; an encoder reads at most its
+    # position table (BERT's learned positions: a longer window fails inside the graph)
+    limit = src.max_seq - 1 if src.kind == "decoder" else min(512, src.dims.max_positions)
     cal = token_windows(text, tok, samples, seq_len, max_len=limit)  # validates the text too
     if not needed:
         return None

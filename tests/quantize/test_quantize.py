@@ -428,6 +428,18 @@ def test_calibration_windows_from_a_user_file(q_fp32_bundle, tmp_path):  # noqa:
     assert cal.to_json()["source"] == str(path)
 
 
+def test_encoder_calibration_windows_stop_at_its_position_limit(q_fp32_bundle, tmp_path):  # noqa: F811
+    """--seq-len past the encoder's learned positions (128 here) was an ONNX Runtime broadcast
+    traceback in calibration; the windows are capped at the position table instead."""
+    from quantize import quantize_bundle
+
+    path = tmp_path / "cal.txt"
+    path.write_text("the capital of france is paris and the water is blue " * 60, encoding="utf-8")
+    r = quantize_bundle(q_fp32_bundle("bert", JETSON), "int8", calibration=path, samples=2, seq_len=300,
+                        out=tmp_path / "o", thresholds=LOOSE)
+    assert r.manifest.quantization.calibration["seq_len"] == 128
+
+
 def test_quantizing_a_quantized_bundle_is_refused(q_bundle, tmp_path):  # noqa: F811
     from quantize import quantize_bundle
 
