@@ -460,6 +460,27 @@ def test_gate_failure_exits_non_zero_and_writes_nothing(q_fp32_bundle, tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]  # no staging left
 
 
+def test_encoder_gate_fails_a_graph_whose_embeddings_are_nan(q_fp32_bundle, tmp_path):  # noqa: F811
+    """A quantized encoder whose output is NaN (fp16 overflow, say) gave cosine NaN, and
+    `NaN < min_cosine` is False: the gate passed it."""
+    from quantize.gate import encoder_gate, thresholds_for
+
+    bundle = q_fp32_bundle("bert", "cpu")
+    m = load_verified(bundle)
+    model = graph(bundle)
+    out = model.graph.output[0]  # last_hidden_state [B, T, H] -> itself x NaN
+    model.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan_c"))
+    for n in model.graph.node:
+        n.output[:] = [f"{o}_pre" if o == out.name else o for o in n.output]
+    model.graph.node.append(onnx.helper.make_node("Mul", [f"{out.name}_pre", "nan_c"], [out.name]))
+    broken = tmp_path / "nan.onnx"
+    onnx.save(model, str(broken))
+    from device.runtime.tokenizer import BundleTokenizer
+    tok = BundleTokenizer(bundle / m.tokenizer.path, m.tokenizer)
+    r = encoder_gate(bundle / m.model_file, broken, tok, m.pooling, thresholds_for("int8"))
+    assert not r.passed and "cosine" in r.failures[0]
+
+
 def test_gate_failure_with_force_records_it(q_fp32_bundle, tmp_path):  # noqa: F811
     from toolkit.cli import main
 
