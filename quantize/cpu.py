@@ -172,7 +172,13 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,
     def _matmul(m: g.WeightMatMul, out: str | None = None, wide: bool = False) -> list[onnx.NodeProto]:
         head = m.weight in tied
         bits = cfg.head_bits if head else 8 if wide or m.weight in cfg.eight_bit else cfg.bits
-        grid = ("symmetric" if head or m.K % cfg.block else cfg.grid if bits == 4 else cfg.grid8)
+        grid = "symmetric" if head else cfg.grid if bits == 4 else cfg.grid8
+        # MatMulNBits pads K to whole blocks for the symmetric and zero-point grids alike (zero
+        # points included); only the offset rows need whole blocks (with_offset_rows), so such
+        # a weight falls back to symmetric codes, and the manifest names it
+        if grid == "offsets" and m.K % cfg.block:
+            grid = "symmetric"
+            stats.setdefault("symmetric_not_offsets", []).append(m.weight)
         block = _head_block(cfg, m.K) if head else cfg.block
         inputs, bw = quantized(m.weight, bits, grid, block)
         stats["layers"] += 1

@@ -266,6 +266,38 @@ def test_zero_point_grid_matches_the_kernel():
     assert relative_error(w, bw.dequantize()) < relative_error(w, quantize_symmetric(w, 4, 32).dequantize())
 
 
+@pytest.mark.parametrize("grid,bits", [("zero-point", 4), ("offsets", 4), ("zero-point", 8)])
+def test_cpu_grid_on_a_width_that_is_not_whole_blocks(grid, bits):
+    """K = 200 is 6.25 blocks of 32: the zero-point grid (4 and 8 bits) was silently written
+    symmetric while the manifest said zero-point; MatMulNBits pads K, so the zero points stay.
+    The offset grid needs whole blocks: it falls back to symmetric, and the details say so."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from quantize.cpu import NBitsConfig, matmul_nbits
+
+    K, N = 200, 48  # x [1, K] @ W [K, N]
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((K, N)) * 0.05 + 0.02).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+                          [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    cfg = NBitsConfig(bits=bits, block=32, grid=grid if bits == 4 else "zero-point", accuracy_level=0)
+    r = matmul_nbits(model, cfg)
+    (node,) = nodes(r.model, "MatMulNBits")
+    assert attr(node, "bits") == bits and attr(node, "K") == K
+    if grid == "offsets":  # no zero points, no offset rows, and recorded
+        assert len(node.input) == 3 and r.details["symmetric_not_offsets"] == ["W"]
+    else:
+        assert len(node.input) == 4 and "symmetric_not_offsets" not in r.details
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    y = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    assert np.abs(y - x @ w).max() < (0.02 if bits == 8 else 0.15) * np.abs(x @ w).max()
+
+
 def test_cpu_matmul_integer_structure(q_bundle):  # noqa: F811
     m = graph(q_bundle("llama", "cpu", "int8", "ort-matmul-integer"))
     assert nodes(m, "MatMulInteger") and nodes(m, "DynamicQuantizeLinear")
