@@ -307,10 +307,15 @@ def int4_weight_only(model: onnx.ModelProto, block: int = 32, offsets: bool = Tr
         if m.weight in int8 and m.weight not in done:
             done[m.weight] = (_int8_weight(graph, m.weight, new), None)
             stats["int8_weights"] += 1
+        if m.K % block and m.weight not in done:
+            # TensorRT's INT4 block DQ takes whole blocks along K only (convert/trt_rules
+            # block_axes: an intermediate of 200 is 6.25 blocks of 32), so such a weight is INT8
+            # weight-only per channel, the form of a mixed step's 8-bit units; the manifest names it
+            done[m.weight] = (_int8_weight(graph, m.weight, new), None)
+            stats.setdefault("int8_not_whole_blocks", []).append(m.weight)
         if m.weight not in done:
             w = g.to_array(graph, m.weight).astype(np.float32)
-            use_offsets = offsets and m.K % block == 0
-            bw = (quantize_offset(w, 4, block) if use_offsets else
+            bw = (quantize_offset(w, 4, block) if offsets else
                   quantize_symmetric(w, 4, block, importance=importance.get(m.weight)))
             q = helper.make_tensor(g.unique_name(graph, f"{m.weight}_int4"), TensorProto.INT4,
                                    [m.K, m.N], pack_int4(bw.signed()), raw=True)

@@ -400,6 +400,34 @@ def test_jetson_int4_block_structure_and_numerics(q_bundle, q_fp32_bundle):  # n
     assert cos > 0.9
 
 
+@pytest.mark.parametrize("offsets", [False, True])
+def test_jetson_int4_weight_that_is_not_whole_blocks_is_int8_and_parses(offsets):
+    """K = 200 (an intermediate of 200) is 6.25 blocks of 32: the INT4 block DQ written for it
+    was refused by TensorRT's parser rules (block_axes), so int4 failed on such a model after the
+    gate had run; it is INT8 per-channel weight-only instead, named in the details."""
+    from onnx import helper
+
+    from convert.trt_check import check_model, load_rules
+    from quantize.trt_qdq import int4_weight_only
+
+    rng = np.random.default_rng(6)
+    ws = {"W1": rng.standard_normal((64, 200)).astype(np.float32) * 0.05,  # K 64: INT4
+          "W2": rng.standard_normal((200, 64)).astype(np.float32) * 0.05}  # K 200: INT8
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["h"], name="up"),
+                           helper.make_node("MatMul", ["h", "W2"], ["y"], name="down")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                          [numpy_helper.from_array(w, k) for k, w in ws.items()])
+    r = int4_weight_only(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                         offsets=offsets, fp16=False)
+    assert check_model(r.model, load_rules("10.3")) == []
+    dq = {n.input[0]: n for n in nodes(r.model, "DequantizeLinear")}
+    types = {k: inits(r.model)[k].data_type for k in dq}
+    assert sorted(types.values()) == sorted([TensorProto.INT4, TensorProto.INT8])
+    assert r.details["int8_not_whole_blocks"] == ["W2"]
+    assert r.details["offset_terms"] == (1 if offsets else 0)  # only W1 takes the offset term
+
+
 def test_thor_fp8_structure_and_numerics(q_bundle, q_fp32_bundle):  # noqa: F811
     bundle = q_bundle("llama", THOR, "fp8")
     m = graph(bundle)
