@@ -18,7 +18,8 @@ The tied LM head (our export stores it transposed, [C, V], and the embedding is 
 that both nodes read: MatMulNBits for the logits and GatherBlockQuantized (gather_axis 0, the same
 bytes seen as [V, C/block, block]) for the embedding, so no float copy of the 49152 x 576 table
 stays in memory. It is quantized at `head_bits` (8: the largest matrix and the last layer before
-the logits, as llama.cpp's Q4_1 file keeps it at Q8_0).
+the logits, as llama.cpp's Q4_1 file keeps it at Q8_0). An untied head (Phi-3, Mistral) is
+found by walking back from the logits (quantize/graph.lm_head) and gets the same bits.
 
     ids ──GatherBlockQuantized(Wq)──Reshape[-1, C]──Transpose──► [C, n]  (was Gather(W, axis=1))
     h ──MatMulNBits(Wq)──► logits                                         (was MatMul(h, W))
@@ -49,7 +50,7 @@ class NBitsConfig:
     # 8-bit layers' grid (= grid8) (formats.QuantOptions)
     grid: str = "offsets"
     accuracy_level: int = 4  # int8 compute inside MatMulNBits
-    head_bits: int = 8  # the (tied) LM head and embedding tables
+    head_bits: int = 8  # the LM head (tied or not) and embedding tables
     # their block size along K beside the int4 plain grids (see _head_block): there a scale per
     # 64 cost nothing measurable (SmolLM2 int4: perplexity +12.34 -> +12.43 %), and an A/B gave
     # int4 decode 0.95x -> 1.03x genai int4 (the head's kernel alone saves ~1 % of a step,
@@ -107,6 +108,8 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,
     graph = model.graph
     importance = dict(importance or {})
     tied = tied_tables(graph)
+    heads = head_weights(graph)
+    head_weight = g.lm_head(graph)  # read before the rewrite replaces its MatMul
     rows = OffsetRows(graph, cfg.block)
     # (weight, bits, grid, block) -> ([B, scales, zp?], codes)
     packed: dict[tuple[str, int, str, int], tuple[list[str], BlockWeights]] = {}
@@ -136,7 +139,7 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,
             packed[key] = (inputs, bw)
         return packed[key]
 
-    groups = _groups(graph, [m for m in mms.values() if m.weight not in tied]) if cfg.fuse else {}
+    groups = _groups(graph, [m for m in mms.values() if m.weight not in heads]) if cfg.fuse else {}
 
     def replace(node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         out = node.output[0]
@@ -170,7 +173,7 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,
         return nodes
 
     def _matmul(m: g.WeightMatMul, out: str | None = None, wide: bool = False) -> list[onnx.NodeProto]:
-        head = m.weight in tied
+        head = m.weight in heads
         bits = cfg.head_bits if head else 8 if wide or m.weight in cfg.eight_bit else cfg.bits
         grid = "symmetric" if head else cfg.grid if bits == 4 else cfg.grid8
         # MatMulNBits pads K to whole blocks for the symmetric and zero-point grids alike (zero
@@ -199,7 +202,7 @@ def matmul_nbits(model: onnx.ModelProto, cfg: NBitsConfig,
     g.rewrite_nodes(graph, replace)
     g.drop_unused_initializers(graph)
     g.ensure_opset(model, MS_DOMAIN, 1)
-    return CpuResult(model, {**cfg.to_json(), **stats, "tied_head": sorted(tied),
+    return CpuResult(model, {**cfg.to_json(), **stats, "tied_head": sorted(tied), "lm_head": head_weight,
                              "kernel": "com.microsoft.MatMulNBits"})
 
 
@@ -314,6 +317,14 @@ def _groups(graph: onnx.GraphProto, mms: list[g.WeightMatMul]) -> dict[str, list
             for m in group:
                 out[m.node.output[0]] = group
     return out
+
+
+def head_weights(graph: onnx.GraphProto) -> set[str]:
+    """The weights kept at head_bits, never at 4 bits: the tied tables and the LM head, tied or
+    not (an untied head, Phi-3's or Mistral's, was quantized like any layer, 4 bits, while the
+    manifest's head_bits said 8)."""
+    head = g.lm_head(graph)
+    return tied_tables(graph) | ({head} if head else set())
 
 
 def tied_tables(graph: onnx.GraphProto) -> set[str]:

@@ -132,7 +132,7 @@ class Prepared:
     """AWQ's outcome for one (grid, block): what the grid and the mixed steps read."""
 
     grid: str
-    exclude: set[str]  # weights never at 4 bits (the tied head)
+    exclude: set[str]  # weights never at 4 bits (the LM head, tied or not)
     record: dict[str, Any]  # the manifest's AWQ record
     importance: dict[str, np.ndarray]  # weight -> row weights [K] of the rounding
     # measured by the grid's first mixed step (_ranking) and kept with AWQ's model in the memo:
@@ -242,12 +242,12 @@ def _widened(job: FormatJob, details: dict[str, Any], prepared: Prepared | None,
 
 
 def _nbits(job: FormatJob) -> FormatOutput:
-    from quantize.cpu import NBitsConfig, matmul_nbits, tied_tables
+    from quantize.cpu import NBitsConfig, head_weights, matmul_nbits
 
     o = job.options
     bits = 4 if job.precision == "int4" else 8
     grid = (o.int4_grid or "symmetric") if bits == 4 else o.int8_grid
-    prepared = _awq(job, grid, tied_tables(job.model.graph)) if uses_awq(job.precision, o) else None
+    prepared = _awq(job, grid, head_weights(job.model.graph)) if uses_awq(job.precision, o) else None
     details: dict[str, Any] = {}
     wide = _widened(job, details, prepared, o.int8_fraction)
     cfg = NBitsConfig(bits=bits, block=o.block_size, grid=grid,

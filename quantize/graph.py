@@ -73,6 +73,24 @@ def weight_matmuls(graph: onnx.GraphProto) -> list[WeightMatMul]:
     return found
 
 
+def lm_head(graph: onnx.GraphProto, output: str = "logits") -> str | None:
+    """The weight of the MatMul that makes `output` (the LM head, tied or not), walking back
+    through the one-activation nodes after it (Granite's scale, Gemma 2's soft-cap: Div, Tanh,
+    Mul; a Reshape or Cast); None where the walk meets no weight MatMul."""
+    inits = initializers(graph)
+    weights = {m.node.output[0]: m.weight for m in weight_matmuls(graph)}
+    name = output
+    for _ in range(8):
+        if name in weights:
+            return weights[name]
+        node = producer(graph, name)
+        acts = [i for i in node.input if i and i not in inits] if node is not None else []
+        if len(acts) != 1:
+            return None
+        name = acts[0]
+    return None
+
+
 @dataclass(frozen=True)
 class EmbeddingGather:
     node: onnx.NodeProto

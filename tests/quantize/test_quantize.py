@@ -298,6 +298,32 @@ def test_cpu_grid_on_a_width_that_is_not_whole_blocks(grid, bits):
     assert np.abs(y - x @ w).max() < (0.02 if bits == 8 else 0.15) * np.abs(x @ w).max()
 
 
+def test_an_untied_lm_head_is_quantized_at_head_bits_as_the_manifest_says() -> None:
+    """Only a tied head (an embedding table too) was kept at head_bits: an untied one (Phi-3,
+    Mistral) went to 4 bits like any layer while the details said head_bits 8. The head is
+    found walking back from the logits through the ops after it (here Granite's scale)."""
+    from onnx import helper
+
+    from quantize.cpu import NBitsConfig, matmul_nbits
+
+    C, V = 64, 96
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.standard_normal((C, C)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((C, V)).astype(np.float32), "Whead"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "scale")]
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm"),
+                           helper.make_node("Relu", ["h"], ["r"], name="act"),
+                           helper.make_node("MatMul", ["r", "Whead"], ["z"], name="head"),
+                           helper.make_node("Mul", ["z", "scale"], ["logits"], name="scaled")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, V])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    r = matmul_nbits(model, NBitsConfig(bits=4, block=32, grid="symmetric", head_bits=8))
+    bits = {n.output[0]: attr(n, "bits") for n in nodes(r.model, "MatMulNBits")}
+    assert bits == {"h": 4, "z": 8}, bits
+    assert r.details["lm_head"] == "Whead" and r.details["tied_head"] == []
+
+
 def test_cpu_matmul_integer_structure(q_bundle):  # noqa: F811
     m = graph(q_bundle("llama", "cpu", "int8", "ort-matmul-integer"))
     assert nodes(m, "MatMulInteger") and nodes(m, "DynamicQuantizeLinear")
