@@ -234,16 +234,26 @@ def _prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _apart(value: float, limit: float, digits: int) -> str:
+    """`value` with at least `digits` decimals, and as many more as it takes not to read as the
+    limit: a refusal must not print "rose 0.23 % (limit 0.2 %)" or "falls to 1.00000 (minimum
+    0.999998)", figures that read like a pass."""
+    while digits < 9 and round(value, digits) == round(limit, digits):
+        digits += 1
+    return f"{value:.{digits}f}"
+
+
 def _judge_decoder(r: GateResult) -> None:
     t = r.thresholds
     if not np.isfinite(r.ppl_quant or np.inf) or (r.ppl_increase or 0) > t.max_ppl_increase:
-        r.failures.append(f"perplexity rose {100 * (r.ppl_increase or np.inf):.2f} % "
-                          f"(limit {100 * t.max_ppl_increase:.1f} %)")
+        rose = 100 * (r.ppl_increase or np.inf)
+        r.failures.append(f"perplexity rose {_apart(rose, 100 * t.max_ppl_increase, 2)} % "
+                          f"(limit {100 * t.max_ppl_increase:g} %)")
     if (r.top1 or 0) < t.min_top1:
-        r.failures.append(f"top-1 agreement {r.top1:.4f} is below {t.min_top1}")
+        r.failures.append(f"top-1 agreement {_apart(r.top1 or 0, t.min_top1, 4)} is below {t.min_top1:g}")
     if (r.greedy_fraction or 0) < t.min_greedy:
-        r.failures.append(f"greedy continuations match {r.greedy_fraction:.2f} of tokens, below "
-                          f"{t.min_greedy}")
+        r.failures.append(f"greedy continuations match {_apart(r.greedy_fraction or 0, t.min_greedy, 2)} "
+                          f"of tokens, below {t.min_greedy:g}")
 
 
 # --- encoders -------------------------------------------------------------------------------
@@ -266,8 +276,8 @@ def encoder_gate(fp32_model: Path, quant_model: Path, tokenizer: Any, pooling: P
     # figure, and `NaN < limit` is False, so the test is written to fail on NaN
     result.cosine_min, result.cosine_mean = float(np.min(cos)), float(np.mean(cos))
     if not result.cosine_min >= thresholds.min_cosine:
-        result.failures.append(f"embedding cosine to fp32 falls to {result.cosine_min:.5f} "
-                               f"(minimum {thresholds.min_cosine})")
+        low = _apart(result.cosine_min, thresholds.min_cosine, 5)
+        result.failures.append(f"embedding cosine to fp32 falls to {low} (minimum {thresholds.min_cosine:g})")
     return result
 
 

@@ -789,3 +789,15 @@ def test_head_block_falls_back_where_it_does_not_divide_the_width():
     assert _head_block(plain, 576) == 64 and _head_block(plain, 96) == 32
     assert _head_block(NBitsConfig(grid="symmetric", head_block=0), 576) == 32
     assert _head_block(NBitsConfig(grid="offsets"), 576) == 32  # the exact grid keeps Q8_0's 32s
+
+
+def test_a_refusal_never_prints_figures_that_read_like_a_pass() -> None:
+    """'perplexity rose 0.23 % (limit 0.2 %)' and 'falls to 1.00000 (minimum 0.999998)': the
+    figure and the limit were rounded until a refusal read like a pass."""
+    from quantize.gate import GateResult, Thresholds, _judge_decoder
+
+    r = GateResult("decoder", Thresholds(0.0022, 0.953, 0.5, 0.9), "held-out", "cpu",
+                   ppl_fp32=100.0, ppl_quant=100.23, ppl_increase=0.0023, top1=0.95292)
+    _judge_decoder(r)
+    assert r.failures[0] == "perplexity rose 0.23 % (limit 0.22 %)", r.failures
+    assert r.failures[1] == "top-1 agreement 0.9529 is below 0.953", r.failures
