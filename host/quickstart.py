@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bundle.atomic import check_parent
 from bundle.benchreport import BenchConfig, check_report_path
 from bundle.errors import ToolkitError
 from host.bench import BenchRun, bench_remote, write_report
@@ -56,6 +57,10 @@ def quickstart(bundle_dir: Path, output: Path, prompt_lens: tuple[int, ...], gen
     config = BenchConfig(prompt_lens=prompt_lens, gen_len=gen_len, concurrency=concurrency,
                          runs=2, warmup=1)  # checked before a minutes-long convert
     check_report_path(output)  # so is the report's path: a bad -o would lose the whole run
+    try:  # and the bundle's folder, named by --bundle here (the shared check's hint says -o)
+        check_parent(bundle_dir)
+    except ToolkitError as e:
+        raise ToolkitError(e.message, hint="pass --bundle with a folder you can write") from e
     bundle = _converted(bundle_dir, out)
     with tempfile.TemporaryDirectory(prefix="toolkit-quickstart-") as tmp, \
             _private_registry(Path(tmp) / "config"):

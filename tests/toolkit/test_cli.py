@@ -233,8 +233,9 @@ def test_generate_refuses_a_sampling_number_that_is_not_finite(flag: str) -> Non
     assert res.exit_code == 2 and f"Invalid value for '{flag}'" in res.output, res.output
 
 
-def test_quickstart_checks_its_report_path_before_any_work(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("option", ["-o", "--bundle"])
+def test_quickstart_checks_its_paths_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     option: str) -> None:
     import host.quickstart
 
     def converted(*_: object) -> Path:  # minutes of convert, deploy and bench would follow
@@ -242,9 +243,9 @@ def test_quickstart_checks_its_report_path_before_any_work(tmp_path: Path,
 
     monkeypatch.setattr(host.quickstart, "_converted", converted)
     (tmp_path / "file").write_text("")
-    res = CliRunner().invoke(main, ["quickstart", "-o", str(tmp_path / "file" / "r.json")])
+    res = CliRunner().invoke(main, ["quickstart", option, str(tmp_path / "file" / "r")])
     assert res.exit_code == 1 and "is a file, not a folder" in res.output, res.output
-
+    assert option in res.output.split("hint:")[1]  # the hint names quickstart's own option
 
 
 def test_quickstart_never_replaces_a_bundle_of_another_model(tmp_path: Path,
