@@ -291,8 +291,11 @@ def parse_tcp(value: str) -> tuple[str, int]:
     """'8080', ':8080' or 'HOST:PORT' ('[::1]:8080' for IPv6); the host defaults to loopback."""
     host, _, port = value.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit():
         raise ToolkitError(f"--tcp {value!r} is not HOST:PORT", hint="e.g. --tcp 127.0.0.1:8080")
+    if not 0 < int(port) < 65536:
+        raise ToolkitError(f"--tcp {value!r}: port {int(port)} is out of range (1 to 65535)",
+                           hint="e.g. --tcp 127.0.0.1:8080")
     return host, int(port)
 
 

@@ -133,7 +133,7 @@ def test_a_report_with_wrong_types_is_damaged_not_a_traceback(key: str, value: A
 # --- daemon and unit settings --------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,error", [(["--tcp", "nope"], "is not HOST:PORT"),
-                                        (["--tcp", "0.0.0.0:99999"], "is not HOST:PORT"),
+                                        (["--tcp", "0.0.0.0:99999"], "port 99999 is out of range"),
                                         (["--drain-timeout", "nan"], "--drain-timeout must be"),
                                         (["--drain-timeout", "-1"], "--drain-timeout must be"),
                                         (["--drain-timeout", "inf"], "--drain-timeout must be")])
