@@ -10,8 +10,9 @@ bandwidth is decimal GB/s (how it is quoted).
   weights      every matmul (all layers and the LM head) at the precision's bytes per parameter,
                scales included; plus the input-embedding table, counted at the engine's float
                precision: it is read by a Gather, which neither MatMulNBits / MatMulInteger (ORT)
-               nor TensorRT's weight-only Q/DQ matmuls quantize. With tied embeddings a quantized
-               LM head is a second copy of that matrix; unquantized, the one tensor serves both.
+               nor TensorRT's weight-only Q/DQ matmuls quantize. Tied embeddings: on TensorRT the
+               head stays at the float dtype, the one tensor serving both (quantize/trt_qdq.py);
+               on ORT CPU one 8-bit copy serves both (shared_head_bits); unquantized, one tensor.
                Norms, biases and learned position tables are left out (< 1 %).
   kv_cache     the runtime's static cache, KVCacheLayout.bytes_for(batch): 2 * L * Hkv * D *
                max_seq * batch * itemsize (fp32 on cpu, fp16 on jetson: target.kv_dtype).
@@ -81,6 +82,10 @@ class WeightFormat:
     # reads that copy (GatherBlockQuantized): no float table. None: the head is quantized like
     # the other matmuls and the Gather keeps a float copy.
     shared_head_bits: int | None = None
+    # A tied LM head left at the engine's float dtype: the one float table serves the Gather and
+    # the head's MatMul, so there is no quantized copy and a decode step reads the head in float
+    # (TensorRT formats: quantize/trt_qdq.py keeps a tied head fp16, tied_head_weights).
+    tied_head_float: bool = False
 
     def bits_for(self, precision: str) -> int:
         return self.bits if self.bits is not None else int(precision.removeprefix("int"))
@@ -106,9 +111,10 @@ WEIGHT_FORMATS = {
     # TensorRT: block quantization is INT4-only (tensorrt_jetson.md §2.2, [S18]), so int8 weights
     # carry per-channel scales; scales are fp16 because DequantizeLinear's output type is its
     # scale's type and the engine computes in fp16 (fp32 scales would add 0.06 B/param at int4).
-    "qdq-int8-symmetric": WeightFormat(8, "channel", 2),
-    "qdq-int4-block-weight-only": WeightFormat(4, "block", 2),
-    "qdq-fp8": WeightFormat(8, "tensor", 4),
+    # A tied head stays fp16 in all three (quantize/trt_qdq.py): the Gather needs the float table.
+    "qdq-int8-symmetric": WeightFormat(8, "channel", 2, tied_head_float=True),
+    "qdq-int4-block-weight-only": WeightFormat(4, "block", 2, tied_head_float=True),
+    "qdq-fp8": WeightFormat(8, "tensor", 4, tied_head_float=True),
 }
 
 
@@ -258,7 +264,8 @@ class PlanResult:
 ASSUMPTIONS = (
     "GiB = 2**30 bytes; bandwidth in 10**9 bytes/s",
     "weights: matmuls (layers + LM head) at the precision incl. scales; the embedding Gather "
-    "table at the engine's float precision (a second copy when tied and the head is quantized)",
+    "table at the engine's float precision; a tied head is that one table (TensorRT: float; "
+    "ORT CPU: one 8-bit copy)",
     "KV cache: static, 2 * layers * kv_heads * head_dim * max_seq * batch * kv itemsize",
     "activations: one prefill step of `chunk` tokens (the whole context unless --prefill-chunk): "
     "fp32 logits [batch, chunk, vocab] + every layer's new K/V + one layer's peak "
@@ -323,6 +330,13 @@ def weight_bytes(dims: ModelDims, target: Target, precision: str) -> WeightBytes
         return WeightBytes(matmul_params=mm, matmul_bytes=mm_bytes, embedding_bytes=0,
                            bytes_per_param=mm_bytes / mm,
                            read_per_token=mm_bytes + math.ceil(dims.hidden * head_bpp))
+    if dims.tie_embeddings and fmt is not None and fmt.tied_head_float:
+        # the head is the float table itself: counted once, read in float by every decode step
+        head = _embedding_params(dims)
+        mm_bytes = math.ceil((mm - head) * bpp) + head * emb_item
+        return WeightBytes(matmul_params=mm, matmul_bytes=mm_bytes, embedding_bytes=0,
+                           bytes_per_param=mm_bytes / mm,
+                           read_per_token=mm_bytes + dims.hidden * emb_item)
     shared = dims.tie_embeddings and precision in FLOAT_BYTES  # one tensor for Gather and head
     emb = 0 if shared else _embedding_params(dims) * emb_item
     return WeightBytes(matmul_params=mm, matmul_bytes=math.ceil(mm * bpp), embedding_bytes=emb,

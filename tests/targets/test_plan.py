@@ -175,6 +175,27 @@ def test_smollm2_135m_on_cpu_fits(smollm2):
     assert total(b) <= 4 * GIB < total(b + 1)
 
 
+def test_tied_head_stays_fp16_on_tensorrt(smollm2):
+    """quantize/trt_qdq.py keeps a tied LM head fp16 at int8, int4 and fp8: the one fp16 table
+    serves the Gather and the head. The plan counted the head a second time, quantized, and had
+    each decode step read that small copy instead of the fp16 table (SmolLM2 int4 on the Nano:
+    132.3 MB and 553.6 tokens/s where the bundle holds 116.3 MB and reads it at 415.8)."""
+    nano = load_target(NANO)
+    head = 49_152 * 576  # 28,311,552 params, fp16 either way
+    layers = 106_168_320
+    for precision, bpp in (("int4", 0.5 + 2 / 32), ("int8", 1 + 2 / 576)):
+        w = weight_bytes(smollm2, nano, precision)
+        assert w.total == pytest.approx(layers * bpp + head * 2, abs=1), precision
+        assert w.embedding_bytes == 0
+        assert w.read_per_token == pytest.approx(layers * bpp + head * 2 + 576 * 2, abs=1)
+    row = plan_fit(smollm2, nano, "int4", 2048, 1).chosen
+    assert row.components.weights == 116_342_784
+    step = 116_342_784 + 576 * 2 + 30 * 2 * 3 * 64 * 2 * 2048
+    assert row.speed.decode_tokens_s == pytest.approx(68e9 / step)  # ~415.8, not 553.6
+    fp8 = weight_bytes(smollm2, load_target("jetson-thor"), "fp8")
+    assert fp8.total == layers * 1 + head * 2  # per-tensor scales: ~0 bytes
+
+
 def test_prefill_time_is_flops_over_peak(smollm2):
     cpu = load_target("cpu")
     row = plan_fit(smollm2, cpu, "fp32", 512, 1, prefill_chunk=512).chosen
