@@ -13,6 +13,7 @@ bandwidth is decimal GB/s (how it is quoted).
                nor TensorRT's weight-only Q/DQ matmuls quantize. Tied embeddings: on TensorRT the
                head stays at the float dtype, the one tensor serving both (quantize/trt_qdq.py);
                on ORT CPU one 8-bit copy serves both (shared_head_bits); unquantized, one tensor.
+               Untied on ORT CPU: the head and the Gather table are each 8-bit (quantize/cpu.py).
                Norms, biases and learned position tables are left out (< 1 %).
   kv_cache     the runtime's static cache, KVCacheLayout.bytes_for(batch): 2 * L * Hkv * D *
                max_seq * batch * itemsize (fp32 on cpu, fp16 on jetson: target.kv_dtype).
@@ -61,6 +62,8 @@ MAX_BATCH_SEARCH = 1024
 RUNTIME_OVERHEAD_GIB = {"onnxruntime": 0.17, "tensorrt": 1.0}
 
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}
+# quantize/cpu.py EMBEDDING_MIN: untied Gather tables smaller than this stay float on ORT CPU
+EMBEDDING_MIN = 1 << 16
 DTYPE_BYTES = {"float32": 4, "float16": 2}
 
 
@@ -265,7 +268,7 @@ ASSUMPTIONS = (
     "GiB = 2**30 bytes; bandwidth in 10**9 bytes/s",
     "weights: matmuls (layers + LM head) at the precision incl. scales; the embedding Gather "
     "table at the engine's float precision; a tied head is that one table (TensorRT: float; "
-    "ORT CPU: one 8-bit copy)",
+    "ORT CPU: one 8-bit copy); ORT CPU keeps an untied head and its table at 8 bits each",
     "KV cache: static, 2 * layers * kv_heads * head_dim * max_seq * batch * kv itemsize",
     "activations: one prefill step of `chunk` tokens (the whole context unless --prefill-chunk): "
     "fp32 logits [batch, chunk, vocab] + every layer's new K/V + one layer's peak "
@@ -322,14 +325,19 @@ def weight_bytes(dims: ModelDims, target: Target, precision: str) -> WeightBytes
     mm = matmul_params(dims)
     emb_item = float_bytes(target, precision)
     fmt = None if precision in FLOAT_BYTES else WEIGHT_FORMATS[target.formats[precision]]
-    if dims.tie_embeddings and fmt is not None and fmt.shared_head_bits is not None:
-        # one quantized copy of the tied table serves the head and the Gather
+    if fmt is not None and fmt.shared_head_bits is not None:
+        # ORT CPU (quantize/cpu.py head_weights): the LM head, tied or not, at shared_head_bits;
+        # tied, that one copy also serves the Gather; untied, the input table gets its own copy
+        # at the same bits (GatherBlockQuantized) unless it is under EMBEDDING_MIN elements
         head = _embedding_params(dims)
         head_bpp = fmt.bytes_per_param(dims.hidden, bits=fmt.shared_head_bits, head=True)
         mm_bytes = math.ceil((mm - head) * bpp + head * head_bpp)
-        return WeightBytes(matmul_params=mm, matmul_bytes=mm_bytes, embedding_bytes=0,
-                           bytes_per_param=mm_bytes / mm,
-                           read_per_token=mm_bytes + math.ceil(dims.hidden * head_bpp))
+        row = dims.hidden * head_bpp
+        emb = 0 if dims.tie_embeddings else math.ceil(head * head_bpp)
+        if not dims.tie_embeddings and head < EMBEDDING_MIN:
+            emb, row = head * emb_item, dims.hidden * emb_item
+        return WeightBytes(matmul_params=mm, matmul_bytes=mm_bytes, embedding_bytes=emb,
+                           bytes_per_param=mm_bytes / mm, read_per_token=mm_bytes + math.ceil(row))
     if dims.tie_embeddings and fmt is not None and fmt.tied_head_float:
         # the head is the float table itself: counted once, read in float by every decode step
         head = _embedding_params(dims)

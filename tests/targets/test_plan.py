@@ -6,6 +6,7 @@ No weights anywhere: configs are built with transformers' config classes or writ
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,25 @@ def test_tied_head_stays_fp16_on_tensorrt(smollm2):
     assert row.speed.decode_tokens_s == pytest.approx(68e9 / step)  # ~415.8, not 553.6
     fp8 = weight_bytes(smollm2, load_target("jetson-thor"), "fp8")
     assert fp8.total == layers * 1 + head * 2  # per-tensor scales: ~0 bytes
+
+
+def test_untied_head_and_table_are_8_bit_on_cpu(llama3):
+    """quantize/cpu.py keeps an untied LM head at head_bits (8, symmetric) and quantizes the
+    untied Gather table to 8 bits too (GatherBlockQuantized). The plan counted the head at the
+    int4 layers' 0.75 B/param and the table as fp32 (Llama-3-8B int4: 7.73 GB for 6.42 GB)."""
+    cpu = load_target("cpu")
+    layers, table = 6_979_321_856, 525_336_576
+    w = weight_bytes(llama3, cpu, "int4")
+    assert w.matmul_bytes == math.ceil(layers * 0.75 + table * 1.125)
+    assert w.embedding_bytes == math.ceil(table * 1.125)
+    assert w.read_per_token == w.matmul_bytes + math.ceil(4096 * 1.125)
+    w8 = weight_bytes(llama3, cpu, "int8")
+    assert w8.matmul_bytes == math.ceil(layers * 1.15625 + table * 1.125)
+    assert w8.embedding_bytes == math.ceil(table * 1.125)
+    # a table under quantize/cpu.py's EMBEDDING_MIN (65,536 elements) stays fp32
+    tiny = dims_of({**LLAMA3_8B, "vocab_size": 64, "hidden_size": 512, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "intermediate_size": 1024})
+    assert weight_bytes(tiny, cpu, "int4").embedding_bytes == 64 * 512 * 4
 
 
 def test_prefill_time_is_flops_over_peak(smollm2):
