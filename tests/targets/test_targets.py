@@ -73,6 +73,15 @@ def test_specific_boards():
     assert (family.memory_gb, family.memory_bandwidth_gbs) == (8.0, 68.0)
 
 
+def test_agx_orin_gpu_peak_is_the_technical_briefs_170_tops():
+    """AGX Orin 64GB: GPU 170 sparse INT8 TOPS + DLAs 105 = the 275 headline (NVIDIA's technical
+    brief); the file had 171 (85.5 dense), which does not add up."""
+    agx = load_target("jetson-agx-orin-64gb")
+    assert agx.peak_tflops["int8"] * 2 + 105 == 275
+    assert agx.peak_tflops["fp16"] == agx.peak_tflops["int4"] == agx.peak_tflops["int8"] / 2
+    assert "GPU gives 170" in agx.description
+
+
 def test_cpu_target():
     cpu = load_target("cpu")
     assert cpu.memory_gb is None and cpu.host_memory and not cpu.builds_on_device
