@@ -37,9 +37,9 @@ from onnx import helper
 
 from quantize import graph as g
 from quantize.blockwise import BlockWeights, quantize_offset, quantize_symmetric, quantize_zero_point
+from targets.plan import EMBEDDING_MIN  # untied tables smaller than this stay float (the plan counts so)
 
 MS_DOMAIN = "com.microsoft"
-EMBEDDING_MIN = 1 << 16  # untied tables smaller than this (position, token-type) stay float
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ MAX_BATCH_SEARCH = 1024
 RUNTIME_OVERHEAD_GIB = {"onnxruntime": 0.17, "tensorrt": 1.0}
 
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}
-# quantize/cpu.py EMBEDDING_MIN: untied Gather tables smaller than this stay float on ORT CPU
+# untied Gather tables smaller than this (position, token-type) stay float on ORT CPU: the rule
+# quantize/cpu.py applies (it imports this), counted here
 EMBEDDING_MIN = 1 << 16
 DTYPE_BYTES = {"float32": 4, "float16": 2}
 
