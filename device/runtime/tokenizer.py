@@ -53,14 +53,7 @@ class BundleTokenizer:
             raise ToolkitError("this model has no chat template",
                                hint="use /v1/completions with a plain prompt instead")
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message: str) -> None:
-                raise ToolkitError(f"chat template: {message}")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.template_src)
+            self._template = _compile_template(self.template_src)
         special = {k: _token_str(self.config.get(k)) for k in
                    ("bos_token", "eos_token", "unk_token", "pad_token")}
         extra = {"tools": tools} if tools else {}
@@ -71,6 +64,50 @@ class BundleTokenizer:
     def encode_chat(self, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None) -> list[int]:
         return self.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
+
+
+def _compile_template(source: str) -> Any:
+    """The template in the jinja environment transformers renders it in (chat_template_utils.
+    _compile_jinja_template): real templates rely on its additions, and without them the device
+    rendered another prompt than the model was trained on, or refused the template:
+      tojson        json.dumps, unsorted, non-ASCII kept, nothing HTML-escaped (jinja's own sorts
+                    keys and writes \\u003c for "<": Llama 3.1's and Qwen2.5's tool lists differed)
+      strftime_now  today's date (Llama 3.2 wrote its fallback "26 Jul 2024"; Granite 3 failed)
+      loopcontrols  {% break %} / {% continue %}
+      generation    {% generation %}...{% endgeneration %} (transformers' assistant-mask tag;
+                    rendered as its body, as transformers does when no mask is asked for)"""
+    from datetime import datetime
+
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.parser import Parser
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Parser) -> nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str) -> None:
+        raise ToolkitError(f"chat template: {message}")
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(format: str) -> str:
+        return datetime.now().strftime(format)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                       extensions=[GenerationTag, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(source)
 
 
 def _token_str(value: Any) -> str:
