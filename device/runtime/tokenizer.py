@@ -56,10 +56,11 @@ class BundleTokenizer:
             self._template = _compile_template(self.template_src)
         special = {k: _token_str(self.config.get(k)) for k in
                    ("bos_token", "eos_token", "unk_token", "pad_token")}
-        extra = {"tools": tools} if tools else {}
-        return str(self._template.render(messages=messages,
-                                         add_generation_prompt=add_generation_prompt, **special,
-                                         **extra))
+        # tools and documents are always defined, None when not given, as transformers passes
+        # them: a template's `tools is not none` (or `documents is not none`) is then false, where
+        # an undefined name made it true and rendered an empty tool section into every prompt
+        return str(self._template.render(messages=messages, tools=tools, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **special))
 
     def encode_chat(self, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None) -> list[int]:

@@ -65,3 +65,14 @@ def test_the_template_renders_as_transformers_renders_it(tmp_path: Path, name: s
     template = TEMPLATES[name]
     device = _device(tmp_path / "tok", template)
     assert device.render_chat(CONVERSATION, tools=TOOLS) == _transformers(template, CONVERSATION, TOOLS)
+
+
+@pytest.mark.parametrize("template", [
+    # Mistral-style guards: a tool or document section only when the caller gave some
+    "{% if tools is not none %}[AVAILABLE_TOOLS]{{ tools | length }}[/AVAILABLE_TOOLS]{% endif %}" + LOOP,
+    "{% if documents is not none %}<documents>{{ documents | length }}</documents>{% endif %}" + LOOP,
+], ids=["tools", "documents"])
+def test_no_tools_and_no_documents_are_none_as_in_transformers(tmp_path: Path, template: str) -> None:
+    device = _device(tmp_path / "tok", template)
+    assert device.render_chat(CONVERSATION) == _transformers(template, CONVERSATION)
+    assert "[AVAILABLE_TOOLS]" not in device.render_chat(CONVERSATION)
