@@ -82,6 +82,8 @@ class ModelSource:
         from transformers import AutoConfig
 
         try:
+            if self.kind == "gguf":
+                _check_gguf_metadata(self.path)
             return AutoConfig.from_pretrained(str(self.model_dir), **self.hf_kwargs)
         # IndexError: the gguf reader on a file that ends inside its key/value table
         except (OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as e:
@@ -182,3 +184,43 @@ def _check_file(src: ModelSource) -> None:
         if not isinstance(config, dict):
             raise ToolkitError(f"{src.path / 'config.json'} is not a JSON object",
                                hint="a Hugging Face config.json holds one object of settings")
+
+
+# Tensors llama.cpp writes for RoPE scaling (llama3's per-dimension frequency factors, Phi-3's
+# longrope short/long factors); transformers' GGUF loader maps none of them to the config.
+GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _check_gguf_metadata(path: Path) -> None:
+    """Refuse what transformers' GGUF loader would misread before it builds a model: an
+    architecture it cannot read (its error reads like a corrupt file), and RoPE scaling it
+    drops (`{arch}.rope.scaling.*` keys and the factor tensors are ignored, so the model loads
+    with plain RoPE and every position is rotated wrongly, while parity against that same model
+    still passes)."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    reader = GGUFReader(path)
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    arch = field("general.architecture")
+    # the loader's list also holds its two non-architecture key prefixes
+    readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
+    if arch not in readable:
+        raise ToolkitError(
+            f"{path.name}: GGUF architecture {arch!r} cannot be read by transformers' GGUF loader "
+            f"(it reads: {', '.join(readable)})",
+            hint="convert the model's Hugging Face folder (config.json + safetensors) instead")
+    kind, factor = field(f"{arch}.rope.scaling.type"), field(f"{arch}.rope.scaling.factor")
+    # llama.cpp writes "linear" with factor 1.0 for some models: that is plain RoPE
+    scaled = kind not in (None, "", "none") and not (kind == "linear" and factor in (None, 1.0))
+    tensors = [t.name for t in reader.tensors if t.name in GGUF_ROPE_TENSORS]
+    if scaled or tensors:
+        what = f"{arch}.rope.scaling.type {kind!r} (factor {factor})" if scaled else ", ".join(tensors)
+        raise ToolkitError(
+            f"{path.name} uses RoPE scaling ({what}) that transformers' GGUF loader does not carry "
+            "into the model: it would convert with plain RoPE, silently wrong at every position",
+            hint="convert the model's Hugging Face folder (config.json + safetensors) instead")
