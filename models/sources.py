@@ -99,12 +99,25 @@ class ModelSource:
         # parity checks against; SDPA silently drops Gemma 2's attention soft-capping.
         impl = {"attn_implementation": "eager"} if task == "text-generation" else {}
         try:
+            # GGUF: the loading info says which parameters the file did not hold
+            info_kw = {"output_loading_info": True} if self.kind == "gguf" else {}
             model = cls.from_pretrained(str(self.model_dir), dtype="float32", **impl,
-                                        **self.hf_kwargs)
+                                        **self.hf_kwargs, **info_kw)
         except (OSError, ValueError, KeyError, RuntimeError, struct.error, EOFError,
                 SafetensorError) as e:
             raise ToolkitError(f"cannot load the weights of {self.path}: {e}",
                                hint="the file is corrupt or truncated; fetch it again") from e
+        if self.kind == "gguf":
+            model, info = model
+            # transformers keeps its random init for a parameter the GGUF lacks (a warning we
+            # silence): the bundle would pass parity against that same random model
+            missing = sorted(info.get("missing_keys") or [])
+            if missing:
+                raise ToolkitError(
+                    f"{self.path.name} lacks {len(missing)} weight(s) the {model.config.model_type} "
+                    f"model needs: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}",
+                    hint="the GGUF is incomplete or its tensors are not named as llama.cpp names "
+                         "them; convert the Hugging Face folder instead")
         return model.eval()
 
     def load_tokenizer(self) -> Any:

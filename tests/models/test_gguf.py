@@ -145,3 +145,27 @@ def test_a_gguf_architecture_transformers_cannot_read_is_named(tmp_path):
         resolve(str(path)).load_config()
     assert "truncated" not in str(e.value) + (e.value.hint or "")
     assert "Hugging Face folder" in (e.value.hint or "")
+
+
+def test_a_gguf_missing_a_weight_is_refused(tmp_path):
+    """A parameter the file lacks kept transformers' random init (its warning is silenced) and
+    the bundle passed parity against that same model."""
+    path, _ = write_llama_gguf(tmp_path, gguf.GGMLQuantizationType.Q8_0)
+    reader = gguf.GGUFReader(str(path))
+    cut = tmp_path / "cut.gguf"
+    w = gguf.GGUFWriter(str(cut), "llama")
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    for t in reader.tensors:
+        if t.name != "blk.1.ffn_norm.weight":  # (hidden,) F32: dropped
+            w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert resolve(str(path)).load_torch("text-generation") is not None
+    with pytest.raises(ToolkitError, match="lacks 1 weight.*layers.1.post_attention_layernorm"):
+        resolve(str(cut)).load_torch("text-generation")
