@@ -280,4 +280,3 @@ def render_report(m: Manifest) -> str:
         lines.append(f"- {parity.note}")
     lines += ["", "## IO contract", "", "```json", json.dumps(m.io_json(), indent=1)[:4000], "```", ""]
     return "\n".join(lines)
-

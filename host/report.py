@@ -63,7 +63,6 @@ def roofline(bundle: Mapping[str, Any], prompt_len: int, concurrency: int) -> Pr
         prefill_tokens_per_s=prefill_rate)
 
 
-
 def with_predictions(report: Mapping[str, Any]) -> dict[str, Any]:
     """The report with every cell's roofline prediction and measured/predicted ratios, made
     again from its raw rounds (the device sends none: it has no target catalogue)."""

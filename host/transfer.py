@@ -458,5 +458,3 @@ class SerialDeployClient(DeployClient):
         if self._port is not None:
             self._port.close()
             self._port = None
-
-

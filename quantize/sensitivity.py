@@ -151,7 +151,6 @@ def _relative_error(ref: np.ndarray, got: np.ndarray) -> float:
     return float((num / den).sum())
 
 
-
 def _label(m: g.WeightMatMul) -> str:
     """"/layers.3/mlp/down_proj/MatMul" -> "layers.3/mlp/down_proj"; the weight when unnamed."""
     return m.node.name.removesuffix("/MatMul").lstrip("/") or m.weight

@@ -105,4 +105,3 @@ def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
         best = best[np.argsort(-lp[best], kind="stable")]
         top = tuple((int(t), float(lp[t])) for t in best)
     return TokenLogprob(token, float(lp[token]), top)
-

@@ -460,5 +460,3 @@ def _identity(trt_version: str, device: DeviceIdentity, precision: str,
 
 def _mib(n: int | None) -> str:
     return "TensorRT's default" if n is None else f"{n / (1 << 20):.0f} MiB"
-
-

@@ -475,7 +475,6 @@ def unpack(message: bytes) -> tuple[dict[str, Any], bytes]:
     return header, message[ENVELOPE.size + n:]
 
 
-
 # --- a store-only daemon (tests, bench, and boards that only receive bundles) --------------------
 
 class DeployApp:

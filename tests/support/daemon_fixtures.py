@@ -243,6 +243,8 @@ def socket_dir() -> Iterator[Path]:
     path = short_socket_dir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
 def raw_request(sock_path: Path, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any] | None]:
     """A request with arbitrary bytes as body (our client only sends valid JSON)."""
@@ -256,5 +258,3 @@ def raw_request(sock_path: Path, method: str, path: str, body: bytes | None = No
         return resp.status, json.loads(data) if data else None
     finally:
         conn.close()
-
-

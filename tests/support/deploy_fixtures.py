@@ -172,5 +172,3 @@ def serve(tmp_path: Path) -> Iterator[Any]:
             served.proc.kill()
         served.proc.wait(10)
         shutil.rmtree(served.socket.parent, ignore_errors=True)
-
-

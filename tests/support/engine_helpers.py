@@ -62,5 +62,3 @@ class OnlyTokens:
     @property
     def finished(self) -> bool:
         return self.at == len(self.tokens)
-
-

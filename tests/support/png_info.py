@@ -29,5 +29,3 @@ def png_info(data: bytes) -> tuple[int, int, dict[str, str]]:
             text[key.decode("latin-1")] = (zlib.decompress(value) if flag else value).decode()
         pos += 12 + length
     return size[0], size[1], text
-
-

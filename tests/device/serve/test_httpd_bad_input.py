@@ -105,9 +105,6 @@ def test_a_client_gone_before_an_error_leaves_no_traceback(unix_server: httpd.Un
     assert "Traceback" not in capfd.readouterr().err
 
 
-
-
-
 class StreamApp:
     """One server-sent event, then [DONE], as the streaming routes send them."""
 
@@ -142,6 +139,7 @@ def test_an_http_1_0_client_gets_its_stream_unchunked_ending_at_the_close() -> N
                                b"Content-Length: 0\r\n\r\n")
         assert b"Transfer-Encoding: chunked" in chunked and chunked.endswith(b"0\r\n\r\n"), chunked
 
+
 @pytest.fixture
 def echo_server() -> Iterator[httpd.UnixServer]:
     yield from serving(EchoApp())
@@ -165,7 +163,6 @@ def test_two_differing_content_lengths_are_a_400_and_a_close(echo_server: httpd.
     assert reply.startswith(b"HTTP/1.1 200") and b'{"read": 3}' in reply
 
 
-
 @pytest.mark.parametrize("value", [b"-5", b"+3", b" 3_0"])
 def test_a_content_length_that_is_not_a_digit_string_is_a_400(echo_server: httpd.UnixServer,
                                                                value: bytes) -> None:
@@ -176,6 +173,7 @@ def test_a_content_length_that_is_not_a_digit_string_is_a_400(echo_server: httpd
     reply = _to_eof(echo_server, raw)
     assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length" in reply, reply
     assert reply.count(b"HTTP/1.1") == 1, reply
+
 
 def test_a_deploy_chunk_with_differing_content_lengths_is_a_400(tmp_path: Path) -> None:
     from device.serve.deploy import DeployApp, DeployService

@@ -98,5 +98,3 @@ def test_link_delivers_exact_messages_over_a_noisy_line() -> None:
             device.close()
             host_port.close()
             dev_port.close()
-
-

@@ -134,6 +134,7 @@ def test_chat_stream_matches_the_non_streaming_answer(daemon: Daemon) -> None:
     final, usage = events[-2], events[-1]
     assert final["choices"][0]["finish_reason"] == "length"
     # the draft counts (completion_tokens_details) depend on the step times the engine measured
+
     def counts(u: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in u.items() if k != "completion_tokens_details"}
     assert usage["choices"] == [] and counts(usage["usage"]) == counts(whole["usage"])

@@ -109,7 +109,6 @@ def test_service_unit_command_prints_the_unit_and_refuses_bad_paths() -> None:
         render_unit(UnitOptions(tcp="0.0.0.0:1", tls_cert="/etc/c.pem"))
 
 
-
 def test_a_socket_outside_the_runtime_directory_is_writable_and_hidden_paths_are_refused() -> None:
     # ProtectSystem=strict: a socket folder other than /run/NAME is read-only unless named
     s = unit_settings(render_unit(UnitOptions(socket="/srv/api/toolkit.sock", store="/srv/store")))
@@ -120,7 +119,6 @@ def test_a_socket_outside_the_runtime_directory_is_writable_and_hidden_paths_are
                  {"socket": "/run/user/1000/t.sock"}]:
         with pytest.raises(ToolkitError, match="cannot use a path under"):
             render_unit(UnitOptions(**opts))  # type: ignore[arg-type]
-
 
 
 def test_service_unit_o_that_runs_out_of_space_keeps_the_old_unit(tmp_path: Path) -> None:

@@ -289,7 +289,6 @@ def test_embeddings_holes_are_4xx(encoder: Daemon) -> None:
     assert encoder_ok(encoder, model_id(encoder))
 
 
-
 def test_an_embedding_token_id_out_of_the_vocabulary_names_the_input(encoder: Daemon) -> None:
     """The id check is shared with /v1/completions and said 'prompt', a field /v1/embeddings
     does not have."""
@@ -299,6 +298,7 @@ def test_an_embedding_token_id_out_of_the_vocabulary_names_the_input(encoder: Da
     assert "prompt" not in error["message"], error
 
 # --- the OpenAPI document -----------------------------------------------------------------------
+
 
 def test_docs_openapi_is_generated_from_the_code() -> None:
     from device.serve.openapi import render

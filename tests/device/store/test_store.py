@@ -341,8 +341,6 @@ def test_store_install_smoke_failure_rollback_and_recovery(bundles: dict[str, Pa
     store.close()
 
 
-
-
 def test_an_unreadable_active_record_falls_back_to_the_previous_bundle(tmp_path: Path) -> None:
     root = tmp_path / "s"
     Store.open(root).close()
