@@ -390,19 +390,22 @@ def _send_range(sock: socket.socket, file: BinaryIO, c: Chunk, buf: memoryview) 
 def _remote_error(obj: Any, status: int, where: str) -> RemoteError:
     err = obj.get("error") if isinstance(obj, dict) else None
     extra: dict[str, Any] = {}
+    hint = None
     if isinstance(err, dict):
         message, code = str(err.get("message") or err), str(err.get("code") or status)
-        extra = {k: v for k, v in err.items() if k not in ("message", "code", "type", "param")}
+        extra = {k: v for k, v in err.items() if k not in ("message", "code", "type", "param", "hint")}
+        hint = str(err["hint"]) if err.get("hint") else None  # the device says what to do: keep it
     else:
         message, code = str(err or obj), str(status)
     if status == 401:
         message += " (check the device's token file: `toolkit devices add NAME tcp://...?token-file=F`)"
     elif status == 404 and code == "not_found":  # the daemon's own answer: it serves no store
         message = f"{where} has no deploy routes (is the daemon started with --store?)"
-    elif status == 404:  # not our daemon's error shape: something else answers at that address
+    elif status == 404 and not isinstance(err, dict):  # not our error shape: another server answers
         message = (f"{where} answered 404 without a daemon's error ({message[:80]!r}): is it a toolkit "
                    "daemon (`toolkit serve --store`), and the device's address right?")
-    return RemoteError(message, status, code, extra)
+    # (the store's own 404s, unknown_upload / unknown_file, keep their message and hint)
+    return RemoteError(message, status, code, extra, hint)
 
 
 class SerialDeployClient(DeployClient):

@@ -528,3 +528,6 @@ def test_a_404_names_a_store_less_daemon_only_when_the_daemon_said_it() -> None:
     other = _remote_error("<html>Not Found</html>", 404, "tcp://board:8443")
     assert "--store?" not in other.message and "404" in other.message, other.message
     assert "address" in other.message
+    store = _remote_error({"error": {"message": "no upload abc in progress", "code": "unknown_upload",
+                                     "hint": "begin the upload again"}}, 404, "tcp://board:8443")
+    assert store.message == "no upload abc in progress" and store.hint == "begin the upload again"
