@@ -129,20 +129,21 @@ class LazyCompiler:
     def __init__(self, tokenizer_json_path: str, vocab_size: int, stop_ids: list[int]) -> None:
         self.path, self.vocab_size, self.stop_ids = tokenizer_json_path, vocab_size, stop_ids
         self._compiler: GrammarCompiler | None = None
-        # why the build failed, kept: a bundle's tokenizer.json does not change while it is
-        # served, so every later request gets the same answer without reading it again
-        self._failure: Exception | None = None
+        # why the build failed, kept as text: a bundle's tokenizer.json does not change while it
+        # is served, so every later request gets the same answer without reading it again (a
+        # new exception each time: re-raising one object grows its traceback by every request)
+        self._failure: str | None = None
         self._lock = threading.Lock()
 
     def get(self) -> GrammarCompiler:
         with self._lock:
             if self._failure is not None:
-                raise self._failure
+                raise RuntimeError(self._failure)
             if self._compiler is None:
                 try:
                     with open(self.path, encoding="utf-8") as f:
                         self._compiler = GrammarCompiler(f.read(), self.vocab_size, self.stop_ids)
                 except Exception as e:  # noqa: BLE001 - the engine's own errors, or the file's
-                    self._failure = e
+                    self._failure = str(e) or type(e).__name__
                     raise
             return self._compiler
