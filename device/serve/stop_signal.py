@@ -24,7 +24,8 @@ or an operator's `kill -HUP` (the habit of reloading nginx or sshd) killed the d
 without a drain, and left its socket file behind. SIGHUP now stops it like SIGTERM, drained: the
 terminal of a foreground daemon is gone (nobody watches it; staying up orphaned would be a
 surprise), and the daemon has nothing to reload (its settings are its flags; `toolkit deploy`
-swaps bundles). SIGUSR1 and SIGUSR2 are only logged.
+swaps bundles); under `nohup` (SIGHUP inherited ignored) it stays ignored. SIGUSR1 and SIGUSR2
+are only logged.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class StopOnSignal:
         os.set_blocking(self._write, False)  # set_wakeup_fd's requirement: a full pipe drops a byte
         self._old_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         for sig in (*self.signals, *self.ignored):
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # `nohup toolkit serve &`: asked to outlive the terminal, it does
             self._previous[sig] = signal.signal(sig, self._ignore)
         self._watcher = threading.Thread(target=self._watch, name="stop-signal", daemon=True)
         self._watcher.start()

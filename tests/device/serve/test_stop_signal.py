@@ -82,3 +82,22 @@ def test_the_signal_no_longer_kills_while_the_context_is_open(sig: signal.Signal
     """
     out = _child(code, timeout=60)
     assert (out.returncode, out.stdout.strip()) == (0, "alive True"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_sighup_stops_unless_it_was_ignored_by_nohup(inherited: str) -> None:
+    code = f"""
+    import os, signal, threading
+    if {inherited == "ignored"}:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what `nohup` hands the daemon
+    from device.serve.stop_signal import StopOnSignal
+    stop = threading.Event()
+    with StopOnSignal(stop):
+        os.kill(os.getpid(), signal.SIGHUP)
+        print("stopped", stop.wait(1.0), flush=True)
+    print("after", signal.getsignal(signal.SIGHUP) == signal.SIG_IGN, flush=True)
+    """
+    out = _child(code, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stops = inherited == "default"
+    assert out.stdout.split("\n")[:2] == [f"stopped {stops}", f"after {not stops}"]
