@@ -73,7 +73,7 @@ def open_client(device: Device) -> DeployClient:
         baud_text = parse_qs(parts.query).get("baud", [str(DEFAULT_BAUD)])[0]
         if not baud_text.isdigit() or int(baud_text) <= 0:  # `devices add` checks it; a hand edit did not
             raise ToolkitError(f"device {device.name!r}: baud {baud_text!r} in {registry_path()} is not "
-                               "a number",
+                               "a positive number",
                                hint=f"re-add it: toolkit devices add {device.name} "
                                     f"serial://{parts.path}?baud=921600&token-file=F --replace")
         baud = int(baud_text)

@@ -152,5 +152,7 @@ class ArchSpec:
     refuse: tuple[Refusal, ...] = ()
     examples: tuple[str, ...] = ()
 
-    def flag(self, value: bool | str, config: Any) -> bool:
-        return bool(getattr(config, value, False)) if isinstance(value, str) else value
+    def flag(self, value: bool | str, config: Any, default: bool = False) -> bool:
+        """A record's flag: itself, or the config attribute it names (`default` where the config
+        lacks it: transformers' own default for that attribute)."""
+        return bool(getattr(config, value, default)) if isinstance(value, str) else value

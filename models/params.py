@@ -89,7 +89,7 @@ def _layer_plans(spec: ArchSpec, config: Any, num_layers: int,
     The attention scale: the record's (1/sqrt(head_dim) by default), 1 where the config turns
     scaling off, and divided by i + 1 in layer i where it asks for that (GPT-2's flags)."""
     scale = _scalar(spec.attn_scale, config, 1.0 / math.sqrt(head_dim))
-    scale = scale if spec.flag(spec.attn_scaled, config) else 1.0
+    scale = scale if spec.flag(spec.attn_scaled, config, default=True) else 1.0
     by_layer = spec.flag(spec.layer_scaled, config)
     raw = getattr(config, spec.sliding_window, None) if spec.sliding_window else None
     window = int(raw) if raw and getattr(config, "use_sliding_window", True) is not False else None

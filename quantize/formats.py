@@ -52,7 +52,7 @@ class QuantOptions:
     # sensitive ceil(fraction * units) weight units (quantize/sensitivity.py) at 8 bits
     int8_fraction: float = 0.0
     accuracy_level: int = 4  # MatMulNBits: int8 compute (the fast CPU path)
-    head_bits: int = 8  # CPU: the (tied) LM head / embedding table
+    head_bits: int = 8  # CPU: the LM head (tied or not) / embedding tables
     head_block: int = 64  # CPU: their block size where it divides K (quantize/cpu.py NBitsConfig)
     smooth_alpha: float | None = 0.7  # W8A8 SmoothQuant migration strength; None: off
     calibration_method: str = "max"  # "max" | "percentile" (quantize/activations.py)

@@ -312,6 +312,7 @@ def int4_weight_only(model: onnx.ModelProto, block: int = 32, offsets: bool = Tr
             # block_axes: an intermediate of 200 is 6.25 blocks of 32), so such a weight is INT8
             # weight-only per channel, the form of a mixed step's 8-bit units; the manifest names it
             done[m.weight] = (_int8_weight(graph, m.weight, new), None)
+            stats["int8_weights"] += 1
             stats.setdefault("int8_not_whole_blocks", []).append(m.weight)
         if m.weight not in done:
             w = g.to_array(graph, m.weight).astype(np.float32)

@@ -450,7 +450,7 @@ def test_jetson_int4_weight_that_is_not_whole_blocks_is_int8_and_parses(offsets)
     dq = {n.input[0]: n for n in nodes(r.model, "DequantizeLinear")}
     types = {k: inits(r.model)[k].data_type for k in dq}
     assert sorted(types.values()) == sorted([TensorProto.INT4, TensorProto.INT8])
-    assert r.details["int8_not_whole_blocks"] == ["W2"]
+    assert r.details["int8_not_whole_blocks"] == ["W2"] and r.details["int8_weights"] == 1
     assert r.details["offset_terms"] == (1 if offsets else 0)  # only W1 takes the offset term
 
 
