@@ -75,8 +75,10 @@ def weight_matmuls(graph: onnx.GraphProto) -> list[WeightMatMul]:
 
 def lm_head(graph: onnx.GraphProto, output: str = "logits") -> str | None:
     """The weight of the MatMul that makes `output` (the LM head, tied or not), walking back
-    through the one-activation nodes after it (Granite's scale, Gemma 2's soft-cap: Div, Tanh,
-    Mul; a Reshape or Cast); None where the walk meets no weight MatMul."""
+    through the one-activation nodes after it (Gemma 2's soft-cap: Div, Tanh, Mul; a Reshape or
+    Cast); None where the walk meets no plain weight MatMul. Granite's logit scale is folded by
+    ONNX Runtime's optimizer into a com.microsoft FusedMatMul, which weight_matmuls does not
+    take: that head stays float (and is not found here)."""
     inits = initializers(graph)
     weights = {m.node.output[0]: m.weight for m in weight_matmuls(graph)}
     name = output

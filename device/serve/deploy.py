@@ -444,6 +444,8 @@ def _field(h: dict[str, Any], name: str, kind: type) -> Any:
     """A header field an op needs, converted: a missing or malformed one is the peer's mistake,
     a 400 that names it (not a 500 with a KeyError traceback in the daemon's log)."""
     try:
+        if h[name] is None:  # str(None) would be the id "None"
+            raise ValueError(name)
         return kind(h[name])
     except (KeyError, TypeError, ValueError) as e:
         raise StoreError(f"the {h.get('op')!r} message needs a valid {name!r} field",

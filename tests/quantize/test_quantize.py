@@ -301,7 +301,7 @@ def test_cpu_grid_on_a_width_that_is_not_whole_blocks(grid, bits):
 def test_an_untied_lm_head_is_quantized_at_head_bits_as_the_manifest_says() -> None:
     """Only a tied head (an embedding table too) was kept at head_bits: an untied one (Phi-3,
     Mistral) went to 4 bits like any layer while the details said head_bits 8. The head is
-    found walking back from the logits through the ops after it (here Granite's scale)."""
+    found walking back from the logits through the ops after it (here a scale)."""
     from onnx import helper
 
     from quantize.cpu import NBitsConfig, matmul_nbits

@@ -385,7 +385,8 @@ def test_a_serial_message_missing_a_field_is_a_400_that_names_it(tmp_path: Path)
 
     service = DeployService(Store.open(tmp_path / "store"), lambda p: SmokeResult(True, "ok"))
     for header in ({"op": "commit"}, {"op": "chunk", "id": "0" * 64, "path": "f", "crc32": 0},
-                   {"op": "chunk", "id": "0" * 64, "path": "f", "offset": "x", "crc32": 0}):
+                   {"op": "chunk", "id": "0" * 64, "path": "f", "offset": "x", "crc32": 0},
+                   {"op": "commit", "id": None}):
         reply, _ = unpack(service.handle_message(pack({**header, "rid": 1})))
         assert reply["ok"] is False and reply["status"] == 400, reply  # was 500 internal_error
         assert reply["error"]["code"] == "invalid_request"
