@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundle.errors import ToolkitError
-from device.runtime.procmem import check_fits
 from device.runtime.threads import check_threads, env_threads
 from device.serve.httpd import MAX_CONNECTIONS, default_socket_path
+from device.serve.prefix_cache import check_budget
 
 SWAP_MODES = ("auto", "hot", "cold")  # see device/store/swap.py
 
@@ -158,8 +158,7 @@ class ServeConfig:
         ValueError traceback there."""
         if self.threads is None:
             check_threads(env_threads())
-        check_fits(self.prefix_cache_mb << 20, f"a prefix cache of {self.prefix_cache_mb} MiB",
-                   "pass a smaller --prefix-cache-mb (0 turns it off)")
+        check_budget(self.prefix_cache_mb << 20)
 
     @property
     def socket_gid(self) -> int | None:

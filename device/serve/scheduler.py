@@ -75,7 +75,6 @@ from device.runtime.backend import DecoderBackend
 from device.runtime.draft import VERIFY_TOLERANCE, PromptLookup, verify_step_deviation
 from device.runtime.generate import prefill
 from device.runtime.grammar import LazyCompiler, TokenConstraint
-from device.runtime.procmem import check_fits
 from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, sample, token_logprob
 from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
@@ -83,7 +82,7 @@ from device.serve.config import DECODE_MODES, DRAFT_TOKENS, SPECULATE_MODES
 from device.serve.draft_plan import Acceptance, Row, StepCosts, plan
 from device.serve.metrics import ServingMetrics
 from device.serve.prefill import ChunkSizer, PrefillJob
-from device.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
+from device.serve.prefix_cache import BLOCK_TOKENS, PrefixCache, check_budget
 
 log = logging.getLogger("toolkit.daemon")
 
@@ -480,8 +479,7 @@ class Scheduler(QueuedEngine):
         self._pos = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] its position
         self._abort = False
         # a budget, filled as prompts come: one the machine cannot hold is refused now
-        check_fits(prefix_cache_bytes, f"a prefix cache of {prefix_cache_bytes >> 20} MiB",
-                   "pass a smaller --prefix-cache-mb (0 turns it off)")
+        check_budget(prefix_cache_bytes)
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block_tokens)
         self.chunks = ChunkSizer(prefill_chunk)
         self._prefilling: dict[int, PrefillJob] = {}  # slot -> job, oldest first
