@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundle.errors import ToolkitError
+from device.runtime.procmem import check_fits
 from device.runtime.threads import check_threads, env_threads
 from device.serve.httpd import MAX_CONNECTIONS, default_socket_path
-from device.serve.prefix_cache import check_budget
 
 SWAP_MODES = ("auto", "hot", "cold")  # see device/store/swap.py
 
@@ -70,6 +70,14 @@ def parse_prefill_chunk(text: str) -> int | None:
     if n < 0:
         raise ToolkitError(f"--prefill-chunk {text!r} is not auto, off or a number of tokens")
     return n
+
+
+def check_budget(nbytes: int) -> None:
+    """Refuse a --prefix-cache-mb budget this machine's free memory cannot hold: checked when
+    the daemon starts (before anything loads) and again when the scheduler is made. Here, not in
+    prefix_cache.py: this module is imported by the CLI's --help, which must not import numpy."""
+    check_fits(nbytes, f"a prefix cache of {nbytes >> 20} MiB",
+               "pass a smaller --prefix-cache-mb (0 turns it off)")
 
 
 @dataclass

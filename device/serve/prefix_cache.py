@@ -41,16 +41,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from device.runtime.backend import KVBlock
-from device.runtime.procmem import check_fits
 
 BLOCK_TOKENS = 32
-
-
-def check_budget(nbytes: int) -> None:
-    """Refuse a --prefix-cache-mb budget this machine's free memory cannot hold: checked when
-    the daemon starts (before anything loads) and again when the scheduler is made."""
-    check_fits(nbytes, f"a prefix cache of {nbytes >> 20} MiB",
-               "pass a smaller --prefix-cache-mb (0 turns it off)")
 
 
 @dataclass

@@ -78,11 +78,11 @@ from device.runtime.grammar import LazyCompiler, TokenConstraint
 from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, sample, token_logprob
 from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
-from device.serve.config import DECODE_MODES, DRAFT_TOKENS, SPECULATE_MODES
+from device.serve.config import DECODE_MODES, DRAFT_TOKENS, SPECULATE_MODES, check_budget
 from device.serve.draft_plan import Acceptance, Row, StepCosts, plan
 from device.serve.metrics import ServingMetrics
 from device.serve.prefill import ChunkSizer, PrefillJob
-from device.serve.prefix_cache import BLOCK_TOKENS, PrefixCache, check_budget
+from device.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
 
 log = logging.getLogger("toolkit.daemon")
 

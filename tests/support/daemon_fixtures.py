@@ -187,7 +187,8 @@ def start_daemon(bundle: Path, *args: str, socket_path: Path | None = None, slow
         cmd += ["--tcp", f"{tcp_addr[0]}:{tcp_addr[1]}", "--token-file", str(token_file)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=env,
+                                preexec_fn=sighup_default)
     daemon = Daemon(proc, socket_path, log_path, tcp_addr, token if tcp else None)
     if wait:
         wait_ready(daemon, timeout)
@@ -235,6 +236,12 @@ def daemons() -> Iterator[list[Daemon]]:
             d.proc.kill()
             d.proc.wait(10)
         shutil.rmtree(d.log_path.parent, ignore_errors=True)
+
+
+def sighup_default() -> None:
+    """In the daemon's child before exec: SIGHUP at its default, as a terminal starts it. A test
+    run under nohup would hand its ignore down, and the daemon keeps an inherited ignore."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture

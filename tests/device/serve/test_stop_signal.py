@@ -88,8 +88,9 @@ def test_the_signal_no_longer_kills_while_the_context_is_open(sig: signal.Signal
 def test_sighup_stops_unless_it_was_ignored_by_nohup(inherited: str) -> None:
     code = f"""
     import os, signal, threading
-    if {inherited == "ignored"}:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what `nohup` hands the daemon
+    # SIG_IGN is what `nohup` hands the daemon; the default set explicitly, for a test run that
+    # is itself under nohup
+    signal.signal(signal.SIGHUP, signal.SIG_IGN if {inherited == "ignored"} else signal.SIG_DFL)
     from device.serve.stop_signal import StopOnSignal
     stop = threading.Event()
     with StopOnSignal(stop):
