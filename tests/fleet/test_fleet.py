@@ -26,6 +26,8 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -185,14 +187,33 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-@pytest.fixture
-def fleet(wheel: Path) -> Fleet:
+@contextmanager
+def fleet_in(wheel: Path) -> Iterator[Fleet]:
+    """A Fleet in a fresh short folder (socket paths must stay short); afterwards its boards are
+    killed and the folder removed."""
     root = short_socket_dir()
     f = Fleet(root, wheel)
-    yield f
-    for b in f.boards:
-        b.kill()
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        yield f
+    finally:
+        for b in f.boards:
+            b.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def fleet(wheel: Path) -> Iterator[Fleet]:
+    with fleet_in(wheel) as f:
+        yield f
+
+
+def recording_toolkit(tmp_path: Path) -> tuple[Path, Path]:
+    """(a stand-in `toolkit` that appends each command line to a file instead of running, that
+    file): what a playbook asked the boards to run."""
+    calls, fake = tmp_path / "calls", tmp_path / "toolkit"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    return fake, calls
 
 
 def second_build(bundle: Path, out: Path) -> Path:
@@ -355,48 +376,30 @@ def test_install_with_a_bad_variable_fails_clearly_before_changing_a_board(
     # an empty toolkit_wheel once copied the controller's working folder to the board; a bad
     # user was created on the board before `toolkit service unit` refused it
     (tmp_path / "edge_toolkit-0.1.0-py3-none-any.whl").write_bytes(b"")  # exists; never installed
-    root = short_socket_dir()
-    try:
-        fleet = Fleet(root, tmp_path / "edge_toolkit-0.1.0-py3-none-any.whl")
+    with fleet_in(tmp_path / "edge_toolkit-0.1.0-py3-none-any.whl") as fleet:
         done = fleet.playbook("install", "--check", "-e", extra)
         assert done.returncode != 0 and says in done.stdout, _out(done)
         assert all(r["failed"] == 1 and r["changed"] == 0 for r in recap(done.stdout).values()), _out(done)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_bench_playbook_takes_plot_false_as_written_on_the_command_line(tmp_path: Path) -> None:
     # `-e toolkit_fleet_plot=false` (as bench.yml says) is the string "false", which Jinja takes
     # as true: the compare still asked for --plot, which fails without matplotlib. A stand-in
     # toolkit records each command line instead of running it.
-    calls = tmp_path / "calls"
-    fake = tmp_path / "toolkit"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    fake.chmod(0o755)
-    root = short_socket_dir()
-    try:
-        fleet = Fleet(root, tmp_path / "unused.whl")
+    fake, calls = recording_toolkit(tmp_path)
+    with fleet_in(tmp_path / "unused.whl") as fleet:
         done = fleet.playbook("bench", "-e", f"toolkit_cli={fake}", "-e", "toolkit_fleet_plot=false")
         assert done.returncode == 0, _out(done)
         compare = [line for line in calls.read_text().splitlines() if line.startswith("report compare")]
         assert len(compare) == 1 and "--plot" not in compare[0], compare
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_bench_playbook_refuses_bench_args_given_as_a_string(tmp_path: Path) -> None:
-    calls = tmp_path / "calls"
-    fake = tmp_path / "toolkit"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    fake.chmod(0o755)
-    root = short_socket_dir()
-    try:
-        fleet = Fleet(root, tmp_path / "unused.whl")
+    fake, calls = recording_toolkit(tmp_path)
+    with fleet_in(tmp_path / "unused.whl") as fleet:
         done = fleet.playbook("bench", "-e", f"toolkit_cli={fake}",
                               "-e", "toolkit_bench_args=--prompt-lens 128")
         assert done.returncode != 0, _out(done)
         # was: "can only concatenate list (not "_AnsibleTaggedStr") to list", on every board
         assert "toolkit_bench_args must be a list of `toolkit bench` options" in done.stdout, _out(done)
         assert not calls.exists() or "bench" not in calls.read_text()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)

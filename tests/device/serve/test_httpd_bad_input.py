@@ -56,7 +56,9 @@ def unix_server() -> Iterator[httpd.UnixServer]:
     yield from serving(StatusApp())
 
 
-def exchange(srv: httpd.UnixServer, raw: bytes) -> bytes:
+def exchange(srv: httpd.UnixServer, raw: bytes, to_eof: bool = False) -> bytes:
+    """Send `raw`; read until the server closes the connection, or (not to_eof) until the first
+    answer's head when the server keeps the connection open."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(str(srv.path))
@@ -64,7 +66,7 @@ def exchange(srv: httpd.UnixServer, raw: bytes) -> bytes:
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-            if b"\r\n\r\n" in data and b"Connection: close" not in data:
+            if not to_eof and b"\r\n\r\n" in data and b"Connection: close" not in data:
                 break
         return data
 
@@ -114,29 +116,17 @@ class StreamApp:
         sse.done()
 
 
-def _to_eof(srv: httpd.UnixServer, raw: bytes) -> bytes:
-    """Send `raw`, read until the server closes the connection."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(str(srv.path))
-        s.sendall(raw)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-        return data
-
-
 def test_an_http_1_0_client_gets_its_stream_unchunked_ending_at_the_close() -> None:
     """HTTP/1.0 has no chunked transfer coding (RFC 9112 §7.1: not to be sent to a 1.0
     client): the hex sizes and the 0-chunk ended up inside the client's event stream. A 1.0
     stream is the raw events, its end the closed connection; 1.1 stays chunked."""
     for srv in serving(StreamApp()):
-        head, _, body = _to_eof(srv, b"POST /v1/completions HTTP/1.0\r\nContent-Length: 0\r\n\r\n"
-                                ).partition(b"\r\n\r\n")
+        head, _, body = exchange(srv, b"POST /v1/completions HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+                                 to_eof=True).partition(b"\r\n\r\n")
         assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower(), head
         assert body == b'data: {"n": 1}\n\ndata: [DONE]\n\n', body
-        chunked = _to_eof(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                               b"Content-Length: 0\r\n\r\n")
+        chunked = exchange(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                b"Content-Length: 0\r\n\r\n", to_eof=True)
         assert b"Transfer-Encoding: chunked" in chunked and chunked.endswith(b"0\r\n\r\n"), chunked
 
 
@@ -170,7 +160,7 @@ def test_a_content_length_that_is_not_a_digit_string_is_a_400(echo_server: httpd
     answered "not valid JSON: Expecting value", and the body that followed became the next
     request), +3 and 3_0."""
     raw = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\nabc" % value
-    reply = _to_eof(echo_server, raw)
+    reply = exchange(echo_server, raw, to_eof=True)
     assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length" in reply, reply
     assert reply.count(b"HTTP/1.1") == 1, reply
 
