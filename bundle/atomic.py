@@ -4,6 +4,7 @@
     fsync_tree(folder)              # every file and folder under it on disk (before a rename)
     fsync_dir(folder)               # a rename or a new entry in it survives a power cut
     check_parent(out)               # before expensive work: can `out` be made where it is named?
+    write_output(path, data, hint)  # write_atomic, an OSError turned into one line for the user
 
 A write goes to a temporary file beside the target (same filesystem, so the rename is atomic),
 is fsync'd, renamed over the target, and the folder is fsync'd so the rename itself is durable
@@ -52,6 +53,23 @@ def write_atomic(path: Path, data: bytes | memoryview, mode: int = 0o644) -> int
         raise
     fsync_dir(path.parent)
     return memoryview(data).nbytes
+
+
+def write_output(path: Path, data: bytes, hint: str, what: str = "", mode: int = 0o644,
+                 folder_mode: int | None = None) -> Path:
+    """write_atomic for a file the user named (a report, a page, a unit, a config file): an
+    OSError there (a folder in its place, a read-only or missing folder, a full disk) is the
+    user's path to change, so one ToolkitError line with `hint`, not a traceback. folder_mode:
+    make the missing folders above it first, with that mode."""
+    path = Path(path)
+    try:
+        if folder_mode is not None:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=folder_mode)
+        write_atomic(path, data, mode)
+    except OSError as e:
+        raise ToolkitError(f"cannot write {what + ' ' if what else ''}{path}: {e.strerror or e}",
+                           hint=hint) from e
+    return path
 
 
 def fsync_tree(root: Path) -> None:

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bundle.atomic import check_parent, write_atomic
+from bundle.atomic import check_parent, write_output
 from bundle.errors import ToolkitError
 
 SCHEMA = "edge-toolkit/bench-report"
@@ -353,14 +353,9 @@ def check_report_path(path: Path) -> None:
 
 def save_report(data: Mapping[str, Any], path: Path) -> Path:
     """Write atomically (a temporary file renamed), so a crash never leaves half a report."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-    except OSError as e:  # what check_report_path cannot see: a read-only mount, a full disk
-        raise ToolkitError(f"cannot write the report {path}: {e.strerror or e}",
-                           hint="choose another -o, in a folder you can write") from e
-    return path
+    # an OSError here is what check_report_path cannot see: a read-only mount, a full disk
+    return write_output(Path(path), (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"),
+                        "choose another -o, in a folder you can write", what="the report", folder_mode=0o777)
 
 
 def load_report(path: Path) -> dict[str, Any]:

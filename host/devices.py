@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from bundle.atomic import write_atomic
+from bundle.atomic import write_output
 from bundle.errors import ToolkitError
 from device.serve.serial_link import DEFAULT_BAUD
 from host.endpoint import FORMS, TLS_SCHEMES, Endpoint, Trust
@@ -155,13 +155,8 @@ def save_devices(devices: dict[str, Device]) -> Path:
 def _write_config(path: Path, data: bytes, what: str) -> None:
     """Write one of our config files by rename, mode 0600, in a folder only we may enter (0700).
     A read-only or root-owned config folder (an earlier `sudo toolkit`) must not be a traceback."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(path, data, mode=0o600)
-    except OSError as e:
-        raise ToolkitError(f"cannot write {what} {path}: {e.strerror or e}",
-                           hint="check that the folder is writable by you and that the path is a file "
-                                "(or set $TOOLKIT_CONFIG_DIR to another folder)") from e
+    write_output(path, data, "check that the folder is writable by you and that the path is a file "
+                 "(or set $TOOLKIT_CONFIG_DIR to another folder)", what=what, mode=0o600, folder_mode=0o700)
 
 
 def add_device(name: str, uri: str, replace: bool = False, new_token: bool = False) -> Added:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bundle.atomic import write_output as atomic_output
 from bundle.benchreport import save_report
-from bundle.errors import ToolkitError
 from host.report import CELL_HEADER, cell_row, fmt, headline, memory_line, power_line
 
 PNG_DATA_KEY = "edge-toolkit-data"
@@ -54,13 +54,9 @@ def write_report_files(report: Mapping[str, Any], json_path: Path,
 
 
 def write_output(path: Path, data: bytes) -> Path:
-    """Write one output file (page, plot, table); an OSError is the user's path, so one line."""
-    try:
-        path.write_bytes(data)
-    except OSError as e:
-        raise ToolkitError(f"cannot write {path}: {e.strerror or e}",
-                           hint="choose another path, in a folder you can write") from e
-    return path
+    """One output file (page, plot, table) the user named, written atomically; an OSError is one
+    line saying to choose another path."""
+    return atomic_output(path, data, "choose another path, in a folder you can write")
 
 
 def write_html_files(report: Mapping[str, Any], json_path: Path) -> ReportFiles:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from bundle.errors import ToolkitError
 from device.serve.unit import UnitOptions
 
 _D = UnitOptions()
@@ -56,7 +55,7 @@ def unit(venv: str, user: str, name: str, store: str | None, socket_path: str | 
     Type=notify (ready once the bundle is loaded), WatchdogSec= fed by the daemon, a dedicated
     user in the GPU groups, the socket in /run/NAME, the store in /var/lib/NAME, the TCP token
     as a credential, ProtectSystem=strict and the GPU device nodes allowed."""
-    from bundle.atomic import write_atomic
+    from bundle.atomic import write_output
     from device.serve.unit import render_unit
 
     text = render_unit(UnitOptions(venv, user, name, store, socket_path, socket_group, tcp, token_file,
@@ -65,9 +64,7 @@ def unit(venv: str, user: str, name: str, store: str | None, socket_path: str | 
     if output is None:
         click.echo(text, nl=False)
     else:
-        try:  # temp file + rename: a full disk leaves the unit that was there, not half a unit
-            write_atomic(output, text.encode("utf-8"))
-        except OSError as e:
-            raise ToolkitError(f"cannot write {output}: {e.strerror or e}",
-                               hint="pass -o with a path in an existing folder this user can write") from e
+        # temp file + rename: a full disk leaves the unit that was there, not half a unit
+        write_output(output, text.encode("utf-8"),
+                     "pass -o with a path in an existing folder this user can write")
         click.echo(f"wrote {output}", err=True)
