@@ -261,6 +261,10 @@ def genai_model(precision: str, threads: int) -> Path | Skipped:
 
 
 def main() -> None:
+    import argparse
+
+    # no options: parsed so that --help prints this instead of starting the ~15-minute build
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     lc = llama_cpp()
     print(f"llama.cpp: {lc}")
     if isinstance(lc, LlamaCpp):
