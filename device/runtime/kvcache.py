@@ -36,6 +36,18 @@ class HostKVBlock:
         pass  # host memory: dropping the last reference frees it
 
 
+def check_kv_fits(layout: KVCacheLayout, slots: int) -> None:
+    """Refuse a cache of `slots` slots that this machine's free memory cannot hold. One slot is
+    mapped lazily (StaticKVCache), so only several are checked. The daemon calls this before a
+    store's active bundle loads too (device/serve/server.py), so that --slots is blamed, not the
+    bundle."""
+    if slots > 1:
+        shape = (slots, layout.kv_heads, layout.max_seq, layout.head_dim)
+        need = 2 * layout.num_layers * int(np.prod(shape)) * np.dtype(layout.dtype).itemsize
+        check_fits(need, f"the KV cache of {slots} slots of {layout.max_seq} tokens",
+                   "serve fewer slots (--slots), or convert with a smaller --max-seq")
+
+
 class StaticKVCache:
     def __init__(self, layout: KVCacheLayout, slots: int) -> None:
         self.layout = layout
@@ -51,10 +63,7 @@ class StaticKVCache:
         # touch only the positions they use (measured: +16 MB for a 256-token request), so a
         # single-stream runtime holds what its context uses (SmolLM2 int4, max_seq 2048: peak
         # RSS 284 MB, 357 committed).
-        if slots > 1:  # committed now (below), all of it
-            need = 2 * layout.num_layers * int(np.prod(shape)) * dtype.itemsize
-            check_fits(need, f"the KV cache of {slots} slots of {layout.max_seq} tokens",
-                       "serve fewer slots (--slots), or convert with a smaller --max-seq")
+        check_kv_fits(layout, slots)  # committed now (below), all of it, with several slots
         self.buffers: list[np.ndarray] = []
         for _ in range(2 * layout.num_layers):
             buf = np.zeros(shape, dtype)

@@ -156,6 +156,7 @@ class Daemon:
         if self.deploy is None:  # `toolkit serve BUNDLE`: nothing to fall back to; its error stops us
             self._install(self._open(path), path)
             return
+        self._check_slots(path)
         runner, reason = self._load(path)
         if runner is not None:
             try:
@@ -182,6 +183,24 @@ class Daemon:
         self.failure = BundleFailure(path.name, reason, None)
         self.state = "failed"  # up and answering status, not ready: a deploy can still fix it
         log.error("serving nothing: %s", reason)
+
+    def _check_slots(self, path: Path) -> None:
+        """The KV cache --slots asks of an ONNX Runtime decoder, checked against this machine's
+        free memory before a store's active bundle loads (raises: the daemon stops with the
+        flag's error, as `toolkit serve BUNDLE` does). Found only by the load, the flag's error
+        was blamed on the bundle: a rollback was tried, and a smaller previous bundle that did
+        fit took the deployed one's place in the store. A manifest that does not read is the
+        bundle's own failure, which the load reports."""
+        from bundle.manifest import read_manifest
+        from device.runtime.kvcache import check_kv_fits
+
+        try:
+            manifest = read_manifest(path)
+            runtime, layout = manifest.target.runtime, manifest.kv_layout()
+        except Exception:  # noqa: BLE001 - a broken manifest: _load reports it, with the rollback
+            return
+        if manifest.kind == "decoder" and runtime != "tensorrt":
+            check_kv_fits(layout, self.config.slots or manifest.batch)
 
     def _load(self, path: Path) -> tuple[Any, str]:
         """(runner, "") or (None, a one-line reason): any exception while loading is a reason

@@ -163,6 +163,36 @@ def test_when_nothing_loads_the_daemon_stays_up_not_ready(bundles: dict[str, Pat
     assert daemon.serving() == "tiny-a" and "failure" not in api.get("/v1/status")
 
 
+def test_a_kv_cache_this_machine_cannot_hold_stops_the_daemon_and_keeps_the_store(
+        bundles: dict[str, Path], config: Path, serve: Any, tmp_path: Path) -> None:  # noqa: F811
+    """A KV cache the slots ask for and this machine's memory cannot hold is the settings' error,
+    said before anything loads: the daemon exits with it and the store keeps its active bundle.
+    It used to be found by the load and blamed on the bundle: a rollback put the previous,
+    smaller bundle in its place, and the deployed one was left as `previous`."""
+    store = tmp_path / "store"
+    daemon = serve(store)
+    dp.add_device("local", f"unix://{daemon.socket}")
+    assert dp.deploy(bundles["a"], "local").install.ok
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    big = variant(bundles["a"], tmp_path / "big", "tiny-big")  # a cache of 10^8 positions a slot
+    manifest = read_manifest(big)
+    assert manifest.architecture is not None
+    dims = dataclasses.replace(manifest.architecture.dims, max_positions=10**8)
+    manifest.architecture = dataclasses.replace(manifest.architecture, dims=dims)
+    manifest.max_seq = 10**8
+    manifest.files = hash_tree(big)
+    (big / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+    active = install_unchecked(store, big)
+    record = (store / "active").read_text()
+    with pytest.raises(RuntimeError) as failed:
+        serve(store, "--slots", "2")  # hundreds of GB: refused before any of it is allocated
+    log = str(failed.value)
+    assert "exited with 1" in log and "the KV cache of 2 slots of 100000000 tokens" in log
+    assert "--slots" in log and "Traceback" not in log and "rolling back" not in log
+    assert (store / "active").read_text() == record and json.loads(record)["dir"] == active
+
+
 # --- a full disk -------------------------------------------------------------------------------------
 
 def test_enospc_in_a_chunk_answers_507_with_figures_and_keeps_nothing(bundles: dict[str, Path],  # noqa: F811
