@@ -29,11 +29,12 @@ Greedy rows may draft (prompt lookup, `speculate="ngram"`): a row whose last tok
 before in its prompt or output is stepped alone with its pending token plus the tokens that
 followed there, and keeps the run of them the model agrees with (see _verify). Alone, because
 ONNX Runtime's GroupQueryAttention takes several tokens per step only for one row (B=1 when T>1
-with a cache), so rows cannot be padded to a common draft length. With several rows decoding, a
-row verifies its draft only where the measured step times and its acceptance so far say that
-raises tokens per second (device/serve/draft_plan.py), and while some rows ride the batched
-step the verify steps beside it may add at most two plain steps' time (their time per output
-token stays within 3x); the batched step runs as before unless every row verified.
+with a cache; ORT 1.32's `query_seqlens` input lifts that, but our graphs do not wire it yet,
+see device/serve/draft_plan.py), so rows cannot be padded to a common draft length. With several
+rows decoding, a row verifies its draft only where the measured step times and its acceptance so
+far say that raises tokens per second (device/serve/draft_plan.py), and while some rows ride the
+batched step the verify steps beside it may add at most two plain steps' time (their time per
+output token stays within 3x); the batched step runs as before unless every row verified.
 
 Why results do not depend on what else is running (checked, not assumed): ONNX Runtime's CPU
 kernels give bit-identical logits for a row whether it is decoded alone or inside a batch of
