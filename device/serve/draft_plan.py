@@ -9,7 +9,7 @@ pending token and k drafted ones gives
 (t: the engine's own step times, by rows and tokens per row). A verify step takes one row
 (ONNX Runtime's GroupQueryAttention runs T > 1 tokens over a cache for B = 1 only, unless fed
 `query_seqlens`, which our graphs do not wire yet: bench/verify_batch.py measures what one
-[B, T] step of several rows' drafts would give, 1.3-2.9x at 8 rows on SmolLM2), so in a
+[B, T] step of several rows' drafts would give: 1.3-4.6x at 8 rows on SmolLM2), so in a
 batch of n rows it is paid on top of the plain step, which gives n tokens in t(n, 1) and reads
 the weights once for all of them. The step's plan is the set of (row, k) with the most tokens
 per second:
