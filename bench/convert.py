@@ -1,6 +1,6 @@
 """Conversion time and peak memory for SmolLM2-135M (recorded; no target yet).
 
-    python bench/convert.py [--model smollm2-135m] [--target cpu] [--max-seq 2048]
+    python bench/convert.py [--model smollm2-135m] [--targets cpu,jetson] [--max-seq 2048]
 
 Each target converts in a fresh subprocess that reports its own peak RSS (ru_maxrss).
 """
