@@ -3,6 +3,11 @@
 Library code raises `ToolkitError("what was wrong (value=...)", hint="what to do")`.
 Only the CLI catches it, prints it without a traceback and exits non-zero.
 Anything else escaping is a bug and keeps its traceback.
+
+Ctrl-C (KeyboardInterrupt) is not an error: the CLI prints one `interrupted` line and exits 130
+(128 + SIGINT). A command that keeps something worth naming (an upload that resumes) raises
+`Interrupted("what was kept")` from the KeyboardInterrupt instead; it is a KeyboardInterrupt, so
+every cleanup on the way up treats it as one.
 """
 
 from __future__ import annotations
@@ -19,3 +24,14 @@ class ToolkitError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command Ctrl-C stopped
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the interrupted work kept or how to go on (`kept`, may be empty)."""
+
+    def __init__(self, kept: str = "") -> None:
+        super().__init__(kept)
+        self.kept = kept

@@ -43,6 +43,9 @@ class Steps:
         t0 = time.perf_counter()
         try:
             yield
+        except KeyboardInterrupt:
+            self._end("interrupted")
+            raise
         except BaseException:
             self._end("failed")
             raise

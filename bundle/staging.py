@@ -7,7 +7,9 @@
 
 An existing bundle is replaced only with force=True, and then by two renames: the old one is
 moved aside, the new one moved in, the old one deleted. A crash between them leaves the old
-bundle in `.<name>.old-*`, never a half-written `out`.
+bundle in `.<name>.old-*`, never a half-written `out`. Ctrl-C waits for the swap-in and for the
+removal of a staging folder to finish (then raises): a second Ctrl-C in the cleanup of the first
+left half a staging folder, and one between the renames could leave the old bundle aside.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from bundle.atomic import check_parent, fsync_tree, write_atomic
-from bundle.errors import ToolkitError
+from bundle.errors import Interrupted, ToolkitError
 from bundle.manifest import MANIFEST, Manifest, hash_tree
 
 
@@ -56,11 +61,39 @@ def staged_bundle(out: Path, force: bool = False) -> Iterator[Path]:
         yield staging
         if not (staging / MANIFEST).exists():
             raise RuntimeError("staged bundle was not finalized")
-        _swap_in(staging, out, force)
+        try:
+            with sigint_deferred():
+                _swap_in(staging, out, force)
+        except KeyboardInterrupt:  # only the deferred one: the swap-in was done
+            raise Interrupted(f"the bundle {out} was complete and is in place") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        _remove_empty(made)  # a failed or interrupted convert leaves no trace
+        with sigint_deferred():
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_empty(made)  # a failed or interrupted convert leaves no trace
         raise
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Run the block to its end through Ctrl-C, then raise the KeyboardInterrupt. Only where
+    SIGINT raises KeyboardInterrupt (Python's default handler, in the main thread): a process
+    with its own SIGINT handler (the daemon drains on it) is left as it is."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _missing_parents(out: Path) -> list[Path]:

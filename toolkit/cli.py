@@ -5,6 +5,9 @@ in toolkit/options.py) and calls one library function; heavy imports (torch, onn
 tensorrt) happen inside the command, so `toolkit --help` is instant. A ToolkitError anywhere
 below is printed without a traceback and exits non-zero; so is the import of a package that one
 of the pip extras installs and this install lacks (toolkit/extras.py): one line naming the extra.
+Ctrl-C is one `interrupted` line (with what was kept, where a command says: bundle/errors.py's
+Interrupted) and exit status 130, as a shell reports a command SIGINT stopped; click's default
+was "Aborted!" and 1. (`toolkit serve` turns SIGINT into a drain and a clean exit of its own.)
 Anything else is a bug and keeps its traceback.
 """
 
@@ -17,7 +20,7 @@ from typing import Any
 import click
 
 from bundle import __version__
-from bundle.errors import ToolkitError
+from bundle.errors import INTERRUPTED_EXIT, ToolkitError
 from toolkit.extras import missing_extra, needs_extra
 
 # "module:attribute" of each subcommand, in the order `toolkit --help` lists them.
@@ -56,6 +59,12 @@ class ToolkitGroup(click.Group):
             if e.hint:
                 click.echo(f"  hint: {e.hint}", err=True)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt as e:
+            kept = getattr(e, "kept", "")  # bundle.errors.Interrupted
+            # on a terminal the line starts after the ^C it echoed (and any progress line)
+            start = "\n" if sys.stderr.isatty() else ""
+            click.secho(f"{start}interrupted{': ' + kept if kept else ''}", fg="red", err=True)
+            sys.exit(INTERRUPTED_EXIT)
 
 
 @click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]})

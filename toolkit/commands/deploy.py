@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from bundle.errors import Interrupted
 from toolkit.options import device_option, json_option
 from toolkit.output import ProgressLine
 
@@ -50,9 +51,13 @@ def deploy(bundle: Path, device_name: str, retries: int, as_json: bool) -> None:
     # the stored result of the install that made it active, so only this tells "no change"
     before = _active_sha(ping(device_name).hello.active) if as_json else None
     click.echo(f"verifying {bundle} …", err=True)
-    result = run(bundle, device_name, progress=None if as_json else ProgressLine(), retries=retries,
-                 on_retry=lambda msg: click.echo(f"\nconnection lost: {msg}", err=True),
-                 on_phase=None if as_json else _phase_printer())
+    where = _HowFar(None if as_json else ProgressLine(), None if as_json else _phase_printer())
+    try:
+        result = run(bundle, device_name, progress=where.progress, retries=retries,
+                     on_retry=lambda msg: click.echo(f"\nconnection lost: {msg}", err=True),
+                     on_phase=where.phase)
+    except KeyboardInterrupt as e:
+        raise Interrupted(where.kept(device_name)) from e
     if as_json:
         click.echo(json.dumps(deploy_record(result, before)))
     else:
@@ -60,6 +65,41 @@ def deploy(bundle: Path, device_name: str, retries: int, as_json: bool) -> None:
         _echo_install(result.install)
     if not result.install.ok:
         sys.exit(1)
+
+
+class _HowFar:
+    """How far a deploy got, passing the progress and the install phases on: what a Ctrl-C
+    leaves is what `kept` says (the device keeps the bytes it received; a re-run resumes)."""
+
+    def __init__(self, progress: Callable[[int, int], None] | None,
+                 on_phase: Callable[[InstallPhase], None] | None) -> None:
+        self._progress, self._on_phase = progress, on_phase
+        self.held: int | None = None  # bytes the device holds, once `begin` said
+        self.total = 0
+        self.installing = False  # the device accepted the commit
+
+    def progress(self, done: int, total: int) -> None:
+        self.held, self.total = done, total
+        if self._progress:
+            self._progress(done, total)
+
+    def phase(self, p: InstallPhase) -> None:
+        self.installing = True
+        if self._on_phase:
+            self._on_phase(p)
+
+    def kept(self, device: str) -> str:
+        if self.installing:
+            return (f"{device} goes on with the install; `toolkit status --device {device}` shows "
+                    "what it serves")
+        if self.held is None:
+            return f"no bundle file was sent to {device}"
+        if self.held >= self.total:
+            return (f"{device} holds the whole bundle; the same `toolkit deploy` again installs it "
+                    "without sending it again")
+        # chunks in flight may have landed after the last one acknowledged: "at least"
+        return (f"{device} keeps what it received (at least {self.held / 1e6:.1f} of "
+                f"{self.total / 1e6:.1f} MB); the same `toolkit deploy` again resumes from there")
 
 
 def _active_sha(active: dict[str, Any] | None) -> str | None:
