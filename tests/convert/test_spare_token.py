@@ -131,15 +131,19 @@ def test_int4_drafts_in_a_one_slot_engine_and_only_greedy_rows_pay_for_it(q_bund
 
 
 def test_int4_batches_with_a_lone_row_paired(q_bundle) -> None:  # noqa: F811
-    """ONNX Runtime 1.32's 4-bit MatMulNBits sums one row apart from two or more, so an int4
-    engine with several slots steps a lone row beside a padding row: its output is then the
-    same alone as batched, and batching stays on."""
+    """ONNX Runtime 1.32's 4-bit MatMulNBits sums one row apart from two or more (AVX2 hosts),
+    so an int4 engine with several slots steps a lone row beside a padding row: its output is
+    then the same alone as batched, and batching stays on. Which batch sizes agree is the CPU's
+    kernels' business: on an AVX512-VNNI/AMX host (2026-12-05) the tiny model's third row of a
+    3-row step differed from the same row in 4 (2.4e-4) while SmolLM2's agreed at every size.
+    Where no lone-row form makes every size agree, the engine must decode per row; either way
+    a row's output is the same alone as among others."""
     from device.serve.scheduler import GenerationRequest, Scheduler, TextDelta, probe_batch_invariance
 
     runner = load_bundle(q_bundle("llama", "cpu", "int4"), slots=4, threads=2)
-    assert probe_batch_invariance(runner.backend) in ("alone", "paired")
+    lone = probe_batch_invariance(runner.backend)
     engine = Scheduler(runner.backend, runner.tokenizer, speculate="off")
-    assert engine.decode_mode == "batched"
+    assert engine.decode_mode == ("per-row" if lone is None else "batched")
     engine.start()
     prompts = [list(range(3 + i, 20 + i)) for i in range(3)]
     try:
