@@ -34,6 +34,8 @@ DRAFT_TOKENS = 15
 # then ran a 2,045-token step whose float sums differ from single steps', and drafting went off.
 MAX_DRAFT_TOKENS = 64
 
+BAUD = 921600  # the serial port's speed (--serial) when --baud is not given
+
 
 # The most KV slots a daemon takes: past this, a step reads more rows than any board (or this
 # project's CPUs) decodes at once. --slots 100000 on a tiny bundle once ended in the kernel's OOM
@@ -98,7 +100,7 @@ class ServeConfig:
     store: Path | None = None  # a bundle store (device/store/store.py): serve its active bundle,
     # accept deploys
     serial: str | None = None  # also take deploys over this serial port (needs store)
-    baud: int = 921600
+    baud: int | None = None  # None: BAUD; only with serial (else it would set nothing)
     rebuild_on_mismatch: bool = False  # TensorRT: rebuild an engine built for another TRT/GPU
     swap: str = "auto"  # how a deploy replaces the served bundle: auto | hot | cold (device/store/swap.py)
     tls_cert: Path | None = None  # PEM certificate (chain): TCP speaks TLS
@@ -129,6 +131,12 @@ class ServeConfig:
             raise ToolkitError(f"--swap {self.swap!r} is not one of {', '.join(SWAP_MODES)}")
         if self.serial and self.store is None:
             raise ToolkitError("--serial carries deploys, so it needs --store DIR")
+        if self.baud is not None and not self.serial:
+            raise ToolkitError("--baud sets the speed of the --serial port; without --serial there is none",
+                               hint="drop --baud, or add --serial PORT")
+        if self.baud is not None and self.baud < 1:
+            raise ToolkitError(f"--baud must be a positive speed (got {self.baud})",
+                               hint=f"e.g. --baud {BAUD}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ToolkitError("--tls-cert and --tls-key go together")
         if self.tls_cert and not self.tcp:
@@ -183,6 +191,11 @@ class ServeConfig:
             raise ToolkitError(f"--socket-group {self.socket_group!r}: no such group",
                                hint="create it (groupadd) or name an existing group; "
                                     "`getent group` lists them") from None
+
+    @property
+    def serial_baud(self) -> int:
+        """The serial port's speed: --baud, else BAUD."""
+        return BAUD if self.baud is None else self.baud
 
     @property
     def socket_path(self) -> Path:

@@ -750,7 +750,7 @@ def serve(config: ServeConfig) -> int:
             from device.serve.serial_link import open_port
             from device.serve.serial_link import serve as serve_serial
 
-            port = open_port(config.serial, config.baud)
+            port = open_port(config.serial, config.serial_baud)
             threading.Thread(target=serve_serial, name="serial", daemon=True,
                              args=(port, daemon.deploy.handle_message, stop,
                                    [t.encode() for t in tokens or []])).start()

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from device.serve.config import DECODE_MODES, SPECULATE_MODES, SWAP_MODES, ServeConfig, parse_prefill_chunk
+from device.serve.config import (
+    BAUD,
+    DECODE_MODES,
+    SPECULATE_MODES,
+    SWAP_MODES,
+    ServeConfig,
+    parse_prefill_chunk,
+)
 from toolkit.options import threads_option
 
 _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclass
@@ -60,7 +67,8 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
 @click.option("--serial", default=None, metavar="PORT",
               help="Also accept deploys over this serial port, e.g. /dev/ttyGS0. Needs --store and "
                    "--token-file.")
-@click.option("--baud", type=int, default=_D.baud, show_default=True, help="The serial port's speed.")
+@click.option("--baud", type=int, default=_D.baud,
+              help=f"The --serial port's speed (only with --serial). Default: {BAUD}.")
 @click.option("--rebuild-on-mismatch", is_flag=True,
               help="TensorRT bundles: rebuild an engine that was built for another TensorRT "
                    "version or GPU, instead of refusing it.")
@@ -72,7 +80,7 @@ def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_
           tls_cert: Path | None, tls_key: Path | None, max_connections: int, slots: int | None,
           queue: int, threads: int | None, drain_timeout: float, decode_mode: str, speculate: str,
           draft_tokens: int, store: Path | None,
-          serial: str | None, baud: int, rebuild_on_mismatch: bool, swap: str,
+          serial: str | None, baud: int | None, rebuild_on_mismatch: bool, swap: str,
           socket_group: str | None, prefix_cache_mb: int, prefill_chunk: str) -> None:
     """Serve BUNDLE (or a store's active bundle) over a Unix socket: OpenAI and KServe v2
     routes, /metrics, /v1/status; with --store also /v1/deploy/* (`toolkit deploy`).

@@ -1,0 +1,47 @@
+"""The daemon's settings (device/serve/config.py): an option that another option's value makes
+meaningless is refused, not silently ignored; left at its default it never is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from bundle.errors import ToolkitError
+from device.serve.config import ServeConfig
+from toolkit.cli import main
+
+
+def serve(*args: str) -> Any:
+    return CliRunner().invoke(main, ["serve", *args])
+
+
+def test_baud_without_serial_is_refused(tmp_path: Path) -> None:
+    """--baud sets the serial port's speed; without --serial the daemon opened no port and the
+    flag did nothing."""
+    with pytest.raises(ToolkitError, match="--baud sets the speed of the --serial port") as e:
+        ServeConfig(bundle=tmp_path, baud=115200)
+    assert e.value.hint
+    result = serve(str(tmp_path), "--socket", str(tmp_path / "d.sock"), "--baud", "9600")
+    assert result.exit_code == 1 and "error: --baud sets the speed" in result.output
+    assert "hint: drop --baud" in result.output and not (tmp_path / "d.sock").exists()
+
+
+def test_baud_with_serial_is_taken_and_defaults_when_not_given(tmp_path: Path) -> None:
+    from device.serve.config import BAUD
+
+    store = tmp_path / "store"
+    given = ServeConfig(bundle=None, store=store, serial="/dev/ttyGS0", token_file=tmp_path / "t",
+                        baud=115200)
+    assert given.serial_baud == 115200
+    default = ServeConfig(bundle=None, store=store, serial="/dev/ttyGS0", token_file=tmp_path / "t")
+    assert default.serial_baud == BAUD
+    assert ServeConfig(bundle=tmp_path).serial_baud == BAUD  # the default never trips the check
+
+
+@pytest.mark.parametrize("baud", [0, -9600])
+def test_a_baud_that_is_no_speed_is_refused(tmp_path: Path, baud: int) -> None:
+    with pytest.raises(ToolkitError, match="--baud must be a positive speed"):
+        ServeConfig(bundle=None, store=tmp_path, serial="/dev/ttyGS0", token_file=tmp_path / "t", baud=baud)
