@@ -96,7 +96,8 @@ class ServeConfig:
     drain_timeout: float = 30.0  # seconds in-flight requests may take after SIGTERM
     decode_mode: str = "auto"  # see device/serve/scheduler.py
     speculate: str = SPECULATE_MODES[-1]  # prompt-lookup drafting for greedy requests, or "off"
-    draft_tokens: int = DRAFT_TOKENS  # the most draft tokens verified in one step
+    draft_tokens: int | None = None  # the most draft tokens verified in one step; None: DRAFT_TOKENS
+    # (only with speculate ngram: off drafts nothing)
     store: Path | None = None  # a bundle store (device/store/store.py): serve its active bundle,
     # accept deploys
     serial: str | None = None  # also take deploys over this serial port (needs store)
@@ -121,7 +122,10 @@ class ServeConfig:
             raise ToolkitError(f"--decode-mode {self.decode_mode!r} is not one of {', '.join(DECODE_MODES)}")
         if self.speculate not in SPECULATE_MODES:
             raise ToolkitError(f"--speculate {self.speculate!r} is not one of {', '.join(SPECULATE_MODES)}")
-        if not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+        if self.draft_tokens is not None and self.speculate == "off":
+            raise ToolkitError("--draft-tokens sets the length of drafts, and --speculate off drafts nothing",
+                               hint="drop --draft-tokens, or --speculate off")
+        if self.draft_tokens is not None and not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
             raise ToolkitError(f"--draft-tokens must be 1 to {MAX_DRAFT_TOKENS} (got {self.draft_tokens})",
                                hint="--speculate off turns drafting off")
         if (self.bundle is None) == (self.store is None):
@@ -191,6 +195,11 @@ class ServeConfig:
             raise ToolkitError(f"--socket-group {self.socket_group!r}: no such group",
                                hint="create it (groupadd) or name an existing group; "
                                     "`getent group` lists them") from None
+
+    @property
+    def draft_limit(self) -> int:
+        """The most draft tokens verified in one step: --draft-tokens, else DRAFT_TOKENS."""
+        return DRAFT_TOKENS if self.draft_tokens is None else self.draft_tokens
 
     @property
     def serial_baud(self) -> int:

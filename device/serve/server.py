@@ -231,7 +231,7 @@ class Daemon:
             return Scheduler(runner.backend, runner.tokenizer, cfg.queue, self.metrics, cfg.decode_mode,
                              prefix_cache_bytes=cfg.prefix_cache_mb << 20,
                              prefill_chunk=cfg.prefill_chunk,
-                             speculate=cfg.speculate, draft_tokens=cfg.draft_tokens)
+                             speculate=cfg.speculate, draft_tokens=cfg.draft_limit)
         if runner.manifest.kind == "encoder":
             return EmbeddingEngine(runner.backend, runner.manifest.pooling, cfg.queue, self.metrics)
         raise ToolkitError(f"{path} is a {runner.manifest.kind} bundle; the daemon serves "

@@ -10,6 +10,7 @@ import click
 from device.serve.config import (
     BAUD,
     DECODE_MODES,
+    DRAFT_TOKENS,
     SPECULATE_MODES,
     SWAP_MODES,
     ServeConfig,
@@ -59,8 +60,9 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
 @click.option("--speculate", type=click.Choice(SPECULATE_MODES), default=_D.speculate, show_default=True,
               help="ngram: greedy requests draft tokens from their prompt and output so far "
                    "(prompt lookup) and verify them in one step; the output is unchanged.")
-@click.option("--draft-tokens", type=int, default=_D.draft_tokens, show_default=True,
-              help="The most draft tokens verified in one step (--speculate ngram).")
+@click.option("--draft-tokens", type=int, default=_D.draft_tokens,
+              help=f"The most draft tokens verified in one step (only with --speculate ngram). "
+                   f"Default: {DRAFT_TOKENS}.")
 @click.option("--store", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Serve the active bundle of this store and accept `toolkit deploy` into it "
                    "(instead of BUNDLE).")
@@ -79,7 +81,7 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
 def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, max_connections: int, slots: int | None,
           queue: int, threads: int | None, drain_timeout: float, decode_mode: str, speculate: str,
-          draft_tokens: int, store: Path | None,
+          draft_tokens: int | None, store: Path | None,
           serial: str | None, baud: int | None, rebuild_on_mismatch: bool, swap: str,
           socket_group: str | None, prefix_cache_mb: int, prefill_chunk: str) -> None:
     """Serve BUNDLE (or a store's active bundle) over a Unix socket: OpenAI and KServe v2

@@ -45,3 +45,22 @@ def test_baud_with_serial_is_taken_and_defaults_when_not_given(tmp_path: Path) -
 def test_a_baud_that_is_no_speed_is_refused(tmp_path: Path, baud: int) -> None:
     with pytest.raises(ToolkitError, match="--baud must be a positive speed"):
         ServeConfig(bundle=None, store=tmp_path, serial="/dev/ttyGS0", token_file=tmp_path / "t", baud=baud)
+
+
+def test_draft_tokens_with_speculate_off_is_refused(tmp_path: Path) -> None:
+    """--speculate off drafts nothing: --draft-tokens K beside it set nothing, silently."""
+    with pytest.raises(ToolkitError, match="--speculate off drafts nothing") as e:
+        ServeConfig(bundle=tmp_path, speculate="off", draft_tokens=4)
+    assert e.value.hint
+    result = serve(str(tmp_path), "--socket", str(tmp_path / "d.sock"), "--speculate", "off",
+                   "--draft-tokens", "4")
+    assert result.exit_code == 1 and "error: --draft-tokens sets the length of drafts" in result.output
+    assert "hint: drop --draft-tokens" in result.output and not (tmp_path / "d.sock").exists()
+
+
+def test_draft_tokens_default_applies_only_when_not_given(tmp_path: Path) -> None:
+    from device.serve.config import DRAFT_TOKENS
+
+    assert ServeConfig(bundle=tmp_path, speculate="off").draft_limit == DRAFT_TOKENS  # default: no error
+    assert ServeConfig(bundle=tmp_path).draft_limit == DRAFT_TOKENS
+    assert ServeConfig(bundle=tmp_path, speculate="ngram", draft_tokens=4).draft_limit == 4
