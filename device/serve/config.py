@@ -12,7 +12,7 @@ from pathlib import Path
 from bundle.errors import ToolkitError
 from device.runtime.procmem import check_fits
 from device.runtime.threads import check_threads, env_threads
-from device.serve.httpd import MAX_CONNECTIONS, default_socket_path
+from device.serve.httpd import MAX_CONNECTIONS, default_socket_path, parse_tcp
 
 SWAP_MODES = ("auto", "hot", "cold")  # see device/store/swap.py
 
@@ -87,7 +87,7 @@ class ServeConfig:
     """Every daemon setting, with its default defined once (the CLI reads them from here)."""
 
     bundle: Path | None  # None: serve the active bundle of `store`
-    socket: Path | None = None  # None: default_socket_path()
+    socket: Path | str | None = None  # None: default_socket_path(); "" is refused
     tcp: str | None = None  # "HOST:PORT"; TCP is off unless given
     token_file: Path | None = None  # required with tcp and with serial
     slots: int | None = None  # None: the bundle's batch
@@ -112,6 +112,15 @@ class ServeConfig:
     prefill_chunk: int | None = None  # tokens per interleaved prefill chunk; None: auto, 0: off
 
     def __post_init__(self) -> None:
+        # an empty value was taken as not given: --tcp "" and --serial "" opened no listener,
+        # silently; --socket "" bound "." ("exists and is not a socket")
+        if self.socket is not None and not str(self.socket):
+            raise ToolkitError("--socket is empty", hint="give the socket's path, or leave --socket out "
+                               "for the default ($XDG_RUNTIME_DIR/toolkit.sock)")
+        if self.tcp is not None:
+            parse_tcp(self.tcp)  # "" included: "is not HOST:PORT"
+        if self.serial is not None and not self.serial.strip():
+            raise ToolkitError("--serial is empty", hint="give the serial port, e.g. --serial /dev/ttyGS0")
         if self.slots is not None and not 1 <= self.slots <= MAX_SLOTS:
             raise ToolkitError(f"--slots must be 1 to {MAX_SLOTS} (got {self.slots})")
         if self.queue < 0:
@@ -208,4 +217,4 @@ class ServeConfig:
 
     @property
     def socket_path(self) -> Path:
-        return Path(self.socket) if self.socket else default_socket_path()
+        return Path(self.socket) if self.socket is not None else default_socket_path()

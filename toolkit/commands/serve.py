@@ -23,7 +23,7 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
 
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False), required=False)
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
+@click.option("--socket", "socket_path", type=click.Path(), default=None,  # a str: "" is refused
               help="Unix socket path. Default: $XDG_RUNTIME_DIR/toolkit.sock, else "
                    "/tmp/toolkit-$UID.sock.")
 @click.option("--socket-group", default=None, metavar="GROUP",
@@ -78,7 +78,7 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
               help="How a deploy replaces the served bundle: hot loads the new one beside it (no "
                    "gap, both in memory for a moment), cold unloads it first (half the memory, "
                    "503 while loading); auto picks hot when the device's memory allows.")
-def serve(bundle: Path | None, socket_path: Path | None, tcp: str | None, token_file: Path | None,
+def serve(bundle: Path | None, socket_path: str | None, tcp: str | None, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, max_connections: int, slots: int | None,
           queue: int, threads: int | None, drain_timeout: float, decode_mode: str, speculate: str,
           draft_tokens: int | None, store: Path | None,

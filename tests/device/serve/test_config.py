@@ -64,3 +64,27 @@ def test_draft_tokens_default_applies_only_when_not_given(tmp_path: Path) -> Non
     assert ServeConfig(bundle=tmp_path, speculate="off").draft_limit == DRAFT_TOKENS  # default: no error
     assert ServeConfig(bundle=tmp_path).draft_limit == DRAFT_TOKENS
     assert ServeConfig(bundle=tmp_path, speculate="ngram", draft_tokens=4).draft_limit == 4
+
+
+@pytest.mark.parametrize("option,error,hint", [
+    ("--tcp", "error: --tcp '' is not HOST:PORT", "hint: e.g. --tcp"),  # was: no TCP listener, silently
+    ("--serial", "error: --serial is empty", "hint: give the serial port"),  # was: no serial link, silently
+    ("--socket", "error: --socket is empty", "hint: give the socket's path"),  # was: ". is not a socket"
+])
+def test_an_empty_listener_option_is_refused(tmp_path: Path, option: str, error: str, hint: str) -> None:
+    store = tmp_path / "store"
+    args = ["--store", str(store), "--token-file", str(tmp_path / "token")]
+    if option != "--socket":
+        args += ["--socket", str(tmp_path / "d.sock")]
+    result = serve(*args, option, "")
+    assert result.exit_code == 1 and error in result.output and hint in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "d.sock").exists() and not store.exists()
+
+
+def test_the_socket_default_is_taken_only_when_not_given(tmp_path: Path) -> None:
+    from device.serve.httpd import default_socket_path
+
+    assert ServeConfig(bundle=tmp_path).socket_path == default_socket_path()
+    assert ServeConfig(bundle=tmp_path, socket=str(tmp_path / "d.sock")).socket_path == tmp_path / "d.sock"
+    with pytest.raises(ToolkitError, match="--socket is empty"):
+        ServeConfig(bundle=tmp_path, socket="")
