@@ -49,6 +49,7 @@ def convert(model: str, target: str, max_seq: int | None, batch: int, output: Pa
     from convert.summary import convert_summary
 
     if precision == "fp32":
+        _check_fp32_flags(calibration, limits)
         result = convert_model(model, target, output, max_seq, batch, force, threads, Steps(total=5))
         click.echo(convert_summary(result))
         return
@@ -56,3 +57,16 @@ def convert(model: str, target: str, max_seq: int | None, batch: int, output: Pa
 
     click.echo(convert_and_quantize(model, target, precision, output, max_seq, batch, force,
                                     threads, calibration, limits))
+
+
+def _check_fp32_flags(calibration: Path | None, limits: dict[str, float | None]) -> None:
+    """--calibration and the gate's limits apply to the quantize step; an fp32 convert has none
+    (it is checked for parity with PyTorch instead), so they would be ignored."""
+    from bundle.errors import ToolkitError
+
+    given = (["--calibration"] if calibration is not None else []) + \
+        [f"--{k.replace('_', '-')}" for k, v in limits.items() if v is not None]
+    if given:
+        raise ToolkitError(f"{', '.join(given)} apply to quantizing, and --precision fp32 (the default) "
+                           "quantizes nothing", hint=f"drop {', '.join(given)}, or pass --precision "
+                           "int8, int4, fp16 or fp8")
