@@ -46,7 +46,7 @@ class UnitOptions:
     socket: str | None = None  # default /run/NAME/toolkit.sock (inside RuntimeDirectory=)
     socket_group: str | None = None  # the socket is 0660 for this group
     tcp: str | None = None  # HOST:PORT; then the token is a credential
-    token_file: str | None = None  # default /etc/NAME/token (root-owned, 0600)
+    token_file: str | None = None  # default /etc/NAME/token (root-owned, 0600); with tcp or serial
     tls_cert: str | None = None  # PEM files on the board, loaded as credentials
     tls_key: str | None = None
     serial: str | None = None  # also take deploys over this serial port
@@ -68,11 +68,13 @@ def exec_start(o: UnitOptions) -> list[str]:
     if o.socket_group:
         cmd += ["--socket-group", o.socket_group]
     if o.tcp:
-        cmd += ["--tcp", o.tcp, "--token-file", "%d/token"]
+        cmd += ["--tcp", o.tcp]
         if o.tls_cert:
             cmd += ["--tls-cert", "%d/tls-cert", "--tls-key", "%d/tls-key"]
     if o.serial:
         cmd += ["--serial", o.serial]
+    if o.tcp or o.serial:  # both authenticate with the token (the daemon refuses either without it)
+        cmd += ["--token-file", "%d/token"]
     cmd += ["--drain-timeout", f"{o.drain_timeout:g}"]
     return cmd
 
@@ -86,8 +88,9 @@ def render_unit(o: UnitOptions) -> str:
     if o.serial:
         groups.append("dialout")
     credentials = []
-    if o.tcp:
+    if o.tcp or o.serial:
         credentials.append(f"LoadCredential=token:{p['token']}")
+    if o.tcp:
         if o.tls_cert and o.tls_key:
             credentials += [f"LoadCredential=tls-cert:{o.tls_cert}", f"LoadCredential=tls-key:{o.tls_key}"]
     state_root = f"/var/lib/{o.name}"
@@ -108,7 +111,7 @@ def render_unit(o: UnitOptions) -> str:
         "START_TIMEOUT": o.start_timeout,
         # the drain, then RESPONSE_FLUSH_S (5 s) for the last chunks and the engine's close
         "STOP_TIMEOUT": f"{o.drain_timeout + 15:g}",
-        "CREDENTIALS": "\n".join(credentials) or "# (no TCP listener: no token credential)",
+        "CREDENTIALS": "\n".join(credentials) or "# (no TCP listener or serial link: no token credential)",
         "READ_WRITE": read_write or f"# the store is in StateDirectory= ({state_root})",
         "DEVICES": "\n".join(devices),
     }
@@ -148,6 +151,10 @@ def _check(o: UnitOptions) -> None:
         raise ToolkitError("--tls-cert and --tls-key go together")
     if o.tls_cert and not o.tcp:
         raise ToolkitError("--tls-cert secures the TCP listener, so it needs --tcp HOST:PORT")
+    if o.token_file is not None and not (o.tcp or o.serial):  # it would be left out of the unit
+        raise ToolkitError("--token-file guards the --tcp and --serial listeners; the Unix socket "
+                           "takes no token (its file mode guards it: --socket-group)",
+                           hint="drop --token-file, or add --tcp HOST:PORT")
     if o.watchdog_s < 2:
         raise ToolkitError(f"--watchdog {o.watchdog_s}: at least 2 seconds",
                            hint="the daemon looks every 0.5 s and pings every WatchdogSec/2")

@@ -35,10 +35,12 @@ def service() -> None:
               help="Make the socket 0660 for this group (the daemon's user joins it).")
 @click.option("--tcp", default=None, metavar="HOST:PORT", help="Also listen on TCP (token required).")
 @click.option("--token-file", default=None,
-              help="The token file on the board, handed over as a credential. Default: /etc/NAME/token.")
+              help="The token file on the board, handed over as a credential (with --tcp or "
+                   "--serial). Default: /etc/NAME/token.")
 @click.option("--tls-cert", default=None, help="PEM certificate on the board (a credential).")
 @click.option("--tls-key", default=None, help="Its PEM key on the board (a credential).")
-@click.option("--serial", default=None, metavar="PORT", help="Also take deploys over this serial port.")
+@click.option("--serial", default=None, metavar="PORT",
+              help="Also take deploys over this serial port (the token authenticates them).")
 @click.option("--drain-timeout", type=float, default=_D.drain_timeout, show_default=True,
               help="Seconds in-flight requests may take after SIGTERM (TimeoutStopSec= adds 15).")
 @click.option("--watchdog", type=int, default=_D.watchdog_s, show_default=True,

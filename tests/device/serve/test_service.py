@@ -109,6 +109,25 @@ def test_service_unit_command_prints_the_unit_and_refuses_bad_paths() -> None:
         render_unit(UnitOptions(tcp="0.0.0.0:1", tls_cert="/etc/c.pem"))
 
 
+def test_a_serial_only_unit_hands_the_daemon_its_token() -> None:
+    """--serial without --tcp: the token was neither a credential nor on ExecStart=, so the daemon
+    the unit starts refused to (--serial needs --token-file) and --token-file was ignored."""
+    from device.serve.config import ServeConfig
+    from toolkit.cli import main
+
+    opts = UnitOptions(serial="/dev/ttyGS0", token_file="/etc/toolkit/serial-token")
+    s = unit_settings(render_unit(opts))
+    assert s["LoadCredential"] == ["token:/etc/toolkit/serial-token"]
+    argv = exec_start(opts)
+    assert argv[argv.index("--token-file") + 1] == "%d/token"
+    ServeConfig(bundle=None, store=Path(argv[argv.index("--store") + 1]), serial="/dev/ttyGS0",
+                token_file=Path("/run/credentials/toolkit.service/token"))  # what the daemon accepts
+    assert "LoadCredential" not in unit_settings(render_unit(UnitOptions()))  # no listener: no token
+    done = CliRunner().invoke(main, ["service", "unit", "--token-file", "/etc/toolkit/token"])
+    assert done.exit_code == 1 and "error: --token-file guards the --tcp and --serial" in done.output
+    assert "hint: drop --token-file" in done.output
+
+
 def test_a_socket_outside_the_runtime_directory_is_writable_and_hidden_paths_are_refused() -> None:
     # ProtectSystem=strict: a socket folder other than /run/NAME is read-only unless named
     s = unit_settings(render_unit(UnitOptions(socket="/srv/api/toolkit.sock", store="/srv/store")))
