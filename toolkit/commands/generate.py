@@ -23,9 +23,11 @@ if TYPE_CHECKING:
 @click.option("--temperature", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
               help="0 = greedy (reproducible); higher = more varied.")
 @click.option("--top-p", type=FiniteFloat(0.0, 1.0, min_open=True), default=None,
-              help="Nucleus sampling mass (0, 1].")
-@click.option("--top-k", type=int, default=None, help="Sample among the k likeliest tokens.")
-@click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
+              help="Nucleus sampling mass (0, 1]; with --temperature above 0.")
+@click.option("--top-k", type=int, default=None,
+              help="Sample among the k likeliest tokens; with --temperature above 0.")
+@click.option("--seed", type=int, default=None,
+              help="Makes sampling reproducible; with --temperature above 0.")
 def generate(prompt: str, endpoint: Endpoint, chat: bool, max_tokens: int, temperature: float,
              top_p: float | None, top_k: int | None, seed: int | None) -> None:
     """Generate text for PROMPT on a running daemon, printing it as it streams.
@@ -36,6 +38,11 @@ def generate(prompt: str, endpoint: Endpoint, chat: bool, max_tokens: int, tempe
       toolkit generate --no-chat --max-tokens 40 "Once upon a time"
       toolkit generate --device jetson --temperature 0.7 --seed 1 "Write a haiku"
     """
+    sampling = [f"--{n}" for n, v in (("top-p", top_p), ("top-k", top_k), ("seed", seed)) if v is not None]
+    if sampling and temperature == 0:  # greedy takes the likeliest token: they would change nothing
+        raise ToolkitError(f"{', '.join(sampling)} shape sampling, and --temperature 0 (the default) "
+                           "is greedy", hint=f"add --temperature 0.7 (for example), or drop "
+                           f"{', '.join(sampling)}")
     from host.daemon import generate as run
     from host.daemon import usage_line
 
