@@ -13,6 +13,7 @@ from bundle.errors import ToolkitError
 from device.runtime.procmem import check_fits
 from device.runtime.threads import check_threads, env_threads
 from device.serve.httpd import MAX_CONNECTIONS, default_socket_path, parse_tcp
+from device.serve.serial_link import DEFAULT_BAUD
 
 SWAP_MODES = ("auto", "hot", "cold")  # see device/store/swap.py
 
@@ -33,8 +34,6 @@ DRAFT_TOKENS = 15
 # The most a user may ask for: 5,000 was taken, the start-up probe (draft.verify_step_deviation)
 # then ran a 2,045-token step whose float sums differ from single steps', and drafting went off.
 MAX_DRAFT_TOKENS = 64
-
-BAUD = 921600  # the serial port's speed (--serial) when --baud is not given
 
 
 # The most KV slots a daemon takes: past this, a step reads more rows than any board (or this
@@ -101,7 +100,7 @@ class ServeConfig:
     store: Path | None = None  # a bundle store (device/store/store.py): serve its active bundle,
     # accept deploys
     serial: str | None = None  # also take deploys over this serial port (needs store)
-    baud: int | None = None  # None: BAUD; only with serial (else it would set nothing)
+    baud: int | None = None  # None: DEFAULT_BAUD; only with serial (else it would set nothing)
     rebuild_on_mismatch: bool = False  # TensorRT: rebuild an engine built for another TRT/GPU
     swap: str = "auto"  # how a deploy replaces the served bundle: auto | hot | cold (device/store/swap.py)
     tls_cert: Path | None = None  # PEM certificate (chain): TCP speaks TLS
@@ -149,7 +148,7 @@ class ServeConfig:
                                hint="drop --baud, or add --serial PORT")
         if self.baud is not None and self.baud < 1:
             raise ToolkitError(f"--baud must be a positive speed (got {self.baud})",
-                               hint=f"e.g. --baud {BAUD}")
+                               hint=f"e.g. --baud {DEFAULT_BAUD}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ToolkitError("--tls-cert and --tls-key go together")
         if self.tls_cert and not self.tcp:
@@ -212,8 +211,8 @@ class ServeConfig:
 
     @property
     def serial_baud(self) -> int:
-        """The serial port's speed: --baud, else BAUD."""
-        return BAUD if self.baud is None else self.baud
+        """The serial port's speed: --baud, else DEFAULT_BAUD."""
+        return DEFAULT_BAUD if self.baud is None else self.baud
 
     @property
     def socket_path(self) -> Path:

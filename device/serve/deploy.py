@@ -78,7 +78,7 @@ from urllib.parse import parse_qs, urlsplit
 from bundle.errors import ToolkitError
 from bundle.manifest import Manifest, read_manifest
 from bundle.records import encode
-from device.serve.serial_link import open_port
+from device.serve.serial_link import DEFAULT_BAUD, open_port
 from device.store.jobs import InstallJob
 from device.store.store import (
     Activate,
@@ -512,7 +512,7 @@ class DeployApp:
 
 
 def serve_store(store: Path, socket_path: Path | None = None, tcp: str | None = None,
-                token_file: Path | None = None, serial: str | None = None, baud: int = 921600,
+                token_file: Path | None = None, serial: str | None = None, baud: int = DEFAULT_BAUD,
                 memory_total: int | None = None, activate: Activate | None = None,
                 stop: threading.Event | None = None, ready: Callable[[], None] | None = None,
                 limits: StoreLimits | None = None, http_chunk: int = HTTP_CHUNK,
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-cert", type=Path)
     ap.add_argument("--tls-key", type=Path)
     ap.add_argument("--serial")
-    ap.add_argument("--baud", type=int, default=921600)
+    ap.add_argument("--baud", type=int, default=DEFAULT_BAUD)
     ap.add_argument("--memory-bytes", type=int, help="pretend the device has this much memory")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

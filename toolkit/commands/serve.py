@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from device.serve.config import (
-    BAUD,
     DECODE_MODES,
     DRAFT_TOKENS,
     SPECULATE_MODES,
@@ -16,6 +15,7 @@ from device.serve.config import (
     ServeConfig,
     parse_prefill_chunk,
 )
+from device.serve.serial_link import DEFAULT_BAUD
 from toolkit.options import threads_option
 
 _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclass
@@ -70,7 +70,7 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
               help="Also accept deploys over this serial port, e.g. /dev/ttyGS0. Needs --store and "
                    "--token-file.")
 @click.option("--baud", type=int, default=_D.baud,
-              help=f"The --serial port's speed (only with --serial). Default: {BAUD}.")
+              help=f"The --serial port's speed (only with --serial). Default: {DEFAULT_BAUD}.")
 @click.option("--rebuild-on-mismatch", is_flag=True,
               help="TensorRT bundles: rebuild an engine that was built for another TensorRT "
                    "version or GPU, instead of refusing it.")

@@ -30,7 +30,7 @@ def test_baud_without_serial_is_refused(tmp_path: Path) -> None:
 
 
 def test_baud_with_serial_is_taken_and_defaults_when_not_given(tmp_path: Path) -> None:
-    from device.serve.config import BAUD
+    from device.serve.serial_link import DEFAULT_BAUD as BAUD
 
     store = tmp_path / "store"
     given = ServeConfig(bundle=None, store=store, serial="/dev/ttyGS0", token_file=tmp_path / "t",
