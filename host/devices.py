@@ -159,12 +159,17 @@ def _write_config(path: Path, data: bytes, what: str) -> None:
                  "(or set $TOOLKIT_CONFIG_DIR to another folder)", what=what, mode=0o600, folder_mode=0o700)
 
 
-def add_device(name: str, uri: str, replace: bool = False, new_token: bool = False) -> Added:
-    """Register NAME at URI; with new_token, generate its bearer token (and say it once)."""
+def add_device(name: str, uri: str, replace: bool = False, new_token: bool = False,
+               pin_cert: Path | str | None = None) -> Added:
+    """Register NAME at URI; with new_token, generate its bearer token (and say it once); with
+    pin_cert, pin the board's certificate read from that PEM file (an https:// URI without ?pin=
+    or ?ca=)."""
     if not DEVICE_NAME_RE.fullmatch(name):
         raise ToolkitError(f"device name {name!r} is not allowed",
                            hint="use letters, digits, '.', '_' and '-' (64 at most)")
     stored, token_file = parse_uri(uri)
+    if pin_cert is not None:
+        stored = _pinned(stored, Path(pin_cert))
     if new_token and token_file:
         raise ToolkitError("give ?token-file=FILE or --new-token, not both")
     if new_token and stored.startswith("unix:"):
@@ -186,6 +191,20 @@ def add_device(name: str, uri: str, replace: bool = False, new_token: bool = Fal
     devices[name] = Device(name, stored, token_file)
     save_devices(devices)
     return Added(devices[name], token)
+
+
+def _pinned(stored: str, cert: Path) -> str:
+    """The stored https:// URI with the pin of the PEM certificate `cert`."""
+    from device.serve.httpd import cert_fingerprint
+
+    if urlsplit(stored).scheme not in TLS_SCHEMES:
+        raise ToolkitError(f"--pin-cert pins a TLS certificate, so the address must be https://, "
+                           f"not {stored}",
+                           hint="e.g. toolkit devices add NAME https://HOST:8443 --pin-cert cert.pem")
+    if urlsplit(stored).query:
+        raise ToolkitError(f"{stored} already says how to trust the board: give ?pin=/?ca= or --pin-cert, "
+                           "not both")
+    return f"{stored}?pin={cert_fingerprint(cert)}"
 
 
 def remove_device(name: str) -> Device:

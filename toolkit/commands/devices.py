@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -25,6 +26,7 @@ def devices() -> None:
     \b
     Examples:
       toolkit devices add jetson https://192.168.1.20:8443?pin=sha256:... --new-token
+      toolkit devices add jetson https://192.168.1.20:8443 --pin-cert jetson-cert.pem
       toolkit devices ping jetson
       toolkit devices uploads jetson --older-than 1d
       toolkit deploy bundles/smollm2-135m-jetson --device jetson
@@ -38,12 +40,16 @@ def devices() -> None:
 @click.option("--new-token", is_flag=True,
               help="Generate its bearer token (32 random bytes), keep it beside the registry and "
                    "print the line to put in the board's --token-file.")
-def add(name: str, uri: str, replace: bool, new_token: bool) -> None:
+@click.option("--pin-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              metavar="PEM",
+              help="Pin this certificate (the board's --tls-cert, a copy here): adds ?pin=sha256:... "
+                   "to an https:// URI.")
+def add(name: str, uri: str, replace: bool, new_token: bool, pin_cert: Path | None) -> None:
     """Register device NAME at URI (the registry is ~/.config/toolkit/devices.json)."""
     from host.deploy_show import added_lines
     from host.devices import add_device
 
-    click.echo("\n".join(added_lines(add_device(name, uri, replace, new_token))))
+    click.echo("\n".join(added_lines(add_device(name, uri, replace, new_token, pin_cert))))
 
 
 @devices.command("list")

@@ -430,3 +430,29 @@ def test_a_socket_path_that_cannot_be_bound_is_a_user_error(tmp_path: Path, wher
     with pytest.raises(ToolkitError, match="cannot listen on") as e:
         UnixServer(tmp_path / where, RecordingApp())
     assert "--socket" in (e.value.hint or "")
+
+
+def test_devices_add_pins_the_certificate_of_a_pem_file(certs: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`toolkit devices add NAME https://HOST:PORT --pin-cert PEM`: the controller computes the
+    pin from its copy of the board's certificate (the fleet role registers TLS boards so)."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main as cli
+
+    monkeypatch.setenv("TOOLKIT_CONFIG_DIR", str(tmp_path / "config"))
+    token = tmp_path / "token"
+    token.write_text("x" * 32 + "\n")
+    out = CliRunner().invoke(cli, ["devices", "add", "board", f"https://127.0.0.1:8443?token-file={token}",
+                                   "--pin-cert", str(certs["board"])])
+    assert out.exit_code == 0, out.output
+    entry = json.loads((tmp_path / "config" / "devices.json").read_text())["board"]
+    assert entry == {"uri": f"https://127.0.0.1:8443?pin={cert_fingerprint(certs['board'])}",
+                     "token_file": str(token)}
+    for uri, says in [("tcp://127.0.0.1:8443", "must be https://"),
+                      (f"https://127.0.0.1:8443?pin={cert_fingerprint(certs['impostor'])}", "not both")]:
+        out = CliRunner().invoke(cli, ["devices", "add", "other", uri, "--pin-cert", str(certs["board"])])
+        assert out.exit_code != 0 and says in out.output, out.output
+    out = CliRunner().invoke(cli, ["devices", "add", "other", "https://h:1",
+                                   "--pin-cert", str(certs["board.key"])])
+    assert out.exit_code != 0 and "cannot read the certificate" in out.output, out.output
