@@ -15,6 +15,7 @@ board's readiness) run for real. Deploy, status, bench, report compare and rollb
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -58,6 +59,7 @@ class Board:
     tcp_port: int | None
     token: str
     harness: bool = False  # run through deploy_harness.py (a smoke test the test can hold)
+    tls: tuple[Path, Path] | None = None  # the daemon's --tls-cert and --tls-key
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -75,6 +77,8 @@ class Board:
             token_file.write_text(self.token + "\n")
             token_file.chmod(0o600)
             args += ["--tcp", f"127.0.0.1:{self.tcp_port}", "--token-file", str(token_file)]
+        if self.tls:
+            args += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         cmd = ([sys.executable, str(DEPLOY_HARNESS), str(self.root), *args] if self.harness
                else [sys.executable, "-m", "toolkit", *args])
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
@@ -95,7 +99,9 @@ class Board:
 
 
 class Fleet:
-    def __init__(self, root: Path, wheel: Path) -> None:
+    def __init__(self, root: Path, wheel: Path,
+                 board_vars: dict[str, dict[str, str | None]] | None = None) -> None:
+        """board_vars: per board, inventory variables to set (or with None, to leave out)."""
         self.root = root
         self.boards = [Board("board-1", root / "b1", None, ""),
                        Board("board-2", root / "b2", free_port(), secrets.token_urlsafe(32)),
@@ -115,6 +121,8 @@ class Fleet:
                       "toolkit_venv": str(b.root / "venv"), "toolkit_etc_dir": str(b.root / "etc"),
                       "toolkit_cache_dir": str(b.root / "cache"), "toolkit_unit_dir": str(b.root / "units"),
                       "toolkit_user": "toolkit-ci"}
+            fields.update((board_vars or {}).get(b.name, {}))
+            fields = {k: v for k, v in fields.items() if v is not None}
             lines.append(b.name + " " + " ".join(f"{k}={v!r}" if v else f"{k}=''" for k, v in fields.items()))
         lines += ["", "[toolkit_boards:vars]", f"toolkit_fleet_dir={self.fleet_dir}",
                   f"toolkit_cli={self.cli}", f"toolkit_python={sys.executable}", f"toolkit_wheel={wheel}",
@@ -131,7 +139,9 @@ class Fleet:
                "ANSIBLE_HOME": str(self.root / "ansible-home"), "ANSIBLE_HOST_KEY_CHECKING": "0"}
         env.pop("ANSIBLE_COLLECTIONS_PATH", None)
         env.pop("ANSIBLE_CONFIG", None)
-        cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(self.inventory), f"edge.toolkit.{name}", *args]
+        # a playbook of the collection by name, or a playbook file
+        playbook = name if "/" in name else f"edge.toolkit.{name}"
+        cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(self.inventory), playbook, *args]
         cwd = str(REPO / "fleet")
         if background:
             return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -188,11 +198,11 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def fleet_in(wheel: Path) -> Iterator[Fleet]:
+def fleet_in(wheel: Path, board_vars: dict[str, dict[str, str | None]] | None = None) -> Iterator[Fleet]:
     """A Fleet in a fresh short folder (socket paths must stay short); afterwards its boards are
     killed and the folder removed."""
     root = short_socket_dir()
-    f = Fleet(root, wheel)
+    f = Fleet(root, wheel, board_vars)
     try:
         yield f
     finally:
@@ -343,6 +353,106 @@ def test_fleet_install_deploy_kill_rerun_bench_rollback(fleet: Fleet, llama_bund
     assert {fleet.active(board) for board in fleet.boards} == {manifest_sha(a)}
 
 
+def self_signed(out: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as the README makes one."""
+    cert, key = out / "cert.pem", out / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=board-2", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the certificates")
+@pytest.mark.parametrize("mode", ["files", "self-signed"])
+def test_fleet_install_with_tls_registers_the_pinned_https_address(mode: str, wheel: Path,
+                                                                   tmp_path: Path) -> None:
+    """toolkit_tls_cert/toolkit_tls_key (the operator's files), or toolkit_tls=self-signed (the
+    controller makes them): the board gets both root-only beside its token, its unit runs the
+    daemon with --tls-cert/--tls-key as credentials, and the controller's registry names it
+    https://HOST:PORT?pin=sha256:... (the pin of that certificate), over which the install's
+    readiness wait and the status reach it; plain TCP does not. A second run changes nothing.
+    The role once ignored TLS altogether: tcp:// in the registry, tokens in clear text."""
+    from device.serve.httpd import cert_fingerprint
+    from host.client import DaemonClient, DaemonError, Endpoint
+
+    tls = ({"toolkit_tls": "self-signed"} if mode == "self-signed"
+           else dict(zip(("toolkit_tls_cert", "toolkit_tls_key"), map(str, self_signed(tmp_path)))))
+    board_vars: dict[str, dict[str, str | None]] = {"board-2": {
+        "toolkit_address": None,  # derived: https://ansible_host:PORT, pinned
+        "ansible_host": "127.0.0.1", "toolkit_tcp_port": "{{ toolkit_tcp.split(':')[-1] }}", **tls}}
+    with fleet_in(wheel, board_vars) as fleet:
+        b2 = fleet.boards[1]
+        etc = b2.root / "etc"
+        controller = fleet.fleet_dir / "boards" / "board-2"
+        cert = controller / "tls-cert.pem" if mode == "self-signed" else Path(tls["toolkit_tls_cert"])
+        key = controller / "tls-key.pem" if mode == "self-signed" else Path(tls["toolkit_tls_key"])
+        # the role's TLS step for real (the rest of the install changes this machine: check mode
+        # below); its files root-owned, so only as root: elsewhere in check mode
+        board_tls = fleet.root / "board-tls.yml"
+        board_tls.write_text("- hosts: board-2\n  gather_facts: false\n  tasks:\n"
+                             "    - {import_role: {name: edge.toolkit.toolkit, tasks_from: controller}}\n"
+                             "    - {import_role: {name: edge.toolkit.toolkit, tasks_from: tls}}\n"
+                             "  handlers:\n"
+                             "    - {name: Restart toolkit, ansible.builtin.debug: {msg: restart}}\n")
+        as_root = os.geteuid() == 0
+        if as_root:
+            etc.mkdir()
+        for run in (1, 2):
+            done = fleet.playbook(str(board_tls), "--diff", *([] if as_root else ["--check"]))
+            assert done.returncode == 0, _out(done)
+            assert key.read_text() not in done.stdout  # never shown, not even by --diff
+            if as_root:
+                # the cert, the key (and a made certificate, once); a second run changes nothing
+                assert recap(done.stdout)["board-2"]["changed"] == ((2 + (mode == "self-signed")) if run == 1
+                                                                    else 0), _out(done)
+        if as_root:
+            for name, mode_bits in (("tls-cert.pem", 0o644), ("tls-key.pem", 0o600)):
+                st = (etc / name).stat()
+                assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, mode_bits), name
+            assert (etc / "tls-key.pem").read_bytes() == key.read_bytes()
+            b2.tls = (etc / "tls-cert.pem", etc / "tls-key.pem")
+        else:
+            b2.tls = (cert, key)
+        if mode == "self-signed":
+            assert key.stat().st_mode & 0o077 == 0  # the controller's copy of the key: ours only
+
+        for board in fleet.boards:
+            board.start()
+        for board in fleet.boards:
+            fleet.wait_ready(board)
+        installs = []
+        for _ in range(2):
+            done = fleet.playbook("install", "--check", "--diff")
+            assert done.returncode == 0, _out(done)  # the readiness wait reached board-2 over TLS
+            registry = (controller / "devices.json").read_bytes()
+            installs.append((recap(done.stdout), registry, cert.read_bytes()))
+            exec_start = (f"+ExecStart={b2.root}/venv/bin/toolkit serve --store /var/lib/toolkit/store "
+                          f"--socket /run/toolkit/toolkit.sock --tcp 127.0.0.1:{b2.tcp_port} "
+                          "--tls-cert %d/tls-cert --tls-key %d/tls-key --token-file %d/token "
+                          "--drain-timeout 30\n")
+            assert exec_start in done.stdout, done.stdout
+            assert f"+LoadCredential=tls-cert:{etc}/tls-cert.pem\n" in done.stdout
+            assert f"+LoadCredential=tls-key:{etc}/tls-key.pem\n" in done.stdout
+            assert done.stdout.count("--tls-cert %d/tls-cert") == 1  # the other boards: no TLS
+            assert key.read_text() not in done.stdout and b2.token not in done.stdout
+        # the controller's side of a second run: the same registry, the same certificate
+        assert installs[0] == installs[1], installs
+
+        entry = json.loads((controller / "devices.json").read_text())["board-2"]
+        pin = cert_fingerprint(cert)
+        assert entry["uri"] == f"https://127.0.0.1:{b2.tcp_port}?pin={pin}", entry
+        assert Path(entry["token_file"]).read_text().strip() == b2.token
+        done = fleet.playbook("status")
+        assert done.returncode == 0, _out(done)
+        assert done.stdout.count("ready: ") + done.stdout.count("empty: ") == 3, _out(done)
+        reply = DaemonClient(Endpoint.parse(entry["uri"], b2.token), timeout=10).request("GET", "/v1/status")
+        assert reply.status == 200
+        plain = DaemonClient(Endpoint.tcp("127.0.0.1", b2.tcp_port, b2.token), timeout=10)
+        with pytest.raises((DaemonError, OSError, http.client.HTTPException)):  # a reset, not an answer
+            plain.request("GET", "/v1/status")
+
+
 def test_collection_passes_ansible_lint_offline() -> None:
     lint = shutil.which("ansible-lint")
     if lint is None:
@@ -370,11 +480,21 @@ def test_report_compare_names_columns_after_files() -> None:
 @pytest.mark.parametrize(("extra", "says"), [
     ("toolkit_wheel=", "toolkit_wheel must name the toolkit wheel on the controller"),
     ("toolkit_user=Bad", "--user 'Bad' is not a valid user or group name"),
-], ids=["no-wheel", "bad-user"])
+    ("toolkit_tls_cert=cert.pem", "toolkit_tls_cert and toolkit_tls_key go together"),
+    ("toolkit_tls_key=key.pem", "toolkit_tls_cert and toolkit_tls_key go together"),
+    ("toolkit_tls=yes", "toolkit_tls is 'yes': leave it empty"),
+    ("toolkit_tls=self-signed toolkit_tls_cert=cert.pem", "then do not set toolkit_tls_cert"),
+    ("toolkit_tls=self-signed toolkit_address=tcp://127.0.0.1:8443", "leave toolkit_address empty"),
+    ("toolkit_tls=self-signed toolkit_tcp=''", "toolkit_tcp must be HOST:PORT (it is '')"),
+    ("toolkit_tls_cert=/no/cert.pem toolkit_tls_key=/no/key.pem toolkit_tcp=127.0.0.1:1 toolkit_address=",
+     "must both be PEM files on the controller"),
+], ids=["no-wheel", "bad-user", "cert-no-key", "key-no-cert", "bad-tls", "self-signed-and-cert",
+        "tls-tcp-address", "tls-no-tcp", "no-tls-files"])
 def test_install_with_a_bad_variable_fails_clearly_before_changing_a_board(
         extra: str, says: str, tmp_path: Path) -> None:
     # an empty toolkit_wheel once copied the controller's working folder to the board; a bad
-    # user was created on the board before `toolkit service unit` refused it
+    # user was created on the board before `toolkit service unit` refused it; a certificate
+    # without its key (or TLS the controller could not reach) must stop before anything is made
     (tmp_path / "edge_toolkit-0.1.0-py3-none-any.whl").write_bytes(b"")  # exists; never installed
     with fleet_in(tmp_path / "edge_toolkit-0.1.0-py3-none-any.whl") as fleet:
         done = fleet.playbook("install", "--check", "-e", extra)
