@@ -132,6 +132,16 @@ def test_an_interrupted_step_says_interrupted_not_failed() -> None:
 
 # --- the swap-in and the cleanup finish through a Ctrl-C ---------------------------------------
 
+@pytest.fixture
+def python_sigint() -> Any:
+    """Python's own SIGINT handler for the test, whatever the run inherited: a suite started in
+    the background of a non-interactive shell (nohup ... &, as CI may be) inherits SIGINT
+    ignored, and then no KeyboardInterrupt comes."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def sigint() -> None:
     """A real SIGINT to this process: where Python's handler is on, KeyboardInterrupt at the next
     bytecode."""
@@ -139,7 +149,7 @@ def sigint() -> None:
 
 
 def test_ctrl_c_right_after_the_new_bundle_is_renamed_in_finishes_the_swap(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, python_sigint: None) -> None:
     """It used to raise in _swap_in's undo, which then failed (the new bundle already in place):
     an OSError traceback, and the old bundle left in .out.old-*."""
     from bundle.staging import staged_bundle
@@ -166,7 +176,7 @@ def test_ctrl_c_right_after_the_new_bundle_is_renamed_in_finishes_the_swap(
 
 
 def test_a_second_ctrl_c_during_the_cleanup_still_removes_the_staging_folder(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, python_sigint: None) -> None:
     import bundle.staging
 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
