@@ -37,6 +37,11 @@ rows back.) tests/convert/test_convert.py shows both forms give the same cache a
 In-place graphs written since 2026-12-04 also take `spare_token` (int32 scalar, 0 or 1): with
 1, a step of batch 1 computes each token exactly as a step of several tokens would
 (convert/spare_token.py); the runtime feeds 1 where it runs one slot, 0 elsewhere.
+In-place bundles written since 2026-12-06 also hold model.ragged.onnx: the same graph (the same
+weights file) with one more input, `query_seqlens` (int32 [batch]: row b's first
+query_seqlens[b] tokens are real, the rest right padding whose positions repeat the last real
+one), so rows of different lengths run as one [batch, seq] step (convert/ragged.py). ONNX
+Runtime 1.32 knows that input; an older one refuses the graph and the runtime loads model.onnx.
 
 Why new slices and not an in-place update on TensorRT: TensorRT 10.3 (JetPack 6) defines no aliasing between
 an input and an output of a plain engine (tensorrt_jetson.md §3.4, option A); writing the slice
@@ -59,6 +64,8 @@ from typing import Final
 
 DECODER_CONTRACT: Final = "static-kv-v1"
 SPARE_TOKEN: Final = "spare_token"  # in-place graphs (above); absent from older bundles
+QUERY_SEQLENS: Final = "query_seqlens"  # the ragged graph's extra input (above)
+RAGGED_MODEL_FILE: Final = "model.ragged.onnx"  # beside the bundle's model file, in-place only
 ENCODER_CONTRACT: Final = "encoder-v1"
 GENERIC_CONTRACT: Final = "onnx-passthrough-v1"
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from bundle.contract import DECODER_CONTRACT, ENCODER_CONTRACT, DecoderContract
+from bundle.contract import DECODER_CONTRACT, ENCODER_CONTRACT, RAGGED_MODEL_FILE, DecoderContract
 from bundle.errors import ToolkitError
 from bundle.manifest import Contract, GraphTensor
 from models.dims import ModelDims
@@ -119,13 +119,17 @@ def stamp_shapes(model: onnx.ModelProto, contract: DecoderContract) -> None:
 
 
 def save_model(model: onnx.ModelProto, out_dir: Path) -> Path:
-    """Write model.onnx into out_dir, weights external when large."""
+    """Write model.onnx into out_dir, weights external when large; an in-place decoder also gets
+    its ragged twin beside it (convert/ragged.py), which names the same weights."""
+    from convert.ragged import write_ragged_graph
+
     path = Path(out_dir) / MODEL_FILE
-    for stale in (path, Path(out_dir) / DATA_FILE):
+    for stale in (path, Path(out_dir) / DATA_FILE, Path(out_dir) / RAGGED_MODEL_FILE):
         stale.unlink(missing_ok=True)
     external = model.ByteSize() > INLINE_LIMIT
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
+    write_ragged_graph(path)
     return path
 
 

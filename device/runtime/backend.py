@@ -4,10 +4,12 @@ A decoder backend owns its static KV cache (host memory for ONNX Runtime, device
 TensorRT) sized `slots x max_seq`, allocated once when it is created. One call runs one step of
 the static-kv-v1 contract for some slots and writes their new keys/values into the cache:
 
-    logits = backend.step(input_ids [B,T], position_ids [B,T], slot_ids [B], logits_index [K])
-                                                      # -> [B,K,V] float32 (K = T by default)
+    logits = backend.step(input_ids [B,T], position_ids [B,T], slot_ids [B], logits_index [K],
+                          lengths [B])                # -> [B,K,V] float32 (K = T by default)
 
 Row b of the step belongs to slot slot_ids[b]; its tokens sit at position_ids[b, 0] .. +T-1.
+`lengths` (backends with ragged_steps only): row b's first lengths[b] tokens are real, the rest
+right padding (ids 0, positions repeating its last real one); default T for every row.
 The returned array may be a reused buffer: read it before the next step.
 
 `spare_token`: while True, a step of batch 1 also runs one spare token after its last (where
@@ -50,9 +52,11 @@ class DecoderBackend(Protocol):
     max_seq: int
     vocab_size: int
     spare_token: bool
+    ragged_steps: bool  # step() takes `lengths` (ONNX Runtime's ragged graph, convert/ragged.py)
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],
-             logits_index: np.ndarray | None = None) -> np.ndarray: ...
+             logits_index: np.ndarray | None = None,
+             lengths: np.ndarray | None = None) -> np.ndarray: ...
 
     def read_kv(self, slot: int, lo: int, hi: int) -> KVBlock: ...
 

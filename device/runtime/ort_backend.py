@@ -13,6 +13,7 @@ kernel updates the copy and the rows are copied back.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,11 +21,21 @@ from typing import Any
 
 import numpy as np
 
-from bundle.contract import SPARE_TOKEN, KVCacheLayout, new_names, past_names, present_names
+from bundle.contract import (
+    QUERY_SEQLENS,
+    RAGGED_MODEL_FILE,
+    SPARE_TOKEN,
+    KVCacheLayout,
+    new_names,
+    past_names,
+    present_names,
+)
 from bundle.errors import ToolkitError
 from device.runtime.backend import KVBlock
 from device.runtime.kvcache import HostKVBlock, StaticKVCache
 from device.runtime.threads import check_threads
+
+log = logging.getLogger("toolkit.runtime")
 
 BOUND_T = 16  # steps of up to this many tokens, logits at each, reuse a cached binding (drafts)
 
@@ -82,8 +93,10 @@ class OrtDecoderBackend:
 
     def __init__(self, model: Path, layout: KVCacheLayout, vocab_size: int, slots: int = 1,
                  threads: int | None = None, device: str = "cpu",
-                 spin_between_runs: bool = True) -> None:
-        self.session = open_session(model, threads, device, spin_between_runs)
+                 spin_between_runs: bool = True, ragged: bool = False) -> None:
+        """ragged: load the bundle's ragged graph where it has one and this ONNX Runtime takes
+        it (convert/ragged.py), so that step() takes rows of different lengths (`lengths`)."""
+        self.session = self._open(model, threads, device, spin_between_runs, ragged)
         self.layout = layout
         self.slots, self.max_seq, self.vocab_size = slots, layout.max_seq, vocab_size
         self.threads = threads or os.cpu_count() or 1
@@ -103,12 +116,14 @@ class OrtDecoderBackend:
         self.spare_token = False
         inputs = {i.name for i in self.session.get_inputs()}
         self._spare = np.zeros((), np.int32) if SPARE_TOKEN in inputs else None
+        self.ragged_steps = QUERY_SEQLENS in inputs  # step() takes `lengths`
         # Decode bindings, one per run of slots (first, count) of an in-place graph: bound once to
         # fixed id/position buffers, the cache views and the output buffers, then reused; a step
         # only writes the new ids and positions. (~180 tensors: rebinding cost ~1.5 ms a token.)
         # Verify steps of drafted tokens (T <= BOUND_T, logits for every position) are bound the
         # same way, one binding per (first, count, T).
-        self._bound: dict[tuple[int, int, int], tuple[Any, np.ndarray, np.ndarray, list[np.ndarray]]] = {}
+        self._bound: dict[tuple[int, int, int], tuple[Any, np.ndarray, np.ndarray, np.ndarray,
+                                                       list[np.ndarray]]] = {}
         self._decode_out: dict[int, list[np.ndarray]] = {}  # batch -> [logits, new_k0, ...]
 
     def _outputs(self, B: int, T: int, K: int) -> list[np.ndarray]:
@@ -119,15 +134,29 @@ class OrtDecoderBackend:
         dtypes = [np.float32] + [np.dtype(L.dtype)] * n_new
         return [np.empty(s, d) for s, d in zip(shapes, dtypes)]
 
+    @staticmethod
+    def _open(model: Path, threads: int | None, device: str, spin: bool, ragged: bool) -> Any:
+        twin = Path(model).parent / RAGGED_MODEL_FILE
+        if ragged and twin.is_file():
+            try:
+                return open_session(twin, threads, device, spin)
+            except ToolkitError as e:  # an ONNX Runtime older than 1.32: one row per verify step
+                log.info("the ragged graph does not load here (%s); using %s", e.message, Path(model).name)
+        return open_session(model, threads, device, spin)
+
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],
-             logits_index: np.ndarray | None = None) -> np.ndarray:
-        """logits_index: which step positions get logits (default: all) -> [B, K, V]."""
+             logits_index: np.ndarray | None = None, lengths: np.ndarray | None = None) -> np.ndarray:
+        """logits_index: which step positions get logits (default: all) -> [B, K, V].
+        lengths [B]: real tokens of each row (the rest right padding; ragged graphs only,
+        convert/ragged.py); default T for every row."""
         B, T = input_ids.shape
+        if lengths is not None and not self.ragged_steps:
+            raise ValueError("this graph takes no per-row lengths (it is not the ragged graph)")
         if self._spare is not None:
             self._spare[()] = self.spare_token
         if (self.in_place and self.cache.is_run(slot_ids)
                 and (T == 1 or (T <= BOUND_T and logits_index is None))):
-            return self._decode_bound(input_ids, position_ids, slot_ids)
+            return self._decode_bound(input_ids, position_ids, slot_ids, lengths)
         if T == 1:  # decode: reuse the buffers of this batch size
             index = self._last
             outs = self._decode_out.get(B) or self._decode_out.setdefault(B, self._outputs(B, 1, 1))
@@ -140,6 +169,9 @@ class OrtDecoderBackend:
         binding.bind_cpu_input("logits_index", np.ascontiguousarray(index, np.int64))
         if self._spare is not None:
             binding.bind_cpu_input(SPARE_TOKEN, self._spare)
+        if self.ragged_steps:
+            binding.bind_cpu_input(QUERY_SEQLENS, np.asarray(np.full(B, T) if lengths is None else lengths,
+                                                             np.int32))
         rows, is_view = self.cache.rows(slot_ids)
         for name, r in zip(self.past, rows):
             binding.bind_cpu_input(name, r)
@@ -156,11 +188,12 @@ class OrtDecoderBackend:
         return outs[0]
 
     def _decode_bound(self, input_ids: np.ndarray, position_ids: np.ndarray,
-                      slot_ids: Sequence[int]) -> np.ndarray:
+                      slot_ids: Sequence[int], lengths: np.ndarray | None) -> np.ndarray:
         B, T = input_ids.shape
         key = (int(slot_ids[0]), B, T)
         if key not in self._bound:
             ids, pos = np.zeros((B, T), np.int64), np.zeros((B, T), np.int64)
+            real = np.full(B, T, np.int32)  # query_seqlens (ragged graphs)
             index = self._last if T == 1 else np.arange(T, dtype=np.int64)  # T > 1: every position
             outs = self._outputs(B, T, len(index))
             rows, _ = self.cache.rows(slot_ids)
@@ -170,15 +203,18 @@ class OrtDecoderBackend:
             binding.bind_cpu_input("logits_index", index)
             if self._spare is not None:
                 binding.bind_cpu_input(SPARE_TOKEN, self._spare)
+            if self.ragged_steps:
+                binding.bind_cpu_input(QUERY_SEQLENS, real)
             for past, present, r in zip(self.past, self.present, rows):
                 binding.bind_cpu_input(past, r)
                 binding.bind_output(present, "cpu", 0, r.dtype, list(r.shape), r.ctypes.data)
             binding.bind_output("logits", "cpu", 0, outs[0].dtype, list(outs[0].shape),
                                 outs[0].ctypes.data)
-            self._bound[key] = (binding, ids, pos, outs)
-        binding, ids, pos, outs = self._bound[key]
+            self._bound[key] = (binding, ids, pos, real, outs)
+        binding, ids, pos, real, outs = self._bound[key]
         ids[:] = input_ids
         pos[:] = position_ids
+        real[:] = T if lengths is None else lengths
         self.session.run_with_iobinding(binding)
         return outs[0]
 

@@ -70,9 +70,11 @@ class Runner:
 
 def load_bundle(path: Path, slots: int | None = None, threads: int | None = None,
                 device: str = "cpu", rebuild_on_mismatch: bool = False,
-                progress: Any = None, spin_between_runs: bool = True) -> Runner:
+                progress: Any = None, spin_between_runs: bool = True, ragged: bool = False) -> Runner:
     """spin_between_runs=False: ONNX Runtime's workers stop spinning when a step ends (a
-    process with other threads to run between steps: the daemon; ort_backend.session_options)."""
+    process with other threads to run between steps: the daemon; ort_backend.session_options).
+    ragged: a decoder's steps may take rows of different lengths where the bundle and this
+    ONNX Runtime allow it (the daemon's drafts, several slots; convert/ragged.py)."""
     path = Path(path)
     manifest = load_verified(path)  # hashes first: nothing unverified reaches a runtime
     check_target(manifest)
@@ -91,10 +93,11 @@ def load_bundle(path: Path, slots: int | None = None, threads: int | None = None
     else:
         from device.runtime.ort_backend import OrtDecoderBackend
 
+        slots = slots or manifest.batch
         backend = OrtDecoderBackend(model, manifest.kv_layout(), manifest.dims.vocab_size,
-                                    slots=slots or manifest.batch,
-                                    threads=threads, device=device,
-                                    spin_between_runs=spin_between_runs)
+                                    slots=slots, threads=threads, device=device,
+                                    spin_between_runs=spin_between_runs,
+                                    ragged=ragged and slots > 1)  # one slot: rows never differ
     return Runner(path, manifest, backend, tokenizer)
 
 

@@ -257,6 +257,7 @@ class DeviceKVBlock:
 class TrtDecoderBackend:
     kind = "tensorrt"
     spare_token = False  # static-attention graphs take none (convert/spare_token.py)
+    ragged_steps = False  # ... nor per-row lengths (convert/ragged.py): a verify step is one row
 
     def __init__(self, plan_path: Path, layout: KVCacheLayout, vocab_size: int, slots: int = 1,
                  max_prefill_tokens: int | None = None) -> None:
@@ -388,10 +389,12 @@ class TrtDecoderBackend:
 
     # one step -------------------------------------------------------------------------------
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],
-             logits_index: np.ndarray | None = None) -> np.ndarray:
+             logits_index: np.ndarray | None = None, lengths: np.ndarray | None = None) -> np.ndarray:
         """One step -> logits [B, K, V] for the positions in logits_index (default: all)."""
         if self._closed:
             raise ToolkitError("the TensorRT backend is closed")
+        if lengths is not None:
+            raise ValueError("TensorRT graphs take no per-row lengths (ragged_steps is False)")
         ids = np.asarray(input_ids, dtype=np.int64)
         pos = np.asarray(position_ids, dtype=np.int64)
         T = ids.shape[-1] if ids.ndim else 0

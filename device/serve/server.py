@@ -218,7 +218,8 @@ class Daemon:
         cfg = self.config
         return load_bundle(path, slots=cfg.slots, threads=cfg.threads,
                            rebuild_on_mismatch=cfg.rebuild_on_mismatch, progress=log.info,
-                           spin_between_runs=False)  # HTTP threads share the cores
+                           spin_between_runs=False,  # HTTP threads share the cores
+                           ragged=cfg.speculate != "off")  # several rows' drafts in one step
 
     def _engine(self, runner: Any, path: Path) -> Any:
         from device.serve.embedder import EmbeddingEngine
