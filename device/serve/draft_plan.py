@@ -89,6 +89,15 @@ class StepCosts:
     def get(self, rows: int, tokens: int) -> float | None:
         return self.seconds.get((rows, tokens))
 
+    def joint_curve(self, rows: int) -> Curve | None:
+        """t(rows, tokens) of joint steps (every row of a span at once, each padded to `tokens`,
+        at least 2: convert/ragged.py) for tokens >= 2; None until the 2-token step, the one
+        with no draft, has been timed for this many rows. Stale lengths are left out as in
+        curve()."""
+        timed = {t: s for (r, t), s in self.seconds.items()
+                 if r == rows and t >= 2 and (t == 2 or self.steps - self.ran[r, t] < STALE_STEPS)}
+        return Curve(tuple(sorted(timed.items()))) if 2 in timed else None
+
     def curve(self) -> Curve | None:
         """The one-row steps timed so far; None before any one-token step was. A verify length
         not run for STALE_STEPS steps is left out (guessed again from the others, on the low
@@ -187,6 +196,32 @@ def plan(rows: Sequence[Row], active: int, plain_seconds: float | None,
     if len(chosen) == active:
         return chosen
     return _greedy(rows, active, plain_seconds, curve, RIDER_SHARE * plain_seconds)
+
+
+def joint_length(rows: Sequence[Row], active: int, curve: Curve | None) -> int:
+    """T for a joint step: one [W, T] step of every active row (a backend with ragged steps,
+    convert/ragged.py), each row its pending token plus min(room, T - 1) of its draft (a spare
+    token where it has none), so a row's draft tokens cost nothing beyond the step's T. The T
+    with the most expected tokens per second,
+
+        (riders + sum of E(p_i, min(room_i, T - 1))) / t(W, T),
+
+    where riders, the rows without a draft (sampled rows, text that found no match), take one
+    token whatever T is; while any rides, t(W, T) may be at most 1 + RIDER_SHARE times the
+    2-token step's, as in plan(). curve: joint_curve(W); None (that step never timed): 2."""
+    if curve is None or not rows:
+        return 2
+    riders = active - len(rows)
+    limit = (1.0 + RIDER_SHARE) * curve.at(2) if riders else float("inf")
+    best, best_rate = 2, float("-inf")
+    for T in range(2, 2 + max(r.room for r in rows)):
+        seconds = curve.at(T)
+        if T > 2 and seconds > limit:
+            break
+        rate = (riders + sum(expected_tokens(r.p, min(r.room, T - 1)) for r in rows)) / seconds
+        if rate > best_rate:
+            best, best_rate = T, rate
+    return best
 
 
 def _greedy(rows: Sequence[Row], active: int, plain_seconds: float, curve: Curve,

@@ -80,7 +80,7 @@ from device.runtime.sampling import SamplingParams, TokenLogprob, penalize, samp
 from device.runtime.stopping import StopMatcher
 from device.runtime.tokenizer import BundleTokenizer, StreamDecoder
 from device.serve.config import DECODE_MODES, DRAFT_TOKENS, SPECULATE_MODES, check_budget
-from device.serve.draft_plan import Acceptance, Row, StepCosts, plan
+from device.serve.draft_plan import Acceptance, Row, StepCosts, joint_length, plan
 from device.serve.metrics import ServingMetrics
 from device.serve.prefill import ChunkSizer, PrefillJob
 from device.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
@@ -427,6 +427,33 @@ def probe_batch_invariance(backend: DecoderBackend) -> str | None:
     return None
 
 
+def probe_ragged(backend: DecoderBackend, tokens: int = 4) -> bool:
+    """Whether joint steps are exact here: rows of 2..`tokens` real tokens in one ragged step
+    (convert/ragged.py), for batch sizes 2..slots (as probe_batch_invariance picks them), give
+    bit for bit what each row gives stepped alone with its spare token (backend.spare_token
+    must be on), which is what the one-slot engine computes. Measured on ONNX Runtime 1.32 for
+    SmolLM2-135M and the tiny test Llama at fp32, int8 and int4; checked, not assumed, because
+    a kernel's blocking may depend on the rows (a row with one real token already differs: the
+    kernel's one-query path). Writes only positions no request holds (run before serving)."""
+    slots = backend.slots
+    rng = np.random.default_rng(1)
+    starts = [min(3 + s % 5, backend.max_seq - 1 - tokens) for s in range(slots)]
+    for s, n in enumerate(starts):
+        prefill(backend, rng.integers(0, backend.vocab_size, n).tolist(), s)
+    lens = np.array([2 + s % (tokens - 1) for s in range(slots)], np.int32)
+    ids = rng.integers(0, backend.vocab_size, (slots, tokens)).astype(np.int64)
+    pos = np.array([[p + min(i, n - 1) for i in range(tokens)] for p, n in zip(starts, lens)], np.int64)
+    for r, n in enumerate(lens):
+        ids[r, n:] = 0
+    alone = [backend.step(ids[r:r + 1, :n], pos[r:r + 1, :n], [r])[0].copy() for r, n in enumerate(lens)]
+    sizes = sorted({*range(2, min(slots, 16) + 1), *(1 << k for k in range(5, slots.bit_length())), slots})
+    for b in sizes:
+        out = backend.step(ids[:b], pos[:b], list(range(b)), lengths=lens[:b])
+        if not all(np.array_equal(out[r, :n], alone[r]) for r, n in enumerate(lens[:b])):
+            return False
+    return True
+
+
 class Scheduler(QueuedEngine):
     """Continuous batching over a decoder backend's slots (see the module docstring)."""
 
@@ -462,16 +489,32 @@ class Scheduler(QueuedEngine):
         # int8/int4; their step times stay out of the drafting plan's costs). Several slots:
         # never (batched steps cannot take it, and a row alone must equal the same row batched).
         self.exact_steps = self.slots == 1
+        # Several slots and a ragged graph (convert/ragged.py): joint steps. Every decode step
+        # runs every row of the span at once, each with its pending token and its draft (or a
+        # spare token: at least 2 real tokens a row), so drafts are verified for all rows in the
+        # one step that reads the weights, and each row's logits are bit for bit those of the
+        # one-slot engine (probe_ragged), whatever else runs. Costs a step with no draft the
+        # spare (SmolLM2 8 rows: +43 % int8, +49 % int4, +16 % fp32); what a row without one
+        # pays beside drafting rows is bounded as in the plan (draft_plan.joint_length).
+        self.joint = False
+        if (self.draft_tokens and self.slots > 1 and getattr(backend, "ragged_steps", False)
+                and decode_mode != "per-row"):
+            backend.spare_token = True
+            self.joint = probe_ragged(backend)
+            if not self.joint:
+                log.warning("joint draft steps are off: rows of a ragged step differ from the same "
+                            "rows stepped alone on this machine; drafts are verified one row a step")
         if self.draft_tokens:
-            backend.spare_token = self.exact_steps
+            backend.spare_token = self.exact_steps or self.joint
             deviation = verify_step_deviation(backend, self.draft_tokens)
             if deviation > VERIFY_TOLERANCE:
                 log.warning("prompt-lookup drafting is off: a %d-token step's logits differ from "
                             "single steps' by %.3g (> %g), so drafts could change greedy output",
                             1 + self.draft_tokens, deviation, VERIFY_TOLERANCE)
                 self.draft_tokens = 0
-        lone = probe_batch_invariance(backend) if decode_mode == "auto" else None
-        self.batched = decode_mode == "batched" or lone is not None
+        # joint: a lone row steps alone with its spare, which probe_ragged compared the rows with
+        lone = probe_batch_invariance(backend) if decode_mode == "auto" and not self.joint else None
+        self.batched = decode_mode == "batched" or lone is not None or self.joint
         self.pair_lone = lone == "paired"  # a lone row steps beside a neighbour's padding row
         self.decode_mode = "batched" if self.batched else "per-row"
         self._active: dict[int, _Slot] = {}
@@ -708,6 +751,9 @@ class Scheduler(QueuedEngine):
 
     def _decode(self) -> None:
         try:
+            if self.joint and max(self._active) > min(self._active):
+                self._decode_joint()
+                return
             if self._verify_drafts():
                 return  # every active row was stepped with its draft
             if self.batched:
@@ -734,12 +780,14 @@ class Scheduler(QueuedEngine):
             if state is not None:
                 self._accept_row(state, logits[slot - lo, -1])
 
-    def _step(self, ids: np.ndarray, pos: np.ndarray, slots: Sequence[int]) -> np.ndarray:
+    def _step(self, ids: np.ndarray, pos: np.ndarray, slots: Sequence[int],
+              lengths: np.ndarray | None = None) -> np.ndarray:
         """backend.step, its time kept by (rows, tokens per row) for the drafting plan."""
         if self.exact_steps:  # one slot, one row (see __init__)
             self.backend.spare_token = all(self._drafts(self._active[s]) for s in slots if s in self._active)
         t0 = time.perf_counter()
-        logits = self.backend.step(ids, pos, slots)
+        logits = self.backend.step(ids, pos, slots, lengths=lengths) if lengths is not None \
+            else self.backend.step(ids, pos, slots)
         # the plan costs the steps a drafting row takes: a sampled row's cheaper ones stay out
         if not self.exact_steps or self.backend.spare_token:
             self.costs.observe(ids.shape[0], ids.shape[1], time.perf_counter() - t0)
@@ -758,6 +806,37 @@ class Scheduler(QueuedEngine):
     # alone (B=1): the batched T=1 step keeps its bound fast path for the others, and a row is
     # not padded to another's draft length (ONNX Runtime's GroupQueryAttention refuses B>1 with
     # T>1 over a cache anyway).
+
+    def _decode_joint(self) -> None:
+        """One [W, T] step of the span lo..hi (W > 1): every active row its pending token and
+        the first T - 1 tokens of its draft, or a spare token (0 at the next position) where
+        it has none; rows of free or prefilling slots are padding at their own positions, as
+        in _decode_batched. Each row's tokens past its own are right padding (ids 0, positions
+        repeating its last real one: the graph's seqlens_k is that position). T is the plan's
+        (draft_plan.joint_length); then each row walks its logits as _verify does."""
+        lo, hi = min(self._active), max(self._active)
+        W = hi - lo + 1
+        drafts = {slot: d for slot, state in self._active.items() if (d := self._draft(state))}
+        rows = [Row(slot, self._active[slot].acceptance.p, len(d)) for slot, d in drafts.items()]
+        T = joint_length(rows, len(self._active), self.costs.joint_curve(W))
+        ids = np.zeros((W, T), np.int64)
+        pos = np.empty((W, T), np.int64)
+        lens = np.empty(W, np.int32)
+        for b, slot in enumerate(range(lo, hi + 1)):
+            draft = drafts.get(slot, [])[:T - 1]
+            n = 1 + max(1, len(draft))  # pending + draft, or pending + spare
+            p0 = int(self._pos[slot, 0])
+            ids[b, 0] = self._ids[slot, 0]
+            ids[b, 1:1 + len(draft)] = draft
+            pos[b, :n] = p0 + np.arange(n)
+            pos[b, n:] = p0 + n - 1
+            lens[b] = n
+        logits = self._step(ids, pos, range(lo, hi + 1), lens)  # [W, T, V]
+        for b, slot in enumerate(range(lo, hi + 1)):
+            state = self._active.get(slot)
+            if state is not None:
+                state.offered = None  # every draft on offer was verified
+                self._walk(state, logits[b], drafts.get(slot, [])[:T - 1])
 
     def _verify_drafts(self) -> bool:
         """Step the rows whose drafts are worth a step of their own; True when every active row
@@ -805,13 +884,20 @@ class Scheduler(QueuedEngine):
         slot, k = state.slot, len(draft)
         ids = np.array([[self._ids[slot, 0], *draft]], dtype=np.int64)  # [1, 1+k]
         pos = self._pos[slot, 0] + np.arange(1 + k, dtype=np.int64)[None]  # [1, 1+k]
-        logits = self._step(ids, pos, [slot])  # [1, 1+k, V]
+        self._walk(state, self._step(ids, pos, [slot])[0], draft)  # [1+k, V]
+
+    def _walk(self, state: _Slot, logits: np.ndarray, draft: list[int]) -> None:
+        """A row's step results: logits [>= 1+k, V] for its pending token and draft d1..dk."""
+        k = len(draft)
+        if not k:
+            self._accept_row(state, logits[0])
+            return
         state.drafted += k
         self.metrics.draft_tokens.inc(k)
         before = state.accepted
         for i in range(1 + k):
             expected = draft[i] if i < k else None
-            token = self._accept_row(state, logits[0, i], expected)
+            token = self._accept_row(state, logits[i], expected)
             if token is None or token != expected:
                 break  # finished, or the model chose otherwise: that token is now pending
         # A wrong draft costs a wider step (1+k tokens instead of 1) for nothing, so the next
