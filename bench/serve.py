@@ -12,14 +12,15 @@ its matched llama.cpp GGUF (bench/peers.py MATCHED: F32, Q8_0, Q4_1, all from th
                   p50/p95 time per output token (the gaps between tokens of every stream,
                   pooled: a stall, such as another request's prefill, shows)
   drafting off    the daemon again with --speculate off: single stream, c = 1 and c = 8. The
-                  default drafts while one request decodes and not in batched steps (see
-                  device/serve/scheduler.py), so its c=8 / c=1 mixes drafting's gain at c=1 into
-                  batching's; this row is batching alone
+                  default drafts at every c (every row's draft in the decode step itself where
+                  the bundle has a ragged graph: device/serve/scheduler.py), so its c=8 / c=1
+                  mixes drafting's gain at c=1 into batching's; this row is batching alone
 The servers run with --threads / -t THREADS and 8 slots (`toolkit serve --slots 8`,
 `llama-server -np 8 -c 8*2048 --cont-batching`); c streams use c of them. The daemon's single
 stream alone runs on the daemon as `toolkit serve BUNDLE` starts it: the bundle's one slot
 (a one-slot engine steps greedy rows with a spare token and drafts at every precision:
-convert/spare_token.py; with 8 slots the int8/int4 engines do not draft). Each server is its own
+convert/spare_token.py; with 8 slots the engine steps jointly, with the same exactness:
+convert/ragged.py). Each server is its own
 process, started fresh every round; rounds interleave the variants (rotating order) and every
 ratio is the median over rounds of that round's ratio, so load from other work on a shared
 machine cancels out. Then, for the daemon alone (fp32 default bundle):

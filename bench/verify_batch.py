@@ -1,17 +1,16 @@
-"""What verifying several rows' drafts in ONE step would give: a measurement, not a feature.
+"""What verifying several rows' drafts in ONE step gives, against one row a step.
 
     python bench/verify_batch.py [--precisions fp32 int8 int4] [--rows 8] [--tokens 1 2 4 8 16]
 
-The daemon verifies a draft one row per step, because ONNX Runtime's GroupQueryAttention takes
-several tokens per row over a cache only for one row (device/serve/draft_plan.py). ONNX Runtime
-1.32's GroupQueryAttention has an optional input, `query_seqlens` [B] (right-padded chunks: row
-b's first query_seqlens[b] tokens are real, the rest padding), with which B rows of up to T
-tokens each run as one [B, T] step. Our graphs do not wire it yet. This bench copies a CPU
-bundle's graph into a temporary folder with one more graph input, `query_seqlens`, fed to every
-GroupQueryAttention node (the weights hard-linked or copied beside it, never the bundle
-changed), fills `--rows` slots with `--position` random prompt tokens each, and measures:
-  time   t(B rows, T tokens) of one [B, T] step against B one-row [1, T] steps of the bundle's own
-         graph (what the daemon runs today: spare token on, as its one-slot engine feeds it),
+Without `query_seqlens` [B] (ONNX Runtime 1.32: row b's first query_seqlens[b] tokens are real,
+the rest right padding) GroupQueryAttention takes several tokens per row over a cache only for
+one row, so a daemon verifies one row's draft per step. A CPU bundle's ragged graph
+(convert/ragged.py, model.ragged.onnx) wires it, and a daemon with several slots steps every
+row's draft in one step (device/serve/scheduler.py, joint steps). This bench loads both graphs
+of a bundle over one cache, fills `--rows` slots with `--position` random prompt tokens each,
+and measures:
+  time   t(B rows, T tokens) of one [B, T] step of the ragged graph against B one-row [1, T]
+         steps of model.onnx (spare token on, as the one-slot engine feeds it),
          medians of --repeat runs with the cache restored before each;
   exact  max |logits difference| between a row in the [B, T] step and the same row alone, with
          every row T tokens long and with ragged rows (lengths 1..T, positions padded with the
@@ -23,11 +22,8 @@ bench/decode.py (converted into ~/.cache/toolkit-bench/ when missing).
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,32 +35,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-QUERY_SEQLENS = "query_seqlens"
-QUERY_SEQLENS_INDEX = 16  # its place among GroupQueryAttention's inputs (ORT 1.32's schema)
+from bundle.contract import QUERY_SEQLENS, RAGGED_MODEL_FILE  # noqa: E402
 
 
-def with_query_seqlens(bundle: Path, into: Path) -> Path:
-    """A copy of bundle/model.onnx in `into` whose GroupQueryAttention nodes read a new graph
-    input query_seqlens [B] int32; the external weights are linked (or copied) beside it."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
-    model.graph.input.append(helper.make_tensor_value_info(QUERY_SEQLENS, TensorProto.INT32, ["batch"]))
-    nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
-    if not nodes:
-        raise SystemExit(f"{bundle} has no GroupQueryAttention (not a CPU decoder bundle)")
-    for node in nodes:
-        inputs = list(node.input) + [""] * (QUERY_SEQLENS_INDEX - len(node.input))
-        del node.input[:]
-        node.input.extend(inputs[:QUERY_SEQLENS_INDEX] + [QUERY_SEQLENS])
-    onnx.save(model, str(into / "model.onnx"))
-    for data in bundle.glob("model.onnx*.data"):  # ORT refuses external data outside the folder
-        try:
-            os.link(data, into / data.name)
-        except OSError:
-            shutil.copy(data, into / data.name)
-    return into / "model.onnx"
+def ragged_graph(bundle: Path) -> Path:
+    """The bundle's ragged graph (convert/ragged.py); bundles converted before it lack one."""
+    path = bundle / RAGGED_MODEL_FILE
+    if not path.is_file():
+        raise SystemExit(f"{bundle} has no {RAGGED_MODEL_FILE} (not a CPU decoder bundle, or one "
+                         "converted before 2026-12-06): convert it again")
+    return path
 
 
 class Steps:
@@ -126,44 +106,43 @@ class Result:
 def measure(bundle: Path, args: argparse.Namespace) -> Result:
     B, P, T = args.rows, args.position, max(args.tokens)
     rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory(prefix="verify-batch-") as tmp:
-        batched = Steps(with_query_seqlens(bundle, Path(tmp)), args.threads, B)
-        alone = Steps(bundle / "model.onnx", args.threads, B)
-        alone.cache = batched.cache  # one cache: both graphs read and write the same rows
-        prompts = rng.integers(100, 5000, (B, P)) % alone.vocab
-        for r in range(B):
-            alone.run(prompts[r:r + 1], np.arange(P)[None], r, last_only=True)
-        snapshot = {k: v.copy() for k, v in batched.cache.items()}
+    batched = Steps(ragged_graph(bundle), args.threads, B)
+    alone = Steps(bundle / "model.onnx", args.threads, B)
+    alone.cache = batched.cache  # one cache: both graphs read and write the same rows
+    prompts = rng.integers(100, 5000, (B, P)) % alone.vocab
+    for r in range(B):
+        alone.run(prompts[r:r + 1], np.arange(P)[None], r, last_only=True)
+    snapshot = {k: v.copy() for k, v in batched.cache.items()}
 
-        def restore() -> None:
-            for k, v in batched.cache.items():
-                v[...] = snapshot[k]
+    def restore() -> None:
+        for k, v in batched.cache.items():
+            v[...] = snapshot[k]
 
-        draft = rng.integers(100, 5000, (B, T)) % alone.vocab
-        pos = np.tile(P + np.arange(T), (B, 1))
+    draft = rng.integers(100, 5000, (B, T)) % alone.vocab
+    pos = np.tile(P + np.arange(T), (B, 1))
+    restore()
+    full = batched.run(draft, pos, 0, np.full(B, T))
+    same = 0.0
+    for r in range(B):
         restore()
-        full = batched.run(draft, pos, 0, np.full(B, T))
-        same = 0.0
-        for r in range(B):
-            restore()
-            same = max(same, float(np.abs(alone.run(draft[r:r + 1], pos[r:r + 1], r)[0] - full[r]).max()))
-        lens = np.array([1 + (r * (T - 1)) // max(1, B - 1) for r in range(B)])  # 1 .. T
-        ids, rpos = draft.copy(), pos.copy()
-        for r, n in enumerate(lens):
-            ids[r, n:], rpos[r, n:] = 0, P + n - 1  # padding: seqlens_k is the last real position
+        same = max(same, float(np.abs(alone.run(draft[r:r + 1], pos[r:r + 1], r)[0] - full[r]).max()))
+    lens = np.array([1 + (r * (T - 1)) // max(1, B - 1) for r in range(B)])  # 1 .. T
+    ids, rpos = draft.copy(), pos.copy()
+    for r, n in enumerate(lens):
+        ids[r, n:], rpos[r, n:] = 0, P + n - 1  # padding: seqlens_k is the last real position
+    restore()
+    ragged = batched.run(ids, rpos, 0, lens)
+    diffs = []
+    for r, n in enumerate(lens):
         restore()
-        ragged = batched.run(ids, rpos, 0, lens)
-        diffs = []
-        for r, n in enumerate(lens):
-            restore()
-            one = alone.run(draft[r:r + 1, :n], pos[r:r + 1, :n], r)
-            diffs.append((int(n), float(np.abs(one[0] - ragged[r, :n]).max())))
-        times = []
-        for t in sorted(args.tokens):
-            d, p = draft[:, :t], pos[:, :t]
-            one_step = median_ms(partial(batched.run, d, p, 0, np.full(B, t)), restore, args.repeat)
-            per_row = median_ms(partial(alone.run, d[:1], p[:1], 0), restore, args.repeat)
-            times.append((t, one_step, B * per_row))
+        one = alone.run(draft[r:r + 1, :n], pos[r:r + 1, :n], r)
+        diffs.append((int(n), float(np.abs(one[0] - ragged[r, :n]).max())))
+    times = []
+    for t in sorted(args.tokens):
+        d, p = draft[:, :t], pos[:, :t]
+        one_step = median_ms(partial(batched.run, d, p, 0, np.full(B, t)), restore, args.repeat)
+        per_row = median_ms(partial(alone.run, d[:1], p[:1], 0), restore, args.repeat)
+        times.append((t, one_step, B * per_row))
     return Result(bundle.name, times, same, diffs)
 
 

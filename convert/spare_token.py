@@ -25,10 +25,12 @@ value land one position past the step (inside the cache: the last term), where n
 step looks (causal) and the next step writes before anything reads. `spare_token`
 (bundle/contract.py: SPARE_TOKEN) is an int32 scalar graph input: 0 leaves the graph computing
 what it computed before (calibration feeds 0). The ORT backend feeds 1 when its engine has one
-slot. With several, batched decode steps (B > 1, one token each) cannot take a spare (the
-attention kernel refuses several tokens per row over a cache for B > 1), and a row decoded alone
-must stay equal to the same row in a batch, so then it feeds 0; `B == 1` in the graph keeps a
-wrong feed harmless. Only in-place (GroupQueryAttention) graphs get it: in the others the host
+slot, and when several slots step jointly through the ragged graph (convert/ragged.py), whose
+rows of B > 1 carry their spare from the host (token 0 at the next position, one more real
+token in query_seqlens). Batched steps of the plain graph (B > 1, one token each) cannot take
+one (the attention kernel refuses several tokens per row over a cache for B > 1), and a row
+decoded alone must stay equal to the same row in a batch, so there it feeds 0; `B == 1` in the
+graph keeps a wrong feed harmless. Only in-place (GroupQueryAttention) graphs get it: in the others the host
 writes the step's new keys itself, one per token it asked for.
 Cost: a one-token step does the work of two (SmolLM2: +4 % fp32, +21 % int8, +24 % int4;
 README, "Prompt-lookup drafting").

@@ -6,13 +6,13 @@ pending token and k drafted ones gives
 
     E(p, k) = 1 + p + ... + p^k  tokens  in  t(1, 1 + k)  seconds
 
-(t: the engine's own step times, by rows and tokens per row). A verify step takes one row
-(ONNX Runtime's GroupQueryAttention runs T > 1 tokens over a cache for B = 1 only, unless fed
-`query_seqlens`, which our graphs do not wire yet: bench/verify_batch.py measures what one
-[B, T] step of several rows' drafts would give: 1.3-4.6x at 8 rows on SmolLM2), so in a
-batch of n rows it is paid on top of the plain step, which gives n tokens in t(n, 1) and reads
-the weights once for all of them. The step's plan is the set of (row, k) with the most tokens
-per second:
+(t: the engine's own step times, by rows and tokens per row). Where the engine steps jointly
+(a ragged graph, several slots: convert/ragged.py) every row's draft rides the one decode step
+and joint_length picks that step's T (below). Elsewhere a verify step takes one row (ONNX
+Runtime's GroupQueryAttention runs T > 1 tokens over a cache for B = 1 only, without
+`query_seqlens`; TensorRT graphs), so in a batch of n rows it is paid on top of the plain step,
+which gives n tokens in t(n, 1) and reads the weights once for all of them. The step's plan
+is the set of (row, k) with the most tokens per second:
 
     (n + sum of E(p_i, k_i)) / (t(n, 1) + sum of t(1, 1 + k_i))      (k_i = 0: row i rides along)
 

@@ -27,14 +27,18 @@ One engine thread owns the backend. Each loop iteration
 A request that finishes, fails or is cancelled frees its slot in the same iteration.
 Greedy rows may draft (prompt lookup, `speculate="ngram"`): a row whose last tokens occurred
 before in its prompt or output is stepped alone with its pending token plus the tokens that
-followed there, and keeps the run of them the model agrees with (see _verify). Alone, because
-ONNX Runtime's GroupQueryAttention takes several tokens per step only for one row (B=1 when T>1
-with a cache; ORT 1.32's `query_seqlens` input lifts that, but our graphs do not wire it yet,
-see device/serve/draft_plan.py), so rows cannot be padded to a common draft length. With several
-rows decoding, a row verifies its draft only where the measured step times and its acceptance so
-far say that raises tokens per second (device/serve/draft_plan.py), and while some rows ride the
-batched step the verify steps beside it may add at most two plain steps' time (their time per
-output token stays within 3x); the batched step runs as before unless every row verified.
+followed there, and keeps the run of them the model agrees with (see _verify). With several
+slots and a ragged graph (convert/ragged.py: the bundle's model.ragged.onnx, ONNX Runtime 1.32)
+the engine steps jointly: every decode step runs every row of the span at once, each with its
+pending token and up to T - 1 tokens of its draft, or a spare token where it has none, padded
+to one T the plan picks from the measured step times and each row's acceptance (_decode_joint,
+draft_plan.joint_length). Otherwise (an older runtime, TensorRT) a drafting row is stepped alone
+(B=1), since GroupQueryAttention takes several tokens per step over a cache only for one row;
+with several rows decoding, a row verifies its draft only where the measured step times and its
+acceptance so far say that raises tokens per second (device/serve/draft_plan.py), and while some
+rows ride the batched step the verify steps beside it may add at most two plain steps' time
+(their time per output token stays within 3x); the batched step runs as before unless every row
+verified.
 
 Why results do not depend on what else is running (checked, not assumed): ONNX Runtime's CPU
 kernels give bit-identical logits for a row whether it is decoded alone or inside a batch of
@@ -43,7 +47,9 @@ SmolLM2-135M at 1 and 2 threads: max |diff| = 0.0). Other backends need not (Ten
 kernels per optimization profile), so at start the engine runs `probe_batch_invariance`: the
 same decode alone and in every batch size. Only if all rows match bit for bit does it decode in
 batches; otherwise it steps each row on its own (B=1), which is what a request running alone
-does. `decode_mode` forces either.
+does. `decode_mode` forces either. Joint steps have their own probe (probe_ragged): rows of
+2..4 real tokens in one ragged step against each row alone with its spare, which is what a
+one-slot engine computes, so there a greedy row's output is the same with 1 or 8 slots.
 
 The batched step covers the contiguous span of slots lo..hi that holds every active slot (free
 slots are handed out lowest first, which keeps the span short). A contiguous span is a view of
@@ -517,6 +523,8 @@ class Scheduler(QueuedEngine):
         self.batched = decode_mode == "batched" or lone is not None or self.joint
         self.pair_lone = lone == "paired"  # a lone row steps beside a neighbour's padding row
         self.decode_mode = "batched" if self.batched else "per-row"
+        # /v1/status: how drafts are verified ("joint": every row's in the decode step itself)
+        self.draft_steps = "off" if not self.draft_tokens else "joint" if self.joint else "one row a step"
         self._active: dict[int, _Slot] = {}
         self._free = list(range(self.slots))  # a heap: lowest slot first keeps the span short
         self._ids = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] next token per slot

@@ -669,6 +669,7 @@ class Daemon:
                             "queue_limit": engine.admission.queue_limit, "decode_mode": engine.decode_mode}
         if runner.is_decoder:
             rec["scheduler"]["draft_tokens"] = engine.draft_tokens
+            rec["scheduler"]["draft_steps"] = engine.draft_steps
             rec["scheduler"].update(engine.chunks.describe())
             rec["prefix_cache"] = engine.prefix_cache.status()
         return rec
@@ -765,8 +766,9 @@ def serve(config: ServeConfig) -> int:
         elif daemon.runner is None:
             log.info("ready: the store %s holds no bundle yet; waiting for a deploy", config.store)
         else:
-            log.info("ready: %s (%s, %d slot(s), decode %s)", daemon.model_id,
-                     daemon.runner.backend.kind, daemon.engine.slots, daemon.engine.decode_mode)
+            log.info("ready: %s (%s, %d slot(s), decode %s, drafts %s)", daemon.model_id,
+                     daemon.runner.backend.kind, daemon.engine.slots, daemon.engine.decode_mode,
+                     getattr(daemon.engine, "draft_steps", "n/a"))
         status = _status_line(daemon)
         notifier.send("READY=1", f"STATUS={status}")
         while not stop.wait(0.5):

@@ -1,4 +1,4 @@
-"""bench/verify_batch.py on the tiny Llama: the graph copy with query_seqlens loads and runs, and
+"""bench/verify_batch.py on the tiny Llama: the bundle's ragged graph loads and runs, and
 what the bench reports about exactness holds (ONNX Runtime's right-padded chunks: a row of two or
 more real tokens in one [B, T] step computes what it computes alone, bit for bit). The timings
 belong to the bench, not the suite."""
@@ -23,4 +23,4 @@ def test_padded_rows_of_several_tokens_equal_their_one_row_steps(tiny_bundle: An
     assert all(d == 0.0 for n, d in result.ragged if n >= 2), result.ragged
     assert [t for t, _, _ in result.times] == [1, 4]
     assert all(one > 0 and rows > 0 for _, one, rows in result.times)
-    assert hash_tree(bundle) == before  # the bench works on a copy
+    assert hash_tree(bundle) == before  # the bench changes nothing in the bundle
