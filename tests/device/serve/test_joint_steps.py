@@ -4,7 +4,6 @@ output is the one-slot engine's, token for token, whatever else runs."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,10 +51,12 @@ def run(engine: Scheduler, req: GenerationRequest) -> tuple[str, Any]:
     return "".join(e.text for e in events if isinstance(e, TextDelta)), events[-1]
 
 
-REQUESTS = [GenerationRequest(list(range(3, 13)) * 2, 24),  # text that repeats: drafts
-            GenerationRequest(list(range(40, 52)) * 2, 24),
-            GenerationRequest(list(range(5, 30)), 24, params=SamplingParams(temperature=0.8, seed=1)),
-            GenerationRequest(list(range(60, 66)) * 3, 24)]
+# text that repeats, and a random model's greedy text soon loops: drafts on offer
+REQUESTS = [GenerationRequest(list(range(3, 13)) * 2, 40, ignore_eos=True),
+            GenerationRequest(list(range(40, 52)) * 2, 40, ignore_eos=True),
+            GenerationRequest(list(range(5, 30)), 40, params=SamplingParams(temperature=0.8, seed=1),
+                              ignore_eos=True),
+            GenerationRequest(list(range(60, 66)) * 3, 40, ignore_eos=True)]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
@@ -74,16 +75,14 @@ def test_rows_stepped_jointly_give_the_one_slot_engines_output(q_bundle, q_fp32_
         alone = [run(single, r) for r in REQUESTS[:2] + REQUESTS[3:]]
         sampled_alone = run(engine, REQUESTS[2])  # a sampled row: the same alone and together
         watch.seen.clear()
-        together: list[Any] = [None] * len(REQUESTS)
-
-        def worker(i: int) -> None:
-            together[i] = run(engine, REQUESTS[i])
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(REQUESTS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        handles = []
+        for r in REQUESTS:  # submitted together: the engine reads the burst, then decodes it
+            with engine.reserve() as ticket:
+                handles.append(engine.submit(ticket, r))
+        together = []
+        for h in handles:
+            events = list(h.events(timeout=120))
+            together.append(("".join(e.text for e in events if isinstance(e, TextDelta)), events[-1]))
     finally:
         engine.close()
         single.close()
