@@ -477,6 +477,7 @@ class Scheduler(QueuedEngine):
         # prompt-lookup drafting: up to draft_tokens per step for greedy rows (see _verify)
         self.draft_tokens = draft_tokens if speculate == "ngram" else 0
         self.costs = StepCosts()  # the decode and verify steps' times, for _verify_drafts
+        self.acceptance = Acceptance()  # every row's draft tokens: a new row's prior
         self.backend, self.tokenizer = backend, tokenizer
         self.slots, self.max_seq = backend.slots, backend.max_seq
         self.stop_ids = frozenset(tokenizer.stop_ids)
@@ -945,10 +946,12 @@ class Scheduler(QueuedEngine):
         judged = expected if expected is not None else state.offered
         if judged is not None:
             state.acceptance.observe(token == judged)
+            self.acceptance.observe(token == judged)
         state.offered = None
         if state.generated == 1 and self.draft_tokens and self._drafts(state):
             state.lookup = PromptLookup(state.handle.request.prompt_ids)
             state.draft_limit = self.draft_tokens
+            state.acceptance = Acceptance(prior=self.acceptance.p)  # draft_plan.Acceptance
         now = time.monotonic()
         if state.generated == 1:
             state.first_token = now

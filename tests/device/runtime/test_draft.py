@@ -374,6 +374,43 @@ def test_acceptance_follows_the_recent_draft_tokens() -> None:
     assert a.p < 0.4
 
 
+def test_a_new_rows_acceptance_starts_from_the_engines_recent_one() -> None:
+    """The prior weighs two tokens: a row after rows that copied starts high and is down below
+    0.5 after two wrong tokens; with no draft seen yet the prior is 0.5."""
+    from device.serve.draft_plan import Acceptance
+
+    assert Acceptance().p == 0.5
+    engine = Acceptance()
+    for _ in range(40):
+        engine.observe(True)
+    row = Acceptance(prior=engine.p)
+    assert row.p == engine.p > 0.95
+    row.observe(False)
+    row.observe(False)
+    assert row.p < 0.5
+
+
+def test_the_engine_gives_new_rows_its_acceptance_as_their_prior(engines: Any, runner: Any,
+                                                                 monkeypatch: Any) -> None:
+    on, _, _ = engines
+    assert on.acceptance.p == 0.5  # nothing drafted yet
+    run(on, GenerationRequest(copying_prompt(runner), 40, ignore_eos=True))
+    learned = on.acceptance.p
+    assert learned != 0.5
+    import device.serve.scheduler as scheduler
+
+    priors: list[float] = []
+    real = scheduler.Acceptance
+
+    def record(*args: Any, **kw: Any) -> Any:
+        priors.append(kw.get("prior", 0.5))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(scheduler, "Acceptance", record)
+    run(on, GenerationRequest(copying_prompt(runner), 8))
+    assert priors == [learned]
+
+
 class ShapedDelay(SlowBackend):
     """A device whose step time depends on the step's shape: delay_of(rows, tokens)."""
 
