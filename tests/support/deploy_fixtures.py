@@ -22,6 +22,7 @@ import pytest
 from daemon_fixtures import serve_store_in_thread
 from paths import REPO
 
+from bundle.contract import RAGGED_MODEL_FILE
 from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, hash_tree, read_manifest
 from device.serve.serial_link import LinkDown
@@ -41,8 +42,10 @@ def variant(src: Path, dst: Path, name: str, extra_bytes: int = 0, break_model: 
     shutil.copytree(src, dst)
     if extra_bytes:
         (dst / "extra.bin").write_bytes(os.urandom(extra_bytes))
-    if break_model:
-        (dst / "model.onnx").write_bytes(b"this is not an onnx graph" * 100)
+    if break_model:  # both forms of the graph (a daemon with several slots loads the ragged one)
+        for graph in (dst / "model.onnx", dst / RAGGED_MODEL_FILE):
+            if graph.exists():
+                graph.write_bytes(b"this is not an onnx graph" * 100)
     manifest = read_manifest(dst)
     manifest.source = dataclasses.replace(manifest.source, name=name)
     if runtime:

@@ -30,6 +30,7 @@ import pytest
 from click.testing import CliRunner
 from deploy_fixtures import variant
 
+from bundle.contract import RAGGED_MODEL_FILE
 from bundle.errors import ToolkitError
 from bundle.manifest import MANIFEST, EngineRecord, hash_tree, read_manifest, verify_files
 from device.store.store import SmokeResult, Store
@@ -42,7 +43,8 @@ MARGIN = 64 << 20  # device/store/space.py DISK_MARGIN
 # --- bundles ONNX Runtime cannot load ------------------------------------------------------------
 
 def broken_op_bundle(src: Path, dst: Path, name: str, op: str) -> Path:
-    """A copy of src whose model.onnx also holds a node ONNX Runtime cannot run, manifest
+    """A copy of src whose graph (model.onnx and its ragged twin, convert/ragged.py, which a
+    daemon with several slots loads instead) also holds a node ONNX Runtime cannot run, manifest
     re-hashed (every hash valid: only the runtime refuses it).
 
     op "nope": domain com.example, op Nope (ORT raises Fail: "not a registered function/op").
@@ -53,16 +55,19 @@ def broken_op_bundle(src: Path, dst: Path, name: str, op: str) -> Path:
     from onnx import TensorProto, helper
 
     shutil.copytree(src, dst)
-    model = onnx.load(str(dst / "model.onnx"))
-    if op == "nope":
-        model.opset_import.append(helper.make_opsetid("com.example", 1))
-        model.graph.initializer.append(helper.make_tensor("nope_in", TensorProto.FLOAT, [1], [0.0]))
-        model.graph.node.append(helper.make_node("Nope", ["nope_in"], ["nope_out"], name="nope",
-                                                 domain="com.example"))
-    else:
-        model.graph.initializer.append(helper.make_tensor("nope_in", TensorProto.BFLOAT16, [1], [0]))
-        model.graph.node.append(helper.make_node("Neg", ["nope_in"], ["nope_out"], name="nope"))
-    onnx.save(model, str(dst / "model.onnx"))
+    for graph in (dst / "model.onnx", dst / RAGGED_MODEL_FILE):  # both forms of the graph
+        if not graph.exists():
+            continue
+        model = onnx.load(str(graph))
+        if op == "nope":
+            model.opset_import.append(helper.make_opsetid("com.example", 1))
+            model.graph.initializer.append(helper.make_tensor("nope_in", TensorProto.FLOAT, [1], [0.0]))
+            model.graph.node.append(helper.make_node("Nope", ["nope_in"], ["nope_out"], name="nope",
+                                                     domain="com.example"))
+        else:
+            model.graph.initializer.append(helper.make_tensor("nope_in", TensorProto.BFLOAT16, [1], [0]))
+            model.graph.node.append(helper.make_node("Neg", ["nope_in"], ["nope_out"], name="nope"))
+        onnx.save(model, str(graph))
     manifest = read_manifest(dst)
     manifest.source = dataclasses.replace(manifest.source, name=name)
     manifest.files = hash_tree(dst)
