@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from bundle.errors import ToolkitError
 from targets import DEFAULT_TARGET
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -39,16 +40,21 @@ def daemon_options(fn: Callable[..., Any] | None = None, *,
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(f)
-        def wrapper(*args: Any, socket_path: Path | None, device: str | None, **kwargs: Any) -> Any:
+        def wrapper(*args: Any, socket_path: str | None, device: str | None, **kwargs: Any) -> Any:
+            if socket_path == "":  # as a Path it was ".": "no daemon is listening at unix://."
+                raise ToolkitError("--socket is empty", hint="give the daemon's socket path, or leave "
+                                   "--socket out for the default ($XDG_RUNTIME_DIR/toolkit.sock)")
+            if device is not None and not device.strip():  # was taken as not given: the default socket
+                raise ToolkitError("--device is empty", hint="give a name from `toolkit devices list`")
             endpoint = None
             if socket_path or device or not instead_of:
                 from host.client import endpoint_for
 
-                endpoint = endpoint_for(socket_path, device)
+                endpoint = endpoint_for(Path(socket_path) if socket_path else None, device)
             return f(*args, endpoint=endpoint, **kwargs)
 
         wrapper = click.option("--device", default=None, metavar="NAME", help=device_help)(wrapper)
-        return click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
+        return click.option("--socket", "socket_path", type=click.Path(), default=None,  # a str: "" seen
                             help=socket_help)(wrapper)
 
     return decorate(fn) if fn is not None else decorate

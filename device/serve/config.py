@@ -88,7 +88,7 @@ class ServeConfig:
     bundle: Path | None  # None: serve the active bundle of `store`
     socket: Path | str | None = None  # None: default_socket_path(); "" is refused
     tcp: str | None = None  # "HOST:PORT"; TCP is off unless given
-    token_file: Path | None = None  # required with tcp and with serial
+    token_file: Path | str | None = None  # required with tcp and with serial
     slots: int | None = None  # None: the bundle's batch
     queue: int = 16  # requests that may wait for a slot; beyond, 503
     threads: int | None = None  # runtime intra-op threads; None: all cores
@@ -116,6 +116,9 @@ class ServeConfig:
         if self.socket is not None and not str(self.socket):
             raise ToolkitError("--socket is empty", hint="give the socket's path, or leave --socket out "
                                "for the default ($XDG_RUNTIME_DIR/toolkit.sock)")
+        if self.token_file is not None and not str(self.token_file):  # was "Is a directory" (".")
+            raise ToolkitError("--token-file is empty", hint="give the file that holds the token(s), "
+                               "one per line, mode 600")
         if self.tcp is not None:
             parse_tcp(self.tcp)  # "" included: "is not HOST:PORT"
         if self.serial is not None and not self.serial.strip():

@@ -49,6 +49,20 @@ def test_an_interrupted_command_says_so_in_one_line_and_exits_130(args: list[str
     assert interrupted(*args) == "interrupted"
 
 
+def test_an_interrupted_answer_ends_its_line_before_interrupted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stdout gets the partial answer and its newline (a redirected answer ends whole), stderr
+    the `interrupted` line; the answer's line used to run on into the shell's prompt."""
+    def answer(*args: Any, **kwargs: Any) -> Any:
+        yield "The capital", None
+        yield " of France", None
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("host.daemon.generate", answer)
+    result = CliRunner().invoke(main, ["generate", "--socket", "/nonexistent/toolkit.sock", "hi"])
+    assert result.exit_code == 130
+    assert result.stdout == "The capital of France\n" and result.stderr.strip() == "interrupted"
+
+
 # --- deploy: what the device keeps ------------------------------------------------------------
 
 @pytest.mark.parametrize("got_to, kept", [

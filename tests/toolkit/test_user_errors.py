@@ -331,3 +331,26 @@ def test_report_outputs_that_cannot_be_written_are_one_line(tiny_bundle: Any, tm
         result = run("report", *args)
         assert result.exit_code == 1 and "cannot write" in result.output, (args, result.output)
         assert "hint:" in result.output
+
+
+# --- empty option values ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, error", [
+    (["status", "--socket", ""], "--socket is empty"),
+    (["generate", "--socket", "", "hi"], "--socket is empty"),
+    (["bench", "--socket", ""], "--socket is empty"),
+    (["status", "--device", ""], "--device is empty"),
+    (["generate", "--device", " ", "hi"], "--device is empty"),
+])
+def test_an_empty_socket_or_device_is_named_as_empty(args: list[str], error: str) -> None:
+    """--socket "" was the path ".": "no daemon is listening at unix://."; --device "" was taken
+    as not given, so the command went to the default socket instead of the board meant."""
+    result = run(*args)
+    assert result.exit_code == 1 and f"error: {error}" in result.output, result.output
+    assert "unix://." not in result.output
+
+
+def test_serve_names_an_empty_token_file_as_empty(tmp_path: Path) -> None:
+    """It was the path ".", read as a token file: "Is a directory"."""
+    result = run("serve", str(tmp_path), "--tcp", "127.0.0.1:0", "--token-file", "")
+    assert result.exit_code == 1 and "error: --token-file is empty" in result.output, result.output

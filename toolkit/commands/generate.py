@@ -54,9 +54,9 @@ def generate(prompt: str, endpoint: Endpoint, chat: bool, max_tokens: int, tempe
                 final = event
             click.echo(text, nl=False)
             printed = printed or bool(text)
-    except ToolkitError:
-        if printed:  # end the partial answer's line, so that the error starts on a line of its own
-            click.echo()
+    except (ToolkitError, KeyboardInterrupt):
+        if printed:  # end the partial answer's line (stdout: a redirected answer ends whole), so
+            click.echo()  # that the error or `interrupted` starts on a line of its own
         raise
     click.echo()
     if final:

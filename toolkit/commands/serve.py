@@ -30,7 +30,7 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
               help="Make the Unix socket 0660 for this group (default: 0600, the owner only).")
 @click.option("--tcp", default=None, metavar="HOST:PORT",
               help="Also listen on TCP (loopback when HOST is omitted). Needs --token-file.")
-@click.option("--token-file", type=click.Path(path_type=Path), default=None,
+@click.option("--token-file", type=click.Path(), default=None,  # a str: "" is refused
               help="Token(s), one per line, mode 600: TCP clients' bearer token and the serial "
                    "link's shared secret.")
 @click.option("--tls-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
@@ -78,7 +78,7 @@ _D = ServeConfig(bundle=Path("."))  # defaults are defined once, on the dataclas
               help="How a deploy replaces the served bundle: hot loads the new one beside it (no "
                    "gap, both in memory for a moment), cold unloads it first (half the memory, "
                    "503 while loading); auto picks hot when the device's memory allows.")
-def serve(bundle: Path | None, socket_path: str | None, tcp: str | None, token_file: Path | None,
+def serve(bundle: Path | None, socket_path: str | None, tcp: str | None, token_file: str | None,
           tls_cert: Path | None, tls_key: Path | None, max_connections: int, slots: int | None,
           queue: int, threads: int | None, drain_timeout: float, decode_mode: str, speculate: str,
           draft_tokens: int | None, store: Path | None,
