@@ -125,6 +125,11 @@ class OrtDecoderBackend:
         self._bound: dict[tuple[int, int, int], tuple[Any, np.ndarray, np.ndarray, np.ndarray,
                                                        list[np.ndarray]]] = {}
         self._decode_out: dict[int, list[np.ndarray]] = {}  # batch -> [logits, new_k0, ...]
+        # The bound steps' logits [B, K, V] are views of ONE buffer, grown as needed (a step's
+        # logits are read before the next step: backend.py). A buffer per binding would hold
+        # sum(B x T) x V floats once joint steps ran many shapes (SmolLM2, 8 slots from slot 0,
+        # every B <= 8 and T <= 16: 0.9 GB, computed) for at most 25 MB of logits a step.
+        self._logits = np.empty(0, np.float32)
 
     def _outputs(self, B: int, T: int, K: int) -> list[np.ndarray]:
         """[logits [B,K,V], new_key.0 [B,Hkv,T,D], ...]; just logits for in-place graphs."""
@@ -195,7 +200,7 @@ class OrtDecoderBackend:
             ids, pos = np.zeros((B, T), np.int64), np.zeros((B, T), np.int64)
             real = np.full(B, T, np.int32)  # query_seqlens (ragged graphs)
             index = self._last if T == 1 else np.arange(T, dtype=np.int64)  # T > 1: every position
-            outs = self._outputs(B, T, len(index))
+            outs = [self._shared_logits(B, len(index))]  # may drop the other bindings: first
             rows, _ = self.cache.rows(slot_ids)
             binding = self.session.io_binding()
             binding.bind_cpu_input("input_ids", ids)
@@ -217,6 +222,15 @@ class OrtDecoderBackend:
         real[:] = T if lengths is None else lengths
         self.session.run_with_iobinding(binding)
         return outs[0]
+
+    def _shared_logits(self, B: int, K: int) -> np.ndarray:
+        """[B, K, V] at the start of the shared logits buffer. Growing it (to twice, or what is
+        asked) drops every binding, which pointed into the old one; they are bound again."""
+        n = B * K * self.vocab_size
+        if self._logits.size < n:
+            self._logits = np.empty(max(n, 2 * self._logits.size), np.float32)
+            self._bound.clear()
+        return self._logits[:n].reshape(B, K, self.vocab_size)
 
     def read_kv(self, slot: int, lo: int, hi: int) -> HostKVBlock:
         """Positions lo..hi-1 of a slot, every layer (the prefix cache's block)."""

@@ -115,3 +115,25 @@ def test_a_ragged_graph_this_runtime_refuses_falls_back_to_the_plain_one(
     assert not backend.ragged_steps
     assert "does not load here" in caplog.text
     assert backend.step(np.zeros((2, 1), np.int64), np.zeros((2, 1), np.int64), [0, 1]).shape[0] == 2
+
+
+def test_bound_steps_of_every_shape_share_one_logits_buffer(q_fp32_bundle) -> None:  # noqa: F811
+    """Joint steps run many (rows, tokens) shapes; each cached binding used to own its logits
+    buffer, sum(B x T) x V floats in all (SmolLM2, 8 slots: up to 0.9 GB). Now they are views of
+    one buffer at most twice the largest step's logits, and each step's logits are its own."""
+    backend = load_bundle(q_fp32_bundle("llama", "cpu"), slots=4, threads=1, ragged=True).backend
+    rng = np.random.default_rng(2)
+    for s in range(4):
+        prefill(backend, rng.integers(0, backend.vocab_size, 6).tolist(), s)
+    largest = 0
+    for B in (2, 4, 3):
+        for T in (2, 5, 3):
+            ids = rng.integers(0, backend.vocab_size, (B, T)).astype(np.int64)
+            pos = 6 + np.tile(np.arange(T), (B, 1))
+            got = backend.step(ids, pos, list(range(B)), lengths=np.full(B, T)).copy()
+            again = backend.step(ids, pos, list(range(B)), lengths=np.full(B, T))  # the same cache rows
+            np.testing.assert_array_equal(got, again)
+            largest = max(largest, again.nbytes)
+    views = [entry[-1][0] for entry in backend._bound.values()]
+    assert len(views) > 1 and all(np.shares_memory(v, backend._logits) for v in views)
+    assert backend._logits.nbytes <= 2 * largest
