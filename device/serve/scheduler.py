@@ -442,6 +442,8 @@ def probe_ragged(backend: DecoderBackend, tokens: int = 4) -> bool:
     a kernel's blocking may depend on the rows (a row with one real token already differs: the
     kernel's one-query path). Writes only positions no request holds (run before serving)."""
     slots = backend.slots
+    if backend.max_seq < tokens + 4:  # no room for a prompt and the rows: not worth it there
+        return False
     rng = np.random.default_rng(1)
     starts = [min(3 + s % 5, backend.max_seq - 1 - tokens) for s in range(slots)]
     for s, n in enumerate(starts):
@@ -494,7 +496,8 @@ class Scheduler(QueuedEngine):
         # prompt (prefix cache) or a decode step wrote them. Sampled rows, which never draft,
         # keep the cheaper one-token step (the spare costs SmolLM2 +4 % at fp32, +21-24 % at
         # int8/int4; their step times stay out of the drafting plan's costs). Several slots:
-        # never (batched steps cannot take it, and a row alone must equal the same row batched).
+        # only in joint steps (below), for every row; batched steps of the plain graph cannot
+        # take it, and a row alone must equal the same row batched.
         self.exact_steps = self.slots == 1
         # Several slots and a ragged graph (convert/ragged.py): joint steps. Every decode step
         # runs every row of the span at once, each with its pending token and its draft (or a
