@@ -145,8 +145,11 @@ class OrtDecoderBackend:
         if ragged and twin.is_file():
             try:
                 return open_session(twin, threads, device, spin)
-            except ToolkitError as e:  # an ONNX Runtime older than 1.32: one row per verify step
-                log.info("the ragged graph does not load here (%s); using %s", e.message, Path(model).name)
+            # an ONNX Runtime older than 1.32 (an input its GroupQueryAttention does not know),
+            # or whatever else: the plain graph serves, and drafts verify one row a step
+            except Exception as e:  # noqa: BLE001 - ORT raises several untyped errors here
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                log.info("the ragged graph does not load here (%s); using %s", reason, Path(model).name)
         return open_session(model, threads, device, spin)
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],
