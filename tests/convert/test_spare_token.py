@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from engine_helpers import Watching
 from quantize_fixtures import MAX_SEQ, q_bundle, q_fp32_bundle  # noqa: F401  (fixtures)
 
 from bundle.contract import SPARE_TOKEN
@@ -77,27 +78,6 @@ def test_a_batch_of_rows_never_takes_a_spare(q_fp32_bundle) -> None:  # noqa: F8
     assert out.shape == (2, 1, two.vocab_size) and np.isfinite(out).all()
 
 
-class Watching:
-    """The real backend, recording spare_token at every step of T tokens."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.seen = inner, []
-        self.kind, self.slots = "onnxruntime", 1
-        self.max_seq, self.vocab_size = inner.max_seq, inner.vocab_size
-
-    @property
-    def spare_token(self) -> bool:
-        return bool(self.inner.spare_token)
-
-    @spare_token.setter
-    def spare_token(self, on: bool) -> None:
-        self.inner.spare_token = on
-
-    def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any) -> np.ndarray:
-        self.seen.append((ids.shape[1], self.inner.spare_token))
-        return self.inner.step(ids, pos, slots, *rest)
-
-
 def test_int4_drafts_in_a_one_slot_engine_and_only_greedy_rows_pay_for_it(q_bundle) -> None:  # noqa: F811
     from device.runtime.sampling import SamplingParams
     from device.serve.scheduler import GenerationRequest, Scheduler, TextDelta
@@ -126,7 +106,7 @@ def test_int4_drafts_in_a_one_slot_engine_and_only_greedy_rows_pay_for_it(q_bund
             engine.close()
     assert outs[0][0] == outs[1][0]  # drafted int4 output is plain greedy's, token for token
     assert outs[0][1].usage.drafted_tokens > 0 and outs[1][1].usage.drafted_tokens == 0
-    decode = [spare for width, spare in watch.seen if width == 1]
+    decode = [spare for shape, spare, _ in watch.seen if shape[1] == 1]
     assert decode and not any(decode)  # the sampled row's one-token steps took no spare
 
 

@@ -42,6 +42,29 @@ class SlowBackend:
         return self.inner.step(ids, pos, slots, *rest)
 
 
+class Watching:
+    """Delegates to a real backend, recording every step: (ids shape, spare_token then, lengths)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seen: list[tuple[tuple[int, ...], bool, Any]] = []
+        for name in ("kind", "slots", "max_seq", "vocab_size"):
+            setattr(self, name, getattr(inner, name))
+        self.ragged_steps = getattr(inner, "ragged_steps", False)
+
+    @property
+    def spare_token(self) -> bool:
+        return bool(self.inner.spare_token)
+
+    @spare_token.setter
+    def spare_token(self, on: bool) -> None:
+        self.inner.spare_token = on
+
+    def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any, **kw: Any) -> np.ndarray:
+        self.seen.append((ids.shape, bool(self.inner.spare_token), kw.get("lengths")))
+        return self.inner.step(ids, pos, slots, *rest, **kw)
+
+
 class OnlyTokens:
     """A grammar in miniature (duck-typed as grammar.TokenConstraint): the output must be exactly
     `tokens`, then it is complete. Lets the engine's per-slot masking be checked without the

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
+from engine_helpers import Watching, run
 from quantize_fixtures import q_bundle, q_fp32_bundle  # noqa: F401  (fixtures)
 
 from device.runtime.runner import load_bundle
@@ -21,34 +20,6 @@ from device.serve.scheduler import GenerationRequest, Scheduler, TextDelta
 def bundle(q_bundle: Callable[..., Path], q_fp32_bundle: Callable[..., Path],  # noqa: F811
            precision: str) -> Path:
     return q_fp32_bundle("llama", "cpu") if precision == "fp32" else q_bundle("llama", "cpu", precision)
-
-
-class Watching:
-    """The real backend, recording each step's shape and lengths."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.seen = inner, []
-        for name in ("kind", "slots", "max_seq", "vocab_size", "ragged_steps"):
-            setattr(self, name, getattr(inner, name))
-
-    @property
-    def spare_token(self) -> bool:
-        return bool(self.inner.spare_token)
-
-    @spare_token.setter
-    def spare_token(self, on: bool) -> None:
-        self.inner.spare_token = on
-
-    def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any, **kw: Any) -> np.ndarray:
-        self.seen.append((ids.shape, kw.get("lengths")))
-        return self.inner.step(ids, pos, slots, *rest, **kw)
-
-
-def run(engine: Scheduler, req: GenerationRequest) -> tuple[str, Any]:
-    with engine.reserve() as ticket:
-        handle = engine.submit(ticket, req)
-    events = list(handle.events(timeout=120))
-    return "".join(e.text for e in events if isinstance(e, TextDelta)), events[-1]
 
 
 # text that repeats, and a random model's greedy text soon loops: drafts on offer
@@ -90,7 +61,7 @@ def test_rows_stepped_jointly_give_the_one_slot_engines_output(q_bundle, q_fp32_
     assert [text for text, _ in greedy] == [text for text, _ in alone]
     assert together[2][0] == sampled_alone[0]
     assert sum(fin.usage.accepted_tokens for _, fin in greedy) > 0
-    joint = [(shape, lengths) for shape, lengths in watch.seen if lengths is not None]
+    joint = [(shape, lengths) for shape, _, lengths in watch.seen if lengths is not None]
     assert joint and all(shape[1] >= 2 and min(lengths) >= 2 for shape, lengths in joint)
     assert any(max(lengths) > 2 for _, lengths in joint)  # drafts verified in a joint step
 
