@@ -29,10 +29,11 @@ Greedy rows may draft (prompt lookup, `speculate="ngram"`): a row whose last tok
 before in its prompt or output is stepped alone with its pending token plus the tokens that
 followed there, and keeps the run of them the model agrees with (see _verify). With several
 slots and a ragged graph (convert/ragged.py: the bundle's model.ragged.onnx, ONNX Runtime 1.32)
-the engine steps jointly: every decode step runs every row of the span at once, each with its
-pending token and up to T - 1 tokens of its draft, or a spare token where it has none, padded
-to one T the plan picks from the measured step times and each row's acceptance (_decode_joint,
-draft_plan.joint_length). Otherwise (an older runtime, TensorRT) a drafting row is stepped alone
+the engine steps jointly while some row may draft: every decode step runs every row of the
+span at once, each with its pending token and up to T - 1 tokens of its draft, or a spare token
+where it has none, padded to one T the plan picks from the measured step times and each row's
+acceptance (_decode_joint, draft_plan.joint_length); while none may (sampled rows only), the
+plain batched step runs. Otherwise (an older runtime, TensorRT) a drafting row is stepped alone
 (B=1), since GroupQueryAttention takes several tokens per step over a cache only for one row;
 with several rows decoding, a row verifies its draft only where the measured step times and its
 acceptance so far say that raises tokens per second (device/serve/draft_plan.py), and while some
@@ -496,16 +497,21 @@ class Scheduler(QueuedEngine):
         # prompt (prefix cache) or a decode step wrote them. Sampled rows, which never draft,
         # keep the cheaper one-token step (the spare costs SmolLM2 +4 % at fp32, +21-24 % at
         # int8/int4; their step times stay out of the drafting plan's costs). Several slots:
-        # only in joint steps (below), for every row; batched steps of the plain graph cannot
-        # take it, and a row alone must equal the same row batched.
-        self.exact_steps = self.slots == 1
-        # Several slots and a ragged graph (convert/ragged.py): joint steps. Every decode step
-        # runs every row of the span at once, each with its pending token and its draft (or a
-        # spare token: at least 2 real tokens a row), so drafts are verified for all rows in the
-        # one step that reads the weights, and each row's logits are bit for bit those of the
-        # one-slot engine (probe_ragged), whatever else runs. Costs a step with no draft the
-        # spare (SmolLM2 8 rows: +43 % int8, +49 % int4, +16 % fp32); what a row without one
-        # pays beside drafting rows is bounded as in the plan (draft_plan.joint_length).
+        # the same where the engine steps jointly (below); without joint steps, never (batched
+        # steps of the plain graph cannot take it, and a row alone must equal it batched).
+        # Several slots and a ragged graph (convert/ragged.py): joint steps. While some active
+        # row may draft (greedy), every decode step runs every row of the span at once, each
+        # with its pending token and its draft (or a spare token: at least 2 real tokens a row),
+        # so drafts are verified for all rows in the one step that reads the weights, and a
+        # greedy row's logits are bit for bit those of the one-slot engine (probe_ragged),
+        # whatever else runs. While no row may draft (sampled, penalized), the plain batched
+        # step runs, without the spare it would cost them (SmolLM2 8 rows: +43 % int8, +49 %
+        # int4, +16 % fp32; 8 sampled streams at int8: 0.77x the tokens/s in joint steps). So a
+        # sampled row's logits are the plain step's alone or among sampled rows, and the joint
+        # step's (the spare form) beside greedy ones: its seeded text may differ between the two
+        # (by the last bits at fp32, up to ~0.6 in a logit at int8/int4), as sampling in vLLM
+        # or llama.cpp depends on its batch. What a row without a draft pays beside drafting
+        # rows is bounded as in the plan (draft_plan.joint_length).
         self.joint = False
         if (self.draft_tokens and self.slots > 1 and getattr(backend, "ragged_steps", False)
                 and decode_mode != "per-row"):
@@ -514,17 +520,21 @@ class Scheduler(QueuedEngine):
             if not self.joint:
                 log.warning("joint draft steps are off: rows of a ragged step differ from the same "
                             "rows stepped alone on this machine; drafts are verified one row a step")
+        # lone rows that may draft (and prompts) step with the spare: one slot, or joint steps
+        self.spare_rows = self.slots == 1 or self.joint
         if self.draft_tokens:
-            backend.spare_token = self.exact_steps or self.joint
+            backend.spare_token = self.spare_rows
             deviation = verify_step_deviation(backend, self.draft_tokens)
             if deviation > VERIFY_TOLERANCE:
                 log.warning("prompt-lookup drafting is off: a %d-token step's logits differ from "
                             "single steps' by %.3g (> %g), so drafts could change greedy output",
                             1 + self.draft_tokens, deviation, VERIFY_TOLERANCE)
                 self.draft_tokens = 0
-        # joint: a lone row steps alone with its spare, which probe_ragged compared the rows with
-        lone = probe_batch_invariance(backend) if decode_mode == "auto" and not self.joint else None
-        self.batched = decode_mode == "batched" or lone is not None or self.joint
+                self.joint = False
+        # the plain steps (rows that do not draft) are probed without the spare; _step sets it
+        backend.spare_token = False
+        lone = probe_batch_invariance(backend) if decode_mode == "auto" else None
+        self.batched = decode_mode == "batched" or lone is not None
         self.pair_lone = lone == "paired"  # a lone row steps beside a neighbour's padding row
         self.decode_mode = "batched" if self.batched else "per-row"
         # /v1/status: how drafts are verified ("joint": every row's in the decode step itself)
@@ -697,7 +707,7 @@ class Scheduler(QueuedEngine):
                 job.done = job.reused = self._reuse_prefix(state.slot, state.handle.request.prompt_ids)
                 self._pos[state.slot, 0] = job.done
             ids, pos, last = job.chunk(job.remaining if n is None else n)
-            if self.exact_steps:  # a decode step may have cleared it; several slots never set it
+            if self.spare_rows:  # a decode step may have cleared it (see __init__)
                 self.backend.spare_token = True
             logits = self.backend.step(ids, pos, [state.slot], last)[0, -1]
         except Exception:  # noqa: BLE001 - a runtime failure must fail this request, not the daemon
@@ -763,7 +773,8 @@ class Scheduler(QueuedEngine):
 
     def _decode(self) -> None:
         try:
-            if self.joint and max(self._active) > min(self._active):
+            if (self.joint and max(self._active) > min(self._active)
+                    and any(self._drafts(state) for state in self._active.values())):
                 self._decode_joint()
                 return
             if self._verify_drafts():
@@ -782,7 +793,9 @@ class Scheduler(QueuedEngine):
 
     def _decode_batched(self) -> None:
         lo, hi = min(self._active), max(self._active)
-        if lo == hi and self.pair_lone:  # a lone row steps beside a neighbour's padding row:
+        # a lone row steps beside a neighbour's padding row (not one that may draft in a joint
+        # engine: it steps alone with its spare, as probe_ragged compared it):
+        if lo == hi and self.pair_lone and not (self.joint and self._drafts(self._active[lo])):
             # the neighbour is not active, and its padding ids/positions write only where its
             # next prefill writes first (see _admit), like the gaps of any run (probe above)
             lo, hi = (lo, hi + 1) if hi + 1 < self.slots else (lo - 1, hi)
@@ -795,13 +808,13 @@ class Scheduler(QueuedEngine):
     def _step(self, ids: np.ndarray, pos: np.ndarray, slots: Sequence[int],
               lengths: np.ndarray | None = None) -> np.ndarray:
         """backend.step, its time kept by (rows, tokens per row) for the drafting plan."""
-        if self.exact_steps:  # one slot, one row (see __init__)
+        if self.spare_rows:  # a lone row takes the spare where it may draft (see __init__)
             self.backend.spare_token = all(self._drafts(self._active[s]) for s in slots if s in self._active)
         t0 = time.perf_counter()
         logits = self.backend.step(ids, pos, slots, lengths=lengths) if lengths is not None \
             else self.backend.step(ids, pos, slots)
         # the plan costs the steps a drafting row takes: a sampled row's cheaper ones stay out
-        if not self.exact_steps or self.backend.spare_token:
+        if not self.spare_rows or self.backend.spare_token or lengths is not None:
             self.costs.observe(ids.shape[0], ids.shape[1], time.perf_counter() - t0)
         return logits
 

@@ -30,40 +30,53 @@ REQUESTS = [GenerationRequest(list(range(3, 13)) * 2, 40, ignore_eos=True),
             GenerationRequest(list(range(60, 66)) * 3, 40, ignore_eos=True)]
 
 
+def burst(engine: Scheduler, requests: list[GenerationRequest]) -> list[str]:
+    """Submitted together: the engine reads the burst, then decodes it; the texts."""
+    handles = []
+    for r in requests:
+        with engine.reserve() as ticket:
+            handles.append(engine.submit(ticket, r))
+    return ["".join(e.text for e in h.events(timeout=120) if isinstance(e, TextDelta)) for h in handles]
+
+
+SAMPLED = [GenerationRequest(list(range(5 + i, 30)), 24, params=SamplingParams(temperature=0.8, seed=i),
+                             ignore_eos=True) for i in range(3)]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
 def test_rows_stepped_jointly_give_the_one_slot_engines_output(q_bundle, q_fp32_bundle,  # noqa: F811
                                                                 precision: str) -> None:
+    """Greedy rows beside each other and a sampled row: each the one-slot engine's text. Sampled
+    rows among themselves take the plain batched step (no spare): each the same as alone."""
     path = bundle(q_bundle, q_fp32_bundle, precision)
     one = load_bundle(path, slots=1, threads=2)
     four = load_bundle(path, slots=4, threads=2, ragged=True)
     watch = Watching(four.backend)
     engine = Scheduler(watch, four.tokenizer, speculate="ngram")  # type: ignore[arg-type]
-    assert engine.joint and engine.decode_mode == "batched" and engine.draft_tokens > 0
+    assert engine.joint and engine.draft_tokens > 0 and engine.draft_steps == "joint"
     single = Scheduler(one.backend, one.tokenizer, speculate="ngram")
     single.start()
     engine.start()
     try:
-        alone = [run(single, r) for r in REQUESTS[:2] + REQUESTS[3:]]
-        sampled_alone = run(engine, REQUESTS[2])  # a sampled row: the same alone and together
+        alone = [run(single, r)[0] for r in REQUESTS[:2] + REQUESTS[3:]]
         watch.seen.clear()
-        handles = []
-        for r in REQUESTS:  # submitted together: the engine reads the burst, then decodes it
-            with engine.reserve() as ticket:
-                handles.append(engine.submit(ticket, r))
-        together = []
-        for h in handles:
-            events = list(h.events(timeout=120))
-            together.append(("".join(e.text for e in events if isinstance(e, TextDelta)), events[-1]))
+        together = burst(engine, REQUESTS)
+        mixed = list(watch.seen)
+        sampled_alone = [run(engine, r)[0] for r in SAMPLED]
+        watch.seen.clear()
+        sampled_together = burst(engine, SAMPLED)
+        sampled_steps = list(watch.seen)
     finally:
         engine.close()
         single.close()
-    greedy = together[:2] + together[3:]
-    assert [text for text, _ in greedy] == [text for text, _ in alone]
-    assert together[2][0] == sampled_alone[0]
-    assert sum(fin.usage.accepted_tokens for _, fin in greedy) > 0
-    joint = [(shape, lengths) for shape, _, lengths in watch.seen if lengths is not None]
+    assert together[:2] + together[3:] == alone
+    joint = [(shape, lengths) for shape, _, lengths in mixed if lengths is not None]
     assert joint and all(shape[1] >= 2 and min(lengths) >= 2 for shape, lengths in joint)
     assert any(max(lengths) > 2 for _, lengths in joint)  # drafts verified in a joint step
+    assert sampled_together == sampled_alone
+    decode = [(shape, spare, lengths) for shape, spare, lengths in sampled_steps if shape[1] == 1]
+    assert decode and not any(spare or lengths is not None for _, spare, lengths in decode)
+    assert all(lengths is None for _, _, lengths in sampled_steps)  # no joint step: none may draft
 
 
 def test_without_a_ragged_graph_or_drafting_the_engine_steps_as_before(q_fp32_bundle) -> None:  # noqa: F811
