@@ -50,7 +50,9 @@ same decode alone and in every batch size. Only if all rows match bit for bit do
 batches; otherwise it steps each row on its own (B=1), which is what a request running alone
 does. `decode_mode` forces either. Joint steps have their own probe (probe_ragged): rows of
 2..4 real tokens in one ragged step against each row alone with its spare, which is what a
-one-slot engine computes, so there a greedy row's output is the same with 1 or 8 slots.
+one-slot engine computes, so there a greedy row's output is the same with 1 or 8 slots. (The
+one exception to "whatever else runs": in a joint engine a sampled row steps in the spare form
+while greedy rows share its steps and in the plain form otherwise; see __init__.)
 
 The batched step covers the contiguous span of slots lo..hi that holds every active slot (free
 slots are handed out lowest first, which keeps the span short). A contiguous span is a view of
