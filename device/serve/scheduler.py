@@ -402,6 +402,13 @@ def smoke_test(backend: DecoderBackend) -> None:
                            f"(expected ({backend.vocab_size},)) or non-finite values")
 
 
+def probe_sizes(slots: int) -> list[int]:
+    """The batch sizes the probes step: every size up to 16 (where a kernel's row blocking
+    differs most from size to size), then powers of two and `slots` (every size up to 256 would
+    be O(slots^2) rows of steps)."""
+    return sorted({*range(2, min(slots, 16) + 1), *(1 << k for k in range(5, slots.bit_length())), slots})
+
+
 def probe_batch_invariance(backend: DecoderBackend) -> str | None:
     """How a lone row must step for every row of a batched decode step to equal, bit for bit,
     the same row stepped so, for batch sizes 2..slots (below), with rows at different positions:
@@ -419,10 +426,7 @@ def probe_batch_invariance(backend: DecoderBackend) -> str | None:
         prefill(backend, rng.integers(0, backend.vocab_size, n).tolist(), s)
     ids = rng.integers(0, backend.vocab_size, (slots, 1)).astype(np.int64)
     pos = np.array([[n] for n in lengths], dtype=np.int64)
-    # every batch size up to 16 (where a kernel's row blocking differs most from size to size),
-    # then powers of two and `slots`: every size up to 256 would be O(slots^2) rows of steps
-    sizes = sorted({*range(2, min(slots, 16) + 1), *(1 << k for k in range(5, slots.bit_length())), slots})
-    batched = [backend.step(ids[:b], pos[:b], list(range(b)))[:, -1].copy() for b in sizes]
+    batched = [backend.step(ids[:b], pos[:b], list(range(b)))[:, -1].copy() for b in probe_sizes(slots)]
 
     def lone(s: int, paired: bool) -> np.ndarray:
         lo = (s if s + 1 < slots else s - 1) if paired else s
@@ -438,12 +442,12 @@ def probe_batch_invariance(backend: DecoderBackend) -> str | None:
 
 def probe_ragged(backend: DecoderBackend, tokens: int = 4) -> bool:
     """Whether joint steps are exact here: rows of 2..`tokens` real tokens in one ragged step
-    (convert/ragged.py), for batch sizes 2..slots (as probe_batch_invariance picks them), give
-    bit for bit what each row gives stepped alone with its spare token (backend.spare_token
-    must be on), which is what the one-slot engine computes. Measured on ONNX Runtime 1.32 for
-    SmolLM2-135M and the tiny test Llama at fp32, int8 and int4; checked, not assumed, because
-    a kernel's blocking may depend on the rows (a row with one real token already differs: the
-    kernel's one-query path). Writes only positions no request holds (run before serving)."""
+    (convert/ragged.py), for the batch sizes of probe_sizes, give bit for bit what each row
+    gives stepped alone with its spare token (backend.spare_token must be on), which is what
+    the one-slot engine computes. Measured on ONNX Runtime 1.32 for SmolLM2-135M and the tiny
+    test Llama at fp32, int8 and int4; checked, not assumed, because a kernel's blocking may
+    depend on the rows (a row with one real token already differs: the kernel's one-query
+    path). Writes only positions no request holds (run before serving)."""
     slots = backend.slots
     if backend.max_seq < tokens + 4:  # no room for a prompt and the rows: not worth it there
         return False
@@ -457,8 +461,7 @@ def probe_ragged(backend: DecoderBackend, tokens: int = 4) -> bool:
     for r, n in enumerate(lens):
         ids[r, n:] = 0
     alone = [backend.step(ids[r:r + 1, :n], pos[r:r + 1, :n], [r])[0].copy() for r, n in enumerate(lens)]
-    sizes = sorted({*range(2, min(slots, 16) + 1), *(1 << k for k in range(5, slots.bit_length())), slots})
-    for b in sizes:
+    for b in probe_sizes(slots):
         out = backend.step(ids[:b], pos[:b], list(range(b)), lengths=lens[:b])
         if not all(np.array_equal(out[r, :n], alone[r]) for r, n in enumerate(lens[:b])):
             return False
