@@ -1,5 +1,5 @@
 """python -m toolkit ARGS... == toolkit ARGS... (tests and benchmarks start daemons this way)."""
 
-from toolkit.cli import main
+from toolkit.entry import main
 
 main(prog_name="toolkit")

@@ -208,3 +208,45 @@ def test_a_second_ctrl_c_during_the_cleanup_still_removes_the_staging_folder(
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def set_name_wraps_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+    """What Python <= 3.11 raises for a Ctrl-C inside a dataclass field's __set_name__."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as e:
+        raise RuntimeError("Error calling __set_name__ on 'Field' instance") from e
+
+
+@pytest.mark.parametrize("load", [ctrl_c, set_name_wraps_ctrl_c])
+def test_ctrl_c_while_the_cli_imports_is_one_line_and_130_not_a_traceback(
+        load: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The console script's first ~0.1 s import toolkit.cli (every command module): a Ctrl-C
+    there was a traceback of whichever import it hit, exit 1 (toolkit/entry.py)."""
+    from toolkit import entry
+
+    monkeypatch.setattr(entry, "load_cli", load)
+    with pytest.raises(SystemExit) as exit_:
+        entry.main()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_an_import_that_fails_for_another_reason_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from toolkit import entry
+
+    def broken() -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(entry, "load_cli", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        entry.main()
+
+
+def test_the_console_script_and_python_m_toolkit_go_through_the_guard() -> None:
+    from targets import tomllib  # tomli on Python 3.10
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["toolkit"] == "toolkit.entry:main"
+    main_py = (Path(__file__).parents[2] / "toolkit" / "__main__.py").read_text()
+    assert "from toolkit.entry import main" in main_py
