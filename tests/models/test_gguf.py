@@ -169,3 +169,23 @@ def test_a_gguf_missing_a_weight_is_refused(tmp_path):
     assert resolve(str(path)).load_torch("text-generation") is not None
     with pytest.raises(ToolkitError, match="lacks 1 weight.*layers.1.post_attention_layernorm"):
         resolve(str(cut)).load_torch("text-generation")
+
+
+def test_a_gguf_with_a_tensor_the_model_has_no_place_for_is_refused(tmp_path):
+    """transformers' loader skipped it silently (a q bias in a llama file: the model's config has
+    attention_bias false), so the bundle was a different model that still passed parity."""
+    _, model = write_llama_gguf(tmp_path / "plain", gguf.GGMLQuantizationType.Q8_0)
+    path, _ = write_llama_gguf(tmp_path / "biased", gguf.GGMLQuantizationType.Q8_0, extra_tensors={
+        "blk.0.attn_q.bias": np.ones(model.config.hidden_size, np.float32)})
+    with pytest.raises(ToolkitError, match="holds 1 tensor.*no place for: blk.0.attn_q.bias") as e:
+        resolve(str(path)).load_torch("text-generation")
+    assert "Hugging Face folder" in (e.value.hint or "")
+
+
+def test_every_tensor_of_a_complete_gguf_has_its_place(tmp_path):
+    from models.sources import unmapped_gguf_tensors
+
+    path, _ = write_llama_gguf(tmp_path, gguf.GGMLQuantizationType.F32)
+    model = resolve(str(path)).load_torch("text-generation")
+    assert unmapped_gguf_tensors(path, model) == []
+    assert len(gguf.GGUFReader(str(path)).tensors) > 10
