@@ -259,8 +259,11 @@ class DeployService:
         ids, every, older = fields.get("ids"), fields.get("all"), fields.get("older_than_s")
         if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
             raise StoreError("'ids' must be a list of upload ids")
+        if every is not None and not isinstance(every, bool):  # bool("no") would remove them all
+            raise StoreError("'all' must be true or false")
         if older is not None and (isinstance(older, bool) or not isinstance(older, (int, float))
-                                  or not math.isfinite(older) or older < 0):
+                                  or not 0 <= older < math.inf):  # NaN fails both; a 400-digit
+            # int compares exactly (math.isfinite raised OverflowError converting it)
             raise StoreError("'older_than_s' must be a number of seconds >= 0")
         return self.store.remove_uploads(ids or None, bool(every), older)
 
@@ -273,6 +276,10 @@ class DeployService:
         """One serial request -> its reply (never raises: errors are replies)."""
         try:
             header, payload = unpack(message)
+        except ValueError as e:  # the sender's fault: not a message of this protocol
+            return pack({"ok": False, "status": 400, "error": {"message": f"not a deploy message: {e}",
+                                                               "code": "bad_message"}})
+        try:
             result = self._dispatch(header, payload)
             reply: dict[str, Any] = {"ok": True, "result": result}
         except StoreError as e:
@@ -401,11 +408,13 @@ class DeployService:
 
     def _http_remove_uploads(self, h: Any) -> None:
         from device.serve.httpd import HTTPError
+        from device.serve.validate import JSONRefused, loads_bounded
 
-        try:
-            fields = json.loads(h.read_body() or b"{}")
-        except ValueError as e:
-            raise HTTPError(400, f"the body is not JSON: {e}") from e
+        body = h.read_body()
+        try:  # the bounded parser every other JSON body goes through (depth, big ints, NaN, ...)
+            fields = loads_bounded(body) if body.strip() else {}
+        except JSONRefused as e:
+            raise HTTPError(e.status, e.message, e.code) from e
         if not isinstance(fields, dict):
             raise HTTPError(400, "the body must be a JSON object")
         with _as_http_error():
@@ -471,7 +480,11 @@ def unpack(message: bytes) -> tuple[dict[str, Any], bytes]:
     (n,) = ENVELOPE.unpack_from(message)
     if n > MAX_HEADER or ENVELOPE.size + n > len(message):
         raise ValueError("message header length is out of range")
-    header = json.loads(message[ENVELOPE.size:ENVELOPE.size + n])
+    from device.serve.validate import loads_bounded
+
+    # bounded as every HTTP body is (depth, big ints, NaN; JSONRefused is a ValueError): a
+    # header 5,000 arrays deep was a RecursionError, answered 500
+    header = loads_bounded(message[ENVELOPE.size:ENVELOPE.size + n], max_bytes=MAX_HEADER)
     if not isinstance(header, dict):
         raise ValueError("message header is not an object")
     return header, message[ENVELOPE.size + n:]

@@ -278,7 +278,7 @@ def test_a_full_disk_while_restoring_the_records_is_507_and_settled_next_time(
     old one again: 507 (not a bare OSError), and the next install starts from what really
     serves (the journal is settled first) rather than journaling the failed bundle as 'old'."""
     import device.store.store as store_mod
-    from device.store.store import StoreError
+    from device.store.errors import StoreError
 
     root = tmp_path / "store"
     install_unchecked(root, bundles["a"])
@@ -312,7 +312,7 @@ def upload_bytes(bundle: Path) -> int:
 
 def test_the_space_check_counts_other_uploads_and_the_engine(bundles: dict[str, Path], tmp_path: Path,  # noqa: F811
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from device.store.store import StoreError
+    from device.store.errors import StoreError
 
     store = Store.open(tmp_path / "store")
     a, b = bundles["a"], bundles["b"]
@@ -586,3 +586,46 @@ def test_sigkill_anywhere_in_deploy_and_commit_leaves_a_bundle_serving(base_bund
         serving = now
     # kills land over the whole window: some interrupt the deploy (P(none) ~ 0.5^20)
     assert outcomes["old"] + outcomes["new"] > 0, outcomes
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1, "false", [], {}])
+def test_remove_uploads_all_takes_only_true_or_false(bundles: dict[str, Path], tmp_path: Path,  # noqa: F811
+                                                     value: Any) -> None:
+    """`"all": "no"` read as bool("no"), True: every upload in progress was removed."""
+    from device.serve.deploy import DeployService, pack, unpack
+
+    service = DeployService(Store.open(tmp_path / "store"), lambda p: SmokeResult(True, "ok"))
+    upload = stage(service.store, bundles["a"])
+    reply, _ = unpack(service.handle_message(pack({"op": "remove_uploads", "all": value, "rid": 1})))
+    assert reply["ok"] is False and reply["status"] == 400 and "'all'" in reply["error"]["message"]
+    assert [u.upload_id for u in service.store.list_uploads()] == [upload]
+    service.store.close()
+
+
+@pytest.mark.parametrize("header", [
+    b"[" * 5000 + b"]" * 5000,  # was a RecursionError: 500
+    b'{"op": "remove_uploads", "older_than_s": NaN}',
+    b'{"op": "remove_uploads", "older_than_s": ' + b"9" * 5000 + b"}",  # past Python's int digits
+    b"not json",
+    b'["op", "hello"]',
+])
+def test_a_serial_message_that_is_not_one_is_a_400(tmp_path: Path, header: bytes) -> None:
+    """Bad bytes from the sender are the sender's 400, parsed as boundedly as an HTTP body."""
+    from device.serve.deploy import ENVELOPE, DeployService, unpack
+
+    service = DeployService(Store.open(tmp_path / "store"), lambda p: SmokeResult(True, "ok"))
+    reply, _ = unpack(service.handle_message(ENVELOPE.pack(len(header)) + header))
+    assert reply["ok"] is False and reply["status"] == 400, reply
+    service.store.close()
+
+
+def test_remove_uploads_refuses_ages_that_are_no_number_of_seconds(tmp_path: Path) -> None:
+    from device.serve.deploy import DeployService
+    from device.store.errors import StoreError
+
+    service = DeployService(Store.open(tmp_path / "store"), lambda p: SmokeResult(True, "ok"))
+    for older in (-1, float("inf"), float("nan"), True, "5"):
+        with pytest.raises(StoreError, match="older_than_s"):
+            service.remove_uploads({"older_than_s": older})
+    assert service.remove_uploads({"older_than_s": 10**400}) == []  # was OverflowError: a 500
+    service.store.close()
