@@ -21,6 +21,7 @@ from typing import Any
 from bundle import __version__
 from device.serve import bench_route, kserve, openai_api
 from device.serve.kserve_generate import generate_schema
+from device.serve.response_schemas import SCHEMAS, event_stream, json_body
 
 OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "code"], "properties": {
@@ -35,10 +36,13 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
-def _responses(ok: str, error: str, ok_type: str = "application/json",
+def _responses(ok: str, error: str, ok_type: str | dict[str, Any] = "application/json",
                codes: tuple[str, ...] = ("400", "404", "413", "503")) -> dict[str, Any]:
+    """ok_type: the 200's media type with no schema, "none" (no body), or media-type entries
+    with their schemas (response_schemas.py)."""
+    content = ok_type if isinstance(ok_type, dict) else {ok_type: {}}
     out: dict[str, Any] = {"200": {"description": ok}} if ok_type == "none" else {
-        "200": {"description": ok, "content": {ok_type: {}}}}
+        "200": {"description": ok, "content": content}}
     ref = {"$ref": f"#/components/schemas/{error}"}
     for code in codes:
         out[code] = {"description": _REASONS[code], **_json(ref)}
@@ -79,20 +83,25 @@ def _v2_model_paths() -> dict[str, Any]:
                          ("/v2/models/{name}/versions/{version}",
                           [_path_param("name", r"^[^/]+$"), _path_param("version", r"^[^/]+$")])):
         out[base] = {"get": _op("model metadata: inputs, outputs, platform",
-                                _responses("metadata", "KServeError", codes=("404", "503")),
+                                _responses("metadata", "KServeError", json_body("ModelMetadata"),
+                                           ("404", "503")),
                                 params=params, tag="kserve")}
         out[base + "/ready"] = {"get": _op("200 when the model is ready (empty body)",
                                            _responses("ready", "KServeError", "none", ("404", "503")),
                                            params=params, tag="kserve")}
         out[base + "/infer"] = {"post": _op("encoder bundles: texts (BYTES) -> embeddings (FP32)",
-                                            _responses("outputs", "KServeError"), kserve.infer_schema(),
+                                            _responses("outputs", "KServeError", {
+                                                **json_body("InferResponse"),
+                                                "application/octet-stream": {}}), kserve.infer_schema(),
                                             params=params, tag="kserve")}
         out[base + "/generate"] = {"post": _op(
             "decoder bundles: Triton's generate extension, text_input -> text_output",
-            _responses("text_output", "KServeError"), generate_schema(), params=params, tag="kserve")}
+            _responses("text_output", "KServeError", json_body("GenerateResponse")), generate_schema(),
+            params=params, tag="kserve")}
         out[base + "/generate_stream"] = {"post": _op(
             "decoder bundles: generate as server-sent events, one per text delta",
-            _responses("events", "KServeError", "text/event-stream"), generate_schema(),
+            _responses("events", "KServeError", event_stream("GenerateEvent", "KServeError")),
+            generate_schema(),
             params=params, tag="kserve")}
     return out
 
@@ -110,9 +119,18 @@ def _deploy_paths() -> dict[str, Any]:
                                        _responses("hello", "DeployError", codes=()), tag="deploy")},
         f"{PREFIX}/status": {"get": _op("the store: active, previous, uploads",
                                         _responses("status", "DeployError", codes=()), tag="deploy")},
-        f"{PREFIX}/uploads": {"post": _op("begin an upload: the body is the bundle's manifest.json",
-                                          _responses("upload state", "DeployError", codes=codes),
-                                          {"type": "object"}, tag="deploy")},
+        f"{PREFIX}/uploads": {
+            "post": _op("begin an upload: the body is the bundle's manifest.json",
+                        _responses("upload state", "DeployError", codes=codes),
+                        {"type": "object"}, tag="deploy"),
+            "get": _op("uploads in progress", _responses("uploads", "DeployError",
+                                                         json_body("Uploads"), ()), tag="deploy")},
+        f"{PREFIX}/uploads/remove": {"post": _op(
+            "remove uploads in progress: these ids, all, or those idle at least older_than_s",
+            _responses("the uploads removed", "DeployError", json_body("Uploads"), ("400", "503")),
+            {"type": "object", "properties": {
+                "ids": {"type": "array", "items": {"type": "string"}}, "all": {"type": "boolean"},
+                "older_than_s": {"type": "number", "minimum": 0}}}, tag="deploy")},
         f"{PREFIX}/uploads/{{upload_id}}": {"put": {
             "summary": "one chunk of one file", "tags": ["deploy"],
             "parameters": upload + chunk_query,
@@ -139,25 +157,31 @@ def document() -> dict[str, Any]:
     v2_ready = {"get": _op("readiness: 200 (empty body) with a loaded bundle, else 503 and why",
                            _responses("ready", "KServeError", "none", ("503",)), tag="kserve")}
     paths: dict[str, Any] = {
-        "/v1/models": {"get": _op("the served model's card", _responses("model list", "OpenAIError",
-                                                                         codes=("503",)))},
+        "/v1/models": {"get": _op("the served model's card", _responses(
+            "model list", "OpenAIError", json_body("ModelList"), ("503",)))},
         "/v1/models/{model}": {"get": _op("one model's card (OpenAI's retrieve); 404 for another id",
-                                          _responses("model", "OpenAIError", codes=("404", "503")),
+                                          _responses("model", "OpenAIError", json_body("ModelCard"),
+                                                     ("404", "503")),
                                           params=[_path_param("model", r"^[^/]+$")])},
         "/v1/completions": {"post": _op("text completion (SSE with stream: true)",
-                                        _responses("completion", "OpenAIError"),
+                                        _responses("completion", "OpenAIError", {
+                                            **json_body("Completion"),
+                                            **event_stream("CompletionChunk", "OpenAIError")}),
                                         openai_api.completion_schema())},
         "/v1/chat/completions": {"post": _op("chat completion (SSE with stream: true)",
-                                             _responses("chat completion", "OpenAIError"),
+                                             _responses("chat completion", "OpenAIError", {
+                                                 **json_body("ChatCompletion"),
+                                                 **event_stream("ChatCompletionChunk", "OpenAIError")}),
                                              openai_api.chat_schema())},
         "/v1/embeddings": {"post": _op("embeddings of an encoder bundle",
-                                       _responses("embeddings", "OpenAIError"),
+                                       _responses("embeddings", "OpenAIError", json_body("Embeddings")),
                                        openai_api.embedding_schema())},
         "/v1/bench": {"post": _op("run the benchmark on the loaded engine; SSE progress events",
                                   _responses("SSE stream", "OpenAIError", "text/event-stream"),
                                   bench_route.settings_schema(), tag="bench")},
         "/v1/status": {"get": _op("state, bundle, memory, scheduler",
-                                  _responses("status", "OpenAIError", codes=()), tag="status")},
+                                  _responses("status", "OpenAIError", json_body("Status"), ()),
+                                  tag="status")},
         "/metrics": {"get": _op("Prometheus text format", _responses("metrics", "OpenAIError",
                                                                       "text/plain", ()), tag="status")},
         "/openapi.json": {"get": _op("this document", _responses("OpenAPI 3.1", "OpenAIError", codes=()),
@@ -165,7 +189,8 @@ def document() -> dict[str, Any]:
         "/health": ready, "/health/ready": ready, "/health/live": health,
         "/v2/health/live": {"get": {**health["get"], "tags": ["kserve"]}},
         "/v2/health/ready": v2_ready,
-        "/v2": {"get": _op("server metadata", _responses("metadata", "KServeError", codes=()),
+        "/v2": {"get": _op("server metadata", _responses("metadata", "KServeError",
+                                                          json_body("ServerMetadata"), ()),
                            tag="kserve")},
         **_v2_model_paths(),
         **_deploy_paths(),
@@ -181,7 +206,7 @@ def document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "over TCP only; the Unix socket needs none"}},
             "schemas": {"OpenAIError": OPENAI_ERROR, "KServeError": KSERVE_ERROR,
-                        "DeployError": DEPLOY_ERROR}},
+                        "DeployError": DEPLOY_ERROR, **SCHEMAS}},
     }
 
 

@@ -1,6 +1,7 @@
 """A schema-driven fuzzer over every route of the real daemon (issue #16). Requests come from
 docs/openapi.json (the document the daemon serves; tests/device/serve/test_validation.py checks they are the
-same), and every answer must be < 500 or 503 (overloaded / not ready: documented, not a failure).
+same), and every answer must be < 500 or 503 (overloaded / not ready: documented, not a failure),
+and every 200 the document gives a schema must match it (tests/support/answers.py).
 Afterwards every daemon must still answer a request.
 
 Per operation, three kinds of request:
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from answers import answer_problem
 from daemon_fixtures import (  # noqa: F401 - fixtures
     REPO,
     Daemon,
@@ -71,6 +73,7 @@ class Tally:
     sent: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     bad: list[str] = field(default_factory=list)
+    schema_bad: list[str] = field(default_factory=list)  # 200s unlike their documented schema
     unknown_methods: set[str] = field(default_factory=set)
 
 
@@ -200,6 +203,17 @@ def record(tally: Tally, op: Any, method: str, response: Any, body: str) -> None
     if response.status_code >= 500 and response.status_code != 503:
         tally.bad.append(f"{response.status_code} {method.upper()} {op.path}: {body[:300]!r} -> "
                          f"{response.text[:300]!r}")
+    elif response.status_code == 200 and method.upper() in ("GET", "POST", "PUT"):
+        # an answer the document describes is the answer the document describes
+        problem = answer_problem(op.path, method, content_type(response), response.content)
+        if problem is not None:
+            tally.schema_bad.append(f"200 {method.upper()} {op.path}: {body[:300]!r}: {problem}")
+
+
+def content_type(response: Any) -> str:
+    """requests' headers (the extremes) or schemathesis' (lower-case names, lists of values)."""
+    value = response.headers.get("Content-Type") or response.headers.get("content-type") or ""
+    return str(value[0] if isinstance(value, list) else value)
 
 
 def send(op: Any, case: Any, base_url: str, tally: Tally) -> None:
@@ -298,6 +312,7 @@ def test_fuzz_every_route_no_5xx_but_503(fleet: dict[str, Daemon], no_local_cons
           f"methods without a route {sorted(tally.unknown_methods)} included")
     assert not tally.bad, "\n".join(tally.bad[:20]) + "\n" + "\n".join(
         f"--- {n} log ---\n{d.log()[-3000:]}" for n, d in fleet.items())
+    assert not tally.schema_bad, "\n".join(tally.schema_bad[:20])
     # the fuzz reached the handlers: valid requests succeeded, invalid ones were refused
     assert tally.statuses[200] > 50 and tally.statuses[400] > 50, tally.statuses
     # and every daemon still serves

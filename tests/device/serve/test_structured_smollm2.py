@@ -267,3 +267,22 @@ def test_n_choices_side_by_side(smol: Daemon) -> None:
     with pytest.raises(openai.BadRequestError) as e:  # 2 slots: 3 choices cannot run side by side
         client.chat.completions.create(model=MODEL, messages=ask, max_tokens=2, n=3)
     assert e.value.body["param"] == "n"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_answers_are_the_documented_ones(smol: Daemon, stream: bool) -> None:
+    """The tool-call parts of the OpenAPI document's answers (message.tool_calls, the stream's
+    delta.tool_calls with their index), checked raw: the openai client above accepts extra or
+    missing fields. The tiny model of test_response_schemas.py cannot spell JSON."""
+    from answers import ask
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "tools": [WEATHER_TOOL, MOVE_TOOL], "max_tokens": 80,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "temperature": 0, "stream": stream}
+    answers = ask(smol.socket_path, "POST", "/v1/chat/completions", body)
+    if stream:
+        calls = [c for a in answers for ch in a["choices"] for c in ch["delta"].get("tool_calls", [])]
+    else:
+        calls = answers[0]["choices"][0]["message"].get("tool_calls", [])
+    assert len(calls) == 1 and calls[0]["type"] == "function", answers
