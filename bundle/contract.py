@@ -161,6 +161,18 @@ class KVCacheLayout:
     def bytes_for(self, slots: int) -> int:
         return self.bytes_per_position * self.max_seq * slots
 
+    def resident_bytes(self, slots: int, runtime: str) -> int:
+        """What a runtime holds for a cache of `slots`: the cache, and on TensorRT its staging
+        rows too, where a step gathers slots that are not one contiguous run (every slot but
+        one: device/runtime/trt_backend.py), so (2 * slots - 1) rows in all."""
+        return self.bytes_for(slots + (staging_slots(slots) if runtime == "tensorrt" else 0))
+
+
+def staging_slots(slots: int) -> int:
+    """The TensorRT backend's staging rows per layer, K and V: the widest gathered batch that is
+    not already in place (a run of all the slots is contiguous), so every slot but one."""
+    return slots - 1
+
     def to_json(self) -> dict[str, object]:
         return {
             "layout": "per-layer K and V, [slots, kv_heads, max_seq, head_dim]",

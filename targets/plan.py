@@ -16,7 +16,9 @@ bandwidth is decimal GB/s (how it is quoted).
                Untied on ORT CPU: the head and the Gather table are each 8-bit (quantize/cpu.py).
                Norms, biases and learned position tables are left out (< 1 %).
   kv_cache     the runtime's static cache, KVCacheLayout.bytes_for(batch): 2 * L * Hkv * D *
-               max_seq * batch * itemsize (fp32 on cpu, fp16 on jetson: target.kv_dtype).
+               max_seq * batch * itemsize (fp32 on cpu, fp16 on jetson: target.kv_dtype); on
+               TensorRT with batch > 1 also its batch - 1 staging rows (resident_bytes), where a
+               step gathers slots that are not one contiguous run.
   activations  the peak of one prefill step of `chunk` tokens (see activation_bytes).
   runtime      the process before any model tensor: RUNTIME_OVERHEAD_GIB.
   os_reserve   on unified memory the OS shares the pool: target.os_reserve_gb (documented per
@@ -405,7 +407,7 @@ def components(dims: ModelDims, target: Target, precision: str, max_seq: int, ba
     step = min(chunk or max_seq, max_seq)
     return Components(
         weights=weight_bytes(dims, target, precision).total,
-        kv_cache=kv_layout(dims, target, max_seq).bytes_for(batch),
+        kv_cache=kv_layout(dims, target, max_seq).resident_bytes(batch, target.runtime),
         activations=activation_bytes(dims, target, precision, max_seq, batch, step),
         runtime=runtime_bytes(target),
         os_reserve=target.os_reserve_bytes())

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bundle.contract import KVCacheLayout, new_names, past_names
+from bundle.contract import KVCacheLayout, new_names, past_names, staging_slots
 from bundle.errors import ToolkitError
 from device.runtime.backend import KVBlock
 from device.runtime.procmem import mem_available
@@ -111,7 +111,7 @@ class BufferPlan:
 
     @property
     def staging_rows(self) -> int:
-        return self.slots - 1
+        return staging_slots(self.slots)
 
     @property
     def staging_bytes(self) -> int:

@@ -328,3 +328,19 @@ def test_cli_plan_errors(tmp_path):
                           {k: v for k, v in LLAMA3_8B.items() if k != "num_hidden_layers"})
     res = run("plan", str(broken), "-t", NANO)
     assert res.exit_code == 1 and "'num_hidden_layers'" in res.output
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_the_jetson_plan_counts_the_tensorrt_staging_rows(llama3, batch):
+    """The TensorRT backend holds batch - 1 staging rows beside the cache (BufferPlan); the plan
+    counted the cache alone, so a batch-4 plan said fits for 3 rows' worth of KV it did not have."""
+    from device.runtime.trt_backend import BufferPlan
+
+    nano = load_target(NANO)
+    c = plan_fit(llama3, nano, "int4", 1024, batch).chosen.components
+    layout = llama3.kv_layout(1024, nano.kv_dtype)
+    buffers = BufferPlan(layout.num_layers, layout.kv_heads, 1024, layout.head_dim, batch,
+                         llama3.vocab_size, max_tokens=1, kv_itemsize=2)
+    assert c.kv_cache == buffers.kv_cache_bytes + buffers.staging_bytes == layout.bytes_for(2 * batch - 1)
+    cpu = plan_fit(llama3, load_target("cpu"), "int4", 1024, batch).chosen.components
+    assert cpu.kv_cache == llama3.kv_layout(1024, "float32").bytes_for(batch)  # ORT: no staging
