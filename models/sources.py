@@ -85,6 +85,8 @@ class ModelSource:
         try:
             if self.kind == "gguf":
                 _check_gguf_metadata(self.path)
+                return complete_gguf_config(AutoConfig.from_pretrained(str(self.model_dir), **self.hf_kwargs),
+                                            self.path)
             return AutoConfig.from_pretrained(str(self.model_dir), **self.hf_kwargs)
         # IndexError: the gguf reader on a file that ends inside its key/value table
         except (OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as e:
@@ -101,7 +103,9 @@ class ModelSource:
         impl = {"attn_implementation": "eager"} if task == "text-generation" else {}
         try:
             # GGUF: the loading info says which parameters the file did not hold
-            info_kw = {"output_loading_info": True} if self.kind == "gguf" else {}
+            # and its config is load_config's (what the loader leaves out, put back)
+            info_kw = ({"output_loading_info": True, "config": self.load_config()}
+                       if self.kind == "gguf" else {})
             model = cls.from_pretrained(str(self.model_dir), dtype="float32", **impl,
                                         **self.hf_kwargs, **info_kw)
         except (OSError, ValueError, KeyError, RuntimeError, struct.error, EOFError,
@@ -222,6 +226,7 @@ class GGUFSummary:
     arch: str | None  # general.architecture
     rope_scaling: tuple[Any, Any]  # {arch}.rope.scaling.type, .factor
     tensors: tuple[str, ...]
+    scalars: dict[str, Any]  # every key/value that is not an array (no vocabulary)
 
 
 @functools.lru_cache(maxsize=4)
@@ -234,9 +239,47 @@ def _gguf_summary(path: Path, mtime_ns: int, size: int) -> GGUFSummary:
         f = reader.fields.get(key)
         return f.contents() if f is not None else None
 
+    from gguf import GGUFValueType
+
     arch = field("general.architecture")
+    scalars = {k: f.contents() for k, f in reader.fields.items()
+               if f.types and f.types[0] != GGUFValueType.ARRAY}
     return GGUFSummary(arch, (field(f"{arch}.rope.scaling.type"), field(f"{arch}.rope.scaling.factor")),
-                       tuple(t.name for t in reader.tensors))
+                       tuple(t.name for t in reader.tensors), scalars)
+
+
+# What a GGUF says that transformers' loader does not carry into the config (its key map,
+# transformers/integrations/ggml.py, has no entry for these), per GGUF architecture:
+# `{arch}.KEY` -> config attribute. Without them the config keeps its class defaults: Phi-3
+# attends past its window; Gemma 2's soft-caps default to the released models' values, so
+# carrying the file's own is what makes another value count.
+GGUF_CONFIG_KEYS: dict[str, dict[str, str]] = {
+    "phi3": {"attention.sliding_window": "sliding_window"},
+    "gemma2": {"attn_logit_softcapping": "attn_logit_softcapping",
+               "final_logit_softcapping": "final_logit_softcapping"},
+    "gemma3": {"final_logit_softcapping": "final_logit_softcapping"},
+}
+# Gemma 2 and 3 scale attention by query_pre_attn_scalar^-0.5, which a GGUF does not store:
+# llama.cpp, whose files these are, uses (hidden / heads)^-0.5 for the 27B models (these block
+# counts) and head_dim^-0.5 for the others, which is what their Hugging Face configs say too
+# (Gemma 2 27B: 144 = 4608 / 32; 2B and 9B: 256 = head_dim). transformers' loader left the
+# class default, 256: the 27B models' attention scaled wrongly.
+GGUF_WIDE_QUERY_SCALE: dict[str, int] = {"gemma2": 46, "gemma3": 62}
+
+
+def complete_gguf_config(config: Any, path: Path) -> Any:
+    """config (transformers' reading of the GGUF at path) with what its loader leaves out."""
+    summary = gguf_summary(path)
+    arch = summary.arch or ""
+    for key, attr in GGUF_CONFIG_KEYS.get(arch, {}).items():
+        value = summary.scalars.get(f"{arch}.{key}")
+        if value is not None:
+            setattr(config, attr, value)
+    if arch in GGUF_WIDE_QUERY_SCALE:
+        wide = config.num_hidden_layers == GGUF_WIDE_QUERY_SCALE[arch]
+        config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads if wide
+                                        else config.head_dim)
+    return config
 
 
 def gguf_summary(path: Path) -> GGUFSummary:

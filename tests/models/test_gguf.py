@@ -29,12 +29,13 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_llama_gguf(folder: Path, qtype: Any, extra_kv: dict[str, tuple[Any, Any]] | None = None,
                      extra_tensors: dict[str, np.ndarray] | None = None, arch: str = "llama",
-                     **overrides: Any) -> tuple[Path, Any]:
-    """A tiny llama (tied) as `folder/model.gguf`, 2-D weights in `qtype`; returns (path, HF model)."""
+                     family: str = "llama", **overrides: Any) -> tuple[Path, Any]:
+    """A tiny decoder (tied) of tiny_models case `family` (llama, or phi3: its fused tensors map
+    as they are) as `folder/model.gguf`, 2-D weights in `qtype`; returns (path, HF model)."""
     import torch
     import transformers
 
-    make_decoder(folder / "hf", "llama", **overrides)
+    make_decoder(folder / "hf", family, **overrides)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32)
     cfg = model.config
     path = folder / "model.gguf"
@@ -56,17 +57,19 @@ def write_llama_gguf(folder: Path, qtype: Any, extra_kv: dict[str, tuple[Any, An
     w.add_token_types([2, 3, 3, 3] + [1] * len(WORDS))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    w.add_pad_token_id(3)  # make_decoder's; Phi-3's config class defaults to 32000, past this vocab
     for key, (value, vtype) in (extra_kv or {}).items():
         w.add_key_value(key, value, vtype)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "phi3": gguf.MODEL_ARCH.PHI3}[family]
+    names = gguf.get_tensor_name_map(gguf_arch, cfg.num_hidden_layers)
     for name, t in model.state_dict().items():
         if name == "lm_head.weight":  # tied: llama.cpp writes no output.weight
             continue
         base, suffix = name.rsplit(".", 1)
         a = t.numpy()
-        if name.endswith("q_proj.weight"):
+        if family == "llama" and name.endswith("q_proj.weight"):
             a = _permute(a, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif family == "llama" and name.endswith("k_proj.weight"):
             a = _permute(a, cfg.num_key_value_heads)
         gname = f"{names.get_name(base)}.{suffix}"
         if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
@@ -189,3 +192,32 @@ def test_every_tensor_of_a_complete_gguf_has_its_place(tmp_path):
     model = resolve(str(path)).load_torch("text-generation")
     assert unmapped_gguf_tensors(path, model) == []
     assert len(gguf.GGUFReader(str(path)).tensors) > 10
+
+
+def test_a_phi3_gguf_keeps_its_sliding_window(tmp_path):
+    """phi3.attention.sliding_window is not in transformers' GGUF key map: the model loaded with
+    no window and attended past it (GGUF_CONFIG_KEYS carries it)."""
+    t = gguf.GGUFValueType
+    path, _ = write_llama_gguf(tmp_path, gguf.GGMLQuantizationType.F32, arch="phi3", family="phi3",
+                               rope_scaling=None, extra_kv={"phi3.attention.sliding_window": (24, t.UINT32)})
+    src = resolve(str(path))
+    assert src.load_config().sliding_window == 24
+    assert src.load_torch("text-generation").config.sliding_window == 24
+
+
+@pytest.mark.parametrize("blocks, scalar", [(46, 48 // 4), (2, 8)])
+def test_gemma2s_attention_scale_follows_llama_cpp(blocks, scalar, monkeypatch):
+    """A GGUF stores no query_pre_attn_scalar; llama.cpp scales Gemma 2 27B (46 blocks) by
+    (hidden / heads)^-0.5 and the others by head_dim^-0.5. transformers kept the class default
+    (256) whatever the file; and the soft-caps are the file's, not the class defaults."""
+    import transformers
+
+    from models import sources
+
+    config = transformers.Gemma2Config(hidden_size=48, num_attention_heads=4, head_dim=8,
+                                       num_hidden_layers=blocks)
+    summary = sources.GGUFSummary("gemma2", (None, None), (), {"gemma2.attn_logit_softcapping": 40.0})
+    monkeypatch.setattr(sources, "gguf_summary", lambda path: summary)
+    sources.complete_gguf_config(config, Path("unused.gguf"))
+    assert config.query_pre_attn_scalar == scalar and config.attn_logit_softcapping == 40.0
+    assert config.final_logit_softcapping == 30.0  # not in this file: the class default stays
