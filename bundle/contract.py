@@ -167,12 +167,6 @@ class KVCacheLayout:
         one: device/runtime/trt_backend.py), so (2 * slots - 1) rows in all."""
         return self.bytes_for(slots + (staging_slots(slots) if runtime == "tensorrt" else 0))
 
-
-def staging_slots(slots: int) -> int:
-    """The TensorRT backend's staging rows per layer, K and V: the widest gathered batch that is
-    not already in place (a run of all the slots is contiguous), so every slot but one."""
-    return slots - 1
-
     def to_json(self) -> dict[str, object]:
         return {
             "layout": "per-layer K and V, [slots, kv_heads, max_seq, head_dim]",
@@ -183,6 +177,12 @@ def staging_slots(slots: int) -> int:
             "dtype": self.dtype,
             "bytes_per_position": self.bytes_per_position,
         }
+
+
+def staging_slots(slots: int) -> int:
+    """The TensorRT backend's staging rows per layer, K and V: the widest gathered batch that is
+    not already in place (a run of all the slots is contiguous), so every slot but one."""
+    return slots - 1
 
 
 def _itemsize(dtype: str) -> int:
