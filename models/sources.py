@@ -224,28 +224,23 @@ class GGUFSummary:
     a 49k-string array for SmolLM2) takes ~1 s, so it is parsed once per file and kept."""
 
     arch: str | None  # general.architecture
-    rope_scaling: tuple[Any, Any]  # {arch}.rope.scaling.type, .factor
     tensors: tuple[str, ...]
     scalars: dict[str, Any]  # every key/value that is not an array (no vocabulary)
+
+    def value(self, key: str) -> Any:
+        """`{arch}.KEY`, None where the file has none."""
+        return self.scalars.get(f"{self.arch}.{key}")
 
 
 @functools.lru_cache(maxsize=4)
 def _gguf_summary(path: Path, mtime_ns: int, size: int) -> GGUFSummary:
-    from gguf import GGUFReader
+    from gguf import GGUFReader, GGUFValueType
 
     reader = GGUFReader(path)
-
-    def field(key: str) -> Any:
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
-
-    from gguf import GGUFValueType
-
-    arch = field("general.architecture")
     scalars = {k: f.contents() for k, f in reader.fields.items()
                if f.types and f.types[0] != GGUFValueType.ARRAY}
-    return GGUFSummary(arch, (field(f"{arch}.rope.scaling.type"), field(f"{arch}.rope.scaling.factor")),
-                       tuple(t.name for t in reader.tensors), scalars)
+    return GGUFSummary(scalars.get("general.architecture"), tuple(t.name for t in reader.tensors),
+                       scalars)
 
 
 # What a GGUF says that transformers' loader does not carry into the config (its key map,
@@ -272,7 +267,7 @@ def complete_gguf_config(config: Any, path: Path) -> Any:
     summary = gguf_summary(path)
     arch = summary.arch or ""
     for key, attr in GGUF_CONFIG_KEYS.get(arch, {}).items():
-        value = summary.scalars.get(f"{arch}.{key}")
+        value = summary.value(key)
         if value is not None:
             setattr(config, attr, value)
     if arch in GGUF_WIDE_QUERY_SCALE:
@@ -304,7 +299,7 @@ def _check_gguf_metadata(path: Path) -> None:
             f"{path.name}: GGUF architecture {arch!r} cannot be read by transformers' GGUF loader "
             f"(it reads: {', '.join(readable)})",
             hint="convert the model's Hugging Face folder (config.json + safetensors) instead")
-    kind, factor = summary.rope_scaling
+    kind, factor = summary.value("rope.scaling.type"), summary.value("rope.scaling.factor")
     # llama.cpp writes "linear" with factor 1.0 for some models: that is plain RoPE
     scaled = kind not in (None, "", "none") and not (kind == "linear" and factor in (None, 1.0))
     tensors = [t for t in summary.tensors if t in GGUF_ROPE_TENSORS]

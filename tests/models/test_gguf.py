@@ -216,7 +216,7 @@ def test_gemma2s_attention_scale_follows_llama_cpp(blocks, scalar, monkeypatch):
 
     config = transformers.Gemma2Config(hidden_size=48, num_attention_heads=4, head_dim=8,
                                        num_hidden_layers=blocks)
-    summary = sources.GGUFSummary("gemma2", (None, None), (), {"gemma2.attn_logit_softcapping": 40.0})
+    summary = sources.GGUFSummary("gemma2", (), {"gemma2.attn_logit_softcapping": 40.0})
     monkeypatch.setattr(sources, "gguf_summary", lambda path: summary)
     sources.complete_gguf_config(config, Path("unused.gguf"))
     assert config.query_pre_attn_scalar == scalar and config.attn_logit_softcapping == 40.0
