@@ -9,7 +9,10 @@ event's `data:`; OpenAPI 3.1 has no place for that, so the media type names the 
 under `x-event-data` (OpenAPI 3.2's `itemSchema` says the same).
 
 Where the daemon's answers follow OpenAI's or KServe's, so do the names; the additions are
-llama-server's `timings`, vLLM's `stop_reason`, and the model card's `meta`.
+llama-server's `timings`, vLLM's `stop_reason`, and the model card's `meta`. Not described (the
+200 names its media type only): the deploy routes' hello, status, upload and install answers,
+which host/transfer.py reads as the device protocol's own records; /v1/bench's progress events;
+/metrics (Prometheus text).
 """
 
 from __future__ import annotations
