@@ -149,6 +149,8 @@ class OrtDecoderBackend:
             # or whatever else: the plain graph serves, and drafts verify one row a step
             except Exception as e:  # noqa: BLE001 - ORT raises several untyped errors here
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if len(reason) > 160:  # ORT's line carries the node's whole signature; its tail says why
+                    reason = "..." + reason[-157:]
                 log.info("the ragged graph does not load here (%s); using %s", reason, Path(model).name)
         return open_session(model, threads, device, spin)
 

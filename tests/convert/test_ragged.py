@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -115,6 +116,30 @@ def test_a_ragged_graph_this_runtime_refuses_falls_back_to_the_plain_one(
     assert not backend.ragged_steps
     assert "does not load here" in caplog.text
     assert backend.step(np.zeros((2, 1), np.int64), np.zeros((2, 1), np.int64), [0, 1]).shape[0] == 2
+
+
+def test_the_fallback_line_keeps_the_reason_not_the_node_signature(
+        q_fp32_bundle, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """ORT's refusal is one line of ~900 characters (the node's whole signature), its reason at
+    the end: the log keeps that end."""
+    import device.runtime.ort_backend as ob
+
+    real = ob.open_session
+    why = "has input size 17 not in range [min=7, max=12]."
+
+    def refuse_the_twin(model: Path, *args: Any, **kwargs: Any) -> Any:
+        if Path(model).name == RAGGED_MODEL_FILE:
+            raise RuntimeError(f"[ONNXRuntimeError] : 10 : INVALID_GRAPH : In Node, ({'x' * 900}) {why}")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ob, "open_session", refuse_the_twin)
+    bundle = q_fp32_bundle("llama", "cpu")
+    m = read_manifest(bundle)
+    caplog.set_level("INFO", "toolkit.runtime")
+    OrtDecoderBackend(bundle / "model.onnx", m.kv_layout(), m.dims.vocab_size, slots=2, threads=1,
+                      ragged=True)
+    (line,) = [r.getMessage() for r in caplog.records if "does not load here" in r.getMessage()]
+    assert why in line and len(line) < 260
 
 
 def test_bound_steps_of_every_shape_share_one_logits_buffer(q_fp32_bundle) -> None:  # noqa: F811
