@@ -15,15 +15,15 @@ its matched llama.cpp GGUF (bench/peers.py MATCHED: F32, Q8_0, Q4_1, all from th
                   default drafts at every c (every row's draft in the decode step itself where
                   the bundle has a ragged graph: device/serve/scheduler.py), so its c=8 / c=1
                   mixes drafting's gain at c=1 into batching's; this row is batching alone
-The servers run with --threads / -t THREADS and 8 slots (`toolkit serve --slots 8`,
-`llama-server -np 8 -c 8*2048 --cont-batching`); c streams use c of them. The daemon's single
-stream alone runs on the daemon as `toolkit serve BUNDLE` starts it: the bundle's one slot
-(a one-slot engine steps greedy rows with a spare token and drafts at every precision:
-convert/spare_token.py; with 8 slots the engine steps jointly, with the same exactness:
-convert/ragged.py). Each server is its own
-process, started fresh every round; rounds interleave the variants (rotating order) and every
-ratio is the median over rounds of that round's ratio, so load from other work on a shared
-machine cancels out. Then, for the daemon alone (fp32 default bundle):
+The servers run with --threads / -t THREADS and as many slots as streams (issue 20: slots =
+concurrency): c streams go to a server started with c slots (`toolkit serve --slots c`,
+`llama-server -np c -c c*2048 --cont-batching`), c = 1 being the daemon as `toolkit serve
+BUNDLE` starts it (the bundle's one slot: a one-slot engine steps greedy rows with a spare token
+and drafts at every precision, convert/spare_token.py; with several slots the engine steps
+jointly, with the same exactness: convert/ragged.py), where the single stream runs too. Each
+server is its own process, started fresh for each c every round; rounds interleave the variants
+(rotating order) and every ratio is the median over rounds of that round's ratio, so load from
+other work on a shared machine cancels out. Then, for the daemon alone (fp32 default bundle):
   prefix cache    a 600-token shared system prompt: TTFT of a request that hits the prefix cache
                   over a cold one (--prefix-cache-mb), and whether the answers are identical
   chunked prefill 3 streams decoding while one 1,500-token prompt arrives: the 3's p95 TPOT with
@@ -72,8 +72,7 @@ from bench.peers import (  # noqa: E402
 )
 
 PRECISIONS = tuple(MATCHED)  # fp32, int8, int4
-CONCURRENCY = (1, 2, 4, 8)
-SLOTS = max(CONCURRENCY)
+CONCURRENCY = (1, 2, 4, 8)  # streams at once, each on a server of that many slots
 MAX_SEQ = 2048  # the cpu target's default, which the default bundles have
 PROMPT_TOKENS = 128
 PPL_TOKENS = 512  # held-out tokens scored per model (two windows of 256)
@@ -200,8 +199,9 @@ class Daemon(Server):
 
     name = "daemon"
 
-    def __init__(self, bundle: Path, threads: int, slots: int | None = SLOTS,
+    def __init__(self, bundle: Path, threads: int, slots: int | None = None,
                  flags: Sequence[str] = ()) -> None:
+        """slots None: the bundle's own (what `toolkit serve BUNDLE` starts with)."""
         self.daemon = BenchDaemon(bundle, threads, [*(["--slots", str(slots)] if slots else []), *flags])
         self.proc, self.client = self.daemon.proc, self.daemon.client
 
@@ -222,13 +222,13 @@ class Daemon(Server):
 
 
 class LlamaServer(Server):
-    """llama.cpp's llama-server: SLOTS parallel slots of MAX_SEQ each, continuous batching."""
+    """llama.cpp's llama-server: `slots` parallel slots of MAX_SEQ each, continuous batching."""
 
     name = "llama-server"
 
-    def __init__(self, lc: LlamaCpp, model: Path, threads: int) -> None:
+    def __init__(self, lc: LlamaCpp, model: Path, threads: int, slots: int = 1) -> None:
         self.port = _free_port()
-        cmd = [str(lc.server), "-m", str(model), "-np", str(SLOTS), "-c", str(SLOTS * MAX_SEQ),
+        cmd = [str(lc.server), "-m", str(model), "-np", str(slots), "-c", str(slots * MAX_SEQ),
                "--cont-batching", "-t", str(threads), "-tb", str(threads), "-ngl", "0",
                "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, env=llama_env(lc), stdout=subprocess.DEVNULL,
@@ -433,18 +433,23 @@ PLAIN_FLAGS = ("--speculate", "off")  # daemon-plain: the default daemon without
 PLAIN_CONCURRENCY = (1, 8)
 
 
-def measure_server(server: Server, tok: Any, cells: Cells, s: Settings,
-                   concurrency: Sequence[int] = CONCURRENCY, single: bool = True) -> None:
-    """The single stream (unless `single` is False), then each concurrency in turn."""
+def measure_server(start: Callable[[int], Server], tok: Any, cells: Cells, s: Settings,
+                   concurrency: Sequence[int] = CONCURRENCY) -> None:
+    """Each concurrency c on a server `start(c)` of c slots, the single stream on the first
+    (c = 1), each after a warm-up request."""
     ids = prompt_ids(tok, PROMPT_TOKENS)
-    server.stream(ids[:16], 4)  # warm-up
-    if single:
-        one = server.stream(ids, s.new_tokens)
-        cells.ttft.append(one.ttft)
-        cells.tok_s.append(one.tok_s)
     for c in concurrency:
-        prompts = [prompt_ids(tok, PROMPT_TOKENS, variant=i + 1) for i in range(c)]
-        cells.conc.setdefault(c, []).append(aggregate(run_concurrent(server, prompts, s.conc_tokens)))
+        server = start(c)
+        try:
+            server.stream(ids[:16], 4)  # warm-up
+            if c == 1:
+                one = server.stream(ids, s.new_tokens)
+                cells.ttft.append(one.ttft)
+                cells.tok_s.append(one.tok_s)
+            prompts = [prompt_ids(tok, PROMPT_TOKENS, variant=i + 1) for i in range(c)]
+            cells.conc.setdefault(c, []).append(aggregate(run_concurrent(server, prompts, s.conc_tokens)))
+        finally:
+            server.close()
 
 
 def measure_round(precision: str, order: Sequence[str], tok: Any, table: dict[str, Cells],
@@ -459,19 +464,15 @@ def measure_round(precision: str, order: Sequence[str], tok: Any, table: dict[st
                 cells.note = peer.reason
             elif variant in ("daemon", "daemon-plain", "llama-server"):
                 plain = variant == "daemon-plain"
-                if variant == "daemon":  # the single stream on the default daemon (one slot)
-                    default = Daemon(bundle, s.threads, slots=None)
-                    try:
-                        measure_server(default, tok, cells, s, ())
-                    finally:
-                        default.close()
-                server: Server = (LlamaServer(peers["lc"], peer, s.threads) if variant == "llama-server"
-                                  else Daemon(bundle, s.threads, flags=PLAIN_FLAGS if plain else ()))
-                try:
-                    measure_server(server, tok, cells, s, PLAIN_CONCURRENCY if plain else CONCURRENCY,
-                                   single=variant != "daemon")
-                finally:
-                    server.close()
+
+                def start(c: int, variant: str = variant, plain: bool = plain, peer: Any = peer) -> Server:
+                    if variant == "llama-server":
+                        return LlamaServer(peers["lc"], peer, s.threads, slots=c)
+                    # c = 1: the daemon as `toolkit serve BUNDLE` starts it (the bundle's slot)
+                    return Daemon(bundle, s.threads, slots=c if c > 1 else None,
+                                  flags=PLAIN_FLAGS if plain else ())
+
+                measure_server(start, tok, cells, s, PLAIN_CONCURRENCY if plain else CONCURRENCY)
             else:
                 kind, path = ("runner", bundle) if variant == "in-process" else ("genai", peer)
                 res = child(kind, path, ids, s.new_tokens, s.threads)
@@ -676,7 +677,8 @@ def render(rep: Report) -> str:
 
     row("matched llama.cpp GGUF", lambda t: MATCHED[_key(rep, t)])
     row("perplexity ours / llama.cpp", lambda t: _ppl(rep.ppl.get(_key(rep, t), {})))
-    lines.append("single stream: decode tok/s (daemon: the default, one slot; daemon-plain: 8 slots)")
+    lines.append("single stream: decode tok/s (daemon: the default, one slot; daemon-plain: the same, "
+                 "--speculate off)")
     for v in VARIANTS:
         row(f"  {v}", lambda t, v=v: tps(t, v))
     row("  daemon / in-process", ratio("daemon", "in-process", lambda c: c.tok_s))
