@@ -331,6 +331,7 @@ class TrtDecoderBackend:
         kv_dtype, logits_dtype = (_np_dtype(e.get_tensor_dtype(n)) for n in (self.past[0], "logits"))
         if kv_dtype != np.dtype(L.dtype):
             raise ToolkitError(f"engine KV cache is {kv_dtype}, the bundle says {L.dtype}")
+        self._check_io(kv_dtype)
         self._logits_dtype = logits_dtype
         if e.num_optimization_profiles < 2:
             raise ToolkitError(f"engine {self.plan_path} has {e.num_optimization_profiles} "
@@ -345,6 +346,27 @@ class TrtDecoderBackend:
         return BufferPlan(L.num_layers, L.kv_heads, L.max_seq, L.head_dim, self.slots,
                           self.vocab_size, max(self.max_prefill, self.slots),
                           kv_dtype.itemsize, logits_dtype.itemsize)
+
+    def _check_io(self, kv_dtype: np.dtype[Any]) -> None:
+        """Every I/O tensor against the buffer this backend binds to it, not only the first
+        cache tensor: the ids int64 (a builder that narrowed them to int32 would read the
+        host's int64 bytes as two tokens each), every cache and new K/V tensor the cache's type
+        and [., Hkv, ., D] (the copies write rows of that size), logits [., ., V]."""
+        e, L = self._engine, self.layout
+        want = {n: np.dtype(np.int64) for n in ("input_ids", "position_ids", "logits_index")}
+        want.update({n: kv_dtype for n in (*self.past, *self.new)})
+        wrong = [f"{n} is {got}, not {w}" for n, w in want.items()
+                 if (got := _np_dtype(e.get_tensor_dtype(n))) != w]
+        for n in (*self.past, *self.new):
+            dims = shape_of(e.get_tensor_shape(n))
+            if len(dims) != 4 or (dims[1], dims[3]) != (L.kv_heads, L.head_dim) or (
+                    n in self.past and dims[2] != L.max_seq):
+                wrong.append(f"{n} is {list(dims)}, not [., {L.kv_heads}, "
+                             f"{L.max_seq if n in self.past else '.'}, {L.head_dim}]")
+        if wrong:
+            raise ToolkitError(f"engine {self.plan_path} I/O differs from what this backend binds: "
+                               f"{'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}",
+                               hint="rebuild it from this bundle: toolkit compile BUNDLE --force")
 
     def _alloc(self, nbytes: int, zero: bool = False) -> cuda.DeviceAllocation:
         import pycuda.driver as cuda

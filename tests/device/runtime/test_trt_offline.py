@@ -374,6 +374,76 @@ def test_a_refused_profile_switch_is_a_toolkit_error() -> None:
     assert b._profile == PREFILL
 
 
+class EngineIO:
+    """The I/O half of a tensorrt.ICudaEngine as _check_engine reads it, for a static-kv-v1
+    engine of `layout`: names, numpy dtypes (with trt_backend._np_dtype as the identity), shapes
+    (-1 dynamic) and the two profiles; `dtypes` / `shapes` override single tensors."""
+
+    def __init__(self, layout: KVCacheLayout, vocab: int, slots: int = 4,
+                 dtypes: dict[str, str] | None = None,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+        from bundle.contract import new_names, past_names
+
+        L = layout
+        self.dtypes = {n: "int64" for n in ("input_ids", "position_ids", "logits_index")}
+        self.shapes: dict[str, tuple[int, ...]] = {n: (-1, -1) for n in ("input_ids", "position_ids")}
+        self.shapes.update(logits_index=(-1,), logits=(-1, -1, vocab))
+        self.dtypes["logits"] = "float32"
+        for n in past_names(L.num_layers):
+            self.dtypes[n], self.shapes[n] = L.dtype, (-1, L.kv_heads, L.max_seq, L.head_dim)
+        for n in new_names(L.num_layers):
+            self.dtypes[n], self.shapes[n] = L.dtype, (-1, L.kv_heads, -1, L.head_dim)
+        self.dtypes.update(dtypes or {})
+        self.shapes.update(shapes or {})
+        self.names = list(self.dtypes)
+        self.num_io_tensors, self.num_optimization_profiles, self.slots = len(self.names), 2, slots
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.names[i]
+
+    def get_tensor_dtype(self, name: str) -> str:
+        return self.dtypes[name]
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[tuple[int, int], ...]:
+        return ((1, 1), (1, 1), (self.slots, 1)) if profile == DECODE else ((1, 1), (1, 64), (1, 64))
+
+
+def checked(engine: EngineIO, layout: KVCacheLayout, vocab: int, monkeypatch: pytest.MonkeyPatch) -> object:
+    monkeypatch.setattr(trt_backend, "_np_dtype", np.dtype)
+    b = object.__new__(trt_backend.TrtDecoderBackend)
+    b._engine, b.layout, b.vocab_size, b.slots = engine, layout, vocab, 2  # type: ignore[assignment]
+    b.plan_path = Path("engine.plan")
+    b.past, b.new = trt_backend.past_names(layout.num_layers), trt_backend.new_names(layout.num_layers)
+    return b._check_engine(None)
+
+
+@pytest.mark.parametrize("dtypes, shapes, said", [
+    ({}, {}, None),
+    ({"input_ids": "int32"}, {}, "input_ids is int32, not int64"),  # int64 narrowed by a builder
+    ({"past_value.2": "float32"}, {}, "past_value.2 is float32, not float16"),
+    ({"new_key.1": "float32"}, {}, "new_key.1 is float32"),
+    ({}, {"new_value.0": (-1, 2, -1, 16)}, "new_value.0 is [-1, 2, -1, 16]"),
+    ({}, {"past_key.1": (-1, 2, 32, 8)}, "past_key.1 is [-1, 2, 32, 8], not [., 2, 64, 8]"),
+])
+def test_every_engine_io_tensor_is_checked_against_what_the_backend_binds(
+        dtypes: dict[str, str], shapes: dict[str, tuple[int, ...]], said: str | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the first cache tensor's type and shape were checked: an engine whose ids were int32,
+    or whose other layers' K/V differ, ran on buffers of the wrong size (bytes misread, or
+    copies past a tensor's end on the board)."""
+    layout = KVCacheLayout(num_layers=3, kv_heads=2, max_seq=64, head_dim=8, dtype="float16")
+    engine = EngineIO(layout, 50, dtypes=dtypes, shapes=shapes)
+    if said is None:
+        assert checked(engine, layout, 50, monkeypatch).kv_itemsize == 2  # type: ignore[attr-defined]
+        return
+    with pytest.raises(ToolkitError, match="I/O differs from what this backend binds") as e:
+        checked(engine, layout, 50, monkeypatch)
+    assert said in str(e.value) and "toolkit compile" in (e.value.hint or "")
+
+
 # --- identity --------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", sorted(NV_TEGRA))
 def test_parse_nv_tegra_release(version: str) -> None:
