@@ -351,7 +351,8 @@ class TrtDecoderBackend:
         """Every I/O tensor against the buffer this backend binds to it, not only the first
         cache tensor: the ids int64 (a builder that narrowed them to int32 would read the
         host's int64 bytes as two tokens each), every cache and new K/V tensor the cache's type
-        and [., Hkv, ., D] (the copies write rows of that size), logits [., ., V]."""
+        and [., Hkv, ., D] (the copies write rows of that size); the cache's first tensor and
+        the logits' vocabulary are checked by the caller."""
         e, L = self._engine, self.layout
         want = {n: np.dtype(np.int64) for n in ("input_ids", "position_ids", "logits_index")}
         want.update({n: kv_dtype for n in (*self.past, *self.new)})
