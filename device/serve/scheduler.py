@@ -846,14 +846,15 @@ class Scheduler(QueuedEngine):
         (draft_plan.joint_length); then each row walks its logits as _verify does."""
         lo, hi = min(self._active), max(self._active)
         W = hi - lo + 1
-        drafts = {slot: d for slot, state in self._active.items() if (d := self._draft(state))}
-        rows = [Row(slot, self._active[slot].acceptance.p, len(d)) for slot, d in drafts.items()]
+        offered = {slot: d for slot, state in self._active.items() if (d := self._draft(state))}
+        rows = [Row(slot, self._active[slot].acceptance.p, len(d)) for slot, d in offered.items()]
         T = joint_length(rows, len(self._active), self.costs.joint_curve(W))
+        drafts = {slot: d[:T - 1] for slot, d in offered.items()}  # what this step verifies
         ids = np.zeros((W, T), np.int64)
         pos = np.empty((W, T), np.int64)
         lens = np.empty(W, np.int32)
         for b, slot in enumerate(range(lo, hi + 1)):
-            draft = drafts.get(slot, [])[:T - 1]
+            draft = drafts.get(slot, [])
             n = 1 + max(1, len(draft))  # pending + draft, or pending + spare
             p0 = int(self._pos[slot, 0])
             ids[b, 0] = self._ids[slot, 0]
@@ -866,7 +867,7 @@ class Scheduler(QueuedEngine):
             state = self._active.get(slot)
             if state is not None:
                 state.offered = None  # every draft on offer was verified
-                self._walk(state, logits[b], drafts.get(slot, [])[:T - 1])
+                self._walk(state, logits[b], drafts.get(slot, []))
 
     def _verify_drafts(self) -> bool:
         """Step the rows whose drafts are worth a step of their own; True when every active row
