@@ -226,6 +226,14 @@ def llama_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _BUILT["llama"]
 
 
+@pytest.fixture(scope="module")
+def encoder_daemon(tiny_bundle: Any) -> Iterator[Daemon]:
+    """A daemon serving the shared tiny BERT bundle (conftest.py), one per test module."""
+    d = start_daemon(tiny_bundle("bert"))
+    yield d
+    d.stop()
+
+
 @pytest.fixture
 def daemons() -> Iterator[list[Daemon]]:
     """Collects daemons a test starts; all are stopped (SIGTERM, then SIGKILL) at teardown."""

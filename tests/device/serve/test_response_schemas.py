@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from answers import ask
-from daemon_fixtures import Daemon, llama_bundle, start_daemon  # noqa: F401 - fixtures
+from daemon_fixtures import Daemon, encoder_daemon, llama_bundle, start_daemon  # noqa: F401 - fixtures
 
 HI = [{"role": "user", "content": "hello"}]
 
@@ -20,13 +20,6 @@ HI = [{"role": "user", "content": "hello"}]
 @pytest.fixture(scope="module")
 def decoder(llama_bundle: Path) -> Iterator[Daemon]:  # noqa: F811
     d = start_daemon(llama_bundle)
-    yield d
-    d.stop()
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_bundle: Any) -> Iterator[Daemon]:
-    d = start_daemon(tiny_bundle("bert"))
     yield d
     d.stop()
 
@@ -96,14 +89,14 @@ def test_kserve_generate(decoder: Daemon) -> None:
     assert events[-1]["finish_reason"] == "length"
 
 
-def test_encoder_answers(encoder: Daemon) -> None:
-    m = model_of(encoder)
+def test_encoder_answers(encoder_daemon: Daemon) -> None:  # noqa: F811
+    m = model_of(encoder_daemon)
     for fmt in ("float", "base64"):
-        (answer,) = ask(encoder.socket_path, "POST", "/v1/embeddings",
+        (answer,) = ask(encoder_daemon.socket_path, "POST", "/v1/embeddings",
                         {"input": ["hello", "world"], "encoding_format": fmt})
         assert len(answer["data"]) == 2
-    (meta,) = ask(encoder.socket_path, "GET", "/v2/models/{name}", name=m)
+    (meta,) = ask(encoder_daemon.socket_path, "GET", "/v2/models/{name}", name=m)
     body = {"id": "r1", "inputs": [{"name": meta["inputs"][0]["name"], "datatype": "BYTES",
                                     "shape": [1], "data": ["hello"]}]}
-    (answer,) = ask(encoder.socket_path, "POST", "/v2/models/{name}/infer", body, name=m)
+    (answer,) = ask(encoder_daemon.socket_path, "POST", "/v2/models/{name}/infer", body, name=m)
     assert answer["id"] == "r1"

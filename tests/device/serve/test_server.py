@@ -27,6 +27,7 @@ from daemon_fixtures import (  # noqa: F401 - fixtures
     SPECIALS,
     Daemon,
     daemons,
+    encoder_daemon,
     llama_bundle,
     raw_request,
     socket_dir,
@@ -555,14 +556,7 @@ def test_a_tcp_port_in_use_is_refused_at_once(llama_bundle: Path, socket_dir: Pa
 
 # --- encoders --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def encoder_daemon(tiny_bundle: Any) -> Iterator[Daemon]:
-    d = start_daemon(tiny_bundle("bert"))
-    yield d
-    d.stop()
-
-
-def test_kserve_infer_and_embeddings_on_an_encoder(encoder_daemon: Daemon, tiny_bundle: Any) -> None:
+def test_kserve_infer_and_embeddings_on_an_encoder(encoder_daemon: Daemon, tiny_bundle: Any) -> None:  # noqa: F811
     c = encoder_daemon.client()
     model = c.get("/v1/models")["data"][0]["id"]
     meta = c.get(f"/v2/models/{model}")
@@ -602,7 +596,7 @@ def test_kserve_infer_and_embeddings_on_an_encoder(encoder_daemon: Daemon, tiny_
     ([{"name": "text", "datatype": "BYTES", "shape": [-1], "data": ["a"]}], "non-negative"),
     ([], "non-empty list"),
 ])
-def test_kserve_infer_validates_shape_datatype_and_data(encoder_daemon: Daemon, inputs: Any,
+def test_kserve_infer_validates_shape_datatype_and_data(encoder_daemon: Daemon, inputs: Any,  # noqa: F811
                                                          needle: str) -> None:
     model = encoder_daemon.client().get("/v1/models")["data"][0]["id"]
     code, err = raw_request(encoder_daemon.socket_path, "POST", f"/v2/models/{model}/infer",
@@ -611,7 +605,7 @@ def test_kserve_infer_validates_shape_datatype_and_data(encoder_daemon: Daemon, 
     assert encoder_daemon.client().request("GET", "/v2/health/ready").status == 200
 
 
-def test_text_routes_refuse_an_encoder(encoder_daemon: Daemon) -> None:
+def test_text_routes_refuse_an_encoder(encoder_daemon: Daemon) -> None:  # noqa: F811
     reply = encoder_daemon.client().request("POST", CHAT, chat_body("hi"))
     assert reply.status == 400 and reply.json()["error"]["code"] == "wrong_model_kind"
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from daemon_fixtures import Daemon, llama_bundle, start_daemon, wait_ready  # noqa: F401 - fixtures
+from daemon_fixtures import Daemon, encoder_daemon, llama_bundle, start_daemon, wait_ready  # noqa: F401 - fixtures
 from paths import REPO
 
 from host.client import UnixHTTPConnection
@@ -29,13 +29,6 @@ HI = [{"role": "user", "content": "hello"}]
 @pytest.fixture(scope="module")
 def daemon(llama_bundle: Path) -> Iterator[Daemon]:  # noqa: F811
     d = start_daemon(llama_bundle, "--queue", "4")
-    yield d
-    d.stop()
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_bundle: Any) -> Iterator[Daemon]:
-    d = start_daemon(tiny_bundle("bert"))
     yield d
     d.stop()
 
@@ -236,39 +229,39 @@ def text_input(shape: Any, data: Any, **kw: Any) -> dict[str, Any]:
     return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape, "data": data, **kw}]}
 
 
-def test_kserve_holes_are_4xx(encoder: Daemon) -> None:
-    m = model_id(encoder)
+def test_kserve_holes_are_4xx(encoder_daemon: Daemon) -> None:  # noqa: F811
+    m = model_id(encoder_daemon)
     infer = f"/v2/models/{m}/infer"
     # a rank of 300 huge dims: the element count has ~5700 digits (main formatted it: ValueError)
-    status, reply = post(encoder, infer, text_input([2**63 - 1] * 300, ["a"]))
+    status, reply = post(encoder_daemon, infer, text_input([2**63 - 1] * 300, ["a"]))
     assert "at most 8 dimensions" in kserve_4xx(status, reply, 400)
     # a huge shape is refused before the data is looked at
-    status, reply = post(encoder, infer, text_input([2**62, 2**62], ["a"]))
+    status, reply = post(encoder_daemon, infer, text_input([2**62, 2**62], ["a"]))
     assert "more than 256 elements" in kserve_4xx(status, reply, 413)
     # 5000 texts: main tokenized and encoded all of them before answering 200
-    status, reply = post(encoder, infer, text_input([5000], ["a"] * 5000))
+    status, reply = post(encoder_daemon, infer, text_input([5000], ["a"] * 5000))
     assert "more than 256 elements" in kserve_4xx(status, reply, 413)
     # many inputs: refused by count before any of them is flattened
     many = {"inputs": [text_input([1], ["a"])["inputs"][0]] * 2000}
-    status, reply = post(encoder, infer, many)
+    status, reply = post(encoder_daemon, infer, many)
     assert "got 2000 inputs" in kserve_4xx(status, reply, 400)
     # data nested past the depth limit (main: RecursionError in json.loads, or in _flatten)
     deep = b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ' + \
         b"[" * 950 + b'"a"' + b"]" * 950 + b"}]}"
-    kserve_4xx(*post(encoder, infer, deep), 400)
+    kserve_4xx(*post(encoder_daemon, infer, deep), 400)
     # shape x datatype must match the data given (Triton's "input byte size mismatch")
-    status, reply = post(encoder, infer, text_input([3], ["a", "b"]))
+    status, reply = post(encoder_daemon, infer, text_input([3], ["a", "b"]))
     assert "holds 3" in kserve_4xx(status, reply, 400)
-    status, reply = post(encoder, infer, text_input([1], ["a"] * 100_000))
+    status, reply = post(encoder_daemon, infer, text_input([1], ["a"] * 100_000))
     assert "more than 1" in kserve_4xx(status, reply, 400)
     # a text that cannot fit the model's positions at 32 characters a token: before tokenizing
-    status, reply = post(encoder, infer, text_input([1], ["water " * 200_000]))
+    status, reply = post(encoder_daemon, infer, text_input([1], ["water " * 200_000]))
     assert "before tokenizing" in kserve_4xx(status, reply, 400)
     # FP data: 1e400 reads as inf, NaN is not JSON
-    status, reply = post(encoder, infer, b'{"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], '
-                                         b'"data": [NaN]}]}')
+    status, reply = post(encoder_daemon, infer, b'{"inputs": [{"name": "text", "datatype": "FP32", '
+                                                b'"shape": [1], "data": [NaN]}]}')
     kserve_4xx(status, reply, 400)
-    ok = encoder_ok(encoder, m)
+    ok = encoder_ok(encoder_daemon, m)
     assert ok
 
 
@@ -277,22 +270,22 @@ def encoder_ok(d: Daemon, m: str) -> bool:
     return status == 200 and reply["outputs"][0]["shape"][0] == 2
 
 
-def test_embeddings_holes_are_4xx(encoder: Daemon) -> None:
-    status, reply = post(encoder, "/v1/embeddings", {"input": ["water " * 200_000]})
+def test_embeddings_holes_are_4xx(encoder_daemon: Daemon) -> None:  # noqa: F811
+    status, reply = post(encoder_daemon, "/v1/embeddings", {"input": ["water " * 200_000]})
     assert "before tokenizing" in openai_4xx(status, reply, 400, "context_length_exceeded")["message"]
-    status, reply = post(encoder, "/v1/embeddings", {"input": [[5] * 100_000]})
+    status, reply = post(encoder_daemon, "/v1/embeddings", {"input": [[5] * 100_000]})
     openai_4xx(status, reply, 400, "context_length_exceeded")
-    status, reply = post(encoder, "/v1/embeddings", {"input": "hi", "model": ["x"]})
+    status, reply = post(encoder_daemon, "/v1/embeddings", {"input": "hi", "model": ["x"]})
     openai_4xx(status, reply, 400, "invalid_value")
-    status, reply = post(encoder, "/v1/embeddings", {"input": "hi", "encoding_format": 7})
+    status, reply = post(encoder_daemon, "/v1/embeddings", {"input": "hi", "encoding_format": 7})
     openai_4xx(status, reply, 400, "invalid_value")
-    assert encoder_ok(encoder, model_id(encoder))
+    assert encoder_ok(encoder_daemon, model_id(encoder_daemon))
 
 
-def test_an_embedding_token_id_out_of_the_vocabulary_names_the_input(encoder: Daemon) -> None:
+def test_an_embedding_token_id_out_of_the_vocabulary_names_the_input(encoder_daemon: Daemon) -> None:  # noqa: F811
     """The id check is shared with /v1/completions and said 'prompt', a field /v1/embeddings
     does not have."""
-    status, reply = post(encoder, "/v1/embeddings", {"input": ["hello", [5, -3]]})
+    status, reply = post(encoder_daemon, "/v1/embeddings", {"input": ["hello", [5, -3]]})
     error = openai_4xx(status, reply, 400, "invalid_value")
     assert error["param"] == "input[1]" and "'input[1]'" in error["message"], error
     assert "prompt" not in error["message"], error
