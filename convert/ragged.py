@@ -23,8 +23,9 @@ graph computes (tests/convert/test_ragged.py).
 Why a second file and not the input in model.onnx: ONNX Runtime 1.23, the last with wheels for
 Python 3.10 (JetPack 6), refuses a GroupQueryAttention input it does not know, so model.onnx
 stays loadable there and this graph is tried first only where several slots serve
-(device/runtime/ort_backend.py). It holds no weights: its initializers point at model.onnx's
-own data file.
+(device/runtime/ort_backend.py). It holds no weights where model.onnx keeps them in its data
+file (every graph over export.INLINE_LIMIT, 64 MiB: SmolLM2 and up): its initializers point at
+that file. A smaller graph keeps its weights inline, and its twin is a whole copy.
 """
 
 from __future__ import annotations
