@@ -34,9 +34,12 @@ present_key.{i}. The runtime binds present_key.{i} to the very buffer it passes 
 the kernel then updates the cache in place (its share-buffer mode), so there is nothing to write
 from the host. (When the runtime had to gather non-adjacent slots into a copy, it copies those
 rows back.) tests/convert/test_convert.py shows both forms give the same cache and logits.
-In-place graphs written since 2026-12-04 also take `spare_token` (int32 scalar, 0 or 1): with
-1, a step of batch 1 computes each token exactly as a step of several tokens would
-(convert/spare_token.py); the runtime feeds 1 where it runs one slot, 0 elsewhere.
+In-place graphs written since 2026-12-04 also take `spare_token` (int32 scalar): with 1
+(SPARE_WHOLE), a step of batch 1 computes each token exactly as a step of several tokens would
+(convert/spare_token.py); 0 leaves the graph as it was. Graphs written since 2026-12-06 also
+read 2 (SPARE_AT_ATTENTION), the same spare at the attention nodes only, cheaper, and exact
+where the start-up probe finds it so; older graphs read 2 as 1. The runtime feeds a form where
+it runs one slot, 0 elsewhere.
 In-place bundles written since 2026-12-06 also hold model.ragged.onnx: the same graph (the same
 weights file) with one more input, `query_seqlens` (int32 [batch]: row b's first
 query_seqlens[b] tokens are real, the rest right padding whose positions repeat the last real
@@ -64,6 +67,8 @@ from typing import Final
 
 DECODER_CONTRACT: Final = "static-kv-v1"
 SPARE_TOKEN: Final = "spare_token"  # in-place graphs (above); absent from older bundles
+SPARE_WHOLE: Final = 1  # spare_token's value for a spare through the whole graph
+SPARE_AT_ATTENTION: Final = 2  # ... for one at the attention nodes only (read as 1 by older graphs)
 QUERY_SEQLENS: Final = "query_seqlens"  # the ragged graph's extra input (above)
 RAGGED_MODEL_FILE: Final = "model.ragged.onnx"  # beside the bundle's model file, in-place only
 ENCODER_CONTRACT: Final = "encoder-v1"

@@ -13,18 +13,36 @@ verified draft could change greedy output and the daemon refused to draft there.
 or more rows take the general kernels, and their common rows agree exactly (measured on ORT
 1.32 for every op of these graphs: tests/convert/test_spare_token.py).
 
-What. A step of batch 1 gets p = 0 or 1 spare tokens after its last one, at the next position:
+What. A step of batch 1 gets p = 0 or 1 spare tokens after its last one, at the next position,
+in one of two forms, chosen by the value of `spare_token` (bundle/contract.py):
 
-    input_ids    [1, T] ──Pad(p zeros at the end)──────────────► [1, T+p]  ─► the graph as before
-    position_ids [1, T] ──Concat(its last p columns + 1)───────► [1, T+p]
     p = max(0, min(spare_token, B == 1, max_seq - 1 - max(position_ids)))
 
-Every node then reads T+p tokens; GroupQueryAttention takes its lengths from the padded
-positions, and `logits_index` (positions < T) never selects the spare. The spare token's key and
-value land one position past the step (inside the cache: the last term), where no query of this
-step looks (causal) and the next step writes before anything reads. `spare_token`
-(bundle/contract.py: SPARE_TOKEN) is an int32 scalar graph input: 0 leaves the graph computing
-what it computed before (calibration feeds 0). The ORT backend feeds 1 when its engine has one
+  SPARE_WHOLE (1): through the whole graph. Every node reads T+p tokens:
+    input_ids    [1, T] ──Pad(p zeros at the end)──────────────► [1, T+p]  ─► the graph as before
+    position_ids [1, T] ──Concat(its last p columns + 1)───────► [1, T+p]
+  SPARE_AT_ATTENTION (2): at the attention nodes only. Each GroupQueryAttention reads its
+  query (and key, value) padded with p zero rows, and lengths (seqlens_k, total) one longer;
+  its output is cut back to T rows, so every other node reads T tokens:
+    qkv [1, T, .] ──Pad(p zero rows)──► GroupQueryAttention(seqlens_k + p, total + p) ──Slice(:T)──►
+
+The attention form is the cheaper (SmolLM2 on ONNX Runtime 1.32, 2 threads, one-token steps,
+7 interleaved rounds: int8 +7 % over no spare against +33 % for the whole graph, int4 +9 %
+against +21 %), and it is exact wherever the only one-row kernel of the graph is the
+attention's: the fp32 graphs, and MatMulNBits with blocks of 32 at 8 and 4 bits (every CPU
+precision this toolkit writes by default), measured. 4-bit MatMulNBits with blocks of 64 keeps a
+one-row path of its own (|logits diff| up to 1.0 in the attention form on SmolLM2), and a later
+ONNX Runtime may add others, so the form is not fixed here: the daemon's one-slot engine feeds
+SPARE_AT_ATTENTION where its start-up probe finds a one-token step equal to a longer one in that
+form, bit for bit, and SPARE_WHOLE otherwise (device/serve/scheduler.py). A graph written before
+the attention form existed reads 2 as 1 (the min above): the whole graph.
+
+In both forms GroupQueryAttention takes its lengths from the padded positions, and
+`logits_index` (positions < T) never selects the spare. The spare token's key and value land
+one position past the step (inside the cache: the last term), where no query of this step
+looks (causal) and the next step writes before anything reads. `spare_token` (bundle/contract.py:
+SPARE_TOKEN) is an int32 scalar graph input: 0 leaves the graph computing what it computed
+before (calibration feeds 0). The ORT backend feeds a form when its engine has one
 slot, and when several slots step jointly through the ragged graph (convert/ragged.py), whose
 rows of B > 1 carry their spare from the host (token 0 at the next position, one more real
 token in query_seqlens). Batched steps of the plain graph (B > 1, one token each) cannot take
@@ -32,8 +50,8 @@ one (the attention kernel refuses several tokens per row over a cache for B > 1)
 decoded alone must stay equal to the same row in a batch, so there it feeds 0; `B == 1` in the
 graph keeps a wrong feed harmless. Only in-place (GroupQueryAttention) graphs get it: in the others the host
 writes the step's new keys itself, one per token it asked for.
-Cost: a one-token step does the work of two (SmolLM2: +4 % fp32, +21 % int8, +24 % int4;
-README, "Prompt-lookup drafting").
+Cost of the whole-graph form: a one-token step does the work of two (SmolLM2: +4 % fp32, +21 %
+int8, +24 % int4; README, "Prompt-lookup drafting").
 """
 
 from __future__ import annotations
@@ -42,7 +60,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bundle.contract import SPARE_TOKEN
+from bundle.contract import SPARE_AT_ATTENTION, SPARE_TOKEN
 
 MS_DOMAIN = "com.microsoft"
 PREFIX = "spare_token"  # names of the nodes and constants this pass adds
@@ -79,7 +97,13 @@ def add_spare_token(model: onnx.ModelProto) -> bool:
     wanted = add("Cast", [SPARE_TOKEN], "wanted", to=TensorProto.INT64)
     p = add("Max", [add("Min", [wanted, add("Squeeze", [batch_is_one, zero], "one_row"), room],
                         "p_wanted"), const("zero_scalar", np.array(0, np.int64))], "p")
-    p1 = add("Unsqueeze", [p, zero], "p1")  # [1]
+    # the form: p_attention = p where spare_token is SPARE_AT_ATTENTION, p_whole = p - p_attention
+    at_attention = add("Cast", [add("Equal", [wanted, const("attention_form", np.array(SPARE_AT_ATTENTION,
+                                                                                        np.int64))],
+                                    "at_attention_b")], "at_attention", to=TensorProto.INT64)
+    p_attention = add("Mul", [p, at_attention], "p_attention")
+    p_whole = add("Sub", [p, p_attention], "p_whole")
+    p1 = add("Unsqueeze", [p_whole, zero], "p1")  # [1]
     pads = add("Concat", [zero, zero, zero, p1], "pads", axis=0)  # begins [0, 0], ends [0, p]
     ids = add("Pad", ["input_ids", pads], "input_ids")  # the spare is token 0
     steps = add("Slice", [shape, one, two], "steps")  # [T]
@@ -89,10 +113,48 @@ def add_spare_token(model: onnx.ModelProto) -> bool:
     for node in graph.node:
         for i, name in enumerate(node.input):
             node.input[i] = renamed.get(name, name)
-    nodes = new + list(graph.node)
+    # the attention form: rows the spare's query adds, and the lengths it makes one longer
+    rows = add("Slice", [add("Shape", [ids], "rows_shape"), one, two], "rows")  # [T + p_whole]
+    qkv_pads = add("Concat", [zero, zero, zero, zero, add("Unsqueeze", [p_attention, zero], "pa1"), zero],
+                   "qkv_pads", axis=0)  # [B, T, C]: p_attention rows at the end of T
+    pa_i32 = add("Cast", [p_attention], "p_attention_i32", to=TensorProto.INT32)
+    nodes = new + _attention_form(list(graph.node), qkv_pads, pa_i32, rows)
     del graph.node[:]
     graph.node.extend(nodes)
     return True
+
+
+def _attention_form(nodes: list[onnx.NodeProto], qkv_pads: str, pa_i32: str,
+                    rows: str) -> list[onnx.NodeProto]:
+    """`nodes` with each GroupQueryAttention wrapped for the attention form: its query, key and
+    value padded with p_attention zero rows, seqlens_k and total_sequence_length plus
+    p_attention (one Add per length tensor, which the layers share, before its first reader),
+    its output cut back to `rows`, under its old name."""
+    out: list[onnx.NodeProto] = []
+    longer: dict[str, str] = {}  # a length tensor -> the same plus p_attention
+    for node in nodes:
+        if not (node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN):
+            out.append(node)
+            continue
+        at = f"{PREFIX}/{node.name or node.output[0]}"
+        for i in (0, 1, 2):  # query (packed or not), key, value; "" where packed
+            if i < len(node.input) and node.input[i]:
+                padded = f"{at}/input{i}"
+                out.append(helper.make_node("Pad", [node.input[i], qkv_pads], [padded], name=f"{padded}/Pad"))
+                node.input[i] = padded
+        for i in (5, 6):  # seqlens_k [B], total_sequence_length []: int32
+            length = node.input[i]
+            if length not in longer:
+                longer[length] = f"{PREFIX}/length{len(longer)}"
+                out.append(helper.make_node("Add", [length, pa_i32], [longer[length]],
+                                            name=f"{longer[length]}/Add"))
+            node.input[i] = longer[length]
+        cut, full = node.output[0], f"{at}/output"
+        node.output[0] = full
+        out.append(node)
+        out.append(helper.make_node("Slice", [full, f"{PREFIX}/zero", rows, f"{PREFIX}/one"], [cut],
+                                    name=f"{at}/output/Slice"))
+    return out
 
 
 def _cache_length(graph: onnx.GraphProto, past: str) -> int:

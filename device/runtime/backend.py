@@ -14,7 +14,9 @@ The returned array may be a reused buffer: read it before the next step.
 
 `spare_token`: while True, a step of batch 1 also runs one spare token after its last (where
 the graph takes one: convert/spare_token.py), so that a one-token step computes each value
-exactly as a longer step does; backends whose graphs take none ignore it.
+exactly as a longer step does, in the form `spare_form` says (bundle/contract.py: SPARE_WHOLE,
+through the whole graph; SPARE_AT_ATTENTION, at the attention nodes only); backends whose
+graphs take none ignore both.
 
 Two copies serve the daemon's prefix cache (device/serve/prefix_cache.py), in the cache's own
 dtype and memory (host arrays for ONNX Runtime, device memory for TensorRT):
@@ -52,6 +54,7 @@ class DecoderBackend(Protocol):
     max_seq: int
     vocab_size: int
     spare_token: bool
+    spare_form: int
     ragged_steps: bool  # step() takes `lengths` (ONNX Runtime's ragged graph, convert/ragged.py)
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],

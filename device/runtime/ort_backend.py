@@ -25,6 +25,7 @@ from bundle.contract import (
     QUERY_SEQLENS,
     RAGGED_MODEL_FILE,
     SPARE_TOKEN,
+    SPARE_WHOLE,
     KVCacheLayout,
     new_names,
     past_names,
@@ -112,8 +113,10 @@ class OrtDecoderBackend:
         # token, which makes a one-token step's logits equal, bit for bit, to those of the same
         # token inside a longer step (a verified draft, a prefill chunk). The daemon's one-slot
         # engine sets it for greedy rows (device/serve/scheduler.py); graphs written before it
-        # have no such input and ignore it. Bound once: a step writes the value into _spare.
+        # have no such input and ignore it. Bound once: a step writes the value into _spare:
+        # spare_form (bundle/contract.py: SPARE_WHOLE, SPARE_AT_ATTENTION) while spare_token.
         self.spare_token = False
+        self.spare_form = SPARE_WHOLE
         inputs = {i.name for i in self.session.get_inputs()}
         self._spare = np.zeros((), np.int32) if SPARE_TOKEN in inputs else None
         self.ragged_steps = QUERY_SEQLENS in inputs  # step() takes `lengths`
@@ -163,7 +166,7 @@ class OrtDecoderBackend:
         if lengths is not None and not self.ragged_steps:
             raise ValueError("this graph takes no per-row lengths (it is not the ragged graph)")
         if self._spare is not None:
-            self._spare[()] = self.spare_token
+            self._spare[()] = self.spare_form if self.spare_token else 0
         if (self.in_place and self.cache.is_run(slot_ids)
                 and (T == 1 or (T <= BOUND_T and logits_index is None))):
             return self._decode_bound(input_ids, position_ids, slot_ids, lengths)

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bundle.contract import KVCacheLayout, new_names, past_names, staging_slots
+from bundle.contract import SPARE_WHOLE, KVCacheLayout, new_names, past_names, staging_slots
 from bundle.errors import ToolkitError
 from device.runtime.backend import KVBlock
 from device.runtime.procmem import mem_available
@@ -257,6 +257,7 @@ class DeviceKVBlock:
 class TrtDecoderBackend:
     kind = "tensorrt"
     spare_token = False  # static-attention graphs take none (convert/spare_token.py)
+    spare_form = SPARE_WHOLE
     ragged_steps = False  # ... nor per-row lengths (convert/ragged.py): a verify step is one row
 
     def __init__(self, plan_path: Path, layout: KVCacheLayout, vocab_size: int, slots: int = 1,

@@ -80,6 +80,7 @@ from typing import Any
 
 import numpy as np
 
+from bundle.contract import SPARE_AT_ATTENTION, SPARE_WHOLE
 from bundle.errors import ToolkitError
 from device.runtime.backend import DecoderBackend
 from device.runtime.draft import VERIFY_TOLERANCE, PromptLookup, verify_step_deviation
@@ -440,6 +441,18 @@ def probe_batch_invariance(backend: DecoderBackend) -> str | None:
     return None
 
 
+def spare_form(backend: DecoderBackend, k: int) -> int:
+    """SPARE_AT_ATTENTION where, in that form, a one-token step's logits equal the same tokens'
+    in a step of k + 1, bit for bit (convert/spare_token.py: every default CPU precision on ONNX
+    Runtime 1.32, a third of the int8 step's cost of the whole form); SPARE_WHOLE otherwise, the
+    form exact wherever multi-row kernels agree on their rows. A graph older than the attention
+    form reads SPARE_AT_ATTENTION as SPARE_WHOLE, and one without a spare ignores both."""
+    backend.spare_token, backend.spare_form = True, SPARE_AT_ATTENTION
+    exact = verify_step_deviation(backend, k) == 0.0
+    backend.spare_form = SPARE_WHOLE
+    return SPARE_AT_ATTENTION if exact else SPARE_WHOLE
+
+
 def probe_ragged(backend: DecoderBackend, tokens: int = 4) -> bool:
     """Whether joint steps are exact here: rows of 2..`tokens` real tokens in one ragged step
     (convert/ragged.py), for the batch sizes of probe_sizes, give bit for bit what each row
@@ -527,6 +540,10 @@ class Scheduler(QueuedEngine):
                             "rows stepped alone on this machine; drafts are verified one row a step")
         # lone rows that may draft (and prompts) step with the spare: one slot, or joint steps
         self.spare_rows = self.slots == 1 or self.joint
+        if self.slots == 1:  # its cheaper form where it is exact here (joint steps: the whole)
+            backend.spare_form = spare_form(backend, self.draft_tokens or 4)
+        self.spare = ("off" if not self.spare_rows else
+                      "attention" if backend.spare_form == SPARE_AT_ATTENTION else "whole graph")
         if self.draft_tokens:
             backend.spare_token = self.spare_rows
             deviation = verify_step_deviation(backend, self.draft_tokens)

@@ -670,6 +670,7 @@ class Daemon:
         if runner.is_decoder:
             rec["scheduler"]["draft_tokens"] = engine.draft_tokens
             rec["scheduler"]["draft_steps"] = engine.draft_steps
+            rec["scheduler"]["spare_token"] = engine.spare
             rec["scheduler"].update(engine.chunks.describe())
             rec["prefix_cache"] = engine.prefix_cache.status()
         return rec

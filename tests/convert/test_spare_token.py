@@ -1,6 +1,7 @@
 """The spare token of batch-1 steps (convert/spare_token.py): with one slot, a one-token step
 gives exactly the logits the same token gets inside a longer step, at fp32, int8 and int4, so
-drafting stays on and cannot change greedy output; several slots keep batched decode as it was."""
+drafting stays on and cannot change greedy output; several slots keep batched decode as it was.
+Both forms (through the whole graph, at the attention nodes only) are checked."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import pytest
 from engine_helpers import Watching
 from quantize_fixtures import MAX_SEQ, q_bundle, q_fp32_bundle  # noqa: F401  (fixtures)
 
-from bundle.contract import SPARE_TOKEN
+from bundle.contract import SPARE_AT_ATTENTION, SPARE_TOKEN, SPARE_WHOLE
 from device.runtime.draft import VERIFY_TOLERANCE, verify_step_deviation
-from device.runtime.generate import prefill
+from device.runtime.generate import generate, prefill
 from device.runtime.runner import load_bundle
 
 
@@ -41,10 +42,18 @@ def test_in_place_graphs_take_the_spare_token_and_others_do_not(q_fp32_bundle) -
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
 def test_with_a_spare_one_token_steps_equal_longer_steps_bit_for_bit(q_bundle, q_fp32_bundle,  # noqa: F811
                                                                     precision) -> None:
+    from device.serve.scheduler import spare_form
+
     backend = load_bundle(bundle(q_bundle, q_fp32_bundle, precision), slots=1, threads=2).backend
-    backend.spare_token = True
-    for k in (1, 4, 15):
-        assert verify_step_deviation(backend, k) == 0.0
+    form = spare_form(backend, 4)  # the daemon's pick: the attention form where it is exact
+    if platform.machine() in ("x86_64", "AMD64") and precision != "int4":
+        # the one one-row kernel of these graphs is the attention's (the tiny int4's MatMulNBits,
+        # K = 64, has its own: |diff| ~1e-6, where SmolLM2's int4, K = 576 and 640, has none)
+        assert form == SPARE_AT_ATTENTION
+    for backend.spare_form in sorted({SPARE_WHOLE, form}):
+        backend.spare_token = True
+        for k in (1, 4, 15):
+            assert verify_step_deviation(backend, k) == 0.0
     if platform.machine() in ("x86_64", "AMD64") and precision == "fp32":
         # without it MLAS's one-row kernels round differently: what it is for
         backend.spare_token = False
@@ -140,3 +149,61 @@ def test_int4_batches_with_a_lone_row_paired(q_bundle) -> None:  # noqa: F811
     finally:
         engine.close()
     assert together[0] == alone
+
+
+def test_the_attention_form_runs_the_spare_through_the_attention_nodes_alone(q_fp32_bundle) -> None:  # noqa: F811
+    """The spare's key, one position past a one-token step, is what its input was: token 0's
+    key through the whole graph, a zero row's key (zero: RoPE of zero) at the attention only.
+    And the step's own logits and keys are the same in both forms, and with no spare but for
+    MLAS's one-row rounding."""
+    backend = load_bundle(q_fp32_bundle("llama", "cpu"), slots=1, threads=2).backend
+    ids = np.random.default_rng(3).integers(1, backend.vocab_size, 6).tolist()
+    seen = {}
+    for form in (SPARE_WHOLE, SPARE_AT_ATTENTION):
+        backend.spare_token, backend.spare_form = True, form
+        prefill(backend, ids[:5], 0)
+        logits = backend.step(np.array([[ids[5]]], np.int64), np.array([[5]], np.int64), [0])[0, -1].copy()
+        seen[form] = logits, backend.read_kv(0, 0, 7).data.copy()  # [2L, Hkv, 7, D]
+    (whole, whole_kv), (attention, attention_kv) = seen[SPARE_WHOLE], seen[SPARE_AT_ATTENTION]
+    assert np.abs(whole_kv[:, :, 6]).max() > 0.0  # token 0's key and value
+    assert not attention_kv[:, :, 6].any()  # a zero row's
+    np.testing.assert_array_equal(whole_kv[:, :, :6], attention_kv[:, :, :6])
+    np.testing.assert_array_equal(whole, attention)
+
+
+def test_the_daemon_picks_the_attention_form_only_where_it_is_exact(q_fp32_bundle) -> None:  # noqa: F811
+    from device.serve.scheduler import spare_form
+
+    backend = load_bundle(q_fp32_bundle("llama", "cpu"), slots=1, threads=2).backend
+    assert spare_form(backend, 4) == SPARE_AT_ATTENTION
+
+    class RoundsAlone(Watching):
+        """A one-row kernel of its own in the attention form: one-token steps round differently."""
+
+        def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any, **kw: Any) -> np.ndarray:
+            out = super().step(ids, pos, slots, *rest, **kw)
+            if ids.shape[1] == 1 and self.spare_form == SPARE_AT_ATTENTION:
+                out = out + np.float32(1e-5)
+            return out
+
+    assert spare_form(RoundsAlone(backend), 4) == SPARE_WHOLE
+
+
+def test_a_one_slot_engine_steps_greedy_rows_with_the_form_it_picked(q_bundle, q_fp32_bundle) -> None:  # noqa: F811
+    from engine_helpers import run
+
+    from device.serve.scheduler import GenerationRequest, Scheduler
+
+    runner = load_bundle(q_fp32_bundle("llama", "cpu"), slots=1, threads=2)
+    engine = Scheduler(runner.backend, runner.tokenizer)
+    assert (engine.spare, runner.backend.spare_form) == ("attention", SPARE_AT_ATTENTION)
+    ids = runner.tokenizer.encode("a b c a b c a b c a b")
+    engine.start()
+    try:
+        text, final = run(engine, GenerationRequest(ids, max_tokens=24, ignore_eos=True))
+    finally:
+        engine.close()
+    backend = load_bundle(q_fp32_bundle("llama", "cpu"), slots=1, threads=2).backend
+    backend.spare_token = True  # the whole form, token by token: the same text
+    assert runner.tokenizer.decode(list(generate(backend, ids, 24))) == text
+    assert final.usage.completion_tokens == 24 and final.usage.drafted_tokens > 0  # it verified drafts

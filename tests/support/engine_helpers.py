@@ -60,6 +60,14 @@ class Watching:
     def spare_token(self, on: bool) -> None:
         self.inner.spare_token = on
 
+    @property
+    def spare_form(self) -> int:
+        return int(self.inner.spare_form)
+
+    @spare_form.setter
+    def spare_form(self, form: int) -> None:
+        self.inner.spare_form = form
+
     def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any, **kw: Any) -> np.ndarray:
         self.seen.append((ids.shape, bool(self.inner.spare_token), kw.get("lengths")))
         return self.inner.step(ids, pos, slots, *rest, **kw)
