@@ -32,9 +32,10 @@ against +21 %), and it is exact wherever the only one-row kernel of the graph is
 attention's: the fp32 graphs, and MatMulNBits with blocks of 32 at 8 and 4 bits (every CPU
 precision this toolkit writes by default), measured. 4-bit MatMulNBits with blocks of 64 keeps a
 one-row path of its own (|logits diff| up to 1.0 in the attention form on SmolLM2), and a later
-ONNX Runtime may add others, so the form is not fixed here: the daemon's one-slot engine feeds
-SPARE_AT_ATTENTION where its start-up probe finds a one-token step equal to a longer one in that
-form, bit for bit, and SPARE_WHOLE otherwise (device/serve/scheduler.py). A graph written before
+ONNX Runtime may add others, so the form is not fixed here: the daemon feeds SPARE_AT_ATTENTION
+where its start-up probes find a one-token step equal to a longer one in that form, bit for bit
+(and, stepping jointly, the ragged rows equal to lone ones), and SPARE_WHOLE otherwise
+(device/serve/scheduler.py: spare_form, probe_ragged). A graph written before
 the attention form existed reads 2 as 1 (the min above): the whole graph.
 
 In both forms GroupQueryAttention takes its lengths from the padded positions, and

@@ -456,8 +456,9 @@ def spare_form(backend: DecoderBackend, k: int) -> int:
 def probe_ragged(backend: DecoderBackend, tokens: int = 4) -> bool:
     """Whether joint steps are exact here: rows of 2..`tokens` real tokens in one ragged step
     (convert/ragged.py), for the batch sizes of probe_sizes, give bit for bit what each row
-    gives stepped alone with its spare token (backend.spare_token must be on), which is what
-    the one-slot engine computes. Measured on ONNX Runtime 1.32 for SmolLM2-135M and the tiny
+    gives stepped alone with its spare token (backend.spare_token must be on, in the form the
+    engine's lone rows take: the ragged rows carry theirs as real tokens from the host), which
+    is what the one-slot engine computes. Measured on ONNX Runtime 1.32 for SmolLM2-135M and the tiny
     test Llama at fp32, int8 and int4; checked, not assumed, because a kernel's blocking may
     depend on the rows (a row with one real token already differs: the kernel's one-query
     path). Writes only positions no request holds (run before serving)."""
@@ -512,9 +513,11 @@ class Scheduler(QueuedEngine):
         # One slot: greedy rows and prompts step with the spare token (backend.spare_token,
         # convert/spare_token.py), so a drafted run verified in one step is exactly the single
         # steps it replaces at every precision, and a greedy row's keys are the same whether a
-        # prompt (prefix cache) or a decode step wrote them. Sampled rows, which never draft,
-        # keep the cheaper one-token step (the spare costs SmolLM2 +4 % at fp32, +21-24 % at
-        # int8/int4; their step times stay out of the drafting plan's costs). Several slots:
+        # prompt (prefix cache) or a decode step wrote them, in the spare's cheaper form (at the
+        # attention nodes only) where the probe finds it exact (spare_form). Sampled rows, which
+        # never draft, keep the one-token step without it (the spare costs SmolLM2 +7-9 % at
+        # int8/int4 in that form, +21-33 % through the whole graph; their step times stay out of
+        # the drafting plan's costs). Several slots:
         # the same where the engine steps jointly (below); without joint steps, never (batched
         # steps of the plain graph cannot take it, and a row alone must equal it batched).
         # Several slots and a ragged graph (convert/ragged.py): joint steps. While some active
@@ -531,17 +534,21 @@ class Scheduler(QueuedEngine):
         # or llama.cpp depends on its batch. What a row without a draft pays beside drafting
         # rows is bounded as in the plan (draft_plan.joint_length).
         self.joint = False
-        if (self.draft_tokens and self.slots > 1 and getattr(backend, "ragged_steps", False)
-                and decode_mode != "per-row"):
+        may_join = (bool(self.draft_tokens) and self.slots > 1 and getattr(backend, "ragged_steps", False)
+                    and decode_mode != "per-row")
+        if self.slots == 1 or may_join:  # the spare's cheaper form where it is exact here
+            backend.spare_form = spare_form(backend, self.draft_tokens or 4)
+        if may_join:
             backend.spare_token = True
             self.joint = probe_ragged(backend)
+            if not self.joint and backend.spare_form == SPARE_AT_ATTENTION:  # lone rows' whole form
+                backend.spare_form = SPARE_WHOLE
+                self.joint = probe_ragged(backend)
             if not self.joint:
                 log.warning("joint draft steps are off: rows of a ragged step differ from the same "
                             "rows stepped alone on this machine; drafts are verified one row a step")
         # lone rows that may draft (and prompts) step with the spare: one slot, or joint steps
         self.spare_rows = self.slots == 1 or self.joint
-        if self.slots == 1:  # its cheaper form where it is exact here (joint steps: the whole)
-            backend.spare_form = spare_form(backend, self.draft_tokens or 4)
         self.spare = ("off" if not self.spare_rows else
                       "attention" if backend.spare_form == SPARE_AT_ATTENTION else "whole graph")
         if self.draft_tokens:

@@ -79,6 +79,29 @@ def test_rows_stepped_jointly_give_the_one_slot_engines_output(q_bundle, q_fp32_
     assert all(lengths is None for _, _, lengths in sampled_steps)  # no joint step: none may draft
 
 
+def test_lone_rows_take_the_whole_form_where_the_attention_form_breaks_joint_steps(q_fp32_bundle) -> None:  # noqa: F811
+    """Lone rows take the spare's attention form only where ragged rows still equal them."""
+    import numpy as np
+
+    from bundle.contract import SPARE_AT_ATTENTION, SPARE_WHOLE
+
+    class LoneRowsApart(Watching):
+        """Steps of one row (no lengths) in the attention form round apart from ragged rows;
+        among themselves, single and multi-token, they agree (so spare_form picks it)."""
+
+        def step(self, ids, pos, slots, *rest, **kw):  # type: ignore[no-untyped-def]
+            out = super().step(ids, pos, slots, *rest, **kw)
+            if kw.get("lengths") is None and self.spare_form == SPARE_AT_ATTENTION:
+                out = out + np.float32(1e-5)
+            return out
+
+    three = load_bundle(q_fp32_bundle("llama", "cpu"), slots=3, threads=1, ragged=True)
+    engine = Scheduler(LoneRowsApart(three.backend), three.tokenizer)  # type: ignore[arg-type]
+    assert engine.joint and (engine.spare, three.backend.spare_form) == ("whole graph", SPARE_WHOLE)
+    plain = Scheduler(Watching(three.backend), three.tokenizer)  # type: ignore[arg-type]
+    assert plain.joint and (plain.spare, three.backend.spare_form) == ("attention", SPARE_AT_ATTENTION)
+
+
 def test_without_a_ragged_graph_or_drafting_the_engine_steps_as_before(q_fp32_bundle) -> None:  # noqa: F811
     path = q_fp32_bundle("llama", "cpu")
     plain = load_bundle(path, slots=3, threads=1)

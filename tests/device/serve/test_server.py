@@ -162,7 +162,7 @@ def test_greedy_drafts_are_reported_in_usage_timings_status_and_metrics(daemon: 
             - before["toolkit_spec_decode_num_draft_tokens_total"]) == timings["draft_n"]
     assert status(daemon)["scheduler"]["draft_tokens"] == DRAFT_TOKENS
     assert status(daemon)["scheduler"]["draft_steps"] == "joint"  # 4 slots, a ragged graph
-    assert status(daemon)["scheduler"]["spare_token"] == "whole graph"  # joint steps keep that form
+    assert status(daemon)["scheduler"]["spare_token"] == "attention"  # lone rows' form, exact here
     sampled = c.post(CHAT, chat_body("sun moon star sky rain snow wind fire " * 2, temperature=0.7))
     assert "completion_tokens_details" not in sampled["usage"] and "draft_n" not in sampled["timings"]
 
