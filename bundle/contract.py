@@ -69,6 +69,8 @@ DECODER_CONTRACT: Final = "static-kv-v1"
 SPARE_TOKEN: Final = "spare_token"  # in-place graphs (above); absent from older bundles
 SPARE_WHOLE: Final = 1  # spare_token's value for a spare through the whole graph
 SPARE_AT_ATTENTION: Final = 2  # ... for one at the attention nodes only (read as 1 by older graphs)
+# the graph's metadata entry naming the forms it takes ("1,2"); absent: 1 alone (older graphs)
+SPARE_FORMS_KEY: Final = "toolkit.spare_forms"
 QUERY_SEQLENS: Final = "query_seqlens"  # the ragged graph's extra input (above)
 RAGGED_MODEL_FILE: Final = "model.ragged.onnx"  # beside the bundle's model file, in-place only
 ENCODER_CONTRACT: Final = "encoder-v1"

@@ -61,7 +61,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bundle.contract import SPARE_AT_ATTENTION, SPARE_TOKEN
+from bundle.contract import SPARE_AT_ATTENTION, SPARE_FORMS_KEY, SPARE_TOKEN, SPARE_WHOLE
 
 MS_DOMAIN = "com.microsoft"
 PREFIX = "spare_token"  # names of the nodes and constants this pass adds
@@ -122,6 +122,8 @@ def add_spare_token(model: onnx.ModelProto) -> bool:
     nodes = new + _attention_form(list(graph.node), qkv_pads, pa_i32, rows)
     del graph.node[:]
     graph.node.extend(nodes)
+    # the runtime reads which forms the graph takes (an older graph reads 2 as 1, silently)
+    model.metadata_props.add(key=SPARE_FORMS_KEY, value=f"{SPARE_WHOLE},{SPARE_AT_ATTENTION}")
     return True
 
 

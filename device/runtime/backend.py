@@ -55,6 +55,7 @@ class DecoderBackend(Protocol):
     vocab_size: int
     spare_token: bool
     spare_form: int
+    spare_forms: tuple[int, ...]  # the forms the graph takes (none: it takes no spare)
     ragged_steps: bool  # step() takes `lengths` (ONNX Runtime's ragged graph, convert/ragged.py)
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],

@@ -24,6 +24,7 @@ import numpy as np
 from bundle.contract import (
     QUERY_SEQLENS,
     RAGGED_MODEL_FILE,
+    SPARE_FORMS_KEY,
     SPARE_TOKEN,
     SPARE_WHOLE,
     KVCacheLayout,
@@ -119,6 +120,8 @@ class OrtDecoderBackend:
         self.spare_form = SPARE_WHOLE
         inputs = {i.name for i in self.session.get_inputs()}
         self._spare = np.zeros((), np.int32) if SPARE_TOKEN in inputs else None
+        forms = self.session.get_modelmeta().custom_metadata_map.get(SPARE_FORMS_KEY, str(SPARE_WHOLE))
+        self.spare_forms = tuple(int(f) for f in forms.split(",")) if self._spare is not None else ()
         self.ragged_steps = QUERY_SEQLENS in inputs  # step() takes `lengths`
         # Decode bindings, one per run of slots (first, count) of an in-place graph: bound once to
         # fixed id/position buffers, the cache views and the output buffers, then reused; a step

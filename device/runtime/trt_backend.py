@@ -258,6 +258,7 @@ class TrtDecoderBackend:
     kind = "tensorrt"
     spare_token = False  # static-attention graphs take none (convert/spare_token.py)
     spare_form = SPARE_WHOLE
+    spare_forms: tuple[int, ...] = ()
     ragged_steps = False  # ... nor per-row lengths (convert/ragged.py): a verify step is one row
 
     def __init__(self, plan_path: Path, layout: KVCacheLayout, vocab_size: int, slots: int = 1,

@@ -444,9 +444,11 @@ def probe_batch_invariance(backend: DecoderBackend) -> str | None:
 def spare_form(backend: DecoderBackend, k: int) -> int:
     """SPARE_AT_ATTENTION where, in that form, a one-token step's logits equal the same tokens'
     in a step of k + 1, bit for bit (convert/spare_token.py: every default CPU precision on ONNX
-    Runtime 1.32, a third of the int8 step's cost of the whole form); SPARE_WHOLE otherwise, the
+    Runtime 1.32, where it costs about nothing and the whole form int8 +26 %); SPARE_WHOLE otherwise, the
     form exact wherever multi-row kernels agree on their rows. A graph older than the attention
-    form reads SPARE_AT_ATTENTION as SPARE_WHOLE, and one without a spare ignores both."""
+    form (backend.spare_forms) or without a spare gets SPARE_WHOLE unprobed."""
+    if SPARE_AT_ATTENTION not in getattr(backend, "spare_forms", (SPARE_AT_ATTENTION,)):
+        return SPARE_WHOLE  # (a wrapper without spare_forms: probed as it steps)
     backend.spare_token, backend.spare_form = True, SPARE_AT_ATTENTION
     exact = verify_step_deviation(backend, k) == 0.0
     backend.spare_form = SPARE_WHOLE

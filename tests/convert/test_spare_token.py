@@ -45,6 +45,7 @@ def test_with_a_spare_one_token_steps_equal_longer_steps_bit_for_bit(q_bundle, q
     from device.serve.scheduler import spare_form
 
     backend = load_bundle(bundle(q_bundle, q_fp32_bundle, precision), slots=1, threads=2).backend
+    assert backend.spare_forms == (SPARE_WHOLE, SPARE_AT_ATTENTION)  # the graph says so, quantized too
     form = spare_form(backend, 4)  # the daemon's pick: the attention form where it is exact
     if platform.machine() in ("x86_64", "AMD64") and precision != "int4":
         # the one one-row kernel of these graphs is the attention's (the tiny int4's MatMulNBits,
@@ -207,3 +208,15 @@ def test_a_one_slot_engine_steps_greedy_rows_with_the_form_it_picked(q_bundle, q
     backend.spare_token = True  # the whole form, token by token: the same text
     assert runner.tokenizer.decode(list(generate(backend, ids, 24))) == text
     assert final.usage.completion_tokens == 24 and final.usage.drafted_tokens > 0  # it verified drafts
+
+
+def test_a_graph_older_than_the_attention_form_gets_the_whole_form_unprobed(q_fp32_bundle) -> None:  # noqa: F811
+    """Such a graph reads 2 as 1, so a probe would pass and the status would name a form the
+    graph does not have: its metadata (no SPARE_FORMS_KEY) says so first."""
+    from device.serve.scheduler import spare_form
+
+    class Older(Watching):
+        spare_forms = (SPARE_WHOLE,)  # type: ignore[assignment]
+
+    older = Older(load_bundle(q_fp32_bundle("llama", "cpu"), slots=1, threads=2).backend)
+    assert spare_form(older, 4) == SPARE_WHOLE and not older.seen  # no step run

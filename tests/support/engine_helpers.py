@@ -68,6 +68,10 @@ class Watching:
     def spare_form(self, form: int) -> None:
         self.inner.spare_form = form
 
+    @property
+    def spare_forms(self) -> tuple[int, ...]:
+        return tuple(self.inner.spare_forms)
+
     def step(self, ids: np.ndarray, pos: np.ndarray, slots: Any, *rest: Any, **kw: Any) -> np.ndarray:
         self.seen.append((ids.shape, bool(self.inner.spare_token), kw.get("lengths")))
         return self.inner.step(ids, pos, slots, *rest, **kw)
