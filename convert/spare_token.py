@@ -26,9 +26,10 @@ in one of two forms, chosen by the value of `spare_token` (bundle/contract.py):
   its output is cut back to T rows, so every other node reads T tokens:
     qkv [1, T, .] ──Pad(p zero rows)──► GroupQueryAttention(seqlens_k + p, total + p) ──Slice(:T)──►
 
-The attention form is the cheaper (SmolLM2 on ONNX Runtime 1.32, 2 threads, one-token steps,
-7 interleaved rounds: int8 +7 % over no spare against +33 % for the whole graph, int4 +9 %
-against +21 %), and it is exact wherever the only one-row kernel of the graph is the
+The attention form costs a one-token step about nothing, where the whole form does the work of
+two (SmolLM2 on ONNX Runtime 1.32, 2 threads, 7 interleaved rounds, same-round medians over no
+spare: whole +8 % fp32, +26 % int8, +28 % int4; attention 1.02x, 0.96x, 0.99x: README,
+"Prompt-lookup drafting"), and it is exact wherever the only one-row kernel of the graph is the
 attention's: the fp32 graphs, and MatMulNBits with blocks of 32 at 8 and 4 bits (every CPU
 precision this toolkit writes by default), measured. 4-bit MatMulNBits with blocks of 64 keeps a
 one-row path of its own (|logits diff| up to 1.0 in the attention form on SmolLM2), and a later
@@ -51,8 +52,6 @@ one (the attention kernel refuses several tokens per row over a cache for B > 1)
 decoded alone must stay equal to the same row in a batch, so there it feeds 0; `B == 1` in the
 graph keeps a wrong feed harmless. Only in-place (GroupQueryAttention) graphs get it: in the others the host
 writes the step's new keys itself, one per token it asked for.
-Cost of the whole-graph form: a one-token step does the work of two (SmolLM2: +4 % fp32, +21 %
-int8, +24 % int4; README, "Prompt-lookup drafting").
 """
 
 from __future__ import annotations

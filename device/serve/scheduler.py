@@ -444,8 +444,8 @@ def probe_batch_invariance(backend: DecoderBackend) -> str | None:
 def spare_form(backend: DecoderBackend, k: int) -> int:
     """SPARE_AT_ATTENTION where, in that form, a one-token step's logits equal the same tokens'
     in a step of k + 1, bit for bit (convert/spare_token.py: every default CPU precision on ONNX
-    Runtime 1.32, where it costs about nothing and the whole form int8 +26 %); SPARE_WHOLE otherwise, the
-    form exact wherever multi-row kernels agree on their rows. A graph older than the attention
+    Runtime 1.32, where it costs about nothing and the whole form int8 +26 %); SPARE_WHOLE
+    otherwise, the form exact wherever multi-row kernels agree on their rows. A graph older than the attention
     form (backend.spare_forms) or without a spare gets SPARE_WHOLE unprobed."""
     if SPARE_AT_ATTENTION not in getattr(backend, "spare_forms", (SPARE_AT_ATTENTION,)):
         return SPARE_WHOLE  # (a wrapper without spare_forms: probed as it steps)
@@ -517,9 +517,9 @@ class Scheduler(QueuedEngine):
         # steps it replaces at every precision, and a greedy row's keys are the same whether a
         # prompt (prefix cache) or a decode step wrote them, in the spare's cheaper form (at the
         # attention nodes only) where the probe finds it exact (spare_form). Sampled rows, which
-        # never draft, keep the one-token step without it (the spare costs SmolLM2 +7-9 % at
-        # int8/int4 in that form, +21-33 % through the whole graph; their step times stay out of
-        # the drafting plan's costs). Several slots:
+        # never draft, keep the one-token step without it (the spare costs SmolLM2 about nothing
+        # in that form, +26-28 % at int8/int4 through the whole graph; their step times stay out
+        # of the drafting plan's costs). Several slots:
         # the same where the engine steps jointly (below); without joint steps, never (batched
         # steps of the plain graph cannot take it, and a row alone must equal it batched).
         # Several slots and a ragged graph (convert/ragged.py): joint steps. While some active
