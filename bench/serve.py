@@ -15,6 +15,11 @@ its matched llama.cpp GGUF (bench/peers.py MATCHED: F32, Q8_0, Q4_1, all from th
                   default drafts at every c (every row's draft in the decode step itself where
                   the bundle has a ragged graph: device/serve/scheduler.py), so its c=8 / c=1
                   mixes drafting's gain at c=1 into batching's; this row is batching alone
+  open questions  the default daemon again at c = 1 and c = 8, on chat questions whose answers
+                  copy nothing (OPEN_QUESTIONS). The bench's 128-token prompts repeat a paragraph
+                  and SmolLM2's greedy continuation repeats it too, which prompt-lookup drafting
+                  turns into ~15 tokens a step at c = 1; this row is c=8 / c=1 with the defaults
+                  where drafts seldom hold
 The servers run with --threads / -t THREADS and as many slots as streams (issue 20: slots =
 concurrency): c streams go to a server started with c slots (`toolkit serve --slots c`,
 `llama-server -np c -c c*2048 --cont-batching`), c = 1 being the daemon as `toolkit serve
@@ -428,25 +433,37 @@ class Cells:
     note: str = ""
 
 
-VARIANTS = ("daemon", "in-process", "genai", "llama-server", "daemon-plain")
+VARIANTS = ("daemon", "in-process", "genai", "llama-server", "daemon-plain", "daemon-open")
 PLAIN_FLAGS = ("--speculate", "off")  # daemon-plain: the default daemon without drafting
-PLAIN_CONCURRENCY = (1, 8)
+PLAIN_CONCURRENCY = (1, 8)  # daemon-plain's and daemon-open's
+SINGLE = tuple(v for v in VARIANTS if v != "daemon-open")  # the single-stream rows' variants
+OPEN_QUESTIONS = (  # daemon-open: one chat question a stream, answers that copy nothing
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a bicycle stays upright while it is moving.",
+    "Describe a busy market in a coastal town early in the morning.",
+    "What are three good habits for learning a new language, and why do they work?",
+    "Write a letter to a friend about a trip to the mountains.",
+    "Explain to a child why the sky is blue.",
+    "Give advice to someone who is starting their first job as a cook.",
+    "Describe how bread is made, from the field to the table.",
+)
 
 
 def measure_server(start: Callable[[int], Server], tok: Any, cells: Cells, s: Settings,
-                   concurrency: Sequence[int] = CONCURRENCY) -> None:
+                   concurrency: Sequence[int] = CONCURRENCY, open_text: bool = False) -> None:
     """Each concurrency c on a server `start(c)` of c slots, the single stream on the first
-    (c = 1), each after a warm-up request."""
+    (c = 1), each after a warm-up request. open_text: OPEN_QUESTIONS' prompts, no single stream."""
     ids = prompt_ids(tok, PROMPT_TOKENS)
     for c in concurrency:
         server = start(c)
         try:
             server.stream(ids[:16], 4)  # warm-up
-            if c == 1:
+            if c == 1 and not open_text:
                 one = server.stream(ids, s.new_tokens)
                 cells.ttft.append(one.ttft)
                 cells.tok_s.append(one.tok_s)
-            prompts = [prompt_ids(tok, PROMPT_TOKENS, variant=i + 1) for i in range(c)]
+            prompts = ([tok.encode_chat([{"role": "user", "content": q}]) for q in OPEN_QUESTIONS[:c]]
+                       if open_text else [prompt_ids(tok, PROMPT_TOKENS, variant=i + 1) for i in range(c)])
             cells.conc.setdefault(c, []).append(aggregate(run_concurrent(server, prompts, s.conc_tokens)))
         finally:
             server.close()
@@ -462,7 +479,7 @@ def measure_round(precision: str, order: Sequence[str], tok: Any, table: dict[st
         try:
             if isinstance(peer, Skipped):
                 cells.note = peer.reason
-            elif variant in ("daemon", "daemon-plain", "llama-server"):
+            elif variant in ("daemon", "daemon-plain", "daemon-open", "llama-server"):
                 plain = variant == "daemon-plain"
 
                 def start(c: int, variant: str = variant, plain: bool = plain, peer: Any = peer) -> Server:
@@ -472,7 +489,9 @@ def measure_round(precision: str, order: Sequence[str], tok: Any, table: dict[st
                     return Daemon(bundle, s.threads, slots=c if c > 1 else None,
                                   flags=PLAIN_FLAGS if plain else ())
 
-                measure_server(start, tok, cells, s, PLAIN_CONCURRENCY if plain else CONCURRENCY)
+                measure_server(start, tok, cells, s,
+                               PLAIN_CONCURRENCY if variant != "daemon" else CONCURRENCY,
+                               open_text=variant == "daemon-open")
             else:
                 kind, path = ("runner", bundle) if variant == "in-process" else ("genai", peer)
                 res = child(kind, path, ids, s.new_tokens, s.threads)
@@ -679,17 +698,19 @@ def render(rep: Report) -> str:
     row("perplexity ours / llama.cpp", lambda t: _ppl(rep.ppl.get(_key(rep, t), {})))
     lines.append("single stream: decode tok/s (daemon: the default, one slot; daemon-plain: the same, "
                  "--speculate off)")
-    for v in VARIANTS:
+    for v in SINGLE:
         row(f"  {v}", lambda t, v=v: tps(t, v))
     row("  daemon / in-process", ratio("daemon", "in-process", lambda c: c.tok_s))
     row("  daemon / onnxruntime-genai", ratio("daemon", "genai", lambda c: c.tok_s))
     row("  in-process / onnxruntime-genai", ratio("in-process", "genai", lambda c: c.tok_s))
     row("  daemon / llama-server", ratio("daemon", "llama-server", lambda c: c.tok_s))
     lines.append("single stream: TTFT ms")
-    for v in VARIANTS:
+    for v in SINGLE:
         row(f"  {v}", lambda t, v=v: _f(_scale(_med(t[v].ttft), 1e3), ".0f"))
     for label, v, cs in (("daemon", "daemon", CONCURRENCY),
                          ("daemon, drafting off (--speculate off)", "daemon-plain", PLAIN_CONCURRENCY),
+                         ("daemon, open questions (answers that copy nothing)", "daemon-open",
+                          PLAIN_CONCURRENCY),
                          ("llama-server", "llama-server", CONCURRENCY)):
         lines.append(f"{label}: aggregate decode tok/s, p50/p95 TPOT ms")
         for c in cs:

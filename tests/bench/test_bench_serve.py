@@ -90,6 +90,8 @@ def test_render_shows_ratios_notes_and_na_rows() -> None:
     assert "9.50 / n/a" in text
     assert "n/a (daemon has no --prefix-cache-mb)" in text
     assert "note: fp32 llama-server: llama.cpp is not built yet" in text
+    # the open questions: a concurrency row of their own, no single-stream rows
+    assert "daemon, open questions (answers that copy nothing)" in text and "  daemon-open" not in text
 
 
 def test_chunk_row_pairs_each_case_with_its_own_baseline(monkeypatch) -> None:
