@@ -490,7 +490,7 @@ def measure_round(precision: str, order: Sequence[str], tok: Any, table: dict[st
                                   flags=PLAIN_FLAGS if plain else ())
 
                 measure_server(start, tok, cells, s,
-                               PLAIN_CONCURRENCY if variant != "daemon" else CONCURRENCY,
+                               CONCURRENCY if variant in ("daemon", "llama-server") else PLAIN_CONCURRENCY,
                                open_text=variant == "daemon-open")
             else:
                 kind, path = ("runner", bundle) if variant == "in-process" else ("genai", peer)
