@@ -56,6 +56,8 @@ writes the step's new keys itself, one per token it asked for.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -118,7 +120,7 @@ def add_spare_token(model: onnx.ModelProto) -> bool:
     qkv_pads = add("Concat", [zero, zero, zero, zero, add("Unsqueeze", [p_attention, zero], "pa1"), zero],
                    "qkv_pads", axis=0)  # [B, T, C]: p_attention rows at the end of T
     pa_i32 = add("Cast", [p_attention], "p_attention_i32", to=TensorProto.INT32)
-    nodes = new + _attention_form(list(graph.node), qkv_pads, pa_i32, rows)
+    nodes = new + _attention_form(list(graph.node), graph.value_info, qkv_pads, pa_i32, rows)
     del graph.node[:]
     graph.node.extend(nodes)
     # the runtime reads which forms the graph takes (an older graph reads 2 as 1, silently)
@@ -126,12 +128,13 @@ def add_spare_token(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _attention_form(nodes: list[onnx.NodeProto], qkv_pads: str, pa_i32: str,
+def _attention_form(nodes: list[onnx.NodeProto], value_info: Any, qkv_pads: str, pa_i32: str,
                     rows: str) -> list[onnx.NodeProto]:
     """`nodes` with each GroupQueryAttention wrapped for the attention form: its query, key and
     value padded with p_attention zero rows, seqlens_k and total_sequence_length plus
     p_attention (one Add per length tensor, which the layers share, before its first reader),
-    its output cut back to `rows`, under its old name."""
+    its output cut back to `rows`, under its old name (the uncut output typed in value_info
+    as the cut one is, but for its rows)."""
     out: list[onnx.NodeProto] = []
     longer: dict[str, str] = {}  # a length tensor -> the same plus p_attention
     for node in nodes:
@@ -153,6 +156,12 @@ def _attention_form(nodes: list[onnx.NodeProto], qkv_pads: str, pa_i32: str,
             node.input[i] = longer[length]
         cut, full = node.output[0], f"{at}/output"
         node.output[0] = full
+        for info in [v for v in value_info if v.name == cut]:  # its type, rows unknown (T + p)
+            typed = value_info.add()
+            typed.CopyFrom(info)
+            typed.name = full
+            if len(typed.type.tensor_type.shape.dim) > 1:
+                typed.type.tensor_type.shape.dim[1].Clear()
         out.append(node)
         out.append(helper.make_node("Slice", [full, f"{PREFIX}/zero", rows, f"{PREFIX}/one"], [cut],
                                     name=f"{at}/output/Slice"))

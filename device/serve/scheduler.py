@@ -441,12 +441,14 @@ def probe_batch_invariance(backend: DecoderBackend) -> str | None:
     return None
 
 
-def spare_form(backend: DecoderBackend, k: int) -> int:
+def spare_form(backend: DecoderBackend, k: int = 4) -> int:
     """SPARE_AT_ATTENTION where, in that form, a one-token step's logits equal the same tokens'
     in a step of k + 1, bit for bit (convert/spare_token.py: every default CPU precision on ONNX
     Runtime 1.32, where it costs about nothing and the whole form int8 +26 %); SPARE_WHOLE
-    otherwise, the form exact wherever multi-row kernels agree on their rows. A graph older than the attention
-    form (backend.spare_forms) or without a spare gets SPARE_WHOLE unprobed."""
+    otherwise, the form exact wherever multi-row kernels agree on their rows. k is short (a
+    start-up probe, on a device whose steps may be slow): the drafting probe, at the draft
+    length, follows in the form chosen here. A graph older than the attention form
+    (backend.spare_forms) or without a spare gets SPARE_WHOLE unprobed."""
     if SPARE_AT_ATTENTION not in getattr(backend, "spare_forms", (SPARE_AT_ATTENTION,)):
         return SPARE_WHOLE  # (a wrapper without spare_forms: probed as it steps)
     backend.spare_token, backend.spare_form = True, SPARE_AT_ATTENTION
@@ -539,7 +541,7 @@ class Scheduler(QueuedEngine):
         may_join = (bool(self.draft_tokens) and self.slots > 1 and getattr(backend, "ragged_steps", False)
                     and decode_mode != "per-row")
         if self.slots == 1 or may_join:  # the spare's cheaper form where it is exact here
-            backend.spare_form = spare_form(backend, self.draft_tokens or 4)
+            backend.spare_form = spare_form(backend)
         if may_join:
             backend.spare_token = True
             self.joint = probe_ragged(backend)

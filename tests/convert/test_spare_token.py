@@ -155,8 +155,7 @@ def test_int4_batches_with_a_lone_row_paired(q_bundle) -> None:  # noqa: F811
 def test_the_attention_form_runs_the_spare_through_the_attention_nodes_alone(q_fp32_bundle) -> None:  # noqa: F811
     """The spare's key, one position past a one-token step, is what its input was: token 0's
     key through the whole graph, a zero row's key (zero: RoPE of zero) at the attention only.
-    And the step's own logits and keys are the same in both forms, and with no spare but for
-    MLAS's one-row rounding."""
+    The step's own logits and keys are the same in both forms."""
     backend = load_bundle(q_fp32_bundle("llama", "cpu"), slots=1, threads=2).backend
     ids = np.random.default_rng(3).integers(1, backend.vocab_size, 6).tolist()
     seen = {}
@@ -190,7 +189,7 @@ def test_the_daemon_picks_the_attention_form_only_where_it_is_exact(q_fp32_bundl
     assert spare_form(RoundsAlone(backend), 4) == SPARE_WHOLE
 
 
-def test_a_one_slot_engine_steps_greedy_rows_with_the_form_it_picked(q_bundle, q_fp32_bundle) -> None:  # noqa: F811
+def test_a_one_slot_engine_steps_greedy_rows_with_the_form_it_picked(q_fp32_bundle) -> None:  # noqa: F811
     from engine_helpers import run
 
     from device.serve.scheduler import GenerationRequest, Scheduler

@@ -388,7 +388,7 @@ def test_readiness_answers_as_the_openapi_document_says(llama_bundle: Path) -> N
                     loading.add(path)
             time.sleep(0.05)
         assert loading == set(READY_ROUTES), d.log()
-        wait_ready(d)
+        wait_ready(d, timeout=120.0)  # every start-up probe step takes the 1 s here (~50 s in all)
         for path in (*READY_ROUTES, "/health/live", "/v2/health/live"):
             status, ctype, body = get_full(d, path)
             assert status == 200
