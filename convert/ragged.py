@@ -36,8 +36,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from bundle.contract import QUERY_SEQLENS, RAGGED_MODEL_FILE
-from convert.spare_token import MS_DOMAIN
 from convert.spare_token import PREFIX as SPARE
+from convert.spare_token import is_attention
 
 QUERY_SEQLENS_INDEX = 16  # its place among GroupQueryAttention's inputs (ONNX Runtime 1.32)
 SPARE_P = f"{SPARE}/p"  # the spare pass's count of spare tokens, an int64 scalar
@@ -47,7 +47,7 @@ def add_query_seqlens(model: onnx.ModelProto) -> bool:
     """Wire query_seqlens into every GroupQueryAttention node (in place); False where the graph
     has none or already takes it."""
     graph = model.graph
-    nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]
+    nodes = [n for n in graph.node if is_attention(n)]
     if not nodes or QUERY_SEQLENS in {i.name for i in graph.input}:
         return False
     graph.input.append(helper.make_tensor_value_info(QUERY_SEQLENS, TensorProto.INT32, ["batch"]))

@@ -68,11 +68,17 @@ MS_DOMAIN = "com.microsoft"
 PREFIX = "spare_token"  # names of the nodes and constants this pass adds
 
 
+def is_attention(node: onnx.NodeProto) -> bool:
+    """ONNX Runtime's GroupQueryAttention: the node of in-place graphs the spare and the ragged
+    lengths (convert/ragged.py) are wired into."""
+    return node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN
+
+
 def add_spare_token(model: onnx.ModelProto) -> bool:
     """Rewrite an in-place decoder graph as above (in place); False where it does not apply."""
     graph = model.graph
     names = {i.name for i in graph.input}
-    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]
+    gqa = [n for n in graph.node if is_attention(n)]
     if not gqa or SPARE_TOKEN in names or not {"input_ids", "position_ids"} <= names:
         return False
     max_seq = _cache_length(graph, gqa[0].input[3])
@@ -138,7 +144,7 @@ def _attention_form(nodes: list[onnx.NodeProto], value_info: Any, qkv_pads: str,
     out: list[onnx.NodeProto] = []
     longer: dict[str, str] = {}  # a length tensor -> the same plus p_attention
     for node in nodes:
-        if not (node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN):
+        if not is_attention(node):
             out.append(node)
             continue
         at = f"{PREFIX}/{node.name or node.output[0]}"
