@@ -45,6 +45,8 @@ weights file) with one more input, `query_seqlens` (int32 [batch]: row b's first
 query_seqlens[b] tokens are real, the rest right padding whose positions repeat the last real
 one), so rows of different lengths run as one [batch, seq] step (convert/ragged.py). ONNX
 Runtime 1.32 knows that input; an older one refuses the graph and the runtime loads model.onnx.
+Ragged graphs marked ROW_SPARES_KEY also give, fed SPARE_AT_ATTENTION in a step of several
+rows, every row of one real token a spare at the attention nodes (convert/ragged.py).
 
 Why new slices and not an in-place update on TensorRT: TensorRT 10.3 (JetPack 6) defines no aliasing between
 an input and an output of a plain engine (tensorrt_jetson.md §3.4, option A); writing the slice
@@ -72,6 +74,10 @@ SPARE_AT_ATTENTION: Final = 2  # ... for one at the attention nodes only (read a
 # the graph's metadata entry naming the forms it takes ("1,2"); absent: 1 alone (older graphs)
 SPARE_FORMS_KEY: Final = "toolkit.spare_forms"
 QUERY_SEQLENS: Final = "query_seqlens"  # the ragged graph's extra input (above)
+# the ragged graph's metadata entry ("1") where, fed SPARE_AT_ATTENTION in a step of several
+# rows, it gives each row of one real token its own spare at the attention nodes (absent: ragged
+# graphs written before 2026-12-06 10:00, whose rows carry their spare from the host)
+ROW_SPARES_KEY: Final = "toolkit.row_spares"
 RAGGED_MODEL_FILE: Final = "model.ragged.onnx"  # beside the bundle's model file, in-place only
 ENCODER_CONTRACT: Final = "encoder-v1"
 GENERIC_CONTRACT: Final = "onnx-passthrough-v1"

@@ -45,13 +45,14 @@ one position past the step (inside the cache: the last term), where no query of 
 looks (causal) and the next step writes before anything reads. `spare_token` (bundle/contract.py:
 SPARE_TOKEN) is an int32 scalar graph input: 0 leaves the graph computing what it computed
 before (calibration feeds 0). The ORT backend feeds a form when its engine has one
-slot, and when several slots step jointly through the ragged graph (convert/ragged.py), whose
-rows of B > 1 carry their spare from the host (token 0 at the next position, one more real
-token in query_seqlens). Batched steps of the plain graph (B > 1, one token each) cannot take
-one (the attention kernel refuses several tokens per row over a cache for B > 1), and a row
-decoded alone must stay equal to the same row in a batch, so there it feeds 0; `B == 1` in the
-graph keeps a wrong feed harmless. Only in-place (GroupQueryAttention) graphs get it: in the others the host
-writes the step's new keys itself, one per token it asked for.
+slot, and when several slots step jointly through the ragged graph (convert/ragged.py), which
+gives each of its rows of one real token a spare at the attention nodes (row spares; or the
+host sends one: token 0 at the next position, one more real token in query_seqlens). Batched
+steps of the plain graph (B > 1, one token each) cannot take one (the attention kernel refuses
+several tokens per row over a cache for B > 1), and a row decoded alone must stay equal to the
+same row in a batch, so there it feeds 0; `B == 1` in the graph keeps a wrong feed harmless.
+Only in-place (GroupQueryAttention) graphs get it: in the others the host writes the step's new
+keys itself, one per token it asked for.
 """
 
 from __future__ import annotations

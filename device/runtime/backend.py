@@ -57,6 +57,9 @@ class DecoderBackend(Protocol):
     spare_form: int
     spare_forms: tuple[int, ...]  # the forms the graph takes (none: it takes no spare)
     ragged_steps: bool  # step() takes `lengths` (ONNX Runtime's ragged graph, convert/ragged.py)
+    # ... and, fed SPARE_AT_ATTENTION with several rows, gives each row of one real token its
+    # spare at the attention nodes (convert/ragged.py: row spares; False: rows carry their own)
+    row_spares: bool
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slot_ids: Sequence[int],
              logits_index: np.ndarray | None = None,

@@ -24,6 +24,7 @@ import numpy as np
 from bundle.contract import (
     QUERY_SEQLENS,
     RAGGED_MODEL_FILE,
+    ROW_SPARES_KEY,
     SPARE_FORMS_KEY,
     SPARE_TOKEN,
     SPARE_WHOLE,
@@ -120,9 +121,11 @@ class OrtDecoderBackend:
         self.spare_form = SPARE_WHOLE
         inputs = {i.name for i in self.session.get_inputs()}
         self._spare = np.zeros((), np.int32) if SPARE_TOKEN in inputs else None
-        forms = self.session.get_modelmeta().custom_metadata_map.get(SPARE_FORMS_KEY, str(SPARE_WHOLE))
+        meta = self.session.get_modelmeta().custom_metadata_map
+        forms = meta.get(SPARE_FORMS_KEY, str(SPARE_WHOLE))
         self.spare_forms = tuple(int(f) for f in forms.split(",")) if self._spare is not None else ()
         self.ragged_steps = QUERY_SEQLENS in inputs  # step() takes `lengths`
+        self.row_spares = self.ragged_steps and meta.get(ROW_SPARES_KEY) == "1"  # (backend.py)
         # Decode bindings, one per run of slots (first, count) of an in-place graph: bound once to
         # fixed id/position buffers, the cache views and the output buffers, then reused; a step
         # only writes the new ids and positions. (~180 tensors: rebinding cost ~1.5 ms a token.)

@@ -260,6 +260,7 @@ class TrtDecoderBackend:
     spare_form = SPARE_WHOLE
     spare_forms: tuple[int, ...] = ()
     ragged_steps = False  # ... nor per-row lengths (convert/ragged.py): a verify step is one row
+    row_spares = False
 
     def __init__(self, plan_path: Path, layout: KVCacheLayout, vocab_size: int, slots: int = 1,
                  max_prefill_tokens: int | None = None) -> None:

@@ -89,14 +89,14 @@ class StepCosts:
     def get(self, rows: int, tokens: int) -> float | None:
         return self.seconds.get((rows, tokens))
 
-    def joint_curve(self, rows: int) -> Curve | None:
-        """t(rows, tokens) of joint steps (every row of a span at once, each padded to `tokens`,
-        at least 2: convert/ragged.py) for tokens >= 2; None until the 2-token step, the one
-        with no draft, has been timed for this many rows. Stale lengths are left out as in
-        curve()."""
+    def joint_curve(self, rows: int, base: int = 2) -> Curve | None:
+        """t(rows, tokens) of joint steps (every row of a span at once, each padded to `tokens`:
+        convert/ragged.py) for tokens >= base, the step with no draft (1 where the graph gives a
+        row of one token its spare, 2 where the host does); None until that step has been timed
+        for this many rows. Stale lengths are left out as in curve()."""
         timed = {t: s for (r, t), s in self.seconds.items()
-                 if r == rows and t >= 2 and (t == 2 or self.steps - self.ran[r, t] < STALE_STEPS)}
-        return Curve(tuple(sorted(timed.items()))) if 2 in timed else None
+                 if r == rows and t >= base and (t == base or self.steps - self.ran[r, t] < STALE_STEPS)}
+        return Curve(tuple(sorted(timed.items()))) if base in timed else None
 
     def curve(self) -> Curve | None:
         """The one-row steps timed so far; None before any one-token step was. A verify length
@@ -206,25 +206,26 @@ def plan(rows: Sequence[Row], active: int, plain_seconds: float | None,
     return _greedy(rows, active, plain_seconds, curve, RIDER_SHARE * plain_seconds)
 
 
-def joint_length(rows: Sequence[Row], active: int, curve: Curve | None) -> int:
+def joint_length(rows: Sequence[Row], active: int, curve: Curve | None, base: int = 2) -> int:
     """T for a joint step: one [W, T] step of every active row (a backend with ragged steps,
-    convert/ragged.py), each row its pending token plus min(room, T - 1) of its draft (a spare
-    token where it has none), so a row's draft tokens cost nothing beyond the step's T. The T
-    with the most expected tokens per second,
+    convert/ragged.py), each row its pending token plus min(room, T - 1) of its draft, so a
+    row's draft tokens cost nothing beyond the step's T. `base`: the step with no draft, T = 1
+    where the graph gives a row of one token its spare at the attention nodes (row spares), 2
+    where it carries one from the host. The T >= base with the most expected tokens per second,
 
         (riders + sum of E(p_i, min(room_i, T - 1))) / t(W, T),
 
     where riders, the rows without a draft (sampled rows, text that found no match), take one
     token whatever T is; while any rides, t(W, T) may be at most 1 + RIDER_SHARE times the
-    2-token step's, as in plan(). curve: joint_curve(W); None (that step never timed): 2."""
+    base step's, as in plan(). curve: joint_curve(W, base); None (that step never timed): base."""
     if curve is None or not rows:
-        return 2
+        return base
     riders = active - len(rows)
-    limit = (1.0 + RIDER_SHARE) * curve.at(2) if riders else float("inf")
-    best, best_rate = 2, float("-inf")
-    for T in range(2, 2 + max(r.room for r in rows)):
+    limit = (1.0 + RIDER_SHARE) * curve.at(base) if riders else float("inf")
+    best, best_rate = base, float("-inf")
+    for T in range(base, 2 + max(r.room for r in rows)):
         seconds = curve.at(T)
-        if T > 2 and seconds > limit:
+        if T > base and seconds > limit:
             break
         rate = (riders + sum(expected_tokens(r.p, min(r.room, T - 1)) for r in rows)) / seconds
         if rate > best_rate:

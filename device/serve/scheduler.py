@@ -30,16 +30,16 @@ before in its prompt or output is stepped alone with its pending token plus the 
 followed there, and keeps the run of them the model agrees with (see _verify). With several
 slots and a ragged graph (convert/ragged.py: the bundle's model.ragged.onnx, ONNX Runtime 1.32)
 the engine steps jointly while some row may draft: every decode step runs every row of the
-span at once, each with its pending token and up to T - 1 tokens of its draft, or a spare token
-where it has none, padded to one T the plan picks from the measured step times and each row's
-acceptance (_decode_joint, draft_plan.joint_length); while none may (sampled rows only), the
-plain batched step runs. Otherwise (an older runtime, TensorRT) a drafting row is stepped alone
-(B=1), since GroupQueryAttention takes several tokens per step over a cache only for one row;
-with several rows decoding, a row verifies its draft only where the measured step times and its
-acceptance so far say that raises tokens per second (device/serve/draft_plan.py), and while some
-rows ride the batched step the verify steps beside it may add at most two plain steps' time
-(their time per output token stays within 3x); the batched step runs as before unless every row
-verified.
+span at once, each with its pending token and up to T - 1 tokens of its draft, or a spare
+where it has none (the graph's, at the attention nodes, where it gives one), padded to one T
+the plan picks from the measured step times and each row's acceptance (_decode_joint,
+draft_plan.joint_length); while none may (sampled rows only), the plain batched step runs.
+Otherwise (an older runtime, TensorRT) a drafting row is stepped alone (B=1), since
+GroupQueryAttention takes several tokens per step over a cache only for one row; with several
+rows decoding, a row verifies its draft only where the measured step times and its acceptance
+so far say that raises tokens per second (device/serve/draft_plan.py), and while some rows ride
+the batched step the verify steps beside it may add at most two plain steps' time (their time
+per output token stays within 3x); the batched step runs as before unless every row verified.
 
 Why results do not depend on what else is running (checked, not assumed): ONNX Runtime's CPU
 kernels give bit-identical logits for a row whether it is decoded alone or inside a batch of
@@ -457,15 +457,17 @@ def spare_form(backend: DecoderBackend, k: int = 4) -> int:
     return SPARE_AT_ATTENTION if exact else SPARE_WHOLE
 
 
-def probe_ragged(backend: DecoderBackend, tokens: int = 4) -> bool:
-    """Whether joint steps are exact here: rows of 2..`tokens` real tokens in one ragged step
-    (convert/ragged.py), for the batch sizes of probe_sizes, give bit for bit what each row
-    gives stepped alone with its spare token (backend.spare_token must be on, in the form the
-    engine's lone rows take: the ragged rows carry theirs as real tokens from the host), which
-    is what the one-slot engine computes. Measured on ONNX Runtime 1.32 for SmolLM2-135M and the tiny
-    test Llama at fp32, int8 and int4; checked, not assumed, because a kernel's blocking may
-    depend on the rows (a row with one real token already differs: the kernel's one-query
-    path). Writes only positions no request holds (run before serving)."""
+def probe_ragged(backend: DecoderBackend, tokens: int = 4, least: int = 2) -> bool:
+    """Whether joint steps are exact here: rows of least..`tokens` real tokens in one ragged
+    step (convert/ragged.py), for the batch sizes of probe_sizes, give bit for bit what each
+    row gives stepped alone with its spare token (backend.spare_token must be on, in the form
+    the engine's lone rows take), which is what the one-slot engine computes. least = 2: the
+    rows carry their spare as a real token from the host; least = 1: rows of one real token
+    take the graph's row spare (backend.row_spares, the attention form). Measured on ONNX
+    Runtime 1.32 for SmolLM2-135M and the tiny test Llama at fp32, int8 and int4; checked, not
+    assumed, because a kernel's blocking may depend on the rows (a row with one real token and
+    no spare already differs: the kernel's one-query path). Writes only positions no request
+    holds (run before serving)."""
     slots = backend.slots
     if backend.max_seq < tokens + 4:  # no room for a prompt and the rows: not worth it there
         return False
@@ -473,7 +475,7 @@ def probe_ragged(backend: DecoderBackend, tokens: int = 4) -> bool:
     starts = [min(3 + s % 5, backend.max_seq - 1 - tokens) for s in range(slots)]
     for s, n in enumerate(starts):
         prefill(backend, rng.integers(0, backend.vocab_size, n).tolist(), s)
-    lens = np.array([2 + s % (tokens - 1) for s in range(slots)], np.int32)
+    lens = np.array([least + s % (tokens - least + 1) for s in range(slots)], np.int32)
     ids = rng.integers(0, backend.vocab_size, (slots, tokens)).astype(np.int64)
     pos = np.array([[p + min(i, n - 1) for i in range(tokens)] for p, n in zip(starts, lens)], np.int64)
     for r, n in enumerate(lens):
@@ -536,8 +538,13 @@ class Scheduler(QueuedEngine):
         # step's (the spare form) beside greedy ones: its seeded text may differ between the two
         # (by the last bits at fp32, up to ~0.6 in a logit at int8/int4), as sampling in vLLM
         # or llama.cpp depends on its batch. What a row without a draft pays beside drafting
-        # rows is bounded as in the plan (draft_plan.joint_length).
-        self.joint = False
+        # rows is bounded as in the plan (draft_plan.joint_length). Its spare costs a joint
+        # step about nothing where the ragged graph gives a row of one token its own at the
+        # attention nodes (backend.row_spares; `row_spares` here, where probe_ragged finds it
+        # exact): a joint step of rows without drafts is then [W, 1], where a spare from the host
+        # made it [W, 2] (SmolLM2 8 rows: 22.5 against 29.9 ms int8, 23.9 against 33.7 int4;
+        # the plain step 21.4 and 22.7).
+        self.joint = self.row_spares = False
         may_join = (bool(self.draft_tokens) and self.slots > 1 and getattr(backend, "ragged_steps", False)
                     and decode_mode != "per-row")
         if self.slots == 1 or may_join:  # the spare's cheaper form where it is exact here
@@ -551,6 +558,8 @@ class Scheduler(QueuedEngine):
             if not self.joint:
                 log.warning("joint draft steps are off: rows of a ragged step differ from the same "
                             "rows stepped alone on this machine; drafts are verified one row a step")
+            self.row_spares = (self.joint and backend.row_spares and backend.spare_form == SPARE_AT_ATTENTION
+                               and probe_ragged(backend, least=1))
         # lone rows that may draft (and prompts) step with the spare: one slot, or joint steps
         self.spare_rows = self.slots == 1 or self.joint
         self.spare = ("off" if not self.spare_rows else
@@ -572,6 +581,10 @@ class Scheduler(QueuedEngine):
         self.decode_mode = "batched" if self.batched else "per-row"
         # /v1/status: how drafts are verified ("joint": every row's in the decode step itself)
         self.draft_steps = "off" if not self.draft_tokens else "joint" if self.joint else "one row a step"
+        # ... and where a joint step's rows without a draft get their spare: at the attention
+        # nodes by the graph ("attention"), or as a token from the host ("host token")
+        self.joint_spare = "off" if self.draft_steps != "joint" else "attention" if self.row_spares \
+            else "host token"
         self._active: dict[int, _Slot] = {}
         self._free = list(range(self.slots))  # a heap: lowest slot first keeps the span short
         self._ids = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] next token per slot
@@ -841,8 +854,9 @@ class Scheduler(QueuedEngine):
     def _step(self, ids: np.ndarray, pos: np.ndarray, slots: Sequence[int],
               lengths: np.ndarray | None = None) -> np.ndarray:
         """backend.step, its time kept by (rows, tokens per row) for the drafting plan."""
-        if self.spare_rows:  # a lone row takes the spare where it may draft (see __init__)
-            self.backend.spare_token = all(self._drafts(self._active[s]) for s in slots if s in self._active)
+        if self.spare_rows:  # a lone row takes the spare where it may draft, a joint step always
+            self.backend.spare_token = lengths is not None or all(
+                self._drafts(self._active[s]) for s in slots if s in self._active)
         t0 = time.perf_counter()
         logits = self.backend.step(ids, pos, slots, lengths=lengths) if lengths is not None \
             else self.backend.step(ids, pos, slots)
@@ -867,8 +881,9 @@ class Scheduler(QueuedEngine):
 
     def _decode_joint(self) -> None:
         """One [W, T] step of the span lo..hi (W > 1): every active row its pending token and
-        the first T - 1 tokens of its draft, or a spare token (0 at the next position) where
-        it has none; rows of free or prefilling slots are padding at their own positions, as
+        the first T - 1 tokens of its draft, or where it has none a spare: the graph's, at the
+        attention nodes (row_spares: the row is one token), else one from the host (token 0 at
+        the next position); rows of free or prefilling slots are padding at their own positions, as
         in _decode_batched. Each row's tokens past its own are right padding (ids 0, positions
         repeating its last real one: the graph's seqlens_k is that position). T is the plan's
         (draft_plan.joint_length); then each row walks its logits as _verify does."""
@@ -876,14 +891,19 @@ class Scheduler(QueuedEngine):
         W = hi - lo + 1
         offered = {slot: d for slot, state in self._active.items() if (d := self._draft(state))}
         rows = [Row(slot, self._active[slot].acceptance.p, len(d)) for slot, d in offered.items()]
-        T = joint_length(rows, len(self._active), self.costs.joint_curve(W))
+        base = 1 if self.row_spares else 2  # the step with no draft: [W, 1] or [W, 2]
+        # every row's past plus T must fit in the cache (GroupQueryAttention refuses the step
+        # otherwise): a row near the cache's end cuts every row's draft. Its pending position is
+        # at most max_seq - 2 (the last token is sampled, never stepped), padding rows' lower.
+        room = int(self.max_seq - self._pos[lo:hi + 1, 0].max())
+        T = min(room, joint_length(rows, len(self._active), self.costs.joint_curve(W, base), base))
         drafts = {slot: d[:T - 1] for slot, d in offered.items()}  # what this step verifies
         ids = np.zeros((W, T), np.int64)
         pos = np.empty((W, T), np.int64)
         lens = np.empty(W, np.int32)
         for b, slot in enumerate(range(lo, hi + 1)):
             draft = drafts.get(slot, [])
-            n = 1 + max(1, len(draft))  # pending + draft, or pending + spare
+            n = 1 + max(base - 1, len(draft))  # pending + draft, or + the host's spare
             p0 = int(self._pos[slot, 0])
             ids[b, 0] = self._ids[slot, 0]
             ids[b, 1:1 + len(draft)] = draft

@@ -671,6 +671,7 @@ class Daemon:
             rec["scheduler"]["draft_tokens"] = engine.draft_tokens
             rec["scheduler"]["draft_steps"] = engine.draft_steps
             rec["scheduler"]["spare_token"] = engine.spare
+            rec["scheduler"]["joint_spare"] = engine.joint_spare
             rec["scheduler"].update(engine.chunks.describe())
             rec["prefix_cache"] = engine.prefix_cache.status()
         return rec

@@ -13,11 +13,12 @@ import onnx
 import pytest
 from quantize_fixtures import MAX_SEQ, q_bundle, q_fp32_bundle  # noqa: F401  (fixtures)
 
-from bundle.contract import QUERY_SEQLENS, RAGGED_MODEL_FILE
+from bundle.contract import QUERY_SEQLENS, RAGGED_MODEL_FILE, ROW_SPARES_KEY, SPARE_AT_ATTENTION
 from bundle.manifest import read_manifest
 from device.runtime.generate import prefill
 from device.runtime.ort_backend import OrtDecoderBackend
 from device.runtime.runner import load_bundle
+from device.serve.scheduler import Scheduler
 
 
 def bundle(q_bundle: Callable[..., Path], q_fp32_bundle: Callable[..., Path],  # noqa: F811
@@ -70,6 +71,68 @@ def test_ragged_rows_equal_each_row_stepped_alone_bit_for_bit(q_bundle, q_fp32_b
         for got, want, old in zip(after, rag.cache.buffers, snapshot):
             np.testing.assert_array_equal(got[b, :, :p + n], want[b, :, :p + n])
             np.testing.assert_array_equal(got[b, :, :p], old[b, :, :p])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_rows_of_one_token_take_the_graphs_spare_at_the_attention_nodes(q_bundle, q_fp32_bundle,  # noqa: F811
+                                                                       precision) -> None:
+    """Fed the attention form, a step of several rows gives each row of one real token a spare
+    of its own (row spares): every row, of 1..4 tokens, equals bit for bit the same tokens
+    stepped alone in the attention form, also in a step of one token a row ([B, 1]), and the
+    cache's real positions too. Fed no spare, a row of one token takes the one-query path and
+    does not (the reason the spare exists)."""
+    path = bundle(q_bundle, q_fp32_bundle, precision)
+    rag = load_bundle(path, slots=4, threads=2, ragged=True).backend
+    assert isinstance(rag, OrtDecoderBackend) and rag.row_spares
+    rag.spare_token, rag.spare_form = True, SPARE_AT_ATTENTION
+    rng = np.random.default_rng(3)
+    starts = [9 + 2 * s for s in range(4)]
+    for s, n in enumerate(starts):
+        prefill(rag, rng.integers(0, rag.vocab_size, n).tolist(), s)
+    snapshot = [c.copy() for c in rag.cache.buffers]
+    for lens in (np.array([1, 4, 1, 2]), np.array([1, 1, 1, 1]), np.array([3, 1, 2, 1])):
+        T = int(lens.max())
+        ids = rng.integers(0, rag.vocab_size, (4, T)).astype(np.int64)
+        pos = np.array([[p + min(i, n - 1) for i in range(T)] for p, n in zip(starts, lens)], np.int64)
+        for b, n in enumerate(lens):
+            ids[b, n:] = 0
+        _restore(rag, snapshot)
+        out = rag.step(ids, pos, [0, 1, 2, 3], lengths=lens).copy()
+        after = [c.copy() for c in rag.cache.buffers]
+        for b, (p, n) in enumerate(zip(starts, lens)):
+            _restore(rag, snapshot)
+            alone = rag.step(ids[b:b + 1, :n], pos[b:b + 1, :n], [b])  # B = 1: the attention form
+            np.testing.assert_array_equal(alone[0], out[b, :n])
+            for got, want in zip(after, rag.cache.buffers):
+                np.testing.assert_array_equal(got[b, :, :p + n], want[b, :, :p + n])
+    _restore(rag, snapshot)
+    rag.spare_token = False  # no spare: the joint row of one token rounds otherwise
+    ones = rng.integers(0, rag.vocab_size, (4, 1)).astype(np.int64)
+    at = np.array([[p] for p in starts], np.int64)
+    bare = rag.step(ones, at, [0, 1, 2, 3], lengths=np.ones(4, np.int32)).copy()
+    rag.spare_token = True
+    _restore(rag, snapshot)
+    alone = rag.step(ones[:1], at[:1], [0])
+    assert not np.array_equal(alone[0], bare[0])
+
+
+def test_a_ragged_graph_without_row_spares_leaves_them_to_the_host(q_fp32_bundle, tmp_path: Path) -> None:  # noqa: F811
+    """A ragged graph written before row spares (no ROW_SPARES_KEY): joint steps carry each
+    row's spare from the host (rows of at least two tokens), as before."""
+    copy, original = tmp_path / "b", q_fp32_bundle("llama", "cpu")
+    shutil.copytree(original, copy)
+    twin = onnx.load(str(copy / RAGGED_MODEL_FILE), load_external_data=False)
+    kept = [p for p in twin.metadata_props if p.key != ROW_SPARES_KEY]
+    assert len(kept) < len(twin.metadata_props)
+    del twin.metadata_props[:]
+    twin.metadata_props.extend(kept)
+    onnx.save(twin, str(copy / RAGGED_MODEL_FILE))
+    m = read_manifest(copy)
+    backend = OrtDecoderBackend(copy / "model.onnx", m.kv_layout(), m.dims.vocab_size, slots=3,
+                                threads=1, ragged=True)
+    assert backend.ragged_steps and not backend.row_spares
+    engine = Scheduler(backend, load_bundle(original, slots=1, threads=1).tokenizer)
+    assert engine.joint and not engine.row_spares and engine.joint_spare == "host token"
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])

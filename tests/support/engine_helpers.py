@@ -51,6 +51,7 @@ class Watching:
         for name in ("kind", "slots", "max_seq", "vocab_size"):
             setattr(self, name, getattr(inner, name))
         self.ragged_steps = getattr(inner, "ragged_steps", False)
+        self.row_spares = getattr(inner, "row_spares", False)
 
     @property
     def spare_token(self) -> bool:
