@@ -528,12 +528,13 @@ class Scheduler(QueuedEngine):
         # steps of the plain graph cannot take it, and a row alone must equal it batched).
         # Several slots and a ragged graph (convert/ragged.py): joint steps. While some active
         # row may draft (greedy), every decode step runs every row of the span at once, each
-        # with its pending token and its draft (or a spare token: at least 2 real tokens a row),
-        # so drafts are verified for all rows in the one step that reads the weights, and a
-        # greedy row's logits are bit for bit those of the one-slot engine (probe_ragged),
-        # whatever else runs. While no row may draft (sampled, penalized), the plain batched
-        # step runs, without the spare it would cost them (SmolLM2 8 rows: +43 % int8, +49 %
-        # int4, +16 % fp32; 8 sampled streams at int8: 0.77x the tokens/s in joint steps). So a
+        # with its pending token and its draft (or a spare where it has none), so drafts are
+        # verified for all rows in the one step that reads the weights, and a greedy row's
+        # logits are bit for bit those of the one-slot engine (probe_ragged), whatever else
+        # runs. While no row may draft (sampled, penalized), the plain batched step runs,
+        # without the spares it would cost them (SmolLM2 8 rows, spares from the host: +43 %
+        # int8, +49 % int4, +16 % fp32, and 8 sampled streams at int8 0.77x the tokens/s in
+        # joint steps; the graph's row spares, below: +5 %). So a
         # sampled row's logits are the plain step's alone or among sampled rows, and the joint
         # step's (the spare form) beside greedy ones: its seeded text may differ between the two
         # (by the last bits at fp32, up to ~0.6 in a logit at int8/int4), as sampling in vLLM
