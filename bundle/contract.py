@@ -76,7 +76,7 @@ SPARE_FORMS_KEY: Final = "toolkit.spare_forms"
 QUERY_SEQLENS: Final = "query_seqlens"  # the ragged graph's extra input (above)
 # the ragged graph's metadata entry ("1") where, fed SPARE_AT_ATTENTION in a step of several
 # rows, it gives each row of one real token its own spare at the attention nodes (absent: ragged
-# graphs written before 2026-12-06 10:00, whose rows carry their spare from the host)
+# graphs written before stop 43 (2026-12-06), whose rows carry their spare from the host)
 ROW_SPARES_KEY: Final = "toolkit.row_spares"
 RAGGED_MODEL_FILE: Final = "model.ragged.onnx"  # beside the bundle's model file, in-place only
 ENCODER_CONTRACT: Final = "encoder-v1"
