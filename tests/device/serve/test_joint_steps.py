@@ -181,3 +181,55 @@ def test_a_row_at_the_cache_end_keeps_joint_steps_within_the_cache(q_bundle, q_f
     assert together == alone
     joint = [shape for shape, _, lengths in watch.seen if lengths is not None]
     assert any(shape[1] > 2 for shape in joint)  # drafts were verified jointly all along
+
+
+def test_random_traffic_on_joint_steps_keeps_greedy_text(q_bundle, q_fp32_bundle) -> None:  # noqa: F811
+    """Random bursts on a 4-slot joint engine with the prefix cache and chunked prefill: prompts
+    of 1..62 tokens (cache 64), that repeat (drafts) or not, greedy and sampled, 1..79 new
+    tokens (so rows run into the cache's end), some arriving while others decode. Every request
+    finishes, and each greedy one gives the one-slot engine's text. (It found the cache-end
+    failure above; 60 bursts a precision, ~10 s in all.)"""
+    import time
+
+    import numpy as np
+
+    from device.serve.scheduler import Finished
+
+    for precision in ("fp32", "int8", "int4"):
+        path = bundle(q_bundle, q_fp32_bundle, precision)
+        one, four = load_bundle(path, slots=1, threads=2), load_bundle(path, slots=4, threads=2, ragged=True)
+        cache = {"prefix_cache_bytes": 1 << 22, "prefix_block_tokens": 4}
+        single = Scheduler(one.backend, one.tokenizer, speculate="ngram", **cache)  # type: ignore[arg-type]
+        engine = Scheduler(four.backend, four.tokenizer, speculate="ngram", prefill_chunk=8,
+                           **cache)  # type: ignore[arg-type]
+        assert engine.joint
+        rng = np.random.default_rng(7)
+        V = four.backend.vocab_size
+        single.start()
+        engine.start()
+        try:
+            for _ in range(60):
+                requests = []
+                for _ in range(int(rng.integers(2, 7))):
+                    n = int(rng.integers(1, 63))
+                    repeat = rng.integers(3, V, int(rng.integers(2, 8))).tolist() * 64
+                    prompt = repeat[:n] if rng.random() < 0.6 else rng.integers(3, V, n).tolist()
+                    params = (SamplingParams() if rng.random() < 0.75 else
+                              SamplingParams(temperature=0.9, seed=int(rng.integers(0, 99))))
+                    requests.append(GenerationRequest(prompt, int(rng.integers(1, 80)), params=params,
+                                                      ignore_eos=bool(rng.random() < 0.7)))
+                handles = []
+                for r in requests:
+                    if rng.random() < 0.5:  # some arrive while others decode
+                        time.sleep(float(rng.random()) * 0.01)
+                    with engine.reserve() as ticket:
+                        handles.append(engine.submit(ticket, r))
+                for r, h in zip(requests, handles):
+                    events = list(h.events(timeout=60))
+                    assert isinstance(events[-1], Finished), events[-1]
+                    if r.params.greedy:
+                        text = "".join(e.text for e in events if isinstance(e, TextDelta))
+                        assert text == run(single, r)[0]
+        finally:
+            engine.close()
+            single.close()
