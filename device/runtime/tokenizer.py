@@ -25,6 +25,10 @@ class BundleTokenizer:
 
         self.folder = Path(folder)
         self.tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        # ids it knows, added tokens included: counted once, since tokenizers builds the whole
+        # vocabulary map to count it (SmolLM2: 5 ms a call, which every request of token ids
+        # paid before its prompt reached the engine: 40 % of a 2-token request's time)
+        self.vocab_size: int = self.tok.get_vocab_size()
         cfg_path = self.folder / "tokenizer_config.json"
         self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         self.stop_ids: list[int] = list(info.stop_token_ids)

@@ -405,7 +405,7 @@ def _completion_prompt(body: dict[str, Any]) -> tuple[Callable[[BundleTokenizer]
 
 def _check_ids(ids: list[int], tokenizer: BundleTokenizer, param: str) -> list[int]:
     """The ids themselves, or 400 naming `param` (the field the client sent them in)."""
-    vocab = tokenizer.tok.get_vocab_size()
+    vocab = tokenizer.vocab_size
     bad_ids = [t for t in ids if not 0 <= t < vocab]
     if bad_ids:
         raise bad(param, f"token ids must be in [0, {vocab}); got {[short(t) for t in bad_ids[:5]]}")

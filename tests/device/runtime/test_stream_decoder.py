@@ -134,3 +134,26 @@ def test_each_push_decodes_a_window_not_the_whole_output(tokenizer: BundleTokeni
     text = "".join(d.push(i) for i in ids) + d.flush()
     assert text == real(ids)
     assert max(decoded) <= 16  # the window, whatever the length of the output
+
+
+def test_token_id_prompts_are_checked_against_a_vocabulary_counted_once(tmp_path: Path) -> None:
+    """tokenizers builds its whole vocabulary map to count it (SmolLM2: 5 ms), and every prompt
+    of token ids paid that before it reached the engine: the count is kept at load."""
+    from device.serve.httpd import HTTPError
+    from device.serve.openai_api import _check_ids
+
+    _trained("byte-level").save(str(tmp_path / "tokenizer.json"))
+    tokenizer = BundleTokenizer(tmp_path, TokenizerRecord(path="."))
+    counted = tokenizer.vocab_size
+    assert counted == tokenizer.tok.get_vocab_size() > 256
+
+    class NoCount:  # the tokenizer as requests see it: counting again fails the test
+        def __getattr__(self, name: str) -> object:
+            if name == "get_vocab_size":
+                raise AssertionError("the vocabulary was counted again")
+            return getattr(real, name)
+
+    real, tokenizer.tok = tokenizer.tok, NoCount()  # type: ignore[assignment]
+    assert _check_ids([0, counted - 1], tokenizer, "prompt") == [0, counted - 1]
+    with pytest.raises(HTTPError, match=r"token ids must be in \[0, "):
+        _check_ids([counted], tokenizer, "prompt")
