@@ -282,6 +282,42 @@ def test_requests_admitted_together_hit_what_the_first_stored(runner: Any) -> No
     assert (st["hits"], st["misses"]) == (2, 1)
 
 
+def test_the_first_token_streams_before_the_prompt_is_stored(runner: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storing a prompt copies its whole cache blocks (SmolLM2, 128 tokens: ~3 ms), which the
+    time to first token paid: the first token now goes out first. A request that ends on its
+    first token has its prompt stored all the same."""
+    from device.serve.scheduler import RequestHandle
+
+    block_bytes = BLOCK * runner.backend.layout.bytes_per_position
+    engine = Scheduler(runner.backend, runner.tokenizer, prefix_cache_bytes=64 * block_bytes,
+                       prefix_block_tokens=BLOCK)
+    order: list[str] = []  # on the engine thread: what it sent and stored, in turn
+    store, put = engine.prefix_cache.insert, RequestHandle.put
+
+    def insert(tokens: Any, read: Any) -> Any:
+        order.append(f"store {len(tokens)}")
+        return store(tokens, read)
+
+    def record(handle: RequestHandle, event: Any) -> None:
+        order.append(type(event).__name__)
+        put(handle, event)
+
+    engine.prefix_cache.insert = insert  # type: ignore[method-assign]
+    monkeypatch.setattr(RequestHandle, "put", record)
+    long, short = chat(runner, "sun moon"), chat(runner, "rain snow")
+    engine.start()
+    try:
+        run(engine, GenerationRequest(long, 3, ignore_eos=True))
+        run(engine, GenerationRequest(short, 1))  # ends on its first token
+        st = engine.prefix_cache.status()
+    finally:
+        engine.close()
+    assert order[:2] == ["TextDelta", f"store {len(long)}"]
+    assert order[-2:] == ["Finished", f"store {len(short)}"]  # the short one: stored as it ended
+    assert st["entries"] >= len(long) // BLOCK
+
+
 class RecordingBackend:
     """Delegates to the real backend; records every step's (T, slots) and sleeps `delay` in
     decode steps (a device on which decoding takes time)."""
