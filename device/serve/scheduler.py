@@ -778,7 +778,8 @@ class Scheduler(QueuedEngine):
         # the first token streams before the prompt is stored (SmolLM2, 128 tokens: ~3 ms of
         # copies, which the time to first token paid); storing reads only the slot's cache
         self._accept_row(state, logits)
-        if self._active.get(state.slot) is not state:
+        ended = self._active.get(state.slot) is not state
+        if ended:
             return  # it ended on its first token: _finish stored its prompt (_store_output)
         try:
             self.prefix_cache.insert(job.prompt[0].tolist(),
