@@ -103,8 +103,9 @@ def _row_spares(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
     single = add("Cast", [add("Equal", [wide, one], "single_b")], "single", to=TensorProto.INT64)
     several = add("Sub", [one, f"{SPARE}/one_row"], "several")  # [1]: 1 where B > 1
     last = _reduce_max(add, model, "position_ids", "last")  # [B]: padding repeats the last real one
-    room = add("Cast", [add("Less", [add("ReduceMax", [last], "last_max", keepdims=0),
-                                     f"{SPARE}/last_position"], "room_b")], "room", to=TensorProto.INT64)
+    # the spare pass's room: max_seq - 1 - the step's last position, over every row
+    room = add("Cast", [add("Greater", [f"{SPARE}/room", f"{SPARE}/zero_scalar"], "room_b")], "room",
+               to=TensorProto.INT64)
     s = add("Mul", [add("Mul", [add("Mul", [single, several], "single_several"), room], "may"),
                     f"{SPARE}/at_attention"], "s")  # [B]
     with_p = add("Add", [wide, SPARE_P], "with_p")
