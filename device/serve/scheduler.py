@@ -541,10 +541,9 @@ class Scheduler(QueuedEngine):
         # or llama.cpp depends on its batch. What a row without a draft pays beside drafting
         # rows is bounded as in the plan (draft_plan.joint_length). Its spare costs a joint
         # step about nothing where the ragged graph gives a row of one token its own at the
-        # attention nodes (backend.row_spares; `row_spares` here, where probe_ragged finds it
-        # exact): a joint step of rows without drafts is then [W, 1], where a spare from the host
-        # made it [W, 2] (SmolLM2 8 rows: 22.5 against 29.9 ms int8, 23.9 against 33.7 int4;
-        # the plain step 21.4 and 22.7).
+        # attention nodes (backend.row_spares, convert/ragged.py; `row_spares` here, where
+        # probe_ragged finds it exact): a joint step of rows without drafts is then [W, 1],
+        # where a spare from the host made it [W, 2].
         self.joint = self.row_spares = False
         may_join = (bool(self.draft_tokens) and self.slots > 1 and getattr(backend, "ragged_steps", False)
                     and decode_mode != "per-row")
@@ -582,10 +581,6 @@ class Scheduler(QueuedEngine):
         self.decode_mode = "batched" if self.batched else "per-row"
         # /v1/status: how drafts are verified ("joint": every row's in the decode step itself)
         self.draft_steps = "off" if not self.draft_tokens else "joint" if self.joint else "one row a step"
-        # ... and where a joint step's rows without a draft get their spare: at the attention
-        # nodes by the graph ("attention"), or as a token from the host ("host token")
-        self.joint_spare = "off" if self.draft_steps != "joint" else "attention" if self.row_spares \
-            else "host token"
         self._active: dict[int, _Slot] = {}
         self._free = list(range(self.slots))  # a heap: lowest slot first keeps the span short
         self._ids = np.zeros((self.slots, 1), dtype=np.int64)  # [slots, 1] next token per slot
@@ -596,6 +591,12 @@ class Scheduler(QueuedEngine):
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block_tokens)
         self.chunks = ChunkSizer(prefill_chunk)
         self._prefilling: dict[int, PrefillJob] = {}  # slot -> job, oldest first
+
+    @property
+    def joint_spare(self) -> str:
+        """/v1/status: where a joint step's rows without a draft get their spare: at the
+        attention nodes by the graph ("attention"), or as a token from the host ("host token")."""
+        return "off" if self.draft_steps != "joint" else "attention" if self.row_spares else "host token"
 
     # -- called from HTTP threads --
 
