@@ -145,38 +145,50 @@ def json_schema(root: type, title: str, schema_id: str) -> dict[str, Any]:
     """Draft 2020-12 schema of `root`: every record under $defs, fields required exactly when
     the dataclass gives them no default, descriptions from the records' docstrings."""
     defs: dict[str, Any] = {}
-    top = _schema(root, defs)
+    top = record_schema(root, defs)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": schema_id,
             "title": title, **top, "$defs": dict(sorted(defs.items()))}
 
 
-def _schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
+def record_schema(tp: Any, defs: dict[str, Any], ref: str = "#/$defs/", sent: bool = False) -> dict[str, Any]:
+    """The schema of annotation `tp`; each record it reaches goes into `defs` (by class name)
+    and is referred to as ref + name. sent: the records as `encode`/`asdict` send them, so
+    every field is there and nothing else (closed objects, every field required), which is
+    what a reader of an answer may rely on; otherwise (a file a person writes) a field with a
+    default may be left out."""
     if tp is Any:
         return {}
     if _is_union(tp):
-        return {"anyOf": [_schema(a, defs) for a in typing.get_args(tp)]}
+        return {"anyOf": [record_schema(a, defs, ref, sent) for a in typing.get_args(tp)]}
     origin = typing.get_origin(tp)
     if origin is Literal:
         return {"enum": list(typing.get_args(tp))}
     if origin is list:
-        return {"type": "array", "items": _schema(typing.get_args(tp)[0], defs)}
+        return {"type": "array", "items": record_schema(typing.get_args(tp)[0], defs, ref, sent)}
     if origin is dict:
-        return {"type": "object", "additionalProperties": _schema(typing.get_args(tp)[1], defs)}
+        return {"type": "object", "additionalProperties": record_schema(typing.get_args(tp)[1], defs, ref,
+                                                                        sent)}
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         name = tp.__name__
         if name not in defs:
             defs[name] = {}  # placeholder: records may nest themselves
             hints = _hints(tp)
-            fields = dataclasses.fields(tp)
+            fields = [f for f in dataclasses.fields(tp) if not (sent and f.name.startswith("_"))]
+            # a dataclass without a docstring gets its signature as __doc__: no description then
+            doc = "" if (tp.__doc__ or "").startswith(name + "(") else " ".join((tp.__doc__ or "").split())
             defs[name] = {
                 "type": "object",
-                "description": " ".join((tp.__doc__ or name).split()),
-                "properties": {f.name: _schema(hints[f.name], defs) for f in fields},
-                "required": [f.name for f in fields if f.default is dataclasses.MISSING
-                             and f.default_factory is dataclasses.MISSING],
+                **({"description": doc} if doc else {}),
+                "properties": {f.name: record_schema(hints[f.name], defs, ref, sent) for f in fields},
+                "required": [f.name for f in fields if sent or _no_default(f)],
+                **({"additionalProperties": False} if sent else {}),
             }
-        return {"$ref": f"#/$defs/{name}"}
+        return {"$ref": ref + name}
     simple = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null"}
     if tp in simple:
         return {"type": simple[tp]}
     raise TypeError(f"unsupported annotation {tp!r}")
+
+
+def _no_default(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

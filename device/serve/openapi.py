@@ -37,12 +37,13 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _responses(ok: str, error: str, ok_type: str | dict[str, Any] = "application/json",
-               codes: tuple[str, ...] = ("400", "404", "413", "503")) -> dict[str, Any]:
-    """ok_type: the 200's media type with no schema, "none" (no body), or media-type entries
-    with their schemas (response_schemas.py)."""
+               codes: tuple[str, ...] = ("400", "404", "413", "503"), ok_code: str = "200") -> dict[str, Any]:
+    """ok_type: the success answer's media type with no schema, "none" (no body), or media-type
+    entries with their schemas (response_schemas.py); ok_code: its status (202: accepted, runs
+    on)."""
     content = ok_type if isinstance(ok_type, dict) else {ok_type: {}}
-    out: dict[str, Any] = {"200": {"description": ok}} if ok_type == "none" else {
-        "200": {"description": ok, "content": content}}
+    out: dict[str, Any] = {ok_code: {"description": ok}} if ok_type == "none" else {
+        ok_code: {"description": ok, "content": content}}
     ref = {"$ref": f"#/components/schemas/{error}"}
     for code in codes:
         out[code] = {"description": _REASONS[code], **_json(ref)}
@@ -116,12 +117,14 @@ def _deploy_paths() -> dict[str, Any]:
         ("crc32", {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}))]
     return {
         f"{PREFIX}/hello": {"get": _op("device facts, limits and chunk sizes",
-                                       _responses("hello", "DeployError", codes=()), tag="deploy")},
-        f"{PREFIX}/status": {"get": _op("the store: active, previous, uploads",
-                                        _responses("status", "DeployError", codes=()), tag="deploy")},
+                                       _responses("hello", "DeployError", json_body("Hello"), ()),
+                                       tag="deploy")},
+        f"{PREFIX}/status": {"get": _op("the store: active, previous, uploads, the install",
+                                        _responses("status", "DeployError", json_body("StoreStatus"), ()),
+                                        tag="deploy")},
         f"{PREFIX}/uploads": {
             "post": _op("begin an upload: the body is the bundle's manifest.json",
-                        _responses("upload state", "DeployError", codes=codes),
+                        _responses("upload state", "DeployError", json_body("UploadState"), codes),
                         {"type": "object"}, tag="deploy"),
             "get": _op("uploads in progress", _responses("uploads", "DeployError",
                                                          json_body("Uploads"), ()), tag="deploy")},
@@ -136,13 +139,17 @@ def _deploy_paths() -> dict[str, Any]:
             "parameters": upload + chunk_query,
             "requestBody": {"required": True, "content": {"application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"}}}},
-            "responses": _responses("bytes held", "DeployError", codes=codes)}},
+            "responses": _responses("bytes held", "DeployError", json_body("ChunkAck"), codes)}},
+        # 202: the install runs in the background (an engine build takes minutes on a board);
+        # the host follows it through status (host/transfer.py)
         f"{PREFIX}/uploads/{{upload_id}}/commit": {"post": _op(
-            "verify, install, smoke-test and switch", _responses("install result", "DeployError",
-                                                                 codes=codes),
+            "verify, install, smoke-test and switch", _responses("install accepted", "DeployError",
+                                                                 json_body("InstallAccepted"), codes,
+                                                                 ok_code="202"),
             params=upload, tag="deploy")},
         f"{PREFIX}/rollback": {"post": _op("go back to the previous bundle",
-                                           _responses("install result", "DeployError", codes=codes),
+                                           _responses("install accepted", "DeployError",
+                                                      json_body("InstallAccepted"), codes, ok_code="202"),
                                            tag="deploy")},
     }
 

@@ -9,15 +9,22 @@ event's `data:`; OpenAPI 3.1 has no place for that, so the media type names the 
 under `x-event-data` (OpenAPI 3.2's `itemSchema` says the same).
 
 Where the daemon's answers follow OpenAI's or KServe's, so do the names; the additions are
-llama-server's `timings`, vLLM's `stop_reason`, and the model card's `meta`. Not described (the
-200 names its media type only): the deploy routes' hello, status, upload and install answers,
-which host/transfer.py reads as the device protocol's own records; /v1/bench's progress events;
-/metrics (Prometheus text).
+llama-server's `timings`, vLLM's `stop_reason`, and the model card's `meta`. The deploy routes'
+answers are the store's records (device/store/store.py, device/serve/deploy.py) as `asdict` sends
+them, so their schemas are generated from those records (bundle/records.py `record_schema`), and
+a field added to a record is in the document at once; what the answers add to a record is written
+here. Not described (the 200 names its media type only): /v1/bench's progress events; /metrics
+(Prometheus text).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from bundle.manifest import TargetRecord
+from bundle.records import record_schema
+from device.serve.deploy import PROTOCOL, DeviceFacts
+from device.store.store import ChunkAck, InstallResult, StoreLimits, StoreStatus, UploadInfo, UploadState
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -142,8 +149,49 @@ V2_GENERATE_EVENT = _obj(_GENERATE, optional=("finish_reason",))
 V2_GENERATE_EVENT["description"] = ("one event per text delta; the last has finish_reason and "
                                     "empty text_output (no [DONE])")
 
-UPLOADS = _array(_obj({"upload_id": STR, "name": STR, "held_bytes": COUNT, "total_bytes": COUNT,
-                       "age_s": {"type": "number", "description": "since its last byte arrived"}}))
+
+def _deploy() -> dict[str, dict[str, Any]]:
+    """The deploy routes' answers: the records, closed, plus what store.to_json, InstallJob.to_json
+    and DeployService.hello put around them."""
+    defs: dict[str, Any] = {}
+    for record in (DeviceFacts, StoreLimits, TargetRecord, UploadState, ChunkAck, InstallResult,
+                   StoreStatus, UploadInfo):
+        record_schema(record, defs, "#/components/schemas/", sent=True)
+    for name, added in (("UploadState", {"total_bytes": COUNT, "held_bytes": COUNT}),
+                        ("ChunkAck", {"complete": {"type": "boolean", "description": "held == size"}})):
+        defs[name]["properties"].update(added)
+        defs[name]["required"] += list(added)
+    # StoreStatus.install is the running or last install's job record (jobs.InstallJob.to_json)
+    defs["StoreStatus"]["properties"]["install"] = {"anyOf": [_ref("InstallJob"), NULL]}
+    job = {"job": STR, "op": {"enum": ["commit", "rollback"]}, "upload_id": {"type": ["string", "null"]},
+           "phase": STR, "state": {"enum": ["running", "done", "failed"]}, "elapsed_s": NUM,
+           "phase_s": NUM, "phases": _array(_obj({"phase": STR, "seconds": NUM})),
+           "result": {"anyOf": [_ref("InstallResult"), NULL]},
+           "error": {"anyOf": [{"type": "object", "required": ["status", "code", "message", "hint"],
+                                "properties": {"status": INT, "code": STR, "message": STR,
+                                               "hint": {"type": ["string", "null"]}},
+                                "description": "and the error's own fields (StoreError.extra)"}, NULL]}}
+    defs["InstallJob"] = _obj(job)
+    defs["InstallJob"]["description"] = ("an install (commit or rollback): the host polls "
+                                         "/v1/deploy/status until its state is done or failed")
+    defs["InstallAccepted"] = _obj({"accepted": {"const": True}, **job})
+    defs["InstallAccepted"]["description"] = "202: the install runs in the background; `job` names it"
+    hello = _obj({"protocol": {"const": PROTOCOL}, "facts": _ref("DeviceFacts"),
+                  "active": {"anyOf": [_ref("BundleRef"), NULL]},
+                  "previous": {"anyOf": [_ref("BundleRef"), NULL]},
+                  "target": {"anyOf": [_ref("TargetRecord"), NULL],
+                             "description": "the active bundle's target record"},
+                  "limits": _ref("StoreLimits"),
+                  "chunk": _obj({"http": COUNT, "serial": COUNT}),
+                  # the daemon's own fields (server.deploy_info); `toolkit serve --store` has them
+                  "state": STR, "backend": {"type": ["object", "null"]},
+                  "serving": {"type": ["string", "null"]}},
+                 optional=("state", "backend", "serving"))
+    hello["description"] = "device facts, limits and chunk sizes: what the host checks before a byte"
+    defs["Hello"] = hello
+    defs["Uploads"] = _array(_ref("UploadInfo"))
+    return defs
+
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "Usage": USAGE, "Timings": TIMINGS, "CompletionLogprobs": COMPLETION_LOGPROBS,
@@ -154,7 +202,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ModelList": _obj({"object": {"const": "list"}, "data": _array(_ref("ModelCard"))}),
     "Embeddings": EMBEDDINGS, "Status": STATUS,
     "ServerMetadata": V2_SERVER, "ModelMetadata": V2_MODEL, "InferResponse": V2_INFER,
-    "GenerateResponse": V2_GENERATE, "GenerateEvent": V2_GENERATE_EVENT, "Uploads": UPLOADS,
+    "GenerateResponse": V2_GENERATE, "GenerateEvent": V2_GENERATE_EVENT, **_deploy(),
 }
 
 

@@ -146,12 +146,16 @@ class BundleRef:
 
 @dataclass(frozen=True)
 class FileProgress:
+    """One file of an upload: its declared size and the bytes the device holds."""
+
     size: int  # declared in the manifest
     held: int  # bytes on disk; the host resumes here
 
 
 @dataclass(frozen=True)
 class UploadState:
+    """An upload: its files' progress (begin's answer: the host resumes from it)."""
+
     upload_id: str
     name: str
     files: dict[str, FileProgress]
@@ -168,6 +172,8 @@ class UploadState:
 
 @dataclass(frozen=True)
 class ChunkAck:
+    """One chunk written: where its file now ends."""
+
     path: str
     held: int  # the file's length after this chunk: where the next chunk starts
     size: int
@@ -179,6 +185,8 @@ class ChunkAck:
 
 @dataclass(frozen=True)
 class SmokeResult:
+    """The smoke test of a bundle being installed: it loads and generates."""
+
     ok: bool
     detail: str  # what ran ("generated 4 tokens: ..."), or why it failed
     seconds: float = 0.0
@@ -186,6 +194,8 @@ class SmokeResult:
 
 @dataclass(frozen=True)
 class InstallResult:
+    """What an install (commit or rollback) did."""
+
     ok: bool  # the new bundle is active and passed its smoke test
     bundle: BundleRef
     verify_s: float
@@ -199,6 +209,8 @@ class InstallResult:
 
 @dataclass(frozen=True)
 class StoreStatus:
+    """The store: what is active, what came before, uploads and the install."""
+
     root: str
     active: BundleRef | None
     previous: BundleRef | None

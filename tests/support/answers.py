@@ -14,12 +14,13 @@ DOC = json.loads((REPO / "docs" / "openapi.json").read_text())
 
 
 def exchange(socket_path: Path, method: str, path: str, body: dict[str, Any] | None = None,
-             timeout: float = 120) -> tuple[int, str, bytes]:
+             timeout: float = 120, data: bytes | None = None) -> tuple[int, str, bytes]:
+    """data: a body sent as it is (a manifest's own bytes, a chunk) instead of JSON of `body`."""
     from host.client import UnixHTTPConnection
 
     conn = UnixHTTPConnection(socket_path, timeout=timeout)
     try:
-        raw = json.dumps(body).encode() if body is not None else None
+        raw = data if data is not None else json.dumps(body).encode() if body is not None else None
         conn.request(method, path, body=raw, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         return resp.status, resp.getheader("Content-Type", ""), resp.read()
@@ -27,15 +28,18 @@ def exchange(socket_path: Path, method: str, path: str, body: dict[str, Any] | N
         conn.close()
 
 
-def check_answer(route: str, method: str, ctype: str, body: bytes) -> list[Any]:
-    """Validate a 200 answer of the documented `route` (its template, e.g. /v1/models/{model});
-    returns the JSON objects checked (one, or a stream's events)."""
+def check_answer(route: str, method: str, ctype: str, body: bytes, status: int = 200) -> list[Any]:
+    """Validate a success answer (200, or 202 where documented) of the documented `route` (its
+    template, e.g. /v1/models/{model}); returns the JSON objects checked (one, or a stream's
+    events)."""
     import jsonschema
 
     operations = DOC["paths"].get(route, {})
     assert method.lower() in operations, \
-        f"{method.upper()} {route} answers 200 but the document has no such operation"
-    content = operations[method.lower()]["responses"]["200"].get("content")
+        f"{method.upper()} {route} answers {status} but the document has no such operation"
+    responses = operations[method.lower()]["responses"]
+    assert str(status) in responses, f"{method.upper()} {route} answers {status}, not documented"
+    content = responses[str(status)].get("content")
     if content is None:  # documented without a body
         assert body == b"", (route, body[:200])
         return []
@@ -57,12 +61,12 @@ def check_answer(route: str, method: str, ctype: str, body: bytes) -> list[Any]:
     return items
 
 
-def answer_problem(route: str, method: str, ctype: str, body: bytes) -> str | None:
+def answer_problem(route: str, method: str, ctype: str, body: bytes, status: int = 200) -> str | None:
     """check_answer's verdict as text (None: as documented), for a fuzzer that tallies."""
     import jsonschema
 
     try:
-        check_answer(route, method, ctype, body)
+        check_answer(route, method, ctype, body, status)
     except (AssertionError, ValueError, jsonschema.ValidationError) as e:
         return str(e).splitlines()[0][:300]
     return None

@@ -6,13 +6,15 @@ tiny model's word vocabulary cannot spell JSON."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from answers import ask
+from answers import ask, check_answer, exchange
 from daemon_fixtures import Daemon, encoder_daemon, llama_bundle, start_daemon  # noqa: F401 - fixtures
+from deploy_fixtures import base_bundle, serve  # noqa: F401 - fixtures
 
 HI = [{"role": "user", "content": "hello"}]
 
@@ -102,3 +104,62 @@ def test_encoder_answers(encoder_daemon: Daemon) -> None:  # noqa: F811
                                     "shape": [1], "data": ["hello"]}]}
     (answer,) = ask(encoder_daemon.socket_path, "POST", "/v2/models/{name}/infer", body, name=m)
     assert answer["id"] == "r1"
+
+
+def test_deploy_answers_are_the_documented_records(base_bundle: Path, serve: Any,  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    """Every deploy route of a real `toolkit serve --store`, through two installs and a rollback:
+    each success answer (200, and the installs' 202) is the schema generated from the store's
+    records, closed, so a record that gains a field the document lacks fails here."""
+    import time
+    import zlib
+
+    from deploy_fixtures import variant
+
+    daemon = serve(tmp_path / "store")
+    prefix = "/v1/deploy"
+
+    def call(method: str, route: str, data: bytes | None = None, query: str = "", ok: int = 200,
+             **names: str) -> Any:
+        status, ctype, raw = exchange(daemon.socket, method, prefix + route.format(**names) + query,
+                                      data=data)
+        assert status == ok, (route, status, raw[:500])
+        (answer,) = check_answer(prefix + route, method, ctype, raw, status)
+        return answer
+
+    def install(bundle: Path) -> dict[str, Any]:
+        chunk = call("GET", "/hello")["chunk"]["http"]
+        state = call("POST", "/uploads", (bundle / "manifest.json").read_bytes())
+        uid = state["upload_id"]
+        assert [u["upload_id"] for u in call("GET", "/uploads")] == [uid]
+        for rel in state["files"]:
+            data = (bundle / rel).read_bytes()
+            for at in range(0, max(len(data), 1), chunk):
+                piece = data[at:at + chunk]
+                ack = call("PUT", "/uploads/{upload_id}", piece, upload_id=uid,
+                           query=f"?path={rel}&offset={at}&crc32={zlib.crc32(piece)}")
+            assert ack["complete"] and ack["held"] == len(data)
+        return follow(call("POST", "/uploads/{upload_id}/commit", ok=202, upload_id=uid))
+
+    def follow(accepted: dict[str, Any]) -> dict[str, Any]:
+        assert accepted["accepted"] and accepted["state"] == "running"
+        deadline = time.monotonic() + 120
+        while True:
+            job = call("GET", "/status")["install"]
+            assert job["job"] == accepted["job"]
+            if job["state"] != "running" or time.monotonic() > deadline:
+                assert job["state"] == "done", job
+                return dict(job["result"])
+            time.sleep(0.1)
+
+    hello = call("GET", "/hello")
+    assert hello["active"] is None and hello["target"] is None
+    first = install(base_bundle)
+    assert first["ok"] and first["smoke"]["ok"]
+    hello = call("GET", "/hello")
+    assert hello["active"] == first["active"] and hello["target"]["runtime"] == "onnxruntime"
+    second = install(variant(base_bundle, tmp_path / "b", "tiny-b"))
+    assert second["previous"] == first["active"]
+    back = follow(call("POST", "/rollback", ok=202))
+    assert back["active"] == first["active"]
+    assert call("POST", "/uploads/remove", json.dumps({"all": True}).encode()) == []
