@@ -173,7 +173,7 @@ def record_schema(tp: Any, defs: dict[str, Any], ref: str = "#/$defs/", sent: bo
         if name not in defs:
             defs[name] = {}  # placeholder: records may nest themselves
             hints = _hints(tp)
-            fields = [f for f in dataclasses.fields(tp) if not (sent and f.name.startswith("_"))]
+            fields = dataclasses.fields(tp)
             # a dataclass without a docstring gets its signature as __doc__: no description then
             doc = "" if (tp.__doc__ or "").startswith(name + "(") else " ".join((tp.__doc__ or "").split())
             defs[name] = {
