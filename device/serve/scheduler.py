@@ -386,6 +386,10 @@ class _Slot:
     accepted: int = 0  # ... and accepted
     acceptance: Acceptance = field(default_factory=Acceptance)  # its recent draft tokens' p
     offered: int | None = None  # the first draft token it was offered and did not verify
+    # a decode step wrote some of its keys/values without the spare token (a sampled or
+    # penalized row outside joint steps) while prompts are read with it: those rows are not
+    # what a prompt's prefill writes, so its output is not stored in the prefix cache
+    plain_kv: bool = False
 
 
 def smoke_test(backend: DecoderBackend) -> None:
@@ -793,9 +797,13 @@ class Scheduler(QueuedEngine):
         """Put the whole blocks of prompt + output into the prefix cache, so the next turn of a
         chat (this prompt, this answer, a new question) hits them too. The slot's cache holds
         positions < state.pos: the prompt and the generated tokens but the last (sampled, never
-        stepped), which the stream decoder still lists (a stop token it never saw)."""
+        stepped), which the stream decoder still lists (a stop token it never saw). A row whose
+        decode steps went without the spare token (state.plain_kv) stores its prompt only: where
+        prompts are read with the spare, its output's rows differ in the last bits from what a
+        prompt continuing it computes (int8: a greedy next turn's text changed), and a hit must
+        answer as a cold request does."""
         prompt = state.handle.request.prompt_ids
-        written = state.pos - len(prompt)
+        written = 0 if state.plain_kv else state.pos - len(prompt)
         out = state.decoder.ids
         if (not self.prefix_cache.enabled or written < 0 or len(out) < written
                 or len(out) not in (state.generated, state.generated - 1)):
@@ -863,6 +871,10 @@ class Scheduler(QueuedEngine):
         if self.spare_rows:  # a lone row takes the spare where it may draft, a joint step always
             self.backend.spare_token = lengths is not None or all(
                 self._drafts(self._active[s]) for s in slots if s in self._active)
+            if not self.backend.spare_token:
+                for s in slots:
+                    if s in self._active:
+                        self._active[s].plain_kv = True
         t0 = time.perf_counter()
         logits = self.backend.step(ids, pos, slots, lengths=lengths) if lengths is not None \
             else self.backend.step(ids, pos, slots)

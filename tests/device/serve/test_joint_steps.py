@@ -233,3 +233,39 @@ def test_random_traffic_on_joint_steps_keeps_greedy_text(q_bundle, q_fp32_bundle
         finally:
             engine.close()
             single.close()
+
+
+@pytest.mark.parametrize(("precision", "trials"), [("int8", (9, 54)), ("int4", (59,))])
+def test_a_greedy_turn_after_a_sampled_answer_answers_as_a_cold_request(q_bundle, q_fp32_bundle,  # noqa: F811
+                                                                        precision: str,
+                                                                        trials: tuple[int, ...]) -> None:
+    """A sampled answer is decoded without the spare token (outside joint steps), while prompts
+    are read with it: its keys/values differ from a prompt's in the last bits. They were stored
+    in the prefix cache at finish, and a greedy next turn that hit them gave other text than a
+    cold one-slot engine (these trials of 60 random ones; fp32 showed none). Such an answer
+    stores its prompt only."""
+    import numpy as np
+
+    path = bundle(q_bundle, q_fp32_bundle, precision)
+    one = load_bundle(path, slots=1, threads=2)
+    four = load_bundle(path, slots=4, threads=2, ragged=True)
+    single = Scheduler(one.backend, one.tokenizer, speculate="ngram")
+    engine = Scheduler(four.backend, four.tokenizer, speculate="ngram", prefix_cache_bytes=1 << 22,
+                       prefix_block_tokens=4)  # type: ignore[arg-type]
+    V = four.backend.vocab_size
+    single.start()
+    engine.start()
+    try:
+        for trial in trials:
+            prompt = np.random.default_rng(trial).integers(3, V, 10).tolist()
+            sampled = GenerationRequest(prompt, 24, params=SamplingParams(temperature=0.9, seed=trial),
+                                        ignore_eos=True, logprobs=0)
+            with engine.reserve() as ticket:
+                handle = engine.submit(ticket, sampled)
+            answer = [t.token for e in handle.events(timeout=60) for t in getattr(e, "logprobs", ())]
+            assert len(answer) == 24
+            follow = GenerationRequest(prompt + answer[:23] + [5, 6], 20, ignore_eos=True)
+            assert run(engine, follow)[0] == run(single, follow)[0], trial
+    finally:
+        engine.close()
+        single.close()
