@@ -269,3 +269,49 @@ def test_a_greedy_turn_after_a_sampled_answer_answers_as_a_cold_request(q_bundle
     finally:
         engine.close()
         single.close()
+
+
+@pytest.mark.parametrize("T", [3, 5, 7])
+def test_three_rows_of_an_odd_length_keep_the_one_slot_engines_logits(q_bundle, monkeypatch,  # noqa: F811
+                                                                       T: int) -> None:
+    """int4: MatMulNBits sums rows in pairs and an unpaired last row in its own order (the
+    one-row kernel that makes lone rows step "paired"). A joint step of 3 rows of T odd tokens
+    is 3T rows: the last row's last token fell alone there, and its logits differed from the
+    same row stepped alone (n=3 greedy choices: the third one's logprobs, found by
+    test_concurrent_traffic.py). The plan's T is forced here; every joint step must have an
+    even number of token rows, and each choice the one-slot engine's logprobs, bit for bit."""
+    import device.serve.scheduler as scheduler
+
+    monkeypatch.setattr(scheduler, "joint_length", lambda rows, active, curve, base=2: T)
+    path = q_bundle("llama", "cpu", "int4")
+    one = load_bundle(path, slots=1, threads=1)
+    four = load_bundle(path, slots=4, threads=1, ragged=True)
+    watch = Watching(four.backend)
+    engine = Scheduler(watch, four.tokenizer, speculate="ngram")  # type: ignore[arg-type]
+    single = Scheduler(one.backend, one.tokenizer, speculate="ngram")
+    assert engine.joint
+    prompt = four.tokenizer.encode_chat([{"role": "user", "content": " ".join(["token show but for fly feel"] * 6)}],
+                                        None)
+    request = GenerationRequest(prompt, 12, ignore_eos=True, logprobs=2)
+
+    def logprobs(eng: Scheduler, n: int) -> list[list[tuple[int, float]]]:
+        handles = []
+        for _ in range(n):
+            with eng.reserve() as ticket:
+                handles.append(eng.submit(ticket, request))
+        return [[(t.token, t.logprob) for e in h.events(timeout=60) for t in getattr(e, "logprobs", ())]
+                for h in handles]
+
+    single.start()
+    engine.start()
+    try:
+        (want,) = logprobs(single, 1)
+        watch.seen.clear()
+        got = logprobs(engine, 3)
+    finally:
+        engine.close()
+        single.close()
+    joint = [shape for shape, _, lengths in watch.seen if lengths is not None]
+    assert any(shape[0] == 3 for shape in joint) and engine.even_steps
+    assert got == [want] * 3
+    assert all(shape[0] * shape[1] % 2 == 0 for shape in joint), joint
