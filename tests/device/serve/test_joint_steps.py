@@ -290,8 +290,8 @@ def test_three_rows_of_an_odd_length_keep_the_one_slot_engines_logits(q_bundle, 
     engine = Scheduler(watch, four.tokenizer, speculate="ngram")  # type: ignore[arg-type]
     single = Scheduler(one.backend, one.tokenizer, speculate="ngram")
     assert engine.joint
-    prompt = four.tokenizer.encode_chat([{"role": "user", "content": " ".join(["token show but for fly feel"] * 6)}],
-                                        None)
+    text = " ".join(["token show but for fly feel"] * 6)
+    prompt = four.tokenizer.encode_chat([{"role": "user", "content": text}], None)
     request = GenerationRequest(prompt, 12, ignore_eos=True, logprobs=2)
 
     def logprobs(eng: Scheduler, n: int) -> list[list[tuple[int, float]]]:
