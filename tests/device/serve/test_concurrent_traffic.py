@@ -327,6 +327,10 @@ def run_traffic(bundle: Path, seed: int, bursts: int, grammar: bool) -> dict[str
         assert idle(four)["running"] == 0
         metrics = dict(line.rsplit(" ", 1) for line in four.client().request("GET", "/metrics").body.decode()
                        .splitlines() if line and not line.startswith("#"))
+        log_text = four.log()
+        if "Traceback" in log_text:
+            i = log_text.index("Traceback")
+            raise AssertionError(log_text[max(0, i - 600):i + 3000])
     finally:
         one.stop()
         four.stop()
