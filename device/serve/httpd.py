@@ -479,7 +479,14 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         self.raw.expect_request(IDLE_TIMEOUT_S if self.requests_served else FIRST_BYTE_TIMEOUT_S)
         self.requests_served += 1
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        except ConnectionError as e:  # reset or closed under us outside a route (which answers
+            # ClientGone): a client that left without reading its answer resets the connection
+            # this thread waits on for the next request. Not an error of ours: socketserver
+            # would print a traceback for it
+            log.info("%s: connection reset by the client (%s)", self.address_string(), e)
+            self.close_connection = True
 
     def send_response(self, code: int, message: str | None = None) -> None:
         self.status_sent, self.response_started = code, True

@@ -49,8 +49,9 @@ kernels per optimization profile), so at start the engine runs `probe_batch_inva
 same decode alone and in every batch size. Only if all rows match bit for bit does it decode in
 batches; otherwise it steps each row on its own (B=1), which is what a request running alone
 does. `decode_mode` forces either. Joint steps have their own probe (probe_ragged): rows of
-2..4 real tokens in one ragged step against each row alone with its spare, which is what a
-one-slot engine computes, so there a greedy row's output is the same with 1 or 8 slots. (The
+2..5 real tokens in one ragged step against each row alone with its spare, which is what a
+one-slot engine computes, so there a greedy row's output is the same with 1 or 8 slots (where
+only steps of an even number of token rows pass, the engine runs only those: even_steps). (The
 one exception to "whatever else runs": in a joint engine a sampled row steps in the spare form
 while greedy rows share its steps and in the plain form otherwise; see __init__.)
 
@@ -386,6 +387,10 @@ class _Slot:
     accepted: int = 0  # ... and accepted
     acceptance: Acceptance = field(default_factory=Acceptance)  # its recent draft tokens' p
     offered: int | None = None  # the first draft token it was offered and did not verify
+    # a decode step wrote some of its keys/values without the spare token (a sampled or
+    # penalized row outside joint steps) while prompts are read with it: those rows are not
+    # what a prompt's prefill writes, so its output is not stored in the prefix cache
+    plain_kv: bool = False
 
 
 def smoke_test(backend: DecoderBackend) -> None:
@@ -457,34 +462,45 @@ def spare_form(backend: DecoderBackend, k: int = 4) -> int:
     return SPARE_AT_ATTENTION if exact else SPARE_WHOLE
 
 
-def probe_ragged(backend: DecoderBackend, tokens: int = 4, least: int = 2) -> bool:
-    """Whether joint steps are exact here: rows of least..`tokens` real tokens in one ragged
-    step (convert/ragged.py), for the batch sizes of probe_sizes, give bit for bit what each
-    row gives stepped alone with its spare token (backend.spare_token must be on, in the form
-    the engine's lone rows take), which is what the one-slot engine computes. least = 2: the
-    rows carry their spare as a real token from the host; least = 1: rows of one real token
-    take the graph's row spare (backend.row_spares, the attention form). Measured on ONNX
-    Runtime 1.32 for SmolLM2-135M and the tiny test Llama at fp32, int8 and int4; checked, not
-    assumed, because a kernel's blocking may depend on the rows (a row with one real token and
-    no spare already differs: the kernel's one-query path). Writes only positions no request
-    holds (run before serving)."""
+def probe_ragged(backend: DecoderBackend, tokens: int = 4, least: int = 2, even: bool = False) -> bool:
+    """Whether joint steps are exact here: rows of least..T real tokens in one ragged step
+    (convert/ragged.py), for T = `tokens` and `tokens` + 1 and the batch sizes of probe_sizes,
+    give bit for bit what each row gives stepped alone with its spare token (backend.spare_token
+    must be on, in the form the engine's lone rows take), which is what the one-slot engine
+    computes. least = 2: the rows carry their spare as a real token from the host; least = 1:
+    rows of one real token take the graph's row spare (backend.row_spares, the attention form).
+    Measured on ONNX Runtime 1.32 for SmolLM2-135M and the tiny test Llama at fp32, int8 and
+    int4; checked, not assumed, because a kernel's blocking may depend on the rows (a row with
+    one real token and no spare already differs: the kernel's one-query path). The last row of
+    each batch is full, so its last token is the step's last token row: 4-bit MatMulNBits sums
+    token rows in pairs and an unpaired last one in its own order (its one-row kernel), so a
+    step of b rows of T tokens, b * T odd, differs there. even: probe only steps of an even
+    number of token rows, the ones an engine with even_steps runs. Writes only positions no
+    request holds (run before serving)."""
     slots = backend.slots
-    if backend.max_seq < tokens + 4:  # no room for a prompt and the rows: not worth it there
+    if backend.max_seq < tokens + 5:  # no room for a prompt and the rows: not worth it there
         return False
     rng = np.random.default_rng(1)
-    starts = [min(3 + s % 5, backend.max_seq - 1 - tokens) for s in range(slots)]
+    starts = [min(3 + s % 5, backend.max_seq - 2 - tokens) for s in range(slots)]
     for s, n in enumerate(starts):
         prefill(backend, rng.integers(0, backend.vocab_size, n).tolist(), s)
-    lens = np.array([least + s % (tokens - least + 1) for s in range(slots)], np.int32)
-    ids = rng.integers(0, backend.vocab_size, (slots, tokens)).astype(np.int64)
-    pos = np.array([[p + min(i, n - 1) for i in range(tokens)] for p, n in zip(starts, lens)], np.int64)
-    for r, n in enumerate(lens):
-        ids[r, n:] = 0
-    alone = [backend.step(ids[r:r + 1, :n], pos[r:r + 1, :n], [r])[0].copy() for r, n in enumerate(lens)]
-    for b in probe_sizes(slots):
-        out = backend.step(ids[:b], pos[:b], list(range(b)), lengths=lens[:b])
-        if not all(np.array_equal(out[r, :n], alone[r]) for r, n in enumerate(lens[:b])):
-            return False
+    for T in (tokens, tokens + 1):
+        ids = rng.integers(0, backend.vocab_size, (slots, T)).astype(np.int64)
+        short = [least + s % (T - least + 1) for s in range(slots)]
+        alone: dict[tuple[int, int], np.ndarray] = {}  # (row, real tokens) -> its logits stepped alone
+        for b in probe_sizes(slots):
+            if even and b * T % 2:
+                continue
+            lens = np.array([*short[:b - 1], T], np.int32)
+            rows = ids[:b].copy()
+            pos = np.array([[p + min(i, n - 1) for i in range(T)] for p, n in zip(starts, lens)], np.int64)
+            for r, n in enumerate(lens):
+                rows[r, n:] = 0
+                if (r, n) not in alone:
+                    alone[r, n] = backend.step(rows[r:r + 1, :n], pos[r:r + 1, :n], [r])[0].copy()
+            out = backend.step(rows, pos, list(range(b)), lengths=lens)
+            if not all(np.array_equal(out[r, :n], alone[r, n]) for r, n in enumerate(lens)):
+                return False
     return True
 
 
@@ -545,6 +561,9 @@ class Scheduler(QueuedEngine):
         # probe_ragged finds it exact): a joint step of rows without drafts is then [W, 1],
         # where a spare from the host made it [W, 2].
         self.joint = self.row_spares = False
+        # joint steps of an even number of token rows only (W x T): where a step's unpaired last
+        # token row is summed in another order than in pairs (probe_ragged), T is moved by one
+        self.even_steps = False
         may_join = (bool(self.draft_tokens) and self.slots > 1 and getattr(backend, "ragged_steps", False)
                     and decode_mode != "per-row")
         if self.slots == 1 or may_join:  # the spare's cheaper form where it is exact here
@@ -555,6 +574,8 @@ class Scheduler(QueuedEngine):
             if not self.joint and backend.spare_form == SPARE_AT_ATTENTION:  # lone rows' whole form
                 backend.spare_form = SPARE_WHOLE
                 self.joint = probe_ragged(backend)
+            if not self.joint:  # exact where a step's token rows pair up (int4's one-row kernel)
+                self.even_steps = self.joint = probe_ragged(backend, even=True)
             if not self.joint:
                 log.warning("joint draft steps are off: rows of a ragged step differ from the same "
                             "rows stepped alone on this machine; drafts are verified one row a step")
@@ -793,9 +814,13 @@ class Scheduler(QueuedEngine):
         """Put the whole blocks of prompt + output into the prefix cache, so the next turn of a
         chat (this prompt, this answer, a new question) hits them too. The slot's cache holds
         positions < state.pos: the prompt and the generated tokens but the last (sampled, never
-        stepped), which the stream decoder still lists (a stop token it never saw)."""
+        stepped), which the stream decoder still lists (a stop token it never saw). A row whose
+        decode steps went without the spare token (state.plain_kv) stores its prompt only: where
+        prompts are read with the spare, its output's rows differ in the last bits from what a
+        prompt continuing it computes (int8: a greedy next turn's text changed), and a hit must
+        answer as a cold request does."""
         prompt = state.handle.request.prompt_ids
-        written = state.pos - len(prompt)
+        written = 0 if state.plain_kv else state.pos - len(prompt)
         out = state.decoder.ids
         if (not self.prefix_cache.enabled or written < 0 or len(out) < written
                 or len(out) not in (state.generated, state.generated - 1)):
@@ -863,6 +888,10 @@ class Scheduler(QueuedEngine):
         if self.spare_rows:  # a lone row takes the spare where it may draft, a joint step always
             self.backend.spare_token = lengths is not None or all(
                 self._drafts(self._active[s]) for s in slots if s in self._active)
+            if not self.backend.spare_token:
+                for s in slots:
+                    if s in self._active:
+                        self._active[s].plain_kv = True
         t0 = time.perf_counter()
         logits = self.backend.step(ids, pos, slots, lengths=lengths) if lengths is not None \
             else self.backend.step(ids, pos, slots)
@@ -892,7 +921,8 @@ class Scheduler(QueuedEngine):
         the next position); rows of free or prefilling slots are padding at their own positions, as
         in _decode_batched. Each row's tokens past its own are right padding (ids 0, positions
         repeating its last real one: the graph's seqlens_k is that position). T is the plan's
-        (draft_plan.joint_length); then each row walks its logits as _verify does."""
+        (draft_plan.joint_length), one more or less where even_steps wants W * T even; then
+        each row walks its logits as _verify does."""
         lo, hi = min(self._active), max(self._active)
         W = hi - lo + 1
         offered = {slot: d for slot, state in self._active.items() if (d := self._draft(state))}
@@ -903,6 +933,8 @@ class Scheduler(QueuedEngine):
         # at most max_seq - 2 (the last token is sampled, never stepped), padding rows' lower.
         room = int(self.max_seq - self._pos[lo:hi + 1, 0].max())
         T = min(room, joint_length(rows, len(self._active), self.costs.joint_curve(W, base), base))
+        if self.even_steps and W * T % 2 and T > base:  # its last token row would be unpaired
+            T = T + 1 if T < room else T - 1  # one draft token more where there is room, else less
         drafts = {slot: d[:T - 1] for slot, d in offered.items()}  # what this step verifies
         ids = np.zeros((W, T), np.int64)
         pos = np.empty((W, T), np.int64)

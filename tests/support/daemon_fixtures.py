@@ -62,12 +62,33 @@ def _word_tokenizer() -> Any:
     return fast
 
 
-def make_tiny_llama(folder: Path) -> Path:
-    """A 2-layer random Llama with GQA (4 heads / 2 kv heads) and the word tokenizer."""
+def _byte_tokenizer() -> Any:
+    """A byte-level BPE tokenizer (400 tokens, trained here on WORDS and a little JSON) with the
+    same specials and chat template: one the grammar engine (llguidance) reads, which refuses
+    the word tokenizer's WordPiece decoder, so response_format runs on a tiny model too."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = " ".join(WORDS)
+    tok.train_from_iterator([text, '{"name": "cat", "count": 12}', text[::-1]] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_llama(folder: Path, byte_level: bool = False) -> Path:
+    """A 2-layer random Llama with GQA (4 heads / 2 kv heads) and the word tokenizer (or the
+    byte-level one)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _word_tokenizer()
+    tokenizer = _byte_tokenizer() if byte_level else _word_tokenizer()
     torch.manual_seed(0)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -224,6 +245,17 @@ def llama_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root = tmp_path_factory.mktemp("daemon-llama")
         _BUILT["llama"] = convert_folder(make_tiny_llama(root / "tiny-llama"), root / "bundle")
     return _BUILT["llama"]
+
+
+@pytest.fixture(scope="session")
+def byte_llama_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with the byte-level tokenizer (response_format works on it): max_seq 64,
+    4 slots."""
+    if "byte-llama" not in _BUILT:
+        root = tmp_path_factory.mktemp("daemon-byte-llama")
+        _BUILT["byte-llama"] = convert_folder(make_tiny_llama(root / "tiny-llama", byte_level=True),
+                                              root / "bundle")
+    return _BUILT["byte-llama"]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ constants are module globals, read on every use); the connection flood runs the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -180,6 +181,32 @@ def test_odd_methods_and_versions_get_4xx_not_5xx(listen: Any) -> None:
             sock.shutdown(socket.SHUT_WR)
             statuses = [r.status for r in responses(sock)]
         assert statuses[:1] == [want], raw
+
+
+def test_a_client_that_resets_a_keepalive_connection_is_gone_not_a_traceback(
+        listen: Any, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """A client that closes without reading its answer (a timeout, a cancelled call) resets the
+    connection: the handler, waiting for the next request on it, read ECONNRESET, and
+    socketserver printed "Exception occurred during processing of request" and a traceback to
+    the daemon's log, for what is a client going away (found by test_concurrent_traffic.py)."""
+    import select
+    import struct
+
+    srv, app = listen()
+    caplog.set_level(logging.INFO, logger="toolkit.daemon")
+    for _ in range(3):
+        sock = connect(srv)
+        sock.sendall(request("/x"))
+        assert select.select([sock], [], [], 10)[0]  # the answer is there, unread
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+    deadline = time.monotonic() + 10
+    while srv.open_connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.open_connections == 0 and app.seen == ["GET /x"] * 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
+    assert "connection reset" in caplog.text
 
 
 # --- deadlines -----------------------------------------------------------------------------------

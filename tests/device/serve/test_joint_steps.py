@@ -233,3 +233,85 @@ def test_random_traffic_on_joint_steps_keeps_greedy_text(q_bundle, q_fp32_bundle
         finally:
             engine.close()
             single.close()
+
+
+@pytest.mark.parametrize(("precision", "trials"), [("int8", (9, 54)), ("int4", (59,))])
+def test_a_greedy_turn_after_a_sampled_answer_answers_as_a_cold_request(q_bundle, q_fp32_bundle,  # noqa: F811
+                                                                        precision: str,
+                                                                        trials: tuple[int, ...]) -> None:
+    """A sampled answer is decoded without the spare token (outside joint steps), while prompts
+    are read with it: its keys/values differ from a prompt's in the last bits. They were stored
+    in the prefix cache at finish, and a greedy next turn that hit them gave other text than a
+    cold one-slot engine (these trials of 60 random ones; fp32 showed none). Such an answer
+    stores its prompt only."""
+    import numpy as np
+
+    path = bundle(q_bundle, q_fp32_bundle, precision)
+    one = load_bundle(path, slots=1, threads=2)
+    four = load_bundle(path, slots=4, threads=2, ragged=True)
+    single = Scheduler(one.backend, one.tokenizer, speculate="ngram")
+    engine = Scheduler(four.backend, four.tokenizer, speculate="ngram", prefix_cache_bytes=1 << 22,
+                       prefix_block_tokens=4)  # type: ignore[arg-type]
+    V = four.backend.vocab_size
+    single.start()
+    engine.start()
+    try:
+        for trial in trials:
+            prompt = np.random.default_rng(trial).integers(3, V, 10).tolist()
+            sampled = GenerationRequest(prompt, 24, params=SamplingParams(temperature=0.9, seed=trial),
+                                        ignore_eos=True, logprobs=0)
+            with engine.reserve() as ticket:
+                handle = engine.submit(ticket, sampled)
+            answer = [t.token for e in handle.events(timeout=60) for t in getattr(e, "logprobs", ())]
+            assert len(answer) == 24
+            follow = GenerationRequest(prompt + answer[:23] + [5, 6], 20, ignore_eos=True)
+            assert run(engine, follow)[0] == run(single, follow)[0], trial
+    finally:
+        engine.close()
+        single.close()
+
+
+@pytest.mark.parametrize("T", [3, 5, 7])
+def test_three_rows_of_an_odd_length_keep_the_one_slot_engines_logits(q_bundle, monkeypatch,  # noqa: F811
+                                                                       T: int) -> None:
+    """int4: MatMulNBits sums rows in pairs and an unpaired last row in its own order (the
+    one-row kernel that makes lone rows step "paired"). A joint step of 3 rows of T odd tokens
+    is 3T rows: the last row's last token fell alone there, and its logits differed from the
+    same row stepped alone (n=3 greedy choices: the third one's logprobs, found by
+    test_concurrent_traffic.py). The plan's T is forced here; every joint step must have an
+    even number of token rows, and each choice the one-slot engine's logprobs, bit for bit."""
+    import device.serve.scheduler as scheduler
+
+    monkeypatch.setattr(scheduler, "joint_length", lambda rows, active, curve, base=2: T)
+    path = q_bundle("llama", "cpu", "int4")
+    one = load_bundle(path, slots=1, threads=1)
+    four = load_bundle(path, slots=4, threads=1, ragged=True)
+    watch = Watching(four.backend)
+    engine = Scheduler(watch, four.tokenizer, speculate="ngram")  # type: ignore[arg-type]
+    single = Scheduler(one.backend, one.tokenizer, speculate="ngram")
+    assert engine.joint
+    text = " ".join(["token show but for fly feel"] * 6)
+    prompt = four.tokenizer.encode_chat([{"role": "user", "content": text}], None)
+    request = GenerationRequest(prompt, 12, ignore_eos=True, logprobs=2)
+
+    def logprobs(eng: Scheduler, n: int) -> list[list[tuple[int, float]]]:
+        handles = []
+        for _ in range(n):
+            with eng.reserve() as ticket:
+                handles.append(eng.submit(ticket, request))
+        return [[(t.token, t.logprob) for e in h.events(timeout=60) for t in getattr(e, "logprobs", ())]
+                for h in handles]
+
+    single.start()
+    engine.start()
+    try:
+        (want,) = logprobs(single, 1)
+        watch.seen.clear()
+        got = logprobs(engine, 3)
+    finally:
+        engine.close()
+        single.close()
+    joint = [shape for shape, _, lengths in watch.seen if lengths is not None]
+    assert any(shape[0] == 3 for shape in joint) and engine.even_steps
+    assert got == [want] * 3
+    assert all(shape[0] * shape[1] % 2 == 0 for shape in joint), joint
