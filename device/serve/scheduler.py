@@ -885,9 +885,14 @@ class Scheduler(QueuedEngine):
     def _step(self, ids: np.ndarray, pos: np.ndarray, slots: Sequence[int],
               lengths: np.ndarray | None = None) -> np.ndarray:
         """backend.step, its time kept by (rows, tokens per row) for the drafting plan."""
-        if self.spare_rows:  # a lone row takes the spare where it may draft, a joint step always
+        if self.spare_rows:
+            # a joint step always takes the spare; a lone row where it may draft, or where the
+            # spare is the attention form, which costs a one-token step nothing measurable
+            # (README, "The attention form of the spare"): then a sampled answer's keys/values
+            # are what a prompt's read writes, and its next turn reuses them (_store_output)
             self.backend.spare_token = lengths is not None or all(
-                self._drafts(self._active[s]) for s in slots if s in self._active)
+                self._drafts(self._active[s]) for s in slots if s in self._active) or (
+                len(slots) == 1 and self.backend.spare_form == SPARE_AT_ATTENTION)
             if not self.backend.spare_token:
                 for s in slots:
                     if s in self._active:

@@ -672,6 +672,8 @@ class Daemon:
             rec["scheduler"]["draft_steps"] = engine.draft_steps
             rec["scheduler"]["spare_token"] = engine.spare
             rec["scheduler"]["joint_spare"] = engine.joint_spare
+            # joint steps only of an even number of token rows (probe_ragged; the tiny int4 model)
+            rec["scheduler"]["even_steps"] = engine.even_steps
             rec["scheduler"].update(engine.chunks.describe())
             rec["prefix_cache"] = engine.prefix_cache.status()
         return rec

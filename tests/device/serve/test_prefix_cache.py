@@ -253,6 +253,43 @@ def test_the_next_turn_of_a_chat_hits_the_stored_answer_too(runner: Any) -> None
     assert st["tokens_reused"] == written // BLOCK * BLOCK > len(first) // BLOCK * BLOCK
 
 
+def test_a_one_slot_engine_reuses_a_sampled_answer_exactly(llama_bundle: Path) -> None:  # noqa: F811
+    """One slot with the spare's attention form (the default bundles' engine): a sampled row
+    steps with the spare too, as it costs nothing there, so its keys/values are what a prompt's
+    read writes. The next turn reuses the answer's blocks and answers as a cold engine does.
+    (Stepped without the spare, the answer's rows differed in the last bits and were not stored
+    at all.)"""
+    one = load_bundle(llama_bundle, slots=1, threads=1)
+    try:
+        first = chat(one, "cat")
+        block_bytes = BLOCK * one.backend.layout.bytes_per_position
+        warm = Scheduler(one.backend, one.tokenizer, prefix_cache_bytes=64 * block_bytes,
+                         prefix_block_tokens=BLOCK)
+        assert warm.spare == "attention"
+        warm.start()
+        try:
+            sampled = GenerationRequest(first, 16, logprobs=0, ignore_eos=True,
+                                        params=SamplingParams(temperature=0.9, seed=3))
+            answer = [t.token for t in run(warm, sampled)[2]]
+            follow = GenerationRequest(first + answer + one.tokenizer.encode("dog sun"), 8, logprobs=2)
+            got = run(warm, follow)
+            st = warm.prefix_cache.status()
+        finally:
+            warm.close()
+        cold = Scheduler(one.backend, one.tokenizer)
+        cold.start()
+        try:
+            want = run(cold, follow)
+        finally:
+            cold.close()
+    finally:
+        one.close()
+    assert [t.token for t in got[2]] == [t.token for t in want[2]]
+    assert [t.logprob for t in got[2]] == [t.logprob for t in want[2]]  # bit for bit
+    written = len(first) + len(answer) - 1  # the last answer token was never stepped
+    assert st["tokens_reused"] == written // BLOCK * BLOCK > len(first) // BLOCK * BLOCK
+
+
 def test_requests_admitted_together_hit_what_the_first_stored(runner: Any) -> None:
     """A burst of one prompt (as n > 1 choices are): the cache is looked up when a prefill
     starts, not at admission, so all but the first reuse the first one's blocks."""

@@ -164,6 +164,7 @@ def test_greedy_drafts_are_reported_in_usage_timings_status_and_metrics(daemon: 
     assert status(daemon)["scheduler"]["draft_steps"] == "joint"  # 4 slots, a ragged graph
     assert status(daemon)["scheduler"]["spare_token"] == "attention"  # lone rows' form, exact here
     assert status(daemon)["scheduler"]["joint_spare"] == "attention"  # the graph's row spares
+    assert status(daemon)["scheduler"]["even_steps"] is False  # fp32: any W x T is exact
     sampled = c.post(CHAT, chat_body("sun moon star sky rain snow wind fire " * 2, temperature=0.7))
     assert "completion_tokens_details" not in sampled["usage"] and "draft_n" not in sampled["timings"]
 
