@@ -226,31 +226,43 @@ def test_hits_after_eviction_answer_like_cold_requests(runner: Any) -> None:
     assert st["bytes"] <= 5 * block_bytes and warm.prefix_cache.entries == 0  # close() released
 
 
-def test_the_next_turn_of_a_chat_hits_the_stored_answer_too(runner: Any) -> None:
-    """At finish the prompt and the answer are stored: a prompt that continues them (the next
-    turn) reuses blocks beyond the first prompt's, and answers like a cold request."""
-    first = chat(runner, "cat")  # 29 tokens: 3 whole blocks
-    block_bytes = BLOCK * runner.backend.layout.bytes_per_position
-    warm = Scheduler(runner.backend, runner.tokenizer, prefix_cache_bytes=64 * block_bytes,
-                     prefix_block_tokens=BLOCK)
+Answer = tuple[str, Finished, list[Any]]  # run's: text, the end, logprobs
+
+
+def next_turn(r: Any, params: SamplingParams = GREEDY) -> tuple[Scheduler, Answer, Answer, dict[str, Any]]:
+    """A first turn (16 tokens under `params`) on an engine with the prefix cache, then a next
+    turn that continues its prompt and answer: (the warm engine, its answer to the next turn,
+    a cold engine's, the prefix cache's status after it), each answer (text, Finished, logprobs)."""
+    first = chat(r, "cat")  # 29 tokens: 3 whole blocks
+    block_bytes = BLOCK * r.backend.layout.bytes_per_position
+    warm = Scheduler(r.backend, r.tokenizer, prefix_cache_bytes=64 * block_bytes, prefix_block_tokens=BLOCK)
     warm.start()
     try:
-        _, _, lp = run(warm, GenerationRequest(first, 16, logprobs=0, ignore_eos=True))
-        answer = [t.token for t in lp]
-        follow = GenerationRequest(first + answer + runner.tokenizer.encode("dog sun"), 8, logprobs=2)
+        answer = [t.token for t in run(warm, GenerationRequest(first, 16, logprobs=0, ignore_eos=True,
+                                                              params=params))[2]]
+        follow = GenerationRequest(first + answer + r.tokenizer.encode("dog sun"), 8, logprobs=2)
         got = run(warm, follow)
         st = warm.prefix_cache.status()
     finally:
         warm.close()
-    cold = Scheduler(runner.backend, runner.tokenizer)
+    cold = Scheduler(r.backend, r.tokenizer)
     cold.start()
     try:
         want = run(cold, follow)
     finally:
         cold.close()
+    # blocks written: the prompt and the answer but its last token (never stepped)
+    st["written"] = (len(first) + len(answer) - 1) // BLOCK * BLOCK
+    st["prompt_blocks"] = len(first) // BLOCK * BLOCK
+    return warm, got, want, st
+
+
+def test_the_next_turn_of_a_chat_hits_the_stored_answer_too(runner: Any) -> None:
+    """At finish the prompt and the answer are stored: a prompt that continues them (the next
+    turn) reuses blocks beyond the first prompt's, and answers like a cold request."""
+    _, got, want, st = next_turn(runner)
     same_answer(got, want)
-    written = len(first) + len(answer) - 1  # the last answer token was never stepped
-    assert st["tokens_reused"] == written // BLOCK * BLOCK > len(first) // BLOCK * BLOCK
+    assert st["tokens_reused"] == st["written"] > st["prompt_blocks"]
 
 
 def test_a_one_slot_engine_reuses_a_sampled_answer_exactly(llama_bundle: Path) -> None:  # noqa: F811
@@ -261,33 +273,13 @@ def test_a_one_slot_engine_reuses_a_sampled_answer_exactly(llama_bundle: Path) -
     at all.)"""
     one = load_bundle(llama_bundle, slots=1, threads=1)
     try:
-        first = chat(one, "cat")
-        block_bytes = BLOCK * one.backend.layout.bytes_per_position
-        warm = Scheduler(one.backend, one.tokenizer, prefix_cache_bytes=64 * block_bytes,
-                         prefix_block_tokens=BLOCK)
-        assert warm.spare == "attention"
-        warm.start()
-        try:
-            sampled = GenerationRequest(first, 16, logprobs=0, ignore_eos=True,
-                                        params=SamplingParams(temperature=0.9, seed=3))
-            answer = [t.token for t in run(warm, sampled)[2]]
-            follow = GenerationRequest(first + answer + one.tokenizer.encode("dog sun"), 8, logprobs=2)
-            got = run(warm, follow)
-            st = warm.prefix_cache.status()
-        finally:
-            warm.close()
-        cold = Scheduler(one.backend, one.tokenizer)
-        cold.start()
-        try:
-            want = run(cold, follow)
-        finally:
-            cold.close()
+        warm, got, want, st = next_turn(one, SamplingParams(temperature=0.9, seed=3))
     finally:
         one.close()
+    assert warm.spare == "attention"
     assert [t.token for t in got[2]] == [t.token for t in want[2]]
     assert [t.logprob for t in got[2]] == [t.logprob for t in want[2]]  # bit for bit
-    written = len(first) + len(answer) - 1  # the last answer token was never stepped
-    assert st["tokens_reused"] == written // BLOCK * BLOCK > len(first) // BLOCK * BLOCK
+    assert st["tokens_reused"] == st["written"] > st["prompt_blocks"]
 
 
 def test_requests_admitted_together_hit_what_the_first_stored(runner: Any) -> None:
