@@ -20,11 +20,12 @@ its matched llama.cpp GGUF (bench/peers.py MATCHED: F32, Q8_0, Q4_1, all from th
                   and SmolLM2's greedy continuation repeats it too, which prompt-lookup drafting
                   turns into ~15 tokens a step at c = 1; this row is c=8 / c=1 with the defaults
                   where drafts seldom hold
-  drafting bound  in-process, the same bundle (bench/verify_batch.py): one [8, 16] step of the
+  step ratio      in-process, the same bundle (bench/verify_batch.py): one [8, 16] step of the
                   ragged graph against 8 one-row [1, 16] steps, positions a second of the one
                   over the other. With drafting, c = 1 on the bench's prompts already steps ~16
-                  positions ([1, 16]) and c = 8 steps [8, 16], so this is the most the daemon's
-                  c=8 / c=1 can be (every draft token kept, the daemon costing nothing)
+                  positions ([1, 16]) and c = 8 steps [8, 16], so this is about what the
+                  daemon's c=8 / c=1 can be (if every draft token were kept at both and the
+                  daemon cost nothing; c = 1 keeps fewer, so the daemon may land either side)
 The servers run with --threads / -t THREADS and as many slots as streams (issue 20: slots =
 concurrency): c streams go to a server started with c slots (`toolkit serve --slots c`,
 `llama-server -np c -c c*2048 --cont-batching`), c = 1 being the daemon as `toolkit serve
@@ -661,7 +662,7 @@ def spec_row(tok: Any, s: Settings, help_text: str) -> Extra:
     return row
 
 
-def drafting_bound(precision: str, threads: int, quick: bool, position: int = 192) -> float:
+def joint_step_ratio(precision: str, threads: int, quick: bool, position: int = 192) -> float:
     """8 x t([1, 16]) / t([8, 16]) in-process, each row `position` tokens into its cache (a
     128-token prompt and half its answer), medians (bench/verify_batch.py)."""
     from bench import verify_batch
@@ -681,7 +682,7 @@ class Report:
     ppl: dict[str, dict[str, float | str]]
     extras: list[Extra]
     peers: dict[str, str]  # precision -> what llama-server serves (or why not)
-    bounds: dict[str, float] = field(default_factory=dict)  # precision -> drafting_bound
+    step_ratios: dict[str, float] = field(default_factory=dict)  # precision -> joint_step_ratio
 
 
 def _f(v: float | None, fmt: str, unit: str = "") -> str:
@@ -733,9 +734,9 @@ def render(rep: Report) -> str:
         for c in cs:
             row(f"  c={c}", lambda t, c=c, v=v: _conc(t[v].conc.get(c, [])))
         row("  c=8 / c=1", lambda t, v=v: _f(median_ratio(_agg(t[v], 8), _agg(t[v], 1)), ".2f", "x"))
-        if v == "daemon" and rep.bounds:
-            # the most c=8 / c=1 can be while every stream drafts (drafting_bound)
-            row("  bound: [8,16] / [1,16] steps", lambda t: _f(rep.bounds.get(_key(rep, t)), ".2f", "x"))
+        if v == "daemon" and rep.step_ratios:
+            # about what c=8 / c=1 can be while every stream drafts (joint_step_ratio)
+            row("  in-process [8,16] / [1,16]", lambda t: _f(rep.step_ratios.get(_key(rep, t)), ".2f", "x"))
     row("daemon / llama-server at c=8",
         lambda t: _f(median_ratio(_agg(t["daemon"], 8), _agg(t["llama-server"], 8)), ".2f", "x"))
     lines += ["", "goals: daemon >= 1.0x onnxruntime-genai and >= 0.97x in-process; c=8 >= 3x c=1 (fp32), "
@@ -821,12 +822,12 @@ def main() -> None:
             print(f"round {r + 1}/{s.rounds}: {p}", file=sys.stderr)
             measure_round(p, order, tok, tables[p], peers[p], s, r)
     ppl = {p: perplexity(p, peers[p], tok, s.threads) for p in args.precisions}
-    bounds = {p: drafting_bound(p, s.threads, args.quick) for p in args.precisions}
+    step_ratios = {p: joint_step_ratio(p, s.threads, args.quick) for p in args.precisions}
     help_text = serve_help()
     extras = [] if args.no_extras else [f(tok, s, help_text) for f in (prefix_row, chunk_row, spec_row)]
     described = {p: str(peers[p]["llama-server"].reason if isinstance(peers[p]["llama-server"], Skipped)
                         else peers[p]["llama-server"].name) for p in args.precisions}
-    rep = Report(s, tables, ppl, extras, described, bounds)
+    rep = Report(s, tables, ppl, extras, described, step_ratios)
     text = render(rep)
     print(text)
     if args.json:

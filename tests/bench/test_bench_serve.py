@@ -90,8 +90,8 @@ def test_render_shows_ratios_notes_and_na_rows() -> None:
     text = render(rep)
     assert "daemon / in-process" in text and "1.00x" in text  # median of 0.95 and 1.05... per round
     assert "2.83x" in text  # c=8 / c=1 = sqrt(8)
-    bound = next(line for line in text.splitlines() if line.startswith("  bound: [8,16] / [1,16]"))
-    assert bound.split()[-2:] == ["2.06x", "1.26x"]  # under the daemon's c=8 / c=1, per precision
+    ratio = next(line for line in text.splitlines() if line.startswith("  in-process [8,16] / [1,16]"))
+    assert ratio.split()[-2:] == ["2.06x", "1.26x"]  # under the daemon's c=8 / c=1, per precision
     assert "9.50 / n/a" in text
     assert "n/a (daemon has no --prefix-cache-mb)" in text
     assert "note: fp32 llama-server: llama.cpp is not built yet" in text
@@ -132,9 +132,9 @@ def test_chunk_row_pairs_each_case_with_its_own_baseline(monkeypatch) -> None:
     assert "p95 none/chunked/whole 25/60/30 ms" in row.detail
 
 
-def test_drafting_bound_is_eight_one_row_steps_over_one_step_of_eight_rows(tiny_bundle: Any,
+def test_the_step_ratio_is_eight_one_row_steps_over_one_step_of_eight_rows(tiny_bundle: Any,
                                                                           monkeypatch: Any) -> None:
-    """The bound row: 8 x t([1, 16]) / t([8, 16]) from bench/verify_batch.py's own measure, on
+    """The step-ratio row: 8 x t([1, 16]) / t([8, 16]) from bench/verify_batch.py's own measure, on
     the bundle the bench serves (the tiny Llama here, standing in for the default bundle)."""
     import bench.serve as serve
     import bench.verify_batch as verify_batch
@@ -151,7 +151,7 @@ def test_drafting_bound_is_eight_one_row_steps_over_one_step_of_eight_rows(tiny_
 
     monkeypatch.setattr(serve, "default_bundle", lambda precision: bundle)
     monkeypatch.setattr(verify_batch, "measure", spy)
-    ratio = serve.drafting_bound("fp32", threads=1, quick=True, position=8)  # the tiny cache: 64
+    ratio = serve.joint_step_ratio("fp32", threads=1, quick=True, position=8)  # the tiny cache: 64
     assert (seen["args"].rows, seen["args"].tokens) == (8, [16])
     (t, one_step, rows), = seen["times"]
     assert t == 16 and ratio == rows / one_step > 0
