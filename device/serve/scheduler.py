@@ -388,8 +388,9 @@ class _Slot:
     acceptance: Acceptance = field(default_factory=Acceptance)  # its recent draft tokens' p
     offered: int | None = None  # the first draft token it was offered and did not verify
     # a decode step wrote some of its keys/values without the spare token (a sampled or
-    # penalized row outside joint steps) while prompts are read with it: those rows are not
-    # what a prompt's prefill writes, so its output is not stored in the prefix cache
+    # penalized row of a whole-form one-slot engine, or in a joint engine's plain steps) while
+    # prompts are read with it: those rows are not what a prompt's prefill writes, so its
+    # output is not stored in the prefix cache
     plain_kv: bool = False
 
 
