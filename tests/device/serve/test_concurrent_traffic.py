@@ -33,6 +33,8 @@ import pytest
 from daemon_fixtures import WORDS, Daemon, byte_llama_bundle, start_daemon  # noqa: F401 - fixture
 from quantize_fixtures import q_bundle, q_fp32_bundle  # noqa: F401 - fixtures
 
+from bundle.manifest import read_manifest
+from device.runtime.tokenizer import BundleTokenizer
 from host.client import UnixHTTPConnection
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -65,19 +67,27 @@ class Call:
                 and not b.get("presence_penalty") and not b.get("frequency_penalty"))
 
 
-def fit(tokenizer: Any, words: list[str], chat: bool, tokens: int) -> str:
+def prompt_length(tokenizer: BundleTokenizer, body: dict[str, Any]) -> int:
+    """The tokens of a request's prompt, as the daemon reads it (chat: through the bundle's
+    template)."""
+    if "messages" in body:
+        return len(tokenizer.encode_chat(body["messages"]))
+    return len(tokenizer.encode(body["prompt"]))
+
+
+def fit(tokenizer: BundleTokenizer, words: list[str], chat: bool, tokens: int) -> str:
     """The longest start of words whose prompt (chat: in the template) has at most `tokens`."""
     def length(k: int) -> int:
         text = " ".join(words[:k])
-        wrapped = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n" if chat else text
-        return len(tokenizer.encode(wrapped).ids)
+        return prompt_length(tokenizer, {"messages": [{"role": "user", "content": text}]} if chat
+                             else {"prompt": text})
     k = 1
     while k < len(words) and length(k + 1) <= tokens:
         k += 1
     return " ".join(words[:k])
 
 
-def follow_up(rng: np.random.Generator, tokenizer: Any, before: Call) -> Call | None:
+def follow_up(rng: np.random.Generator, tokenizer: BundleTokenizer, before: Call) -> Call | None:
     """The next turn of an answered request (its prompt, its answer, a few words more): the
     prefix cache holds the answer's blocks; None when it would not fit the cache."""
     more = " ".join(str(w) for w in rng.choice(WORDS, 2))
@@ -85,18 +95,16 @@ def follow_up(rng: np.random.Generator, tokenizer: Any, before: Call) -> Call | 
     if "messages" in body:
         body["messages"] = [*body["messages"], {"role": "assistant", "content": before.texts[0]},
                             {"role": "user", "content": more}]
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in body["messages"])
-        text += "<|im_start|>assistant\n"
     else:
-        body["prompt"] = text = body["prompt"] + before.texts[0] + " " + more
-    if len(tokenizer.encode(text).ids) > 58:
+        body["prompt"] = body["prompt"] + before.texts[0] + " " + more
+    if prompt_length(tokenizer, body) > 58:
         return None
     body["temperature"] = 0
     body.pop("seed", None)
     return Call(before.path, body)
 
 
-def make_call(rng: np.random.Generator, tokenizer: Any, grammar: bool) -> Call:
+def make_call(rng: np.random.Generator, tokenizer: BundleTokenizer, grammar: bool) -> Call:
     chat = rng.random() < 0.5
     words = list(WORDS)
     tokens = int(rng.integers(1, 63))  # the cache holds 64
@@ -275,15 +283,15 @@ def check_burst(calls: list[Call]) -> list[str]:
 
 def run_traffic(bundle: Path, seed: int, bursts: int, grammar: bool) -> dict[str, Any]:
     """Bursts on a 4-slot daemon, then each greedy answer against a one-slot daemon's."""
-    from tokenizers import Tokenizer
-
     four = start_daemon(bundle, "--slots", "4", "--queue", "6", "--prefix-cache-mb", "4",
                         "--prefill-chunk", "8")
     one = start_daemon(bundle, "--slots", "1", "--queue", "64", "--prefix-cache-mb", "0",
                        "--prefill-chunk", "off")
     try:
         assert get_json(four.socket_path, "/v1/status")["scheduler"]["draft_steps"] == "joint"
-        tokenizer = Tokenizer.from_file(str(bundle / "tokenizer" / "tokenizer.json"))
+        manifest = read_manifest(bundle)
+        assert manifest.tokenizer is not None
+        tokenizer = BundleTokenizer(bundle / manifest.tokenizer.path, manifest.tokenizer)
         rng = np.random.default_rng(seed)
         calls: list[Call] = []
         problems: list[str] = []
